@@ -1,0 +1,54 @@
+"""layerwise: find, apply and measure per-layer compression plans for language models.
+
+Public API: ``load``, ``plan``, ``apply``, ``evaluate``, ``save`` and ``compress`` (all of them).
+"""
+
+__version__ = "0.1.0"
+
+from .config import Budget, RunSettings  # noqa: E402
+from .errors import (  # noqa: E402
+    BudgetError,
+    DataError,
+    LayerwiseError,
+    ModelNotFoundError,
+    OutputExistsError,
+    PlanError,
+    UnsupportedArchitectureError,
+)
+from .models import LoadedModel, get_adapter, load, save  # noqa: E402
+from .plan import Plan, SparsifyAction  # noqa: E402
+from .backends import apply_plan as apply  # noqa: E402
+from .data import load_corpus  # noqa: E402
+from .evaluate import perplexity  # noqa: E402
+from .pipeline import compress, make_plan as plan  # noqa: E402
+
+
+def evaluate(loaded: LoadedModel, settings: RunSettings | None = None):
+    """Perplexity of a loaded model under the protocol in ``settings`` (defaults: wiki, 512-token windows)."""
+    settings = settings or RunSettings()
+    corpus = load_corpus(settings.corpus, settings.eval_text, settings.calib_text)
+    return perplexity(loaded.model, loaded.tokenizer, corpus, settings.seqlen, settings.max_windows, settings.batch_size)
+
+
+__all__ = [
+    "Budget",
+    "BudgetError",
+    "DataError",
+    "LayerwiseError",
+    "LoadedModel",
+    "ModelNotFoundError",
+    "OutputExistsError",
+    "Plan",
+    "PlanError",
+    "RunSettings",
+    "SparsifyAction",
+    "UnsupportedArchitectureError",
+    "apply",
+    "compress",
+    "evaluate",
+    "get_adapter",
+    "load",
+    "perplexity",
+    "plan",
+    "save",
+]

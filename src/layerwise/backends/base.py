@@ -1,0 +1,71 @@
+"""Backends turn a Plan into real weight changes: ``apply_plan`` checks the plan, then dispatches by op."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from torch import nn
+
+from ..errors import PlanError
+from ..models.discovery import decoder_linears
+from ..plan import Action, Plan
+from ..registry import Registry
+
+
+@dataclass
+class ApplyContext:
+    """What a backend may need besides weights: calibration batches and the Profile (computed lazily)."""
+
+    calibration: Any = None
+    profile: Any = None
+
+
+OpHandler = Callable[[nn.Module, list[Action], ApplyContext], None]
+OPS: Registry[OpHandler] = Registry("plan operation")
+
+
+def architecture_signature(model: nn.Module) -> dict[str, Any]:
+    """What a plan records about the model it was made for, to reject plans for another model."""
+    config = getattr(model, "config", None)
+    return {
+        "model_type": getattr(config, "model_type", type(model).__name__),
+        "num_blocks": getattr(config, "num_hidden_layers", None),
+        "hidden_size": getattr(config, "hidden_size", None),
+    }
+
+
+def check_plan_fits(model: nn.Module, plan: Plan, methods: Registry | None = None) -> None:
+    """Raise ``PlanError`` when the plan names another architecture, missing units or unknown methods."""
+    expected, actual = plan.architecture, architecture_signature(model)
+    mismatched = [k for k in expected if k in actual and expected[k] != actual[k]]
+    if mismatched:
+        key = mismatched[0]
+        raise PlanError(
+            f"The plan was made for a model with {key}={expected[key]}, but this model has {key}={actual[key]}."
+        )
+    linears = decoder_linears(model)
+    missing = [a.unit for a in plan.actions if a.unit not in linears]
+    if missing:
+        raise PlanError(f"The plan names unit '{missing[0]}', which is not a decoder linear of this model.")
+    for action in plan.actions:
+        if action.op not in OPS:
+            raise PlanError(f"The plan uses operation '{action.op}', which no backend implements.")
+        if methods is not None and getattr(action, "method", None) not in methods:
+            raise PlanError(
+                f"The plan uses method '{action.method}' for {action.unit}; known methods: {', '.join(methods.names())}."
+            )
+
+
+def apply_plan(model: nn.Module, plan: Plan, context: ApplyContext | None = None) -> nn.Module:
+    """Apply every action of ``plan`` to ``model`` in place (after checking it fits) and return the model."""
+    from .unstructured import SPARSIFIERS
+
+    check_plan_fits(model, plan, SPARSIFIERS)
+    grouped: dict[str, list[Action]] = defaultdict(list)
+    for action in plan.actions:
+        grouped[action.op].append(action)
+    for op, actions in grouped.items():
+        OPS.get(op)(model, actions, context or ApplyContext())
+    return model

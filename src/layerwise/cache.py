@@ -1,0 +1,80 @@
+"""The user cache directory and atomic writes, so an interrupted run never leaves a corrupt cache."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+import platformdirs
+
+
+def cache_dir(*parts: str) -> Path:
+    """``$LAYERWISE_CACHE`` or the platform's user cache directory, joined with ``parts`` and created."""
+    root = Path(os.environ.get("LAYERWISE_CACHE") or platformdirs.user_cache_dir("layerwise"))
+    path = root.joinpath(*parts)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def stable_hash(obj: Any, length: int = 16) -> str:
+    """Short hex digest of a JSON-serialisable object (keys sorted), used in cache keys."""
+    text = json.dumps(obj, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:length]
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to a temporary file beside ``path``, then rename it into place."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+
+
+def read_json(path: Path) -> Any | None:
+    """The parsed JSON at ``path``, or None when it is missing or unreadable (a stale cache entry)."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
+        return None
+
+
+@contextlib.contextmanager
+def staged_directory(final: Path, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary sibling of ``final``; on success it replaces ``final``, on error it is removed.
+
+    Callers check ``final`` for existence before starting work (see ``ensure_writable``);
+    this only guarantees that no half-written directory is ever left at ``final``.
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.", suffix=".partial"))
+    try:
+        yield staging
+        if final.exists():
+            if not overwrite:
+                raise FileExistsError(final)
+            backup = final.with_name(f".{final.name}.old-{os.getpid()}")
+            os.replace(final, backup)
+            os.replace(staging, final)
+            shutil.rmtree(backup, ignore_errors=True)
+        else:
+            os.replace(staging, final)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)

@@ -1,0 +1,33 @@
+"""Typed errors for bad input. Library code raises these; only the CLI prints them and exits."""
+
+
+class LayerwiseError(Exception):
+    """Base class: the message is one complete sentence a user can act on."""
+
+
+class ModelNotFoundError(LayerwiseError):
+    """A model spec names nothing we can load."""
+
+
+class UnsupportedArchitectureError(LayerwiseError):
+    """A structural operation was asked of a model family no adapter handles."""
+
+
+class BudgetError(LayerwiseError):
+    """A budget is out of range or cannot be met."""
+
+
+class PlanError(LayerwiseError):
+    """A plan is malformed or does not fit the model it is applied to."""
+
+
+class DataError(LayerwiseError):
+    """Calibration or evaluation data is missing or too short."""
+
+
+class OutputExistsError(LayerwiseError):
+    """The output directory already exists and --overwrite was not given."""
+
+
+class UnknownNameError(LayerwiseError):
+    """A registry was asked for a name it does not hold."""

@@ -1,0 +1,105 @@
+"""The one perplexity protocol: documents joined with a blank line, tokenized once, non-overlapping
+windows of ``seqlen`` tokens (last partial dropped), PPL = exp(mean NLL over every predicted token)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel
+from tqdm.auto import tqdm
+from transformers import PreTrainedTokenizerBase
+
+from ..cache import atomic_write_json, cache_dir, read_json, stable_hash
+from ..data import Corpus, evaluation_windows, tokenize_documents
+from ..data.tokens import DOCUMENT_SEPARATOR, tokenizer_fingerprint
+from ..models.fingerprint import model_fingerprint
+
+
+class PerplexityProtocol(BaseModel):
+    """Everything needed to reproduce a perplexity number; stored next to it."""
+
+    corpus: str
+    corpus_source: str
+    split: str
+    document_separator: str = DOCUMENT_SEPARATOR
+    seqlen: int
+    windows: int
+    predicted_tokens: int
+    dtype: str
+    max_windows: int | None = None
+
+
+class PerplexityResult(BaseModel):
+    ppl: float
+    mean_nll: float
+    protocol: PerplexityProtocol
+
+
+@torch.no_grad()
+def perplexity(
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    corpus: Corpus,
+    seqlen: int = 512,
+    max_windows: int | None = None,
+    batch_size: int = 4,
+    split: str = "evaluation",
+) -> PerplexityResult:
+    """Perplexity of ``model`` on a corpus split under the protocol above (model's own dtype/device)."""
+    ids = tokenize_documents(tokenizer, corpus.split(split))
+    windows = evaluation_windows(ids, seqlen, max_windows)
+    device = next(model.parameters()).device
+    total_nll = 0.0
+    batches = range(0, windows.shape[0], batch_size)
+    for start in tqdm(batches, desc=f"perplexity {corpus.name}/{split}", unit="batch", disable=None, leave=False):
+        batch = windows[start : start + batch_size].to(device)
+        logits = model(input_ids=batch, use_cache=False).logits[:, :-1].float()
+        total_nll += F.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum"
+        ).item()
+    predicted = windows.shape[0] * (seqlen - 1)
+    mean_nll = total_nll / predicted
+    protocol = PerplexityProtocol(
+        corpus=corpus.name,
+        corpus_source=corpus.source,
+        split=split,
+        seqlen=seqlen,
+        windows=windows.shape[0],
+        predicted_tokens=predicted,
+        dtype=str(next(model.parameters()).dtype).removeprefix("torch."),
+        max_windows=max_windows,
+    )
+    return PerplexityResult(ppl=math.exp(mean_nll), mean_nll=mean_nll, protocol=protocol)
+
+
+def cached_perplexity(
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    corpus: Corpus,
+    seqlen: int = 512,
+    max_windows: int | None = None,
+    batch_size: int = 4,
+    split: str = "evaluation",
+) -> tuple[PerplexityResult, bool]:
+    """``perplexity`` memoised on disk per model fingerprint and protocol; returns (result, was_cached)."""
+    key = stable_hash(
+        [
+            model_fingerprint(model),
+            tokenizer_fingerprint(tokenizer),
+            stable_hash(list(corpus.split(split))),
+            corpus.name,
+            split,
+            seqlen,
+            max_windows,
+            str(next(model.parameters()).dtype),
+        ]
+    )
+    path = cache_dir("perplexity") / f"{key}.json"
+    stored = read_json(path)
+    if stored is not None:
+        return PerplexityResult.model_validate(stored), True
+    result = perplexity(model, tokenizer, corpus, seqlen, max_windows, batch_size, split)
+    atomic_write_json(path, result.model_dump())
+    return result, False

@@ -1,0 +1,45 @@
+"""Generic discovery of decoder blocks and their linears: works on any decoder-only model, no adapter."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from ..errors import UnsupportedArchitectureError
+
+
+def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The ModuleList of repeated decoder blocks: the largest list whose entries all hold nn.Linear layers."""
+    best: tuple[int, str, nn.ModuleList] | None = None
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.ModuleList) or len(module) == 0:
+            continue
+        if not all(any(isinstance(m, nn.Linear) for m in block.modules()) for block in module):
+            continue
+        size = sum(p.numel() for p in module.parameters())
+        if best is None or size > best[0]:
+            best = (size, name, module)
+    if best is None:
+        raise UnsupportedArchitectureError(
+            f"Found no list of decoder blocks built from nn.Linear in {type(model).__name__}."
+        )
+    return best[1], best[2]
+
+
+def decoder_linears(model: nn.Module) -> dict[str, nn.Linear]:
+    """Every nn.Linear inside the decoder blocks, by full module name, in block order.
+
+    Embeddings and the LM head live outside the blocks and are never returned.
+    """
+    prefix, blocks = find_blocks(model)
+    linears: dict[str, nn.Linear] = {}
+    for index, block in enumerate(blocks):
+        for name, module in block.named_modules():
+            if isinstance(module, nn.Linear):
+                linears[f"{prefix}.{index}.{name}"] = module
+    return linears
+
+
+def block_index(unit: str, blocks_prefix: str) -> int:
+    """The block number in a unit name such as ``model.layers.3.mlp.down_proj``."""
+    rest = unit[len(blocks_prefix) + 1 :]
+    return int(rest.split(".", 1)[0])

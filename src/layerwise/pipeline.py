@@ -1,0 +1,214 @@
+"""The one pipeline: load -> plan -> apply -> evaluate -> save, used by the CLI, the API and benchmarks."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+from . import __version__
+from .allocate import ALLOCATORS, AllocationContext
+from .backends import SPARSIFIERS, ApplyContext, apply_plan, architecture_signature
+from .cache import atomic_write_json, staged_directory
+from .config import Budget, RunSettings
+from .cost import measure_size
+from .data import load_corpus
+from .environment import machine, versions
+from .errors import OutputExistsError
+from .evaluate import cached_perplexity, perplexity
+from .models import LoadedModel, decoder_linears, load, model_fingerprint, save
+from .plan import Plan, SparsifyAction
+
+Timings = dict[str, float]
+
+
+@contextlib.contextmanager
+def timed(timings: Timings, key: str) -> Iterator[None]:
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        timings[key] = round(time.perf_counter() - start, 3)
+
+
+def ensure_output_free(out: str | Path, overwrite: bool) -> None:
+    """Fail before any work when the output exists and may not be replaced."""
+    if Path(out).exists() and not overwrite:
+        raise OutputExistsError(f"Output directory {out} already exists; pass --overwrite to replace it.")
+
+
+def make_plan(
+    loaded: LoadedModel,
+    budget: Budget,
+    method: str = "magnitude",
+    allocator: str = "uniform",
+    seed: int = 0,
+    **allocator_params: Any,
+) -> Plan:
+    """Ask the named allocator for per-unit ratios under ``budget`` and wrap them as a Plan."""
+    method = SPARSIFIERS.canonical(method)
+    allocator = ALLOCATORS.canonical(allocator)
+    linears = decoder_linears(loaded.model)
+    context = AllocationContext(model=loaded.model, linears=linears, seed=seed)
+    allocation = ALLOCATORS.get(allocator)(context, budget, **allocator_params)
+    actions = [SparsifyAction(unit=u, ratio=r, method=method) for u, r in allocation.ratios.items()]
+    return Plan(
+        model=loaded.spec,
+        architecture=architecture_signature(loaded.model),
+        budget=budget,
+        allocator=allocator,
+        method=method,
+        allocator_params={**allocation.params, **allocator_params},
+        seed=seed,
+        actions=actions,
+        details=allocation.details,
+    )
+
+
+def _evaluate(loaded: LoadedModel, settings: RunSettings, cached: bool) -> tuple[dict, bool]:
+    corpus = load_corpus(settings.corpus, settings.eval_text, settings.calib_text)
+    evaluate = cached_perplexity if cached else lambda *a: (perplexity(*a), False)
+    result, was_cached = evaluate(
+        loaded.model, loaded.tokenizer, corpus, settings.seqlen, settings.max_windows, settings.batch_size
+    )
+    return result.model_dump(), was_cached
+
+
+def _record(command: str, loaded: LoadedModel, settings: RunSettings, timings: Timings, **fields: Any) -> dict:
+    return {
+        "layerwise_version": __version__,
+        "command": command,
+        "model": {"spec": loaded.spec, "source": loaded.source},
+        **fields,
+        "timings": timings,
+        "seed": settings.seed,
+        "settings": settings.model_dump(),
+        "versions": versions(),
+        "machine": machine(settings.device),
+    }
+
+
+def run_plan(
+    loaded: LoadedModel,
+    plan: Plan,
+    settings: RunSettings,
+    out: str | Path,
+    overwrite: bool = False,
+    command: str = "apply",
+    timings: Timings | None = None,
+    started: float | None = None,
+) -> dict:
+    """Apply ``plan`` for real, measure dense and compressed perplexity and size, save model + result.json.
+
+    ``started`` (a ``time.perf_counter`` value) lets callers include their load/plan time in ``total_s``.
+    """
+    started = time.perf_counter() if started is None else started
+    timings = dict(timings or {})
+    ensure_output_free(out, overwrite)
+    dense_fingerprint = model_fingerprint(loaded.model)
+    dense_size = measure_size(loaded.model)
+    with timed(timings, "dense_eval_s"):
+        dense, dense_cached = _evaluate(loaded, settings, cached=True)
+    with timed(timings, "apply_s"):
+        apply_plan(loaded.model, plan, ApplyContext())
+    with timed(timings, "eval_s"):
+        compressed, _ = _evaluate(loaded, settings, cached=False)
+    size = measure_size(loaded.model)
+    record = _record(
+        command,
+        loaded,
+        settings,
+        timings,
+        method=plan.method,
+        allocator=plan.allocator,
+        budget=plan.budget.model_dump(),
+        metrics={
+            "dense_ppl": dense["ppl"],
+            "ppl": compressed["ppl"],
+            "sparsity": size.sparsity,
+            "parameters": size.parameters,
+            "nonzero_parameters": size.nonzero_parameters,
+            "weight_bytes": size.weight_bytes,
+            "dense": {**dense_size.as_dict(), "fingerprint": dense_fingerprint, "ppl_from_cache": dense_cached},
+            "per_unit_sparsity": _per_unit_sparsity(loaded),
+        },
+        protocol=compressed["protocol"],
+        plan=plan.model_dump(),
+    )
+    with staged_directory(Path(out), overwrite) as staging:
+        with timed(timings, "save_s"):
+            save(loaded, staging, plan)
+        timings["total_s"] = round(time.perf_counter() - started, 3)
+        atomic_write_json(staging / "result.json", record)
+    return record
+
+
+def _per_unit_sparsity(loaded: LoadedModel) -> dict[str, float]:
+    return {name: float((m.weight == 0).float().mean()) for name, m in decoder_linears(loaded.model).items()}
+
+
+def compress(
+    model: str,
+    budget: Budget,
+    method: str = "magnitude",
+    allocator: str = "uniform",
+    settings: RunSettings | None = None,
+    out: str | Path = "layerwise-out",
+    overwrite: bool = False,
+    **allocator_params: Any,
+) -> dict:
+    """load -> plan -> apply -> evaluate -> save; returns the result record also written to out/result.json."""
+    settings = settings or RunSettings()
+    SPARSIFIERS.canonical(method), ALLOCATORS.canonical(allocator)
+    ensure_output_free(out, overwrite)
+    started = time.perf_counter()
+    timings: Timings = {}
+    with timed(timings, "load_s"):
+        loaded = load(model, dtype=settings.dtype, device=settings.device)
+    with timed(timings, "plan_s"):
+        plan = make_plan(loaded, budget, method, allocator, settings.seed, **allocator_params)
+    return run_plan(loaded, plan, settings, out, overwrite, "compress", timings, started)
+
+
+def apply_plan_file(
+    model: str, plan_path: str | Path, settings: RunSettings | None = None, out: str | Path = "layerwise-out",
+    overwrite: bool = False,
+) -> dict:
+    """Apply a saved plan to a fresh copy of ``model``, then evaluate and save like ``compress``."""
+    settings = settings or RunSettings()
+    plan = Plan.load(plan_path)
+    ensure_output_free(out, overwrite)
+    started = time.perf_counter()
+    timings: Timings = {}
+    with timed(timings, "load_s"):
+        loaded = load(model, dtype=settings.dtype, device=settings.device)
+    return run_plan(loaded, plan, settings, out, overwrite, "apply", timings, started)
+
+
+def evaluate_model(
+    model: str, settings: RunSettings | None = None, out: str | Path | None = None, overwrite: bool = False
+) -> dict:
+    """Perplexity and size of a model (named, a path, or a saved layerwise directory)."""
+    settings = settings or RunSettings()
+    if out is not None:
+        ensure_output_free(out, overwrite)
+    timings: Timings = {}
+    with timed(timings, "load_s"):
+        loaded = load(model, dtype=settings.dtype, device=settings.device)
+    with timed(timings, "eval_s"):
+        result, _ = _evaluate(loaded, settings, cached=True)
+    size = measure_size(loaded.model)
+    record = _record(
+        "eval",
+        loaded,
+        settings,
+        timings,
+        metrics={"ppl": result["ppl"], **size.as_dict()},
+        protocol=result["protocol"],
+        saved_plan=loaded.meta.get("has_plan", False),
+    )
+    if out is not None:
+        with staged_directory(Path(out), overwrite) as staging:
+            atomic_write_json(staging / "result.json", record)
+    return record

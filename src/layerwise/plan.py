@@ -1,0 +1,77 @@
+"""Plan and Action: the pure-data hand-off from allocators to backends, as readable, diffable JSON."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from .cache import atomic_write_text
+from .config import Budget
+from .errors import PlanError
+
+PLAN_FORMAT = "layerwise.plan/1"
+
+
+class SparsifyAction(BaseModel):
+    """Zero ``ratio`` of one linear's weights, chosen by ``method`` (magnitude, ...)."""
+
+    model_config = ConfigDict(extra="forbid")
+    unit: str
+    op: Literal["sparsify"] = "sparsify"
+    ratio: float = Field(ge=0.0, lt=1.0)
+    method: str = "magnitude"
+
+
+# Other ops (slice, remove, quantize) join here as a discriminated union on ``op``.
+Action = SparsifyAction
+
+
+class Plan(BaseModel):
+    """Per-unit actions plus the budget, the allocator and its parameters, and the cost prediction."""
+
+    model_config = ConfigDict(extra="forbid")
+    format: Literal["layerwise.plan/1"] = PLAN_FORMAT
+    model: str
+    architecture: dict[str, Any]
+    budget: Budget
+    allocator: str
+    method: str
+    allocator_params: dict[str, Any] = Field(default_factory=dict)
+    seed: int = 0
+    actions: list[Action]
+    prediction: dict[str, Any] = Field(default_factory=dict)
+    details: dict[str, Any] = Field(default_factory=dict)
+
+    def to_json(self) -> str:
+        return self.model_dump_json(indent=2) + "\n"
+
+    def save(self, path: str | Path) -> Path:
+        target = Path(path)
+        atomic_write_text(target, self.to_json())
+        return target
+
+    @classmethod
+    def from_json(cls, text: str, origin: str = "the plan") -> "Plan":
+        """Parse a plan, turning any malformation into one ``PlanError`` sentence."""
+        try:
+            return cls.model_validate(json.loads(text))
+        except json.JSONDecodeError as exc:
+            raise PlanError(f"{origin} is not valid JSON ({exc.msg} at line {exc.lineno}).") from exc
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(p) for p in first["loc"]) or "top level"
+            raise PlanError(f"{origin} is not a valid layerwise plan: {where}: {first['msg']}.") from exc
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Plan":
+        file = Path(path).expanduser()
+        if not file.is_file():
+            raise PlanError(f"Plan file {file} does not exist.")
+        return cls.from_json(file.read_text(encoding="utf-8"), origin=f"Plan file {file}")
+
+    def ratios(self) -> dict[str, float]:
+        """Per-unit sparsity ratios of the sparsify actions."""
+        return {a.unit: a.ratio for a in self.actions if a.op == "sparsify"}

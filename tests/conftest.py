@@ -1,0 +1,46 @@
+"""Shared fixtures: a private cache directory per test session and the tiny random Llama."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import layerwise
+
+
+@pytest.fixture(scope="session", autouse=True)
+def isolated_cache(tmp_path_factory: pytest.TempPathFactory):
+    """Every test session starts from an empty LAYERWISE_CACHE, as a fresh machine would."""
+    path = tmp_path_factory.mktemp("layerwise-cache")
+    patcher = pytest.MonkeyPatch()
+    patcher.setenv("LAYERWISE_CACHE", str(path))
+    yield path
+    patcher.undo()
+
+
+@pytest.fixture
+def tiny() -> layerwise.LoadedModel:
+    return layerwise.load("tiny-llama")
+
+
+@pytest.fixture
+def tokens() -> torch.Tensor:
+    """A fixed batch of byte tokens for logit comparisons."""
+    generator = torch.Generator().manual_seed(0)
+    return torch.randint(0, 256, (2, 24), generator=generator)
+
+
+@pytest.fixture
+def neox_dir(tmp_path) -> str:
+    """A tiny GPT-NeoX (no Llama adapter, blocks still built from nn.Linear), saved as a HF directory."""
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    from layerwise.models.tiny import byte_tokenizer
+
+    torch.manual_seed(0)
+    config = GPTNeoXConfig(vocab_size=258, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=4, max_position_embeddings=512)
+    path = tmp_path / "neox"
+    GPTNeoXForCausalLM(config).save_pretrained(path)
+    byte_tokenizer().save_pretrained(path)
+    return str(path)

@@ -1,0 +1,53 @@
+"""End to end on the packaged SmolLM2-135M (slow: dequantizes the GGUF once, evaluates a few windows)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+from typer.testing import CliRunner
+
+import layerwise
+from layerwise.cli import app
+from layerwise.models import decoder_linears, get_adapter
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def smollm(isolated_cache):
+    return layerwise.load("smollm2-135m")
+
+
+def test_packaged_model_loads_as_plain_float32(smollm):
+    model = smollm.model
+    assert not hasattr(model.config, "quantization_config")
+    assert getattr(model, "hf_quantizer", None) is None
+    linears = decoder_linears(model)
+    assert len(linears) == 30 * 7 and all(type(m) is nn.Linear for m in linears.values())
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+    adapter = get_adapter(model)
+    geometry = adapter.head_geometry(0)
+    assert (adapter.num_blocks, geometry.num_heads, geometry.num_kv_heads, geometry.head_dim) == (30, 9, 3, 64)
+    assert adapter.ffn_width(29) == 1536
+    assert smollm.tokenizer("Hello world")["input_ids"] == [19556, 905]
+
+
+def test_compress_end_to_end_on_a_few_windows(smollm, tmp_path):
+    out = tmp_path / "run"
+    result = CliRunner().invoke(app, ["compress", "--model", "smollm2-135m", "--sparsity", "0.5", "--out", str(out),
+                                      "--max-windows", "3"])
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((out / "result.json").read_text())["metrics"]
+    assert 5 < metrics["dense_ppl"] < 60  # a working 135M model on Wikipedia text
+    assert metrics["ppl"] > metrics["dense_ppl"]
+    assert metrics["sparsity"] == pytest.approx(0.5, abs=1e-6)
+    reloaded = layerwise.load(str(out))
+    tokens = torch.tensor([[19556, 905, 28, 253, 1345]])
+    with torch.no_grad():
+        pruned = layerwise.load("smollm2-135m")
+        plan = layerwise.Plan.load(out / "plan.json")
+        layerwise.apply(pruned.model, plan)
+        assert torch.equal(reloaded.model(tokens).logits, pruned.model(tokens).logits)
