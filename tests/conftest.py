@@ -44,3 +44,11 @@ def neox_dir(tmp_path) -> str:
     GPTNeoXForCausalLM(config).save_pretrained(path)
     byte_tokenizer().save_pretrained(path)
     return str(path)
+
+
+@pytest.fixture
+def calibration(tiny):
+    """A CalibrationSource on the wiki calibration split: 8 windows of 64 tokens."""
+    from layerwise.profile import CalibrationSource
+
+    return CalibrationSource(tiny, layerwise.RunSettings(nsamples=8, seqlen=64, calib_batch_size=3))

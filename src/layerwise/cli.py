@@ -31,9 +31,21 @@ Dtype = Annotated[str, typer.Option(help="float32 (default), bfloat16 or float16
 Device = Annotated[str, typer.Option(help="cpu, cuda, cuda:1, ...")]
 Seed = Annotated[int, typer.Option(help="Seed for calibration sampling and searches.")]
 Nsamples = Annotated[int, typer.Option(help="Calibration windows.")]
-Method = Annotated[str, typer.Option(help="Sparsity method of the backend (magnitude, ...).")]
-Allocator = Annotated[str, typer.Option(help="Per-layer allocator (uniform, ...).")]
+Method = Annotated[str, typer.Option(help="Backend: magnitude, wanda, sparsegpt (or magnitude_ww, wanda_ww, sparsegpt_ww).")]
+Allocator = Annotated[str, typer.Option(help="Per-layer allocator: uniform, owl, alpha.")]
 Sparsity = Annotated[float, typer.Option(help="Target mean sparsity over decoder linears, in [0, 1).")]
+CalibSeqlen = Annotated[Optional[int], typer.Option("--calib-seqlen", help="Calibration window (default: --seqlen).")]
+NM = Annotated[Optional[str], typer.Option("--nm", help="Semi-structured N:M pattern, e.g. 2:4 (uniform, sparsity N/M).")]
+Epsilon = Annotated[Optional[float], typer.Option(help="alpha: sparsities span [1-eps, 1+eps] x target (default 0.2).")]
+Metric = Annotated[Optional[str], typer.Option(help="alpha: alpha_peak (default) or alpha_mid.")]
+MetricCache = Annotated[Optional[Path], typer.Option("--metric-cache", help="alpha: directory caching metric values.")]
+OwlM = Annotated[Optional[float], typer.Option("--owl-m", help="owl: outlier threshold M x mean (default 5).")]
+OwlLambda = Annotated[Optional[float], typer.Option("--owl-lambda", help="owl: sparsity range +-lambda (default 0.08).")]
+
+
+def _allocator_params(**values: Any) -> dict[str, Any]:
+    """Only the allocator options the user gave; the allocator checks they are its own."""
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in values.items() if v is not None}
 
 
 def cli_errors(func: Callable[..., Any]) -> Callable[..., Any]:
@@ -100,6 +112,13 @@ def compress(
     device: Device = "cpu",
     seed: Seed = 0,
     nsamples: Nsamples = 128,
+    calib_seqlen: CalibSeqlen = None,
+    nm: NM = None,
+    epsilon: Epsilon = None,
+    metric: Metric = None,
+    metric_cache: MetricCache = None,
+    owl_m: OwlM = None,
+    owl_lambda: OwlLambda = None,
 ) -> None:
     """Load, plan, apply, evaluate and save; print dense vs compressed metrics."""
     from .pipeline import compress as run_compress
@@ -107,8 +126,10 @@ def compress(
     budget = Budget.for_sparsity(sparsity)
     settings = _settings(corpus=corpus, eval_text=eval_text, calib_text=calib_text, seqlen=seqlen,
                          max_windows=max_windows, batch_size=batch_size, dtype=dtype, device=device, seed=seed,
-                         nsamples=nsamples)
-    record = run_compress(model, budget, method, allocator, settings, out, overwrite)
+                         nsamples=nsamples, calib_seqlen=calib_seqlen)
+    params = _allocator_params(epsilon=epsilon, metric=metric, metric_cache=metric_cache, owl_m=owl_m,
+                               owl_lambda=owl_lambda)
+    record = run_compress(model, budget, method, allocator, settings, out, overwrite, nm, **params)
     _print_compression_table(record, out)
 
 
@@ -153,19 +174,28 @@ def plan(
     allocator: Allocator = "uniform",
     sparsity: Sparsity = 0.5,
     overwrite: Overwrite = False,
+    corpus: Corpus = "wiki",
+    calib_text: CalibText = None,
+    seqlen: Seqlen = 512,
     seed: Seed = 0,
+    nsamples: Nsamples = 128,
+    calib_seqlen: CalibSeqlen = None,
+    nm: NM = None,
+    epsilon: Epsilon = None,
+    metric: Metric = None,
+    metric_cache: MetricCache = None,
+    owl_m: OwlM = None,
+    owl_lambda: OwlLambda = None,
 ) -> None:
     """Compute a plan and write it as JSON, without touching any weights."""
-    from .models import load
-    from .pipeline import make_plan
+    from .pipeline import plan_to_file
 
     budget = Budget.for_sparsity(sparsity)
-    if out.exists() and not overwrite:
-        from .errors import OutputExistsError
-
-        raise OutputExistsError(f"Plan file {out} already exists; pass --overwrite to replace it.")
-    the_plan = make_plan(load(model), budget, method, allocator, seed)
-    the_plan.save(out)
+    settings = _settings(corpus=corpus, calib_text=calib_text, seqlen=seqlen, seed=seed, nsamples=nsamples,
+                         calib_seqlen=calib_seqlen)
+    params = _allocator_params(epsilon=epsilon, metric=metric, metric_cache=metric_cache, owl_m=owl_m,
+                               owl_lambda=owl_lambda)
+    the_plan = plan_to_file(model, budget, out, method, allocator, settings, overwrite, nm, **params)
     console.print(f"{len(the_plan.actions)} actions ({the_plan.method} / {the_plan.allocator}) written to {out}")
 
 
@@ -183,14 +213,33 @@ def apply(
     batch_size: BatchSize = 4,
     dtype: Dtype = "float32",
     device: Device = "cpu",
+    calib_text: CalibText = None,
+    seed: Seed = 0,
+    nsamples: Nsamples = 128,
+    calib_seqlen: CalibSeqlen = None,
 ) -> None:
     """Apply a saved plan to a fresh copy of the model, evaluate it and save it."""
     from .pipeline import apply_plan_file
 
-    settings = _settings(corpus=corpus, eval_text=eval_text, seqlen=seqlen, max_windows=max_windows,
-                         batch_size=batch_size, dtype=dtype, device=device)
+    settings = _settings(corpus=corpus, eval_text=eval_text, calib_text=calib_text, seqlen=seqlen,
+                         max_windows=max_windows, batch_size=batch_size, dtype=dtype, device=device, seed=seed,
+                         nsamples=nsamples, calib_seqlen=calib_seqlen)
     record = apply_plan_file(model, plan_file, settings, out, overwrite)
     _print_compression_table(record, out)
+
+
+@app.command()
+@cli_errors
+def report(
+    run_dir: Annotated[Path, typer.Argument(help="A run directory written by compress or apply.")],
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="PNG to write (default RUN_DIR/allocation.png).")] = None,
+) -> None:
+    """Draw a run's per-layer allocation (sparsity per block, and the allocator's metric) as a PNG."""
+    from .report import plot_allocation, read_result
+
+    record = read_result(run_dir)
+    path = plot_allocation(record, out or run_dir / "allocation.png")
+    console.print(f"wrote {path}")
 
 
 def main() -> None:  # pragma: no cover - console entry

@@ -36,5 +36,6 @@ class RunSettings(BaseModel):
     dtype: str = "float32"
     device: str = "cpu"
     nsamples: int = Field(128, ge=1)
-    calib_seqlen: int = Field(512, ge=2)
+    calib_seqlen: Optional[int] = Field(None, ge=2, description="calibration window; None = seqlen")
+    calib_batch_size: int = Field(8, ge=1)
     seed: int = 0

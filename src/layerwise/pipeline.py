@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import inspect
 import time
 from pathlib import Path
 from typing import Any, Iterator
@@ -15,10 +16,11 @@ from .config import Budget, RunSettings
 from .cost import measure_size
 from .data import load_corpus
 from .environment import machine, versions
-from .errors import OutputExistsError
+from .errors import BudgetError, LayerwiseError, OutputExistsError
 from .evaluate import cached_perplexity, perplexity
 from .models import LoadedModel, decoder_linears, load, model_fingerprint, save
 from .plan import Plan, SparsifyAction
+from .profile import CalibrationSource
 
 Timings = dict[str, float]
 
@@ -38,21 +40,65 @@ def ensure_output_free(out: str | Path, overwrite: bool) -> None:
         raise OutputExistsError(f"Output directory {out} already exists; pass --overwrite to replace it.")
 
 
+# The AlphaPruning repository's method names: the backend with the ``alpha`` allocator.
+METHOD_ALIASES = {"magnitude_ww": ("magnitude", "alpha"), "wanda_ww": ("wanda", "alpha"),
+                  "sparsegpt_ww": ("sparsegpt", "alpha")}
+
+
+def resolve_method(method: str, allocator: str) -> tuple[str, str]:
+    """Canonical (method, allocator), expanding the ``*_ww`` aliases; unknown names raise."""
+    if method in METHOD_ALIASES:
+        method, implied = METHOD_ALIASES[method]
+        if allocator not in ("uniform", implied):
+            raise LayerwiseError(f"Method alias selects the {implied} allocator; it cannot be combined with '{allocator}'.")
+        allocator = implied
+    return SPARSIFIERS.canonical(method), ALLOCATORS.canonical(allocator)
+
+
+def _check_allocator_params(allocator: str, params: dict[str, Any]) -> None:
+    accepted = set(inspect.signature(ALLOCATORS.get(allocator)).parameters) - {"context", "budget"}
+    unknown = sorted(set(params) - accepted)
+    if unknown:
+        options = ", ".join("--" + k.replace("_", "-") for k in unknown)
+        raise LayerwiseError(f"Allocator '{allocator}' does not take {options}.")
+
+
+def parse_nm(pattern: str | None, budget: Budget, allocator: str) -> tuple[str | None, float]:
+    """Validate an N:M pattern: it fixes every matrix at N/M, so it needs the uniform allocator and that budget."""
+    if pattern is None:
+        return None, budget.sparsity
+    try:
+        n, m = (int(x) for x in pattern.split(":"))
+    except ValueError:
+        raise BudgetError(f"N:M pattern must look like 2:4 (got '{pattern}').") from None
+    if not 0 < n < m:
+        raise BudgetError(f"N:M pattern needs 0 < N < M (got {pattern}).")
+    if allocator != "uniform":
+        raise BudgetError(f"An N:M pattern fixes every matrix at {n}/{m}; use it with --allocator uniform.")
+    if abs(budget.sparsity - n / m) > 1e-9:
+        raise BudgetError(f"--nm {pattern} means sparsity {n / m:g}; got --sparsity {budget.sparsity:g}.")
+    return pattern, n / m
+
+
 def make_plan(
     loaded: LoadedModel,
     budget: Budget,
     method: str = "magnitude",
     allocator: str = "uniform",
     seed: int = 0,
+    calibration: CalibrationSource | None = None,
+    nm: str | None = None,
     **allocator_params: Any,
 ) -> Plan:
     """Ask the named allocator for per-unit ratios under ``budget`` and wrap them as a Plan."""
-    method = SPARSIFIERS.canonical(method)
-    allocator = ALLOCATORS.canonical(allocator)
+    method, allocator = resolve_method(method, allocator)
+    _check_allocator_params(allocator, allocator_params)
+    pattern, _ = parse_nm(nm, budget, allocator)
     linears = decoder_linears(loaded.model)
-    context = AllocationContext(model=loaded.model, linears=linears, seed=seed)
+    context = AllocationContext(model=loaded.model, linears=linears, seed=seed, calibration=calibration)
     allocation = ALLOCATORS.get(allocator)(context, budget, **allocator_params)
-    actions = [SparsifyAction(unit=u, ratio=r, method=method) for u, r in allocation.ratios.items()]
+    ratios = {u: budget.sparsity for u in allocation.ratios} if pattern else allocation.ratios
+    actions = [SparsifyAction(unit=u, ratio=r, method=method, pattern=pattern) for u, r in ratios.items()]
     return Plan(
         model=loaded.spec,
         architecture=architecture_signature(loaded.model),
@@ -98,6 +144,7 @@ def run_plan(
     command: str = "apply",
     timings: Timings | None = None,
     started: float | None = None,
+    calibration: CalibrationSource | None = None,
 ) -> dict:
     """Apply ``plan`` for real, measure dense and compressed perplexity and size, save model + result.json.
 
@@ -110,8 +157,11 @@ def run_plan(
     dense_size = measure_size(loaded.model)
     with timed(timings, "dense_eval_s"):
         dense, dense_cached = _evaluate(loaded, settings, cached=True)
+    calibration = calibration or CalibrationSource(loaded, settings)
     with timed(timings, "apply_s"):
-        apply_plan(loaded.model, plan, ApplyContext())
+        apply_plan(loaded.model, plan, ApplyContext(calibration))
+    if calibration.profile_from_cache is not None:
+        timings["profile_s"] = round(calibration.profile_seconds, 3)
     with timed(timings, "eval_s"):
         compressed, _ = _evaluate(loaded, settings, cached=False)
     size = measure_size(loaded.model)
@@ -134,6 +184,7 @@ def run_plan(
             "per_unit_sparsity": _per_unit_sparsity(loaded),
         },
         protocol=compressed["protocol"],
+        calibration={**calibration.describe(), "profile_from_cache": calibration.profile_from_cache},
         plan=plan.model_dump(),
     )
     with staged_directory(Path(out), overwrite) as staging:
@@ -156,19 +207,46 @@ def compress(
     settings: RunSettings | None = None,
     out: str | Path = "layerwise-out",
     overwrite: bool = False,
+    nm: str | None = None,
     **allocator_params: Any,
 ) -> dict:
     """load -> plan -> apply -> evaluate -> save; returns the result record also written to out/result.json."""
     settings = settings or RunSettings()
-    SPARSIFIERS.canonical(method), ALLOCATORS.canonical(allocator)
+    method, allocator = resolve_method(method, allocator)
+    _check_allocator_params(allocator, allocator_params)
+    parse_nm(nm, budget, allocator)
     ensure_output_free(out, overwrite)
     started = time.perf_counter()
     timings: Timings = {}
     with timed(timings, "load_s"):
         loaded = load(model, dtype=settings.dtype, device=settings.device)
+    calibration = CalibrationSource(loaded, settings)
     with timed(timings, "plan_s"):
-        plan = make_plan(loaded, budget, method, allocator, settings.seed, **allocator_params)
-    return run_plan(loaded, plan, settings, out, overwrite, "compress", timings, started)
+        plan = make_plan(loaded, budget, method, allocator, settings.seed, calibration, nm, **allocator_params)
+    return run_plan(loaded, plan, settings, out, overwrite, "compress", timings, started, calibration)
+
+
+def plan_to_file(
+    model: str,
+    budget: Budget,
+    out: str | Path,
+    method: str = "magnitude",
+    allocator: str = "uniform",
+    settings: RunSettings | None = None,
+    overwrite: bool = False,
+    nm: str | None = None,
+    **allocator_params: Any,
+) -> Plan:
+    """Compute a plan (calibrating if the allocator needs it) and write it as JSON; weights are untouched."""
+    settings = settings or RunSettings()
+    resolve_method(method, allocator)
+    if Path(out).exists() and not overwrite:
+        raise OutputExistsError(f"Plan file {out} already exists; pass --overwrite to replace it.")
+    loaded = load(model, dtype=settings.dtype, device=settings.device)
+    calibration = CalibrationSource(loaded, settings)
+    plan = make_plan(loaded, budget, method, allocator, settings.seed, calibration, nm, **allocator_params)
+    plan.save(out)
+    return plan
 
 
 def apply_plan_file(

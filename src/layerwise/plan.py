@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -23,6 +23,14 @@ class SparsifyAction(BaseModel):
     op: Literal["sparsify"] = "sparsify"
     ratio: float = Field(ge=0.0, lt=1.0)
     method: str = "magnitude"
+    pattern: Optional[str] = Field(None, pattern=r"^\d+:\d+$", description="N:M semi-structured, e.g. 2:4")
+
+    def nm(self) -> tuple[int, int] | None:
+        """(N, M) of an N:M pattern: N of every M consecutive input weights are zeroed."""
+        if self.pattern is None:
+            return None
+        n, m = (int(x) for x in self.pattern.split(":"))
+        return n, m
 
 
 # Other ops (slice, remove, quantize) join here as a discriminated union on ``op``.
@@ -46,7 +54,7 @@ class Plan(BaseModel):
     details: dict[str, Any] = Field(default_factory=dict)
 
     def to_json(self) -> str:
-        return self.model_dump_json(indent=2) + "\n"
+        return self.model_dump_json(indent=2, exclude_none=True) + "\n"
 
     def save(self, path: str | Path) -> Path:
         target = Path(path)

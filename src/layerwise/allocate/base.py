@@ -9,18 +9,35 @@ from typing import Any, Callable
 from torch import nn
 
 from ..config import Budget
-from ..errors import BudgetError
+from ..errors import BudgetError, LayerwiseError
+from ..models.discovery import block_index, find_blocks
 from ..registry import Registry
 
 
 @dataclass
 class AllocationContext:
-    """What an allocator may read: the model's shapes, its decoder linears and (later) a Profile."""
+    """What an allocator may read: the model's shapes, its decoder linears and the calibration Profile."""
 
     model: nn.Module
     linears: dict[str, nn.Linear]
     seed: int = 0
-    profile: Any = None
+    calibration: Any = None  # a CalibrationSource, when the run has calibration data
+
+    def require_profile(self) -> Any:
+        if self.calibration is None:
+            raise LayerwiseError("This allocator needs calibration data, but the run has none.")
+        return self.calibration.profile()
+
+    def units_by_block(self) -> dict[int, list[str]]:
+        """Unit names grouped by decoder block, in order."""
+        prefix, _ = find_blocks(self.model)
+        groups: dict[int, list[str]] = {}
+        for name in self.linears:
+            groups.setdefault(block_index(name, prefix), []).append(name)
+        return groups
+
+    def sizes(self) -> dict[str, int]:
+        return {name: linear.weight.numel() for name, linear in self.linears.items()}
 
 
 @dataclass
@@ -64,7 +81,28 @@ def ratios_from_counts(sizes: dict[str, int], counts: dict[str, int]) -> dict[st
     return {u: counts[u] / sizes[u] for u in sizes}
 
 
+def linear_map(scores: dict[int, float], low: float, high: float) -> dict[int, float]:
+    """Rescale scores to [0, 1] and map them linearly onto [low, high] (all ``low`` when scores are flat)."""
+    lo, hi = min(scores.values()), max(scores.values())
+    span = hi - lo
+    return {k: low + (high - low) * ((v - lo) / span if span > 0 else 0.0) for k, v in scores.items()}
+
+
 def check_budget(budget: Budget) -> float:
     if not 0.0 <= budget.sparsity < 1.0:
         raise BudgetError(f"Sparsity must lie in [0, 1) (got {budget.sparsity}).")
     return budget.sparsity
+
+
+def per_block_to_units(context: AllocationContext, block_ratios: dict[int, float], target: float,
+                       allocator: str) -> dict[str, float]:
+    """Spread per-block ratios to their units and round so the parameter-weighted budget holds exactly."""
+    ratios = {u: block_ratios[b] for b, units in context.units_by_block().items() for u in units}
+    worst = max(ratios.values())
+    if worst >= 1.0 or min(ratios.values()) < 0.0:
+        raise BudgetError(
+            f"The {allocator} allocation at sparsity {target} needs a layer at sparsity {worst:.3f}, outside [0, 1); "
+            "use a smaller range parameter or budget."
+        )
+    sizes = context.sizes()
+    return ratios_from_counts(sizes, exact_counts(sizes, ratios, target))

@@ -9,6 +9,6 @@ from .base import ALLOCATORS, Allocation, AllocationContext, check_budget, exact
 @ALLOCATORS.register("uniform")
 def uniform(context: AllocationContext, budget: Budget) -> Allocation:
     target = check_budget(budget)
-    sizes = {name: linear.weight.numel() for name, linear in context.linears.items()}
+    sizes = context.sizes()
     counts = exact_counts(sizes, {name: target for name in sizes}, target)
     return Allocation(ratios=ratios_from_counts(sizes, counts))

@@ -16,10 +16,14 @@ from ..registry import Registry
 
 @dataclass
 class ApplyContext:
-    """What a backend may need besides weights: calibration batches and the Profile (computed lazily)."""
+    """What a backend may need besides weights: a CalibrationSource (windows and Profile, built lazily)."""
 
     calibration: Any = None
-    profile: Any = None
+
+    def require_calibration(self) -> Any:
+        if self.calibration is None:
+            raise PlanError("This plan's method needs calibration data, but none was given to apply it.")
+        return self.calibration
 
 
 OpHandler = Callable[[nn.Module, list[Action], ApplyContext], None]

@@ -11,7 +11,7 @@ from torch import nn
 from ..plan import SparsifyAction
 from ..registry import Registry
 from .base import OPS, ApplyContext
-from .masks import count_for, prune_lowest
+from .masks import check_nm, count_for, prune_lowest, prune_lowest_per_row, prune_nm
 
 Sparsifier = Callable[[nn.Module, list[SparsifyAction], ApplyContext], None]
 SPARSIFIERS: Registry[Sparsifier] = Registry("sparsity method")
@@ -32,4 +32,26 @@ def magnitude(model: nn.Module, actions: list[SparsifyAction], context: ApplyCon
     """Zero the smallest-|w| weights of each matrix, threshold per matrix (exact count)."""
     for action in actions:
         weight = model.get_submodule(action.unit).weight
-        prune_lowest(weight.data, weight.data.abs(), count_for(action.ratio, weight.numel()))
+        _prune(weight.data, weight.data.abs(), action, per_row=False)
+
+
+@SPARSIFIERS.register("wanda")
+@torch.no_grad()
+def wanda(model: nn.Module, actions: list[SparsifyAction], context: ApplyContext) -> None:
+    """Score |W_ij|·‖X_j‖₂ with the Profile's input norms; prune the lowest per output row (Wanda)."""
+    profile = context.require_calibration().profile()
+    for action in actions:
+        weight = model.get_submodule(action.unit).weight
+        norms = profile.feature_norms(action.unit).to(weight.device, torch.float32)
+        _prune(weight.data, weight.data.abs().float() * norms[None, :], action, per_row=True)
+
+
+def _prune(weight: torch.Tensor, scores: torch.Tensor, action: SparsifyAction, per_row: bool) -> None:
+    pattern = action.nm()
+    if pattern is not None:
+        check_nm(pattern, weight.shape[1], action.unit)
+        prune_nm(weight, scores, pattern)
+    elif per_row:
+        prune_lowest_per_row(weight, scores, count_for(action.ratio, weight.numel()))
+    else:
+        prune_lowest(weight, scores, count_for(action.ratio, weight.numel()))

@@ -1,0 +1,63 @@
+"""CalibrationSource: the run's calibration windows and Profile, built lazily and at most once."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+
+from ..config import RunSettings
+from ..data import load_corpus, sample_calibration, tokenize_documents
+from ..data.tokens import tokenizer_fingerprint
+from ..cache import stable_hash
+from ..models.fingerprint import model_fingerprint
+from ..models.loading import LoadedModel
+from .profile import Profile, load_or_compute_profile
+
+
+class CalibrationSource:
+    """Calibration windows ([nsamples, seqlen]) and the Profile of the model *as it was first asked*.
+
+    Allocators and backends share one source per run, so the profile is computed (or read from the
+    cache) once, before any weight changes.
+    """
+
+    def __init__(self, loaded: LoadedModel, settings: RunSettings) -> None:
+        self.loaded = loaded
+        self.settings = settings
+        self._tokens: torch.Tensor | None = None
+        self._profile: Profile | None = None
+        self.profile_from_cache: bool | None = None
+        self.profile_seconds: float = 0.0
+
+    @property
+    def seqlen(self) -> int:
+        return self.settings.calib_seqlen or self.settings.seqlen
+
+    def describe(self) -> dict[str, Any]:
+        return {"corpus": self.settings.corpus, "calib_text": self.settings.calib_text,
+                "nsamples": self.settings.nsamples, "seqlen": self.seqlen, "seed": self.settings.seed}
+
+    def tokens(self) -> torch.Tensor:
+        if self._tokens is None:
+            corpus = load_corpus(self.settings.corpus, self.settings.eval_text, self.settings.calib_text)
+            ids = tokenize_documents(self.loaded.tokenizer, corpus.calibration)
+            self._tokens = sample_calibration(ids, self.settings.nsamples, self.seqlen, self.settings.seed)
+        return self._tokens
+
+    def profile(self) -> Profile:
+        if self._profile is None:
+            start = time.perf_counter()
+            tokens = self.tokens()
+            key = {
+                **self.describe(),
+                "model": model_fingerprint(self.loaded.model),
+                "tokenizer": tokenizer_fingerprint(self.loaded.tokenizer),
+                "calibration_ids": stable_hash(tokens.tolist()),
+            }
+            self._profile, self.profile_from_cache = load_or_compute_profile(
+                self.loaded.model, tokens, key, self.settings.calib_batch_size
+            )
+            self.profile_seconds = time.perf_counter() - start
+        return self._profile

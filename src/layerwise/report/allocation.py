@@ -1,0 +1,63 @@
+"""Per-layer allocation plots of a run: sparsity per block and the allocator's per-block metric."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ..errors import DataError
+
+
+def read_result(run_dir: str | Path) -> dict:
+    """The ``result.json`` of a run directory, or a clear error."""
+    path = Path(run_dir) / "result.json"
+    if not path.is_file():
+        raise DataError(f"{run_dir} holds no result.json; pass a directory written by `layerwise compress`.")
+    return json.loads(path.read_text())
+
+
+def block_sparsity(record: dict) -> dict[int, float]:
+    """Measured sparsity per decoder block (parameter-weighted over its linears)."""
+    plan = record["plan"]
+    sizes: dict[int, list[tuple[float, int]]] = {}
+    measured = record["metrics"]["per_unit_sparsity"]
+    for action in plan["actions"]:
+        block = _block_of(action["unit"])
+        sizes.setdefault(block, []).append((measured.get(action["unit"], action["ratio"]), 1))
+    return {b: sum(r for r, _ in v) / len(v) for b, v in sorted(sizes.items())}
+
+
+def _block_of(unit: str) -> int:
+    return next(int(part) for part in unit.split(".") if part.isdigit())
+
+
+def plot_allocation(record: dict, out: str | Path) -> Path:
+    """Bars of per-block sparsity, and of the allocator's metric (alpha / outlier ratio) when it has one."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    details = record["plan"].get("details", {})
+    metric = details.get("block_metric")
+    sparsity = block_sparsity(record)
+    rows = 2 if metric else 1
+    fig, axes = plt.subplots(rows, 1, figsize=(10, 3.2 * rows), squeeze=False)
+    blocks = list(sparsity)
+    axes[0][0].bar(blocks, [100 * sparsity[b] for b in blocks], color="tab:blue")
+    axes[0][0].axhline(100 * record["plan"]["budget"]["sparsity"], color="black", linestyle="--", label="budget")
+    axes[0][0].set_ylabel("sparsity (%)")
+    axes[0][0].legend()
+    title = f"{record['model']['spec']}: {record['plan']['method']} / {record['plan']['allocator']}"
+    axes[0][0].set_title(f"{title}, PPL {record['metrics']['ppl']:.2f}")
+    if metric:
+        values = {int(k): float(v) for k, v in metric.items()}
+        axes[1][0].bar(list(values), list(values.values()), color="tab:orange")
+        axes[1][0].set_ylabel(details.get("metric", "metric"))
+    axes[-1][0].set_xlabel("decoder block")
+    fig.tight_layout()
+    path = Path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
