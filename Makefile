@@ -25,6 +25,7 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/foundation.py
+	$(BIN)/python benchmarks/unstructured.py
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache

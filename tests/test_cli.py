@@ -91,6 +91,9 @@ ERROR_CASES = {
     "missing plan": (lambda p, neox: ["apply", "--model", "tiny-llama", "--plan", str(p / "none.json")], "does not exist"),
     "missing data": (lambda p, neox: ["compress", "--model", "tiny-llama", "--eval-text", str(p / "no.txt")], "does not exist"),
     "unknown method": (lambda p, neox: ["compress", "--model", "tiny-llama", "--method", "psychic"], "Unknown sparsity method"),
+    "unknown allocator": (lambda p, neox: ["compress", "--model", "tiny-llama", "--allocator", "zeal"], "Unknown allocator 'zeal'"),
+    "foreign option": (lambda p, neox: ["compress", "--model", "tiny-llama", "--owl-m", "3"], "does not take --owl-m"),
+    "bad N:M": (lambda p, neox: ["compress", "--model", "tiny-llama", "--nm", "4:2"], "needs 0 < N < M"),
 }
 
 
@@ -126,3 +129,41 @@ def test_failure_after_work_leaves_no_partial_directory(tmp_path, monkeypatch):
     result = invoke("compress", "--model", "tiny-llama", "--out", str(out), *QUICK)
     assert result.exit_code == 2 and "simulated failure" in result.stderr
     assert not out.exists() and leftovers(tmp_path) == []
+
+
+def test_alpha_run_records_layer_sparsity_and_metric_then_reports(tmp_path):
+    out = tmp_path / "alpha"
+    result = invoke("compress", "--model", "tiny-llama", "--method", "wanda", "--allocator", "alpha", "--sparsity",
+                    "0.6", "--epsilon", "0.1", "--metric", "alpha_mid", "--metric-cache", str(tmp_path / "esd"),
+                    "--nsamples", "4", "--out", str(out), *QUICK)
+    assert result.exit_code == 0, result.output
+    record = json.loads((out / "result.json").read_text())
+    details = record["plan"]["details"]
+    assert len(details["block_metric"]) == 4 and len(details["block_sparsity"]) == 4
+    assert record["plan"]["allocator_params"] == {"epsilon": 0.1, "metric": "alpha_mid",
+                                                  "metric_cache": str(tmp_path / "esd")}
+    assert len(record["metrics"]["per_unit_sparsity"]) == 28
+    assert record["calibration"]["nsamples"] == 4 and record["calibration"]["seqlen"] == 64
+    assert len(list((tmp_path / "esd").glob("*-alpha_mid.json"))) == 1
+
+    report = invoke("report", str(out))
+    assert report.exit_code == 0, report.output
+    png = (out / "allocation.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+
+
+def test_sparsegpt_nm_plan_applies_through_cli(tmp_path):
+    plan_file = tmp_path / "plan.json"
+    made = invoke("plan", "--model", "tiny-llama", "--method", "sparsegpt", "--nm", "2:4", "--nsamples", "4",
+                  "--seqlen", "64", "--out", str(plan_file))
+    assert made.exit_code == 0, made.output
+    assert {a["pattern"] for a in json.loads(plan_file.read_text())["actions"]} == {"2:4"}
+    applied = invoke("apply", "--model", "tiny-llama", "--plan", str(plan_file), "--nsamples", "4",
+                     "--out", str(tmp_path / "run"), *QUICK)
+    assert applied.exit_code == 0, applied.output
+    assert json.loads((tmp_path / "run" / "result.json").read_text())["metrics"]["sparsity"] == 0.5
+
+
+def test_report_without_result_is_a_clear_error(tmp_path):
+    result = invoke("report", str(tmp_path))
+    assert result.exit_code == 2 and "holds no result.json" in result.stderr

@@ -8,6 +8,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .memo import per_input_memo
+
 
 @dataclass
 class InputStats:
@@ -98,16 +100,11 @@ def attach_input_stats(linears: dict[str, nn.Linear], stats: dict[str, InputStat
 
     Linears fed the same tensor (q/k/v, gate/up) share one moment computation per forward.
     """
-    last: dict[str, object] = {"input": None, "moments": None}
-
-    def hook(stat: InputStats, x: torch.Tensor) -> None:
-        # Holding the tensor keeps its memory from being reused, so identity means "the same input".
-        if last["input"] is not x:
-            last["input"], last["moments"] = x, batch_moments(x)
-        stat.add(last["moments"])
-
+    shared_moments = per_input_memo(batch_moments)
     handles = []
     for name, linear in linears.items():
         stats.setdefault(name, InputStats.empty(linear.in_features))
-        handles.append(linear.register_forward_hook(lambda _m, args, _out, s=stats[name]: hook(s, args[0])))
+        handles.append(
+            linear.register_forward_hook(lambda _m, args, _out, s=stats[name]: s.add(shared_moments(args[0])))
+        )
     return handles

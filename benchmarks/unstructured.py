@@ -1,0 +1,135 @@
+"""Unstructured sparsity benchmark (AlphaPruning issue): methods x allocators x sparsities on smollm2-135m.
+
+Run: `.venv/bin/python benchmarks/unstructured.py [--windows 30] [--resume]`. Uses a fresh cache
+directory, so calibration, profile and spectra are measured cold. Writes the `unstructured` section of
+benchmarks/RESULTS.md and benchmarks/results/unstructured.json (after every run, so it can resume).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from results_table import HERE, markdown_table, write_section  # noqa: E402
+
+METHODS = ["wanda", "magnitude", "sparsegpt"]  # wanda first: its first run measures the cold profile
+ALLOCATORS = ["uniform", "owl", "alpha"]
+SPARSITIES = [0.5, 0.6, 0.7]
+PARTIAL = HERE / "results" / "unstructured.partial.json"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--windows", type=int, default=30, help="evaluation windows of 512 tokens per corpus")
+    parser.add_argument("--nsamples", type=int, default=128)
+    parser.add_argument("--resume", action="store_true", help="keep finished runs from the partial JSON")
+    args = parser.parse_args()
+    os.environ["LAYERWISE_CACHE"] = tempfile.mkdtemp(prefix="layerwise-bench-cache-")
+
+    import torch
+
+    import layerwise
+    from layerwise.backends import ApplyContext
+    from layerwise.data import load_corpus
+    from layerwise.evaluate import perplexity
+    from layerwise.profile import CalibrationSource
+
+    state = json.loads(PARTIAL.read_text()) if args.resume and PARTIAL.exists() else {"runs": {}}
+    settings = layerwise.RunSettings(nsamples=args.nsamples, max_windows=args.windows)
+    wiki, ptb = load_corpus("wiki"), load_corpus("ptb")
+
+    def ppl(loaded, corpus) -> float:
+        return perplexity(loaded.model, loaded.tokenizer, corpus, 512, args.windows).ppl
+
+    def save() -> None:
+        PARTIAL.parent.mkdir(exist_ok=True)
+        PARTIAL.write_text(json.dumps(state, indent=1))
+
+    if "dense" not in state:
+        loaded = layerwise.load(args.model)
+        tokens = CalibrationSource(loaded, settings).tokens()
+        start = time.perf_counter()
+        with torch.no_grad():
+            for batch in tokens.split(settings.calib_batch_size):
+                loaded.model(input_ids=batch, use_cache=False)
+        forward_s = time.perf_counter() - start
+        state["dense"] = {"wiki": ppl(loaded, wiki), "ptb": ppl(loaded, ptb), "forward_s": forward_s,
+                          "protocol": perplexity(loaded.model, loaded.tokenizer, wiki, 512, 1).protocol.model_dump()}
+        save()
+        print(f"dense: {state['dense']}")
+
+    for sparsity in SPARSITIES:
+        for method in METHODS:
+            for allocator in ALLOCATORS:
+                key = f"{method}/{allocator}/{sparsity}"
+                if key in state["runs"]:
+                    continue
+                loaded = layerwise.load(args.model)
+                source = CalibrationSource(loaded, settings)
+                start = time.perf_counter()
+                plan = layerwise.plan(loaded, layerwise.Budget(sparsity=sparsity), method, allocator,
+                                      calibration=source)
+                plan_s = time.perf_counter() - start
+                layerwise.apply(loaded.model, plan, ApplyContext(source))
+                total_s = time.perf_counter() - start
+                run = {"method": method, "allocator": allocator, "sparsity": sparsity, "wiki": ppl(loaded, wiki),
+                       "plan_s": plan_s, "compress_s": total_s, "profile_s": source.profile_seconds,
+                       "profile_cached": source.profile_from_cache,
+                       "spectra_cached": plan.details.get("metric_from_cache"),
+                       "block_sparsity": plan.details.get("block_sparsity")}
+                if sparsity == 0.7:
+                    run["ptb"] = ppl(loaded, ptb)
+                state["runs"][key] = run
+                save()
+                print(f"{key}: wiki {run['wiki']:.2f} in {total_s:.1f} s")
+    write_results(state, args)
+
+
+def write_results(state: dict, args: argparse.Namespace) -> None:
+    dense, runs = state["dense"], state["runs"]
+    rows = [["dense", "-", "-", f"{dense['wiki']:.2f}", f"{dense['ptb']:.2f}", "-"]]
+    for sparsity in SPARSITIES:
+        for method in METHODS:
+            for allocator in ALLOCATORS:
+                run = runs[f"{method}/{allocator}/{sparsity}"]
+                rows.append([method, allocator, f"{sparsity:.0%}", f"{run['wiki']:.2f}",
+                             f"{run['ptb']:.2f}" if "ptb" in run else "", f"{run['compress_s']:.1f}"])
+    ref = dense["forward_s"]
+    wanda_cold = runs["wanda/uniform/0.5"]
+    alpha_cold = runs["wanda/alpha/0.5"]
+    sgpt = runs["sparsegpt/uniform/0.5"]
+    speed = [
+        ["dense forward over the calibration windows (reference)", f"{ref:.1f}", "1.00", ""],
+        ["wanda 50%, end to end (profile cold + plan + apply)", f"{wanda_cold['compress_s']:.1f}",
+         f"{wanda_cold['compress_s'] / ref:.2f}", "<= 1.5"],
+        ["sparsegpt 50% (sequential calibration + OBS updates)", f"{sgpt['compress_s']:.1f}",
+         f"{sgpt['compress_s'] / ref:.2f}", "<= 4"],
+        ["alpha spectra of 210 matrices (cold)", f"{alpha_cold['plan_s']:.1f}", f"{alpha_cold['plan_s'] / ref:.2f}",
+         "<= 0.5"],
+    ]
+    protocol = dense["protocol"]
+    markdown = (
+        f"## Unstructured sparsity: magnitude / Wanda / SparseGPT x uniform / OWL / AlphaPruning ({args.model})\n\n"
+        f"Command: `.venv/bin/python benchmarks/unstructured.py --windows {args.windows} --nsamples {args.nsamples}`\n\n"
+        f"Perplexity on the first {args.windows} windows of 512 tokens of each evaluation split (wiki: "
+        f"{protocol['corpus']} evaluation articles; ptb: treebank test), same windows for every row; calibration: "
+        f"{args.nsamples} x 512-token windows of the wiki calibration split, seed 0. OWL: M=5, lambda=0.08; "
+        "alpha: alpha_peak, epsilon=0.2. Time = plan + apply, profile included when computed (cold cache).\n\n"
+        + markdown_table(["method", "allocator", "sparsity", "wiki PPL", "ptb PPL", "time (s)"], rows)
+        + "\nSpeed, as ratios to one dense forward pass over the same calibration tokens (2 CPU cores, fp32):\n\n"
+        + markdown_table(["step", "seconds", "ratio", "target"], speed)
+    )
+    write_section("unstructured", markdown, state)
+    print(markdown)
+
+
+if __name__ == "__main__":
+    main()
