@@ -42,7 +42,7 @@ def main() -> None:
              f"{dense['dense']['nonzero_parameters']:,}", "-"]]
     for record in runs:
         m = record["metrics"]
-        rows.append([f"magnitude / uniform", f"{record['budget']['sparsity']:.0%}", f"{m['ppl']:.3f}",
+        rows.append(["magnitude / uniform", f"{record['budget']['sparsity']:.0%}", f"{m['ppl']:.3f}",
                      f"{m['sparsity']:.2%}", f"{m['nonzero_parameters']:,}", f"{record['timings']['apply_s']:.1f}"])
     env = machine()
     markdown = (

@@ -47,7 +47,9 @@ def main() -> None:
     wiki, ptb = load_corpus("wiki"), load_corpus("ptb")
 
     def ppl(loaded, corpus) -> float:
-        return perplexity(loaded.model, loaded.tokenizer, corpus, 512, args.windows).ppl
+        result = perplexity(loaded.model, loaded.tokenizer, corpus, 512, args.windows)
+        state.setdefault("protocol", {})[corpus.name] = result.protocol.model_dump()
+        return result.ppl
 
     def save() -> None:
         PARTIAL.parent.mkdir(exist_ok=True)
@@ -61,8 +63,7 @@ def main() -> None:
             for batch in tokens.split(settings.calib_batch_size):
                 loaded.model(input_ids=batch, use_cache=False)
         forward_s = time.perf_counter() - start
-        state["dense"] = {"wiki": ppl(loaded, wiki), "ptb": ppl(loaded, ptb), "forward_s": forward_s,
-                          "protocol": perplexity(loaded.model, loaded.tokenizer, wiki, 512, 1).protocol.model_dump()}
+        state["dense"] = {"wiki": ppl(loaded, wiki), "ptb": ppl(loaded, ptb), "forward_s": forward_s}
         save()
         print(f"dense: {state['dense']}")
 
@@ -115,12 +116,13 @@ def write_results(state: dict, args: argparse.Namespace) -> None:
         ["alpha spectra of 210 matrices (cold)", f"{alpha_cold['plan_s']:.1f}", f"{alpha_cold['plan_s'] / ref:.2f}",
          "<= 0.5"],
     ]
-    protocol = dense["protocol"]
+    protocol = state["protocol"]["wiki"]
     markdown = (
         f"## Unstructured sparsity: magnitude / Wanda / SparseGPT x uniform / OWL / AlphaPruning ({args.model})\n\n"
         f"Command: `.venv/bin/python benchmarks/unstructured.py --windows {args.windows} --nsamples {args.nsamples}`\n\n"
-        f"Perplexity on the first {args.windows} windows of 512 tokens of each evaluation split (wiki: "
-        f"{protocol['corpus']} evaluation articles; ptb: treebank test), same windows for every row; calibration: "
+        f"Perplexity on the first {protocol['windows']} windows of {protocol['seqlen']} tokens "
+        f"({protocol['predicted_tokens']:,} predicted tokens) of each evaluation split (wiki: the 10 evaluation "
+        "articles; ptb: treebank test), the same windows for every row; calibration: "
         f"{args.nsamples} x 512-token windows of the wiki calibration split, seed 0. OWL: M=5, lambda=0.08; "
         "alpha: alpha_peak, epsilon=0.2. Time = plan + apply, profile included when computed (cold cache).\n\n"
         + markdown_table(["method", "allocator", "sparsity", "wiki PPL", "ptb PPL", "time (s)"], rows)

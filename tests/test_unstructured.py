@@ -19,7 +19,7 @@ def _plan(tiny, calibration, method, allocator="uniform", sparsity=0.5, **kw):
 @pytest.mark.parametrize("allocator", ["uniform", "owl", "alpha"])
 def test_reached_sparsity_equals_plan_per_matrix(tiny, calibration, method, allocator):
     plan = _plan(tiny, calibration, method, allocator, sparsity=0.6)
-    layerwise.apply(tiny.model, plan, layerwise.backends.ApplyContext(calibration))
+    layerwise.apply(tiny.model, plan, calibration)
     total = zeros = 0
     for action in plan.actions:
         weight = tiny.model.get_submodule(action.unit).weight
@@ -32,7 +32,7 @@ def test_wanda_prunes_lowest_activation_weighted_scores_per_row(tiny, calibratio
     unit = "model.layers.1.mlp.down_proj"
     original = tiny.model.get_submodule(unit).weight.detach().clone()
     plan = _plan(tiny, calibration, "wanda")
-    layerwise.apply(tiny.model, plan, layerwise.backends.ApplyContext(calibration))
+    layerwise.apply(tiny.model, plan, calibration)
     weight = tiny.model.get_submodule(unit).weight
     scores = original.abs() * calibration.profile().feature_norms(unit).float()[None, :]
     assert (weight == 0).sum(dim=1).tolist() == [original.shape[1] // 2] * original.shape[0]
@@ -51,7 +51,7 @@ def test_per_row_counts_spread_a_remainder():
 def test_two_four_pattern(tiny, calibration, method):
     plan = _plan(tiny, calibration, method, nm="2:4")
     assert {a.pattern for a in plan.actions} == {"2:4"} and {a.ratio for a in plan.actions} == {0.5}
-    layerwise.apply(tiny.model, plan, layerwise.backends.ApplyContext(calibration))
+    layerwise.apply(tiny.model, plan, calibration)
     for linear in decoder_linears(tiny.model).values():
         groups = (linear.weight == 0).reshape(linear.out_features, -1, 4).sum(-1)
         assert bool((groups == 2).all())

@@ -17,10 +17,27 @@ from .errors import (  # noqa: E402
 )
 from .models import LoadedModel, get_adapter, load, save  # noqa: E402
 from .plan import Plan, SparsifyAction  # noqa: E402
-from .backends import apply_plan as apply  # noqa: E402
+from .backends import ApplyContext, apply_plan  # noqa: E402
 from .data import load_corpus  # noqa: E402
 from .evaluate import perplexity  # noqa: E402
-from .pipeline import compress, make_plan as plan  # noqa: E402
+from .pipeline import compress  # noqa: E402
+from .planning import make_plan as plan  # noqa: E402
+from .profile import CalibrationSource, Profile  # noqa: E402
+
+
+def calibration(loaded: LoadedModel, settings: RunSettings | None = None) -> CalibrationSource:
+    """The calibration windows and (lazily) the Profile of ``loaded`` under ``settings``."""
+    return CalibrationSource(loaded, settings or RunSettings())
+
+
+def profile(loaded: LoadedModel, settings: RunSettings | None = None) -> Profile:
+    """Per-linear calibration statistics of ``loaded`` (computed block by block, cached on disk)."""
+    return calibration(loaded, settings).profile()
+
+
+def apply(model, plan: Plan, calibration: CalibrationSource | None = None):
+    """Apply ``plan`` to ``model`` in place; methods that calibrate (wanda, sparsegpt) need ``calibration``."""
+    return apply_plan(model, plan, ApplyContext(calibration))
 
 
 def evaluate(loaded: LoadedModel, settings: RunSettings | None = None):
@@ -44,11 +61,13 @@ __all__ = [
     "SparsifyAction",
     "UnsupportedArchitectureError",
     "apply",
+    "calibration",
     "compress",
     "evaluate",
     "get_adapter",
     "load",
     "perplexity",
     "plan",
+    "profile",
     "save",
 ]

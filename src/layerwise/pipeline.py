@@ -3,23 +3,22 @@
 from __future__ import annotations
 
 import contextlib
-import inspect
 import time
 from pathlib import Path
 from typing import Any, Iterator
 
 from . import __version__
-from .allocate import ALLOCATORS, AllocationContext
-from .backends import SPARSIFIERS, ApplyContext, apply_plan, architecture_signature
+from .backends import ApplyContext, apply_plan
 from .cache import atomic_write_json, staged_directory
 from .config import Budget, RunSettings
 from .cost import measure_size
 from .data import load_corpus
 from .environment import machine, versions
-from .errors import BudgetError, LayerwiseError, OutputExistsError
+from .errors import OutputExistsError
 from .evaluate import cached_perplexity, perplexity
 from .models import LoadedModel, decoder_linears, load, model_fingerprint, save
-from .plan import Plan, SparsifyAction
+from .plan import Plan
+from .planning import make_plan, validate_request
 from .profile import CalibrationSource
 
 Timings = dict[str, float]
@@ -38,78 +37,6 @@ def ensure_output_free(out: str | Path, overwrite: bool) -> None:
     """Fail before any work when the output exists and may not be replaced."""
     if Path(out).exists() and not overwrite:
         raise OutputExistsError(f"Output directory {out} already exists; pass --overwrite to replace it.")
-
-
-# The AlphaPruning repository's method names: the backend with the ``alpha`` allocator.
-METHOD_ALIASES = {"magnitude_ww": ("magnitude", "alpha"), "wanda_ww": ("wanda", "alpha"),
-                  "sparsegpt_ww": ("sparsegpt", "alpha")}
-
-
-def resolve_method(method: str, allocator: str) -> tuple[str, str]:
-    """Canonical (method, allocator), expanding the ``*_ww`` aliases; unknown names raise."""
-    if method in METHOD_ALIASES:
-        method, implied = METHOD_ALIASES[method]
-        if allocator not in ("uniform", implied):
-            raise LayerwiseError(f"Method alias selects the {implied} allocator; it cannot be combined with '{allocator}'.")
-        allocator = implied
-    return SPARSIFIERS.canonical(method), ALLOCATORS.canonical(allocator)
-
-
-def _check_allocator_params(allocator: str, params: dict[str, Any]) -> None:
-    accepted = set(inspect.signature(ALLOCATORS.get(allocator)).parameters) - {"context", "budget"}
-    unknown = sorted(set(params) - accepted)
-    if unknown:
-        options = ", ".join("--" + k.replace("_", "-") for k in unknown)
-        raise LayerwiseError(f"Allocator '{allocator}' does not take {options}.")
-
-
-def parse_nm(pattern: str | None, budget: Budget, allocator: str) -> tuple[str | None, float]:
-    """Validate an N:M pattern: it fixes every matrix at N/M, so it needs the uniform allocator and that budget."""
-    if pattern is None:
-        return None, budget.sparsity
-    try:
-        n, m = (int(x) for x in pattern.split(":"))
-    except ValueError:
-        raise BudgetError(f"N:M pattern must look like 2:4 (got '{pattern}').") from None
-    if not 0 < n < m:
-        raise BudgetError(f"N:M pattern needs 0 < N < M (got {pattern}).")
-    if allocator != "uniform":
-        raise BudgetError(f"An N:M pattern fixes every matrix at {n}/{m}; use it with --allocator uniform.")
-    if abs(budget.sparsity - n / m) > 1e-9:
-        raise BudgetError(f"--nm {pattern} means sparsity {n / m:g}; got --sparsity {budget.sparsity:g}.")
-    return pattern, n / m
-
-
-def make_plan(
-    loaded: LoadedModel,
-    budget: Budget,
-    method: str = "magnitude",
-    allocator: str = "uniform",
-    seed: int = 0,
-    calibration: CalibrationSource | None = None,
-    nm: str | None = None,
-    **allocator_params: Any,
-) -> Plan:
-    """Ask the named allocator for per-unit ratios under ``budget`` and wrap them as a Plan."""
-    method, allocator = resolve_method(method, allocator)
-    _check_allocator_params(allocator, allocator_params)
-    pattern, _ = parse_nm(nm, budget, allocator)
-    linears = decoder_linears(loaded.model)
-    context = AllocationContext(model=loaded.model, linears=linears, seed=seed, calibration=calibration)
-    allocation = ALLOCATORS.get(allocator)(context, budget, **allocator_params)
-    ratios = {u: budget.sparsity for u in allocation.ratios} if pattern else allocation.ratios
-    actions = [SparsifyAction(unit=u, ratio=r, method=method, pattern=pattern) for u, r in ratios.items()]
-    return Plan(
-        model=loaded.spec,
-        architecture=architecture_signature(loaded.model),
-        budget=budget,
-        allocator=allocator,
-        method=method,
-        allocator_params={**allocation.params, **allocator_params},
-        seed=seed,
-        actions=actions,
-        details=allocation.details,
-    )
 
 
 def _evaluate(loaded: LoadedModel, settings: RunSettings, cached: bool) -> tuple[dict, bool]:
@@ -212,9 +139,7 @@ def compress(
 ) -> dict:
     """load -> plan -> apply -> evaluate -> save; returns the result record also written to out/result.json."""
     settings = settings or RunSettings()
-    method, allocator = resolve_method(method, allocator)
-    _check_allocator_params(allocator, allocator_params)
-    parse_nm(nm, budget, allocator)
+    method, allocator, _ = validate_request(method, allocator, budget, nm, allocator_params)
     ensure_output_free(out, overwrite)
     started = time.perf_counter()
     timings: Timings = {}
@@ -239,7 +164,7 @@ def plan_to_file(
 ) -> Plan:
     """Compute a plan (calibrating if the allocator needs it) and write it as JSON; weights are untouched."""
     settings = settings or RunSettings()
-    resolve_method(method, allocator)
+    validate_request(method, allocator, budget, nm, allocator_params)
     if Path(out).exists() and not overwrite:
         raise OutputExistsError(f"Plan file {out} already exists; pass --overwrite to replace it.")
     loaded = load(model, dtype=settings.dtype, device=settings.device)

@@ -80,6 +80,3 @@ class Plan(BaseModel):
             raise PlanError(f"Plan file {file} does not exist.")
         return cls.from_json(file.read_text(encoding="utf-8"), origin=f"Plan file {file}")
 
-    def ratios(self) -> dict[str, float]:
-        """Per-unit sparsity ratios of the sparsify actions."""
-        return {a.unit: a.ratio for a in self.actions if a.op == "sparsify"}

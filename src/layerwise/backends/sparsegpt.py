@@ -44,13 +44,10 @@ def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, count: int, pat
         hinv1 = hinv[start:end, start:end]
         diag = torch.diag(hinv1)
         errors = torch.zeros_like(w1)
-        if pattern is None:
-            mask = torch.zeros_like(w1, dtype=torch.bool)
-            if block_count:
-                scores = (w1**2 / diag[None, :] ** 2).reshape(-1)
-                mask.view(-1)[torch.argsort(scores, stable=True)[:block_count]] = True
-        else:
-            mask = torch.zeros_like(w1, dtype=torch.bool)
+        mask = torch.zeros_like(w1, dtype=torch.bool)
+        if pattern is None and block_count:
+            scores = (w1**2 / diag[None, :] ** 2).reshape(-1)
+            mask.view(-1)[torch.argsort(scores, stable=True)[:block_count]] = True
         for i in range(end - start):
             if pattern is not None and i % pattern[1] == 0:
                 n, m = pattern

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -29,8 +28,3 @@ def save(loaded: LoadedModel, out_dir: str | Path, plan: "Plan | None" = None) -
     atomic_write_json(out / LAYERWISE_META, meta)
     return out
 
-
-def saved_plan_json(path: str | Path) -> dict | None:
-    """The plan stored beside a saved model, if any."""
-    plan_file = Path(path) / "plan.json"
-    return json.loads(plan_file.read_text()) if plan_file.is_file() else None
