@@ -46,6 +46,32 @@ def atomic_write_json(path: Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
 
 
+def atomic_torch_save(obj: Any, path: Path) -> None:
+    """``torch.save`` to a temporary file beside ``path``, then rename it into place."""
+    import torch
+
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
+def torch_load_or_none(path: Path) -> Any | None:
+    """What ``atomic_torch_save`` stored at ``path``; None (and the entry removed) when missing or unreadable."""
+    import torch
+
+    if not path.is_file():
+        return None
+    try:
+        return torch.load(path, weights_only=False)
+    except (RuntimeError, EOFError, OSError, ValueError):
+        path.unlink(missing_ok=True)
+        return None
+
+
 def read_json(path: Path) -> Any | None:
     """The parsed JSON at ``path``, or None when it is missing or unreadable (a stale cache entry)."""
     try:

@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import hashlib
-import os
-import tempfile
-from pathlib import Path
 
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from ..cache import cache_dir
+from ..cache import atomic_torch_save, cache_dir, torch_load_or_none
 from ..errors import DataError
 
 DOCUMENT_SEPARATOR = "\n\n"
@@ -30,21 +27,9 @@ def tokenize_documents(tokenizer: PreTrainedTokenizerBase, documents: tuple[str,
     text = DOCUMENT_SEPARATOR.join(documents)
     key = hashlib.sha256(f"{tokenizer_fingerprint(tokenizer)}|{text}".encode()).hexdigest()[:24]
     path = cache_dir("tokens") / f"{key}.pt"
-    if path.is_file():
-        try:
-            return torch.load(path)
-        except (RuntimeError, EOFError):
-            path.unlink(missing_ok=True)
+    cached = torch_load_or_none(path)
+    if isinstance(cached, torch.Tensor):
+        return cached
     ids = torch.tensor(tokenizer(text)["input_ids"], dtype=torch.long)
-    _atomic_torch_save(ids, path)
+    atomic_torch_save(ids, path)
     return ids
-
-
-def _atomic_torch_save(obj: object, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)

@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from ..cache import cache_dir, stable_hash
+from ..cache import atomic_torch_save, cache_dir, stable_hash, torch_load_or_none
 from .blockwise import BlockwiseRunner, block_linears
 from .stats import InputStats, attach_input_stats
 
@@ -59,22 +56,10 @@ def load_or_compute_profile(model: nn.Module, calibration: torch.Tensor, key_par
     """The cached profile for ``key_parts`` (model fingerprint, data, settings) or a freshly computed one."""
     key = stable_hash({**key_parts, "version": PROFILE_VERSION}, length=24)
     path = cache_dir("profiles") / f"{key}.pt"
-    if path.is_file():
-        try:
-            return Profile.from_state(torch.load(path, weights_only=False)), True
-        except (RuntimeError, EOFError, KeyError, TypeError):
-            path.unlink(missing_ok=True)
+    state = torch_load_or_none(path)
+    if isinstance(state, dict) and state.get("version") == PROFILE_VERSION:
+        return Profile.from_state(state), True
     profile = compute_profile(model, calibration, batch_size)
     profile.settings = dict(key_parts)
-    _atomic_save(profile.to_state(), path)
+    atomic_torch_save(profile.to_state(), path)
     return profile, False
-
-
-def _atomic_save(obj: object, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
