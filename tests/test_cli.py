@@ -167,3 +167,11 @@ def test_sparsegpt_nm_plan_applies_through_cli(tmp_path):
 def test_report_without_result_is_a_clear_error(tmp_path):
     result = invoke("report", str(tmp_path))
     assert result.exit_code == 2 and "holds no result.json" in result.stderr
+
+
+def test_block_sparsity_of_a_record():
+    from layerwise.report import block_sparsity
+
+    record = {"metrics": {"per_unit_sparsity": {"model.layers.0.mlp.up_proj": 0.5, "model.layers.0.mlp.down_proj": 0.7,
+                                                "model.layers.1.self_attn.q_proj": 0.2}}}
+    assert block_sparsity(record) == {0: pytest.approx(0.6), 1: 0.2}

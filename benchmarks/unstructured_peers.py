@@ -1,0 +1,96 @@
+"""Peer rows for the unstructured benchmark: llmcompressor's SparseGPT and Wanda modifiers on the same
+model, calibration windows and perplexity protocol as benchmarks/unstructured.py.
+
+llmcompressor pins transformers 5.15-5.17, so it lives in its own environment: `make bench-peers`
+(creates .venv-peers) or `.venv-peers/bin/python benchmarks/unstructured_peers.py [--windows 30]`.
+Writes the `unstructured_peers` section of benchmarks/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from importlib import metadata
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from results_table import HERE, markdown_table, write_section  # noqa: E402
+
+PARTIAL = HERE / "results" / "unstructured_peers.partial.json"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--windows", type=int, default=30)
+    parser.add_argument("--nsamples", type=int, default=128)
+    parser.add_argument("--sparsities", default="0.7")
+    parser.add_argument("--resume", action="store_true")
+    args = parser.parse_args()
+
+    import datasets
+    from llmcompressor import oneshot
+    from llmcompressor.modifiers.pruning import SparseGPTModifier, WandaPruningModifier
+
+    import layerwise
+    from layerwise.data import load_corpus
+    from layerwise.evaluate import perplexity
+    from layerwise.profile import CalibrationSource
+
+    modifiers = {"SparseGPTModifier": SparseGPTModifier, "WandaPruningModifier": WandaPruningModifier}
+    state = json.loads(PARTIAL.read_text()) if args.resume and PARTIAL.exists() else {"runs": {}}
+    settings = layerwise.RunSettings(nsamples=args.nsamples)
+    wiki, ptb = load_corpus("wiki"), load_corpus("ptb")
+
+    def save() -> None:
+        PARTIAL.parent.mkdir(exist_ok=True)
+        PARTIAL.write_text(json.dumps(state, indent=1))
+
+    def ppl(loaded, corpus) -> float:
+        return perplexity(loaded.model, loaded.tokenizer, corpus, 512, args.windows).ppl
+
+    loaded = layerwise.load(args.model)
+    tokens = CalibrationSource(loaded, settings).tokens()  # the same windows our backends calibrate on
+    calibration = datasets.Dataset.from_dict({"input_ids": tokens.tolist(),
+                                              "attention_mask": [[1] * tokens.shape[1]] * tokens.shape[0]})
+    if "dense" not in state:
+        state["dense"] = {"wiki": ppl(loaded, wiki), "ptb": ppl(loaded, ptb)}
+        save()
+    for sparsity in [float(s) for s in args.sparsities.split(",")]:
+        for name, modifier in modifiers.items():
+            key = f"{name}/{sparsity}"
+            if key in state["runs"]:
+                continue
+            loaded = layerwise.load(args.model)
+            start = time.perf_counter()
+            oneshot(model=loaded.model, dataset=calibration,
+                    recipe=modifier(sparsity=sparsity, mask_structure="0:0", ignore=["lm_head"]),
+                    num_calibration_samples=args.nsamples, max_seq_length=tokens.shape[1])
+            seconds = time.perf_counter() - start
+            size = layerwise.cost.measure_size(loaded.model)
+            state["runs"][key] = {"modifier": name, "sparsity": sparsity, "seconds": seconds,
+                                  "reached": size.sparsity, "wiki": ppl(loaded, wiki), "ptb": ppl(loaded, ptb)}
+            save()
+            print(key, state["runs"][key])
+    rows = [["dense (same environment)", "-", "-", f"{state['dense']['wiki']:.2f}", f"{state['dense']['ptb']:.2f}", "-"]]
+    for run in state["runs"].values():
+        rows.append([f"llmcompressor {run['modifier']}", f"{run['sparsity']:.0%}", f"{run['reached']:.2%}",
+                     f"{run['wiki']:.2f}", f"{run['ptb']:.2f}", f"{run['seconds']:.0f}"])
+    markdown = (
+        "### Peers: llmcompressor's pruning modifiers on the same model, windows and protocol\n\n"
+        f"Command: `make bench-peers` (`.venv-peers/bin/python benchmarks/unstructured_peers.py --windows "
+        f"{args.windows} --nsamples {args.nsamples} --sparsities {args.sparsities}`), llmcompressor "
+        f"{metadata.version('llmcompressor')}, transformers {metadata.version('transformers')}; modifiers at their "
+        "defaults (uniform sparsity, dampening 0.01, block 128), `lm_head` ignored so the scope equals ours; "
+        f"calibration: our {args.nsamples} x {tokens.shape[1]} windows.\n\n"
+        + markdown_table(["method", "sparsity", "reached", "wiki PPL", "ptb PPL", "time (s)"], rows)
+    )
+    write_section("unstructured_peers", markdown, state)
+    print(markdown)
+
+
+if __name__ == "__main__":
+    main()
