@@ -31,7 +31,11 @@ def main() -> None:
     parser.add_argument("--windows", type=int, default=30, help="evaluation windows of 512 tokens per corpus")
     parser.add_argument("--nsamples", type=int, default=128)
     parser.add_argument("--resume", action="store_true", help="keep finished runs from the partial JSON")
+    parser.add_argument("--report-only", action="store_true", help="only write the table from the partial JSON")
     args = parser.parse_args()
+    if args.report_only:
+        write_results(json.loads(PARTIAL.read_text()), args)
+        return
     os.environ["LAYERWISE_CACHE"] = tempfile.mkdtemp(prefix="layerwise-bench-cache-")
 
     import torch
@@ -100,7 +104,10 @@ def write_results(state: dict, args: argparse.Namespace) -> None:
     for sparsity in SPARSITIES:
         for method in METHODS:
             for allocator in ALLOCATORS:
-                run = runs[f"{method}/{allocator}/{sparsity}"]
+                run = runs.get(f"{method}/{allocator}/{sparsity}")
+                if run is None:
+                    rows.append([method, allocator, f"{sparsity:.0%}", "not run", "", ""])
+                    continue
                 rows.append([method, allocator, f"{sparsity:.0%}", f"{run['wiki']:.2f}",
                              f"{run['ptb']:.2f}" if "ptb" in run else "", f"{run['compress_s']:.1f}"])
     ref = dense["forward_s"]
@@ -129,8 +136,36 @@ def write_results(state: dict, args: argparse.Namespace) -> None:
         + "\nSpeed, as ratios to one dense forward pass over the same calibration tokens (2 CPU cores, fp32):\n\n"
         + markdown_table(["step", "seconds", "ratio", "target"], speed)
     )
+    markdown += "\n" + findings(runs)
     write_section("unstructured", markdown, state)
     print(markdown)
+
+
+def findings(runs: dict) -> str:
+    """The published orderings this benchmark checks, stated from the numbers above."""
+
+    def wiki(key: str) -> float | None:
+        return runs[key]["wiki"] if key in runs else None
+
+    def verdict(better: str, worse: str) -> str:
+        a, b = wiki(better), wiki(worse)
+        if a is None or b is None:
+            return f"- `{better}` vs `{worse}`: not run.\n"
+        holds = "holds" if a < b else "does not hold"
+        return f"- `{better}` ({a:.2f}) below `{worse}` ({b:.2f}): {holds}.\n"
+
+    lines = "Published orderings at 70% (wiki PPL, lower is better):\n\n"
+    lines += verdict("wanda/alpha/0.7", "wanda/uniform/0.7")
+    lines += verdict("wanda/owl/0.7", "wanda/uniform/0.7")
+    lines += verdict("sparsegpt/uniform/0.7", "wanda/uniform/0.7")
+    for allocator in ("owl", "alpha"):
+        blocks = (runs.get(f"wanda/{allocator}/0.7") or {}).get("block_sparsity")
+        if blocks:
+            values = [blocks[k] for k in sorted(blocks, key=int)]
+            third = len(values) // 3
+            lines += (f"- {allocator} at 70% gives the first {third} blocks {sum(values[:third]) / third:.1%} "
+                      f"sparsity on average and the last {third} {sum(values[-third:]) / third:.1%}.\n")
+    return lines
 
 
 if __name__ == "__main__":

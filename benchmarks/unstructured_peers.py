@@ -28,8 +28,13 @@ def main() -> None:
     parser.add_argument("--windows", type=int, default=30)
     parser.add_argument("--nsamples", type=int, default=128)
     parser.add_argument("--sparsities", default="0.7")
+    parser.add_argument("--batch-size", type=int, default=8, help="oneshot batch size (windows are equal length)")
     parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--report-only", action="store_true", help="only write the table from the partial JSON")
     args = parser.parse_args()
+    if args.report_only:
+        write_results(json.loads(PARTIAL.read_text()), args, seqlen=512)
+        return
 
     import datasets
     from llmcompressor import oneshot
@@ -68,13 +73,17 @@ def main() -> None:
             start = time.perf_counter()
             oneshot(model=loaded.model, dataset=calibration,
                     recipe=modifier(sparsity=sparsity, mask_structure="0:0", ignore=["lm_head"]),
-                    num_calibration_samples=args.nsamples, max_seq_length=tokens.shape[1])
+                    num_calibration_samples=args.nsamples, max_seq_length=tokens.shape[1], batch_size=args.batch_size)
             seconds = time.perf_counter() - start
             size = layerwise.cost.measure_size(loaded.model)
             state["runs"][key] = {"modifier": name, "sparsity": sparsity, "seconds": seconds,
                                   "reached": size.sparsity, "wiki": ppl(loaded, wiki), "ptb": ppl(loaded, ptb)}
             save()
             print(key, state["runs"][key])
+    write_results(state, args, tokens.shape[1])
+
+
+def write_results(state: dict, args: argparse.Namespace, seqlen: int) -> None:
     rows = [["dense (same environment)", "-", "-", f"{state['dense']['wiki']:.2f}", f"{state['dense']['ptb']:.2f}", "-"]]
     for run in state["runs"].values():
         rows.append([f"llmcompressor {run['modifier']}", f"{run['sparsity']:.0%}", f"{run['reached']:.2%}",
@@ -85,7 +94,7 @@ def main() -> None:
         f"{args.windows} --nsamples {args.nsamples} --sparsities {args.sparsities}`), llmcompressor "
         f"{metadata.version('llmcompressor')}, transformers {metadata.version('transformers')}; modifiers at their "
         "defaults (uniform sparsity, dampening 0.01, block 128), `lm_head` ignored so the scope equals ours; "
-        f"calibration: our {args.nsamples} x {tokens.shape[1]} windows.\n\n"
+        f"calibration: our {args.nsamples} x {seqlen} windows, oneshot batch size {args.batch_size}.\n\n"
         + markdown_table(["method", "sparsity", "reached", "wiki PPL", "ptb PPL", "time (s)"], rows)
     )
     write_section("unstructured_peers", markdown, state)
