@@ -20,6 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from results_table import HERE, markdown_table, write_section  # noqa: E402
 
 PARTIAL = HERE / "results" / "unstructured_peers.partial.json"
+MODIFIERS = ["SparseGPTModifier", "WandaPruningModifier"]
 
 
 def main() -> None:
@@ -31,6 +32,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8, help="oneshot batch size (windows are equal length)")
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--report-only", action="store_true", help="only write the table from the partial JSON")
+    parser.add_argument("--remark", default="", help="a sentence about this run printed under the table")
     args = parser.parse_args()
     if args.report_only:
         write_results(json.loads(PARTIAL.read_text()), args, seqlen=512)
@@ -45,7 +47,7 @@ def main() -> None:
     from layerwise.evaluate import perplexity
     from layerwise.profile import CalibrationSource
 
-    modifiers = {"SparseGPTModifier": SparseGPTModifier, "WandaPruningModifier": WandaPruningModifier}
+    modifiers = dict(zip(MODIFIERS, [SparseGPTModifier, WandaPruningModifier]))
     state = json.loads(PARTIAL.read_text()) if args.resume and PARTIAL.exists() else {"runs": {}}
     settings = layerwise.RunSettings(nsamples=args.nsamples)
     wiki, ptb = load_corpus("wiki"), load_corpus("ptb")
@@ -85,9 +87,14 @@ def main() -> None:
 
 def write_results(state: dict, args: argparse.Namespace, seqlen: int) -> None:
     rows = [["dense (same environment)", "-", "-", f"{state['dense']['wiki']:.2f}", f"{state['dense']['ptb']:.2f}", "-"]]
-    for run in state["runs"].values():
-        rows.append([f"llmcompressor {run['modifier']}", f"{run['sparsity']:.0%}", f"{run['reached']:.2%}",
-                     f"{run['wiki']:.2f}", f"{run['ptb']:.2f}", f"{run['seconds']:.0f}"])
+    for sparsity in [float(s) for s in args.sparsities.split(",")]:
+        for name in MODIFIERS:
+            run = state["runs"].get(f"{name}/{sparsity}")
+            if run is None:
+                rows.append([f"llmcompressor {name}", f"{sparsity:.0%}", "not run", "", "", ""])
+                continue
+            rows.append([f"llmcompressor {name}", f"{sparsity:.0%}", f"{run['reached']:.2%}",
+                         f"{run['wiki']:.2f}", f"{run['ptb']:.2f}", f"{run['seconds']:.0f}"])
     markdown = (
         "### Peers: llmcompressor's pruning modifiers on the same model, windows and protocol\n\n"
         f"Command: `make bench-peers` (`.venv-peers/bin/python benchmarks/unstructured_peers.py --windows "
@@ -96,6 +103,7 @@ def write_results(state: dict, args: argparse.Namespace, seqlen: int) -> None:
         "defaults (uniform sparsity, dampening 0.01, block 128), `lm_head` ignored so the scope equals ours; "
         f"calibration: our {args.nsamples} x {seqlen} windows, oneshot batch size {args.batch_size}.\n\n"
         + markdown_table(["method", "sparsity", "reached", "wiki PPL", "ptb PPL", "time (s)"], rows)
+        + (f"\n{args.remark}\n" if args.remark else "")
     )
     write_section("unstructured_peers", markdown, state)
     print(markdown)
