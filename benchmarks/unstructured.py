@@ -32,6 +32,7 @@ def main() -> None:
     parser.add_argument("--nsamples", type=int, default=128)
     parser.add_argument("--resume", action="store_true", help="keep finished runs from the partial JSON")
     parser.add_argument("--report-only", action="store_true", help="only write the table from the partial JSON")
+    parser.add_argument("--remark", default="", help="a sentence about this run printed under the table")
     args = parser.parse_args()
     if args.report_only:
         write_results(json.loads(PARTIAL.read_text()), args)
@@ -100,6 +101,7 @@ def main() -> None:
 
 def write_results(state: dict, args: argparse.Namespace) -> None:
     dense, runs = state["dense"], state["runs"]
+    dense.pop("protocol", None)  # an early version stored a 1-window probe's protocol here
     rows = [["dense", "-", "-", f"{dense['wiki']:.2f}", f"{dense['ptb']:.2f}", "-"]]
     for sparsity in SPARSITIES:
         for method in METHODS:
@@ -139,7 +141,7 @@ def write_results(state: dict, args: argparse.Namespace) -> None:
         + markdown_table(["step", "seconds", "ratio", "target"], speed)
     )
     markdown += "\n" + findings(runs)
-    write_section("unstructured", markdown, state)
+    write_section("unstructured", markdown, state, args.remark)
     print(markdown)
 
 

@@ -103,9 +103,8 @@ def write_results(state: dict, args: argparse.Namespace, seqlen: int) -> None:
         "defaults (uniform sparsity, dampening 0.01, block 128), `lm_head` ignored so the scope equals ours; "
         f"calibration: our {args.nsamples} x {seqlen} windows, oneshot batch size {args.batch_size}.\n\n"
         + markdown_table(["method", "sparsity", "reached", "wiki PPL", "ptb PPL", "time (s)"], rows)
-        + (f"\n{args.remark}\n" if args.remark else "")
     )
-    write_section("unstructured_peers", markdown, state)
+    write_section("unstructured_peers", markdown, state, args.remark)
     print(markdown)
 
 
