@@ -33,10 +33,10 @@ def timed(timings: Timings, key: str) -> Iterator[None]:
         timings[key] = round(time.perf_counter() - start, 3)
 
 
-def ensure_output_free(out: str | Path, overwrite: bool) -> None:
-    """Fail before any work when the output exists and may not be replaced."""
+def ensure_output_free(out: str | Path, overwrite: bool, what: str = "Output directory") -> None:
+    """Fail before any work when the output (a directory, or a file named by ``what``) may not be replaced."""
     if Path(out).exists() and not overwrite:
-        raise OutputExistsError(f"Output directory {out} already exists; pass --overwrite to replace it.")
+        raise OutputExistsError(f"{what} {out} already exists; pass --overwrite to replace it.")
 
 
 def _evaluate(loaded: LoadedModel, settings: RunSettings, cached: bool) -> tuple[dict, bool]:
@@ -165,8 +165,7 @@ def plan_to_file(
     """Compute a plan (calibrating if the allocator needs it) and write it as JSON; weights are untouched."""
     settings = settings or RunSettings()
     validate_request(method, allocator, budget, nm, allocator_params)
-    if Path(out).exists() and not overwrite:
-        raise OutputExistsError(f"Plan file {out} already exists; pass --overwrite to replace it.")
+    ensure_output_free(out, overwrite, "Plan file")
     loaded = load(model, dtype=settings.dtype, device=settings.device)
     calibration = CalibrationSource(loaded, settings)
     plan = make_plan(loaded, budget, method, allocator, settings.seed, calibration, nm, **allocator_params)
