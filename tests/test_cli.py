@@ -146,7 +146,7 @@ def test_alpha_run_records_layer_sparsity_and_metric_then_reports(tmp_path):
     assert record["calibration"]["nsamples"] == 4 and record["calibration"]["seqlen"] == 64
     assert len(list((tmp_path / "esd").glob("*-alpha_mid.json"))) == 1
 
-    report = invoke("report", str(out))
+    report = invoke("report", str(out), "--format", "png")
     assert report.exit_code == 0, report.output
     png = (out / "allocation.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000

@@ -14,6 +14,16 @@ from typing import Any, Iterator
 import platformdirs
 
 
+def _file_mode() -> int:
+    """The mode ``open`` would give a new file under the process umask (read once, at import)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+_FILE_MODE = _file_mode()
+
+
 def cache_dir(*parts: str) -> Path:
     """``$LAYERWISE_CACHE`` or the platform's user cache directory, joined with ``parts`` and created."""
     root = Path(os.environ.get("LAYERWISE_CACHE") or platformdirs.user_cache_dir("layerwise"))
@@ -35,6 +45,7 @@ def atomic_write_text(path: Path, text: str) -> None:
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             handle.write(text)
+        os.chmod(tmp, _FILE_MODE)  # mkstemp makes 0600 files; outputs should read like any other
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

@@ -41,6 +41,20 @@ Metric = Annotated[Optional[str], typer.Option(help="alpha: alpha_peak (default)
 MetricCache = Annotated[Optional[Path], typer.Option("--metric-cache", help="alpha: directory caching metric values.")]
 OwlM = Annotated[Optional[float], typer.Option("--owl-m", help="owl: outlier threshold M x mean (default 5).")]
 OwlLambda = Annotated[Optional[float], typer.Option("--owl-lambda", help="owl: sparsity range +-lambda (default 0.08).")]
+Tasks = Annotated[Optional[str], typer.Option(help="Zero-shot tasks through lm-eval, e.g. arc_easy,piqa ('default': the standard set).")]
+Limit = Annotated[Optional[int], typer.Option(help="Zero-shot items per task (a seeded random subset; default all).")]
+PromptLength = Annotated[int, typer.Option("--prompt-length", help="Latency: prompt tokens for prefill.")]
+GenerationLength = Annotated[int, typer.Option("--generation-length", help="Latency: decoded tokens.")]
+Latency = Annotated[bool, typer.Option("--latency/--no-latency", help="Measure prefill/decode latency.")]
+
+
+def _measurement(tasks: Optional[str], limit: Optional[int], prompt_length: int, generation_length: int,
+                 latency: bool) -> dict[str, Any]:
+    """RunSettings fields for zero-shot scoring and latency measurement."""
+    from .config import LatencySetting
+
+    setting = LatencySetting(prompt_length=prompt_length, generation_length=generation_length) if latency else None
+    return {"tasks": tasks.split(",") if tasks else [], "task_limit": limit, "latency": setting}
 
 
 def _allocator_params(**values: Any) -> dict[str, Any]:
@@ -74,23 +88,55 @@ def _fmt_bytes(count: int) -> str:
     return f"{count / 2**20:,.1f} MiB"
 
 
+def _fmt(value: Optional[float], spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def _measured_rows(metrics: dict) -> list[tuple[str, str]]:
+    """Table rows for perplexity, zero-shot scores and latency, each only when measured."""
+    rows = []
+    if metrics.get("ppl") is not None:
+        rows.append(("perplexity", f"{metrics['ppl']:.3f}"))
+    for name, score in ((metrics.get("zeroshot") or {}).get("scores") or {}).items():
+        label = "acc_norm" if score.get("acc_norm") is not None else "acc"
+        stderr = score.get(f"{label}_stderr")
+        rows.append((f"{name} {label} (n={score['items']})", f"{score[label]:.3f}" + (f" ± {stderr:.3f}" if stderr else "")))
+    latency = metrics.get("latency")
+    if latency:
+        rows.append((f"prefill {latency['setting']['prompt_length']} tokens", f"{latency['prefill_ms']:.1f} ms"))
+        rows.append(("decode", f"{_fmt(latency['decode_tokens_per_s'], '.1f')} tokens/s"))
+    return rows
+
+
+def _print_protocols(record: dict) -> None:
+    protocol = record.get("protocol")
+    if protocol:
+        console.print(f"perplexity: {protocol['corpus']}/{protocol['split']}, {protocol['windows']} windows x "
+                      f"{protocol['seqlen']} tokens, {protocol['dtype']}")
+    zeroshot = record["metrics"].get("zeroshot")
+    if zeroshot:
+        p = zeroshot["protocol"]
+        console.print(f"zero-shot: lm-eval {p['lm_eval_version']}, limit {p['limit'] or 'none'} (seed {p['seed']}), "
+                      f"{zeroshot['seconds']:.0f} s")
+
+
 def _print_compression_table(record: dict, out: Path) -> None:
-    metrics, dense, protocol = record["metrics"], record["metrics"]["dense"], record["protocol"]
+    metrics, dense = record["metrics"], record["metrics"]["dense"]
     table = Table(title=f"{record['model']['spec']}: {record['method']} / {record['allocator']}")
     table.add_column("metric")
     table.add_column("dense", justify="right")
     table.add_column("compressed", justify="right")
-    table.add_row("perplexity", f"{metrics['dense_ppl']:.3f}", f"{metrics['ppl']:.3f}")
+    dense_rows = dict(_measured_rows({"ppl": metrics.get("dense_ppl"), "latency": dense.get("latency")}))
+    for label, value in _measured_rows(metrics):
+        table.add_row(label, dense_rows.get(label, ""), value)
     table.add_row("sparsity (decoder linears)", f"{dense['sparsity']:.2%}", f"{metrics['sparsity']:.2%}")
     table.add_row("parameters", f"{dense['parameters']:,}", f"{metrics['parameters']:,}")
     table.add_row("non-zero parameters", f"{dense['nonzero_parameters']:,}", f"{metrics['nonzero_parameters']:,}")
     table.add_row("weight bytes (stored)", _fmt_bytes(dense["weight_bytes"]), _fmt_bytes(metrics["weight_bytes"]))
     table.add_row("wall time", "", f"{record['timings']['total_s']:.1f} s")
     console.print(table)
-    console.print(
-        f"protocol: {protocol['corpus']}/{protocol['split']}, {protocol['windows']} windows x {protocol['seqlen']} tokens, "
-        f"{protocol['dtype']}; masked sparsity saves no bytes or time by itself.\nsaved to {out}"
-    )
+    _print_protocols(record)
+    console.print(f"masked sparsity saves no bytes or time by itself.\nsaved to {out}")
 
 
 @app.command()
@@ -119,6 +165,11 @@ def compress(
     metric_cache: MetricCache = None,
     owl_m: OwlM = None,
     owl_lambda: OwlLambda = None,
+    tasks: Tasks = None,
+    limit: Limit = None,
+    prompt_length: PromptLength = 128,
+    generation_length: GenerationLength = 32,
+    latency: Latency = True,
 ) -> None:
     """Load, plan, apply, evaluate and save; print dense vs compressed metrics."""
     from .pipeline import compress as run_compress
@@ -126,7 +177,8 @@ def compress(
     budget = Budget.for_sparsity(sparsity)
     settings = _settings(corpus=corpus, eval_text=eval_text, calib_text=calib_text, seqlen=seqlen,
                          max_windows=max_windows, batch_size=batch_size, dtype=dtype, device=device, seed=seed,
-                         nsamples=nsamples, calib_seqlen=calib_seqlen)
+                         nsamples=nsamples, calib_seqlen=calib_seqlen,
+                         **_measurement(tasks, limit, prompt_length, generation_length, latency))
     params = _allocator_params(epsilon=epsilon, metric=metric, metric_cache=metric_cache, owl_m=owl_m,
                                owl_lambda=owl_lambda)
     record = run_compress(model, budget, method, allocator, settings, out, overwrite, nm, **params)
@@ -146,23 +198,32 @@ def eval_command(
     batch_size: BatchSize = 4,
     dtype: Dtype = "float32",
     device: Device = "cpu",
+    seed: Seed = 0,
+    tasks: Tasks = None,
+    limit: Limit = None,
+    perplexity: Annotated[bool, typer.Option("--perplexity/--no-perplexity", help="Measure perplexity.")] = True,
+    prompt_length: PromptLength = 128,
+    generation_length: GenerationLength = 32,
+    latency: Latency = True,
 ) -> None:
-    """Perplexity and size of a model (named, a path, or a directory written by layerwise)."""
+    """Perplexity, zero-shot accuracy, size and latency of a model (named, a path, or a layerwise directory)."""
     from .pipeline import evaluate_model
 
     settings = _settings(corpus=corpus, eval_text=eval_text, seqlen=seqlen, max_windows=max_windows,
-                         batch_size=batch_size, dtype=dtype, device=device)
+                         batch_size=batch_size, dtype=dtype, device=device, seed=seed, perplexity=perplexity,
+                         **_measurement(tasks, limit, prompt_length, generation_length, latency))
     record = evaluate_model(model, settings, out, overwrite)
-    metrics, protocol = record["metrics"], record["protocol"]
+    metrics = record["metrics"]
     table = Table(title=f"{model}")
     table.add_column("metric")
     table.add_column("value", justify="right")
-    table.add_row("perplexity", f"{metrics['ppl']:.3f}")
+    for label, value in _measured_rows(metrics):
+        table.add_row(label, value)
     table.add_row("sparsity (decoder linears)", f"{metrics['sparsity']:.2%}")
     table.add_row("parameters", f"{metrics['parameters']:,}")
     table.add_row("weight bytes (stored)", _fmt_bytes(metrics["weight_bytes"]))
     console.print(table)
-    console.print(f"protocol: {protocol['corpus']}/{protocol['split']}, {protocol['windows']} windows x {protocol['seqlen']} tokens")
+    _print_protocols(record)
 
 
 @app.command()
@@ -217,13 +278,19 @@ def apply(
     seed: Seed = 0,
     nsamples: Nsamples = 128,
     calib_seqlen: CalibSeqlen = None,
+    tasks: Tasks = None,
+    limit: Limit = None,
+    prompt_length: PromptLength = 128,
+    generation_length: GenerationLength = 32,
+    latency: Latency = True,
 ) -> None:
     """Apply a saved plan to a fresh copy of the model, evaluate it and save it."""
     from .pipeline import apply_plan_file
 
     settings = _settings(corpus=corpus, eval_text=eval_text, calib_text=calib_text, seqlen=seqlen,
                          max_windows=max_windows, batch_size=batch_size, dtype=dtype, device=device, seed=seed,
-                         nsamples=nsamples, calib_seqlen=calib_seqlen)
+                         nsamples=nsamples, calib_seqlen=calib_seqlen,
+                         **_measurement(tasks, limit, prompt_length, generation_length, latency))
     record = apply_plan_file(model, plan_file, settings, out, overwrite)
     _print_compression_table(record, out)
 
@@ -231,14 +298,14 @@ def apply(
 @app.command()
 @cli_errors
 def report(
-    run_dir: Annotated[Path, typer.Argument(help="A run directory written by compress or apply.")],
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="PNG to write (default RUN_DIR/allocation.png).")] = None,
+    run_dirs: Annotated[list[Path], typer.Argument(help="Run directories written by compress, apply or eval --out.")],
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="File to write (default: inside the one run's directory).")] = None,
+    fmt: Annotated[Optional[str], typer.Option("--format", "-f", help="html (default), md, or png (one run's allocation).")] = None,
 ) -> None:
-    """Draw a run's per-layer allocation (sparsity per block, and the allocator's metric) as a PNG."""
-    from .report import plot_allocation, read_result
+    """Compare runs: an HTML page (table, Pareto plots, per-layer allocations), a markdown table or a PNG."""
+    from .report import write_report
 
-    record = read_result(run_dir)
-    path = plot_allocation(record, out or run_dir / "allocation.png")
+    path = write_report(run_dirs, out, fmt)
     console.print(f"wrote {path}")
 
 

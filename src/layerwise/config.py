@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Optional
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from .errors import BudgetError
 
@@ -23,6 +23,17 @@ class Budget(BaseModel):
         return cls(sparsity=sparsity)
 
 
+class LatencySetting(BaseModel):
+    """The deployment setting latency is measured for: prompt, generated tokens, batch, warm-up, repeats."""
+
+    model_config = ConfigDict(extra="forbid")
+    prompt_length: int = Field(128, ge=1)
+    generation_length: int = Field(32, ge=0)
+    batch_size: int = Field(1, ge=1)
+    warmup: int = Field(1, ge=0)
+    repeats: int = Field(5, ge=1)
+
+
 class RunSettings(BaseModel):
     """The evaluation protocol and calibration sampling of a run (stored beside every number)."""
 
@@ -39,3 +50,16 @@ class RunSettings(BaseModel):
     calib_seqlen: Optional[int] = Field(None, ge=2, description="calibration window; None = seqlen")
     calib_batch_size: int = Field(8, ge=1)
     seed: int = 0
+    perplexity: bool = Field(True, description="measure perplexity (off: zero-shot/latency only)")
+    tasks: list[str] = Field(default_factory=list, description="zero-shot tasks scored through lm-eval")
+    task_limit: Optional[int] = Field(None, ge=1, description="items per task, a seeded random subset")
+    task_batch_size: int = Field(16, ge=1)
+    latency: Optional[LatencySetting] = Field(default_factory=LatencySetting, description="None: not measured")
+
+    @field_validator("tasks")
+    @classmethod
+    def _known_tasks(cls, tasks: list[str]) -> list[str]:
+        """Canonical task names, so an unknown one fails before any model loads."""
+        from .data.benchmarks import parse_tasks
+
+        return parse_tasks(tasks) if tasks else []

@@ -11,11 +11,11 @@ from . import __version__
 from .backends import ApplyContext, apply_plan
 from .cache import atomic_write_json, staged_directory
 from .config import Budget, RunSettings
-from .cost import measure_size
+from .cost import measure_latency, measure_size
 from .data import load_corpus
 from .environment import machine, versions
 from .errors import OutputExistsError
-from .evaluate import cached_perplexity, perplexity
+from .evaluate import cached_perplexity, cached_zeroshot, perplexity, zeroshot
 from .models import LoadedModel, decoder_linears, load, model_fingerprint, save
 from .plan import Plan
 from .planning import make_plan, validate_request
@@ -46,6 +46,36 @@ def _evaluate(loaded: LoadedModel, settings: RunSettings, cached: bool) -> tuple
         loaded.model, loaded.tokenizer, corpus, settings.seqlen, settings.max_windows, settings.batch_size
     )
     return result.model_dump(), was_cached
+
+
+def _zeroshot(loaded: LoadedModel, settings: RunSettings, cached: bool) -> dict | None:
+    """Zero-shot scores under ``settings.tasks`` (None when no tasks were asked for)."""
+    if not settings.tasks:
+        return None
+    score = cached_zeroshot if cached else lambda *a: (zeroshot(*a), False)
+    result, was_cached = score(
+        loaded.model, loaded.tokenizer, settings.tasks, settings.task_limit, settings.seed, settings.task_batch_size
+    )
+    return {**result.model_dump(), "from_cache": was_cached}
+
+
+def _latency(loaded: LoadedModel, settings: RunSettings) -> dict | None:
+    """Measured prefill/decode latency (never cached: it belongs to this machine, now)."""
+    return measure_latency(loaded.model, settings.latency).model_dump() if settings.latency else None
+
+
+def _measure(loaded: LoadedModel, settings: RunSettings, timings: Timings, prefix: str, cached: bool) -> dict:
+    """Perplexity, zero-shot scores and latency of the model as it is now, each when ``settings`` asks."""
+    measured: dict[str, Any] = {}
+    if settings.perplexity:
+        with timed(timings, f"{prefix}eval_s"):
+            result, was_cached = _evaluate(loaded, settings, cached)
+        measured.update(ppl=result["ppl"], protocol=result["protocol"], ppl_from_cache=was_cached)
+    with timed(timings, f"{prefix}zeroshot_s"):
+        measured["zeroshot"] = _zeroshot(loaded, settings, cached)
+    with timed(timings, f"{prefix}latency_s"):
+        measured["latency"] = _latency(loaded, settings)
+    return measured
 
 
 def _record(command: str, loaded: LoadedModel, settings: RunSettings, timings: Timings, **fields: Any) -> dict:
@@ -82,15 +112,13 @@ def run_plan(
     ensure_output_free(out, overwrite)
     dense_fingerprint = model_fingerprint(loaded.model)
     dense_size = measure_size(loaded.model)
-    with timed(timings, "dense_eval_s"):
-        dense, dense_cached = _evaluate(loaded, settings, cached=True)
+    dense = _measure(loaded, settings.model_copy(update={"tasks": []}), timings, "dense_", cached=True)
     calibration = calibration or CalibrationSource(loaded, settings)
     with timed(timings, "apply_s"):
         apply_plan(loaded.model, plan, ApplyContext(calibration))
     if calibration.profile_from_cache is not None:
         timings["profile_s"] = round(calibration.profile_seconds, 3)
-    with timed(timings, "eval_s"):
-        compressed, _ = _evaluate(loaded, settings, cached=False)
+    compressed = _measure(loaded, settings, timings, "", cached=False)
     size = measure_size(loaded.model)
     record = _record(
         command,
@@ -101,16 +129,24 @@ def run_plan(
         allocator=plan.allocator,
         budget=plan.budget.model_dump(),
         metrics={
-            "dense_ppl": dense["ppl"],
-            "ppl": compressed["ppl"],
+            "dense_ppl": dense.get("ppl"),
+            "ppl": compressed.get("ppl"),
             "sparsity": size.sparsity,
             "parameters": size.parameters,
             "nonzero_parameters": size.nonzero_parameters,
             "weight_bytes": size.weight_bytes,
-            "dense": {**dense_size.as_dict(), "fingerprint": dense_fingerprint, "ppl_from_cache": dense_cached},
+            "zeroshot": compressed["zeroshot"],
+            "latency": compressed["latency"],
+            "speedup": _speedup(dense["latency"], compressed["latency"]),
+            "dense": {
+                **dense_size.as_dict(),
+                "fingerprint": dense_fingerprint,
+                "ppl_from_cache": dense.get("ppl_from_cache"),
+                "latency": dense["latency"],
+            },
             "per_unit_sparsity": _per_unit_sparsity(loaded),
         },
-        protocol=compressed["protocol"],
+        protocol=compressed.get("protocol"),
         calibration={**calibration.describe(), "profile_from_cache": calibration.profile_from_cache},
         plan=plan.model_dump(),
     )
@@ -120,6 +156,17 @@ def run_plan(
         timings["total_s"] = round(time.perf_counter() - started, 3)
         atomic_write_json(staging / "result.json", record)
     return record
+
+
+def _speedup(dense: dict | None, compressed: dict | None) -> dict | None:
+    """Measured speedup (dense time / compressed time) of prefill and decode, same run, same machine."""
+    if not dense or not compressed:
+        return None
+    decode = dense["decode_ms_per_token"], compressed["decode_ms_per_token"]
+    return {
+        "prefill": round(dense["prefill_ms"] / compressed["prefill_ms"], 4),
+        "decode": round(decode[0] / decode[1], 4) if all(decode) else None,
+    }
 
 
 def _per_unit_sparsity(loaded: LoadedModel) -> dict[str, float]:
@@ -191,23 +238,27 @@ def apply_plan_file(
 def evaluate_model(
     model: str, settings: RunSettings | None = None, out: str | Path | None = None, overwrite: bool = False
 ) -> dict:
-    """Perplexity and size of a model (named, a path, or a saved layerwise directory)."""
+    """Perplexity, zero-shot scores, size and latency of a model (named, a path, or a saved layerwise directory)."""
     settings = settings or RunSettings()
     if out is not None:
         ensure_output_free(out, overwrite)
     timings: Timings = {}
     with timed(timings, "load_s"):
         loaded = load(model, dtype=settings.dtype, device=settings.device)
-    with timed(timings, "eval_s"):
-        result, _ = _evaluate(loaded, settings, cached=True)
+    measured = _measure(loaded, settings, timings, "", cached=True)
     size = measure_size(loaded.model)
     record = _record(
         "eval",
         loaded,
         settings,
         timings,
-        metrics={"ppl": result["ppl"], **size.as_dict()},
-        protocol=result["protocol"],
+        metrics={
+            "ppl": measured.get("ppl"),
+            **size.as_dict(),
+            "zeroshot": measured["zeroshot"],
+            "latency": measured["latency"],
+        },
+        protocol=measured.get("protocol"),
         saved_plan=loaded.meta.get("has_plan", False),
     )
     if out is not None:

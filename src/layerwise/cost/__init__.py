@@ -1,5 +1,6 @@
-"""Cost model: measured size now; analytical FLOPs/bytes/activations and latency join here."""
+"""Cost model: measured size and latency; analytical FLOPs/bytes/activations join here."""
 
+from .latency import LatencyReport, SublayerLatency, measure_latency
 from .size import SizeReport, measure_size
 
-__all__ = ["SizeReport", "measure_size"]
+__all__ = ["LatencyReport", "SizeReport", "SublayerLatency", "measure_latency", "measure_size"]

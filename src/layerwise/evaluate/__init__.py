@@ -1,5 +1,16 @@
-"""Evaluation: the perplexity protocol (zero-shot and speed join here)."""
+"""Evaluation: the perplexity protocol and zero-shot accuracy through lm-eval."""
 
 from .perplexity import PerplexityProtocol, PerplexityResult, cached_perplexity, perplexity
+from .zeroshot import TaskScore, ZeroShotProtocol, ZeroShotResult, cached_zeroshot, zeroshot
 
-__all__ = ["PerplexityProtocol", "PerplexityResult", "cached_perplexity", "perplexity"]
+__all__ = [
+    "PerplexityProtocol",
+    "PerplexityResult",
+    "TaskScore",
+    "ZeroShotProtocol",
+    "ZeroShotResult",
+    "cached_perplexity",
+    "cached_zeroshot",
+    "perplexity",
+    "zeroshot",
+]

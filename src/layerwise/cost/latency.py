@@ -1,0 +1,166 @@
+"""Measured latency on this machine: prefill of a prompt and per-token decode with the KV cache, for the
+whole model and (optionally) each attention/MLP sublayer; warm-up first, then the median of repeats."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections import defaultdict
+from typing import Iterator, Optional
+
+import torch
+from pydantic import BaseModel
+
+from ..config import LatencySetting
+from ..models.adapter import get_adapter
+
+
+class SublayerLatency(BaseModel):
+    prefill_ms: float
+    decode_ms_per_token: Optional[float]
+
+
+class LatencyReport(BaseModel):
+    """Medians over ``setting.repeats`` runs; decode is per generated token (the whole batch)."""
+
+    setting: LatencySetting
+    prefill_ms: float
+    decode_ms_per_token: Optional[float]
+    decode_tokens_per_s: Optional[float]
+    device: str
+    threads: int
+    sublayers: Optional[dict[str, SublayerLatency]] = None
+
+
+class _SublayerClock:
+    """Forward hooks adding each sublayer's wall time (synchronising CUDA around it) per phase; the
+    phase is decode whenever the model is called with a KV cache, prefill otherwise."""
+
+    def __init__(self, model: torch.nn.Module, device: torch.device) -> None:
+        self.device = device
+        self.phase = "prefill"
+        self.totals: dict[tuple[str, str], float] = defaultdict(float)
+        self._starts: dict[str, float] = {}
+        self._handles = [model.register_forward_pre_hook(self._set_phase, with_kwargs=True)]
+        for name, module in _sublayer_modules(model).items():
+            self._handles.append(module.register_forward_pre_hook(self._start(name)))
+            self._handles.append(module.register_forward_hook(self._stop(name)))
+
+    def _set_phase(self, module, args, kwargs) -> None:
+        self.phase = "decode" if kwargs.get("past_key_values") is not None else "prefill"
+
+    def _start(self, name: str):
+        def hook(module, args):
+            _synchronize(self.device)
+            self._starts[name] = time.perf_counter()
+
+        return hook
+
+    def _stop(self, name: str):
+        def hook(module, args, output):
+            _synchronize(self.device)
+            self.totals[(name, self.phase)] += time.perf_counter() - self._starts.pop(name)
+
+        return hook
+
+    def reset(self) -> None:
+        self.totals.clear()
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _sublayer_modules(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    adapter = get_adapter(model)
+    modules = {}
+    for index in range(adapter.num_blocks):
+        for sublayer in adapter.sublayers(index):
+            modules[sublayer.name] = sublayer.module
+    return modules
+
+
+def _runs(model: torch.nn.Module, setting: LatencySetting, device: torch.device) -> Iterator[tuple[float, float]]:
+    """(prefill seconds, decode seconds) per run, each from a fresh KV cache."""
+    vocab = model.get_input_embeddings().num_embeddings
+    generator = torch.Generator().manual_seed(0)
+    prompt = torch.randint(0, vocab, (setting.batch_size, setting.prompt_length), generator=generator).to(device)
+    while True:
+        _synchronize(device)
+        start = time.perf_counter()
+        output = model(input_ids=prompt, use_cache=True)
+        _synchronize(device)
+        prefill = time.perf_counter() - start
+        cache, token = output.past_key_values, output.logits[:, -1:].argmax(-1)
+        start = time.perf_counter()
+        for _ in range(setting.generation_length):
+            output = model(input_ids=token, past_key_values=cache, use_cache=True)
+            cache, token = output.past_key_values, output.logits[:, -1:].argmax(-1)
+        _synchronize(device)
+        yield prefill, time.perf_counter() - start
+
+
+@torch.no_grad()
+def measure_latency(
+    model: torch.nn.Module, setting: LatencySetting | None = None, per_sublayer: bool = False
+) -> LatencyReport:
+    """Median prefill latency and per-token decode latency of ``model`` as it is now (its dtype, device).
+
+    With ``per_sublayer`` each attention and MLP sublayer is timed by hooks in the same runs; the hooks'
+    synchronisation adds a little to the whole-model figures, so time without them for headline numbers.
+    """
+    setting = setting or LatencySetting()
+    device = next(model.parameters()).device
+    clock = _SublayerClock(model, device) if per_sublayer else None
+    was_training = model.training
+    model.eval()
+    prefill, decode = [], []
+    per_run: list[dict[tuple[str, str], float]] = []
+    try:
+        runs = _runs(model, setting, device)
+        for index in range(setting.warmup + setting.repeats):
+            if clock is not None:
+                clock.reset()
+            prefill_s, decode_s = next(runs)
+            if index >= setting.warmup:
+                prefill.append(prefill_s)
+                decode.append(decode_s)
+                if clock is not None:
+                    per_run.append(dict(clock.totals))
+    finally:
+        if clock is not None:
+            clock.remove()
+        model.train(was_training)
+    steps = setting.generation_length
+    decode_ms = 1000 * statistics.median(decode) / steps if steps else None
+    return LatencyReport(
+        setting=setting,
+        prefill_ms=round(1000 * statistics.median(prefill), 3),
+        decode_ms_per_token=round(decode_ms, 3) if decode_ms else None,
+        decode_tokens_per_s=round(1000 * setting.batch_size / decode_ms, 2) if decode_ms else None,
+        device=str(device),
+        threads=torch.get_num_threads(),
+        sublayers=_sublayer_medians(per_run, steps) if clock is not None else None,
+    )
+
+
+def _sublayer_medians(per_run: list[dict[tuple[str, str], float]], steps: int) -> dict[str, SublayerLatency]:
+    names = sorted({name for run in per_run for name, _ in run}, key=_natural_key)
+    result = {}
+    for name in names:
+        prefill = statistics.median(run.get((name, "prefill"), 0.0) for run in per_run)
+        decode = statistics.median(run.get((name, "decode"), 0.0) for run in per_run) if steps else None
+        result[name] = SublayerLatency(
+            prefill_ms=round(1000 * prefill, 4),
+            decode_ms_per_token=round(1000 * decode / steps, 4) if decode is not None else None,
+        )
+    return result
+
+
+def _natural_key(name: str) -> list:
+    return [int(part) if part.isdigit() else part for part in name.split(".")]

@@ -1,0 +1,137 @@
+"""Comparison figures as PNG bytes: Pareto fronts (perplexity vs size and latency) and per-layer allocations."""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+from ..registry import Registry
+from .tables import RunSummary
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _png(fig) -> bytes:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100)
+    _pyplot().close(fig)
+    return buffer.getvalue()
+
+
+def pareto_front(points: list[tuple[float, float]]) -> list[int]:
+    """Indices of the points no other point beats on both axes (lower is better on both), sorted by x."""
+    front = []
+    for i, (x, y) in enumerate(points):
+        dominated = any(
+            (ox <= x and oy <= y) and (ox < x or oy < y) for j, (ox, oy) in enumerate(points) if j != i
+        )
+        if not dominated:
+            front.append(i)
+    return sorted(front, key=lambda i: points[i])
+
+
+PARETO_AXES: list[tuple[str, Callable[[RunSummary], Optional[float]]]] = [
+    ("stored weight bytes (MiB)", lambda run: run.weight_bytes / 2**20),
+    ("non-zero parameters (M)", lambda run: run.nonzero_parameters / 1e6),
+    ("measured prefill latency (ms)", lambda run: run.prefill_ms),
+]
+
+
+def pareto_plot(runs: list[RunSummary]) -> Optional[bytes]:
+    """Perplexity against each cost axis, the Pareto front joined; None when no run has a perplexity."""
+    measured = [run for run in runs if run.ppl is not None]
+    if not measured:
+        return None
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(PARETO_AXES), figsize=(5.2 * len(PARETO_AXES), 4.2))
+    for ax, (label, cost) in zip(axes, PARETO_AXES):
+        shown = [run for run in measured if cost(run) is not None]
+        points = [(cost(run), run.ppl) for run in shown]
+        ax.scatter([p[0] for p in points], [p[1] for p in points], color="tab:blue", zorder=3)
+        for run, (x, y) in zip(shown, points):
+            ax.annotate(run.name, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        front = pareto_front(points)
+        if len(front) > 1:
+            ax.plot([points[i][0] for i in front], [points[i][1] for i in front], color="tab:red", lw=1,
+                    label="Pareto front", zorder=2)
+            ax.legend(fontsize=8)
+        ax.set_xlabel(label)
+        ax.set_ylabel("perplexity (log)")
+        ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+    fig.suptitle("perplexity vs cost (lower left is better)")
+    fig.tight_layout()
+    return _png(fig)
+
+
+@dataclass(frozen=True)
+class LayerMap:
+    """A layer x component grid of one allocation quantity (sparsity, kept width, bits, removed)."""
+
+    title: str
+    quantity: str
+    rows: list[str]
+    blocks: list[int]
+    values: list[list[Optional[float]]]
+
+
+# Each capability registers how to read its per-layer allocation from a result record.
+ALLOCATION_VIEWS: Registry[Callable[[dict], Optional[LayerMap]]] = Registry("allocation view")
+
+
+def _split_unit(unit: str) -> tuple[int, str]:
+    """(block, component) of ``model.layers.3.mlp.down_proj`` -> (3, 'mlp.down_proj')."""
+    parts = unit.split(".")
+    index = next(i for i, part in enumerate(parts) if part.isdigit())
+    return int(parts[index]), ".".join(parts[index + 1 :])
+
+
+@ALLOCATION_VIEWS.register("sparsity")
+def sparsity_map(record: dict) -> Optional[LayerMap]:
+    """Measured sparsity of every decoder linear, by block and projection."""
+    per_unit = record["metrics"].get("per_unit_sparsity")
+    if not per_unit:
+        return None
+    cells = {_split_unit(unit): value for unit, value in per_unit.items()}
+    blocks = sorted({block for block, _ in cells})
+    rows = list(dict.fromkeys(component for _, component in cells))
+    values = [[cells.get((block, row)) for block in blocks] for row in rows]
+    return LayerMap("sparsity per linear", "sparsity", rows, blocks, values)
+
+
+def allocation_maps(record: dict) -> list[LayerMap]:
+    """Every allocation view that applies to this run."""
+    return [m for name in ALLOCATION_VIEWS if (m := ALLOCATION_VIEWS.get(name)(record)) is not None]
+
+
+def value_range(maps: list[LayerMap]) -> tuple[float, float]:
+    """One colour scale for maps of the same quantity, so runs compare at a glance."""
+    values = [v for m in maps for row in m.values for v in row if v is not None]
+    return (min(values), max(values)) if values else (0.0, 1.0)
+
+
+def layer_map_plot(run: RunSummary, layer_map: LayerMap, scale: tuple[float, float] | None = None) -> bytes:
+    """A heatmap of one run's allocation, blocks along x, on a shared colour ``scale`` when given."""
+    import numpy as np
+
+    plt = _pyplot()
+    grid = np.array([[np.nan if v is None else v for v in row] for row in layer_map.values], dtype=float)
+    width = max(6.0, 0.28 * len(layer_map.blocks) + 3)
+    fig, ax = plt.subplots(figsize=(width, 0.35 * len(layer_map.rows) + 1.6))
+    vmin, vmax = scale or (None, None)
+    image = ax.imshow(grid, aspect="auto", cmap="viridis", interpolation="nearest", vmin=vmin, vmax=vmax)
+    ax.set_yticks(range(len(layer_map.rows)), layer_map.rows, fontsize=8)
+    ax.set_xticks(range(len(layer_map.blocks)), layer_map.blocks, fontsize=7)
+    ax.set_xlabel("decoder block")
+    ax.set_title(f"{run.name}: {layer_map.title}", fontsize=10)
+    fig.colorbar(image, ax=ax, label=layer_map.quantity)
+    fig.tight_layout()
+    return _png(fig)
