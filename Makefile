@@ -25,9 +25,11 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest
 
+BENCH_OUT ?= $(or $(TMPDIR),/tmp)/layerwise-bench
 bench: $(STAMP)
 	$(BIN)/python benchmarks/foundation.py
 	$(BIN)/python benchmarks/unstructured.py
+	$(BIN)/python benchmarks/zeroshot.py --out $(BENCH_OUT)/zeroshot
 
 # llmcompressor pins transformers 5.15-5.17: it gets its own environment, used by the peer benchmark only.
 PEERS := .venv-peers

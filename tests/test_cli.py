@@ -94,6 +94,14 @@ ERROR_CASES = {
     "unknown allocator": (lambda p, neox: ["compress", "--model", "tiny-llama", "--allocator", "zeal"], "Unknown allocator 'zeal'"),
     "foreign option": (lambda p, neox: ["compress", "--model", "tiny-llama", "--owl-m", "3"], "does not take --owl-m"),
     "bad N:M": (lambda p, neox: ["compress", "--model", "tiny-llama", "--nm", "4:2"], "needs 0 < N < M"),
+    "unknown task": (lambda p, neox: ["compress", "--model", "tiny-llama", "--tasks", "piqa,mmlu_pro"],
+                     "Unknown zero-shot task 'mmlu_pro'"),
+    "negative limit": (lambda p, neox: ["eval", "--model", "tiny-llama", "--tasks", "piqa", "--limit", "-3"],
+                       "Invalid --limit: input should be greater than or equal to 1"),
+    "zero prompt": (lambda p, neox: ["eval", "--model", "tiny-llama", "--prompt-length", "0"],
+                    "Invalid --prompt-length: input should be greater than or equal to 1"),
+    "no calibration windows": (lambda p, neox: ["compress", "--model", "tiny-llama", "--nsamples", "0"],
+                               "Invalid --nsamples: input should be greater than or equal to 1"),
 }
 
 

@@ -1,11 +1,12 @@
 """layerwise: find, apply and measure per-layer compression plans for language models.
 
-Public API: ``load``, ``plan``, ``apply``, ``evaluate``, ``save`` and ``compress`` (all of them).
+Public API: ``load``, ``plan``, ``apply``, ``evaluate``, ``zeroshot``, ``measure_latency``, ``save`` and
+``compress`` (all of them).
 """
 
 __version__ = "0.1.0"
 
-from .config import Budget, RunSettings  # noqa: E402
+from .config import DEFAULT_TASK_LIMIT, Budget, LatencySetting, RunSettings  # noqa: E402
 from .errors import (  # noqa: E402
     BudgetError,
     DataError,
@@ -19,7 +20,9 @@ from .models import LoadedModel, get_adapter, load, save  # noqa: E402
 from .plan import Plan, SparsifyAction  # noqa: E402
 from .backends import ApplyContext, apply_plan  # noqa: E402
 from .data import load_corpus  # noqa: E402
-from .evaluate import perplexity  # noqa: E402
+from .cost import measure_latency  # noqa: E402
+from .evaluate import ZeroShotResult, perplexity  # noqa: E402
+from .evaluate import zeroshot as _zeroshot  # noqa: E402
 from .pipeline import compress  # noqa: E402
 from .planning import make_plan as plan  # noqa: E402
 from .profile import CalibrationSource, Profile  # noqa: E402
@@ -47,8 +50,16 @@ def evaluate(loaded: LoadedModel, settings: RunSettings | None = None):
     return perplexity(loaded.model, loaded.tokenizer, corpus, settings.seqlen, settings.max_windows, settings.batch_size)
 
 
+def zeroshot(
+    loaded: LoadedModel, tasks: str | list[str] = "default", limit: int | None = DEFAULT_TASK_LIMIT, seed: int = 0
+) -> ZeroShotResult:
+    """Zero-shot accuracy of a loaded (possibly compressed) model through lm-eval; ``limit`` items per task."""
+    return _zeroshot(loaded.model, loaded.tokenizer, tasks, limit, seed)
+
+
 __all__ = [
     "Budget",
+    "LatencySetting",
     "BudgetError",
     "DataError",
     "LayerwiseError",
@@ -66,8 +77,10 @@ __all__ = [
     "evaluate",
     "get_adapter",
     "load",
+    "measure_latency",
     "perplexity",
     "plan",
     "profile",
     "save",
+    "zeroshot",
 ]

@@ -9,9 +9,12 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, TypeVar
 
 import platformdirs
+from pydantic import BaseModel
+
+M = TypeVar("M", bound=BaseModel)
 
 
 def _file_mode() -> int:
@@ -81,6 +84,16 @@ def torch_load_or_none(path: Path) -> Any | None:
     except (RuntimeError, EOFError, OSError, ValueError):
         path.unlink(missing_ok=True)
         return None
+
+
+def cached_result(path: Path, result_type: type[M], compute: Callable[[], M]) -> tuple[M, bool]:
+    """A pydantic result memoised as JSON at ``path``: (stored or freshly computed result, was_cached)."""
+    stored = read_json(path)
+    if stored is not None:
+        return result_type.model_validate(stored), True
+    result = compute()
+    atomic_write_json(path, result.model_dump())
+    return result, False
 
 
 def read_json(path: Path) -> Any | None:

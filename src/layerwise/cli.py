@@ -8,11 +8,12 @@ from pathlib import Path
 from typing import Annotated, Any, Callable, Optional
 
 import typer
+from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Table
 
 from .config import Budget, RunSettings
-from .errors import LayerwiseError
+from .errors import LayerwiseError, SettingsError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Find, apply and measure per-layer compression plans for language models.")
 console = Console()
@@ -42,7 +43,7 @@ MetricCache = Annotated[Optional[Path], typer.Option("--metric-cache", help="alp
 OwlM = Annotated[Optional[float], typer.Option("--owl-m", help="owl: outlier threshold M x mean (default 5).")]
 OwlLambda = Annotated[Optional[float], typer.Option("--owl-lambda", help="owl: sparsity range +-lambda (default 0.08).")]
 Tasks = Annotated[Optional[str], typer.Option(help="Zero-shot tasks through lm-eval, e.g. arc_easy,piqa ('default': the standard set).")]
-Limit = Annotated[Optional[int], typer.Option(help="Zero-shot items per task (a seeded random subset; default all).")]
+Limit = Annotated[Optional[int], typer.Option(help="Zero-shot items per task, a seeded random subset (default 500; 0 = all).")]
 PromptLength = Annotated[int, typer.Option("--prompt-length", help="Latency: prompt tokens for prefill.")]
 GenerationLength = Annotated[int, typer.Option("--generation-length", help="Latency: decoded tokens.")]
 Latency = Annotated[bool, typer.Option("--latency/--no-latency", help="Measure prefill/decode latency.")]
@@ -51,10 +52,11 @@ Latency = Annotated[bool, typer.Option("--latency/--no-latency", help="Measure p
 def _measurement(tasks: Optional[str], limit: Optional[int], prompt_length: int, generation_length: int,
                  latency: bool) -> dict[str, Any]:
     """RunSettings fields for zero-shot scoring and latency measurement."""
-    from .config import LatencySetting
-
-    setting = LatencySetting(prompt_length=prompt_length, generation_length=generation_length) if latency else None
-    return {"tasks": tasks.split(",") if tasks else [], "task_limit": limit, "latency": setting}
+    setting = {"prompt_length": prompt_length, "generation_length": generation_length} if latency else None
+    measurement = {"tasks": tasks.split(",") if tasks else [], "latency": setting}
+    if limit is not None:
+        measurement["task_limit"] = limit or None  # 0: every item
+    return measurement
 
 
 def _allocator_params(**values: Any) -> dict[str, Any]:
@@ -79,9 +81,21 @@ def cli_errors(func: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
+# RunSettings fields whose option name is not the field name with dashes
+OPTION_NAMES = {"task_limit": "--limit", "latency.prompt_length": "--prompt-length",
+                "latency.generation_length": "--generation-length"}
+
+
 def _settings(**values: Any) -> RunSettings:
+    """RunSettings from CLI values; an out-of-range value becomes one sentence naming its option."""
     values = {k: (str(v) if isinstance(v, Path) else v) for k, v in values.items()}
-    return RunSettings(**values)
+    try:
+        return RunSettings(**values)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        field = ".".join(str(part) for part in error["loc"])
+        option = OPTION_NAMES.get(field, "--" + field.split(".")[0].replace("_", "-"))
+        raise SettingsError(f"Invalid {option}: {error['msg'][0].lower()}{error['msg'][1:]}.") from None
 
 
 def _fmt_bytes(count: int) -> str:

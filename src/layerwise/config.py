@@ -23,6 +23,11 @@ class Budget(BaseModel):
         return cls(sparsity=sparsity)
 
 
+# Items per zero-shot task unless told otherwise: the default task set scores in under 15 minutes on 2 CPU
+# cores for smollm2-135m (benchmarks/RESULTS.md, zero-shot section); pass None for every item.
+DEFAULT_TASK_LIMIT = 500
+
+
 class LatencySetting(BaseModel):
     """The deployment setting latency is measured for: prompt, generated tokens, batch, warm-up, repeats."""
 
@@ -52,7 +57,9 @@ class RunSettings(BaseModel):
     seed: int = 0
     perplexity: bool = Field(True, description="measure perplexity (off: zero-shot/latency only)")
     tasks: list[str] = Field(default_factory=list, description="zero-shot tasks scored through lm-eval")
-    task_limit: Optional[int] = Field(None, ge=1, description="items per task, a seeded random subset")
+    task_limit: Optional[int] = Field(
+        DEFAULT_TASK_LIMIT, ge=1, description="items per task, a seeded random subset; None = every item"
+    )
     task_batch_size: int = Field(16, ge=1)
     latency: Optional[LatencySetting] = Field(default_factory=LatencySetting, description="None: not measured")
 

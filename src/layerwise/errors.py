@@ -31,3 +31,7 @@ class OutputExistsError(LayerwiseError):
 
 class UnknownNameError(LayerwiseError):
     """A registry was asked for a name it does not hold."""
+
+
+class SettingsError(LayerwiseError):
+    """A run setting (window length, limits, latency setting, ...) is out of range."""

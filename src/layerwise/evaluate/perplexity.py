@@ -11,7 +11,7 @@ from pydantic import BaseModel
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from ..cache import atomic_write_json, cache_dir, read_json, stable_hash
+from ..cache import cache_dir, cached_result, stable_hash
 from ..data import Corpus, evaluation_windows, tokenize_documents
 from ..data.tokens import DOCUMENT_SEPARATOR, tokenizer_fingerprint
 from ..models.fingerprint import model_fingerprint
@@ -96,10 +96,8 @@ def cached_perplexity(
             str(next(model.parameters()).dtype),
         ]
     )
-    path = cache_dir("perplexity") / f"{key}.json"
-    stored = read_json(path)
-    if stored is not None:
-        return PerplexityResult.model_validate(stored), True
-    result = perplexity(model, tokenizer, corpus, seqlen, max_windows, batch_size, split)
-    atomic_write_json(path, result.model_dump())
-    return result, False
+    return cached_result(
+        cache_dir("perplexity") / f"{key}.json",
+        PerplexityResult,
+        lambda: perplexity(model, tokenizer, corpus, seqlen, max_windows, batch_size, split),
+    )

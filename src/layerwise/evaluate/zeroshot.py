@@ -20,8 +20,9 @@ import torch
 from pydantic import BaseModel
 from transformers import PreTrainedTokenizerBase
 
-from ..cache import atomic_write_json, cache_dir, read_json, stable_hash
+from ..cache import cache_dir, cached_result, stable_hash
 from ..data.benchmarks import FORMAT_VERSION, TASKS, BenchmarkTask, chance_accuracy, load_items, parse_tasks, task_file
+from ..data.tokens import tokenizer_fingerprint
 from ..models.fingerprint import model_fingerprint
 from ..registry import Registry
 
@@ -187,11 +188,19 @@ def cached_zeroshot(
 ) -> tuple[ZeroShotResult, bool]:
     """``zeroshot`` memoised on disk by weight fingerprint and protocol (used for dense models)."""
     names = parse_tasks(tasks)
-    key = stable_hash([model_fingerprint(model), names, limit, seed, FORMAT_VERSION, str(next(model.parameters()).dtype)])
-    path = cache_dir("zeroshot") / f"{key}.json"
-    stored = read_json(path)
-    if stored is not None:
-        return ZeroShotResult.model_validate(stored), True
-    result = zeroshot(model, tokenizer, names, limit, seed, batch_size)
-    atomic_write_json(path, result.model_dump())
-    return result, False
+    key = stable_hash(
+        [
+            model_fingerprint(model),
+            tokenizer_fingerprint(tokenizer),
+            names,
+            limit,
+            seed,
+            FORMAT_VERSION,
+            str(next(model.parameters()).dtype),
+        ]
+    )
+    return cached_result(
+        cache_dir("zeroshot") / f"{key}.json",
+        ZeroShotResult,
+        lambda: zeroshot(model, tokenizer, names, limit, seed, batch_size),
+    )
