@@ -30,8 +30,9 @@ def test_json_round_trip(plan, tmp_path):
     "mutate, message",
     [
         (lambda d: "{not json", "not valid JSON"),
-        (lambda d: json.dumps({**d, "actions": [{**d["actions"][0], "ratio": 1.2}]}), "actions.0.ratio"),
-        (lambda d: json.dumps({**d, "actions": [{**d["actions"][0], "op": "explode"}]}), "actions.0.op"),
+        (lambda d: json.dumps({**d, "actions": [{**d["actions"][0], "ratio": 1.2}]}), "actions.0.sparsify.ratio"),
+        (lambda d: json.dumps({**d, "actions": [{**d["actions"][0], "op": "explode"}]}),
+         "actions.0: Input tag 'explode' found using 'op' does not match any of the expected tags"),
         (lambda d: json.dumps({k: v for k, v in d.items() if k != "budget"}), "budget: Field required"),
     ],
 )

@@ -34,11 +34,27 @@ Seed = Annotated[int, typer.Option(help="Seed for calibration sampling and searc
 Nsamples = Annotated[int, typer.Option(help="Calibration windows.")]
 Method = Annotated[str, typer.Option(help="Backend: magnitude, wanda, sparsegpt (or magnitude_ww, wanda_ww, sparsegpt_ww).")]
 Allocator = Annotated[str, typer.Option(help="Per-layer allocator: uniform, owl, alpha.")]
-Sparsity = Annotated[float, typer.Option(help="Target mean sparsity over decoder linears, in [0, 1).")]
+Sparsity = Annotated[Optional[float], typer.Option(help="Target mean sparsity over decoder linears, in [0, 1) (default 0.5).")]
+Structure = Annotated[str, typer.Option(help="unstructured (sparsity per linear) or depth (remove attention/MLP sublayers).")]
+TargetSpeedup = Annotated[Optional[float], typer.Option("--target-speedup", help="depth: remove sublayers until this predicted speedup.")]
+NumRemove = Annotated[Optional[int], typer.Option("--num-remove-sublayers", help="depth: remove exactly this many sublayers.")]
+EvalSpeedups = Annotated[Optional[str], typer.Option("--eval-speedups", help="depth: also evaluate the search state at these predicted speedups, e.g. 1.2,1.4.")]
+Normalize = Annotated[Optional[bool], typer.Option("--normalize/--no-normalize", help="sprint: divide L2 distances by the reference norm.")]
+LatencyAware = Annotated[Optional[bool], typer.Option("--latency-aware/--no-latency-aware", help="sprint: divide sensitivity by the latency saved (default on).")]
+NumCandidates = Annotated[Optional[int], typer.Option("--num-candidate-sublayers", help="sprint: candidates rescored after tuning (default 4; 0 = no tuning).")]
+TuningRatio = Annotated[Optional[float], typer.Option("--in-comp-tuning-ratio", help="sprint: share of the down projection's input channels refitted (default 0.1).")]
+Damping = Annotated[Optional[float], typer.Option("--damping-coefficient", help="sprint: ridge damping, relative to mean diag(XᵀX) (default 0.01).")]
+TuningSublayer = Annotated[Optional[str], typer.Option("--tuning-sublayer", help="sprint: the sublayer tuned after a removal (mlp).")]
+UpdateTuned = Annotated[Optional[bool], typer.Option("--update-tuned-weights/--no-update-tuned-weights", help="sprint: keep the tuning of removed candidates (default on).")]
+NumCheckpoints = Annotated[Optional[int], typer.Option("--num-checkpoints", help="sprint: activation checkpoints along the model (default 4).")]
+CheckpointCpu = Annotated[Optional[bool], typer.Option("--checkpointing-on-cpu/--checkpointing-on-device", help="sprint/sleb: keep checkpoints in CPU memory.")]
+Generation = Annotated[bool, typer.Option("--generation/--no-generation", help="Latency objective: prompt + generated tokens (default), or prefill only.")]
+SpeedupBatch = Annotated[int, typer.Option("--speedup-batch-size", help="Latency: batch size.")]
+SpeedupIterations = Annotated[int, typer.Option("--speedup-iterations", help="Latency: timed repeats (median reported).")]
 CalibSeqlen = Annotated[Optional[int], typer.Option("--calib-seqlen", help="Calibration window (default: --seqlen).")]
 NM = Annotated[Optional[str], typer.Option("--nm", help="Semi-structured N:M pattern, e.g. 2:4 (uniform, sparsity N/M).")]
 Epsilon = Annotated[Optional[float], typer.Option(help="alpha: sparsities span [1-eps, 1+eps] x target (default 0.2).")]
-Metric = Annotated[Optional[str], typer.Option(help="alpha: alpha_peak (default) or alpha_mid.")]
+Metric = Annotated[Optional[str], typer.Option(help="alpha: alpha_peak (default) or alpha_mid; sprint: l2-sentence (default), l2-token, cosine-token, cosine-sentence.")]
 MetricCache = Annotated[Optional[Path], typer.Option("--metric-cache", help="alpha: directory caching metric values.")]
 OwlM = Annotated[Optional[float], typer.Option("--owl-m", help="owl: outlier threshold M x mean (default 5).")]
 OwlLambda = Annotated[Optional[float], typer.Option("--owl-lambda", help="owl: sparsity range +-lambda (default 0.08).")]
@@ -50,9 +66,10 @@ Latency = Annotated[bool, typer.Option("--latency/--no-latency", help="Measure p
 
 
 def _measurement(tasks: Optional[str], limit: Optional[int], prompt_length: int, generation_length: int,
-                 latency: bool) -> dict[str, Any]:
+                 latency: bool, generation: bool = True, batch: int = 1, iterations: int = 5) -> dict[str, Any]:
     """RunSettings fields for zero-shot scoring and latency measurement."""
-    setting = {"prompt_length": prompt_length, "generation_length": generation_length} if latency else None
+    setting = {"prompt_length": prompt_length, "generation_length": generation_length, "generation": generation,
+               "batch_size": batch, "repeats": iterations} if latency else None
     measurement = {"tasks": tasks.split(",") if tasks else [], "latency": setting}
     if limit is not None:
         measurement["task_limit"] = limit or None  # 0: every item
@@ -83,7 +100,8 @@ def cli_errors(func: Callable[..., Any]) -> Callable[..., Any]:
 
 # RunSettings fields whose option name is not the field name with dashes
 OPTION_NAMES = {"task_limit": "--limit", "latency.prompt_length": "--prompt-length",
-                "latency.generation_length": "--generation-length"}
+                "latency.generation_length": "--generation-length", "latency.repeats": "--speedup-iterations",
+                "latency.batch_size": "--speedup-batch-size"}
 
 
 def _settings(**values: Any) -> RunSettings:
@@ -96,6 +114,20 @@ def _settings(**values: Any) -> RunSettings:
         field = ".".join(str(part) for part in error["loc"])
         option = OPTION_NAMES.get(field, "--" + field.split(".")[0].replace("_", "-"))
         raise SettingsError(f"Invalid {option}: {error['msg'][0].lower()}{error['msg'][1:]}.") from None
+
+
+def _budget(structure: str, sparsity: Optional[float], target_speedup: Optional[float],
+            num_remove: Optional[int]) -> Budget:
+    if structure == "depth":
+        return Budget.for_depth(target_speedup, num_remove)
+    return Budget.for_sparsity(0.5 if sparsity is None else sparsity)
+
+
+def _speedups(text: Optional[str]) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()] if text else []
+    except ValueError:
+        raise SettingsError(f"--eval-speedups must be numbers separated by commas (got '{text}').") from None
 
 
 def _fmt_bytes(count: int) -> str:
@@ -147,10 +179,18 @@ def _print_compression_table(record: dict, out: Path) -> None:
     table.add_row("parameters", f"{dense['parameters']:,}", f"{metrics['parameters']:,}")
     table.add_row("non-zero parameters", f"{dense['nonzero_parameters']:,}", f"{metrics['nonzero_parameters']:,}")
     table.add_row("weight bytes (stored)", _fmt_bytes(dense["weight_bytes"]), _fmt_bytes(metrics["weight_bytes"]))
+    if metrics.get("removed_sublayers"):
+        speedup = metrics.get("speedup") or {}
+        table.add_row("sublayers removed", "", str(len(metrics["removed_sublayers"])))
+        table.add_row("speedup predicted / measured", "", f"{metrics['predicted_speedup']:.2f}x / "
+                      f"{_fmt(speedup.get('total'), '.2f')}x")
+        table.add_row("pruning search time", "", f"{metrics['pruning_s']:.1f} s")
     table.add_row("wall time", "", f"{record['timings']['total_s']:.1f} s")
     console.print(table)
     _print_protocols(record)
-    console.print(f"masked sparsity saves no bytes or time by itself.\nsaved to {out}")
+    if not metrics.get("removed_sublayers"):
+        console.print("masked sparsity saves no bytes or time by itself.")
+    console.print(f"saved to {out}")
 
 
 @app.command()
@@ -160,7 +200,7 @@ def compress(
     out: OutDir = Path("layerwise-out"),
     method: Method = "magnitude",
     allocator: Allocator = "uniform",
-    sparsity: Sparsity = 0.5,
+    sparsity: Sparsity = None,
     overwrite: Overwrite = False,
     corpus: Corpus = "wiki",
     eval_text: EvalText = None,
@@ -184,18 +224,40 @@ def compress(
     prompt_length: PromptLength = 128,
     generation_length: GenerationLength = 32,
     latency: Latency = True,
+    structure: Structure = "unstructured",
+    target_speedup: TargetSpeedup = None,
+    num_remove_sublayers: NumRemove = None,
+    eval_speedups: EvalSpeedups = None,
+    normalize: Normalize = None,
+    latency_aware: LatencyAware = None,
+    num_candidate_sublayers: NumCandidates = None,
+    in_comp_tuning_ratio: TuningRatio = None,
+    damping_coefficient: Damping = None,
+    tuning_sublayer: TuningSublayer = None,
+    update_tuned_weights: UpdateTuned = None,
+    num_checkpoints: NumCheckpoints = None,
+    checkpointing_on_cpu: CheckpointCpu = None,
+    generation: Generation = True,
+    speedup_batch_size: SpeedupBatch = 1,
+    speedup_iterations: SpeedupIterations = 5,
 ) -> None:
     """Load, plan, apply, evaluate and save; print dense vs compressed metrics."""
     from .pipeline import compress as run_compress
 
-    budget = Budget.for_sparsity(sparsity)
+    budget = _budget(structure, sparsity, target_speedup, num_remove_sublayers)
     settings = _settings(corpus=corpus, eval_text=eval_text, calib_text=calib_text, seqlen=seqlen,
                          max_windows=max_windows, batch_size=batch_size, dtype=dtype, device=device, seed=seed,
                          nsamples=nsamples, calib_seqlen=calib_seqlen,
-                         **_measurement(tasks, limit, prompt_length, generation_length, latency))
+                         **_measurement(tasks, limit, prompt_length, generation_length, latency, generation,
+                                        speedup_batch_size, speedup_iterations))
     params = _allocator_params(epsilon=epsilon, metric=metric, metric_cache=metric_cache, owl_m=owl_m,
-                               owl_lambda=owl_lambda)
-    record = run_compress(model, budget, method, allocator, settings, out, overwrite, nm, **params)
+                               owl_lambda=owl_lambda, normalize=normalize, latency_aware=latency_aware,
+                               num_candidate_sublayers=num_candidate_sublayers,
+                               in_comp_tuning_ratio=in_comp_tuning_ratio, damping_coefficient=damping_coefficient,
+                               tuning_sublayer=tuning_sublayer, update_tuned_weights=update_tuned_weights,
+                               num_checkpoints=num_checkpoints, checkpointing_on_cpu=checkpointing_on_cpu)
+    record = run_compress(model, budget, method, allocator, settings, out, overwrite, nm, structure,
+                          _speedups(eval_speedups), **params)
     _print_compression_table(record, out)
 
 
@@ -247,7 +309,7 @@ def plan(
     model: ModelOpt = "smollm2-135m",
     method: Method = "magnitude",
     allocator: Allocator = "uniform",
-    sparsity: Sparsity = 0.5,
+    sparsity: Sparsity = None,
     overwrite: Overwrite = False,
     corpus: Corpus = "wiki",
     calib_text: CalibText = None,
@@ -261,16 +323,22 @@ def plan(
     metric_cache: MetricCache = None,
     owl_m: OwlM = None,
     owl_lambda: OwlLambda = None,
+    structure: Structure = "unstructured",
+    target_speedup: TargetSpeedup = None,
+    num_remove_sublayers: NumRemove = None,
+    latency_aware: LatencyAware = None,
+    num_candidate_sublayers: NumCandidates = None,
 ) -> None:
     """Compute a plan and write it as JSON, without touching any weights."""
     from .pipeline import plan_to_file
 
-    budget = Budget.for_sparsity(sparsity)
+    budget = _budget(structure, sparsity, target_speedup, num_remove_sublayers)
     settings = _settings(corpus=corpus, calib_text=calib_text, seqlen=seqlen, seed=seed, nsamples=nsamples,
                          calib_seqlen=calib_seqlen)
     params = _allocator_params(epsilon=epsilon, metric=metric, metric_cache=metric_cache, owl_m=owl_m,
-                               owl_lambda=owl_lambda)
-    the_plan = plan_to_file(model, budget, out, method, allocator, settings, overwrite, nm, **params)
+                               owl_lambda=owl_lambda, latency_aware=latency_aware,
+                               num_candidate_sublayers=num_candidate_sublayers)
+    the_plan = plan_to_file(model, budget, out, method, allocator, settings, overwrite, nm, structure, **params)
     console.print(f"{len(the_plan.actions)} actions ({the_plan.method} / {the_plan.allocator}) written to {out}")
 
 

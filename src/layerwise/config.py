@@ -10,10 +10,13 @@ from .errors import BudgetError
 
 
 class Budget(BaseModel):
-    """What the plan must reach: mean sparsity over all decoder linears, weighted by parameter count."""
+    """What the plan must reach: a mean sparsity over all decoder linears (weighted by parameter count),
+    or, for depth pruning, a predicted speedup or a number of sublayers to remove."""
 
     model_config = ConfigDict(extra="forbid")
-    sparsity: float = Field(ge=0.0, lt=1.0)
+    sparsity: Optional[float] = Field(None, ge=0.0, lt=1.0)
+    target_speedup: Optional[float] = Field(None, gt=1.0)
+    remove_sublayers: Optional[int] = Field(None, ge=1)
 
     @classmethod
     def for_sparsity(cls, sparsity: float) -> "Budget":
@@ -21,6 +24,17 @@ class Budget(BaseModel):
         if not 0.0 <= sparsity < 1.0:
             raise BudgetError(f"Sparsity must lie in [0, 1) (got {sparsity}).")
         return cls(sparsity=sparsity)
+
+    @classmethod
+    def for_depth(cls, target_speedup: float | None = None, remove_sublayers: int | None = None) -> "Budget":
+        """A depth budget: remove sublayers until the predicted speedup is reached, or exactly K of them."""
+        if (target_speedup is None) == (remove_sublayers is None):
+            raise BudgetError("Depth pruning needs exactly one of --target-speedup or --num-remove-sublayers.")
+        if target_speedup is not None and target_speedup <= 1.0:
+            raise BudgetError(f"--target-speedup must exceed 1 (got {target_speedup}).")
+        if remove_sublayers is not None and remove_sublayers < 1:
+            raise BudgetError(f"--num-remove-sublayers must be at least 1 (got {remove_sublayers}).")
+        return cls(target_speedup=target_speedup, remove_sublayers=remove_sublayers)
 
 
 # Items per zero-shot task unless told otherwise: the default task set scores in under 15 minutes on 2 CPU
@@ -33,10 +47,15 @@ class LatencySetting(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     prompt_length: int = Field(128, ge=1)
+    generation: bool = Field(True, description="decode generation_length tokens after the prompt (else prefill only)")
     generation_length: int = Field(32, ge=0)
     batch_size: int = Field(1, ge=1)
     warmup: int = Field(1, ge=0)
     repeats: int = Field(5, ge=1)
+
+    @property
+    def decode_steps(self) -> int:
+        return self.generation_length if self.generation else 0
 
 
 class RunSettings(BaseModel):

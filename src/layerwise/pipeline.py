@@ -102,6 +102,7 @@ def run_plan(
     timings: Timings | None = None,
     started: float | None = None,
     calibration: CalibrationSource | None = None,
+    extra: dict[str, Any] | None = None,
 ) -> dict:
     """Apply ``plan`` for real, measure dense and compressed perplexity and size, save model + result.json.
 
@@ -127,7 +128,7 @@ def run_plan(
         timings,
         method=plan.method,
         allocator=plan.allocator,
-        budget=plan.budget.model_dump(),
+        budget=plan.budget.model_dump(exclude_none=True),
         metrics={
             "dense_ppl": dense.get("ppl"),
             "ppl": compressed.get("ppl"),
@@ -145,10 +146,11 @@ def run_plan(
                 "latency": dense["latency"],
             },
             "per_unit_sparsity": _per_unit_sparsity(loaded),
+            **_depth_metrics(plan, dense["latency"], (extra or {}).get("milestones")),
         },
         protocol=compressed.get("protocol"),
         calibration={**calibration.describe(), "profile_from_cache": calibration.profile_from_cache},
-        plan=plan.model_dump(),
+        plan=plan.model_dump(exclude_none=True),
     )
     with staged_directory(Path(out), overwrite) as staging:
         with timed(timings, "save_s"):
@@ -159,13 +161,29 @@ def run_plan(
 
 
 def _speedup(dense: dict | None, compressed: dict | None) -> dict | None:
-    """Measured speedup (dense time / compressed time) of prefill and decode, same run, same machine."""
+    """Measured speedup (dense time / compressed time) of the whole setting, prefill and decode."""
     if not dense or not compressed:
         return None
     decode = dense["decode_ms_per_token"], compressed["decode_ms_per_token"]
     return {
+        "total": round(dense["total_ms"] / compressed["total_ms"], 4),
         "prefill": round(dense["prefill_ms"] / compressed["prefill_ms"], 4),
         "decode": round(decode[0] / decode[1], 4) if all(decode) else None,
+    }
+
+
+def _depth_metrics(plan: Plan, dense_latency: dict | None, milestones: list[dict] | None) -> dict:
+    """What a depth run adds: the removals in order, predicted speedup, search time, intermediate points."""
+    removed = [action.unit for action in plan.actions if action.op == "remove"]
+    if not removed:
+        return {}
+    for record in milestones or []:
+        record["speedup"] = _speedup(dense_latency, record["latency"])
+    return {
+        "removed_sublayers": removed,
+        "predicted_speedup": plan.prediction.get("speedup"),
+        "pruning_s": plan.details.get("search_s"),
+        "milestones": milestones or [],
     }
 
 
@@ -182,20 +200,55 @@ def compress(
     out: str | Path = "layerwise-out",
     overwrite: bool = False,
     nm: str | None = None,
+    structure: str = "unstructured",
+    eval_speedups: list[float] | None = None,
     **allocator_params: Any,
 ) -> dict:
-    """load -> plan -> apply -> evaluate -> save; returns the result record also written to out/result.json."""
+    """load -> plan -> apply -> evaluate -> save; returns the result record also written to out/result.json.
+
+    For depth pruning, ``eval_speedups`` are intermediate predicted speedups at which the search's current
+    model is evaluated too (perplexity, measured speed, search time so far).
+    """
     settings = settings or RunSettings()
-    method, allocator, _ = validate_request(method, allocator, budget, nm, allocator_params)
+    method, allocator, _ = validate_request(method, allocator, budget, nm, allocator_params, structure)
     ensure_output_free(out, overwrite)
     started = time.perf_counter()
     timings: Timings = {}
     with timed(timings, "load_s"):
         loaded = load(model, dtype=settings.dtype, device=settings.device)
     calibration = CalibrationSource(loaded, settings)
+    milestones = MilestoneRecorder(loaded, settings, eval_speedups or []) if structure == "depth" else None
     with timed(timings, "plan_s"):
-        plan = make_plan(loaded, budget, method, allocator, settings.seed, calibration, nm, **allocator_params)
-    return run_plan(loaded, plan, settings, out, overwrite, "compress", timings, started, calibration)
+        plan = make_plan(loaded, budget, method, allocator, settings.seed, calibration, nm, structure,
+                         milestones, **allocator_params)
+    extra = {"milestones": milestones.records} if milestones is not None else {}
+    return run_plan(loaded, plan, settings, out, overwrite, "compress", timings, started, calibration, extra)
+
+
+class MilestoneRecorder:
+    """Called after every depth-search step; evaluates the live search state the first time its predicted
+    speedup reaches each requested milestone (time spent here is not counted as search time)."""
+
+    def __init__(self, loaded: LoadedModel, settings: RunSettings, speedups: list[float]) -> None:
+        self.loaded, self.settings = loaded, settings
+        self.pending = sorted(speedups)
+        self.records: list[dict] = []
+
+    def __call__(self, step: Any, removed: list[str]) -> None:
+        if not self.pending or step.predicted_speedup < self.pending[0]:
+            return
+        reached = [m for m in self.pending if step.predicted_speedup >= m]
+        self.pending = [m for m in self.pending if m not in reached]
+        timings: Timings = {}
+        measured = _measure(self.loaded, self.settings.model_copy(update={"tasks": []}), timings, "", cached=False)
+        self.records.append({
+            "milestones": reached,
+            "removed": removed,
+            "predicted_speedup": step.predicted_speedup,
+            "pruning_s": step.elapsed_s,
+            "ppl": measured.get("ppl"),
+            "latency": measured["latency"],
+        })
 
 
 def plan_to_file(
@@ -207,15 +260,17 @@ def plan_to_file(
     settings: RunSettings | None = None,
     overwrite: bool = False,
     nm: str | None = None,
+    structure: str = "unstructured",
     **allocator_params: Any,
 ) -> Plan:
     """Compute a plan (calibrating if the allocator needs it) and write it as JSON; weights are untouched."""
     settings = settings or RunSettings()
-    validate_request(method, allocator, budget, nm, allocator_params)
+    validate_request(method, allocator, budget, nm, allocator_params, structure)
     ensure_output_free(out, overwrite, "Plan file")
     loaded = load(model, dtype=settings.dtype, device=settings.device)
     calibration = CalibrationSource(loaded, settings)
-    plan = make_plan(loaded, budget, method, allocator, settings.seed, calibration, nm, **allocator_params)
+    plan = make_plan(loaded, budget, method, allocator, settings.seed, calibration, nm, structure,
+                     **allocator_params)
     plan.save(out)
     return plan
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Annotated, Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -33,8 +33,29 @@ class SparsifyAction(BaseModel):
         return n, m
 
 
-# Other ops (slice, remove, quantize) join here as a discriminated union on ``op``.
-Action = SparsifyAction
+class TuneSpec(BaseModel):
+    """In-compression tuning done with a removal: refit ``ratio`` of ``unit``'s input channels by ridge
+    least squares on the calibration data (``damping`` relative to the mean diagonal of XᵀX)."""
+
+    model_config = ConfigDict(extra="forbid")
+    unit: str
+    ratio: float = Field(gt=0.0, le=1.0)
+    damping: float = Field(0.01, ge=0.0)
+
+
+class RemoveAction(BaseModel):
+    """Delete one attention or MLP sublayer (``model.layers.7.self_attn``); the residual path stays.
+    Removals apply in plan order, so a ``tune`` step sees the model as the search saw it."""
+
+    model_config = ConfigDict(extra="forbid")
+    unit: str
+    op: Literal["remove"] = "remove"
+    tune: Optional[TuneSpec] = None
+
+
+# Other ops (slice, quantize) join this discriminated union on ``op``.
+Action = Annotated[Union[SparsifyAction, RemoveAction], Field(discriminator="op")]
+STRUCTURAL_OPS = ("remove",)  # ops that change the module structure, replayed before weights load
 
 
 class Plan(BaseModel):
@@ -52,6 +73,10 @@ class Plan(BaseModel):
     actions: list[Action]
     prediction: dict[str, Any] = Field(default_factory=dict)
     details: dict[str, Any] = Field(default_factory=dict)
+
+    def structural_actions(self) -> list[Action]:
+        """Actions that change shapes or modules: a saved model needs them replayed to load its weights."""
+        return [action for action in self.actions if action.op in STRUCTURAL_OPS]
 
     def to_json(self) -> str:
         return self.model_dump_json(indent=2, exclude_none=True) + "\n"

@@ -89,6 +89,9 @@ def linear_map(scores: dict[int, float], low: float, high: float) -> dict[int, f
 
 
 def check_budget(budget: Budget) -> float:
+    """The budget's sparsity; sparsity allocators need one."""
+    if budget.sparsity is None:
+        raise BudgetError("This allocator distributes a sparsity budget; pass --sparsity.")
     if not 0.0 <= budget.sparsity < 1.0:
         raise BudgetError(f"Sparsity must lie in [0, 1) (got {budget.sparsity}).")
     return budget.sparsity

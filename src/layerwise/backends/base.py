@@ -28,6 +28,11 @@ class ApplyContext:
 
 OpHandler = Callable[[nn.Module, list[Action], ApplyContext], None]
 OPS: Registry[OpHandler] = Registry("plan operation")
+# op -> how to rebuild a saved model's modules before its weights load (shapes only: no data needed)
+STRUCTURE_REPLAY: Registry[Callable[[nn.Module, list[Action]], None]] = Registry("structural operation")
+# op -> (the unit names it may act on in a model, what such a unit is called in error messages)
+OP_UNITS: Registry[tuple[Callable[[nn.Module], set[str]], str]] = Registry("plan operation")
+OP_UNITS.add("sparsify", (lambda model: set(decoder_linears(model)), "a decoder linear"))
 
 
 def architecture_signature(model: nn.Module) -> dict[str, Any]:
@@ -49,14 +54,16 @@ def check_plan_fits(model: nn.Module, plan: Plan, methods: Registry | None = Non
         raise PlanError(
             f"The plan was made for a model with {key}={expected[key]}, but this model has {key}={actual[key]}."
         )
-    linears = decoder_linears(model)
-    missing = [a.unit for a in plan.actions if a.unit not in linears]
-    if missing:
-        raise PlanError(f"The plan names unit '{missing[0]}', which is not a decoder linear of this model.")
+    units: dict[str, set[str]] = {}
     for action in plan.actions:
         if action.op not in OPS:
             raise PlanError(f"The plan uses operation '{action.op}', which no backend implements.")
-        if methods is not None and getattr(action, "method", None) not in methods:
+        valid, noun = OP_UNITS.get(action.op)
+        if action.op not in units:
+            units[action.op] = valid(model)
+        if action.unit not in units[action.op]:
+            raise PlanError(f"The plan names unit '{action.unit}', which is not {noun} of this model.")
+        if methods is not None and hasattr(action, "method") and action.method not in methods:
             raise PlanError(
                 f"The plan uses method '{action.method}' for {action.unit}; known methods: {', '.join(methods.names())}."
             )

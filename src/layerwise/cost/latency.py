@@ -24,6 +24,7 @@ class LatencyReport(BaseModel):
     """Medians over ``setting.repeats`` runs; decode is per generated token (the whole batch)."""
 
     setting: LatencySetting
+    total_ms: float  # prefill + every decoded token: the latency of the deployment setting
     prefill_ms: float
     decode_ms_per_token: Optional[float]
     decode_tokens_per_s: Optional[float]
@@ -98,7 +99,7 @@ def _runs(model: torch.nn.Module, setting: LatencySetting, device: torch.device)
         prefill = time.perf_counter() - start
         cache, token = output.past_key_values, output.logits[:, -1:].argmax(-1)
         start = time.perf_counter()
-        for _ in range(setting.generation_length):
+        for _ in range(setting.decode_steps):
             output = model(input_ids=token, past_key_values=cache, use_cache=True)
             cache, token = output.past_key_values, output.logits[:, -1:].argmax(-1)
         _synchronize(device)
@@ -136,10 +137,11 @@ def measure_latency(
         if clock is not None:
             clock.remove()
         model.train(was_training)
-    steps = setting.generation_length
+    steps = setting.decode_steps
     decode_ms = 1000 * statistics.median(decode) / steps if steps else None
     return LatencyReport(
         setting=setting,
+        total_ms=round(1000 * statistics.median(p + d for p, d in zip(prefill, decode)), 3),
         prefill_ms=round(1000 * statistics.median(prefill), 3),
         decode_ms_per_token=round(decode_ms, 3) if decode_ms else None,
         decode_tokens_per_s=round(1000 * setting.batch_size / decode_ms, 2) if decode_ms else None,

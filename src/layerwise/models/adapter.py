@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
+import torch
 from torch import nn
 
 from ..errors import UnsupportedArchitectureError
@@ -30,13 +31,40 @@ class HeadGeometry:
 
 @dataclass(frozen=True)
 class Sublayer:
-    """One attention or MLP sublayer of a block, with its linears by role."""
+    """One attention or MLP sublayer of a block, with its linears by role (none once removed)."""
 
     kind: str
     block: int
     name: str
     module: nn.Module
     linears: dict[str, nn.Linear]
+    removed: bool = False
+
+
+class RemovedSublayer(nn.Module):
+    """Stands in for a deleted attention or MLP: adds nothing to the residual stream, costs nothing."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.kind = kind
+
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any):
+        zero = hidden_states.new_zeros(())  # broadcasts in the residual add; no full-size tensor
+        return (zero, None) if self.kind == "attention" else zero
+
+    def extra_repr(self) -> str:
+        return f"removed {self.kind}"
+
+
+class SkippedNorm(nn.Module):
+    """The pre-norm of a removed sublayer: its output is unused, so it does no work."""
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return hidden_states
+
+
+def is_removed(module: nn.Module) -> bool:
+    return isinstance(module, RemovedSublayer)
 
 
 class ModelAdapter:
@@ -48,6 +76,9 @@ class ModelAdapter:
     model_types: ClassVar[tuple[str, ...]] = ()
     attention_module: ClassVar[str]
     mlp_module: ClassVar[str]
+    attention_norm: ClassVar[str]  # the pre-norm feeding attention (skipped with it when it is removed)
+    mlp_norm: ClassVar[str]
+    final_norm: ClassVar[str]
     attention_roles: ClassVar[dict[str, str]]
     mlp_roles: ClassVar[dict[str, str]]
 
@@ -59,6 +90,8 @@ class ModelAdapter:
     def _check_structure(self) -> None:
         for index, block in enumerate(self.blocks):
             for sub, roles in ((self.attention_module, self.attention_roles), (self.mlp_module, self.mlp_roles)):
+                if is_removed(block.get_submodule(sub)):
+                    continue
                 missing = [f"{sub}.{leaf}" for leaf in roles.values() if not _has_linear(block, f"{sub}.{leaf}")]
                 if missing:
                     raise UnsupportedArchitectureError(
@@ -80,12 +113,61 @@ class ModelAdapter:
         return self._sublayer("mlp", index, self.mlp_module, self.mlp_roles)
 
     def sublayers(self, index: int) -> list[Sublayer]:
-        return [self.attention(index), self.mlp(index)]
+        """The block's attention and MLP sublayers that are still present, in forward order."""
+        return [s for s in (self.attention(index), self.mlp(index)) if not s.removed]
+
+    def all_sublayers(self) -> list[Sublayer]:
+        """Every present sublayer of the model, in forward order."""
+        return [s for index in range(self.num_blocks) for s in self.sublayers(index)]
 
     def _sublayer(self, kind: str, index: int, attr: str, roles: dict[str, str]) -> Sublayer:
         module = self.blocks[index].get_submodule(attr)
+        if is_removed(module):
+            return Sublayer(kind, index, f"{self.block_name(index)}.{attr}", module, {}, removed=True)
         linears = {role: module.get_submodule(leaf) for role, leaf in roles.items()}
         return Sublayer(kind, index, f"{self.block_name(index)}.{attr}", module, linears)
+
+    def sublayer(self, name: str) -> Sublayer:
+        """The sublayer with full name ``name`` (``model.layers.7.self_attn``), present or removed."""
+        for index in range(self.num_blocks):
+            for sub in (self.attention(index), self.mlp(index)):
+                if sub.name == name:
+                    return sub
+        raise KeyError(name)
+
+    def _norm_name(self, kind: str) -> str:
+        return self.attention_norm if kind == "attention" else self.mlp_norm
+
+    def remove(self, sublayer: Sublayer) -> None:
+        """Delete a sublayer: its module and its pre-norm are replaced by parameter-free stand-ins whose
+        output adds nothing to the residual stream. Attention layers left are renumbered for the KV cache."""
+        block = self.blocks[sublayer.block]
+        attr = self.attention_module if sublayer.kind == "attention" else self.mlp_module
+        block.set_submodule(attr, RemovedSublayer(sublayer.kind))
+        block.set_submodule(self._norm_name(sublayer.kind), SkippedNorm())
+        self.renumber_attention()
+
+    def renumber_attention(self) -> None:
+        """Consecutive ``layer_idx`` for the attention layers left, so the KV cache's first layer is a real one."""
+        present = [s.module for index in range(self.num_blocks) for s in [self.attention(index)] if not s.removed]
+        for new_index, attention in enumerate(present):
+            if hasattr(attention, "layer_idx"):
+                attention.layer_idx = new_index
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Next-token logits from the last block's output: the final norm, then the output embedding."""
+        return self.model.get_output_embeddings()(self.model.get_submodule(self.final_norm)(hidden))
+
+    def sublayer_forward(self, sublayer: Sublayer, hidden: torch.Tensor, block_kwargs: dict[str, Any]) -> torch.Tensor:
+        """``hidden`` + the sublayer's output on its pre-normed input: one half of a pre-norm block's forward."""
+        if sublayer.removed:
+            return hidden
+        norm = self.blocks[sublayer.block].get_submodule(self._norm_name(sublayer.kind))
+        if sublayer.kind == "attention":
+            out = sublayer.module(hidden_states=norm(hidden), **block_kwargs)[0]
+        else:
+            out = sublayer.module(norm(hidden))
+        return hidden + out
 
     def head_geometry(self, index: int) -> HeadGeometry:
         attention = self.attention(index)

@@ -8,12 +8,15 @@ from ..errors import UnsupportedArchitectureError
 
 
 def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    """The ModuleList of repeated decoder blocks: the largest list whose entries all hold nn.Linear layers."""
+    """The ModuleList of repeated decoder blocks: the largest list of same-type entries holding nn.Linear
+    layers (a block emptied by depth pruning still counts)."""
     best: tuple[int, str, nn.ModuleList] | None = None
     for name, module in model.named_modules():
         if not isinstance(module, nn.ModuleList) or len(module) == 0:
             continue
-        if not all(any(isinstance(m, nn.Linear) for m in block.modules()) for block in module):
+        if len({type(block) for block in module}) != 1:
+            continue
+        if not any(isinstance(m, nn.Linear) for block in module for m in block.modules()):
             continue
         size = sum(p.numel() for p in module.parameters())
         if best is None or size > best[0]:

@@ -88,8 +88,22 @@ class PathKind:
 def _load_layerwise_dir(spec: str) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, str, dict]:
     path = Path(spec).expanduser()
     meta = json.loads((path / LAYERWISE_META).read_text())
-    model, tokenizer = _from_pretrained_dir(path)
-    return model, tokenizer, f"layerwise directory {path}", meta
+    structural = _structural_actions(path)
+    if not structural:
+        model, tokenizer = _from_pretrained_dir(path)
+        return model, tokenizer, f"layerwise directory {path}", meta
+    from .restructure import load_restructured
+
+    model, tokenizer = load_restructured(path, structural), AutoTokenizer.from_pretrained(path)
+    return model, tokenizer, f"layerwise directory {path} (structure replayed from plan.json)", meta
+
+
+def _structural_actions(path: Path) -> list:
+    """The saved plan's actions that changed the model's modules (none when there is no plan)."""
+    from ..plan import Plan
+
+    plan_file = path / "plan.json"
+    return Plan.load(plan_file).structural_actions() if plan_file.is_file() else []
 
 
 def _load_hf_dir(spec: str) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, str, dict]:

@@ -107,6 +107,44 @@ def sparsity_map(record: dict) -> Optional[LayerMap]:
     return LayerMap("sparsity per linear", "sparsity", rows, blocks, values)
 
 
+@ALLOCATION_VIEWS.register("removed")
+def removed_map(record: dict) -> Optional[LayerMap]:
+    """Which attention / MLP sublayers a depth run removed (1 = removed), by block."""
+    removed = record["metrics"].get("removed_sublayers")
+    if not removed:
+        return None
+    blocks = list(range(record["plan"]["architecture"]["num_blocks"]))
+    cells = {_split_unit(unit) for unit in removed}
+    rows = ["self_attn", "mlp"]
+    values = [[1.0 if (block, row) in cells else 0.0 for block in blocks] for row in rows]
+    return LayerMap(f"removed sublayers ({len(removed)})", "removed", rows, blocks, values)
+
+
+def trajectory_plot(runs: list[RunSummary]) -> Optional[bytes]:
+    """Perplexity against measured speedup at each evaluated step of depth searches (milestones, then final)."""
+    traced = [run for run in runs if run.record["metrics"].get("milestones") is not None]
+    if not traced:
+        return None
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for run in traced:
+        metrics = run.record["metrics"]
+        points = [((m.get("speedup") or {}).get("total"), m.get("ppl"), m.get("predicted_speedup"))
+                  for m in metrics["milestones"]]
+        points.append(((metrics.get("speedup") or {}).get("total"), metrics.get("ppl"), metrics.get("predicted_speedup")))
+        points = [p for p in points if p[0] is not None and p[1] is not None]
+        if points:
+            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=run.name)
+    ax.set_xlabel("measured speedup (dense time / pruned time)")
+    ax.set_ylabel("perplexity (log)")
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title("depth pruning: speedup vs perplexity per evaluated step")
+    fig.tight_layout()
+    return _png(fig)
+
+
 def allocation_maps(record: dict) -> list[LayerMap]:
     """Every allocation view that applies to this run."""
     return [m for name in ALLOCATION_VIEWS if (m := ALLOCATION_VIEWS.get(name)(record)) is not None]

@@ -52,7 +52,7 @@ def summarize(run_dir: str | Path) -> RunSummary:
         prefill_ms=latency.get("prefill_ms"),
         decode_tokens_per_s=latency.get("decode_tokens_per_s"),
         predicted_speedup=(plan.get("prediction") or {}).get("speedup"),
-        measured_speedup=speedup.get("prefill"),
+        measured_speedup=speedup.get("total", speedup.get("prefill")),
         scores=(metrics.get("zeroshot") or {}).get("scores") or {},
     )
 

@@ -1,0 +1,123 @@
+"""``sprint``: SPRINT's sublayer search. Each step scores every remaining attention/MLP sublayer by the
+distance its removal causes at the output of the next MLP (the sublayer that would be tuned), divides by
+the latency it saves (latency-aware), rescores the best few after in-compression tuning of that MLP's
+output projection (tunability-aware), and removes the best. Scores are only recomputed where the last
+removal can have changed them, sweeping once from the nearest activation checkpoint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from tqdm.auto import tqdm
+
+from ..backends.tuning import measurement_end, swapped_columns, tune_for_removal
+from ..config import Budget
+from ..errors import BudgetError
+from ..profile.distance import DISTANCES, mean_distance
+from ..profile.sublayers import States, SublayerStream
+from .depth import DEPTH_ALLOCATORS, DepthAllocation, DepthContext, RemovalSearch
+
+
+def sensitivity(stream: SublayerStream, states: States, position: int, metric: str, normalize: bool,
+                fit: dict | None = None) -> float:
+    """Distance at the end of the measured window between the model with and without sublayer ``position``;
+    with ``fit``, the model without it uses the tuned columns (the reference keeps the original weights)."""
+    _, end = measurement_end(stream, position)
+    reference = stream.run(states, position, end)
+    tuned = swapped_columns(fit["module"], fit["columns"], fit["values"]) if fit else contextlib.nullcontext()
+    with tuned:
+        pruned = stream.run(states, position, end, skip={position})
+    return mean_distance(metric, reference, pruned, normalize)
+
+
+@DEPTH_ALLOCATORS.register("sprint")
+def sprint(
+    context: DepthContext,
+    budget: Budget,
+    metric: str = "l2-sentence",
+    normalize: bool = False,
+    latency_aware: bool = True,
+    num_candidate_sublayers: int = 4,
+    in_comp_tuning_ratio: float = 0.1,
+    damping_coefficient: float = 0.01,
+    tuning_sublayer: str = "mlp",
+    update_tuned_weights: bool = True,
+    num_checkpoints: int = 4,
+    checkpointing_on_cpu: bool = False,
+) -> DepthAllocation:
+    """SPRINT: latency- and tunability-aware greedy removal until the budget holds."""
+    DISTANCES.canonical(metric)
+    if tuning_sublayer.lower() != "mlp":
+        raise BudgetError(f"--tuning-sublayer must be mlp (got '{tuning_sublayer}'); SPRINT tunes MLP outputs.")
+    if not 0.0 < in_comp_tuning_ratio <= 1.0:
+        raise BudgetError(f"--in-comp-tuning-ratio must lie in (0, 1] (got {in_comp_tuning_ratio}).")
+    params = {"metric": metric, "normalize": normalize, "latency_aware": latency_aware,
+              "num_candidate_sublayers": num_candidate_sublayers, "in_comp_tuning_ratio": in_comp_tuning_ratio,
+              "damping_coefficient": damping_coefficient, "tuning_sublayer": "mlp",
+              "update_tuned_weights": update_tuned_weights, "num_checkpoints": num_checkpoints,
+              "checkpointing_on_cpu": checkpointing_on_cpu}
+    search = RemovalSearch(context, budget)
+    try:
+        stream = SublayerStream(context.model, context.tokens(), context.batch_size, num_checkpoints,
+                                checkpointing_on_cpu)
+        latency = context.latency.sublayer_ms
+        sensitivities: dict[int, float] = {}
+        tuning: dict[str, dict] = {}
+        trace = []
+        changed = 0  # sensitivities at positions whose window reaches past this point are stale
+        while not search.done():
+            _rescore(stream, sensitivities, changed, metric, normalize, len(trace) + 1)
+
+            def importance(position: int, value: float) -> float:
+                kind = stream.sublayer(position).kind
+                return value / max(latency[kind], 1e-9) if latency_aware else value
+
+            ranked = sorted(sensitivities, key=lambda p: importance(p, sensitivities[p]))
+            chosen, chosen_score, fit = ranked[0], importance(ranked[0], sensitivities[ranked[0]]), None
+            if num_candidate_sublayers > 0:
+                best = None
+                for position in ranked[:num_candidate_sublayers]:
+                    states = stream.states_at(position)
+                    candidate_fit = tune_for_removal(stream, states, position, in_comp_tuning_ratio,
+                                                     damping_coefficient)
+                    if candidate_fit is None:
+                        score = importance(position, sensitivities[position])
+                    else:
+                        tuned = sensitivity(stream, states, position, metric, normalize, candidate_fit)
+                        score = importance(position, tuned)
+                    if best is None or score < best[0]:
+                        best = (score, position, candidate_fit)
+                chosen_score, chosen, fit = best
+            name = stream.sublayer(chosen).name
+            trace.append({"removed": name, "sensitivity": sensitivities[chosen], "importance": chosen_score,
+                          "tuned": fit["unit"] if fit else None,
+                          "tuning_error": [fit["error_before"], fit["error_after"]] if fit else None})
+            if fit is not None and update_tuned_weights:
+                search.enter(swapped_columns(fit["module"], fit["columns"], fit["values"]))
+                tuning[name] = {"unit": fit["unit"], "ratio": in_comp_tuning_ratio, "damping": damping_coefficient}
+            search.record([name], chosen_score)
+            sensitivities.pop(chosen)
+            stream.refresh(chosen)
+            changed = chosen
+        return search.allocation(params, {"sprint_trace": trace}, tuning)
+    finally:
+        search.close()
+
+
+@torch.no_grad()
+def _rescore(stream: SublayerStream, sensitivities: dict[int, float], changed: int, metric: str,
+             normalize: bool, step: int) -> None:
+    """Recompute every score whose measured window reaches past ``changed``, in one sweep from a checkpoint."""
+    present = [p for p in range(stream.num_positions) if not stream.sublayer(p).removed]
+    stale = [p for p in present if p not in sensitivities or measurement_end(stream, p)[1] > changed]
+    if not stale:
+        return
+    start = min(stale)
+    states = stream.states_at(start)
+    position = start
+    for target in tqdm(stale, desc=f"sprint step {step}: sensitivities", disable=None, leave=False):
+        states = stream.run(states, position, target)
+        position = target
+        sensitivities[target] = sensitivity(stream, states, target, metric, normalize)

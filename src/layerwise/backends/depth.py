@@ -1,0 +1,82 @@
+"""Depth backend: delete whole attention or MLP sublayers (the residual path stays), for real.
+
+A removed sublayer's module and pre-norm are replaced by parameter-free stand-ins, so its weights
+leave the state dict and its compute leaves the forward pass; ``temporarily_removed`` does the same
+reversibly, for latency tables and sensitivity searches that try removals without copying the model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterable, Iterator
+
+from torch import nn
+
+from ..models.adapter import get_adapter
+from ..plan import Action
+from ..errors import PlanError
+from .base import OP_UNITS, OPS, STRUCTURE_REPLAY, ApplyContext
+
+
+def present_sublayers(model: nn.Module) -> set[str]:
+    return {sublayer.name for sublayer in get_adapter(model).all_sublayers()}
+
+
+OP_UNITS.add("remove", (present_sublayers, "an attention or MLP sublayer still present in"))
+
+
+@OPS.register("remove")
+def remove_sublayers_op(model: nn.Module, actions: list[Action], context: ApplyContext) -> None:
+    """Remove in plan order; a removal with ``tune`` first refits its MLP's output projection on the
+    calibration data, from the model as earlier removals left it (as the search did)."""
+    if not any(action.tune for action in actions):
+        remove_sublayers(model, [action.unit for action in actions])
+        return
+    from ..profile.sublayers import SublayerStream
+    from .tuning import tune_for_removal
+
+    calibration = context.require_calibration()
+    settings = calibration.settings
+    stream = SublayerStream(model, calibration.tokens(), settings.calib_batch_size, num_checkpoints=4)
+    for action in actions:
+        position = stream.position_of(action.unit)
+        if action.tune is not None:
+            fit = tune_for_removal(stream, stream.states_at(position), position, action.tune.ratio,
+                                   action.tune.damping)
+            if fit is None or fit["unit"] != action.tune.unit:
+                raise PlanError(f"The plan tunes {action.tune.unit} for {action.unit}, but that is not the MLP "
+                                "following it in this model.")
+            fit["module"].weight.data[:, fit["columns"]] = fit["values"].to(fit["module"].weight.dtype)
+        remove_sublayers(model, [action.unit])
+        stream.refresh(position)
+
+
+STRUCTURE_REPLAY.add("remove", lambda model, actions: remove_sublayers(model, [a.unit for a in actions]))
+
+
+def remove_sublayers(model: nn.Module, names: Iterable[str]) -> None:
+    """Delete the named sublayers (``model.layers.7.self_attn``, ``model.layers.7.mlp``) in place."""
+    adapter = get_adapter(model)
+    for name in names:
+        adapter.remove(adapter.sublayer(name))
+
+
+@contextlib.contextmanager
+def temporarily_removed(model: nn.Module, names: Iterable[str]) -> Iterator[None]:
+    """Remove the named sublayers for the duration of the block, then put the very same modules back."""
+    adapter = get_adapter(model)
+    saved = []
+    for name in names:
+        sublayer = adapter.sublayer(name)
+        block = adapter.blocks[sublayer.block]
+        norm_name = adapter.attention_norm if sublayer.kind == "attention" else adapter.mlp_norm
+        attr = adapter.attention_module if sublayer.kind == "attention" else adapter.mlp_module
+        saved.append((block, attr, sublayer.module, norm_name, block.get_submodule(norm_name)))
+        adapter.remove(sublayer)
+    try:
+        yield
+    finally:
+        for block, attr, module, norm_name, norm in reversed(saved):
+            block.set_submodule(attr, module)
+            block.set_submodule(norm_name, norm)
+        adapter.renumber_attention()

@@ -1,0 +1,90 @@
+"""Calibration hidden states at sublayer boundaries, with activation checkpoints.
+
+Position ``p`` (0 .. 2·blocks) is the residual stream just before sublayer ``p`` (even: attention of block
+p//2, odd: its MLP); position 2·blocks is the last block's output. Only the states at a few checkpoint
+positions are stored (on CPU if asked), so evaluating what happens after sublayer ``p`` reruns the model
+from the nearest checkpoint at or before ``p``, never from the start.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+from torch import nn
+
+from ..models.adapter import Sublayer, get_adapter
+from .blockwise import BlockwiseRunner
+
+States = list[torch.Tensor]  # one tensor per calibration batch
+
+
+def checkpoint_positions(num_positions: int, num_checkpoints: int) -> list[int]:
+    """``num_checkpoints`` positions spread evenly over [0, num_positions), always including 0."""
+    count = max(1, min(num_checkpoints, num_positions))
+    return sorted({round(i * num_positions / count) for i in range(count)})
+
+
+class SublayerStream:
+    """Runs calibration batches sublayer by sublayer from stored checkpoints; the model is never copied."""
+
+    def __init__(self, model: nn.Module, tokens: torch.Tensor, batch_size: int = 8, num_checkpoints: int = 4,
+                 checkpoint_on_cpu: bool = False) -> None:
+        self.model = model
+        self.adapter = get_adapter(model)
+        self.device = next(model.parameters()).device
+        storage = torch.device("cpu") if checkpoint_on_cpu else self.device
+        runner = BlockwiseRunner(model, tokens, batch_size, storage=storage)
+        self.storage = storage
+        self.kwargs = runner.kwargs
+        self.num_positions = 2 * self.adapter.num_blocks
+        self.positions = checkpoint_positions(self.num_positions, num_checkpoints)
+        self.checkpoints: dict[int, States] = {0: runner.inputs}
+        self.refresh(0)
+
+    def sublayer(self, position: int) -> Sublayer:
+        block, odd = divmod(position, 2)
+        return self.adapter.mlp(block) if odd else self.adapter.attention(block)
+
+    def position_of(self, name: str) -> int:
+        sublayer = self.adapter.sublayer(name)
+        return 2 * sublayer.block + (sublayer.kind == "mlp")
+
+    @torch.no_grad()
+    def run(self, states: States, start: int, stop: int, skip: Iterable[int] = ()) -> States:
+        """States at ``stop`` from states at ``start``, with the sublayers at positions ``skip`` left out."""
+        skipped = set(skip)
+        out = []
+        for hidden, kwargs in zip(states, self.kwargs):
+            hidden = hidden.to(self.device)
+            for position in range(start, stop):
+                if position not in skipped:
+                    hidden = self.adapter.sublayer_forward(self.sublayer(position), hidden, kwargs)
+            out.append(hidden)
+        return out
+
+    def nearest_checkpoint(self, position: int) -> int:
+        return max(p for p in self.checkpoints if p <= position)
+
+    def states_at(self, position: int) -> States:
+        """States of the model as it is now just before sublayer ``position`` (from the nearest checkpoint)."""
+        start = self.nearest_checkpoint(position)
+        return self.run(self.checkpoints[start], start, position)
+
+    @torch.no_grad()
+    def refresh(self, changed: int) -> None:
+        """Recompute the checkpoints after position ``changed`` (a sublayer there was removed or retuned)."""
+        start = self.nearest_checkpoint(changed)
+        states = self.checkpoints[start]
+        for position in [p for p in self.positions if p > start]:
+            states = self.run(states, start, position)
+            self.checkpoints[position] = [s.to(self.storage) for s in states]
+            start = position
+
+    def next_present(self, position: int, kind: str) -> int | None:
+        """The first position after ``position`` holding a present sublayer of ``kind`` (None if none)."""
+        for candidate in range(position + 1, self.num_positions):
+            sublayer = self.sublayer(candidate)
+            if sublayer.kind == kind and not sublayer.removed:
+                return candidate
+        return None
