@@ -109,6 +109,18 @@ def test_checkpointed_sensitivity_equals_a_full_forward(tiny, source, metric):
         assert fast == pytest.approx(mean_distance(metric, reference, pruned), rel=1e-4, abs=1e-7)
 
 
+def test_one_sweep_rescoring_equals_scoring_each_sublayer_alone(tiny, source):
+    from layerwise.allocate.sprint import _rescore
+
+    stream = SublayerStream(tiny.model, source.tokens(), batch_size=3, num_checkpoints=2)
+    swept: dict[int, float] = {}
+    _rescore(stream, swept, 0, "l2-token", False, 1)
+    assert sorted(swept) == list(range(8))
+    for position, value in swept.items():
+        alone = sensitivity(stream, stream.states_at(position), position, "l2-token", False)
+        assert value == pytest.approx(alone, rel=1e-4)
+
+
 def test_least_squares_tuning_lowers_the_error_it_targets(tiny, source):
     stream = SublayerStream(tiny.model, source.tokens(), batch_size=3, num_checkpoints=2)
     position = stream.position_of("model.layers.1.self_attn")

@@ -109,15 +109,24 @@ def sprint(
 @torch.no_grad()
 def _rescore(stream: SublayerStream, sensitivities: dict[int, float], changed: int, metric: str,
              normalize: bool, step: int) -> None:
-    """Recompute every score whose measured window reaches past ``changed``, in one sweep from a checkpoint."""
+    """Recompute every score whose measured window reaches past ``changed``, in one sweep from a checkpoint.
+
+    The sweep carries the unpruned states forward one sublayer at a time; they are the reference at each
+    window's end, and skipping sublayer ``p`` is just running on from the states before it, so each
+    candidate costs only the sublayers of its own window."""
     present = [p for p in range(stream.num_positions) if not stream.sublayer(p).removed]
-    stale = [p for p in present if p not in sensitivities or measurement_end(stream, p)[1] > changed]
+    stale = {p for p in present if p not in sensitivities or measurement_end(stream, p)[1] > changed}
     if not stale:
         return
-    start = min(stale)
+    ends = {p: measurement_end(stream, p)[1] for p in stale}
+    start, last = min(stale), max(ends.values())
     states = stream.states_at(start)
-    position = start
-    for target in tqdm(stale, desc=f"sprint step {step}: sensitivities", disable=None, leave=False):
-        states = stream.run(states, position, target)
-        position = target
-        sensitivities[target] = sensitivity(stream, states, target, metric, normalize)
+    pending: dict[int, list[tuple[int, States]]] = {}
+    for position in tqdm(range(start, last + 1), desc=f"sprint step {step}: sensitivities", disable=None,
+                         leave=False):
+        for candidate, pruned in pending.pop(position, []):
+            sensitivities[candidate] = mean_distance(metric, states, pruned, normalize)
+        if position in stale:
+            pending.setdefault(ends[position], []).append((position, stream.run(states, position + 1, ends[position])))
+        if position < last:
+            states = stream.run(states, position, position + 1)
