@@ -36,6 +36,7 @@ def main() -> None:
     parser.add_argument("--windows", type=int, default=30, help="wiki perplexity windows (as the unstructured table)")
     parser.add_argument("--resume", action="store_true", help="keep run directories that already hold a result")
     parser.add_argument("--remark", default="")
+    parser.add_argument("--report-only", action="store_true", help="only rewrite the table from the runs in --out")
     args = parser.parse_args()
 
     import layerwise
@@ -49,7 +50,7 @@ def main() -> None:
     wall: dict[str, float] = {}
     for name, _, plan in ROWS:
         run_dir = args.out / name
-        if args.resume and (run_dir / "result.json").is_file():
+        if (args.resume or args.report_only) and (run_dir / "result.json").is_file():
             continue
         started = time.perf_counter()
         if plan is None:
