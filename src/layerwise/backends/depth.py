@@ -12,9 +12,9 @@ from typing import Iterable, Iterator
 
 from torch import nn
 
+from ..errors import PlanError
 from ..models.adapter import get_adapter
 from ..plan import Action
-from ..errors import PlanError
 from .base import OP_UNITS, OPS, STRUCTURE_REPLAY, ApplyContext
 
 
@@ -65,18 +65,9 @@ def remove_sublayers(model: nn.Module, names: Iterable[str]) -> None:
 def temporarily_removed(model: nn.Module, names: Iterable[str]) -> Iterator[None]:
     """Remove the named sublayers for the duration of the block, then put the very same modules back."""
     adapter = get_adapter(model)
-    saved = []
-    for name in names:
-        sublayer = adapter.sublayer(name)
-        block = adapter.blocks[sublayer.block]
-        norm_name = adapter.attention_norm if sublayer.kind == "attention" else adapter.mlp_norm
-        attr = adapter.attention_module if sublayer.kind == "attention" else adapter.mlp_module
-        saved.append((block, attr, sublayer.module, norm_name, block.get_submodule(norm_name)))
-        adapter.remove(sublayer)
+    taken = [adapter.remove(adapter.sublayer(name)) for name in names]
     try:
         yield
     finally:
-        for block, attr, module, norm_name, norm in reversed(saved):
-            block.set_submodule(attr, module)
-            block.set_submodule(norm_name, norm)
-        adapter.renumber_attention()
+        for removed in reversed(taken):
+            adapter.restore(removed)

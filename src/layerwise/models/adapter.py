@@ -41,6 +41,17 @@ class Sublayer:
     removed: bool = False
 
 
+@dataclass(frozen=True)
+class RemovedModules:
+    """What ``ModelAdapter.remove`` took out of a block: the sublayer and its pre-norm, by attribute."""
+
+    block: int
+    attr: str
+    module: nn.Module
+    norm_name: str
+    norm: nn.Module
+
+
 class RemovedSublayer(nn.Module):
     """Stands in for a deleted attention or MLP: adds nothing to the residual stream, costs nothing."""
 
@@ -138,13 +149,24 @@ class ModelAdapter:
     def _norm_name(self, kind: str) -> str:
         return self.attention_norm if kind == "attention" else self.mlp_norm
 
-    def remove(self, sublayer: Sublayer) -> None:
+    def remove(self, sublayer: Sublayer) -> RemovedModules:
         """Delete a sublayer: its module and its pre-norm are replaced by parameter-free stand-ins whose
-        output adds nothing to the residual stream. Attention layers left are renumbered for the KV cache."""
+        output adds nothing to the residual stream. Attention layers left are renumbered for the KV cache.
+        Returns what was taken out, for ``restore``."""
         block = self.blocks[sublayer.block]
         attr = self.attention_module if sublayer.kind == "attention" else self.mlp_module
+        norm_name = self._norm_name(sublayer.kind)
+        taken = RemovedModules(sublayer.block, attr, sublayer.module, norm_name, block.get_submodule(norm_name))
         block.set_submodule(attr, RemovedSublayer(sublayer.kind))
-        block.set_submodule(self._norm_name(sublayer.kind), SkippedNorm())
+        block.set_submodule(norm_name, SkippedNorm())
+        self.renumber_attention()
+        return taken
+
+    def restore(self, taken: RemovedModules) -> None:
+        """Put back the very modules ``remove`` took out."""
+        block = self.blocks[taken.block]
+        block.set_submodule(taken.attr, taken.module)
+        block.set_submodule(taken.norm_name, taken.norm)
         self.renumber_attention()
 
     def renumber_attention(self) -> None:
