@@ -67,12 +67,15 @@ def main() -> None:
 
 
 def write_results(runs: list, args: argparse.Namespace) -> None:
+    from layerwise.evaluate import headline_metric
+    from layerwise.report.tables import score_cell
+
     tasks = list(runs[0].scores)
     headers = ["run", "wiki PPL", *tasks, "mean"]
     rows = []
     for run in runs:
-        cells = [_pct(run.scores[t]) for t in tasks]
-        mean = sum(_headline(run.scores[t]) for t in tasks) / len(tasks)
+        cells = [score_cell(run.scores[t]) for t in tasks]
+        mean = sum(run.scores[t][headline_metric(run.scores[t])] for t in tasks) / len(tasks)
         rows.append([run.name, f"{run.ppl:.2f}", *cells, f"{100 * mean:.1f}"])
     chance = [runs[0].scores[t]["chance"] for t in tasks]
     rows.append(["chance", "", *[f"{100 * c:.1f}" if c is not None else "0" for c in chance],
@@ -80,7 +83,7 @@ def write_results(runs: list, args: argparse.Namespace) -> None:
     first = runs[0].record["metrics"]["zeroshot"]
     protocol = first["protocol"]
     items = ", ".join(f"{t} {runs[0].scores[t]['items']}" for t in tasks)
-    metric = ", ".join(f"{t} {'acc_norm' if runs[0].scores[t].get('acc_norm') is not None else 'acc'}" for t in tasks)
+    metric = ", ".join(f"{t} {headline_metric(runs[0].scores[t])}" for t in tasks)
     seconds = {run.name: run.record["metrics"]["zeroshot"]["seconds"] for run in runs}
     dense_s = seconds[runs[0].name]
     markdown = (
@@ -99,15 +102,6 @@ def write_results(runs: list, args: argparse.Namespace) -> None:
     )
     data = {"protocol": protocol, "runs": {run.name: run.record["metrics"] for run in runs}, "seconds": seconds}
     write_section("zeroshot", markdown, data, args.remark)
-
-
-def _headline(score: dict) -> float:
-    return score["acc_norm"] if score.get("acc_norm") is not None else score["acc"]
-
-
-def _pct(score: dict) -> str:
-    key = "acc_norm" if score.get("acc_norm") is not None else "acc"
-    return f"{100 * score[key]:.1f} ± {100 * score[f'{key}_stderr']:.1f}"
 
 
 if __name__ == "__main__":

@@ -140,11 +140,13 @@ def _fmt(value: Optional[float], spec: str) -> str:
 
 def _measured_rows(metrics: dict) -> list[tuple[str, str]]:
     """Table rows for perplexity, zero-shot scores and latency, each only when measured."""
+    from .evaluate.zeroshot import headline_metric
+
     rows = []
     if metrics.get("ppl") is not None:
         rows.append(("perplexity", f"{metrics['ppl']:.3f}"))
     for name, score in ((metrics.get("zeroshot") or {}).get("scores") or {}).items():
-        label = "acc_norm" if score.get("acc_norm") is not None else "acc"
+        label = headline_metric(score)
         stderr = score.get(f"{label}_stderr")
         rows.append((f"{name} {label} (n={score['items']})", f"{score[label]:.3f}" + (f" ± {stderr:.3f}" if stderr else "")))
     latency = metrics.get("latency")

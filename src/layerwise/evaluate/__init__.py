@@ -1,7 +1,7 @@
 """Evaluation: the perplexity protocol and zero-shot accuracy through lm-eval."""
 
 from .perplexity import PerplexityProtocol, PerplexityResult, cached_perplexity, perplexity
-from .zeroshot import TaskScore, ZeroShotProtocol, ZeroShotResult, cached_zeroshot, zeroshot
+from .zeroshot import TaskScore, ZeroShotProtocol, ZeroShotResult, cached_zeroshot, headline_metric, zeroshot
 
 __all__ = [
     "PerplexityProtocol",
@@ -11,6 +11,7 @@ __all__ = [
     "ZeroShotResult",
     "cached_perplexity",
     "cached_zeroshot",
+    "headline_metric",
     "perplexity",
     "zeroshot",
 ]

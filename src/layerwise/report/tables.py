@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+from ..evaluate.zeroshot import headline_metric
 from .allocation import read_result
 
 
@@ -69,10 +70,11 @@ def _cell(value: Optional[float], spec: str, suffix: str = "") -> str:
     return "–" if value is None else format(value, spec) + suffix
 
 
-def _score_cell(score: Optional[dict]) -> str:
+def score_cell(score: Optional[dict]) -> str:
+    """A task's headline accuracy in %, ± its standard error."""
     if not score:
         return "–"
-    key = "acc_norm" if score.get("acc_norm") is not None else "acc"
+    key = headline_metric(score)
     stderr = score.get(f"{key}_stderr")
     return f"{100 * score[key]:.1f}" + ("" if stderr is None else f" ± {100 * stderr:.1f}")
 
@@ -92,7 +94,7 @@ def comparison_table(runs: list[RunSummary]) -> tuple[list[str], list[list[str]]
     rows = []
     for run in runs:
         row = [run.name, run.label, _cell(run.ppl, ".2f")]
-        row += [_score_cell(run.scores.get(task)) for task in tasks]
+        row += [score_cell(run.scores.get(task)) for task in tasks]
         row += [
             f"{run.parameters:,}",
             f"{run.nonzero_parameters:,}",
@@ -107,5 +109,4 @@ def comparison_table(runs: list[RunSummary]) -> tuple[list[str], list[list[str]]
 
 
 def _metric_name(runs: list[RunSummary], task: str) -> str:
-    score = next(run.scores[task] for run in runs if task in run.scores)
-    return "acc_norm" if score.get("acc_norm") is not None else "acc"
+    return headline_metric(next(run.scores[task] for run in runs if task in run.scores))
