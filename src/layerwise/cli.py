@@ -32,10 +32,25 @@ Dtype = Annotated[str, typer.Option(help="float32 (default), bfloat16 or float16
 Device = Annotated[str, typer.Option(help="cpu, cuda, cuda:1, ...")]
 Seed = Annotated[int, typer.Option(help="Seed for calibration sampling and searches.")]
 Nsamples = Annotated[int, typer.Option(help="Calibration windows.")]
-Method = Annotated[str, typer.Option(help="Backend: magnitude, wanda, sparsegpt (or magnitude_ww, wanda_ww, sparsegpt_ww).")]
-Allocator = Annotated[str, typer.Option(help="Per-layer allocator: uniform, owl, alpha.")]
+Method = Annotated[Optional[str], typer.Option(help="unstructured: magnitude (default), wanda, sparsegpt (or *_ww); width: importance taylor (default) or act.")]
+Allocator = Annotated[str, typer.Option(help="Per-layer allocator: uniform, owl, alpha; depth: sprint, sleb, shortgpt, drop-last; width: uniform, adapt, rl, rl-refine.")]
 Sparsity = Annotated[Optional[float], typer.Option(help="Target mean sparsity over decoder linears, in [0, 1) (default 0.5).")]
-Structure = Annotated[str, typer.Option(help="unstructured (sparsity per linear) or depth (remove attention/MLP sublayers).")]
+Structure = Annotated[str, typer.Option(help="unstructured (sparsity per linear), depth (remove attention/MLP sublayers) or width (slice heads and FFN channels).")]
+PruningRatio = Annotated[Optional[float], typer.Option("--pruning-ratio", help="width: fraction of the eligible attention/MLP parameters removed.")]
+AttnLayers = Annotated[Optional[str], typer.Option("--attn-layers", help="width: attention layers that may be pruned, start:end (default all).")]
+MlpLayers = Annotated[Optional[str], typer.Option("--mlp-layers", help="width: MLP layers that may be pruned, start:end (default all).")]
+ChannelMultiple = Annotated[Optional[int], typer.Option("--channel-multiple", help="width: FFN widths move in multiples of this (default 8).")]
+TaylorSeqLen = Annotated[Optional[int], typer.Option("--taylor-seq-len", help="width/taylor: calibration sequence length (default 64).")]
+RlSteps = Annotated[Optional[int], typer.Option("--rl-steps", help="rl/rl-refine: environment steps of training (default 3000 / 320).")]
+RlAlgo = Annotated[Optional[str], typer.Option("--rl-algo", help="rl/rl-refine: ppo (default) or a2c.")]
+RlWAcc = Annotated[Optional[float], typer.Option("--rl-w-acc", help="rl/rl-refine: weight of the accuracy term (default 1.0).")]
+RlAlpha = Annotated[Optional[float], typer.Option("--rl-alpha", help="rl/rl-refine: weight of FLOPs (default 0.2).")]
+RlBeta = Annotated[Optional[float], typer.Option("--rl-beta", help="rl/rl-refine: weight of weight bytes (default 0.6).")]
+RlGamma = Annotated[Optional[float], typer.Option("--rl-gamma", help="rl/rl-refine: weight of peak activation (default 0.2).")]
+RlDelta = Annotated[Optional[float], typer.Option("--rl-delta", help="rl/rl-refine: weight of KV-cache bytes (default 0.4).")]
+RefineMoves = Annotated[Optional[int], typer.Option("--refine-moves", help="rl-refine: moves per episode (default 8).")]
+RefineBlock = Annotated[Optional[int], typer.Option("--refine-block", help="rl-refine: FFN channels moved at once (default 64).")]
+AdaptAmplitude = Annotated[Optional[float], typer.Option("--adapt-amplitude", help="adapt/rl-refine: layer ratios within +- this of the global one (default 0.2).")]
 TargetSpeedup = Annotated[Optional[float], typer.Option("--target-speedup", help="depth: remove sublayers until this predicted speedup.")]
 NumRemove = Annotated[Optional[int], typer.Option("--num-remove-sublayers", help="depth: remove exactly this many sublayers.")]
 EvalSpeedups = Annotated[Optional[str], typer.Option("--eval-speedups", help="depth: also evaluate the search state at these predicted speedups, e.g. 1.2,1.4.")]
@@ -81,6 +96,15 @@ def _allocator_params(**values: Any) -> dict[str, Any]:
     return {k: (str(v) if isinstance(v, Path) else v) for k, v in values.items() if v is not None}
 
 
+def _width_params(attn_layers, mlp_layers, channel_multiple, taylor_seq_len, rl_steps, rl_algo, rl_w_acc,
+                  rl_alpha, rl_beta, rl_gamma, rl_delta, refine_moves, refine_block, adapt_amplitude) -> dict[str, Any]:
+    """The width structure's and width allocators' options, as given."""
+    return _allocator_params(attn_layers=attn_layers, mlp_layers=mlp_layers, channel_multiple=channel_multiple,
+                             taylor_seq_len=taylor_seq_len, rl_steps=rl_steps, rl_algo=rl_algo, rl_w_acc=rl_w_acc,
+                             rl_alpha=rl_alpha, rl_beta=rl_beta, rl_gamma=rl_gamma, rl_delta=rl_delta,
+                             refine_moves=refine_moves, refine_block=refine_block, adapt_amplitude=adapt_amplitude)
+
+
 def cli_errors(func: Callable[..., Any]) -> Callable[..., Any]:
     """Turn library errors into one clear sentence on stderr and exit code 2."""
 
@@ -117,9 +141,11 @@ def _settings(**values: Any) -> RunSettings:
 
 
 def _budget(structure: str, sparsity: Optional[float], target_speedup: Optional[float],
-            num_remove: Optional[int]) -> Budget:
+            num_remove: Optional[int], pruning_ratio: Optional[float] = None) -> Budget:
     if structure == "depth":
         return Budget.for_depth(target_speedup, num_remove)
+    if structure == "width":
+        return Budget.for_width(pruning_ratio)
     return Budget.for_sparsity(0.5 if sparsity is None else sparsity)
 
 
@@ -187,12 +213,29 @@ def _print_compression_table(record: dict, out: Path) -> None:
         table.add_row("speedup predicted / measured", "", f"{metrics['predicted_speedup']:.2f}x / "
                       f"{_fmt(speedup.get('total'), '.2f')}x")
         table.add_row("pruning search time", "", f"{metrics['pruning_s']:.1f} s")
+    if metrics.get("widths"):
+        _width_rows(table, metrics)
     table.add_row("wall time", "", f"{record['timings']['total_s']:.1f} s")
     console.print(table)
     _print_protocols(record)
-    if not metrics.get("removed_sublayers"):
+    if not metrics.get("removed_sublayers") and not metrics.get("widths"):
         console.print("masked sparsity saves no bytes or time by itself.")
     console.print(f"saved to {out}")
+
+
+def _width_rows(table: Table, metrics: dict) -> None:
+    """Width runs: the cost model's proxies dense vs compressed, FLOP-predicted vs measured speed, search time."""
+    dense, costs = metrics.get("dense_costs") or {}, metrics.get("costs") or {}
+    for key, label in (("flops", "FLOPs (prefill + decode)"), ("peak_activation_bytes", "peak activation"),
+                       ("kv_bytes", "KV cache")):
+        if key in costs:
+            value = (lambda v: f"{v / 1e9:.2f} G") if key == "flops" else (lambda v: _fmt_bytes(v))
+            table.add_row(label, value(dense[key]), value(costs[key]))
+    predicted, measured = metrics.get("flop_speedup") or {}, metrics.get("speedup") or {}
+    for phase in ("prefill", "decode"):
+        table.add_row(f"{phase} speedup FLOP-predicted / measured", "",
+                      f"{_fmt(predicted.get(phase), '.2f')}x / {_fmt(measured.get(phase), '.2f')}x")
+    table.add_row("allocation search time", "", f"{_fmt(metrics.get('pruning_s'), '.1f')} s")
 
 
 @app.command()
@@ -200,7 +243,7 @@ def _print_compression_table(record: dict, out: Path) -> None:
 def compress(
     model: ModelOpt = "smollm2-135m",
     out: OutDir = Path("layerwise-out"),
-    method: Method = "magnitude",
+    method: Method = None,
     allocator: Allocator = "uniform",
     sparsity: Sparsity = None,
     overwrite: Overwrite = False,
@@ -242,11 +285,26 @@ def compress(
     generation: Generation = True,
     speedup_batch_size: SpeedupBatch = 1,
     speedup_iterations: SpeedupIterations = 5,
+    pruning_ratio: PruningRatio = None,
+    attn_layers: AttnLayers = None,
+    mlp_layers: MlpLayers = None,
+    channel_multiple: ChannelMultiple = None,
+    taylor_seq_len: TaylorSeqLen = None,
+    rl_steps: RlSteps = None,
+    rl_algo: RlAlgo = None,
+    rl_w_acc: RlWAcc = None,
+    rl_alpha: RlAlpha = None,
+    rl_beta: RlBeta = None,
+    rl_gamma: RlGamma = None,
+    rl_delta: RlDelta = None,
+    refine_moves: RefineMoves = None,
+    refine_block: RefineBlock = None,
+    adapt_amplitude: AdaptAmplitude = None,
 ) -> None:
     """Load, plan, apply, evaluate and save; print dense vs compressed metrics."""
     from .pipeline import compress as run_compress
 
-    budget = _budget(structure, sparsity, target_speedup, num_remove_sublayers)
+    budget = _budget(structure, sparsity, target_speedup, num_remove_sublayers, pruning_ratio)
     settings = _settings(corpus=corpus, eval_text=eval_text, calib_text=calib_text, seqlen=seqlen,
                          max_windows=max_windows, batch_size=batch_size, dtype=dtype, device=device, seed=seed,
                          nsamples=nsamples, calib_seqlen=calib_seqlen,
@@ -257,7 +315,10 @@ def compress(
                                num_candidate_sublayers=num_candidate_sublayers,
                                in_comp_tuning_ratio=in_comp_tuning_ratio, damping_coefficient=damping_coefficient,
                                tuning_sublayer=tuning_sublayer, update_tuned_weights=update_tuned_weights,
-                               num_checkpoints=num_checkpoints, checkpointing_on_cpu=checkpointing_on_cpu)
+                               num_checkpoints=num_checkpoints, checkpointing_on_cpu=checkpointing_on_cpu,
+                               **_width_params(attn_layers, mlp_layers, channel_multiple, taylor_seq_len, rl_steps,
+                                               rl_algo, rl_w_acc, rl_alpha, rl_beta, rl_gamma, rl_delta,
+                                               refine_moves, refine_block, adapt_amplitude))
     record = run_compress(model, budget, method, allocator, settings, out, overwrite, nm, structure,
                           _speedups(eval_speedups), **params)
     _print_compression_table(record, out)
@@ -309,7 +370,7 @@ def eval_command(
 def plan(
     out: Annotated[Path, typer.Option("--out", "-o", help="Plan JSON file to write.")],
     model: ModelOpt = "smollm2-135m",
-    method: Method = "magnitude",
+    method: Method = None,
     allocator: Allocator = "uniform",
     sparsity: Sparsity = None,
     overwrite: Overwrite = False,
@@ -330,16 +391,28 @@ def plan(
     num_remove_sublayers: NumRemove = None,
     latency_aware: LatencyAware = None,
     num_candidate_sublayers: NumCandidates = None,
+    pruning_ratio: PruningRatio = None,
+    attn_layers: AttnLayers = None,
+    mlp_layers: MlpLayers = None,
+    channel_multiple: ChannelMultiple = None,
+    taylor_seq_len: TaylorSeqLen = None,
+    rl_steps: RlSteps = None,
+    rl_algo: RlAlgo = None,
+    refine_moves: RefineMoves = None,
+    adapt_amplitude: AdaptAmplitude = None,
 ) -> None:
     """Compute a plan and write it as JSON, without touching any weights."""
     from .pipeline import plan_to_file
 
-    budget = _budget(structure, sparsity, target_speedup, num_remove_sublayers)
+    budget = _budget(structure, sparsity, target_speedup, num_remove_sublayers, pruning_ratio)
     settings = _settings(corpus=corpus, calib_text=calib_text, seqlen=seqlen, seed=seed, nsamples=nsamples,
                          calib_seqlen=calib_seqlen)
     params = _allocator_params(epsilon=epsilon, metric=metric, metric_cache=metric_cache, owl_m=owl_m,
                                owl_lambda=owl_lambda, latency_aware=latency_aware,
-                               num_candidate_sublayers=num_candidate_sublayers)
+                               num_candidate_sublayers=num_candidate_sublayers,
+                               **_width_params(attn_layers, mlp_layers, channel_multiple, taylor_seq_len, rl_steps,
+                                               rl_algo, None, None, None, None, None, refine_moves, None,
+                                               adapt_amplitude))
     the_plan = plan_to_file(model, budget, out, method, allocator, settings, overwrite, nm, structure, **params)
     console.print(f"{len(the_plan.actions)} actions ({the_plan.method} / {the_plan.allocator}) written to {out}")
 

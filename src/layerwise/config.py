@@ -11,12 +11,14 @@ from .errors import BudgetError
 
 class Budget(BaseModel):
     """What the plan must reach: a mean sparsity over all decoder linears (weighted by parameter count),
-    or, for depth pruning, a predicted speedup or a number of sublayers to remove."""
+    or, for depth pruning, a predicted speedup or a number of sublayers to remove, or, for width pruning,
+    the fraction of the eligible attention/MLP weights to slice away."""
 
     model_config = ConfigDict(extra="forbid")
     sparsity: Optional[float] = Field(None, ge=0.0, lt=1.0)
     target_speedup: Optional[float] = Field(None, gt=1.0)
     remove_sublayers: Optional[int] = Field(None, ge=1)
+    pruning_ratio: Optional[float] = Field(None, gt=0.0, lt=1.0)
 
     @classmethod
     def for_sparsity(cls, sparsity: float) -> "Budget":
@@ -35,6 +37,16 @@ class Budget(BaseModel):
         if remove_sublayers is not None and remove_sublayers < 1:
             raise BudgetError(f"--num-remove-sublayers must be at least 1 (got {remove_sublayers}).")
         return cls(target_speedup=target_speedup, remove_sublayers=remove_sublayers)
+
+
+    @classmethod
+    def for_width(cls, pruning_ratio: float | None) -> "Budget":
+        """A width budget: remove this fraction of the eligible parameters (heads and FFN channels)."""
+        if pruning_ratio is None:
+            raise BudgetError("Width pruning needs --pruning-ratio.")
+        if not 0.0 < pruning_ratio < 1.0:
+            raise BudgetError(f"--pruning-ratio must lie in (0, 1) (got {pruning_ratio}).")
+        return cls(pruning_ratio=pruning_ratio)
 
 
 # Items per zero-shot task unless told otherwise: the default task set scores in under 15 minutes on 2 CPU

@@ -10,11 +10,12 @@ from typing import Any, Iterator
 from . import __version__
 from .backends import ApplyContext, apply_plan
 from .cache import atomic_write_json, staged_directory
-from .config import Budget, RunSettings
+from .config import Budget, LatencySetting, RunSettings
 from .cost import measure_latency, measure_size
+from .cost.analytic import model_costs
 from .data import load_corpus
 from .environment import machine, versions
-from .errors import OutputExistsError
+from .errors import OutputExistsError, UnsupportedArchitectureError
 from .evaluate import cached_perplexity, cached_zeroshot, perplexity, zeroshot
 from .models import LoadedModel, decoder_linears, load, model_fingerprint, save
 from .plan import Plan
@@ -113,6 +114,7 @@ def run_plan(
     ensure_output_free(out, overwrite)
     dense_fingerprint = model_fingerprint(loaded.model)
     dense_size = measure_size(loaded.model)
+    dense_costs = _costs(loaded, settings)
     dense = _measure(loaded, settings.model_copy(update={"tasks": []}), timings, "dense_", cached=True)
     calibration = calibration or CalibrationSource(loaded, settings)
     with timed(timings, "apply_s"):
@@ -146,7 +148,11 @@ def run_plan(
                 "latency": dense["latency"],
             },
             "per_unit_sparsity": _per_unit_sparsity(loaded),
+            "costs": _costs(loaded, settings),
+            "dense_costs": dense_costs,
+            "pruning_s": plan.details.get("search_s"),
             **_depth_metrics(plan, dense["latency"], (extra or {}).get("milestones")),
+            **_width_metrics(plan),
         },
         protocol=compressed.get("protocol"),
         calibration={**calibration.describe(), "profile_from_cache": calibration.profile_from_cache},
@@ -182,8 +188,29 @@ def _depth_metrics(plan: Plan, dense_latency: dict | None, milestones: list[dict
     return {
         "removed_sublayers": removed,
         "predicted_speedup": plan.prediction.get("speedup"),
-        "pruning_s": plan.details.get("search_s"),
         "milestones": milestones or [],
+    }
+
+
+def _costs(loaded: LoadedModel, settings: RunSettings) -> dict | None:
+    """The cost model's five proxies for the model's current shapes in the run's latency setting (None for a
+    family no adapter describes)."""
+    setting = settings.latency or LatencySetting()
+    try:
+        report = model_costs(loaded.model, setting.prompt_length, setting.batch_size, setting.decode_steps)
+    except UnsupportedArchitectureError:
+        return None
+    return report.model_dump()
+
+
+def _width_metrics(plan: Plan) -> dict:
+    """What a width run adds: kept heads/channels per layer, the predicted FLOP speedups, the RL curve."""
+    if not any(action.op == "slice" for action in plan.actions):
+        return {}
+    return {
+        "widths": plan.details.get("widths"),
+        "flop_speedup": plan.prediction.get("flop_speedup"),
+        "rl_curve": plan.details.get("rl_curve"),
     }
 
 
@@ -194,7 +221,7 @@ def _per_unit_sparsity(loaded: LoadedModel) -> dict[str, float]:
 def compress(
     model: str,
     budget: Budget,
-    method: str = "magnitude",
+    method: str | None = None,
     allocator: str = "uniform",
     settings: RunSettings | None = None,
     out: str | Path = "layerwise-out",
@@ -255,7 +282,7 @@ def plan_to_file(
     model: str,
     budget: Budget,
     out: str | Path,
-    method: str = "magnitude",
+    method: str | None = None,
     allocator: str = "uniform",
     settings: RunSettings | None = None,
     overwrite: bool = False,

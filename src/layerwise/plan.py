@@ -53,9 +53,22 @@ class RemoveAction(BaseModel):
     tune: Optional[TuneSpec] = None
 
 
-# Other ops (slice, quantize) join this discriminated union on ``op``.
-Action = Annotated[Union[SparsifyAction, RemoveAction], Field(discriminator="op")]
-STRUCTURAL_OPS = ("remove",)  # ops that change the module structure, replayed before weights load
+class SliceAction(BaseModel):
+    """Keep ``keep`` width units of one sublayer, the most important by ``method`` (taylor or act):
+    query heads of an attention sublayer (whole KV groups, so a multiple of the group size), or channels
+    of an MLP. The rest are sliced away for real."""
+
+    model_config = ConfigDict(extra="forbid")
+    unit: str
+    op: Literal["slice"] = "slice"
+    keep: int = Field(ge=1)
+    method: str = "taylor"
+    seq_len: Optional[int] = Field(None, ge=2, description="taylor: calibration sequence length")
+
+
+# Other ops (quantize) join this discriminated union on ``op``.
+Action = Annotated[Union[SparsifyAction, RemoveAction, SliceAction], Field(discriminator="op")]
+STRUCTURAL_OPS = ("remove", "slice")  # ops that change the module structure, replayed before weights load
 
 
 class Plan(BaseModel):

@@ -6,14 +6,19 @@ import inspect
 from dataclasses import asdict, dataclass
 from typing import Any, Callable
 
-from .allocate import ALLOCATORS, DEPTH_ALLOCATORS, AllocationContext, DepthContext, DepthStep
+import re
+
+from .allocate import (ALLOCATORS, DEPTH_ALLOCATORS, WIDTH_ALLOCATORS, AllocationContext, DepthContext, DepthStep,
+                       WidthContext, WidthSpace)
 from .backends import SPARSIFIERS, architecture_signature
-from .config import Budget, LatencySetting
+from .config import Budget, LatencySetting, RunSettings
 from .cost import measure_latency_table
 from .errors import BudgetError, LayerwiseError
 from .models import LoadedModel, decoder_linears, get_adapter
-from .plan import Plan, RemoveAction, SparsifyAction, TuneSpec
+from .cost.analytic import ModelDims, estimate_costs, predicted_speedups
+from .plan import Plan, RemoveAction, SliceAction, SparsifyAction, TuneSpec
 from .profile import CalibrationSource
+from .profile.width import WIDTH_SCORERS
 from .registry import Registry
 
 # The AlphaPruning repository's method names: the backend with the ``alpha`` allocator.
@@ -66,6 +71,9 @@ def validate_request(method: str, allocator: str, budget: Budget, nm: str | None
     STRUCTURES.canonical(structure)
     if structure == "depth":
         return "remove", _check_depth_request(allocator, budget, nm, allocator_params), None
+    if structure == "width":
+        return (*_check_width_request(method, allocator, budget, nm, allocator_params), None)
+    method = method or "magnitude"
     if budget.sparsity is None:
         raise BudgetError("Unstructured pruning needs --sparsity.")
     method, allocator = resolve_method(method, allocator)
@@ -85,10 +93,45 @@ def _check_depth_request(allocator: str, budget: Budget, nm: str | None, params:
     return allocator
 
 
+# Options of the width structure itself (which layers, rounding, importance), not of any allocator.
+WIDTH_OPTIONS = {"attn_layers", "mlp_layers", "channel_multiple", "taylor_seq_len"}
+LAYER_RANGE = re.compile(r"^(\d*):(\d*)$")
+
+
+def _check_width_request(method: str | None, allocator: str, budget: Budget, nm: str | None,
+                         params: dict[str, Any]) -> tuple[str, str]:
+    method = WIDTH_SCORERS.canonical(method or "taylor")
+    allocator = WIDTH_ALLOCATORS.canonical(allocator)
+    if budget.pruning_ratio is None:
+        raise BudgetError("Width pruning needs --pruning-ratio.")
+    if nm is not None:
+        raise BudgetError("--nm applies to unstructured sparsity, not to width pruning.")
+    for option in ("attn_layers", "mlp_layers"):
+        if option in params and not LAYER_RANGE.match(str(params[option])):
+            raise BudgetError(f"--{option.replace('_', '-')} must look like 0:30 (got '{params[option]}').")
+    if "rl_algo" in params:
+        from .allocate.rl_training import RL_ALGORITHMS
+
+        RL_ALGORITHMS.canonical(params["rl_algo"])
+    _check_params(WIDTH_ALLOCATORS.get(allocator), allocator, {k: v for k, v in params.items() if k not in WIDTH_OPTIONS})
+    return method, allocator
+
+
+def layer_range(text: str | None, blocks: int, option: str) -> range:
+    """``start:end`` (either may be empty) as a range of block indices, checked against the model."""
+    if text is None:
+        return range(blocks)
+    start, end = LAYER_RANGE.match(text).groups()
+    chosen = range(int(start or 0), int(end) if end else blocks)
+    if chosen.start >= chosen.stop or chosen.stop > blocks:
+        raise BudgetError(f"{option} {text} does not select layers of this {blocks}-block model.")
+    return chosen
+
+
 def make_plan(
     loaded: LoadedModel,
     budget: Budget,
-    method: str = "magnitude",
+    method: str | None = None,
     allocator: str = "uniform",
     seed: int = 0,
     calibration: CalibrationSource | None = None,
@@ -165,3 +208,43 @@ def _depth_plan(request: PlanRequest) -> Plan:
     details = {**allocation.details, "search_s": allocation.seconds,
                "steps": [asdict(step) for step in allocation.steps]}
     return request.plan(actions, allocation.params, details, prediction)
+
+
+@STRUCTURES.register("width")
+def _width_plan(request: PlanRequest) -> Plan:
+    """Score width units, let the allocator share the budget out, and list one slice per changed sublayer."""
+    model = request.loaded.model
+    params = dict(request.params)
+    options = {k: params.pop(k) for k in list(params) if k in WIDTH_OPTIONS}
+    calibration = request.calibration or CalibrationSource(request.loaded, RunSettings())
+    blocks = get_adapter(model).num_blocks
+    space = WidthSpace.from_model(
+        model, request.budget.pruning_ratio, layer_range(options.get("attn_layers"), blocks, "--attn-layers"),
+        layer_range(options.get("mlp_layers"), blocks, "--mlp-layers"), options.get("channel_multiple", 8))
+    seq_len = options.get("taylor_seq_len", 64) if request.method == "taylor" else None
+    scores = calibration.width_scores(request.method, **({"seq_len": seq_len} if seq_len else {}))
+    setting = calibration.settings.latency or LatencySetting()
+    cost_setting = {"tokens": setting.prompt_length, "batch": setting.batch_size, "generated": setting.decode_steps}
+    context = WidthContext(model, space, calibration, scores, request.seed, cost_setting)
+    allocation = WIDTH_ALLOCATORS.get(request.allocator)(context, **params)
+    widths = allocation.widths
+    removed = space.removed(widths)
+    if abs(removed - space.target_removed) > space.rounding_unit:
+        raise BudgetError(f"The {request.allocator} allocation removes {removed} parameters, more than one rounding "
+                          f"unit from the target {space.target_removed}.")
+    adapter = get_adapter(model)
+    actions = [SliceAction(unit=adapter.attention(b).name, keep=kept * space.group_size[b], method=request.method,
+                           seq_len=seq_len) for b, kept in widths.groups.items() if kept < space.groups[b]]
+    actions += [SliceAction(unit=adapter.mlp(b).name, keep=kept, method=request.method, seq_len=seq_len)
+                for b, kept in widths.channels.items() if kept < space.channels[b]]
+    dims = ModelDims.from_model(model)
+    dense = estimate_costs(dims, **cost_setting)
+    compressed = estimate_costs(dims.with_widths(widths.groups, widths.channels), **cost_setting)
+    prediction = {"costs": compressed.model_dump(), "dense_costs": dense.model_dump(),
+                  "normalised": {k: round(v, 6) for k, v in compressed.normalised(dense).items()},
+                  "flop_speedup": predicted_speedups(dense, compressed),
+                  "removed_parameters": removed, "target_removed": space.target_removed,
+                  "eligible_parameters": space.eligible_parameters, "rounding_unit": space.rounding_unit}
+    details = {**allocation.details, "search_s": allocation.seconds, "widths": widths.as_lists(blocks),
+               "dense_widths": space.dense().as_lists(blocks), "group_size": next(iter(space.group_size.values()), None)}
+    return request.plan(actions, {**allocation.params, **options}, details, prediction)

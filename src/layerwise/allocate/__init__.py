@@ -1,6 +1,7 @@
 """Allocators: one file each, registered in ``ALLOCATORS``; all compared on the same budget."""
 
-from . import alpha, drop_last, owl, shortgpt, sleb, sprint, uniform  # noqa: F401  (registers)
+from . import adapt, alpha, drop_last, owl, rl_allocator, rl_refine, shortgpt, sleb, sprint, uniform  # noqa: F401
+from .width import WIDTH_ALLOCATORS, WidthAllocation, WidthContext, WidthSpace, Widths, fit_budget
 from .base import ALLOCATORS, Allocation, AllocationContext, exact_counts
 from .depth import DEPTH_ALLOCATORS, DepthAllocation, DepthContext, DepthStep
 
@@ -13,4 +14,10 @@ __all__ = [
     "DepthContext",
     "DepthStep",
     "exact_counts",
+    "fit_budget",
+    "WIDTH_ALLOCATORS",
+    "WidthAllocation",
+    "WidthContext",
+    "WidthSpace",
+    "Widths",
 ]

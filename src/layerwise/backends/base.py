@@ -33,6 +33,8 @@ STRUCTURE_REPLAY: Registry[Callable[[nn.Module, list[Action]], None]] = Registry
 # op -> (the unit names it may act on in a model, what such a unit is called in error messages)
 OP_UNITS: Registry[tuple[Callable[[nn.Module], set[str]], str]] = Registry("plan operation")
 OP_UNITS.add("sparsify", (lambda model: set(decoder_linears(model)), "a decoder linear"))
+# op -> the registry its actions' ``method`` names (sparsifiers, width importance scorers)
+OP_METHODS: dict[str, Registry] = {}
 
 
 def architecture_signature(model: nn.Module) -> dict[str, Any]:
@@ -45,7 +47,7 @@ def architecture_signature(model: nn.Module) -> dict[str, Any]:
     }
 
 
-def check_plan_fits(model: nn.Module, plan: Plan, methods: Registry | None = None) -> None:
+def check_plan_fits(model: nn.Module, plan: Plan) -> None:
     """Raise ``PlanError`` when the plan names another architecture, missing units or unknown methods."""
     expected, actual = plan.architecture, architecture_signature(model)
     mismatched = [k for k in expected if k in actual and expected[k] != actual[k]]
@@ -63,7 +65,8 @@ def check_plan_fits(model: nn.Module, plan: Plan, methods: Registry | None = Non
             units[action.op] = valid(model)
         if action.unit not in units[action.op]:
             raise PlanError(f"The plan names unit '{action.unit}', which is not {noun} of this model.")
-        if methods is not None and hasattr(action, "method") and action.method not in methods:
+        methods = OP_METHODS.get(action.op)
+        if methods is not None and action.method not in methods:
             raise PlanError(
                 f"The plan uses method '{action.method}' for {action.unit}; known methods: {', '.join(methods.names())}."
             )
@@ -71,9 +74,7 @@ def check_plan_fits(model: nn.Module, plan: Plan, methods: Registry | None = Non
 
 def apply_plan(model: nn.Module, plan: Plan, context: ApplyContext | None = None) -> nn.Module:
     """Apply every action of ``plan`` to ``model`` in place (after checking it fits) and return the model."""
-    from .unstructured import SPARSIFIERS
-
-    check_plan_fits(model, plan, SPARSIFIERS)
+    check_plan_fits(model, plan)
     grouped: dict[str, list[Action]] = defaultdict(list)
     for action in plan.actions:
         grouped[action.op].append(action)

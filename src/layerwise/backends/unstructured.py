@@ -10,11 +10,12 @@ from torch import nn
 
 from ..plan import SparsifyAction
 from ..registry import Registry
-from .base import OPS, ApplyContext
+from .base import OP_METHODS, OPS, ApplyContext
 from .masks import check_nm, count_for, prune_lowest, prune_lowest_per_row, prune_nm
 
 Sparsifier = Callable[[nn.Module, list[SparsifyAction], ApplyContext], None]
 SPARSIFIERS: Registry[Sparsifier] = Registry("sparsity method")
+OP_METHODS["sparsify"] = SPARSIFIERS
 
 
 @OPS.register("sparsify")

@@ -193,7 +193,7 @@ class ModelAdapter:
 
     def head_geometry(self, index: int) -> HeadGeometry:
         attention = self.attention(index)
-        head_dim = self._head_dim(attention.module)
+        head_dim = self.head_dim(attention.module)
         return HeadGeometry(
             num_heads=attention.linears["q"].out_features // head_dim,
             num_kv_heads=attention.linears["k"].out_features // head_dim,
@@ -203,7 +203,7 @@ class ModelAdapter:
     def ffn_width(self, index: int) -> int:
         return self.mlp(index).linears["down"].in_features
 
-    def _head_dim(self, attention: nn.Module) -> int:
+    def head_dim(self, attention: nn.Module | None) -> int:
         config = getattr(self.model, "config", None)
         head_dim = getattr(attention, "head_dim", None) or getattr(config, "head_dim", None)
         if not head_dim:

@@ -28,6 +28,7 @@ class CalibrationSource:
         self.settings = settings
         self._tokens: torch.Tensor | None = None
         self._profile: Profile | None = None
+        self._width_scores: dict[tuple, Any] = {}
         self.profile_from_cache: bool | None = None
         self.profile_seconds: float = 0.0
 
@@ -61,3 +62,13 @@ class CalibrationSource:
             )
             self.profile_seconds = time.perf_counter() - start
         return self._profile
+
+    def width_scores(self, method: str, **options: Any) -> Any:
+        """Importance of every KV group and FFN channel by ``method`` (``WIDTH_SCORERS``), computed on the
+        model as first asked and shared by the allocator and the backend of a run."""
+        from .width import WIDTH_SCORERS
+
+        key = (WIDTH_SCORERS.canonical(method), tuple(sorted(options.items())))
+        if key not in self._width_scores:
+            self._width_scores[key] = WIDTH_SCORERS.get(method)(self.loaded.model, self, **options)
+        return self._width_scores[key]
