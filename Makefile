@@ -30,6 +30,8 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/foundation.py
 	$(BIN)/python benchmarks/unstructured.py
 	$(BIN)/python benchmarks/zeroshot.py --out $(BENCH_OUT)/zeroshot
+	$(BIN)/python benchmarks/depth.py --out $(BENCH_OUT)/depth
+	$(BIN)/python benchmarks/width.py --out $(BENCH_OUT)/width
 
 # llmcompressor pins transformers 5.15-5.17: it gets its own environment, used by the peer benchmark only.
 PEERS := .venv-peers

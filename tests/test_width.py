@@ -232,3 +232,69 @@ def test_width_cli_errors_are_one_sentence(tmp_path, args, message):
     assert result.exit_code == 2, result.output
     assert message in result.output
     assert not (tmp_path / "o").exists()
+
+
+def test_report_draws_kept_widths_and_the_rl_training_curve(tmp_path):
+    import base64
+    import re
+
+    from layerwise.report.figures import width_map
+
+    out = tmp_path / "rl"
+    result = CliRunner().invoke(app, ["compress", "--model", "tiny-llama", "--structure", "width", "--allocator", "rl",
+                                      "--pruning-ratio", "0.4", "--rl-steps", "40", "--out", str(out), *QUICK])
+    assert result.exit_code == 0, result.output
+    record = json.loads((out / "result.json").read_text())
+    layer_map = width_map(record)
+    widths = record["metrics"]["widths"]
+    assert layer_map.rows == ["attention heads", "FFN channels"]
+    assert layer_map.values[0] == [g / 2 for g in widths["groups"]]
+    assert layer_map.values[1] == [c / 160 for c in widths["channels"]]
+    assert CliRunner().invoke(app, ["report", str(out)]).exit_code == 0
+    page = (out / "report.html").read_text()
+    assert "RL training curve" in page and "kept width" in page
+    images = re.findall(r'src="data:image/png;base64,([^"]+)"', page)
+    assert len(images) == 3  # Pareto, RL curve, kept widths (no empty sparsity map for a width run)
+    assert all(base64.b64decode(data)[:8] == b"\x89PNG\r\n\x1a\n" for data in images)
+
+
+def test_lora_recovery_is_merged_and_reported(tmp_path):
+    out = tmp_path / "recovered"
+    result = CliRunner().invoke(app, ["compress", "--model", "tiny-llama", "--structure", "width", "--pruning-ratio",
+                                      "0.4", "--recover-steps", "12", "--recover-lr", "0.01", "--out", str(out), *QUICK])
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((out / "result.json").read_text())["metrics"]
+    recovery = metrics["recovery"]
+    assert len(recovery["losses"]) == 12 and recovery["rank"] == 8
+    assert recovery["losses"][-1] < recovery["losses"][0]
+    assert recovery["ppl_after"] == metrics["ppl"] and recovery["ppl_before"] != metrics["ppl"]
+    assert "after LoRA" in result.output
+    reloaded = layerwise.load(str(out))
+    names = [name for name, _ in reloaded.model.named_parameters()]
+    assert not any("lora" in name for name in names)  # merged: the saved model has the pruned shapes only
+    assert sum(p.numel() for p in reloaded.model.parameters()) == metrics["parameters"]
+
+
+def test_a_width_plan_file_applies_to_a_fresh_model_like_compress(tmp_path):
+    runner = CliRunner()
+    common = ["--model", "tiny-llama", "--structure", "width", "--allocator", "adapt", "--pruning-ratio", "0.3",
+              "--seqlen", "64", "--nsamples", "8"]
+    assert runner.invoke(app, ["plan", *common, "--out", str(tmp_path / "plan.json")]).exit_code == 0
+    plan = Plan.load(tmp_path / "plan.json")
+    assert {a.op for a in plan.actions} == {"slice"} and plan.details["calibration"]["nsamples"] == 8
+    evaluation = ["--max-windows", "2", "--generation-length", "4"]
+    applied = runner.invoke(app, ["apply", "--plan", str(tmp_path / "plan.json"), "--model", "tiny-llama", "--seqlen",
+                                  "64", "--nsamples", "8", "--out", str(tmp_path / "applied"), *evaluation])
+    assert applied.exit_code == 0, applied.output
+    compressed = runner.invoke(app, ["compress", *common, "--out", str(tmp_path / "compressed"), *evaluation])
+    assert compressed.exit_code == 0, compressed.output
+    records = [json.loads((tmp_path / d / "result.json").read_text())["metrics"] for d in ("applied", "compressed")]
+    assert records[0]["ppl"] == records[1]["ppl"] and records[0]["parameters"] == records[1]["parameters"]
+
+
+def test_uniform_wishes_give_every_layer_the_same_width(tiny):
+    for ratio in (0.2, 0.5):
+        space = WidthSpace.from_model(tiny.model, ratio)
+        widths = fit_budget(space, {i: 1 - ratio for i in range(4)}, {i: 1 - ratio for i in range(4)})
+        assert len(set(widths.groups.values())) == 1
+        assert max(widths.channels.values()) - min(widths.channels.values()) <= 8

@@ -77,6 +77,8 @@ Tasks = Annotated[Optional[str], typer.Option(help="Zero-shot tasks through lm-e
 Limit = Annotated[Optional[int], typer.Option(help="Zero-shot items per task, a seeded random subset (default 500; 0 = all).")]
 PromptLength = Annotated[int, typer.Option("--prompt-length", help="Latency: prompt tokens for prefill.")]
 GenerationLength = Annotated[int, typer.Option("--generation-length", help="Latency: decoded tokens.")]
+RecoverSteps = Annotated[int, typer.Option("--recover-steps", help="LoRA (peft) fine-tune steps on the calibration windows after pruning (0 = none).")]
+RecoverLr = Annotated[float, typer.Option("--recover-lr", help="Learning rate of the LoRA recovery.")]
 Latency = Annotated[bool, typer.Option("--latency/--no-latency", help="Measure prefill/decode latency.")]
 
 
@@ -215,6 +217,10 @@ def _print_compression_table(record: dict, out: Path) -> None:
         table.add_row("pruning search time", "", f"{metrics['pruning_s']:.1f} s")
     if metrics.get("widths"):
         _width_rows(table, metrics)
+    if metrics.get("recovery"):
+        recovery = metrics["recovery"]
+        table.add_row(f"PPL before / after LoRA ({recovery['steps']} steps)", "",
+                      f"{_fmt(recovery['ppl_before'], '.3f')} / {_fmt(recovery['ppl_after'], '.3f')}")
     table.add_row("wall time", "", f"{record['timings']['total_s']:.1f} s")
     console.print(table)
     _print_protocols(record)
@@ -300,6 +306,8 @@ def compress(
     refine_moves: RefineMoves = None,
     refine_block: RefineBlock = None,
     adapt_amplitude: AdaptAmplitude = None,
+    recover_steps: RecoverSteps = 0,
+    recover_lr: RecoverLr = 1e-4,
 ) -> None:
     """Load, plan, apply, evaluate and save; print dense vs compressed metrics."""
     from .pipeline import compress as run_compress
@@ -307,7 +315,8 @@ def compress(
     budget = _budget(structure, sparsity, target_speedup, num_remove_sublayers, pruning_ratio)
     settings = _settings(corpus=corpus, eval_text=eval_text, calib_text=calib_text, seqlen=seqlen,
                          max_windows=max_windows, batch_size=batch_size, dtype=dtype, device=device, seed=seed,
-                         nsamples=nsamples, calib_seqlen=calib_seqlen,
+                         nsamples=nsamples, calib_seqlen=calib_seqlen, recover_steps=recover_steps,
+                         recover_lr=recover_lr,
                          **_measurement(tasks, limit, prompt_length, generation_length, latency, generation,
                                         speedup_batch_size, speedup_iterations))
     params = _allocator_params(epsilon=epsilon, metric=metric, metric_cache=metric_cache, owl_m=owl_m,

@@ -93,6 +93,8 @@ class RunSettings(BaseModel):
     )
     task_batch_size: int = Field(16, ge=1)
     latency: Optional[LatencySetting] = Field(default_factory=LatencySetting, description="None: not measured")
+    recover_steps: int = Field(0, ge=0, description="LoRA fine-tune steps on the calibration windows after pruning")
+    recover_lr: float = Field(1e-4, gt=0.0)
 
     @field_validator("tasks")
     @classmethod

@@ -121,6 +121,7 @@ def run_plan(
         apply_plan(loaded.model, plan, ApplyContext(calibration))
     if calibration.profile_from_cache is not None:
         timings["profile_s"] = round(calibration.profile_seconds, 3)
+    recovery = _recover(loaded, settings, calibration, timings) if settings.recover_steps else None
     compressed = _measure(loaded, settings, timings, "", cached=False)
     size = measure_size(loaded.model)
     record = _record(
@@ -149,6 +150,7 @@ def run_plan(
             },
             "per_unit_sparsity": _per_unit_sparsity(loaded),
             "costs": _costs(loaded, settings),
+            "recovery": {**recovery, "ppl_after": compressed.get("ppl")} if recovery else None,
             "dense_costs": dense_costs,
             "pruning_s": plan.details.get("search_s"),
             **_depth_metrics(plan, dense["latency"], (extra or {}).get("milestones")),
@@ -164,6 +166,18 @@ def run_plan(
         timings["total_s"] = round(time.perf_counter() - started, 3)
         atomic_write_json(staging / "result.json", record)
     return record
+
+
+def _recover(loaded: LoadedModel, settings: RunSettings, calibration: CalibrationSource, timings: Timings) -> dict:
+    """Perplexity of the pruned model, then a short LoRA fine-tune on the calibration windows (merged)."""
+    from .recovery import recover_with_lora
+
+    before = _measure(loaded, settings.model_copy(update={"tasks": [], "latency": None}), timings,
+                      "pre_recovery_", cached=False)
+    with timed(timings, "recovery_s"):
+        report = recover_with_lora(loaded.model, calibration.tokens(), settings.recover_steps, settings.recover_lr,
+                                   seed=settings.seed)
+    return {**report.model_dump(), "ppl_before": before.get("ppl")}
 
 
 def _speedup(dense: dict | None, compressed: dict | None) -> dict | None:

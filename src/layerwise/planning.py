@@ -246,5 +246,6 @@ def _width_plan(request: PlanRequest) -> Plan:
                   "removed_parameters": removed, "target_removed": space.target_removed,
                   "eligible_parameters": space.eligible_parameters, "rounding_unit": space.rounding_unit}
     details = {**allocation.details, "search_s": allocation.seconds, "widths": widths.as_lists(blocks),
-               "dense_widths": space.dense().as_lists(blocks), "group_size": next(iter(space.group_size.values()), None)}
+               "dense_widths": space.dense().as_lists(blocks), "group_size": next(iter(space.group_size.values()), None),
+               "calibration": calibration.describe()}  # the importance scores (which units go) depend on it
     return request.plan(actions, {**allocation.params, **options}, details, prediction)

@@ -61,10 +61,10 @@ class WidthSpace:
         mlp = [i for i in (mlp_layers if mlp_layers is not None else blocks) if not adapter.mlp(i).removed]
         hidden = model.config.hidden_size
         geometry = {i: adapter.head_geometry(i) for i in attn}
-        head_dims = {g.head_dim * g.group_size for g in geometry.values()}
-        if len(head_dims) > 1:
+        group_widths = {g.head_dim * g.group_size for g in geometry.values()}  # q rows (o columns) per group
+        if len(group_widths) > 1:
             raise BudgetError("Width pruning needs the same KV-group size in every eligible attention block.")
-        group_width = head_dims.pop() if head_dims else 0
+        group_width = group_widths.pop() if group_widths else 0
         head_dim = next(iter(geometry.values())).head_dim if geometry else 0
         space = cls(
             num_blocks=adapter.num_blocks,
@@ -116,9 +116,14 @@ class WidthSpace:
 
 def fit_budget(space: WidthSpace, head_keep: dict[int, float], ffn_keep: dict[int, float]) -> Widths:
     """Integer widths near the wished keep fractions whose removed parameters equal the target within one
-    rounding unit: KV groups are rounded first (at least one kept), FFN channels absorb the rest in
-    multiples of ``space.multiple``, spread in proportion to each layer's wished removal."""
-    groups = {i: min(g, max(1, round(head_keep.get(i, 1.0) * g))) for i, g in space.groups.items()}
+    rounding unit. KV groups are rounded first, as a whole: the wished number of groups to drop is shared out
+    by largest remainders (so many layers near half a group do not all round the same way, while equal wishes
+    round alike), at least one kept per layer; FFN channels absorb the rest in multiples of ``space.multiple``, in proportion to each
+    layer's wished removal."""
+    wished_groups = {i: max(0.0, (1.0 - head_keep.get(i, 1.0)) * g) for i, g in space.groups.items()}
+    dropped = _spread(round(sum(wished_groups.values())), wished_groups, {i: g - 1 for i, g in space.groups.items()},
+                      whole_ties=True)
+    groups = {i: g - dropped[i] for i, g in space.groups.items()}
     capacity = sum((c - space.multiple) // space.multiple for c in space.channels.values()) * space.multiple
     capacity_params = capacity * space.channel_params
 
@@ -145,9 +150,12 @@ def fit_budget(space: WidthSpace, head_keep: dict[int, float], ffn_keep: dict[in
     return Widths(groups, channels)
 
 
-def _spread(units: int, wished: dict[int, float], limits: dict[int, int]) -> dict[int, int]:
+def _spread(units: int, wished: dict[int, float], limits: dict[int, int], whole_ties: bool = False) -> dict[int, int]:
     """Integers summing to ``units``, each within ``limits``, in proportion to ``wished``: water-filling
-    (a layer that would pass its limit is capped and the rest re-shared), then largest remainders."""
+    (a layer that would pass its limit is capped and the rest re-shared), then largest remainders.
+
+    With ``whole_ties`` layers with equal remainders round the same way (all up or, when that is no nearer
+    the total, all down), so equal wishes give equal integers; the sum may then miss ``units``."""
     units = min(units, sum(limits.values()))
     share = {i: 0.0 for i in wished}
     free = {i for i in wished if limits[i] > 0}
@@ -165,11 +173,20 @@ def _spread(units: int, wished: dict[int, float], limits: dict[int, int]) -> dic
         free -= over
         left = units - sum(share.values())
     counts = {i: min(limits[i], math.floor(share[i] + 1e-9)) for i in share}
-    for i in sorted(share, key=lambda i: (-(share[i] - counts[i]), i)):
-        if sum(counts.values()) >= units:
+    remainders = {i: round(share[i] - counts[i], 9) for i in share}
+    shortfall = units - sum(counts.values())
+    for remainder in sorted(set(remainders.values()), reverse=True):
+        if shortfall <= 0:
             break
-        if counts[i] < limits[i]:
+        tied = [i for i in sorted(share) if remainders[i] == remainder and counts[i] < limits[i]]
+        if len(tied) > shortfall and whole_ties:
+            if len(tied) - shortfall < shortfall:  # all up is nearer the total than all down
+                for i in tied:
+                    counts[i] += 1
+            break
+        for i in tied[:shortfall]:
             counts[i] += 1
+        shortfall -= min(shortfall, len(tied))
     return counts
 
 

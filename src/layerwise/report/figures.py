@@ -98,7 +98,7 @@ def _split_unit(unit: str) -> tuple[int, str]:
 def sparsity_map(record: dict) -> Optional[LayerMap]:
     """Measured sparsity of every decoder linear, by block and projection."""
     per_unit = record["metrics"].get("per_unit_sparsity")
-    if not per_unit:
+    if not per_unit or max(per_unit.values()) < 0.01:  # nothing sparsified (a dense, depth or width run)
         return None
     cells = {_split_unit(unit): value for unit, value in per_unit.items()}
     blocks = sorted({block for block, _ in cells})
@@ -118,6 +118,44 @@ def removed_map(record: dict) -> Optional[LayerMap]:
     rows = ["self_attn", "mlp"]
     values = [[1.0 if (block, row) in cells else 0.0 for block in blocks] for row in rows]
     return LayerMap(f"removed sublayers ({len(removed)})", "removed", rows, blocks, values)
+
+
+@ALLOCATION_VIEWS.register("width")
+def width_map(record: dict) -> Optional[LayerMap]:
+    """Kept fraction of each block's query heads and FFN channels after width pruning."""
+    widths = record["metrics"].get("widths")
+    if not widths:
+        return None
+    dense = record["plan"]["details"]["dense_widths"]
+    blocks = list(range(len(widths["groups"])))
+
+    def kept(kind: str) -> list[Optional[float]]:
+        return [1.0 if dense[kind][b] is None else widths[kind][b] / dense[kind][b] for b in blocks]
+
+    return LayerMap("kept width (heads in whole KV groups, FFN channels)", "kept fraction",
+                    ["attention heads", "FFN channels"], blocks, [kept("groups"), kept("channels")])
+
+
+def rl_curve_plot(runs: list[RunSummary]) -> Optional[bytes]:
+    """The RL searches' training curves: each episode's objective and the best seen, against environment steps."""
+    traced = [run for run in runs if run.record["metrics"].get("rl_curve")]
+    if not traced:
+        return None
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for index, run in enumerate(traced):
+        curve = run.record["metrics"]["rl_curve"]
+        color = f"C{index % 10}"
+        steps = [point["step"] for point in curve]
+        ax.plot(steps, [point["value"] for point in curve], color=color, alpha=0.35, lw=1)
+        ax.plot(steps, [point["best_value"] for point in curve], color=color, lw=2, label=f"{run.name} (best)")
+    ax.set_xlabel("environment steps")
+    ax.set_ylabel("objective (accuracy term − weighted costs)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title("RL training: episode objective (thin) and best plan seen (thick)")
+    fig.tight_layout()
+    return _png(fig)
 
 
 def trajectory_plot(runs: list[RunSummary]) -> Optional[bytes]:

@@ -12,7 +12,7 @@ from ..cache import atomic_write_text
 from ..errors import DataError
 from ..registry import Registry
 from .allocation import plot_allocation
-from .figures import allocation_maps, layer_map_plot, pareto_plot, trajectory_plot, value_range
+from .figures import allocation_maps, layer_map_plot, pareto_plot, rl_curve_plot, trajectory_plot, value_range
 from .tables import RunSummary, comparison_table, markdown_table, summarize
 
 STYLE = """
@@ -75,6 +75,9 @@ def render_html(runs: list[RunSummary]) -> str:
     trajectory = trajectory_plot(runs)
     if trajectory is not None:
         sections += ["<h2>Speedup vs perplexity per step</h2>", _img(trajectory, "speedup vs perplexity per step")]
+    curve = rl_curve_plot(runs)
+    if curve is not None:
+        sections += ["<h2>RL training curve</h2>", _img(curve, "RL training curve")]
     allocations = [(run, m) for run in runs for m in allocation_maps(run.record)]
     if allocations:
         sections.append("<h2>Per-layer allocation</h2>")

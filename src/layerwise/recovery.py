@@ -1,0 +1,68 @@
+"""Optional recovery after structural pruning: a short LoRA fine-tune (peft) of the decoder linears on the
+calibration windows, merged back into the weights, so the saved model keeps its pruned shapes."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from pydantic import BaseModel
+from torch import nn
+from tqdm.auto import tqdm
+
+from .models.adapter import get_adapter
+
+LORA_RANK = 8
+LORA_ALPHA = 16
+
+
+class RecoveryReport(BaseModel):
+    steps: int
+    learning_rate: float
+    rank: int
+    batch_size: int
+    seqlen: int
+    losses: list[float]
+    seconds: float
+
+
+def lora_targets(model: nn.Module) -> list[str]:
+    """Leaf names of the decoder linears still present (q_proj, ..., down_proj) for peft's ``target_modules``."""
+    adapter = get_adapter(model)
+    present = {role for sublayer in adapter.all_sublayers() for role in sublayer.linears}
+    roles = {**adapter.attention_roles, **adapter.mlp_roles}
+    return sorted(roles[role] for role in present)
+
+
+def recover_with_lora(model: nn.Module, tokens: torch.Tensor, steps: int, learning_rate: float = 1e-4,
+                      batch_size: int = 4, seed: int = 0) -> RecoveryReport:
+    """Fine-tune rank-8 LoRA adapters for ``steps`` steps on windows drawn (seeded) from ``tokens`` [n, seqlen],
+    then merge them into the base weights in place."""
+    from peft import LoraConfig, get_peft_model
+
+    device = next(model.parameters()).device
+    flags = {p: p.requires_grad for p in model.parameters()}
+    config = LoraConfig(r=LORA_RANK, lora_alpha=LORA_ALPHA, lora_dropout=0.0, target_modules=lora_targets(model),
+                        bias="none")
+    wrapped = get_peft_model(model, config)
+    optimizer = torch.optim.AdamW([p for p in wrapped.parameters() if p.requires_grad], lr=learning_rate)
+    generator = torch.Generator().manual_seed(seed)
+    losses = []
+    start = time.perf_counter()
+    wrapped.train()
+    try:
+        for _ in tqdm(range(steps), desc="LoRA recovery", unit="step", disable=None, leave=False):
+            rows = torch.randint(0, tokens.shape[0], (min(batch_size, tokens.shape[0]),), generator=generator)
+            batch = tokens[rows].to(device)
+            loss = wrapped(input_ids=batch, labels=batch, use_cache=False).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(round(float(loss.detach()), 5))
+    finally:
+        wrapped.eval()
+        wrapped.merge_and_unload()
+        for parameter, flag in flags.items():
+            parameter.requires_grad_(flag)
+    return RecoveryReport(steps=steps, learning_rate=learning_rate, rank=LORA_RANK, batch_size=batch_size,
+                          seqlen=tokens.shape[1], losses=losses, seconds=round(time.perf_counter() - start, 3))
