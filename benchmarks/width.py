@@ -103,6 +103,19 @@ def findings(records: dict, ratios: list[float], allocators: list[str]) -> str:
             a, b = records[(first, ratio)]["metrics"]["ppl"], records[(second, ratio)]["metrics"]["ppl"]
             verdicts.append(f"{ratio:g}: {a:.1f} vs {b:.1f} ({'holds' if a <= b else 'does not hold'})")
         lines.append(f"- {first} not worse than {second} in perplexity: " + "; ".join(verdicts) + ".")
+    if "rl-refine" in allocators:
+        moves = []
+        for ratio in ratios:
+            details = records[("rl-refine", ratio)]["plan"]["details"]
+            start, best = details["start_terms"], details["best_terms"]
+            moves.append(f"{ratio:g}: {start['value']:.3f} → {best['value']:.3f} (proxy PPL {start['proxy_ppl']:.1f} → "
+                         f"{best['proxy_ppl']:.1f})")
+        lines.append("- rl-refine's objective on the search proxy, adapt start → best: " + "; ".join(moves) + ".")
+    if "uniform" in allocators:
+        kept = {ratio: sorted(set(records[("uniform", ratio)]["metrics"]["widths"]["groups"])) for ratio in ratios}
+        lines.append("- uniform keeps the same number of KV groups in every layer (" + ", ".join(
+            f"{ratio:g}: {'/'.join(map(str, groups))} of 3" for ratio, groups in kept.items())
+            + "); the FFN absorbs the rest of the budget.")
     for allocator in allocators:
         ratio = max(ratios)
         metrics = records[(allocator, ratio)]["metrics"]
