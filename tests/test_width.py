@@ -24,7 +24,7 @@ from layerwise.config import Budget
 from layerwise.errors import BudgetError, PlanError
 from layerwise.models import get_adapter
 from layerwise.plan import Plan, SliceAction
-from layerwise.profile.width import WIDTH_SCORERS, group_rows
+from layerwise.profile.width import group_rows
 
 QUICK = ["--seqlen", "64", "--max-windows", "2", "--nsamples", "8", "--generation-length", "4"]
 

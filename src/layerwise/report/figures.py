@@ -149,13 +149,8 @@ def rl_curve_plot(runs: list[RunSummary]) -> Optional[bytes]:
         steps = [point["step"] for point in curve]
         ax.plot(steps, [point["value"] for point in curve], color=color, alpha=0.35, lw=1)
         ax.plot(steps, [point["best_value"] for point in curve], color=color, lw=2, label=f"{run.name} (best)")
-    ax.set_xlabel("environment steps")
-    ax.set_ylabel("objective (accuracy term − weighted costs)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    ax.set_title("RL training: episode objective (thin) and best plan seen (thick)")
-    fig.tight_layout()
-    return _png(fig)
+    return _finish(fig, ax, "environment steps", "objective (accuracy term − weighted costs)",
+                   "RL training: episode objective (thin) and best plan seen (thick)")
 
 
 def trajectory_plot(runs: list[RunSummary]) -> Optional[bytes]:
@@ -173,12 +168,18 @@ def trajectory_plot(runs: list[RunSummary]) -> Optional[bytes]:
         points = [p for p in points if p[0] is not None and p[1] is not None]
         if points:
             ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=run.name)
-    ax.set_xlabel("measured speedup (dense time / pruned time)")
-    ax.set_ylabel("perplexity (log)")
     ax.set_yscale("log")
+    return _finish(fig, ax, "measured speedup (dense time / pruned time)", "perplexity (log)",
+                   "depth pruning: speedup vs perplexity per evaluated step")
+
+
+def _finish(fig, ax, xlabel: str, ylabel: str, title: str) -> bytes:
+    """Labels, grid, legend and title of a one-axis line plot, as PNG bytes."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    ax.set_title("depth pruning: speedup vs perplexity per evaluated step")
+    ax.set_title(title)
     fig.tight_layout()
     return _png(fig)
 
