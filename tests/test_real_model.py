@@ -74,3 +74,21 @@ def test_dense_model_scores_clearly_above_chance_zero_shot(smollm):
         assert score.items == 200
         # acc_norm more than three standard errors above a uniform guess
         assert score.acc_norm - score.chance > 3 * score.acc_norm_stderr, (task, score)
+
+
+def test_width_pruning_slices_for_real_and_reloads_on_the_real_model(tmp_path):
+    """A 20% Taylor width plan: exact budget, physically smaller and faster by FLOPs, identical logits on reload."""
+    settings = layerwise.RunSettings(nsamples=8, seqlen=256, max_windows=2, latency=None)
+    record = layerwise.compress("smollm2-135m", layerwise.Budget.for_width(0.2), allocator="uniform",
+                                settings=settings, out=tmp_path / "width", structure="width")
+    prediction, metrics = record["plan"]["prediction"], record["metrics"]
+    assert abs(prediction["removed_parameters"] - prediction["target_removed"]) <= prediction["rounding_unit"]
+    assert metrics["dense"]["parameters"] - metrics["parameters"] == prediction["removed_parameters"]
+    assert metrics["flop_speedup"]["decode"] > 1.1 and metrics["ppl"] > metrics["dense_ppl"]
+    reloaded = layerwise.load(str(tmp_path / "width"))
+    tokens = torch.tensor([[19556, 905, 28, 253, 1345]])
+    with torch.no_grad():
+        fresh = layerwise.load("smollm2-135m")
+        layerwise.apply(fresh.model, layerwise.Plan.load(tmp_path / "width" / "plan.json"),
+                        calibration=layerwise.calibration(fresh, settings))
+        assert torch.equal(reloaded.model(tokens).logits, fresh.model(tokens).logits)

@@ -298,3 +298,9 @@ def test_uniform_wishes_give_every_layer_the_same_width(tiny):
         widths = fit_budget(space, {i: 1 - ratio for i in range(4)}, {i: 1 - ratio for i in range(4)})
         assert len(set(widths.groups.values())) == 1
         assert max(widths.channels.values()) - min(widths.channels.values()) <= 8
+
+
+def test_taylor_scores_work_under_no_grad(tiny, calibration):
+    with torch.no_grad():
+        scores = calibration.width_scores("taylor", seq_len=16)
+    assert all(float(s.sum()) > 0 for s in scores.channels.values())

@@ -99,8 +99,9 @@ def taylor_scores(model: nn.Module, calibration: Any, seq_len: int = 64, **_: An
         batches = tokens.split(batch_size)
         for batch in tqdm(batches, desc="taylor importance", unit="batch", disable=None, leave=False):
             batch = batch.to(device)
-            loss = model(input_ids=batch, labels=batch, use_cache=False).loss * len(batch)
-            loss.backward()
+            with torch.enable_grad():  # callers may hold no_grad; the scores need the backward pass
+                loss = model(input_ids=batch, labels=batch, use_cache=False).loss * len(batch)
+                loss.backward()
         with torch.no_grad():
             salience = lambda linear: (linear.weight * linear.weight.grad).abs()  # noqa: E731
             return _score_all(adapter, salience)
