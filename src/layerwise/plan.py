@@ -66,9 +66,21 @@ class SliceAction(BaseModel):
     seq_len: Optional[int] = Field(None, ge=2, description="taylor: calibration sequence length")
 
 
-# Other ops (quantize) join this discriminated union on ``op``.
-Action = Annotated[Union[SparsifyAction, RemoveAction, SliceAction], Field(discriminator="op")]
-STRUCTURAL_OPS = ("remove", "slice")  # ops that change the module structure, replayed before weights load
+class QuantizeAction(BaseModel):
+    """Store one linear's weight at ``bits`` bits, per output channel (``group_size`` None) or in groups of
+    ``group_size`` inputs (a shorter last group when it does not divide the input width)."""
+
+    model_config = ConfigDict(extra="forbid")
+    unit: str
+    op: Literal["quantize"] = "quantize"
+    bits: int = Field(ge=2, le=8)
+    group_size: Optional[int] = Field(128, ge=1)
+    symmetric: bool = False
+    method: str = "rtn"
+
+
+Action = Annotated[Union[SparsifyAction, RemoveAction, SliceAction, QuantizeAction], Field(discriminator="op")]
+STRUCTURAL_OPS = ("remove", "slice", "quantize")  # ops that change modules, replayed before saved weights load
 
 
 class Plan(BaseModel):

@@ -1,0 +1,222 @@
+"""Weight-only quantization (``op: quantize``): per linear, 2/3/4/8 bits, symmetric or asymmetric,
+per output channel or group-wise along the input (a last group may be shorter when the group size does
+not divide the input width). Codes are stored packed with float16 scales and uint8 zero points, so
+the model's weight bytes are what it really stores; the forward pass dequantizes per layer on the fly.
+
+Methods: ``rtn`` (round to nearest) and ``gptq`` (error-compensating column by column with the inverse
+Hessian of the calibration inputs, sequential over blocks like SparseGPT).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Callable
+
+import torch
+from torch import nn
+
+from ..errors import PlanError
+from ..models.discovery import decoder_linears
+from ..plan import Action
+from ..registry import Registry
+from .base import OP_METHODS, OP_UNITS, OPS, STRUCTURE_REPLAY, ApplyContext
+from .packing import pack, packed_bytes, unpack
+
+
+def group_bounds(in_features: int, group_size: int | None) -> list[tuple[int, int]]:
+    """Column ranges of the quantization groups; per-channel (None) is one group of the whole row."""
+    size = group_size or in_features
+    return [(start, min(start + size, in_features)) for start in range(0, in_features, size)]
+
+
+def quant_params(w: torch.Tensor, bits: int, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row (scale, zero) of the block ``w`` [rows, columns], GPTQ's convention (the range includes 0)."""
+    maxq = 2**bits - 1
+    low = torch.clamp(w.min(dim=1).values, max=0.0)
+    high = torch.clamp(w.max(dim=1).values, min=0.0)
+    if symmetric:
+        high = torch.maximum(low.abs(), high)
+        low = -high
+    flat = (low == 0) & (high == 0)
+    low, high = torch.where(flat, -torch.ones_like(low), low), torch.where(flat, torch.ones_like(high), high)
+    scale = (high - low) / maxq
+    zero = torch.full_like(scale, (maxq + 1) / 2) if symmetric else torch.round(-low / scale)
+    return scale.to(torch.float16).float(), zero  # the scale as stored, so codes are chosen against it
+
+
+def quantize_codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
+    return torch.clamp(torch.round(w / scale[:, None]) + zero[:, None], 0, 2**bits - 1)
+
+
+def dequantize_codes(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    return scale[:, None] * (codes - zero[:, None])
+
+
+class QuantizedLinear(nn.Module):
+    """A linear layer whose weight is stored as packed ``bits``-bit codes with per-group scales and zeros."""
+
+    def __init__(self, in_features: int, out_features: int, bits: int, group_size: int | None,
+                 bias: bool = False, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None):
+        super().__init__()
+        self.in_features, self.out_features, self.bits, self.group_size = in_features, out_features, bits, group_size
+        groups = len(group_bounds(in_features, group_size))
+        self.register_buffer("qweight", torch.zeros(packed_bytes(in_features * out_features, bits),
+                                                    dtype=torch.uint8, device=device))
+        self.register_buffer("scales", torch.ones(out_features, groups, dtype=torch.float16, device=device))
+        self.register_buffer("zeros", torch.zeros(out_features, groups, dtype=torch.uint8, device=device))
+        self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device)) if bias else None
+        self.compute_dtype = dtype
+
+    @classmethod
+    def from_codes(cls, linear: nn.Linear, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                   bits: int, group_size: int | None) -> "QuantizedLinear":
+        module = cls(linear.in_features, linear.out_features, bits, group_size, linear.bias is not None,
+                     linear.weight.dtype, linear.weight.device)
+        module.qweight.copy_(pack(codes.to(torch.int64), bits))
+        module.scales.copy_(scales.to(torch.float16))
+        module.zeros.copy_(zeros.to(torch.uint8))
+        if linear.bias is not None:
+            module.bias.data.copy_(linear.bias.data)
+        return module
+
+    def group_index(self) -> torch.Tensor:
+        bounds = group_bounds(self.in_features, self.group_size)
+        return torch.cat([torch.full((end - start,), g, dtype=torch.long) for g, (start, end) in enumerate(bounds)])
+
+    def dequantized_weight(self) -> torch.Tensor:
+        codes = unpack(self.qweight, self.bits, self.in_features * self.out_features)
+        codes = codes.reshape(self.out_features, self.in_features).float()
+        index = self.group_index().to(codes.device)
+        weight = (codes - self.zeros.float()[:, index]) * self.scales.float()[:, index]
+        return weight.to(self.compute_dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(x, self.dequantized_weight().to(x.dtype), self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, bits={self.bits}, group_size={self.group_size}"
+
+
+def rtn_quantize(weight: torch.Tensor, bits: int, group_size: int | None, symmetric: bool
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Round-to-nearest codes, scales and zeros of ``weight`` [out, in] per group."""
+    w = weight.float()
+    codes, scales, zeros = torch.empty_like(w), [], []
+    for start, end in group_bounds(w.shape[1], group_size):
+        scale, zero = quant_params(w[:, start:end], bits, symmetric)
+        codes[:, start:end] = quantize_codes(w[:, start:end], scale, zero, bits)
+        scales.append(scale)
+        zeros.append(zero)
+    return codes, torch.stack(scales, 1), torch.stack(zeros, 1)
+
+
+@torch.no_grad()
+def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_size: int | None, symmetric: bool,
+                  block_size: int = 128, dampening: float = 0.01) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """GPTQ: quantize columns in order, spreading each column's error over the columns not yet quantized
+    through the inverse Hessian's upper Cholesky factor; group parameters are set when a group begins."""
+    from .sparsegpt import inverse_hessian_factor
+
+    w = weight.float().clone()
+    hinv = inverse_hessian_factor(hessian.float(), w, dampening)
+    columns = w.shape[1]
+    bounds = group_bounds(columns, group_size)
+    starts = {start: g for g, (start, _) in enumerate(bounds)}
+    codes = torch.zeros_like(w)
+    scales = torch.zeros(w.shape[0], len(bounds))
+    zeros = torch.zeros(w.shape[0], len(bounds))
+    scale = zero = None
+    for block_start in range(0, columns, block_size):
+        block_end = min(block_start + block_size, columns)
+        w1, errors = w[:, block_start:block_end].clone(), torch.zeros(w.shape[0], block_end - block_start)
+        h1 = hinv[block_start:block_end, block_start:block_end]
+        for i in range(block_end - block_start):
+            column = block_start + i
+            if column in starts:
+                group = starts[column]
+                end = bounds[group][1]
+                # the group's not yet quantized columns, as updated so far
+                current = torch.cat([w1[:, i:], w[:, block_end:]], 1)[:, : end - column]
+                scale, zero = quant_params(current, bits, symmetric)
+                scales[:, group], zeros[:, group] = scale, zero
+            q = quantize_codes(w1[:, i : i + 1], scale, zero, bits)[:, 0]
+            codes[:, column] = q
+            error = (w1[:, i] - dequantize_codes(q[:, None], scale, zero)[:, 0]) / h1[i, i]
+            w1[:, i:] -= error[:, None] @ h1[i, i:][None, :]
+            errors[:, i] = error
+        w[:, block_end:] -= errors @ hinv[block_start:block_end, block_end:]
+    return codes, scales, zeros
+
+
+Quantizer = Callable[[nn.Module, list[Action], ApplyContext], None]
+QUANTIZERS: Registry[Quantizer] = Registry("quantization method")
+OP_METHODS["quantize"] = QUANTIZERS
+OP_UNITS.add("quantize", (lambda model: set(decoder_linears(model)), "an unquantized decoder linear"))
+
+
+def _check(action: Action, linear: nn.Linear) -> None:
+    if action.group_size is not None and action.group_size > linear.in_features:
+        raise PlanError(f"Group size {action.group_size} exceeds the {linear.in_features} inputs of {action.unit}.")
+
+
+def _install(model: nn.Module, action: Action, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> None:
+    linear = model.get_submodule(action.unit)
+    model.set_submodule(action.unit, QuantizedLinear.from_codes(linear, codes, scales, zeros, action.bits,
+                                                                action.group_size))
+
+
+@OPS.register("quantize")
+def apply_quantize(model: nn.Module, actions: list[Action], context: ApplyContext) -> None:
+    by_method: dict[str, list[Action]] = defaultdict(list)
+    for action in actions:
+        _check(action, model.get_submodule(action.unit))
+        by_method[action.method].append(action)
+    for method, group in by_method.items():
+        QUANTIZERS.get(method)(model, group, context)
+
+
+@QUANTIZERS.register("rtn")
+@torch.no_grad()
+def rtn(model: nn.Module, actions: list[Action], context: ApplyContext) -> None:
+    """Round every weight to the nearest level of its group."""
+    for action in actions:
+        weight = model.get_submodule(action.unit).weight.data
+        _install(model, action, *rtn_quantize(weight, action.bits, action.group_size, action.symmetric))
+
+
+@QUANTIZERS.register("gptq")
+def gptq(model: nn.Module, actions: list[Action], context: ApplyContext) -> None:
+    """Sequential GPTQ over the calibration windows: each block's Hessians see the already-quantized blocks."""
+    from ..profile import BlockwiseRunner, attach_hessians, block_linears
+
+    source = context.require_calibration()
+    targets = {a.unit: a for a in actions}
+    runner = BlockwiseRunner(model, source.tokens(), source.settings.calib_batch_size)
+    for index in runner.progress("gptq"):
+        linears = {n: m for n, m in block_linears(runner, index).items() if n in targets}
+        if linears:
+            hessians, handles = attach_hessians(linears)
+            try:
+                runner.forward(index)
+            finally:
+                for handle in handles:
+                    handle.remove()
+            for name, linear in linears.items():
+                action = targets[name]
+                result = gptq_quantize(linear.weight.data, hessians.pop(name).hessian, action.bits,
+                                       action.group_size, action.symmetric)
+                _install(model, action, *result)
+        if index + 1 < len(runner.blocks):
+            runner.advance(runner.forward(index))
+
+
+def _replay(model: nn.Module, actions: list[Action]) -> None:
+    """Shapes only: empty quantized modules where the plan quantized, so the saved codes load into them."""
+    for action in actions:
+        linear = model.get_submodule(action.unit)
+        model.set_submodule(action.unit, QuantizedLinear(linear.in_features, linear.out_features, action.bits,
+                                                         action.group_size, linear.bias is not None,
+                                                         linear.weight.dtype, linear.weight.device))
+
+
+STRUCTURE_REPLAY.add("quantize", _replay)

@@ -1,0 +1,96 @@
+"""Weight quantization on tiny-llama: exact packing, error against bits, GPTQ against RTN, packed bytes
+as stored, and reload with identical logits."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import layerwise
+from layerwise.backends import architecture_signature
+from layerwise.backends.packing import pack, packed_bytes, unpack
+from layerwise.backends.quantize import QuantizedLinear, group_bounds, gptq_quantize, rtn_quantize
+from layerwise.config import Budget
+from layerwise.cost import measure_size
+from layerwise.plan import Plan, QuantizeAction
+from layerwise.profile.hessian import HessianAccumulator
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 8])
+def test_packing_round_trips_exactly(bits):
+    generator = torch.Generator().manual_seed(bits)
+    codes = torch.randint(0, 2**bits, (1001,), generator=generator)
+    packed = pack(codes, bits)
+    assert packed.dtype == torch.uint8 and packed.numel() == packed_bytes(1001, bits) == (1001 * bits + 7) // 8
+    assert torch.equal(unpack(packed, bits, 1001), codes)
+
+
+def test_group_bounds_allow_a_shorter_last_group():
+    assert group_bounds(576, 128) == [(0, 128), (128, 256), (256, 384), (384, 512), (512, 576)]
+    assert group_bounds(64, None) == [(0, 64)]
+
+
+def _dequantized(codes, scales, zeros, group_size):
+    index = torch.cat([torch.full((e - s,), g) for g, (s, e) in enumerate(group_bounds(codes.shape[1], group_size))])
+    return (codes - zeros[:, index]) * scales[:, index]
+
+
+def test_quantization_error_shrinks_with_more_bits_and_smaller_groups():
+    weight = torch.randn(64, 160, generator=torch.Generator().manual_seed(0))
+    errors = {}
+    for bits in (2, 3, 4, 8):
+        for symmetric in (False, True):
+            codes, scales, zeros = rtn_quantize(weight, bits, 32, symmetric)
+            assert codes.min() >= 0 and codes.max() <= 2**bits - 1
+            errors[(bits, symmetric)] = float((_dequantized(codes, scales, zeros, 32) - weight).pow(2).mean())
+    for symmetric in (False, True):
+        assert errors[(2, symmetric)] > errors[(3, symmetric)] > errors[(4, symmetric)] > errors[(8, symmetric)]
+    per_channel = rtn_quantize(weight, 4, None, False)
+    assert float((_dequantized(*per_channel, None) - weight).pow(2).mean()) > errors[(4, False)]
+
+
+def test_gptq_output_error_is_below_rtn():
+    generator = torch.Generator().manual_seed(1)
+    mixing = torch.randn(96, 96, generator=generator) / 10 + torch.eye(96)
+    inputs = torch.randn(2048, 96, generator=generator) @ mixing  # correlated inputs, as real activations are
+    weight = torch.randn(48, 96, generator=generator)
+    accumulator = HessianAccumulator(96, torch.device("cpu"))
+    accumulator.update(inputs)
+    reference = inputs @ weight.t()
+    for bits in (3, 4):
+        rtn = _dequantized(*rtn_quantize(weight, bits, 32, False), 32)
+        gptq = _dequantized(*gptq_quantize(weight, accumulator.hessian, bits, 32, False), 32)
+        rtn_error = float((inputs @ rtn.t() - reference).pow(2).mean())
+        gptq_error = float((inputs @ gptq.t() - reference).pow(2).mean())
+        assert gptq_error < 0.8 * rtn_error
+
+
+def _plan(tiny, actions):
+    return Plan(model="tiny-llama", architecture=architecture_signature(tiny.model), budget=Budget(),
+                allocator="manual", method="rtn", actions=actions)
+
+
+def test_stored_bytes_are_the_packed_size_and_reload_is_identical(tiny, tokens, tmp_path, calibration):
+    units = {"model.layers.0.self_attn.q_proj": (4, 32), "model.layers.1.mlp.down_proj": (3, 48),
+             "model.layers.2.mlp.up_proj": (8, None)}
+    before = measure_size(tiny.model).weight_bytes
+    actions = [QuantizeAction(unit=u, bits=b, group_size=g, method="gptq" if b == 3 else "rtn")
+               for u, (b, g) in units.items()]
+    plan = _plan(tiny, actions)
+    layerwise.apply(tiny.model, plan, calibration=calibration)
+    expected = before
+    for unit, (bits, group) in units.items():
+        module = tiny.model.get_submodule(unit)
+        assert isinstance(module, QuantizedLinear)
+        groups = len(group_bounds(module.in_features, group))
+        weights = module.in_features * module.out_features
+        expected += packed_bytes(weights, bits) + module.out_features * groups * 3 - weights * 4  # fp16 scale, u8 zero
+    assert measure_size(tiny.model).weight_bytes == expected
+    with torch.no_grad():
+        logits = tiny.model(tokens).logits
+    layerwise.save(tiny, tmp_path / "q", plan)
+    reloaded = layerwise.load(str(tmp_path / "q"))
+    with torch.no_grad():
+        assert torch.equal(reloaded.model(tokens).logits, logits)
+    on_disk = sum(f.stat().st_size for f in (tmp_path / "q").glob("*.safetensors"))
+    assert on_disk < before  # the file holds the packed codes, not float weights
