@@ -21,7 +21,7 @@ def test_packing_round_trips_exactly(bits):
     generator = torch.Generator().manual_seed(bits)
     codes = torch.randint(0, 2**bits, (1001,), generator=generator)
     packed = pack(codes, bits)
-    assert packed.dtype == torch.uint8 and packed.numel() == packed_bytes(1001, bits) == (1001 * bits + 7) // 8
+    assert packed.dtype == torch.uint8 and packed.numel() == packed_bytes(1001, bits) == 126 * bits  # 8 codes, bits bytes
     assert torch.equal(unpack(packed, bits, 1001), codes)
 
 
@@ -94,3 +94,62 @@ def test_stored_bytes_are_the_packed_size_and_reload_is_identical(tiny, tokens, 
         assert torch.equal(reloaded.model(tokens).logits, logits)
     on_disk = sum(f.stat().st_size for f in (tmp_path / "q").glob("*.safetensors"))
     assert on_disk < before  # the file holds the packed codes, not float weights
+
+
+def _bit_context(tiny, calibration, choices):
+    from layerwise.allocate.bits import BitContext
+    from layerwise.models import decoder_linears
+
+    return BitContext(tiny.model, decoder_linears(tiny.model), choices, 32, False, calibration)
+
+
+@pytest.mark.parametrize("target", [3.5, 4.25, 5.0, 6.1])
+def test_greedy_fills_the_average_bit_budget_without_passing_it(tiny, calibration, target):
+    from layerwise.allocate.bits import BIT_ALLOCATORS, average_bits
+
+    context = _bit_context(tiny, calibration, [3, 4, 8])
+    allocation = BIT_ALLOCATORS.get("greedy")(context, avg_bits=target)
+    sizes = context.sizes()
+    achieved = average_bits(sizes, allocation.bits)
+    assert achieved <= target + 1e-9
+    for name, width in allocation.bits.items():  # no single widening still fits
+        wider = [b for b in (3, 4, 8) if b > width]
+        if wider:
+            assert achieved + sizes[name] * (wider[0] - width) / sum(sizes.values()) > target
+    errors = allocation.details["sensitivity"]
+    assert all(errors[n]["3"] > errors[n]["4"] > errors[n]["8"] for n in errors)
+
+
+def test_uniform_bits_picks_the_widest_width_within_the_budget(tiny, calibration):
+    from layerwise.allocate.bits import BIT_ALLOCATORS
+    from layerwise.errors import BudgetError
+
+    context = _bit_context(tiny, calibration, [3, 4, 8])
+    assert set(BIT_ALLOCATORS.get("uniform")(context, avg_bits=4.25).bits.values()) == {4}
+    with pytest.raises(BudgetError, match="needs one --bits value"):
+        BIT_ALLOCATORS.get("uniform")(context)
+    with pytest.raises(BudgetError, match="below the narrowest choice"):
+        BIT_ALLOCATORS.get("greedy")(context, avg_bits=2.5)
+
+
+def test_quant_cli_records_bits_and_bytes(tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from layerwise.cli import app
+
+    out = tmp_path / "q"
+    result = CliRunner().invoke(app, ["compress", "--model", "tiny-llama", "--structure", "quant", "--method", "gptq",
+                                      "--allocator", "greedy", "--bits", "3,4,8", "--avg-bits", "4.25", "--group-size",
+                                      "48", "--seqlen", "64", "--max-windows", "2", "--nsamples", "8",
+                                      "--generation-length", "4", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    record = json.loads((out / "result.json").read_text())
+    prediction = record["plan"]["prediction"]
+    assert prediction["avg_bits"] <= 4.25 and prediction["last_group_width"] == {"64": 16, "160": 16}
+    assert record["metrics"]["weight_bytes"] < record["metrics"]["dense"]["weight_bytes"] / 3
+    assert {a["op"] for a in record["plan"]["actions"]} == {"quantize"}
+    bad = CliRunner().invoke(app, ["compress", "--model", "tiny-llama", "--structure", "quant", "--bits", "9",
+                                   "--out", str(tmp_path / "bad")])
+    assert bad.exit_code == 2 and "--bits must lie between 2 and 8" in bad.output

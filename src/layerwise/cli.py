@@ -32,10 +32,10 @@ Dtype = Annotated[str, typer.Option(help="float32 (default), bfloat16 or float16
 Device = Annotated[str, typer.Option(help="cpu, cuda, cuda:1, ...")]
 Seed = Annotated[int, typer.Option(help="Seed for calibration sampling and searches.")]
 Nsamples = Annotated[int, typer.Option(help="Calibration windows.")]
-Method = Annotated[Optional[str], typer.Option(help="unstructured: magnitude (default), wanda, sparsegpt (or *_ww); width: importance taylor (default) or act.")]
-Allocator = Annotated[str, typer.Option(help="Per-layer allocator: uniform, owl, alpha; depth: sprint, sleb, shortgpt, drop-last; width: uniform, adapt, rl, rl-refine.")]
+Method = Annotated[Optional[str], typer.Option(help="unstructured: magnitude (default), wanda, sparsegpt (or *_ww); width: importance taylor (default) or act; quant: rtn (default) or gptq.")]
+Allocator = Annotated[str, typer.Option(help="Per-layer allocator: uniform, owl, alpha; depth: sprint, sleb, shortgpt, drop-last; width: uniform, adapt, rl, rl-refine; quant: uniform, greedy.")]
 Sparsity = Annotated[Optional[float], typer.Option(help="Target mean sparsity over decoder linears, in [0, 1) (default 0.5).")]
-Structure = Annotated[str, typer.Option(help="unstructured (sparsity per linear), depth (remove attention/MLP sublayers) or width (slice heads and FFN channels).")]
+Structure = Annotated[str, typer.Option(help="unstructured (sparsity per linear), depth (remove attention/MLP sublayers), width (slice heads and FFN channels) or quant (bits per linear).")]
 PruningRatio = Annotated[Optional[float], typer.Option("--pruning-ratio", help="width: fraction of the eligible attention/MLP parameters removed.")]
 AttnLayers = Annotated[Optional[str], typer.Option("--attn-layers", help="width: attention layers that may be pruned, start:end (default all).")]
 MlpLayers = Annotated[Optional[str], typer.Option("--mlp-layers", help="width: MLP layers that may be pruned, start:end (default all).")]
@@ -77,6 +77,10 @@ Tasks = Annotated[Optional[str], typer.Option(help="Zero-shot tasks through lm-e
 Limit = Annotated[Optional[int], typer.Option(help="Zero-shot items per task, a seeded random subset (default 500; 0 = all).")]
 PromptLength = Annotated[int, typer.Option("--prompt-length", help="Latency: prompt tokens for prefill.")]
 GenerationLength = Annotated[int, typer.Option("--generation-length", help="Latency: decoded tokens.")]
+Bits = Annotated[Optional[str], typer.Option("--bits", help="quant: bit width (uniform), or the choices 3,4,8 (greedy).")]
+GroupSize = Annotated[Optional[int], typer.Option("--group-size", help="quant: inputs per scale group (default 128; a shorter last group when it does not divide; 0 = per channel).")]
+Symmetric = Annotated[Optional[bool], typer.Option("--symmetric/--asymmetric", help="quant: symmetric codes (default asymmetric).")]
+AvgBits = Annotated[Optional[float], typer.Option("--avg-bits", help="quant: average bits per decoder-linear weight the plan may use.")]
 RecoverSteps = Annotated[int, typer.Option("--recover-steps", help="LoRA (peft) fine-tune steps on the calibration windows after pruning (0 = none).")]
 RecoverLr = Annotated[float, typer.Option("--recover-lr", help="Learning rate of the LoRA recovery.")]
 Latency = Annotated[bool, typer.Option("--latency/--no-latency", help="Measure prefill/decode latency.")]
@@ -143,11 +147,14 @@ def _settings(**values: Any) -> RunSettings:
 
 
 def _budget(structure: str, sparsity: Optional[float], target_speedup: Optional[float],
-            num_remove: Optional[int], pruning_ratio: Optional[float] = None) -> Budget:
+            num_remove: Optional[int], pruning_ratio: Optional[float] = None,
+            avg_bits: Optional[float] = None) -> Budget:
     if structure == "depth":
         return Budget.for_depth(target_speedup, num_remove)
     if structure == "width":
         return Budget.for_width(pruning_ratio)
+    if structure == "quant":
+        return Budget.for_bits(avg_bits)
     return Budget.for_sparsity(0.5 if sparsity is None else sparsity)
 
 
@@ -217,6 +224,9 @@ def _print_compression_table(record: dict, out: Path) -> None:
         table.add_row("pruning search time", "", f"{metrics['pruning_s']:.1f} s")
     if metrics.get("widths"):
         _width_rows(table, metrics)
+    avg_bits = record["plan"]["prediction"].get("avg_bits")
+    if avg_bits is not None:
+        table.add_row("average bits (decoder linears)", "", f"{avg_bits:.3f}")
     if metrics.get("recovery"):
         recovery = metrics["recovery"]
         table.add_row(f"PPL before / after LoRA ({recovery['steps']} steps)", "",
@@ -224,7 +234,7 @@ def _print_compression_table(record: dict, out: Path) -> None:
     table.add_row("wall time", "", f"{record['timings']['total_s']:.1f} s")
     console.print(table)
     _print_protocols(record)
-    if not metrics.get("removed_sublayers") and not metrics.get("widths"):
+    if all(action["op"] == "sparsify" for action in record["plan"]["actions"]):
         console.print("masked sparsity saves no bytes or time by itself.")
     console.print(f"saved to {out}")
 
@@ -308,11 +318,15 @@ def compress(
     adapt_amplitude: AdaptAmplitude = None,
     recover_steps: RecoverSteps = 0,
     recover_lr: RecoverLr = 1e-4,
+    bits: Bits = None,
+    group_size: GroupSize = None,
+    symmetric: Symmetric = None,
+    avg_bits: AvgBits = None,
 ) -> None:
     """Load, plan, apply, evaluate and save; print dense vs compressed metrics."""
     from .pipeline import compress as run_compress
 
-    budget = _budget(structure, sparsity, target_speedup, num_remove_sublayers, pruning_ratio)
+    budget = _budget(structure, sparsity, target_speedup, num_remove_sublayers, pruning_ratio, avg_bits)
     settings = _settings(corpus=corpus, eval_text=eval_text, calib_text=calib_text, seqlen=seqlen,
                          max_windows=max_windows, batch_size=batch_size, dtype=dtype, device=device, seed=seed,
                          nsamples=nsamples, calib_seqlen=calib_seqlen, recover_steps=recover_steps,
@@ -327,7 +341,8 @@ def compress(
                                num_checkpoints=num_checkpoints, checkpointing_on_cpu=checkpointing_on_cpu,
                                **_width_params(attn_layers, mlp_layers, channel_multiple, taylor_seq_len, rl_steps,
                                                rl_algo, rl_w_acc, rl_alpha, rl_beta, rl_gamma, rl_delta,
-                                               refine_moves, refine_block, adapt_amplitude))
+                                               refine_moves, refine_block, adapt_amplitude),
+                               **_allocator_params(bits=bits, group_size=group_size, symmetric=symmetric))
     record = run_compress(model, budget, method, allocator, settings, out, overwrite, nm, structure,
                           _speedups(eval_speedups), **params)
     _print_compression_table(record, out)
@@ -409,11 +424,15 @@ def plan(
     rl_algo: RlAlgo = None,
     refine_moves: RefineMoves = None,
     adapt_amplitude: AdaptAmplitude = None,
+    bits: Bits = None,
+    group_size: GroupSize = None,
+    symmetric: Symmetric = None,
+    avg_bits: AvgBits = None,
 ) -> None:
     """Compute a plan and write it as JSON, without touching any weights."""
     from .pipeline import plan_to_file
 
-    budget = _budget(structure, sparsity, target_speedup, num_remove_sublayers, pruning_ratio)
+    budget = _budget(structure, sparsity, target_speedup, num_remove_sublayers, pruning_ratio, avg_bits)
     settings = _settings(corpus=corpus, calib_text=calib_text, seqlen=seqlen, seed=seed, nsamples=nsamples,
                          calib_seqlen=calib_seqlen)
     params = _allocator_params(epsilon=epsilon, metric=metric, metric_cache=metric_cache, owl_m=owl_m,
@@ -421,7 +440,8 @@ def plan(
                                num_candidate_sublayers=num_candidate_sublayers,
                                **_width_params(attn_layers, mlp_layers, channel_multiple, taylor_seq_len, rl_steps,
                                                rl_algo, None, None, None, None, None, refine_moves, None,
-                                               adapt_amplitude))
+                                               adapt_amplitude),
+                               **_allocator_params(bits=bits, group_size=group_size, symmetric=symmetric))
     the_plan = plan_to_file(model, budget, out, method, allocator, settings, overwrite, nm, structure, **params)
     console.print(f"{len(the_plan.actions)} actions ({the_plan.method} / {the_plan.allocator}) written to {out}")
 

@@ -12,13 +12,15 @@ from .errors import BudgetError
 class Budget(BaseModel):
     """What the plan must reach: a mean sparsity over all decoder linears (weighted by parameter count),
     or, for depth pruning, a predicted speedup or a number of sublayers to remove, or, for width pruning,
-    the fraction of the eligible attention/MLP weights to slice away."""
+    the fraction of the eligible attention/MLP weights to slice away, or, for quantization, the
+    parameter-weighted average bit width of the decoder linears."""
 
     model_config = ConfigDict(extra="forbid")
     sparsity: Optional[float] = Field(None, ge=0.0, lt=1.0)
     target_speedup: Optional[float] = Field(None, gt=1.0)
     remove_sublayers: Optional[int] = Field(None, ge=1)
     pruning_ratio: Optional[float] = Field(None, gt=0.0, lt=1.0)
+    avg_bits: Optional[float] = Field(None, gt=0.0, le=16.0)
 
     @classmethod
     def for_sparsity(cls, sparsity: float) -> "Budget":
@@ -47,6 +49,15 @@ class Budget(BaseModel):
         if not 0.0 < pruning_ratio < 1.0:
             raise BudgetError(f"--pruning-ratio must lie in (0, 1) (got {pruning_ratio}).")
         return cls(pruning_ratio=pruning_ratio)
+
+
+    @classmethod
+    def for_bits(cls, avg_bits: float | None) -> "Budget":
+        """A quantization budget: at most ``avg_bits`` bits per decoder-linear weight on average (None: the
+        allocator's own choice, e.g. one uniform width)."""
+        if avg_bits is not None and not 0.0 < avg_bits <= 16.0:
+            raise BudgetError(f"--avg-bits must lie in (0, 16] (got {avg_bits}).")
+        return cls(avg_bits=avg_bits)
 
 
 # Items per zero-shot task unless told otherwise: the default task set scores in under 15 minutes on 2 CPU

@@ -16,7 +16,8 @@ from .cost import measure_latency_table
 from .errors import BudgetError, LayerwiseError
 from .models import LoadedModel, decoder_linears, get_adapter
 from .cost.analytic import ModelDims, estimate_costs, predicted_speedups
-from .plan import Plan, RemoveAction, SliceAction, SparsifyAction, TuneSpec
+from .allocate.bits import BIT_ALLOCATORS
+from .plan import Plan, QuantizeAction, RemoveAction, SliceAction, SparsifyAction, TuneSpec
 from .profile import CalibrationSource
 from .profile.width import WIDTH_SCORERS
 from .registry import Registry
@@ -73,6 +74,8 @@ def validate_request(method: str, allocator: str, budget: Budget, nm: str | None
         return "remove", _check_depth_request(allocator, budget, nm, allocator_params), None
     if structure == "width":
         return (*_check_width_request(method, allocator, budget, nm, allocator_params), None)
+    if structure == "quant":
+        return (*_check_quant_request(method, allocator, nm, allocator_params), None)
     method = method or "magnitude"
     if budget.sparsity is None:
         raise BudgetError("Unstructured pruning needs --sparsity.")
@@ -115,6 +118,34 @@ def _check_width_request(method: str | None, allocator: str, budget: Budget, nm:
         RL_ALGORITHMS.canonical(params["rl_algo"])
     _check_params(WIDTH_ALLOCATORS.get(allocator), allocator, {k: v for k, v in params.items() if k not in WIDTH_OPTIONS})
     return method, allocator
+
+
+# Options of the quantization structure (bit choices, grouping, symmetry), not of any bit allocator.
+QUANT_OPTIONS = {"bits", "group_size", "symmetric"}
+
+
+def _check_quant_request(method: str | None, allocator: str, nm: str | None, params: dict[str, Any]) -> tuple[str, str]:
+    from .backends.quantize import QUANTIZERS
+
+    method = QUANTIZERS.canonical(method or "rtn")
+    allocator = BIT_ALLOCATORS.canonical(allocator)
+    if nm is not None:
+        raise BudgetError("--nm applies to unstructured sparsity, not to quantization.")
+    parse_bits(params.get("bits", "4"))
+    _check_params(BIT_ALLOCATORS.get(allocator), allocator,
+                  {k: v for k, v in params.items() if k not in QUANT_OPTIONS})
+    return method, allocator
+
+
+def parse_bits(text: str | int) -> list[int]:
+    """``4`` or ``3,4,8`` as sorted bit widths, each between 2 and 8."""
+    try:
+        choices = sorted({int(part) for part in str(text).split(",") if part.strip()})
+    except ValueError:
+        raise BudgetError(f"--bits must be integers separated by commas (got '{text}').") from None
+    if not choices or not all(2 <= b <= 8 for b in choices):
+        raise BudgetError(f"--bits must lie between 2 and 8 (got '{text}').")
+    return choices
 
 
 def layer_range(text: str | None, blocks: int, option: str) -> range:
@@ -248,4 +279,34 @@ def _width_plan(request: PlanRequest) -> Plan:
     details = {**allocation.details, "search_s": allocation.seconds, "widths": widths.as_lists(blocks),
                "dense_widths": space.dense().as_lists(blocks), "group_size": next(iter(space.group_size.values()), None),
                "calibration": calibration.describe()}  # the importance scores (which units go) depend on it
+    return request.plan(actions, {**allocation.params, **options}, details, prediction)
+
+
+@STRUCTURES.register("quant")
+def _quant_plan(request: PlanRequest) -> Plan:
+    """Let the bit allocator pick each decoder linear's width; one quantize action per linear."""
+    from .allocate.bits import BitContext, average_bits
+    from .backends.quantize import group_bounds
+
+    params = dict(request.params)
+    options = {k: params.pop(k) for k in list(params) if k in QUANT_OPTIONS}
+    choices = parse_bits(options.get("bits", "4"))
+    group_size = options.get("group_size", 128) or None
+    symmetric = bool(options.get("symmetric", False))
+    linears = decoder_linears(request.loaded.model)
+    context = BitContext(request.loaded.model, linears, choices, group_size, symmetric, request.calibration,
+                         request.seed)
+    allocation = BIT_ALLOCATORS.get(request.allocator)(context, avg_bits=request.budget.avg_bits, **params)
+    sizes = context.sizes()
+    achieved = average_bits(sizes, allocation.bits)
+    if request.budget.avg_bits is not None and achieved > request.budget.avg_bits + 1e-9:
+        raise BudgetError(f"The {request.allocator} allocation averages {achieved:.4f} bits, over the budget "
+                          f"{request.budget.avg_bits}.")
+    actions = [QuantizeAction(unit=name, bits=bits, group_size=group_size, symmetric=symmetric, method=request.method)
+               for name, bits in allocation.bits.items()]
+    widths = {linear.in_features for linear in linears.values()}
+    prediction = {"avg_bits": round(achieved, 6),
+                  "memory_saving_vs_16bit": round(1 - achieved / 16, 6),
+                  "last_group_width": {str(w): [e - s for s, e in group_bounds(w, group_size)][-1] for w in sorted(widths)}}
+    details = {**allocation.details, "bits": allocation.bits, "group_size": group_size, "symmetric": symmetric}
     return request.plan(actions, {**allocation.params, **options}, details, prediction)

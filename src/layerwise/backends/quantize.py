@@ -15,8 +15,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from ..errors import PlanError
-from ..models.discovery import decoder_linears
+from ..models.discovery import LINEAR_LIKE, decoder_linears
 from ..plan import Action
 from ..registry import Registry
 from .base import OP_METHODS, OP_UNITS, OPS, STRUCTURE_REPLAY, ApplyContext
@@ -79,15 +78,20 @@ class QuantizedLinear(nn.Module):
             module.bias.data.copy_(linear.bias.data)
         return module
 
-    def group_index(self) -> torch.Tensor:
-        bounds = group_bounds(self.in_features, self.group_size)
-        return torch.cat([torch.full((end - start,), g, dtype=torch.long) for g, (start, end) in enumerate(bounds)])
-
     def dequantized_weight(self) -> torch.Tensor:
-        codes = unpack(self.qweight, self.bits, self.in_features * self.out_features)
-        codes = codes.reshape(self.out_features, self.in_features).float()
-        index = self.group_index().to(codes.device)
-        weight = (codes - self.zeros.float()[:, index]) * self.scales.float()[:, index]
+        """The float weight, computed group by group from the packed codes (nothing cached)."""
+        codes = unpack(self.qweight, self.bits, self.in_features * self.out_features, torch.float32)
+        codes = codes.reshape(self.out_features, self.in_features)
+        scales, zeros = self.scales.float(), self.zeros.float()
+        size = self.group_size or self.in_features
+        full = self.in_features // size * size
+        weight = torch.empty_like(codes)
+        if full:
+            groups = full // size
+            block = codes[:, :full].reshape(self.out_features, groups, size)
+            weight[:, :full] = ((block - zeros[:, :groups, None]) * scales[:, :groups, None]).reshape(-1, full)
+        if full < self.in_features:  # the shorter last group
+            weight[:, full:] = (codes[:, full:] - zeros[:, -1:]) * scales[:, -1:]
         return weight.to(self.compute_dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -154,11 +158,6 @@ OP_METHODS["quantize"] = QUANTIZERS
 OP_UNITS.add("quantize", (lambda model: set(decoder_linears(model)), "an unquantized decoder linear"))
 
 
-def _check(action: Action, linear: nn.Linear) -> None:
-    if action.group_size is not None and action.group_size > linear.in_features:
-        raise PlanError(f"Group size {action.group_size} exceeds the {linear.in_features} inputs of {action.unit}.")
-
-
 def _install(model: nn.Module, action: Action, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> None:
     linear = model.get_submodule(action.unit)
     model.set_submodule(action.unit, QuantizedLinear.from_codes(linear, codes, scales, zeros, action.bits,
@@ -169,7 +168,6 @@ def _install(model: nn.Module, action: Action, codes: torch.Tensor, scales: torc
 def apply_quantize(model: nn.Module, actions: list[Action], context: ApplyContext) -> None:
     by_method: dict[str, list[Action]] = defaultdict(list)
     for action in actions:
-        _check(action, model.get_submodule(action.unit))
         by_method[action.method].append(action)
     for method, group in by_method.items():
         QUANTIZERS.get(method)(model, group, context)
@@ -220,3 +218,4 @@ def _replay(model: nn.Module, actions: list[Action]) -> None:
 
 
 STRUCTURE_REPLAY.add("quantize", _replay)
+LINEAR_LIKE.append(QuantizedLinear)

@@ -10,7 +10,7 @@ from torch import nn
 
 from ..errors import UnsupportedArchitectureError
 from ..registry import Registry
-from .discovery import find_blocks
+from .discovery import find_blocks, is_linear_like
 
 ADAPTERS: Registry[type["ModelAdapter"]] = Registry("model family")
 
@@ -213,7 +213,7 @@ class ModelAdapter:
 
 def _has_linear(block: nn.Module, path: str) -> bool:
     try:
-        return isinstance(block.get_submodule(path), nn.Linear)
+        return is_linear_like(block.get_submodule(path))
     except AttributeError:
         return False
 

@@ -6,6 +6,14 @@ from torch import nn
 
 from ..errors import UnsupportedArchitectureError
 
+# Module types that act as a block's linear layers: nn.Linear, plus what backends put in its place
+# (a quantized linear registers itself here), so a compressed model's blocks are still found.
+LINEAR_LIKE: list[type[nn.Module]] = [nn.Linear]
+
+
+def is_linear_like(module: nn.Module) -> bool:
+    return isinstance(module, tuple(LINEAR_LIKE))
+
 
 def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
     """The ModuleList of repeated decoder blocks: the largest list of same-type entries holding nn.Linear
@@ -16,7 +24,7 @@ def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
             continue
         if len({type(block) for block in module}) != 1:
             continue
-        if not any(isinstance(m, nn.Linear) for block in module for m in block.modules()):
+        if not any(is_linear_like(m) for block in module for m in block.modules()):
             continue
         size = sum(p.numel() for p in module.parameters())
         if best is None or size > best[0]:
@@ -29,9 +37,8 @@ def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
 
 
 def decoder_linears(model: nn.Module) -> dict[str, nn.Linear]:
-    """Every nn.Linear inside the decoder blocks, by full module name, in block order.
-
-    Embeddings and the LM head live outside the blocks and are never returned.
+    """Every nn.Linear inside the decoder blocks, by full module name, in block order (a quantized linear
+    is no longer one). Embeddings and the LM head live outside the blocks and are never returned.
     """
     prefix, blocks = find_blocks(model)
     linears: dict[str, nn.Linear] = {}

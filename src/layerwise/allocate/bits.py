@@ -1,0 +1,120 @@
+"""Bit allocation: which bit width each decoder linear is stored at. The budget is a parameter-weighted
+average bit width (``avg_bits``) over the decoder linears; every allocator's plan stays at or under it.
+
+- ``uniform``: one width everywhere (the largest choice within the budget, or ``bits`` when unbudgeted);
+- ``greedy``: start every linear at the widest choice and repeatedly narrow the one whose quantization
+  error grows least per bit saved (error weighted by the Profile's input norms: Σ_j ‖X_j‖²·‖W_:j − Ŵ_:j‖²),
+  until the average fits the budget, then widen again wherever the remainder still allows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from ..errors import BudgetError
+from ..registry import Registry
+
+
+@dataclass
+class BitContext:
+    """What a bit allocator reads: the decoder linears, the quantization settings and the calibration."""
+
+    model: nn.Module
+    linears: dict[str, nn.Linear]
+    choices: list[int]
+    group_size: int | None
+    symmetric: bool
+    calibration: Any = None
+    seed: int = 0
+
+    def sizes(self) -> dict[str, int]:
+        return {name: linear.weight.numel() for name, linear in self.linears.items()}
+
+
+@dataclass
+class BitAllocation:
+    bits: dict[str, int]
+    params: dict[str, Any] = field(default_factory=dict)
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+def average_bits(sizes: dict[str, int], bits: dict[str, int]) -> float:
+    """Parameter-weighted mean bit width."""
+    return sum(sizes[u] * bits[u] for u in sizes) / sum(sizes.values())
+
+
+BitAllocator = Callable[..., BitAllocation]
+BIT_ALLOCATORS: Registry[BitAllocator] = Registry("bit allocator")
+
+
+def _check_budget(context: BitContext, avg_bits: float | None) -> None:
+    if avg_bits is not None and avg_bits < min(context.choices):
+        raise BudgetError(f"--avg-bits {avg_bits} is below the narrowest choice ({min(context.choices)} bits).")
+
+
+@BIT_ALLOCATORS.register("uniform")
+def uniform_bits(context: BitContext, avg_bits: float | None = None) -> BitAllocation:
+    """Every linear at the same width: the widest choice within ``avg_bits`` (or the only choice given)."""
+    _check_budget(context, avg_bits)
+    if avg_bits is None and len(context.choices) != 1:
+        raise BudgetError("Uniform quantization needs one --bits value, or --avg-bits to pick one.")
+    width = max(b for b in context.choices if avg_bits is None or b <= avg_bits + 1e-9)
+    return BitAllocation({name: width for name in context.linears})
+
+
+@torch.no_grad()
+def quantization_error(linear: nn.Linear, norms: torch.Tensor, bits: int, group_size: int | None,
+                       symmetric: bool) -> float:
+    """Σ_j ‖X_j‖²·‖W_:j − Ŵ_:j‖²: the output error of round-to-nearest at ``bits`` under a diagonal Hessian."""
+    from ..backends.quantize import group_bounds, rtn_quantize
+
+    weight = linear.weight.float()
+    codes, scales, zeros = rtn_quantize(weight, bits, group_size, symmetric)
+    index = torch.cat([torch.full((e - s,), g) for g, (s, e) in enumerate(group_bounds(weight.shape[1], group_size))])
+    error = (codes - zeros[:, index]) * scales[:, index] - weight
+    return float((error.pow(2).sum(0) * norms.float().pow(2)).sum())
+
+
+@BIT_ALLOCATORS.register("greedy")
+def greedy_bits(context: BitContext, avg_bits: float | None = None) -> BitAllocation:
+    """Narrow the linear with the least error increase per bit saved until the average fits ``avg_bits``."""
+    if avg_bits is None:
+        raise BudgetError("The greedy bit allocator needs --avg-bits.")
+    _check_budget(context, avg_bits)
+    profile = context.calibration.profile()
+    choices = sorted(context.choices)
+    sizes = context.sizes()
+    errors = {name: {b: quantization_error(linear, profile.feature_norms(name), b, context.group_size,
+                                           context.symmetric) for b in choices}
+              for name, linear in context.linears.items()}
+    bits = {name: choices[-1] for name in context.linears}
+    budget = avg_bits * sum(sizes.values())
+    used = sum(sizes[u] * bits[u] for u in bits)
+    while used > budget + 1e-6:
+        best, best_cost = None, float("inf")
+        for name, width in bits.items():
+            lower = [b for b in choices if b < width]
+            if not lower:
+                continue
+            narrower = lower[-1]
+            cost = (errors[name][narrower] - errors[name][width]) / (sizes[name] * (width - narrower))
+            if cost < best_cost:
+                best, best_cost = name, cost
+        narrower = [b for b in choices if b < bits[best]][-1]
+        used -= sizes[best] * (bits[best] - narrower)
+        bits[best] = narrower
+    while True:  # spend what the last narrowing left over: widen where it helps most per bit and still fits
+        options = [(name, [b for b in choices if b > width][0]) for name, width in bits.items() if width < choices[-1]]
+        options = [(n, w) for n, w in options if used + sizes[n] * (w - bits[n]) <= budget + 1e-6]
+        if not options:
+            break
+        name, wider = max(options, key=lambda o: (errors[o[0]][bits[o[0]]] - errors[o[0]][o[1]])
+                          / (sizes[o[0]] * (o[1] - bits[o[0]])))
+        used += sizes[name] * (wider - bits[name])
+        bits[name] = wider
+    return BitAllocation(bits, {"avg_bits": avg_bits},
+                         {"sensitivity": {name: {str(b): e for b, e in errs.items()} for name, errs in errors.items()}})
