@@ -153,3 +153,27 @@ def test_quant_cli_records_bits_and_bytes(tmp_path):
     bad = CliRunner().invoke(app, ["compress", "--model", "tiny-llama", "--structure", "quant", "--bits", "9",
                                    "--out", str(tmp_path / "bad")])
     assert bad.exit_code == 2 and "--bits must lie between 2 and 8" in bad.output
+
+
+def test_automp_reward_formula():
+    from layerwise.allocate.automp import automp_reward
+
+    assert automp_reward(20.0, 20.0, 16.0, 0.7, 2.0) == 0.0
+    assert automp_reward(30.0, 20.0, 4.0, 0.7, 2.0) == pytest.approx(-0.7 * 0.5 + 2.0 * 0.75)
+
+
+@pytest.mark.parametrize("target", [None, 4.25])
+def test_automp_rl_is_seeded_budgeted_and_leaves_the_weights_alone(tiny, calibration, target):
+    from layerwise.allocate.bits import BIT_ALLOCATORS, average_bits
+
+    context = _bit_context(tiny, calibration, [3, 4, 8])
+    dense = {name: linear.weight.detach().clone() for name, linear in context.linears.items()}
+    runs = [BIT_ALLOCATORS.get("automp-rl")(context, avg_bits=target, episodes=12, eval_samples=2, eval_seqlen=32)
+            for _ in range(2)]
+    assert runs[0].bits == runs[1].bits
+    curve = runs[0].details["curve"]
+    assert len(curve) == 12 and runs[0].details["best_reward_episode"] == max(curve, key=lambda e: e["reward"])["episode"]
+    if target is not None:
+        assert all(point["avg_bits"] <= target + 1e-9 for point in curve)
+        assert average_bits(context.sizes(), runs[0].bits) <= target + 1e-9
+    assert all(torch.equal(linear.weight, dense[name]) for name, linear in context.linears.items())

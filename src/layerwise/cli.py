@@ -33,7 +33,7 @@ Device = Annotated[str, typer.Option(help="cpu, cuda, cuda:1, ...")]
 Seed = Annotated[int, typer.Option(help="Seed for calibration sampling and searches.")]
 Nsamples = Annotated[int, typer.Option(help="Calibration windows.")]
 Method = Annotated[Optional[str], typer.Option(help="unstructured: magnitude (default), wanda, sparsegpt (or *_ww); width: importance taylor (default) or act; quant: rtn (default) or gptq.")]
-Allocator = Annotated[str, typer.Option(help="Per-layer allocator: uniform, owl, alpha; depth: sprint, sleb, shortgpt, drop-last; width: uniform, adapt, rl, rl-refine; quant: uniform, greedy.")]
+Allocator = Annotated[str, typer.Option(help="Per-layer allocator: uniform, owl, alpha; depth: sprint, sleb, shortgpt, drop-last; width: uniform, adapt, rl, rl-refine; quant: uniform, greedy, automp-rl.")]
 Sparsity = Annotated[Optional[float], typer.Option(help="Target mean sparsity over decoder linears, in [0, 1) (default 0.5).")]
 Structure = Annotated[str, typer.Option(help="unstructured (sparsity per linear), depth (remove attention/MLP sublayers), width (slice heads and FFN channels) or quant (bits per linear).")]
 PruningRatio = Annotated[Optional[float], typer.Option("--pruning-ratio", help="width: fraction of the eligible attention/MLP parameters removed.")]
@@ -81,6 +81,10 @@ Bits = Annotated[Optional[str], typer.Option("--bits", help="quant: bit width (u
 GroupSize = Annotated[Optional[int], typer.Option("--group-size", help="quant: inputs per scale group (default 128; a shorter last group when it does not divide; 0 = per channel).")]
 Symmetric = Annotated[Optional[bool], typer.Option("--symmetric/--asymmetric", help="quant: symmetric codes (default asymmetric).")]
 AvgBits = Annotated[Optional[float], typer.Option("--avg-bits", help="quant: average bits per decoder-linear weight the plan may use.")]
+Episodes = Annotated[Optional[int], typer.Option("--episodes", help="automp-rl: sampled configurations (default 300).")]
+MpAlpha = Annotated[Optional[float], typer.Option("--alpha", help="automp-rl: weight of the perplexity term (default 0.7).")]
+MpBeta = Annotated[Optional[float], typer.Option("--beta", help="automp-rl: weight of the memory saving (default 2.0).")]
+EvalSamples = Annotated[Optional[int], typer.Option("--eval-samples", help="automp-rl: calibration windows of 128 tokens scoring each candidate (default 4).")]
 RecoverSteps = Annotated[int, typer.Option("--recover-steps", help="LoRA (peft) fine-tune steps on the calibration windows after pruning (0 = none).")]
 RecoverLr = Annotated[float, typer.Option("--recover-lr", help="Learning rate of the LoRA recovery.")]
 Latency = Annotated[bool, typer.Option("--latency/--no-latency", help="Measure prefill/decode latency.")]
@@ -322,6 +326,10 @@ def compress(
     group_size: GroupSize = None,
     symmetric: Symmetric = None,
     avg_bits: AvgBits = None,
+    episodes: Episodes = None,
+    alpha: MpAlpha = None,
+    beta: MpBeta = None,
+    eval_samples: EvalSamples = None,
 ) -> None:
     """Load, plan, apply, evaluate and save; print dense vs compressed metrics."""
     from .pipeline import compress as run_compress
@@ -342,7 +350,9 @@ def compress(
                                **_width_params(attn_layers, mlp_layers, channel_multiple, taylor_seq_len, rl_steps,
                                                rl_algo, rl_w_acc, rl_alpha, rl_beta, rl_gamma, rl_delta,
                                                refine_moves, refine_block, adapt_amplitude),
-                               **_allocator_params(bits=bits, group_size=group_size, symmetric=symmetric))
+                               **_allocator_params(bits=bits, group_size=group_size, symmetric=symmetric,
+                                                   episodes=episodes, alpha=alpha, beta=beta,
+                                                   eval_samples=eval_samples))
     record = run_compress(model, budget, method, allocator, settings, out, overwrite, nm, structure,
                           _speedups(eval_speedups), **params)
     _print_compression_table(record, out)

@@ -51,7 +51,7 @@ BitAllocator = Callable[..., BitAllocation]
 BIT_ALLOCATORS: Registry[BitAllocator] = Registry("bit allocator")
 
 
-def _check_budget(context: BitContext, avg_bits: float | None) -> None:
+def check_bit_budget(context: BitContext, avg_bits: float | None) -> None:
     if avg_bits is not None and avg_bits < min(context.choices):
         raise BudgetError(f"--avg-bits {avg_bits} is below the narrowest choice ({min(context.choices)} bits).")
 
@@ -59,11 +59,50 @@ def _check_budget(context: BitContext, avg_bits: float | None) -> None:
 @BIT_ALLOCATORS.register("uniform")
 def uniform_bits(context: BitContext, avg_bits: float | None = None) -> BitAllocation:
     """Every linear at the same width: the widest choice within ``avg_bits`` (or the only choice given)."""
-    _check_budget(context, avg_bits)
+    check_bit_budget(context, avg_bits)
     if avg_bits is None and len(context.choices) != 1:
         raise BudgetError("Uniform quantization needs one --bits value, or --avg-bits to pick one.")
     width = max(b for b in context.choices if avg_bits is None or b <= avg_bits + 1e-9)
     return BitAllocation({name: width for name in context.linears})
+
+
+def sensitivities(context: BitContext) -> dict[str, dict[int, float]]:
+    """Activation-weighted RTN error of every linear at every bit choice (see ``quantization_error``)."""
+    profile = context.calibration.profile()
+    return {name: {b: quantization_error(linear, profile.feature_norms(name), b, context.group_size, context.symmetric)
+                   for b in context.choices}
+            for name, linear in context.linears.items()}
+
+
+def fit_bits(bits: dict[str, int], sizes: dict[str, int], errors: dict[str, dict[int, float]], choices: list[int],
+             avg_bits: float) -> dict[str, int]:
+    """Project ``bits`` onto the budget: narrow the linear whose error grows least per bit saved until the
+    average fits ``avg_bits``, then widen where it helps most per bit while it still fits."""
+    choices = sorted(choices)
+    bits = dict(bits)
+    budget = avg_bits * sum(sizes.values())
+    used = sum(sizes[u] * bits[u] for u in bits)
+    while used > budget + 1e-6:
+        best, best_cost = None, float("inf")
+        for name, width in bits.items():
+            lower = [b for b in choices if b < width]
+            if not lower:
+                continue
+            cost = (errors[name][lower[-1]] - errors[name][width]) / (sizes[name] * (width - lower[-1]))
+            if cost < best_cost:
+                best, best_cost = name, cost
+        narrower = [b for b in choices if b < bits[best]][-1]
+        used -= sizes[best] * (bits[best] - narrower)
+        bits[best] = narrower
+    while True:
+        options = [(name, [b for b in choices if b > width][0]) for name, width in bits.items() if width < choices[-1]]
+        options = [(n, w) for n, w in options if used + sizes[n] * (w - bits[n]) <= budget + 1e-6]
+        if not options:
+            return bits
+        name, wider = max(options, key=lambda o: (errors[o[0]][bits[o[0]]] - errors[o[0]][o[1]])
+                          / (sizes[o[0]] * (o[1] - bits[o[0]])))
+        used += sizes[name] * (wider - bits[name])
+        bits[name] = wider
 
 
 @torch.no_grad()
@@ -84,37 +123,10 @@ def greedy_bits(context: BitContext, avg_bits: float | None = None) -> BitAlloca
     """Narrow the linear with the least error increase per bit saved until the average fits ``avg_bits``."""
     if avg_bits is None:
         raise BudgetError("The greedy bit allocator needs --avg-bits.")
-    _check_budget(context, avg_bits)
-    profile = context.calibration.profile()
+    check_bit_budget(context, avg_bits)
     choices = sorted(context.choices)
     sizes = context.sizes()
-    errors = {name: {b: quantization_error(linear, profile.feature_norms(name), b, context.group_size,
-                                           context.symmetric) for b in choices}
-              for name, linear in context.linears.items()}
-    bits = {name: choices[-1] for name in context.linears}
-    budget = avg_bits * sum(sizes.values())
-    used = sum(sizes[u] * bits[u] for u in bits)
-    while used > budget + 1e-6:
-        best, best_cost = None, float("inf")
-        for name, width in bits.items():
-            lower = [b for b in choices if b < width]
-            if not lower:
-                continue
-            narrower = lower[-1]
-            cost = (errors[name][narrower] - errors[name][width]) / (sizes[name] * (width - narrower))
-            if cost < best_cost:
-                best, best_cost = name, cost
-        narrower = [b for b in choices if b < bits[best]][-1]
-        used -= sizes[best] * (bits[best] - narrower)
-        bits[best] = narrower
-    while True:  # spend what the last narrowing left over: widen where it helps most per bit and still fits
-        options = [(name, [b for b in choices if b > width][0]) for name, width in bits.items() if width < choices[-1]]
-        options = [(n, w) for n, w in options if used + sizes[n] * (w - bits[n]) <= budget + 1e-6]
-        if not options:
-            break
-        name, wider = max(options, key=lambda o: (errors[o[0]][bits[o[0]]] - errors[o[0]][o[1]])
-                          / (sizes[o[0]] * (o[1] - bits[o[0]])))
-        used += sizes[name] * (wider - bits[name])
-        bits[name] = wider
+    errors = sensitivities(context)
+    bits = fit_bits({name: choices[-1] for name in context.linears}, sizes, errors, choices, avg_bits)
     return BitAllocation(bits, {"avg_bits": avg_bits},
                          {"sensitivity": {name: {str(b): e for b, e in errs.items()} for name, errs in errors.items()}})

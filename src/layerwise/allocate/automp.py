@@ -1,0 +1,158 @@
+"""``automp-rl`` (AutoMP-RL): a small MLP policy reads each decoder linear's activation statistics (mean |x|,
+max |x|, std, kurtosis from the Profile) with its depth and projection type, and outputs a categorical
+distribution over the bit choices. REINFORCE with an entropy bonus and normalised advantage (a running
+mean/std of rewards as baseline) maximises ``−α·(PPL/PPL_base − 1) + β·memory saving`` (saving = 1 − average
+bits / 16). Candidates are scored on a small fixed token set with per-linear weights precomputed once per
+bit width (a level bank), so an episode only swaps tensors. With ``--avg-bits`` each sampled configuration
+is projected onto the budget (``fit_bits``) before it is scored.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..backends.quantize import dequantize_codes, group_bounds, rtn_quantize
+from .bits import BIT_ALLOCATORS, BitAllocation, BitContext, average_bits, check_bit_budget, fit_bits, sensitivities
+
+ROLES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+STATISTICS = ("mean_abs", "max_abs", "std", "kurtosis")
+
+
+def automp_reward(ppl: float, base_ppl: float, avg: float, alpha: float, beta: float) -> float:
+    """−α·(PPL/PPL_base − 1) + β·(1 − average bits / 16)."""
+    return -alpha * (ppl / base_ppl - 1.0) + beta * (1.0 - avg / 16.0)
+
+
+def linear_states(context: BitContext) -> torch.Tensor:
+    """One row per linear: log-scaled, standardised activation statistics, relative depth, role one-hot."""
+    from ..models.discovery import block_index, find_blocks
+
+    profile = context.calibration.profile()
+    prefix, blocks = find_blocks(context.model)
+    rows = []
+    for name in context.linears:
+        summary = profile.units[name].summary()
+        stats = [math.log1p(abs(summary[key])) * (1 if summary[key] >= 0 else -1) for key in STATISTICS]
+        depth = block_index(name, prefix) / max(1, len(blocks) - 1)
+        role = [1.0 if name.endswith(r) else 0.0 for r in ROLES]
+        rows.append(stats + [depth] + role)
+    states = torch.tensor(rows, dtype=torch.float32)
+    columns = len(STATISTICS)
+    mean, std = states[:, :columns].mean(0), states[:, :columns].std(0).clamp_min(1e-6)
+    states[:, :columns] = (states[:, :columns] - mean) / std
+    return states
+
+
+class LevelBank:
+    """Per linear and bit width, the round-to-nearest dequantized weight, computed once; ``use`` swaps them in."""
+
+    def __init__(self, context: BitContext) -> None:
+        self.linears = context.linears
+        self.dense = {name: linear.weight.data for name, linear in self.linears.items()}
+        self.levels: dict[str, dict[int, torch.Tensor]] = {}
+        for name, linear in self.linears.items():
+            weight = linear.weight.data
+            bounds = group_bounds(weight.shape[1], context.group_size)
+            self.levels[name] = {}
+            for bits in context.choices:
+                codes, scales, zeros = rtn_quantize(weight, bits, context.group_size, context.symmetric)
+                levels = torch.cat([dequantize_codes(codes[:, s:e], scales[:, g], zeros[:, g])
+                                    for g, (s, e) in enumerate(bounds)], 1)
+                self.levels[name][bits] = levels.to(weight.dtype)
+
+    def use(self, bits: dict[str, int]) -> None:
+        for name, width in bits.items():
+            self.linears[name].weight.data = self.levels[name][width]
+
+    def restore(self) -> None:
+        for name, weight in self.dense.items():
+            self.linears[name].weight.data = weight
+
+
+@torch.no_grad()
+def proxy_perplexity(model: nn.Module, tokens: torch.Tensor, batch_size: int) -> float:
+    total, count = 0.0, 0
+    device = next(model.parameters()).device
+    for batch in tokens.split(batch_size):
+        batch = batch.to(device)
+        logits = model(input_ids=batch, use_cache=False).logits[:, :-1].float()
+        total += float(nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1),
+                                                   reduction="sum"))
+        count += batch[:, 1:].numel()
+    return math.exp(total / count)
+
+
+@dataclass
+class Episode:
+    index: int
+    bits: dict[str, int]
+    avg_bits: float
+    ppl: float
+    reward: float
+
+
+@BIT_ALLOCATORS.register("automp-rl", "automp_rl")
+def automp_rl_bits(context: BitContext, avg_bits: float | None = None, episodes: int = 300, alpha: float = 0.7,
+                   beta: float = 2.0, learning_rate: float = 2e-3, entropy_coef: float = 0.01,
+                   eval_samples: int = 4, eval_seqlen: int = 128) -> BitAllocation:
+    """Train the policy for ``episodes`` sampled configurations; return the best-reward one (best PPL kept too)."""
+    check_bit_budget(context, avg_bits)
+    with torch.random.fork_rng():  # seeded sampling without touching the caller's random state
+        torch.manual_seed(context.seed)
+        return _train(context, avg_bits, episodes, alpha, beta, learning_rate, entropy_coef, eval_samples, eval_seqlen)
+
+
+def _train(context: BitContext, avg_bits: float | None, episodes: int, alpha: float, beta: float,
+           learning_rate: float, entropy_coef: float, eval_samples: int, eval_seqlen: int) -> BitAllocation:
+    states = linear_states(context)
+    names = list(context.linears)
+    choices = sorted(context.choices)
+    policy = nn.Sequential(nn.Linear(states.shape[1], 64), nn.Tanh(), nn.Linear(64, 64), nn.Tanh(),
+                           nn.Linear(64, len(choices)))
+    optimizer = torch.optim.Adam(policy.parameters(), lr=learning_rate)
+    sizes = context.sizes()
+    errors = sensitivities(context) if avg_bits is not None else None
+    tokens = context.calibration.tokens()[:eval_samples, :eval_seqlen]
+    batch_size = context.calibration.settings.calib_batch_size
+    base_ppl = proxy_perplexity(context.model, tokens, batch_size)
+    bank = LevelBank(context)
+    history: list[Episode] = []
+    mean, var = 0.0, 1.0
+    try:
+        for index in tqdm(range(episodes), desc="automp-rl", unit="episode", disable=None, leave=False):
+            distribution = torch.distributions.Categorical(logits=policy(states))
+            sample = distribution.sample()
+            bits = {name: choices[int(k)] for name, k in zip(names, sample)}
+            if avg_bits is not None:
+                bits = fit_bits(bits, sizes, errors, choices, avg_bits)
+            bank.use(bits)
+            ppl = proxy_perplexity(context.model, tokens, batch_size)
+            avg = average_bits(sizes, bits)
+            reward = automp_reward(ppl, base_ppl, avg, alpha, beta)
+            history.append(Episode(index, bits, avg, ppl, reward))
+            mean, var = (reward, 1.0) if index == 0 else (0.9 * mean + 0.1 * reward,
+                                                           0.9 * var + 0.1 * (reward - mean) ** 2)
+            advantage = (reward - mean) / math.sqrt(var + 1e-8)
+            taken = torch.tensor([choices.index(bits[name]) for name in names])  # the projected choice is learnt
+            loss = -advantage * distribution.log_prob(taken).sum() - entropy_coef * distribution.entropy().sum()
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    finally:
+        bank.restore()
+    best = max(history, key=lambda e: e.reward)
+    best_ppl = min(history, key=lambda e: e.ppl)
+    params = {"episodes": episodes, "alpha": alpha, "beta": beta, "learning_rate": learning_rate,
+              "entropy_coef": entropy_coef, "eval_samples": eval_samples, "eval_seqlen": eval_seqlen,
+              "avg_bits": avg_bits}
+    details = {"curve": [{"episode": e.index, "ppl": round(e.ppl, 4), "avg_bits": round(e.avg_bits, 4),
+                          "memory_saving": round(1 - e.avg_bits / 16, 6), "reward": round(e.reward, 6)}
+                         for e in history],
+               "base_proxy_ppl": base_ppl, "best_reward_episode": best.index, "best_ppl_episode": best_ppl.index,
+               "best_ppl_bits": best_ppl.bits}
+    return BitAllocation(best.bits, params, details)
