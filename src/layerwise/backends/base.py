@@ -6,6 +6,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any, Callable
 
+import torch
 from torch import nn
 
 from ..errors import PlanError
@@ -81,3 +82,37 @@ def apply_plan(model: nn.Module, plan: Plan, context: ApplyContext | None = None
     for op, actions in grouped.items():
         OPS.get(op)(model, actions, context or ApplyContext())
     return model
+
+
+def dispatch_by_method(methods: Registry, model: nn.Module, actions: list[Action], context: ApplyContext) -> None:
+    """Hand each method's actions (in plan order) to the function ``methods`` registers for it."""
+    by_method: dict[str, list[Action]] = defaultdict(list)
+    for action in actions:
+        by_method[action.method].append(action)
+    for method, group in by_method.items():
+        methods.get(method)(model, group, context)
+
+
+def sequential_hessian_pass(model: nn.Module, actions: list[Action], context: ApplyContext, description: str,
+                            update: Callable[[nn.Module, Action, torch.Tensor], None]) -> None:
+    """Stream the calibration windows block by block: accumulate the inputs' Hessian of every target linear
+    in the block, call ``update(linear, action, hessian)`` for each, then run the updated block so the next
+    block sees compressed outputs (SparseGPT's and GPTQ's sequential calibration)."""
+    from ..profile import BlockwiseRunner, attach_hessians, block_linears
+
+    source = context.require_calibration()
+    targets = {a.unit: a for a in actions}
+    runner = BlockwiseRunner(model, source.tokens(), source.settings.calib_batch_size)
+    for index in runner.progress(description):
+        linears = {n: m for n, m in block_linears(runner, index).items() if n in targets}
+        if linears:
+            hessians, handles = attach_hessians(linears)
+            try:
+                runner.forward(index)
+            finally:
+                for handle in handles:
+                    handle.remove()
+            for name, linear in linears.items():
+                update(linear, targets[name], hessians.pop(name).hessian)
+        if index + 1 < len(runner.blocks):
+            runner.advance(runner.forward(index))

@@ -9,7 +9,6 @@ Hessian of the calibration inputs, sequential over blocks like SparseGPT).
 
 from __future__ import annotations
 
-from collections import defaultdict
 from typing import Callable
 
 import torch
@@ -18,7 +17,8 @@ from torch import nn
 from ..models.discovery import LINEAR_LIKE, decoder_linears
 from ..plan import Action
 from ..registry import Registry
-from .base import OP_METHODS, OP_UNITS, OPS, STRUCTURE_REPLAY, ApplyContext
+from .base import (OP_METHODS, OP_UNITS, OPS, STRUCTURE_REPLAY, ApplyContext, dispatch_by_method,
+                   sequential_hessian_pass)
 from .packing import pack, packed_bytes, unpack
 
 
@@ -166,11 +166,7 @@ def _install(model: nn.Module, action: Action, codes: torch.Tensor, scales: torc
 
 @OPS.register("quantize")
 def apply_quantize(model: nn.Module, actions: list[Action], context: ApplyContext) -> None:
-    by_method: dict[str, list[Action]] = defaultdict(list)
-    for action in actions:
-        by_method[action.method].append(action)
-    for method, group in by_method.items():
-        QUANTIZERS.get(method)(model, group, context)
+    dispatch_by_method(QUANTIZERS, model, actions, context)
 
 
 @QUANTIZERS.register("rtn")
@@ -185,27 +181,12 @@ def rtn(model: nn.Module, actions: list[Action], context: ApplyContext) -> None:
 @QUANTIZERS.register("gptq")
 def gptq(model: nn.Module, actions: list[Action], context: ApplyContext) -> None:
     """Sequential GPTQ over the calibration windows: each block's Hessians see the already-quantized blocks."""
-    from ..profile import BlockwiseRunner, attach_hessians, block_linears
 
-    source = context.require_calibration()
-    targets = {a.unit: a for a in actions}
-    runner = BlockwiseRunner(model, source.tokens(), source.settings.calib_batch_size)
-    for index in runner.progress("gptq"):
-        linears = {n: m for n, m in block_linears(runner, index).items() if n in targets}
-        if linears:
-            hessians, handles = attach_hessians(linears)
-            try:
-                runner.forward(index)
-            finally:
-                for handle in handles:
-                    handle.remove()
-            for name, linear in linears.items():
-                action = targets[name]
-                result = gptq_quantize(linear.weight.data, hessians.pop(name).hessian, action.bits,
-                                       action.group_size, action.symmetric)
-                _install(model, action, *result)
-        if index + 1 < len(runner.blocks):
-            runner.advance(runner.forward(index))
+    def quantize(linear: nn.Module, action: Action, hessian: torch.Tensor) -> None:
+        _install(model, action, *gptq_quantize(linear.weight.data, hessian, action.bits, action.group_size,
+                                               action.symmetric))
+
+    sequential_hessian_pass(model, actions, context, "gptq", quantize)
 
 
 def _replay(model: nn.Module, actions: list[Action]) -> None:

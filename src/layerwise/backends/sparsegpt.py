@@ -7,8 +7,7 @@ import torch
 from torch import nn
 
 from ..plan import SparsifyAction
-from ..profile import BlockwiseRunner, attach_hessians, block_linears
-from .base import ApplyContext
+from .base import ApplyContext, sequential_hessian_pass
 from .masks import check_nm, count_for
 from .unstructured import SPARSIFIERS
 
@@ -77,24 +76,11 @@ def _split_by_width(count: int, widths: list[int]) -> list[int]:
 @SPARSIFIERS.register("sparsegpt")
 def sparsegpt(model: nn.Module, actions: list[SparsifyAction], context: ApplyContext) -> None:
     """Sequential SparseGPT over the calibration windows (block size 128, dampening 0.01 of mean diag H)."""
-    source = context.require_calibration()
-    targets = {a.unit: a for a in actions}
-    runner = BlockwiseRunner(model, source.tokens(), source.settings.calib_batch_size)
-    for index in runner.progress("sparsegpt"):
-        linears = {n: m for n, m in block_linears(runner, index).items() if n in targets}
-        if linears:
-            hessians, handles = attach_hessians(linears)
-            try:
-                runner.forward(index)
-            finally:
-                for handle in handles:
-                    handle.remove()
-            for name, linear in linears.items():
-                action = targets[name]
-                pattern = action.nm()
-                if pattern is not None:
-                    check_nm(pattern, linear.in_features, name)
-                sparsegpt_prune(linear.weight.data, hessians.pop(name).hessian,
-                                count_for(action.ratio, linear.weight.numel()), pattern)
-        if index + 1 < len(runner.blocks):
-            runner.advance(runner.forward(index))
+
+    def prune(linear: nn.Module, action: SparsifyAction, hessian: torch.Tensor) -> None:
+        pattern = action.nm()
+        if pattern is not None:
+            check_nm(pattern, linear.in_features, action.unit)
+        sparsegpt_prune(linear.weight.data, hessian, count_for(action.ratio, linear.weight.numel()), pattern)
+
+    sequential_hessian_pass(model, actions, context, "sparsegpt", prune)

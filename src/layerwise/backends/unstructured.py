@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections import defaultdict
 from typing import Callable
 
 import torch
@@ -10,7 +9,7 @@ from torch import nn
 
 from ..plan import SparsifyAction
 from ..registry import Registry
-from .base import OP_METHODS, OPS, ApplyContext
+from .base import OP_METHODS, OPS, ApplyContext, dispatch_by_method
 from .masks import check_nm, count_for, prune_lowest, prune_lowest_per_row, prune_nm
 
 Sparsifier = Callable[[nn.Module, list[SparsifyAction], ApplyContext], None]
@@ -20,11 +19,7 @@ OP_METHODS["sparsify"] = SPARSIFIERS
 
 @OPS.register("sparsify")
 def apply_sparsify(model: nn.Module, actions: list[SparsifyAction], context: ApplyContext) -> None:
-    by_method: dict[str, list[SparsifyAction]] = defaultdict(list)
-    for action in actions:
-        by_method[action.method].append(action)
-    for method, group in by_method.items():
-        SPARSIFIERS.get(method)(model, group, context)
+    dispatch_by_method(SPARSIFIERS, model, actions, context)
 
 
 @SPARSIFIERS.register("magnitude")
