@@ -80,6 +80,7 @@ GenerationLength = Annotated[int, typer.Option("--generation-length", help="Late
 Bits = Annotated[Optional[str], typer.Option("--bits", help="quant: bit width (uniform), or the choices 3,4,8 (greedy).")]
 GroupSize = Annotated[Optional[int], typer.Option("--group-size", help="quant: inputs per scale group (default 128; a shorter last group when it does not divide; 0 = per channel).")]
 Symmetric = Annotated[Optional[bool], typer.Option("--symmetric/--asymmetric", help="quant: symmetric codes (default asymmetric).")]
+Awq = Annotated[Optional[bool], typer.Option("--awq/--no-awq", help="quant: fold AWQ's activation-aware scales in first (with rtn or gptq).")]
 AvgBits = Annotated[Optional[float], typer.Option("--avg-bits", help="quant: average bits per decoder-linear weight the plan may use.")]
 Episodes = Annotated[Optional[int], typer.Option("--episodes", help="automp-rl: sampled configurations (default 300).")]
 MpAlpha = Annotated[Optional[float], typer.Option("--alpha", help="automp-rl: weight of the perplexity term (default 0.7).")]
@@ -326,6 +327,7 @@ def compress(
     group_size: GroupSize = None,
     symmetric: Symmetric = None,
     avg_bits: AvgBits = None,
+    awq: Awq = None,
     episodes: Episodes = None,
     alpha: MpAlpha = None,
     beta: MpBeta = None,
@@ -350,7 +352,7 @@ def compress(
                                **_width_params(attn_layers, mlp_layers, channel_multiple, taylor_seq_len, rl_steps,
                                                rl_algo, rl_w_acc, rl_alpha, rl_beta, rl_gamma, rl_delta,
                                                refine_moves, refine_block, adapt_amplitude),
-                               **_allocator_params(bits=bits, group_size=group_size, symmetric=symmetric,
+                               **_allocator_params(bits=bits, group_size=group_size, symmetric=symmetric, awq=awq,
                                                    episodes=episodes, alpha=alpha, beta=beta,
                                                    eval_samples=eval_samples))
     record = run_compress(model, budget, method, allocator, settings, out, overwrite, nm, structure,

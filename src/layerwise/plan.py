@@ -77,6 +77,7 @@ class QuantizeAction(BaseModel):
     group_size: Optional[int] = Field(128, ge=1)
     symmetric: bool = False
     method: str = "rtn"
+    awq: bool = Field(False, description="fold AWQ's activation-aware input scales in before quantizing")
 
 
 Action = Annotated[Union[SparsifyAction, RemoveAction, SliceAction, QuantizeAction], Field(discriminator="op")]

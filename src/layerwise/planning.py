@@ -121,7 +121,7 @@ def _check_width_request(method: str | None, allocator: str, budget: Budget, nm:
 
 
 # Options of the quantization structure (bit choices, grouping, symmetry), not of any bit allocator.
-QUANT_OPTIONS = {"bits", "group_size", "symmetric"}
+QUANT_OPTIONS = {"bits", "group_size", "symmetric", "awq"}
 
 
 def _check_quant_request(method: str | None, allocator: str, nm: str | None, params: dict[str, Any]) -> tuple[str, str]:
@@ -302,11 +302,13 @@ def _quant_plan(request: PlanRequest) -> Plan:
     if request.budget.avg_bits is not None and achieved > request.budget.avg_bits + 1e-9:
         raise BudgetError(f"The {request.allocator} allocation averages {achieved:.4f} bits, over the budget "
                           f"{request.budget.avg_bits}.")
-    actions = [QuantizeAction(unit=name, bits=bits, group_size=group_size, symmetric=symmetric, method=request.method)
-               for name, bits in allocation.bits.items()]
+    awq = bool(options.get("awq", False))
+    actions = [QuantizeAction(unit=name, bits=bits, group_size=group_size, symmetric=symmetric, method=request.method,
+                              awq=awq) for name, bits in allocation.bits.items()]
     widths = {linear.in_features for linear in linears.values()}
     prediction = {"avg_bits": round(achieved, 6),
                   "memory_saving_vs_16bit": round(1 - achieved / 16, 6),
                   "last_group_width": {str(w): [e - s for s, e in group_bounds(w, group_size)][-1] for w in sorted(widths)}}
-    details = {**allocation.details, "bits": allocation.bits, "group_size": group_size, "symmetric": symmetric}
+    details = {**allocation.details, "bits": allocation.bits, "group_size": group_size, "symmetric": symmetric,
+               "awq": awq}
     return request.plan(actions, {**allocation.params, **options}, details, prediction)

@@ -166,6 +166,11 @@ def _install(model: nn.Module, action: Action, codes: torch.Tensor, scales: torc
 
 @OPS.register("quantize")
 def apply_quantize(model: nn.Module, actions: list[Action], context: ApplyContext) -> None:
+    """AWQ's scale search first where asked (an exact equivalence on the float model), then the quantizers."""
+    if any(action.awq for action in actions):
+        from .awq import apply_awq
+
+        apply_awq(model, actions, context)
     dispatch_by_method(QUANTIZERS, model, actions, context)
 
 
