@@ -3,6 +3,8 @@ as stored, and reload with identical logits."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -133,8 +135,6 @@ def test_uniform_bits_picks_the_widest_width_within_the_budget(tiny, calibration
 
 
 def test_quant_cli_records_bits_and_bytes(tmp_path):
-    import json
-
     from typer.testing import CliRunner
 
     from layerwise.cli import app
@@ -215,3 +215,30 @@ def test_awq_plan_applies_saves_and_reloads(tiny, tokens, calibration, tmp_path)
     layerwise.save(tiny, tmp_path / "awq", plan)
     with torch.no_grad():
         assert torch.equal(layerwise.load(str(tmp_path / "awq")).model(tokens).logits, logits)
+
+
+def test_report_draws_the_bit_map_and_the_search_curve(tmp_path):
+    import base64
+    import re
+
+    from typer.testing import CliRunner
+
+    from layerwise.cli import app
+    from layerwise.report.figures import bits_map
+
+    out = tmp_path / "mp"
+    result = CliRunner().invoke(app, ["compress", "--model", "tiny-llama", "--structure", "quant", "--allocator",
+                                      "automp-rl", "--bits", "3,4,8", "--avg-bits", "5", "--episodes", "6",
+                                      "--eval-samples", "2", "--seqlen", "64", "--max-windows", "2", "--nsamples", "4",
+                                      "--generation-length", "4", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    record = json.loads((out / "result.json").read_text())
+    assert record["metrics"]["avg_bits"] <= 5 and len(record["metrics"]["bits_curve"]) == 6
+    layer_map = bits_map(record)
+    assert layer_map.blocks == [0, 1, 2, 3] and "mlp.down_proj" in layer_map.rows
+    assert {v for row in layer_map.values for v in row} <= {3.0, 4.0, 8.0}
+    assert CliRunner().invoke(app, ["report", str(out)]).exit_code == 0
+    page = (out / "report.html").read_text()
+    assert "Bit-allocation search" in page and "bits per linear" in page
+    images = re.findall(r'src="data:image/png;base64,([^"]+)"', page)
+    assert len(images) == 3 and all(base64.b64decode(d)[:8] == b"\x89PNG\r\n\x1a\n" for d in images)

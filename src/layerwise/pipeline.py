@@ -155,6 +155,7 @@ def run_plan(
             "pruning_s": plan.details.get("search_s"),
             **_depth_metrics(plan, dense["latency"], (extra or {}).get("milestones")),
             **_width_metrics(plan),
+            **_quant_metrics(plan),
         },
         protocol=compressed.get("protocol"),
         calibration={**calibration.describe(), "profile_from_cache": calibration.profile_from_cache},
@@ -226,6 +227,13 @@ def _width_metrics(plan: Plan) -> dict:
         "flop_speedup": plan.prediction.get("flop_speedup"),
         "rl_curve": plan.details.get("rl_curve"),
     }
+
+
+def _quant_metrics(plan: Plan) -> dict:
+    """What a quantization run adds: the average bit width and, for searches, the per-episode curve."""
+    if not any(action.op == "quantize" for action in plan.actions):
+        return {}
+    return {"avg_bits": plan.prediction.get("avg_bits"), "bits_curve": plan.details.get("curve")}
 
 
 def _per_unit_sparsity(loaded: LoadedModel) -> dict[str, float]:

@@ -136,6 +136,41 @@ def width_map(record: dict) -> Optional[LayerMap]:
                     ["attention heads", "FFN channels"], blocks, [kept("groups"), kept("channels")])
 
 
+@ALLOCATION_VIEWS.register("bits")
+def bits_map(record: dict) -> Optional[LayerMap]:
+    """Bit width of every quantized decoder linear, by block and projection."""
+    bits = (record.get("plan") or {}).get("details", {}).get("bits")
+    if not bits or not any(action.get("op") == "quantize" for action in record["plan"]["actions"]):
+        return None
+    cells = {_split_unit(unit): float(value) for unit, value in bits.items()}
+    blocks = sorted({block for block, _ in cells})
+    rows = list(dict.fromkeys(component for _, component in cells))
+    values = [[cells.get((block, row)) for block in blocks] for row in rows]
+    average = record["plan"]["prediction"].get("avg_bits")
+    return LayerMap(f"bits per linear (average {average:.2f})", "bits", rows, blocks, values)
+
+
+def bits_search_plot(runs: list[RunSummary]) -> Optional[bytes]:
+    """AutoMP-RL searches: proxy perplexity, memory saving and reward per episode."""
+    traced = [run for run in runs if run.record["metrics"].get("bits_curve")]
+    if not traced:
+        return None
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.0))
+    for key, ax, label in (("ppl", axes[0], "proxy perplexity"), ("memory_saving", axes[1], "memory saving vs 16-bit"),
+                           ("reward", axes[2], "reward")):
+        for run in traced:
+            curve = run.record["metrics"]["bits_curve"]
+            ax.plot([p["episode"] for p in curve], [p[key] for p in curve], lw=1, label=run.name)
+        ax.set_xlabel("episode")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle("bit-allocation search per episode")
+    fig.tight_layout()
+    return _png(fig)
+
+
 def rl_curve_plot(runs: list[RunSummary]) -> Optional[bytes]:
     """The RL searches' training curves: each episode's objective and the best seen, against environment steps."""
     traced = [run for run in runs if run.record["metrics"].get("rl_curve")]

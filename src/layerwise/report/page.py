@@ -12,7 +12,8 @@ from ..cache import atomic_write_text
 from ..errors import DataError
 from ..registry import Registry
 from .allocation import plot_allocation
-from .figures import allocation_maps, layer_map_plot, pareto_plot, rl_curve_plot, trajectory_plot, value_range
+from .figures import (allocation_maps, bits_search_plot, layer_map_plot, pareto_plot, rl_curve_plot, trajectory_plot,
+                      value_range)
 from .tables import RunSummary, comparison_table, markdown_table, summarize
 
 STYLE = """
@@ -78,6 +79,9 @@ def render_html(runs: list[RunSummary]) -> str:
     curve = rl_curve_plot(runs)
     if curve is not None:
         sections += ["<h2>RL training curve</h2>", _img(curve, "RL training curve")]
+    bits_curve = bits_search_plot(runs)
+    if bits_curve is not None:
+        sections += ["<h2>Bit-allocation search</h2>", _img(bits_curve, "bit-allocation search per episode")]
     allocations = [(run, m) for run in runs for m in allocation_maps(run.record)]
     if allocations:
         sections.append("<h2>Per-layer allocation</h2>")
