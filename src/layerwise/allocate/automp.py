@@ -17,6 +17,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..backends.quantize import dequantize_codes, group_bounds, rtn_quantize
+from ..evaluate.perplexity import token_set_perplexity
 from .bits import BIT_ALLOCATORS, BitAllocation, BitContext, average_bits, check_bit_budget, fit_bits, sensitivities
 
 ROLES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -74,19 +75,6 @@ class LevelBank:
             self.linears[name].weight.data = weight
 
 
-@torch.no_grad()
-def proxy_perplexity(model: nn.Module, tokens: torch.Tensor, batch_size: int) -> float:
-    total, count = 0.0, 0
-    device = next(model.parameters()).device
-    for batch in tokens.split(batch_size):
-        batch = batch.to(device)
-        logits = model(input_ids=batch, use_cache=False).logits[:, :-1].float()
-        total += float(nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1),
-                                                   reduction="sum"))
-        count += batch[:, 1:].numel()
-    return math.exp(total / count)
-
-
 @dataclass
 class Episode:
     index: int
@@ -119,7 +107,7 @@ def _train(context: BitContext, avg_bits: float | None, episodes: int, alpha: fl
     errors = sensitivities(context) if avg_bits is not None else None
     tokens = context.calibration.tokens()[:eval_samples, :eval_seqlen]
     batch_size = context.calibration.settings.calib_batch_size
-    base_ppl = proxy_perplexity(context.model, tokens, batch_size)
+    base_ppl = token_set_perplexity(context.model, tokens, batch_size)
     bank = LevelBank(context)
     history: list[Episode] = []
     mean, var = 0.0, 1.0
@@ -131,7 +119,7 @@ def _train(context: BitContext, avg_bits: float | None, episodes: int, alpha: fl
             if avg_bits is not None:
                 bits = fit_bits(bits, sizes, errors, choices, avg_bits)
             bank.use(bits)
-            ppl = proxy_perplexity(context.model, tokens, batch_size)
+            ppl = token_set_perplexity(context.model, tokens, batch_size)
             avg = average_bits(sizes, bits)
             reward = automp_reward(ppl, base_ppl, avg, alpha, beta)
             history.append(Episode(index, bits, avg, ppl, reward))

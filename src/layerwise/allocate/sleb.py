@@ -7,10 +7,10 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..config import Budget
+from ..evaluate.perplexity import next_token_nll
 from ..profile.sublayers import SublayerStream
 from .depth import DEPTH_ALLOCATORS, DepthAllocation, DepthContext, RemovalSearch
 
@@ -21,10 +21,9 @@ def _perplexity_without(stream: SublayerStream, tokens: list[torch.Tensor], bloc
     final = stream.run(stream.states_at(start), start, stream.num_positions, skip={start, start + 1})
     nll, count = 0.0, 0
     for hidden, ids in zip(final, tokens):
-        logits = stream.adapter.logits(hidden)[:, :-1].float()
-        targets = ids[:, 1:].to(logits.device)
-        nll += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum"))
-        count += targets.numel()
+        batch_nll, predicted = next_token_nll(stream.adapter.logits(hidden), ids)
+        nll += batch_nll
+        count += predicted
     return math.exp(nll / count)
 
 

@@ -16,6 +16,7 @@ from pydantic import BaseModel, Field
 from torch import nn
 
 from ..cost.analytic import PROXIES, ModelDims, estimate_costs
+from ..evaluate.perplexity import token_set_perplexity
 from ..models.adapter import get_adapter
 from ..profile.width import WidthScores, group_rows
 from .width import Widths, WidthSpace
@@ -75,20 +76,11 @@ class WidthProxy:
                 dropped = self.scores.ranked_channels(block)[widths.channels[block]:]
                 mask[torch.tensor(dropped, dtype=torch.long, device=self.device)] = 0.0
 
-    @torch.no_grad()
     def perplexity(self, widths: Widths) -> float:
         key = (tuple(sorted(widths.groups.items())), tuple(sorted(widths.channels.items())))
         if key not in self.cache:
             self._set(widths)
-            total, count = 0.0, 0
-            for batch in self.tokens.split(self.batch_size):
-                batch = batch.to(self.device)
-                logits = self.model(input_ids=batch, use_cache=False).logits[:, :-1].float()
-                nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
-                                                        batch[:, 1:].reshape(-1), reduction="sum")
-                total += float(nll)
-                count += batch[:, 1:].numel()
-            self.cache[key] = math.exp(total / count)
+            self.cache[key] = token_set_perplexity(self.model, self.tokens, self.batch_size)
             self.evaluations += 1
         return self.cache[key]
 

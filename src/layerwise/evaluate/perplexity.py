@@ -37,6 +37,26 @@ class PerplexityResult(BaseModel):
     protocol: PerplexityProtocol
 
 
+def next_token_nll(logits: torch.Tensor, ids: torch.Tensor) -> tuple[float, int]:
+    """Summed NLL of ``ids[:, 1:]`` under ``logits[:, :-1]`` (float32), and how many tokens were predicted."""
+    logits = logits[:, :-1].float()
+    targets = ids[:, 1:].to(logits.device)
+    nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum")
+    return float(nll), targets.numel()
+
+
+@torch.no_grad()
+def token_set_perplexity(model: torch.nn.Module, tokens: torch.Tensor, batch_size: int) -> float:
+    """exp(mean next-token NLL) of ``model`` on a fixed [n, seqlen] token set: the searches' fast proxy."""
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    for batch in tokens.split(batch_size):
+        nll, predicted = next_token_nll(model(input_ids=batch.to(device), use_cache=False).logits, batch)
+        total += nll
+        count += predicted
+    return math.exp(total / count)
+
+
 @torch.no_grad()
 def perplexity(
     model: torch.nn.Module,
@@ -55,10 +75,7 @@ def perplexity(
     batches = range(0, windows.shape[0], batch_size)
     for start in tqdm(batches, desc=f"perplexity {corpus.name}/{split}", unit="batch", disable=None, leave=False):
         batch = windows[start : start + batch_size].to(device)
-        logits = model(input_ids=batch, use_cache=False).logits[:, :-1].float()
-        total_nll += F.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum"
-        ).item()
+        total_nll += next_token_nll(model(input_ids=batch, use_cache=False).logits, batch)[0]
     predicted = windows.shape[0] * (seqlen - 1)
     mean_nll = total_nll / predicted
     protocol = PerplexityProtocol(
