@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..backends.quantize import dequantize_codes, group_bounds, rtn_quantize
+from ..backends.quantize import rtn_round_trip
 from ..evaluate.perplexity import token_set_perplexity
 from .bits import BIT_ALLOCATORS, BitAllocation, BitContext, average_bits, check_bit_budget, fit_bits, sensitivities
 
@@ -58,13 +58,9 @@ class LevelBank:
         self.levels: dict[str, dict[int, torch.Tensor]] = {}
         for name, linear in self.linears.items():
             weight = linear.weight.data
-            bounds = group_bounds(weight.shape[1], context.group_size)
-            self.levels[name] = {}
-            for bits in context.choices:
-                codes, scales, zeros = rtn_quantize(weight, bits, context.group_size, context.symmetric)
-                levels = torch.cat([dequantize_codes(codes[:, s:e], scales[:, g], zeros[:, g])
-                                    for g, (s, e) in enumerate(bounds)], 1)
-                self.levels[name][bits] = levels.to(weight.dtype)
+            self.levels[name] = {
+                bits: rtn_round_trip(weight, bits, context.group_size, context.symmetric).to(weight.dtype)
+                for bits in context.choices}
 
     def use(self, bits: dict[str, int]) -> None:
         for name, width in bits.items():

@@ -109,12 +109,10 @@ def fit_bits(bits: dict[str, int], sizes: dict[str, int], errors: dict[str, dict
 def quantization_error(linear: nn.Linear, norms: torch.Tensor, bits: int, group_size: int | None,
                        symmetric: bool) -> float:
     """Σ_j ‖X_j‖²·‖W_:j − Ŵ_:j‖²: the output error of round-to-nearest at ``bits`` under a diagonal Hessian."""
-    from ..backends.quantize import group_bounds, rtn_quantize
+    from ..backends.quantize import rtn_round_trip
 
     weight = linear.weight.float()
-    codes, scales, zeros = rtn_quantize(weight, bits, group_size, symmetric)
-    index = torch.cat([torch.full((e - s,), g) for g, (s, e) in enumerate(group_bounds(weight.shape[1], group_size))])
-    error = (codes - zeros[:, index]) * scales[:, index] - weight
+    error = rtn_round_trip(weight, bits, group_size, symmetric) - weight
     return float((error.pow(2).sum(0) * norms.float().pow(2)).sum())
 
 

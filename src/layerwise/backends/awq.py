@@ -17,7 +17,7 @@ from torch import nn
 from ..models.adapter import get_adapter
 from ..plan import Action
 from .base import ApplyContext
-from .quantize import group_bounds, rtn_quantize
+from .quantize import rtn_round_trip
 
 GRID = 20
 MAX_TOKENS = 4096  # calibration tokens per search: AWQ's scales are stable well below that
@@ -25,9 +25,7 @@ MAX_TOKENS = 4096  # calibration tokens per search: AWQ's scales are stable well
 
 def fake_quantize(weight: torch.Tensor, action: Action) -> torch.Tensor:
     """``weight`` rounded as the action would store it, back in float (for the search only)."""
-    codes, scales, zeros = rtn_quantize(weight, action.bits, action.group_size, action.symmetric)
-    bounds = group_bounds(weight.shape[1], action.group_size)
-    return torch.cat([(codes[:, s:e] - zeros[:, g, None]) * scales[:, g, None] for g, (s, e) in enumerate(bounds)], 1)
+    return rtn_round_trip(weight, action.bits, action.group_size, action.symmetric)
 
 
 @torch.no_grad()

@@ -51,6 +51,27 @@ def dequantize_codes(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tenso
     return scale[:, None] * (codes - zero[:, None])
 
 
+def dequantize(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int | None) -> torch.Tensor:
+    """The float weight of ``codes`` [out, in] with per-group ``scales`` and ``zeros`` [out, groups]: full groups
+    by one broadcast, the shorter last group (if any) on its own."""
+    out_features, in_features = codes.shape
+    size = group_size or in_features
+    full = in_features // size * size
+    weight = torch.empty_like(codes, dtype=torch.float32)
+    if full:
+        groups = full // size
+        block = codes[:, :full].float().reshape(out_features, groups, size)
+        weight[:, :full] = ((block - zeros[:, :groups, None]) * scales[:, :groups, None]).reshape(-1, full)
+    if full < in_features:
+        weight[:, full:] = (codes[:, full:].float() - zeros[:, -1:]) * scales[:, -1:]
+    return weight
+
+
+def rtn_round_trip(weight: torch.Tensor, bits: int, group_size: int | None, symmetric: bool) -> torch.Tensor:
+    """``weight`` rounded to nearest as it would be stored, back in float32 (for searches and error estimates)."""
+    return dequantize(*rtn_quantize(weight, bits, group_size, symmetric), group_size)
+
+
 class QuantizedLinear(nn.Module):
     """A linear layer whose weight is stored as packed ``bits``-bit codes with per-group scales and zeros."""
 
@@ -82,17 +103,7 @@ class QuantizedLinear(nn.Module):
         """The float weight, computed group by group from the packed codes (nothing cached)."""
         codes = unpack(self.qweight, self.bits, self.in_features * self.out_features, torch.float32)
         codes = codes.reshape(self.out_features, self.in_features)
-        scales, zeros = self.scales.float(), self.zeros.float()
-        size = self.group_size or self.in_features
-        full = self.in_features // size * size
-        weight = torch.empty_like(codes)
-        if full:
-            groups = full // size
-            block = codes[:, :full].reshape(self.out_features, groups, size)
-            weight[:, :full] = ((block - zeros[:, :groups, None]) * scales[:, :groups, None]).reshape(-1, full)
-        if full < self.in_features:  # the shorter last group
-            weight[:, full:] = (codes[:, full:] - zeros[:, -1:]) * scales[:, -1:]
-        return weight.to(self.compute_dtype)
+        return dequantize(codes, self.scales.float(), self.zeros.float(), self.group_size).to(self.compute_dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return nn.functional.linear(x, self.dequantized_weight().to(x.dtype), self.bias)
