@@ -248,7 +248,8 @@ def _width_plan(request: PlanRequest) -> Plan:
     params = dict(request.params)
     options = {k: params.pop(k) for k in list(params) if k in WIDTH_OPTIONS}
     calibration = request.calibration or CalibrationSource(request.loaded, RunSettings())
-    blocks = get_adapter(model).num_blocks
+    adapter = get_adapter(model)
+    blocks = adapter.num_blocks
     space = WidthSpace.from_model(
         model, request.budget.pruning_ratio, layer_range(options.get("attn_layers"), blocks, "--attn-layers"),
         layer_range(options.get("mlp_layers"), blocks, "--mlp-layers"), options.get("channel_multiple", 8))
@@ -263,7 +264,6 @@ def _width_plan(request: PlanRequest) -> Plan:
     if abs(removed - space.target_removed) > space.rounding_unit:
         raise BudgetError(f"The {request.allocator} allocation removes {removed} parameters, more than one rounding "
                           f"unit from the target {space.target_removed}.")
-    adapter = get_adapter(model)
     actions = [SliceAction(unit=adapter.attention(b).name, keep=kept * space.group_size[b], method=request.method,
                            seq_len=seq_len) for b, kept in widths.groups.items() if kept < space.groups[b]]
     actions += [SliceAction(unit=adapter.mlp(b).name, keep=kept, method=request.method, seq_len=seq_len)

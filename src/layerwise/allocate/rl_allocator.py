@@ -27,7 +27,7 @@ class WidthAllocationEnv(gym.Env):
 
     def __init__(self, space: WidthSpace, log: SearchLog, scores: Any, ffn_levels: int = 10) -> None:
         self.space, self.log = space, log
-        self.blocks = sorted(set(space.groups) | set(space.channels))
+        self.blocks = space.blocks
         most_groups = max(space.groups.values(), default=1)
         self.head_levels = [k / most_groups for k in range(1, most_groups + 1)]
         self.ffn_levels = [k / ffn_levels for k in range(1, ffn_levels + 1)]
@@ -42,16 +42,11 @@ class WidthAllocationEnv(gym.Env):
         return (self.space.groups.get(block, 0) * self.space.group_params,
                 self.space.channels.get(block, 0) * self.space.channel_params)
 
-    def _layer_max_removal(self, block: int) -> float:
-        groups, channels = self.space.groups.get(block), self.space.channels.get(block)
-        return ((groups - 1) * self.space.group_params if groups else 0) + \
-               ((channels - self.space.multiple) * self.space.channel_params if channels else 0)
-
     def _capacity_from(self, t: int) -> float:
-        return sum(self._layer_max_removal(b) for b in self.blocks[t:])
+        return sum(self.space.layer_max_removal(b) for b in self.blocks[t:])
 
     def _reset_state(self) -> None:
-        self.t, self.removed, self.episode_reward = 0, 0.0, 0.0
+        self.t, self.removed = 0, 0.0
         self.head_keep: dict[int, float] = {}
         self.ffn_keep: dict[int, float] = {}
         self.previous = (1.0, 1.0)
@@ -101,7 +96,7 @@ def rl_widths(context: WidthContext, rl_steps: int = 3000, rl_algo: str = "ppo",
               rl_alpha: float = 0.2, rl_beta: float = 0.6, rl_gamma: float = 0.2, rl_delta: float = 0.4,
               rl_ffn_levels: int = 10, rl_proxy_samples: int = 4, rl_proxy_seqlen: int = 128) -> WidthAllocation:
     """Train a policy (PPO or A2C, seeded) for ``rl_steps`` layer decisions; return the best plan it saw."""
-    layers = len(set(context.space.groups) | set(context.space.channels))
+    layers = len(context.space.blocks)
     if rl_steps < layers:
         raise BudgetError(f"--rl-steps {rl_steps} is shorter than one episode ({layers} layer decisions).")
     weights = RewardWeights(w_acc=rl_w_acc, alpha=rl_alpha, beta=rl_beta, gamma=rl_gamma, delta=rl_delta)

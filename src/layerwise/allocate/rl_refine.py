@@ -26,7 +26,7 @@ class WidthRefineEnv(gym.Env):
 
     def __init__(self, space: WidthSpace, log: SearchLog, start: Widths, moves: int = 8, block: int = 64) -> None:
         self.space, self.log, self.start, self.moves, self.block = space, log, start, moves, block
-        self.blocks = sorted(set(space.groups) | set(space.channels))
+        self.blocks = space.blocks
         n = len(self.blocks)
         self.action_space = gym.spaces.MultiDiscrete([2, n, n])
         self.observation_space = gym.spaces.Box(0.0, 1.0, (2 * n + 1,), dtype=np.float32)

@@ -96,9 +96,19 @@ class WidthSpace:
         return (sum(self.groups[i] - widths.groups[i] for i in self.groups) * self.group_params
                 + sum(self.channels[i] - widths.channels[i] for i in self.channels) * self.channel_params)
 
+    @property
+    def blocks(self) -> list[int]:
+        """Blocks with any eligible unit, in order."""
+        return sorted(set(self.groups) | set(self.channels))
+
+    def layer_max_removal(self, block: int) -> int:
+        """The most one block can give: all but one KV group and all but ``multiple`` FFN channels."""
+        groups, channels = self.groups.get(block), self.channels.get(block)
+        return ((groups - 1) * self.group_params if groups else 0) + \
+               ((channels - self.multiple) * self.channel_params if channels else 0)
+
     def max_removable(self) -> int:
-        return (sum(g - 1 for g in self.groups.values()) * self.group_params
-                + sum(c - self.multiple for c in self.channels.values()) * self.channel_params)
+        return sum(self.layer_max_removal(block) for block in self.blocks)
 
     def check(self) -> None:
         if not self.groups and not self.channels:

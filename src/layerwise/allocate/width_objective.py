@@ -109,6 +109,3 @@ class Objective:
         accuracy = -math.log(ppl / self.dense_ppl)
         value = self.weights.w_acc * accuracy - sum(w * costs[name] for name, w in self.weights.cost_weights().items())
         return {"value": value, "accuracy": accuracy, "proxy_ppl": ppl, **costs}
-
-    def value(self, widths: Widths) -> float:
-        return self.terms(widths)["value"]

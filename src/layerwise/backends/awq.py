@@ -72,6 +72,7 @@ def apply_awq(model: nn.Module, actions: list[Action], context: ApplyContext) ->
     source = context.require_calibration()
     runner = BlockwiseRunner(model, source.tokens(), source.settings.calib_batch_size)
     report = {}
+    names = {id(m): n for n, m in model.named_modules()}  # folding changes values, never modules
     for index in runner.progress("awq"):
         attention, mlp = adapter.attention(index), adapter.mlp(index)
         block = adapter.blocks[index]
@@ -83,7 +84,6 @@ def apply_awq(model: nn.Module, actions: list[Action], context: ApplyContext) ->
         if not mlp.removed:
             groups.append((block.get_submodule(adapter.mlp_norm), [mlp.linears["gate"], mlp.linears["up"]]))
             groups.append((mlp.linears["up"], [mlp.linears["down"]]))
-        names = {id(m): n for n, m in model.named_modules()}
         wanted = [(previous, linears) for previous, linears in groups if any(names[id(l)] in by_unit for l in linears)]
         if wanted:
             inputs = _capture_inputs(runner, index, [linears[0] for _, linears in wanted])

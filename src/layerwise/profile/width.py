@@ -27,15 +27,6 @@ class WidthScores:
     groups: dict[int, torch.Tensor]
     channels: dict[int, torch.Tensor]
 
-    def to_state(self) -> dict[str, Any]:
-        return {"groups": {str(k): v for k, v in self.groups.items()},
-                "channels": {str(k): v for k, v in self.channels.items()}}
-
-    @classmethod
-    def from_state(cls, state: dict[str, Any]) -> "WidthScores":
-        return cls(groups={int(k): v for k, v in state["groups"].items()},
-                   channels={int(k): v for k, v in state["channels"].items()})
-
     def ranked_groups(self, block: int) -> list[int]:
         """KV groups of ``block``, most important first (ties: lower index first)."""
         return _ranked(self.groups[block])
