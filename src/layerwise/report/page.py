@@ -6,7 +6,7 @@ import base64
 import html
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 from ..cache import atomic_write_text
 from ..errors import DataError
@@ -59,6 +59,15 @@ def _protocol_notes(runs: list[RunSummary]) -> str:
     return "<ul class='note'>" + "".join(notes) + "</ul>"
 
 
+# (heading, alt text, figure over all runs): each section appears when its figure applies to some run
+FIGURES: list[tuple[str, str, Callable[[list[RunSummary]], Optional[bytes]]]] = [
+    ("Perplexity vs cost", "Pareto plot of perplexity vs cost", pareto_plot),
+    ("Speedup vs perplexity per step", "speedup vs perplexity per step", trajectory_plot),
+    ("RL training curve", "RL training curve", rl_curve_plot),
+    ("Bit-allocation search", "bit-allocation search per episode", bits_search_plot),
+]
+
+
 def render_html(runs: list[RunSummary]) -> str:
     """The full page: comparison table, Pareto plots, then each run's per-layer allocation."""
     headers, rows = comparison_table(runs)
@@ -70,18 +79,10 @@ def render_html(runs: list[RunSummary]) -> str:
         _html_table(headers, rows),
         _protocol_notes(runs),
     ]
-    pareto = pareto_plot(runs)
-    if pareto is not None:
-        sections += ["<h2>Perplexity vs cost</h2>", _img(pareto, "Pareto plot of perplexity vs cost")]
-    trajectory = trajectory_plot(runs)
-    if trajectory is not None:
-        sections += ["<h2>Speedup vs perplexity per step</h2>", _img(trajectory, "speedup vs perplexity per step")]
-    curve = rl_curve_plot(runs)
-    if curve is not None:
-        sections += ["<h2>RL training curve</h2>", _img(curve, "RL training curve")]
-    bits_curve = bits_search_plot(runs)
-    if bits_curve is not None:
-        sections += ["<h2>Bit-allocation search</h2>", _img(bits_curve, "bit-allocation search per episode")]
+    for heading, alt, plot in FIGURES:
+        png = plot(runs)
+        if png is not None:
+            sections += [f"<h2>{heading}</h2>", _img(png, alt)]
     allocations = [(run, m) for run in runs for m in allocation_maps(run.record)]
     if allocations:
         sections.append("<h2>Per-layer allocation</h2>")
