@@ -67,6 +67,28 @@ def test_gptq_output_error_is_below_rtn():
         assert gptq_error < 0.8 * rtn_error
 
 
+def test_gptq_act_order_keeps_contiguous_groups_and_beats_rtn():
+    """Activation order permutes the columns while quantizing only: codes come back in the original order, each
+    group's codes lie within its own (static) scale range, including a shorter last group (96 = 40 + 40 + 16)."""
+    generator = torch.Generator().manual_seed(2)
+    scale = torch.linspace(0.1, 3.0, 96)[torch.randperm(96, generator=generator)]  # uneven input energy
+    mixing = torch.randn(96, 96, generator=generator) / 10 + torch.eye(96)
+    inputs = torch.randn(2048, 96, generator=generator) @ mixing * scale
+    weight = torch.randn(48, 96, generator=generator)
+    accumulator = HessianAccumulator(96, torch.device("cpu"))
+    accumulator.update(inputs)
+    codes, scales, zeros = gptq_quantize(weight, accumulator.hessian, 3, 40, False, act_order=True)
+    assert scales.shape == (48, 3) and codes.min() >= 0 and codes.max() <= 7
+    expected_scales = rtn_quantize(weight, 3, 40, False)[1]  # static groups: parameters of the unupdated weight
+    assert torch.equal(scales, expected_scales)
+    reference = inputs @ weight.t()
+    errors = {name: float((inputs @ w.t() - reference).pow(2).mean()) for name, w in {
+        "rtn": _dequantized(*rtn_quantize(weight, 3, 40, False), 40),
+        "gptq": _dequantized(*gptq_quantize(weight, accumulator.hessian, 3, 40, False), 40),
+        "act_order": _dequantized(codes, scales, zeros, 40)}.items()}
+    assert errors["act_order"] < errors["gptq"] < errors["rtn"] and errors["act_order"] < 0.6 * errors["rtn"]
+
+
 def _plan(tiny, actions):
     return Plan(model="tiny-llama", architecture=architecture_signature(tiny.model), budget=Budget(),
                 allocator="manual", method="rtn", actions=actions)

@@ -81,6 +81,7 @@ Bits = Annotated[Optional[str], typer.Option("--bits", help="quant: bit width (u
 GroupSize = Annotated[Optional[int], typer.Option("--group-size", help="quant: inputs per scale group (default 128; a shorter last group when it does not divide; 0 = per channel).")]
 Symmetric = Annotated[Optional[bool], typer.Option("--symmetric/--asymmetric", help="quant: symmetric codes (default asymmetric).")]
 Awq = Annotated[Optional[bool], typer.Option("--awq/--no-awq", help="quant: fold AWQ's activation-aware scales in first (with rtn or gptq).")]
+ActOrder = Annotated[Optional[bool], typer.Option("--act-order/--no-act-order", help="quant gptq: columns by decreasing Hessian diagonal, static groups (default on).")]
 AvgBits = Annotated[Optional[float], typer.Option("--avg-bits", help="quant: average bits per decoder-linear weight the plan may use.")]
 Episodes = Annotated[Optional[int], typer.Option("--episodes", help="automp-rl: sampled configurations (default 300).")]
 MpAlpha = Annotated[Optional[float], typer.Option("--alpha", help="automp-rl: weight of the perplexity term (default 0.7).")]
@@ -328,6 +329,7 @@ def compress(
     symmetric: Symmetric = None,
     avg_bits: AvgBits = None,
     awq: Awq = None,
+    act_order: ActOrder = None,
     episodes: Episodes = None,
     alpha: MpAlpha = None,
     beta: MpBeta = None,
@@ -353,6 +355,7 @@ def compress(
                                                rl_algo, rl_w_acc, rl_alpha, rl_beta, rl_gamma, rl_delta,
                                                refine_moves, refine_block, adapt_amplitude),
                                **_allocator_params(bits=bits, group_size=group_size, symmetric=symmetric, awq=awq,
+                                                   act_order=act_order,
                                                    episodes=episodes, alpha=alpha, beta=beta,
                                                    eval_samples=eval_samples))
     record = run_compress(model, budget, method, allocator, settings, out, overwrite, nm, structure,
@@ -440,6 +443,8 @@ def plan(
     group_size: GroupSize = None,
     symmetric: Symmetric = None,
     avg_bits: AvgBits = None,
+    awq: Awq = None,
+    act_order: ActOrder = None,
 ) -> None:
     """Compute a plan and write it as JSON, without touching any weights."""
     from .pipeline import plan_to_file
@@ -453,7 +458,8 @@ def plan(
                                **_width_params(attn_layers, mlp_layers, channel_multiple, taylor_seq_len, rl_steps,
                                                rl_algo, None, None, None, None, None, refine_moves, None,
                                                adapt_amplitude),
-                               **_allocator_params(bits=bits, group_size=group_size, symmetric=symmetric))
+                               **_allocator_params(bits=bits, group_size=group_size, symmetric=symmetric, awq=awq,
+                                                   act_order=act_order))
     the_plan = plan_to_file(model, budget, out, method, allocator, settings, overwrite, nm, structure, **params)
     console.print(f"{len(the_plan.actions)} actions ({the_plan.method} / {the_plan.allocator}) written to {out}")
 

@@ -78,6 +78,7 @@ class QuantizeAction(BaseModel):
     symmetric: bool = False
     method: str = "rtn"
     awq: bool = Field(False, description="fold AWQ's activation-aware input scales in before quantizing")
+    act_order: bool = Field(False, description="gptq: columns in order of decreasing Hessian diagonal, static groups")
 
 
 Action = Annotated[Union[SparsifyAction, RemoveAction, SliceAction, QuantizeAction], Field(discriminator="op")]

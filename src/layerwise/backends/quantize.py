@@ -127,39 +127,51 @@ def rtn_quantize(weight: torch.Tensor, bits: int, group_size: int | None, symmet
 
 @torch.no_grad()
 def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_size: int | None, symmetric: bool,
-                  block_size: int = 128, dampening: float = 0.01) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                  block_size: int = 128, dampening: float = 0.01, act_order: bool = False
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """GPTQ: quantize columns in order, spreading each column's error over the columns not yet quantized
-    through the inverse Hessian's upper Cholesky factor; group parameters are set when a group begins."""
+    through the inverse Hessian's upper Cholesky factor. Group parameters are set when a group begins, or,
+    with ``act_order``, from the unupdated weight up front (static groups) while columns go in order of
+    decreasing Hessian diagonal, so the stored groups stay contiguous."""
     from .sparsegpt import inverse_hessian_factor
 
     w = weight.float().clone()
-    hinv = inverse_hessian_factor(hessian.float(), w, dampening)
     columns = w.shape[1]
     bounds = group_bounds(columns, group_size)
-    starts = {start: g for g, (start, _) in enumerate(bounds)}
-    codes = torch.zeros_like(w)
+    group_of = torch.cat([torch.full((end - start,), g) for g, (start, end) in enumerate(bounds)])
     scales = torch.zeros(w.shape[0], len(bounds))
     zeros = torch.zeros(w.shape[0], len(bounds))
-    scale = zero = None
+    order = torch.arange(columns)
+    if act_order:
+        for g, (start, end) in enumerate(bounds):
+            scales[:, g], zeros[:, g] = quant_params(w[:, start:end], bits, symmetric)
+        order = torch.argsort(torch.diag(hessian), descending=True)
+        w, hessian = w[:, order], hessian[order][:, order]
+    hinv = inverse_hessian_factor(hessian.float(), w, dampening)
+    starts = {start: g for g, (start, _) in enumerate(bounds)}
+    codes = torch.zeros_like(w)
     for block_start in range(0, columns, block_size):
         block_end = min(block_start + block_size, columns)
         w1, errors = w[:, block_start:block_end].clone(), torch.zeros(w.shape[0], block_end - block_start)
         h1 = hinv[block_start:block_end, block_start:block_end]
         for i in range(block_end - block_start):
             column = block_start + i
-            if column in starts:
+            if not act_order and column in starts:
                 group = starts[column]
                 end = bounds[group][1]
                 # the group's not yet quantized columns, as updated so far
                 current = torch.cat([w1[:, i:], w[:, block_end:]], 1)[:, : end - column]
-                scale, zero = quant_params(current, bits, symmetric)
-                scales[:, group], zeros[:, group] = scale, zero
+                scales[:, group], zeros[:, group] = quant_params(current, bits, symmetric)
+            group = int(group_of[order[column]])
+            scale, zero = scales[:, group], zeros[:, group]
             q = quantize_codes(w1[:, i : i + 1], scale, zero, bits)[:, 0]
             codes[:, column] = q
             error = (w1[:, i] - dequantize_codes(q[:, None], scale, zero)[:, 0]) / h1[i, i]
             w1[:, i:] -= error[:, None] @ h1[i, i:][None, :]
             errors[:, i] = error
         w[:, block_end:] -= errors @ hinv[block_start:block_end, block_end:]
+    if act_order:
+        codes = codes[:, torch.argsort(order)]
     return codes, scales, zeros
 
 
@@ -200,7 +212,7 @@ def gptq(model: nn.Module, actions: list[Action], context: ApplyContext) -> None
 
     def quantize(linear: nn.Module, action: Action, hessian: torch.Tensor) -> None:
         _install(model, action, *gptq_quantize(linear.weight.data, hessian, action.bits, action.group_size,
-                                               action.symmetric))
+                                               action.symmetric, act_order=action.act_order))
 
     sequential_hessian_pass(model, actions, context, "gptq", quantize)
 
