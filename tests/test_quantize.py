@@ -141,7 +141,32 @@ def test_greedy_fills_the_average_bit_budget_without_passing_it(tiny, calibratio
         if wider:
             assert achieved + sizes[name] * (wider[0] - width) / sum(sizes.values()) > target
     errors = allocation.details["sensitivity"]
-    assert all(errors[n]["3"] > errors[n]["4"] > errors[n]["8"] for n in errors)
+    assert all(errors[n]["8"] == 0.0 for n in errors)  # ppl sensitivity: 8-bit rounding taken as lossless
+
+
+def test_sensitivities_measure_what_they_claim(tiny, calibration):
+    """``ppl``: the NLL increase with only that linear rounded; ``error``: monotone in bits for every linear."""
+    import math
+
+    from layerwise.allocate.bits import sensitivities
+    from layerwise.backends.quantize import rtn_round_trip
+    from layerwise.evaluate.perplexity import token_set_perplexity
+
+    context = _bit_context(tiny, calibration, [3, 4, 8])
+    errors = sensitivities(context, "error")
+    assert all(errors[n][3] > errors[n][4] > errors[n][8] for n in errors)
+    ppl = sensitivities(context, "ppl")
+    assert sensitivities(context, "ppl") is ppl  # computed once per context
+    name = "model.layers.1.mlp.down_proj"
+    linear = context.linears[name]
+    tokens = calibration.tokens()[:4, :128]
+    base = token_set_perplexity(tiny.model, tokens, 8)
+    dense = linear.weight.data
+    linear.weight.data = rtn_round_trip(dense, 3, 32, False)
+    rounded = token_set_perplexity(tiny.model, tokens, 8)
+    linear.weight.data = dense
+    assert ppl[name][3] == pytest.approx(math.log(rounded) - math.log(base), abs=1e-6)
+    assert max(abs(ppl[n][3]) for n in ppl) > 0
 
 
 def test_uniform_bits_picks_the_widest_width_within_the_budget(tiny, calibration):
@@ -201,6 +226,21 @@ def test_automp_rl_is_seeded_budgeted_and_leaves_the_weights_alone(tiny, calibra
     assert all(torch.equal(linear.weight, dense[name]) for name, linear in context.linears.items())
 
 
+def test_automp_rl_seeds_keep_the_best_of_independent_runs(tiny, calibration):
+    from layerwise.allocate.bits import BIT_ALLOCATORS
+
+    context = _bit_context(tiny, calibration, [3, 4, 8])
+    search = BIT_ALLOCATORS.get("automp-rl")
+    single = search(context, episodes=5, eval_samples=2, eval_seqlen=32)
+    several = search(context, episodes=5, eval_samples=2, eval_seqlen=32, seeds=3)
+    summaries = several.details["seeds"]
+    assert [s["seed"] for s in summaries] == [0, 1, 2]
+    assert summaries[0] == single.details["seeds"][0]  # seed 0 runs the same whether or not others follow
+    best = max(summaries, key=lambda s: s["reward"])
+    assert several.details["chosen_seed"] == best["seed"]
+    assert max(e["reward"] for e in several.details["curve"]) == pytest.approx(best["reward"], abs=1e-6)
+
+
 def test_awq_folding_is_an_exact_equivalence_and_never_worse_than_rounding(tiny, tokens, calibration):
     from layerwise.backends.awq import apply_awq, fake_quantize, search_scales
     from layerwise.backends.base import ApplyContext
@@ -253,7 +293,7 @@ def test_report_draws_the_bit_map_and_the_search_curve(tmp_path):
     out = tmp_path / "mp"
     result = CliRunner().invoke(app, ["compress", "--model", "tiny-llama", "--structure", "quant", "--allocator",
                                       "automp-rl", "--bits", "3,4,8", "--avg-bits", "5", "--episodes", "6",
-                                      "--eval-samples", "2", "--seqlen", "64", "--max-windows", "2", "--nsamples", "4",
+                                      "--seeds", "2", "--eval-samples", "2", "--seqlen", "64", "--max-windows", "2", "--nsamples", "4",
                                       "--generation-length", "4", "--out", str(out)])
     assert result.exit_code == 0, result.output
     record = json.loads((out / "result.json").read_text())
@@ -264,5 +304,21 @@ def test_report_draws_the_bit_map_and_the_search_curve(tmp_path):
     assert CliRunner().invoke(app, ["report", str(out)]).exit_code == 0
     page = (out / "report.html").read_text()
     assert "Bit-allocation search" in page and "bits per linear" in page
+    assert "Final perplexity across seeds" in page and "Per-layer weight and activation statistics" in page
+    statistics = record["plan"]["details"]["statistics"]
+    assert len(statistics) == 28 and statistics["model.layers.0.mlp.down_proj"]["kurtosis"] > 0
     images = re.findall(r'src="data:image/png;base64,([^"]+)"', page)
-    assert len(images) == 3 and all(base64.b64decode(d)[:8] == b"\x89PNG\r\n\x1a\n" for d in images)
+    assert len(images) == 5 and all(base64.b64decode(d)[:8] == b"\x89PNG\r\n\x1a\n" for d in images)
+
+
+def test_seed_box_groups_runs_that_differ_only_in_their_seed():
+    from layerwise.report.figures import _seed_groups
+    from layerwise.report.tables import RunSummary
+
+    def run(name, seed, ppl, avg_bits=4.25):
+        record = {"seed": seed, "budget": {"avg_bits": avg_bits}, "settings": {"seed": seed, "nsamples": 32},
+                  "plan": {"details": {}}}
+        return RunSummary(name, record, "rtn / automp-rl", ppl, 1, 1, 1, None, None, None, None)
+
+    groups = _seed_groups([run("a", 0, 60.0), run("b", 1, 62.0), run("c", 2, 61.0), run("d", 0, 70.0, 5.0)])
+    assert list(groups.values()) == [[60.0, 62.0, 61.0]]  # the 5-bit run has no sibling seeds

@@ -87,6 +87,8 @@ Episodes = Annotated[Optional[int], typer.Option("--episodes", help="automp-rl: 
 MpAlpha = Annotated[Optional[float], typer.Option("--alpha", help="automp-rl: weight of the perplexity term (default 0.7).")]
 MpBeta = Annotated[Optional[float], typer.Option("--beta", help="automp-rl: weight of the memory saving (default 2.0).")]
 EvalSamples = Annotated[Optional[int], typer.Option("--eval-samples", help="automp-rl: calibration windows of 128 tokens scoring each candidate (default 4).")]
+Seeds = Annotated[Optional[int], typer.Option("--seeds", help="automp-rl: independent searches (seed, seed+1, ...); the best configuration of any is kept (default 1).")]
+Sensitivity = Annotated[Optional[str], typer.Option("--sensitivity", help="greedy / automp-rl: per-linear sensitivity, ppl (default: NLL increase with only that linear rounded) or error (activation-weighted RTN error).")]
 RecoverSteps = Annotated[int, typer.Option("--recover-steps", help="LoRA (peft) fine-tune steps on the calibration windows after pruning (0 = none).")]
 RecoverLr = Annotated[float, typer.Option("--recover-lr", help="Learning rate of the LoRA recovery.")]
 Latency = Annotated[bool, typer.Option("--latency/--no-latency", help="Measure prefill/decode latency.")]
@@ -334,6 +336,8 @@ def compress(
     alpha: MpAlpha = None,
     beta: MpBeta = None,
     eval_samples: EvalSamples = None,
+    seeds: Seeds = None,
+    sensitivity: Sensitivity = None,
 ) -> None:
     """Load, plan, apply, evaluate and save; print dense vs compressed metrics."""
     from .pipeline import compress as run_compress
@@ -357,7 +361,8 @@ def compress(
                                **_allocator_params(bits=bits, group_size=group_size, symmetric=symmetric, awq=awq,
                                                    act_order=act_order,
                                                    episodes=episodes, alpha=alpha, beta=beta,
-                                                   eval_samples=eval_samples))
+                                                   eval_samples=eval_samples, seeds=seeds,
+                                                   sensitivity=sensitivity))
     record = run_compress(model, budget, method, allocator, settings, out, overwrite, nm, structure,
                           _speedups(eval_speedups), **params)
     _print_compression_table(record, out)

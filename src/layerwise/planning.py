@@ -287,7 +287,7 @@ def _width_plan(request: PlanRequest) -> Plan:
 @STRUCTURES.register("quant")
 def _quant_plan(request: PlanRequest) -> Plan:
     """Let the bit allocator pick each decoder linear's width; one quantize action per linear."""
-    from .allocate.bits import BitContext, average_bits
+    from .allocate.bits import BitContext, average_bits, linear_statistics
     from .backends.quantize import group_bounds
 
     params = dict(request.params)
@@ -314,5 +314,5 @@ def _quant_plan(request: PlanRequest) -> Plan:
                   "memory_saving_vs_16bit": round(1 - achieved / 16, 6),
                   "last_group_width": {str(w): [e - s for s, e in group_bounds(w, group_size)][-1] for w in sorted(widths)}}
     details = {**allocation.details, "bits": allocation.bits, "group_size": group_size, "symmetric": symmetric,
-               "awq": awq, "act_order": act_order}
+               "awq": awq, "act_order": act_order, "statistics": linear_statistics(context)}
     return request.plan(actions, {**allocation.params, **options}, details, prediction)

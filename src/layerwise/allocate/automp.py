@@ -4,7 +4,9 @@ distribution over the bit choices. REINFORCE with an entropy bonus and normalise
 mean/std of rewards as baseline) maximises ``−α·(PPL/PPL_base − 1) + β·memory saving`` (saving = 1 − average
 bits / 16). Candidates are scored on a small fixed token set with per-linear weights precomputed once per
 bit width (a level bank), so an episode only swaps tensors. With ``--avg-bits`` each sampled configuration
-is projected onto the budget (``fit_bits``) before it is scored.
+is projected onto the budget (``fit_bits``, by the same per-linear sensitivity as ``greedy``) before it is
+scored. ``--seeds N`` trains N policies (seeds s, s+1, …) and keeps the best configuration of any; each
+seed's final answer is recorded for the report's box plot.
 """
 
 from __future__ import annotations
@@ -17,11 +19,12 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..backends.quantize import rtn_round_trip
+from ..errors import BudgetError
 from ..evaluate.perplexity import token_set_perplexity
-from .bits import BIT_ALLOCATORS, BitAllocation, BitContext, average_bits, check_bit_budget, fit_bits, sensitivities
+from .bits import (ACTIVATION_STATISTICS, BIT_ALLOCATORS, BitAllocation, BitContext, average_bits, check_bit_budget,
+                   fit_bits, linear_statistics, sensitivities)
 
 ROLES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-STATISTICS = ("mean_abs", "max_abs", "std", "kurtosis")
 
 
 def automp_reward(ppl: float, base_ppl: float, avg: float, alpha: float, beta: float) -> float:
@@ -33,17 +36,17 @@ def linear_states(context: BitContext) -> torch.Tensor:
     """One row per linear: log-scaled, standardised activation statistics, relative depth, role one-hot."""
     from ..models.discovery import block_index, find_blocks
 
-    profile = context.calibration.profile()
+    statistics = linear_statistics(context)
     prefix, blocks = find_blocks(context.model)
     rows = []
     for name in context.linears:
-        summary = profile.units[name].summary()
-        stats = [math.log1p(abs(summary[key])) * (1 if summary[key] >= 0 else -1) for key in STATISTICS]
+        values = [statistics[name][key] for key in ACTIVATION_STATISTICS]
+        stats = [math.log1p(abs(v)) * (1 if v >= 0 else -1) for v in values]
         depth = block_index(name, prefix) / max(1, len(blocks) - 1)
         role = [1.0 if name.endswith(r) else 0.0 for r in ROLES]
         rows.append(stats + [depth] + role)
     states = torch.tensor(rows, dtype=torch.float32)
-    columns = len(STATISTICS)
+    columns = len(ACTIVATION_STATISTICS)
     mean, std = states[:, :columns].mean(0), states[:, :columns].std(0).clamp_min(1e-6)
     states[:, :columns] = (states[:, :columns] - mean) / std
     return states
@@ -80,63 +83,98 @@ class Episode:
     reward: float
 
 
+@dataclass
+class Search:
+    """What every seed of a search shares: states, level bank, scoring tokens and the budget projection."""
+
+    context: BitContext
+    states: torch.Tensor
+    bank: LevelBank
+    tokens: torch.Tensor
+    base_ppl: float
+    errors: dict[str, dict[int, float]] | None
+
+    def score(self, bits: dict[str, int]) -> float:
+        self.bank.use(bits)
+        return token_set_perplexity(self.context.model, self.tokens, self.context.calibration.settings.calib_batch_size)
+
+
 @BIT_ALLOCATORS.register("automp-rl", "automp_rl")
 def automp_rl_bits(context: BitContext, avg_bits: float | None = None, episodes: int = 300, alpha: float = 0.7,
                    beta: float = 2.0, learning_rate: float = 2e-3, entropy_coef: float = 0.01,
-                   eval_samples: int = 4, eval_seqlen: int = 128) -> BitAllocation:
-    """Train the policy for ``episodes`` sampled configurations; return the best-reward one (best PPL kept too)."""
+                   eval_samples: int = 4, eval_seqlen: int = 128, seeds: int = 1,
+                   sensitivity: str = "ppl") -> BitAllocation:
+    """Train the policy for ``episodes`` sampled configurations with each of ``seeds`` seeds (the run's seed
+    and the next ones); return the best-reward configuration over all seeds (the best-PPL one is kept too)."""
     check_bit_budget(context, avg_bits)
-    with torch.random.fork_rng():  # seeded sampling without touching the caller's random state
-        torch.manual_seed(context.seed)
-        return _train(context, avg_bits, episodes, alpha, beta, learning_rate, entropy_coef, eval_samples, eval_seqlen)
+    if seeds < 1 or episodes < 1:
+        raise BudgetError("automp-rl needs --episodes and --seeds of at least 1.")
+    tokens = context.calibration.tokens()[:eval_samples, :eval_seqlen]
+    base_ppl = token_set_perplexity(context.model, tokens, context.calibration.settings.calib_batch_size)
+    errors = sensitivities(context, sensitivity) if avg_bits is not None else None
+    search = Search(context, linear_states(context), LevelBank(context), tokens, base_ppl, errors)
+    runs = []
+    try:
+        for offset in range(seeds):
+            with torch.random.fork_rng():  # seeded sampling without touching the caller's random state
+                torch.manual_seed(context.seed + offset)
+                runs.append(_train(search, avg_bits, episodes, alpha, beta, learning_rate, entropy_coef))
+    finally:
+        search.bank.restore()
+    chosen = max(range(seeds), key=lambda k: max(e.reward for e in runs[k]))
+    history = runs[chosen]
+    best = max(history, key=lambda e: e.reward)
+    best_ppl = min(history, key=lambda e: e.ppl)
+    params = {"episodes": episodes, "alpha": alpha, "beta": beta, "learning_rate": learning_rate,
+              "entropy_coef": entropy_coef, "eval_samples": eval_samples, "eval_seqlen": eval_seqlen,
+              "avg_bits": avg_bits, "seeds": seeds, "sensitivity": sensitivity}
+    details = {"curve": _curve(history), "base_proxy_ppl": base_ppl, "best_reward_episode": best.index,
+               "best_ppl_episode": best_ppl.index, "best_ppl_bits": best_ppl.bits, "chosen_seed": context.seed + chosen,
+               "seeds": [_seed_summary(context.seed + k, run) for k, run in enumerate(runs)]}
+    return BitAllocation(best.bits, params, details)
 
 
-def _train(context: BitContext, avg_bits: float | None, episodes: int, alpha: float, beta: float,
-           learning_rate: float, entropy_coef: float, eval_samples: int, eval_seqlen: int) -> BitAllocation:
-    states = linear_states(context)
+def _curve(history: list[Episode]) -> list[dict]:
+    return [{"episode": e.index, "ppl": round(e.ppl, 4), "avg_bits": round(e.avg_bits, 4),
+             "memory_saving": round(1 - e.avg_bits / 16, 6), "reward": round(e.reward, 6)} for e in history]
+
+
+def _seed_summary(seed: int, history: list[Episode]) -> dict:
+    """A seed's final answer: its best-reward configuration's proxy PPL, bits and reward."""
+    best = max(history, key=lambda e: e.reward)
+    return {"seed": seed, "proxy_ppl": round(best.ppl, 4), "avg_bits": round(best.avg_bits, 4),
+            "reward": round(best.reward, 6), "best_episode": best.index,
+            "best_proxy_ppl": round(min(e.ppl for e in history), 4)}
+
+
+def _train(search: Search, avg_bits: float | None, episodes: int, alpha: float, beta: float,
+           learning_rate: float, entropy_coef: float) -> list[Episode]:
+    """One seed's REINFORCE run; every sampled (projected) configuration as an Episode."""
+    context, states = search.context, search.states
     names = list(context.linears)
     choices = sorted(context.choices)
     policy = nn.Sequential(nn.Linear(states.shape[1], 64), nn.Tanh(), nn.Linear(64, 64), nn.Tanh(),
                            nn.Linear(64, len(choices)))
     optimizer = torch.optim.Adam(policy.parameters(), lr=learning_rate)
     sizes = context.sizes()
-    errors = sensitivities(context) if avg_bits is not None else None
-    tokens = context.calibration.tokens()[:eval_samples, :eval_seqlen]
-    batch_size = context.calibration.settings.calib_batch_size
-    base_ppl = token_set_perplexity(context.model, tokens, batch_size)
-    bank = LevelBank(context)
     history: list[Episode] = []
     mean, var = 0.0, 1.0
-    try:
-        for index in tqdm(range(episodes), desc="automp-rl", unit="episode", disable=None, leave=False):
-            distribution = torch.distributions.Categorical(logits=policy(states))
-            sample = distribution.sample()
-            bits = {name: choices[int(k)] for name, k in zip(names, sample)}
-            if avg_bits is not None:
-                bits = fit_bits(bits, sizes, errors, choices, avg_bits)
-            bank.use(bits)
-            ppl = token_set_perplexity(context.model, tokens, batch_size)
-            avg = average_bits(sizes, bits)
-            reward = automp_reward(ppl, base_ppl, avg, alpha, beta)
-            history.append(Episode(index, bits, avg, ppl, reward))
-            mean, var = (reward, 1.0) if index == 0 else (0.9 * mean + 0.1 * reward,
-                                                           0.9 * var + 0.1 * (reward - mean) ** 2)
-            advantage = (reward - mean) / math.sqrt(var + 1e-8)
-            taken = torch.tensor([choices.index(bits[name]) for name in names])  # the projected choice is learnt
-            loss = -advantage * distribution.log_prob(taken).sum() - entropy_coef * distribution.entropy().sum()
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-    finally:
-        bank.restore()
-    best = max(history, key=lambda e: e.reward)
-    best_ppl = min(history, key=lambda e: e.ppl)
-    params = {"episodes": episodes, "alpha": alpha, "beta": beta, "learning_rate": learning_rate,
-              "entropy_coef": entropy_coef, "eval_samples": eval_samples, "eval_seqlen": eval_seqlen,
-              "avg_bits": avg_bits}
-    details = {"curve": [{"episode": e.index, "ppl": round(e.ppl, 4), "avg_bits": round(e.avg_bits, 4),
-                          "memory_saving": round(1 - e.avg_bits / 16, 6), "reward": round(e.reward, 6)}
-                         for e in history],
-               "base_proxy_ppl": base_ppl, "best_reward_episode": best.index, "best_ppl_episode": best_ppl.index,
-               "best_ppl_bits": best_ppl.bits}
-    return BitAllocation(best.bits, params, details)
+    for index in tqdm(range(episodes), desc="automp-rl", unit="episode", disable=None, leave=False):
+        distribution = torch.distributions.Categorical(logits=policy(states))
+        sample = distribution.sample()
+        bits = {name: choices[int(k)] for name, k in zip(names, sample)}
+        if avg_bits is not None:
+            bits = fit_bits(bits, sizes, search.errors, choices, avg_bits)
+        ppl = search.score(bits)
+        avg = average_bits(sizes, bits)
+        reward = automp_reward(ppl, search.base_ppl, avg, alpha, beta)
+        history.append(Episode(index, bits, avg, ppl, reward))
+        mean, var = (reward, 1.0) if index == 0 else (0.9 * mean + 0.1 * reward,
+                                                       0.9 * var + 0.1 * (reward - mean) ** 2)
+        advantage = (reward - mean) / math.sqrt(var + 1e-8)
+        taken = torch.tensor([choices.index(bits[name]) for name in names])  # the projected choice is learnt
+        loss = -advantage * distribution.log_prob(taken).sum() - entropy_coef * distribution.entropy().sum()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return history

@@ -2,20 +2,29 @@
 average bit width (``avg_bits``) over the decoder linears; every allocator's plan stays at or under it.
 
 - ``uniform``: one width everywhere (the largest choice within the budget, or ``bits`` when unbudgeted);
-- ``greedy``: start every linear at the widest choice and repeatedly narrow the one whose quantization
-  error grows least per bit saved (error weighted by the Profile's input norms: Σ_j ‖X_j‖²·‖W_:j − Ŵ_:j‖²),
-  until the average fits the budget, then widen again wherever the remainder still allows.
+- ``greedy``: start every linear at the widest choice and repeatedly narrow the one whose sensitivity
+  grows least per bit saved, until the average fits the budget, then widen again wherever the remainder
+  still allows.
+
+Sensitivity of a linear at a width (``SENSITIVITIES``): ``ppl`` (default) is the increase of the mean
+next-token NLL (ln PPL) on a few calibration windows when only that linear is rounded to that width, so
+layers are compared by what they do to the model; ``error`` is the activation-weighted RTN error
+Σ_j ‖X_j‖²·‖W_:j − Ŵ_:j‖² (no forward passes, but not comparable across layers of different roles).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+import math
 from typing import Any, Callable
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
+from ..backends.quantize import rtn_round_trip
 from ..errors import BudgetError
+from ..models.discovery import find_blocks
 from ..registry import Registry
 
 
@@ -30,6 +39,7 @@ class BitContext:
     symmetric: bool
     calibration: Any = None
     seed: int = 0
+    _sensitivities: dict[tuple, dict[str, dict[int, float]]] = field(default_factory=dict, repr=False)
 
     def sizes(self) -> dict[str, int]:
         return {name: linear.weight.numel() for name, linear in self.linears.items()}
@@ -40,6 +50,23 @@ class BitAllocation:
     bits: dict[str, int]
     params: dict[str, Any] = field(default_factory=dict)
     details: dict[str, Any] = field(default_factory=dict)
+
+
+ACTIVATION_STATISTICS = ("mean_abs", "max_abs", "std", "kurtosis")
+
+
+@torch.no_grad()
+def linear_statistics(context: BitContext) -> dict[str, dict[str, float]]:
+    """Per linear: its inputs' mean |x|, max |x|, std and kurtosis (from the Profile) and its weight's std and
+    max |w|; AutoMP-RL's state and the report's per-layer statistics view."""
+    profile = context.calibration.profile()
+    statistics = {}
+    for name, linear in context.linears.items():
+        summary = profile.units[name].summary()
+        weight = linear.weight.float()
+        statistics[name] = {**{key: float(summary[key]) for key in ACTIVATION_STATISTICS},
+                            "weight_std": float(weight.std()), "weight_max_abs": float(weight.abs().max())}
+    return statistics
 
 
 def average_bits(sizes: dict[str, int], bits: dict[str, int]) -> float:
@@ -66,12 +93,70 @@ def uniform_bits(context: BitContext, avg_bits: float | None = None) -> BitAlloc
     return BitAllocation({name: width for name in context.linears})
 
 
-def sensitivities(context: BitContext) -> dict[str, dict[int, float]]:
-    """Activation-weighted RTN error of every linear at every bit choice (see ``quantization_error``)."""
+Sensitivity = Callable[..., dict[str, dict[int, float]]]
+SENSITIVITIES: Registry[Sensitivity] = Registry("bit sensitivity")
+
+
+def sensitivities(context: BitContext, metric: str = "ppl") -> dict[str, dict[int, float]]:
+    """Sensitivity of every linear at every bit choice by ``metric`` (``SENSITIVITIES``), computed once per
+    context (AutoMP-RL's seeds and its budget projection share it)."""
+    key = (SENSITIVITIES.canonical(metric),)
+    if key not in context._sensitivities:
+        context._sensitivities[key] = SENSITIVITIES.get(metric)(context)
+    return context._sensitivities[key]
+
+
+@SENSITIVITIES.register("error")
+def error_sensitivity(context: BitContext) -> dict[str, dict[int, float]]:
+    """Activation-weighted RTN output error of each linear at each width (``quantization_error``)."""
     profile = context.calibration.profile()
     return {name: {b: quantization_error(linear, profile.feature_norms(name), b, context.group_size, context.symmetric)
                    for b in context.choices}
             for name, linear in context.linears.items()}
+
+
+SENSITIVITY_SAMPLES, SENSITIVITY_SEQLEN, SENSITIVITY_VERSION = 4, 128, 1
+
+
+@SENSITIVITIES.register("ppl")
+@torch.no_grad()
+def perplexity_sensitivity(context: BitContext) -> dict[str, dict[int, float]]:
+    """ln PPL(only this linear rounded to b bits) − ln PPL(dense) on the first 4 × 128 calibration tokens.
+    Each candidate reruns only the sublayers from its own on (stored states before it); 8-bit rounding is taken
+    as lossless (0) rather than measured. Cached on disk per model, tokens and quantization settings."""
+    from ..cache import atomic_write_json, cache_dir, read_json, stable_hash
+    from ..models.fingerprint import model_fingerprint
+
+    tokens = context.calibration.tokens()[:SENSITIVITY_SAMPLES, :SENSITIVITY_SEQLEN]
+    key = stable_hash({"model": model_fingerprint(context.model), "tokens": tokens.tolist(),
+                       "units": list(context.linears), "group_size": context.group_size,
+                       "symmetric": context.symmetric, "version": SENSITIVITY_VERSION}, length=24)
+    path = cache_dir("sensitivity") / f"{key}.json"  # every width measured so far, by linear
+    result = {name: {int(b): v for b, v in values.items()} for name, values in (read_json(path) or {}).items()}
+    missing = sorted({b for b in context.choices if b < 8 and any(b not in result.get(n, {}) for n in context.linears)})
+    if missing:
+        _measure(context, tokens, missing, result)
+        atomic_write_json(path, result)
+    return {name: {b: 0.0 if b >= 8 else result[name][b] for b in context.choices} for name in context.linears}
+
+
+def _measure(context: BitContext, tokens: torch.Tensor, widths: list[int], result: dict[str, dict[int, float]]) -> None:
+    from ..profile.sublayers import SublayerStream
+
+    batch_size = context.calibration.settings.calib_batch_size
+    stream = SublayerStream(context.model, tokens, batch_size, num_checkpoints=2 * len(find_blocks(context.model)[1]))
+    batches = list(tokens.split(batch_size))
+    base = math.log(stream.perplexity_from(0, batches))
+    for name, linear in tqdm(context.linears.items(), desc="bit sensitivity", unit="linear", disable=None,
+                             leave=False):
+        position = stream.position_of(name.rsplit(".", 1)[0])
+        dense = linear.weight.data
+        try:
+            for bits in widths:
+                linear.weight.data = rtn_round_trip(dense, bits, context.group_size, context.symmetric).to(dense.dtype)
+                result.setdefault(name, {})[bits] = math.log(stream.perplexity_from(position, batches)) - base
+        finally:
+            linear.weight.data = dense
 
 
 def fit_bits(bits: dict[str, int], sizes: dict[str, int], errors: dict[str, dict[int, float]], choices: list[int],
@@ -109,22 +194,20 @@ def fit_bits(bits: dict[str, int], sizes: dict[str, int], errors: dict[str, dict
 def quantization_error(linear: nn.Linear, norms: torch.Tensor, bits: int, group_size: int | None,
                        symmetric: bool) -> float:
     """Σ_j ‖X_j‖²·‖W_:j − Ŵ_:j‖²: the output error of round-to-nearest at ``bits`` under a diagonal Hessian."""
-    from ..backends.quantize import rtn_round_trip
-
     weight = linear.weight.float()
     error = rtn_round_trip(weight, bits, group_size, symmetric) - weight
     return float((error.pow(2).sum(0) * norms.float().pow(2)).sum())
 
 
 @BIT_ALLOCATORS.register("greedy")
-def greedy_bits(context: BitContext, avg_bits: float | None = None) -> BitAllocation:
-    """Narrow the linear with the least error increase per bit saved until the average fits ``avg_bits``."""
+def greedy_bits(context: BitContext, avg_bits: float | None = None, sensitivity: str = "ppl") -> BitAllocation:
+    """Narrow the linear with the least sensitivity increase per bit saved until the average fits ``avg_bits``."""
     if avg_bits is None:
         raise BudgetError("The greedy bit allocator needs --avg-bits.")
     check_bit_budget(context, avg_bits)
     choices = sorted(context.choices)
     sizes = context.sizes()
-    errors = sensitivities(context)
+    errors = sensitivities(context, sensitivity)
     bits = fit_bits({name: choices[-1] for name in context.linears}, sizes, errors, choices, avg_bits)
-    return BitAllocation(bits, {"avg_bits": avg_bits},
+    return BitAllocation(bits, {"avg_bits": avg_bits, "sensitivity": sensitivity},
                          {"sensitivity": {name: {str(b): e for b, e in errs.items()} for name, errs in errors.items()}})

@@ -4,27 +4,16 @@ it, from a checkpoint at its own input."""
 
 from __future__ import annotations
 
-import math
-
 import torch
 from tqdm.auto import tqdm
 
 from ..config import Budget
-from ..evaluate.perplexity import next_token_nll
 from ..profile.sublayers import SublayerStream
 from .depth import DEPTH_ALLOCATORS, DepthAllocation, DepthContext, RemovalSearch
 
 
-@torch.no_grad()
 def _perplexity_without(stream: SublayerStream, tokens: list[torch.Tensor], block: int) -> float:
-    start = 2 * block
-    final = stream.run(stream.states_at(start), start, stream.num_positions, skip={start, start + 1})
-    nll, count = 0.0, 0
-    for hidden, ids in zip(final, tokens):
-        batch_nll, predicted = next_token_nll(stream.adapter.logits(hidden), ids)
-        nll += batch_nll
-        count += predicted
-    return math.exp(nll / count)
+    return stream.perplexity_from(2 * block, tokens, skip={2 * block, 2 * block + 1})
 
 
 @DEPTH_ALLOCATORS.register("sleb")

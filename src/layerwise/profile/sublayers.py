@@ -8,6 +8,8 @@ from the nearest checkpoint at or before ``p``, never from the start.
 
 from __future__ import annotations
 
+import math
+
 from typing import Iterable
 
 import torch
@@ -62,6 +64,20 @@ class SublayerStream:
                     hidden = self.adapter.sublayer_forward(self.sublayer(position), hidden, kwargs)
             out.append(hidden)
         return out
+
+    @torch.no_grad()
+    def perplexity_from(self, position: int, batches: list[torch.Tensor], skip: Iterable[int] = ()) -> float:
+        """Perplexity of the model as it is now on ``batches`` (the stream's token batches), running only the
+        sublayers from ``position`` on (the states before it are the stored ones), ``skip`` left out."""
+        from ..evaluate.perplexity import next_token_nll
+
+        final = self.run(self.states_at(position), position, self.num_positions, skip=skip)
+        nll, count = 0.0, 0
+        for hidden, ids in zip(final, batches):
+            batch_nll, predicted = next_token_nll(self.adapter.logits(hidden), ids)
+            nll += batch_nll
+            count += predicted
+        return math.exp(nll / count)
 
     def nearest_checkpoint(self, position: int) -> int:
         return max(p for p in self.checkpoints if p <= position)

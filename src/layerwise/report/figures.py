@@ -171,6 +171,77 @@ def bits_search_plot(runs: list[RunSummary]) -> Optional[bytes]:
     return _png(fig)
 
 
+STATISTIC_PANELS = (("mean_abs", "input mean |x|", False), ("max_abs", "input max |x|", True),
+                    ("std", "input std", False), ("kurtosis", "input kurtosis", True),
+                    ("weight_std", "weight std", False), ("weight_max_abs", "weight max |w|", True))
+
+
+def quant_statistics_plot(runs: list[RunSummary]) -> Optional[bytes]:
+    """Per-layer activation and weight statistics of the first quantization run (what AutoMP-RL's policy
+    reads), one line per projection: where outliers and heavy tails sit shows which layers need bits."""
+    run = next((r for r in runs if (r.record.get("plan") or {}).get("details", {}).get("statistics")), None)
+    if run is None:
+        return None
+    statistics = run.record["plan"]["details"]["statistics"]
+    by_role: dict[str, dict[int, dict]] = {}
+    for unit, values in statistics.items():
+        block, role = _split_unit(unit)
+        by_role.setdefault(role, {})[block] = values
+    plt = _pyplot()
+    fig, axes = plt.subplots(2, 3, figsize=(15, 7.5))
+    for ax, (key, label, log) in zip(axes.flat, STATISTIC_PANELS):
+        for role, blocks in by_role.items():
+            order = sorted(blocks)
+            ax.plot(order, [blocks[b][key] for b in order], lw=1.2, marker=".", label=role)
+        ax.set_xlabel("block")
+        ax.set_ylabel(label)
+        if log:
+            ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+    axes.flat[0].legend(fontsize=7)
+    fig.suptitle(f"per-layer input and weight statistics ({run.name}, calibration profile)")
+    fig.tight_layout()
+    return _png(fig)
+
+
+def _seed_groups(runs: list[RunSummary]) -> dict[str, list[float]]:
+    """Final perplexities across seeds: a run's ``--seeds`` summaries (proxy PPL), and runs that differ only
+    in their seed (evaluated PPL), grouped by label."""
+    groups: dict[str, list[float]] = {}
+    for run in runs:
+        seeds = (run.record.get("plan") or {}).get("details", {}).get("seeds") or []
+        if len(seeds) > 1:
+            groups[f"{run.name}\n(proxy, {len(seeds)} seeds)"] = [s["proxy_ppl"] for s in seeds]
+    by_setting: dict[str, list[RunSummary]] = {}
+    for run in runs:
+        if run.ppl is not None:
+            settings = {k: v for k, v in (run.record.get("settings") or {}).items() if k != "seed"}
+            key = repr((run.label, run.record.get("budget"), sorted(settings.items())))
+            by_setting.setdefault(key, []).append(run)
+    for members in by_setting.values():
+        if len({m.record.get("seed") for m in members}) > 1:
+            groups[f"{members[0].label}\n({len(members)} seeds)"] = [m.ppl for m in members]
+    return groups
+
+
+def seeds_box_plot(runs: list[RunSummary]) -> Optional[bytes]:
+    """Box plot of the final perplexity across seeds, for every searched setting run with several seeds."""
+    groups = _seed_groups(runs)
+    if not groups:
+        return None
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(max(5.0, 2.2 * len(groups)), 4.2))
+    ax.boxplot(list(groups.values()), showmeans=True)
+    for index, values in enumerate(groups.values(), start=1):
+        ax.scatter([index] * len(values), values, s=12, color="k", zorder=3)
+    ax.set_xticks(range(1, len(groups) + 1), list(groups), fontsize=7)
+    ax.set_ylabel("perplexity")
+    ax.set_title("final perplexity across seeds")
+    ax.grid(alpha=0.3, axis="y")
+    fig.tight_layout()
+    return _png(fig)
+
+
 def rl_curve_plot(runs: list[RunSummary]) -> Optional[bytes]:
     """The RL searches' training curves: each episode's objective and the best seen, against environment steps."""
     traced = [run for run in runs if run.record["metrics"].get("rl_curve")]

@@ -12,8 +12,8 @@ from ..cache import atomic_write_text
 from ..errors import DataError
 from ..registry import Registry
 from .allocation import plot_allocation
-from .figures import (allocation_maps, bits_search_plot, layer_map_plot, pareto_plot, rl_curve_plot, trajectory_plot,
-                      value_range)
+from .figures import (allocation_maps, bits_search_plot, layer_map_plot, pareto_plot, quant_statistics_plot,
+                      rl_curve_plot, seeds_box_plot, trajectory_plot, value_range)
 from .tables import RunSummary, comparison_table, markdown_table, summarize
 
 STYLE = """
@@ -65,6 +65,8 @@ FIGURES: list[tuple[str, str, Callable[[list[RunSummary]], Optional[bytes]]]] = 
     ("Speedup vs perplexity per step", "speedup vs perplexity per step", trajectory_plot),
     ("RL training curve", "RL training curve", rl_curve_plot),
     ("Bit-allocation search", "bit-allocation search per episode", bits_search_plot),
+    ("Final perplexity across seeds", "box plot of final perplexity across seeds", seeds_box_plot),
+    ("Per-layer weight and activation statistics", "per-layer statistics", quant_statistics_plot),
 ]
 
 
