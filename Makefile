@@ -32,6 +32,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/zeroshot.py --out $(BENCH_OUT)/zeroshot
 	$(BIN)/python benchmarks/depth.py --out $(BENCH_OUT)/depth
 	$(BIN)/python benchmarks/width.py --out $(BENCH_OUT)/width
+	$(BIN)/python benchmarks/quant.py --out $(BENCH_OUT)/quant
 
 # llmcompressor pins transformers 5.15-5.17: it gets its own environment, used by the peer benchmark only.
 PEERS := .venv-peers
@@ -44,6 +45,7 @@ $(PEERS)/.installed: pyproject.toml
 
 bench-peers: $(PEERS)/.installed
 	$(PEERS)/bin/python benchmarks/unstructured_peers.py
+	$(PEERS)/bin/python benchmarks/quant_peers.py
 
 clean:
 	rm -rf $(VENV) $(PEERS) build src/*.egg-info .pytest_cache

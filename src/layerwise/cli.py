@@ -88,7 +88,7 @@ MpAlpha = Annotated[Optional[float], typer.Option("--alpha", help="automp-rl: we
 MpBeta = Annotated[Optional[float], typer.Option("--beta", help="automp-rl: weight of the memory saving (default 2.0).")]
 EvalSamples = Annotated[Optional[int], typer.Option("--eval-samples", help="automp-rl: calibration windows of 128 tokens scoring each candidate (default 4).")]
 Seeds = Annotated[Optional[int], typer.Option("--seeds", help="automp-rl: independent searches (seed, seed+1, ...); the best configuration of any is kept (default 1).")]
-Sensitivity = Annotated[Optional[str], typer.Option("--sensitivity", help="greedy / automp-rl: per-linear sensitivity, ppl (default: NLL increase with only that linear rounded) or error (activation-weighted RTN error).")]
+Sensitivity = Annotated[Optional[str], typer.Option("--sensitivity", help="greedy / automp-rl: per-linear sensitivity with only that linear rounded: kl (default: output KL divergence from dense), ppl (ln PPL increase) or error (activation-weighted RTN error, no forward passes).")]
 RecoverSteps = Annotated[int, typer.Option("--recover-steps", help="LoRA (peft) fine-tune steps on the calibration windows after pruning (0 = none).")]
 RecoverLr = Annotated[float, typer.Option("--recover-lr", help="Learning rate of the LoRA recovery.")]
 Latency = Annotated[bool, typer.Option("--latency/--no-latency", help="Measure prefill/decode latency.")]
@@ -235,6 +235,8 @@ def _print_compression_table(record: dict, out: Path) -> None:
     avg_bits = record["plan"]["prediction"].get("avg_bits")
     if avg_bits is not None:
         table.add_row("average bits (decoder linears)", "", f"{avg_bits:.3f}")
+        table.add_row("quantized linears, stored MiB (vs 16-bit)", f"{2 * metrics['quantized_weights'] / 2**20:.1f}",
+                      f"{metrics['quantized_bytes'] / 2**20:.1f} (-{metrics['memory_reduction_vs_16bit']:.1%})")
     if metrics.get("recovery"):
         recovery = metrics["recovery"]
         table.add_row(f"PPL before / after LoRA ({recovery['steps']} steps)", "",

@@ -155,7 +155,7 @@ def run_plan(
             "pruning_s": plan.details.get("search_s"),
             **_depth_metrics(plan, dense["latency"], (extra or {}).get("milestones")),
             **_width_metrics(plan),
-            **_quant_metrics(plan),
+            **_quant_metrics(plan, loaded),
         },
         protocol=compressed.get("protocol"),
         calibration={**calibration.describe(), "profile_from_cache": calibration.profile_from_cache},
@@ -229,11 +229,17 @@ def _width_metrics(plan: Plan) -> dict:
     }
 
 
-def _quant_metrics(plan: Plan) -> dict:
-    """What a quantization run adds: the average bit width and, for searches, the per-episode curve."""
+def _quant_metrics(plan: Plan, loaded: LoadedModel) -> dict:
+    """What a quantization run adds: the average bit width, the quantized linears' measured bytes and their
+    reduction against 16-bit storage, and, for searches, the per-episode curve."""
+    from .backends.quantize import quantized_storage
+
     if not any(action.op == "quantize" for action in plan.actions):
         return {}
-    return {"avg_bits": plan.prediction.get("avg_bits"), "bits_curve": plan.details.get("curve")}
+    storage = quantized_storage(loaded.model)
+    reduction = 1 - storage["quantized_bytes"] / (2 * storage["quantized_weights"])
+    return {"avg_bits": plan.prediction.get("avg_bits"), **storage, "memory_reduction_vs_16bit": round(reduction, 6),
+            "bits_curve": plan.details.get("curve")}
 
 
 def _per_unit_sparsity(loaded: LoadedModel) -> dict[str, float]:

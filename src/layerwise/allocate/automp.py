@@ -103,7 +103,7 @@ class Search:
 def automp_rl_bits(context: BitContext, avg_bits: float | None = None, episodes: int = 300, alpha: float = 0.7,
                    beta: float = 2.0, learning_rate: float = 2e-3, entropy_coef: float = 0.01,
                    eval_samples: int = 4, eval_seqlen: int = 128, seeds: int = 1,
-                   sensitivity: str = "ppl") -> BitAllocation:
+                   sensitivity: str = "kl") -> BitAllocation:
     """Train the policy for ``episodes`` sampled configurations with each of ``seeds`` seeds (the run's seed
     and the next ones); return the best-reward configuration over all seeds (the best-PPL one is kept too)."""
     check_bit_budget(context, avg_bits)

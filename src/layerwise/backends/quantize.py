@@ -112,6 +112,14 @@ class QuantizedLinear(nn.Module):
         return f"in={self.in_features}, out={self.out_features}, bits={self.bits}, group_size={self.group_size}"
 
 
+def quantized_storage(model: nn.Module) -> dict[str, int]:
+    """Measured storage of the model's quantized linears: the bytes of their stored tensors (packed codes,
+    scales, zeros, bias) and their weight count, whose 16-bit size is ``2 × weights``."""
+    modules = [m for m in model.modules() if isinstance(m, QuantizedLinear)]
+    stored = sum(t.numel() * t.element_size() for m in modules for t in m.state_dict().values())
+    return {"quantized_bytes": stored, "quantized_weights": sum(m.in_features * m.out_features for m in modules)}
+
+
 def rtn_quantize(weight: torch.Tensor, bits: int, group_size: int | None, symmetric: bool
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Round-to-nearest codes, scales and zeros of ``weight`` [out, in] per group."""

@@ -66,15 +66,19 @@ class SublayerStream:
         return out
 
     @torch.no_grad()
+    def logits_from(self, position: int, skip: Iterable[int] = ()) -> list[torch.Tensor]:
+        """Logits of the model as it is now on every batch, running only the sublayers from ``position`` on
+        (the states before it are the stored ones), the positions in ``skip`` left out."""
+        final = self.run(self.states_at(position), position, self.num_positions, skip=skip)
+        return [self.adapter.logits(hidden) for hidden in final]
+
     def perplexity_from(self, position: int, batches: list[torch.Tensor], skip: Iterable[int] = ()) -> float:
-        """Perplexity of the model as it is now on ``batches`` (the stream's token batches), running only the
-        sublayers from ``position`` on (the states before it are the stored ones), ``skip`` left out."""
+        """Perplexity on ``batches`` (the stream's token batches) of ``logits_from(position, skip)``."""
         from ..evaluate.perplexity import next_token_nll
 
-        final = self.run(self.states_at(position), position, self.num_positions, skip=skip)
         nll, count = 0.0, 0
-        for hidden, ids in zip(final, batches):
-            batch_nll, predicted = next_token_nll(self.adapter.logits(hidden), ids)
+        for logits, ids in zip(self.logits_from(position, skip), batches):
+            batch_nll, predicted = next_token_nll(logits, ids)
             nll += batch_nll
             count += predicted
         return math.exp(nll / count)
