@@ -1,0 +1,339 @@
+"""Reversible runtime pruning profiles: the dense model plus a set of lighter variants that a controller can
+switch between per request, in milliseconds and without reloading.
+
+Kinds (``PROFILE_KINDS``) and their default intensities (the runtime-pruning seed's 0.3 / 0.4 / 0.5 / 0.3
+with one lighter and one heavier level each):
+
+- ``kv_cache``: evict that fraction of the KV cache while decoding (keep the first ``sink`` tokens and the
+  most recent ones); the weights are untouched, the generator applies it (``KvEviction``);
+- ``attention_heads``: drop that fraction of all KV groups (with their query heads), lowest-scored first;
+- ``ffn_neurons``: drop that fraction of every block's FFN channels;
+- ``transformer_layers``: skip that fraction of the blocks (both sublayers), least important first.
+
+Heads and channels are ranked once by importance from the calibration Profile (``act``: ‖X_col‖·‖W_col‖) or
+Taylor scores, and the dense model is reordered once so that every block's units lie in importance order (a
+function-preserving permutation of q/k/v rows and o columns per KV group, gate/up rows and down columns).
+A profile then keeps a *prefix* of each block's units, by one of two mechanisms (``MECHANISMS``):
+
+- ``mask``: forward pre-hooks zero the dropped inputs of o_proj / down_proj (no speedup, exact semantics);
+- ``sliced``: pre-built smaller linears whose weights are views of the dense weights' prefix rows / columns
+  (real speedup, no copy of any tensor); switching swaps modules.
+
+Blocks are skipped through the adapter's reversible removal. Restoring puts back the very modules and hooks
+it took, so the dense logits are bit-identical afterwards.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator
+
+import torch
+from torch import nn
+
+from ..errors import LayerwiseError
+from ..models.adapter import ModelAdapter, RemovedModules, get_adapter
+from ..registry import Registry
+
+PROFILE_KINDS = ("none", "kv_cache", "attention_heads", "ffn_neurons", "transformer_layers")
+DEFAULT_INTENSITIES: dict[str, tuple[float, ...]] = {
+    "kv_cache": (0.15, 0.3, 0.5),
+    "attention_heads": (0.2, 0.4, 0.6),
+    "ffn_neurons": (0.25, 0.5, 0.7),
+    "transformer_layers": (0.15, 0.3, 0.45),
+}
+
+
+class ProfileError(LayerwiseError):
+    """An unknown profile, or one that cannot apply to this model."""
+
+
+@dataclass(frozen=True)
+class ProfileSpec:
+    """One profile: a kind and the fraction of its units it removes."""
+
+    kind: str
+    intensity: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.kind not in PROFILE_KINDS:
+            raise ProfileError(f"Unknown profile kind '{self.kind}' (known: {', '.join(PROFILE_KINDS)}).")
+        if self.kind != "none" and not 0.0 < self.intensity < 1.0:
+            raise ProfileError(f"Profile intensity must lie in (0, 1) (got {self.intensity} for {self.kind}).")
+
+    @property
+    def name(self) -> str:
+        return "none" if self.kind == "none" else f"{self.kind}@{self.intensity:g}"
+
+    @classmethod
+    def parse(cls, name: str) -> "ProfileSpec":
+        """``none`` or ``kind@intensity``."""
+        if name == "none":
+            return cls("none")
+        kind, _, value = name.partition("@")
+        try:
+            return cls(kind, float(value))
+        except ValueError:
+            raise ProfileError(f"A profile is 'none' or 'kind@intensity' (got '{name}').") from None
+
+
+def default_specs() -> list[ProfileSpec]:
+    """``none`` and every kind at each of its default intensities."""
+    return [ProfileSpec("none")] + [ProfileSpec(kind, level) for kind, levels in DEFAULT_INTENSITIES.items()
+                                    for level in levels]
+
+
+@dataclass(frozen=True)
+class KvEviction:
+    """Keep the first ``sink`` cached tokens and the most recent ones, dropping ``fraction`` of the cache."""
+
+    fraction: float
+    sink: int = 4
+
+    def keep(self, length: int) -> int:
+        """How many cached tokens to keep of ``length``."""
+        return max(min(length, self.sink + 1), length - int(self.fraction * length))
+
+
+@dataclass
+class Importance:
+    """Per block, KV groups (with their scores) and FFN channels most important first, and the blocks least
+    important first."""
+
+    groups: dict[int, list[int]]
+    channels: dict[int, list[int]]
+    blocks: list[int]
+    group_scores: dict[int, list[float]] = field(default_factory=dict)
+
+    def kept_groups(self, intensity: float) -> dict[int, int]:
+        """KV groups kept per block when ``intensity`` of all groups go, the lowest-scored across the model first
+        (a block keeps at least one). With 3 groups a block, a per-block share would only know thirds."""
+        total = sum(len(order) for order in self.groups.values())
+        drop = total - kept_count(total, intensity)
+        ranked = sorted(((score, block) for block, scores in self.group_scores.items() for score in scores))
+        kept = {block: len(order) for block, order in self.groups.items()}
+        for _score, block in ranked:
+            if drop == 0:
+                break
+            if kept[block] > 1:
+                kept[block] -= 1
+                drop -= 1
+        return kept
+
+    @classmethod
+    def from_calibration(cls, model: nn.Module, calibration: Any, method: str = "act") -> "Importance":
+        """Width scores (``WIDTH_SCORERS``) and block redundancy (cosine of block input and output)."""
+        from ..profile.width import block_similarity
+
+        scores = calibration.width_scores(method)
+        similarity = block_similarity(model, calibration.tokens(), calibration.settings.calib_batch_size)
+        blocks = sorted(similarity, key=lambda b: (-similarity[b], b))  # most redundant (output ≈ input) first
+        return cls({b: scores.ranked_groups(b) for b in scores.groups},
+                   {b: scores.ranked_channels(b) for b in scores.channels}, blocks,
+                   {b: sorted((float(v) for v in scores.groups[b]), reverse=True) for b in scores.groups})
+
+
+@torch.no_grad()
+def order_by_importance(model: nn.Module, importance: Importance) -> None:
+    """Permute every block's KV groups and FFN channels into importance order, in place. The function is
+    unchanged (sums over a permuted inner dimension may round differently in the last bit)."""
+    adapter = get_adapter(model)
+    for block, order in importance.groups.items():
+        if order == sorted(order):
+            continue  # already in order: keep the very tensors
+        geometry = adapter.head_geometry(block)
+        d, size = geometry.head_dim, geometry.group_size
+        q_index = torch.tensor([g * size * d + j for g in order for j in range(size * d)])
+        kv_index = torch.tensor([g * d + j for g in order for j in range(d)])
+        linears = adapter.attention(block).linears
+        for role, index in (("q", q_index), ("k", kv_index), ("v", kv_index)):
+            _permute_rows(linears[role], index)
+        linears["o"].weight.data = linears["o"].weight.data[:, q_index.to(linears["o"].weight.device)].contiguous()
+    for block, order in importance.channels.items():
+        if order == sorted(order):
+            continue
+        index = torch.tensor(order)
+        linears = adapter.mlp(block).linears
+        _permute_rows(linears["gate"], index)
+        _permute_rows(linears["up"], index)
+        linears["down"].weight.data = linears["down"].weight.data[:, index.to(linears["down"].weight.device)].contiguous()
+    importance.groups = {b: list(range(len(o))) for b, o in importance.groups.items()}
+    importance.channels = {b: list(range(len(o))) for b, o in importance.channels.items()}
+
+
+def _permute_rows(linear: nn.Linear, index: torch.Tensor) -> None:
+    linear.weight.data = linear.weight.data[index.to(linear.weight.device)].contiguous()
+    if linear.bias is not None:
+        linear.bias.data = linear.bias.data[index.to(linear.bias.device)].contiguous()
+
+
+def kept_count(total: int, intensity: float, unit: int = 1) -> int:
+    """Units kept of ``total`` when ``intensity`` of them go, in multiples of ``unit``, never fewer than one unit."""
+    kept = round(total * (1 - intensity) / unit) * unit
+    return max(unit, min(total, kept))
+
+
+class Switch:
+    """What activating one profile changed, and how to undo it."""
+
+    def __init__(self, undo: Callable[[], None]) -> None:
+        self.undo = undo
+
+
+Engage = Callable[[ModelAdapter, Importance, float], Switch]
+MECHANISMS: Registry[dict[str, Engage]] = Registry("profile mechanism")
+
+
+def _prefix_view(linear: nn.Linear, rows: int | None = None, columns: int | None = None) -> nn.Linear:
+    """A linear whose weight is a view of ``linear``'s first ``rows`` rows or ``columns`` columns (no copy)."""
+    weight = linear.weight[:rows] if rows is not None else linear.weight[:, :columns]
+    new = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
+    new.weight = nn.Parameter(weight, requires_grad=False)
+    if linear.bias is not None:
+        new.bias = nn.Parameter(linear.bias[:rows] if rows is not None else linear.bias, requires_grad=False)
+    return new
+
+
+def _swap(module: nn.Module, replacements: dict[str, nn.Module], undo: list[Callable[[], None]]) -> None:
+    for name, new in replacements.items():
+        old = module.get_submodule(name)
+        module.set_submodule(name, new)
+        undo.append(lambda m=module, n=name, o=old: m.set_submodule(n, o))
+
+
+def _sliced_heads(adapter: ModelAdapter, importance: Importance, intensity: float) -> Switch:
+    undo: list[Callable[[], None]] = []
+    for block, kept in importance.kept_groups(intensity).items():
+        geometry = adapter.head_geometry(block)
+        q_width, kv_width = kept * geometry.group_size * geometry.head_dim, kept * geometry.head_dim
+        sublayer = adapter.attention(block)
+        roles, linears = adapter.attention_roles, sublayer.linears
+        _swap(sublayer.module, {roles["q"]: _prefix_view(linears["q"], rows=q_width),
+                                roles["k"]: _prefix_view(linears["k"], rows=kv_width),
+                                roles["v"]: _prefix_view(linears["v"], rows=kv_width),
+                                roles["o"]: _prefix_view(linears["o"], columns=q_width)}, undo)
+    return Switch(lambda: [step() for step in reversed(undo)])
+
+
+def _sliced_ffn(adapter: ModelAdapter, importance: Importance, intensity: float) -> Switch:
+    undo: list[Callable[[], None]] = []
+    for block in importance.channels:
+        kept = kept_count(adapter.ffn_width(block), intensity)
+        sublayer = adapter.mlp(block)
+        roles, linears = adapter.mlp_roles, sublayer.linears
+        _swap(sublayer.module, {roles["gate"]: _prefix_view(linears["gate"], rows=kept),
+                                roles["up"]: _prefix_view(linears["up"], rows=kept),
+                                roles["down"]: _prefix_view(linears["down"], columns=kept)}, undo)
+    return Switch(lambda: [step() for step in reversed(undo)])
+
+
+def _zero_tail(kept: int) -> Callable:
+    def hook(_module: nn.Module, args: tuple) -> tuple:
+        x = args[0]
+        mask = torch.ones(x.shape[-1], dtype=x.dtype, device=x.device)
+        mask[kept:] = 0
+        return (x * mask, *args[1:])
+
+    return hook
+
+
+def _masked(kind: str) -> Engage:
+    """Zero the dropped units at the input of o_proj (heads) or down_proj (channels)."""
+
+    def engage(adapter: ModelAdapter, importance: Importance, intensity: float) -> Switch:
+        handles = []
+        groups = importance.kept_groups(intensity) if kind == "attention_heads" else {}
+        for block in (groups if kind == "attention_heads" else importance.channels):
+            if kind == "attention_heads":
+                geometry = adapter.head_geometry(block)
+                kept = groups[block] * geometry.group_size * geometry.head_dim
+                target = adapter.attention(block).linears["o"]
+            else:
+                kept = kept_count(adapter.ffn_width(block), intensity)
+                target = adapter.mlp(block).linears["down"]
+            handles.append(target.register_forward_pre_hook(_zero_tail(kept)))
+        return Switch(lambda: [h.remove() for h in handles])
+
+    return engage
+
+
+def _skip_blocks(adapter: ModelAdapter, importance: Importance, intensity: float) -> Switch:
+    """Remove both sublayers of the least important blocks (the adapter's reversible removal)."""
+    count = min(len(importance.blocks) - 1, max(1, round(intensity * len(importance.blocks))))
+    taken: list[RemovedModules] = []
+    for block in importance.blocks[:count]:
+        taken.extend(adapter.remove(s) for s in adapter.sublayers(block))
+
+    def undo() -> None:
+        for removed in reversed(taken):
+            adapter.restore(removed)
+
+    return Switch(undo)
+
+
+def _untouched(adapter: ModelAdapter, importance: Importance, intensity: float) -> Switch:
+    return Switch(lambda: None)
+
+
+MECHANISMS.add("sliced", {"attention_heads": _sliced_heads, "ffn_neurons": _sliced_ffn,
+                          "transformer_layers": _skip_blocks, "kv_cache": _untouched, "none": _untouched})
+MECHANISMS.add("mask", {"attention_heads": _masked("attention_heads"), "ffn_neurons": _masked("ffn_neurons"),
+                        "transformer_layers": _skip_blocks, "kv_cache": _untouched, "none": _untouched})
+
+
+@dataclass
+class ProfileSet:
+    """The dense model and its profiles; ``activate(name)`` switches, ``restore()`` returns to dense."""
+
+    model: nn.Module
+    importance: Importance
+    specs: list[ProfileSpec] = field(default_factory=default_specs)
+    mechanism: str = "sliced"
+    sink: int = 4
+    active: ProfileSpec = field(default_factory=lambda: ProfileSpec("none"))
+    _switch: Switch | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        self.adapter = get_adapter(self.model)
+        self.engagers = MECHANISMS.get(self.mechanism)
+        order_by_importance(self.model, self.importance)
+
+    @property
+    def names(self) -> list[str]:
+        return [spec.name for spec in self.specs]
+
+    def spec(self, name: str) -> ProfileSpec:
+        for spec in self.specs:
+            if spec.name == name:
+                return spec
+        raise ProfileError(f"Unknown profile '{name}' (known: {', '.join(self.names)}).")
+
+    def activate(self, name: str) -> None:
+        """Switch to profile ``name`` (from whichever is active)."""
+        spec = self.spec(name)
+        self.restore()
+        self._switch = self.engagers[spec.kind](self.adapter, self.importance, spec.intensity)
+        self.active = spec
+
+    def restore(self) -> None:
+        """Back to the dense model: the very modules, no hooks."""
+        if self._switch is not None:
+            self._switch.undo()
+            self._switch = None
+        self.active = ProfileSpec("none")
+
+    @contextlib.contextmanager
+    def using(self, name: str) -> Iterator[ProfileSpec]:
+        """Run under profile ``name``; the dense model is back afterwards, also after an error."""
+        self.activate(name)
+        try:
+            yield self.active
+        finally:
+            self.restore()
+
+    def kv_eviction(self) -> KvEviction | None:
+        """The KV-cache policy of the active profile (None: keep the whole cache)."""
+        if self.active.kind != "kv_cache":
+            return None
+        return KvEviction(self.active.intensity, self.sink)
