@@ -98,3 +98,23 @@ def test_layer_profile_skips_the_most_redundant_blocks(tiny, importance):
 def test_kv_eviction_keeps_the_sink_and_the_recent_window():
     policy = KvEviction(0.3, sink=4)
     assert policy.keep(100) == 70 and policy.keep(5) == 5 and policy.keep(3) == 3
+
+
+def test_generation_matches_transformers_greedy_and_evicts_the_cache(tiny, tokens):
+    from layerwise.runtime.generate import continuation_perplexity, generate
+
+    prompt = tokens[:1]
+    ours = generate(tiny.model, prompt, 12)
+    with torch.no_grad():
+        reference = tiny.model.generate(prompt, max_new_tokens=12, do_sample=False, min_new_tokens=12)
+    assert ours.new_tokens == reference[0, prompt.shape[1]:].tolist()
+    assert ours.cache_length == prompt.shape[1] + 11 and ours.tokens_per_s > 0
+    evicted = generate(tiny.model, prompt, 12, KvEviction(0.5, sink=4))
+    assert evicted.cache_length == KvEviction(0.5, sink=4).keep(prompt.shape[1] + 10) + 1  # evicted, then one step
+    assert len(evicted.new_tokens) == 12
+    ppl = continuation_perplexity(tiny.model, prompt, ours.new_tokens)
+    with torch.no_grad():
+        ids = reference
+        logits = tiny.model(ids).logits[0, prompt.shape[1] - 1 : -1]
+        expected = torch.nn.functional.cross_entropy(logits, ids[0, prompt.shape[1]:]).exp()
+    assert ppl == pytest.approx(float(expected), rel=1e-5)
