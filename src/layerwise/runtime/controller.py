@@ -1,0 +1,179 @@
+"""Double DQN controller: picks a runtime profile per request from the telemetry and prompt features.
+
+A small torch implementation (the action set and the one-request steps are ours; stable-baselines3's DQN
+has no double-Q target): online and target Q-networks, a replay buffer, ε-greedy exploration with linear
+decay, Huber loss, a periodic hard target sync, and the Double-DQN target
+``y = r + γ · (1 − done) · Q_target(s', argmax_a Q_online(s', a))``.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import deque
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import LayerwiseError
+
+
+@dataclass
+class DqnSettings:
+    """Hyper-parameters of the controller (saved in its checkpoint)."""
+
+    hidden: int = 64
+    gamma: float = 0.3
+    learning_rate: float = 1e-3
+    batch_size: int = 32
+    buffer_size: int = 5000
+    epsilon_start: float = 1.0
+    epsilon_end: float = 0.05
+    epsilon_decay_steps: int = 400
+    target_sync: int = 50
+    warmup: int = 32
+    seed: int = 0
+
+
+@dataclass
+class Transition:
+    state: list[float]
+    action: int
+    reward: float
+    next_state: list[float]
+    done: bool
+
+
+class ReplayBuffer:
+    """The last ``capacity`` transitions; uniform sampling with its own seeded generator."""
+
+    def __init__(self, capacity: int, seed: int = 0) -> None:
+        self.items: deque[Transition] = deque(maxlen=capacity)
+        self.random = random.Random(seed)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def add(self, transition: Transition) -> None:
+        self.items.append(transition)
+
+    def sample(self, size: int) -> list[Transition]:
+        return self.random.sample(list(self.items), size)
+
+
+def q_network(inputs: int, actions: int, hidden: int) -> nn.Module:
+    return nn.Sequential(nn.Linear(inputs, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),
+                         nn.Linear(hidden, actions))
+
+
+def double_dqn_targets(online: nn.Module, target: nn.Module, rewards: torch.Tensor, next_states: torch.Tensor,
+                       done: torch.Tensor, gamma: float) -> torch.Tensor:
+    """r + γ·(1 − done)·Q_target(s', argmax_a Q_online(s', a)): the online net picks, the target net values."""
+    with torch.no_grad():
+        best = online(next_states).argmax(dim=1, keepdim=True)
+        values = target(next_states).gather(1, best).squeeze(1)
+    return rewards + gamma * (1.0 - done) * values
+
+
+@dataclass
+class Controller:
+    """The profile-picking agent: ``act`` (ε-greedy or greedy), ``observe`` (store and learn), save/load."""
+
+    state_size: int
+    actions: list[str]
+    settings: DqnSettings = field(default_factory=DqnSettings)
+    steps: int = 0
+    updates: int = 0
+
+    def __post_init__(self) -> None:
+        generator_seed = self.settings.seed
+        torch.manual_seed(generator_seed)
+        self.online = q_network(self.state_size, len(self.actions), self.settings.hidden)
+        self.target = q_network(self.state_size, len(self.actions), self.settings.hidden)
+        self.target.load_state_dict(self.online.state_dict())
+        self.optimizer = torch.optim.Adam(self.online.parameters(), lr=self.settings.learning_rate)
+        self.buffer = ReplayBuffer(self.settings.buffer_size, self.settings.seed)
+        self.random = random.Random(self.settings.seed)
+        self.losses: list[float] = []
+
+    @property
+    def epsilon(self) -> float:
+        s = self.settings
+        fraction = min(1.0, self.steps / max(1, s.epsilon_decay_steps))
+        return s.epsilon_start + fraction * (s.epsilon_end - s.epsilon_start)
+
+    def q_values(self, state: list[float]) -> list[float]:
+        with torch.no_grad():
+            return self.online(torch.tensor([state], dtype=torch.float32))[0].tolist()
+
+    def act(self, state: list[float], explore: bool = True) -> int:
+        """An action index: random with probability ε while exploring, else the online net's argmax."""
+        if explore and self.random.random() < self.epsilon:
+            return self.random.randrange(len(self.actions))
+        values = self.q_values(state)
+        return max(range(len(values)), key=values.__getitem__)
+
+    def observe(self, transition: Transition) -> float | None:
+        """Store a transition, take one gradient step once the buffer is warm; returns the loss (or None)."""
+        self.buffer.add(transition)
+        self.steps += 1
+        if len(self.buffer) < max(self.settings.warmup, self.settings.batch_size):
+            return None
+        return self.learn(self.buffer.sample(self.settings.batch_size))
+
+    def learn(self, batch: list[Transition]) -> float:
+        states = torch.tensor([t.state for t in batch], dtype=torch.float32)
+        actions = torch.tensor([[t.action] for t in batch])
+        rewards = torch.tensor([t.reward for t in batch], dtype=torch.float32)
+        next_states = torch.tensor([t.next_state for t in batch], dtype=torch.float32)
+        done = torch.tensor([float(t.done) for t in batch])
+        targets = double_dqn_targets(self.online, self.target, rewards, next_states, done, self.settings.gamma)
+        predicted = self.online(states).gather(1, actions).squeeze(1)
+        loss = nn.functional.smooth_l1_loss(predicted, targets)
+        self.optimizer.zero_grad()
+        loss.backward()
+        self.optimizer.step()
+        self.updates += 1
+        if self.updates % self.settings.target_sync == 0:
+            self.sync_target()
+        value = float(loss.detach())
+        self.losses.append(value)
+        return value
+
+    def sync_target(self) -> None:
+        self.target.load_state_dict(self.online.state_dict())
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"format": "layerwise.controller/1", "state_size": self.state_size, "actions": self.actions,
+                "settings": asdict(self.settings), "steps": self.steps, "updates": self.updates,
+                "online": self.online.state_dict(), "target": self.target.state_dict(),
+                "optimizer": self.optimizer.state_dict(), "buffer": [asdict(t) for t in self.buffer.items],
+                "random": self.random.getstate(), "buffer_random": self.buffer.random.getstate()}
+
+    def save(self, path: str | Path, extra: dict[str, Any] | None = None) -> None:
+        from ..cache import atomic_torch_save
+
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        atomic_torch_save({**self.state_dict(), "extra": extra or {}}, Path(path))
+
+    @classmethod
+    def load(cls, path: str | Path) -> tuple["Controller", dict[str, Any]]:
+        """A controller exactly as saved (networks, optimizer, buffer, exploration state), and the extra data."""
+        try:
+            state = torch.load(Path(path), weights_only=False)
+        except FileNotFoundError:
+            raise LayerwiseError(f"No controller checkpoint at {path}.") from None
+        if not isinstance(state, dict) or state.get("format") != "layerwise.controller/1":
+            raise LayerwiseError(f"{path} is not a layerwise controller checkpoint.")
+        controller = cls(state["state_size"], state["actions"], DqnSettings(**state["settings"]),
+                         state["steps"], state["updates"])
+        controller.online.load_state_dict(state["online"])
+        controller.target.load_state_dict(state["target"])
+        controller.optimizer.load_state_dict(state["optimizer"])
+        for item in state["buffer"]:
+            controller.buffer.add(Transition(**item))
+        controller.random.setstate(state["random"])
+        controller.buffer.random.setstate(state["buffer_random"])
+        return controller, state.get("extra", {})

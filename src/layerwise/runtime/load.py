@@ -1,0 +1,103 @@
+"""Bounded machine load that the tool itself creates while training or testing the controller, so the
+telemetry really varies: ``idle``, ``cpu`` (busy worker processes), ``memory`` (a ballast held by a worker
+process) and ``mixed`` (both, lighter). Every worker is a child process that is always stopped on exit,
+also after an error or Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import time
+from dataclasses import dataclass
+
+import psutil
+
+from ..errors import LayerwiseError
+from ..registry import Registry
+
+
+@dataclass(frozen=True)
+class LoadCondition:
+    """``cpu_workers`` spinning processes (each busy ``duty`` of the time) and a ``memory_fraction`` ballast
+    of the available memory (capped at ``memory_cap_gib``)."""
+
+    name: str
+    cpu_workers: int = 0
+    duty: float = 1.0
+    memory_fraction: float = 0.0
+    memory_cap_gib: float = 4.0
+
+
+LOAD_CONDITIONS: Registry[LoadCondition] = Registry("load condition")
+LOAD_CONDITIONS.add("idle", LoadCondition("idle"))
+LOAD_CONDITIONS.add("cpu", LoadCondition("cpu", cpu_workers=2, duty=0.9))
+LOAD_CONDITIONS.add("memory", LoadCondition("memory", memory_fraction=0.5))
+LOAD_CONDITIONS.add("mixed", LoadCondition("mixed", cpu_workers=1, duty=0.7, memory_fraction=0.3))
+
+
+def parse_load_profile(text: str) -> list[LoadCondition]:
+    """``idle,cpu,memory,mixed`` as load conditions; unknown names raise."""
+    names = [part.strip() for part in text.split(",") if part.strip()]
+    if not names:
+        raise LayerwiseError("--load-profile needs at least one of idle, cpu, memory, mixed.")
+    return [LOAD_CONDITIONS.get(name) for name in names]
+
+
+def _spin(duty: float) -> None:
+    """Busy for ``duty`` of every 100 ms, forever (until terminated)."""
+    while True:
+        start = time.perf_counter()
+        while time.perf_counter() - start < 0.1 * duty:
+            pass
+        time.sleep(0.1 * (1 - duty))
+
+
+def _hold(size: int, ready) -> None:
+    ballast = bytearray(size)
+    for offset in range(0, size, 4096):  # touch every page so it is resident
+        ballast[offset] = 1
+    ready.set()
+    while True:
+        time.sleep(1.0)
+
+
+class MachineLoad:
+    """Context manager that starts a load condition's workers and always stops them."""
+
+    def __init__(self, condition: LoadCondition) -> None:
+        self.condition = condition
+        self.workers: list[multiprocessing.Process] = []
+
+    def __enter__(self) -> "MachineLoad":
+        context = multiprocessing.get_context("spawn")
+        try:
+            for _ in range(self.condition.cpu_workers):
+                worker = context.Process(target=_spin, args=(self.condition.duty,), daemon=True)
+                worker.start()
+                self.workers.append(worker)
+            if self.condition.memory_fraction > 0:
+                size = int(min(psutil.virtual_memory().available * self.condition.memory_fraction,
+                               self.condition.memory_cap_gib * 2**30))
+                ready = context.Event()
+                worker = context.Process(target=_hold, args=(size, ready), daemon=True)
+                worker.start()
+                self.workers.append(worker)
+                ready.wait(timeout=60)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def stop(self) -> None:
+        for worker in self.workers:
+            if worker.is_alive():
+                worker.terminate()
+        for worker in self.workers:
+            worker.join(timeout=5)
+            if worker.is_alive():
+                worker.kill()
+                worker.join(timeout=5)
+        self.workers = []

@@ -1,0 +1,121 @@
+"""Double DQN controller, observation features and machine load: replay buffer, target sync, the double-Q
+target, checkpoint resume, learning a contextual choice; feature vectors; load workers always stopped."""
+
+from __future__ import annotations
+
+import random
+
+import psutil
+import pytest
+import torch
+from torch import nn
+
+from layerwise.runtime.controller import Controller, DqnSettings, ReplayBuffer, Transition, double_dqn_targets
+
+
+def _transition(i: int) -> Transition:
+    return Transition([float(i), 0.0], i % 3, float(i), [float(i + 1), 0.0], False)
+
+
+def test_replay_buffer_keeps_the_last_transitions_and_samples_reproducibly():
+    buffer = ReplayBuffer(5, seed=1)
+    for i in range(8):
+        buffer.add(_transition(i))
+    assert len(buffer) == 5 and [t.reward for t in buffer.items] == [3.0, 4.0, 5.0, 6.0, 7.0]
+    again = ReplayBuffer(5, seed=1)
+    for i in range(8):
+        again.add(_transition(i))
+    assert [t.reward for t in buffer.sample(3)] == [t.reward for t in again.sample(3)]
+
+
+def test_double_dqn_target_values_the_online_argmax_with_the_target_net():
+    online, target = nn.Linear(2, 3, bias=False), nn.Linear(2, 3, bias=False)
+    with torch.no_grad():
+        online.weight.copy_(torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 0.0]]))  # picks action 1
+        target.weight.copy_(torch.tensor([[5.0, 0.0], [2.0, 0.0], [9.0, 0.0]]))  # would pick action 2
+    next_states = torch.tensor([[1.0, 0.0], [1.0, 0.0]])
+    y = double_dqn_targets(online, target, torch.tensor([1.0, 1.0]), next_states, torch.tensor([0.0, 1.0]), 0.5)
+    assert y.tolist() == [1.0 + 0.5 * 2.0, 1.0]  # Q_target(s', 1) = 2, not max_a Q_target = 9; done: reward only
+
+
+def test_target_network_syncs_every_n_updates():
+    controller = Controller(2, ["a", "b", "c"], DqnSettings(target_sync=3, warmup=4, batch_size=4))
+    for i in range(4):
+        controller.observe(_transition(i))  # the 4th fills the warm-up: update 1
+    assert controller.updates == 1
+    differs = lambda: any(not torch.equal(p, q) for p, q in zip(controller.online.parameters(),  # noqa: E731
+                                                                 controller.target.parameters()))
+    assert differs()
+    controller.observe(_transition(4))
+    controller.observe(_transition(5))  # update 3: synced
+    assert controller.updates == 3 and not differs()
+    controller.observe(_transition(6))
+    assert differs()
+
+
+def test_controller_learns_a_state_dependent_choice_and_resumes_exactly(tmp_path):
+    """Reward 1 for action 0 when the first feature is high, for action 1 when it is low (a contextual
+    choice like 'prune harder under load'); after training the greedy choices follow the state."""
+    settings = DqnSettings(gamma=0.0, epsilon_decay_steps=300, warmup=32, target_sync=20, learning_rate=3e-3)
+    controller = Controller(2, ["dense", "pruned"], settings)
+    rng = random.Random(0)
+    state = [rng.random(), rng.random()]
+    for _ in range(600):
+        action = controller.act(state)
+        reward = 1.0 if action == (0 if state[0] > 0.5 else 1) else 0.0
+        following = [rng.random(), rng.random()]
+        controller.observe(Transition(state, action, reward, following, False))
+        state = following
+    probes = [[x / 10 + 0.05, 0.5] for x in range(10)]
+    choices = [controller.act(p, explore=False) for p in probes]
+    assert choices[:4] == [1] * 4 and choices[-4:] == [0] * 4
+    assert controller.epsilon == pytest.approx(settings.epsilon_end)
+    controller.save(tmp_path / "ckpt.pt", {"episode": 7})
+    resumed, extra = Controller.load(tmp_path / "ckpt.pt")
+    assert extra == {"episode": 7} and resumed.steps == controller.steps and len(resumed.buffer) == len(controller.buffer)
+    transition = Transition([0.9, 0.1], 0, 1.0, [0.2, 0.3], False)
+    assert resumed.act([0.3, 0.3]) == controller.act([0.3, 0.3])  # same exploration stream
+    assert resumed.observe(transition) == pytest.approx(controller.observe(transition))  # same sample, same step
+
+
+def test_prompt_features_are_normalised_and_the_fallback_says_so():
+    from layerwise.runtime.features import PROMPT_FEATURES, PromptFeaturizer, flesch_reading_ease
+
+    easy, hard = "Is the cat on the mat?", ("Notwithstanding considerable methodological heterogeneity, "
+                                             "epidemiological investigations consistently demonstrate associations.")
+    assert flesch_reading_ease(easy) > flesch_reading_ease(hard)
+    fallback = PromptFeaturizer(use_spacy=False)
+    vector = dict(zip(PROMPT_FEATURES, fallback(easy)))
+    assert fallback.backend == "fallback" and vector["parsed"] == 0.0 and vector["noun"] == 0.0
+    assert vector["question"] == 1.0 and 0 < vector["length"] < 1
+    parsed = PromptFeaturizer()
+    if parsed.backend == "spacy":  # installed by the Makefile from a pinned wheel
+        features = dict(zip(PROMPT_FEATURES, parsed(hard)))
+        assert features["parsed"] == 1.0 and features["noun"] > 0.2 and features["depth"] > 0
+        assert features["difficulty"] > dict(zip(PROMPT_FEATURES, parsed(easy)))["difficulty"]
+    assert all(0.0 <= v <= 1.5 for v in parsed(hard))
+
+
+def test_telemetry_vector_is_bounded():
+    from layerwise.runtime.telemetry import TELEMETRY_FEATURES, Telemetry
+
+    reading = Telemetry().read()
+    assert list(reading) == list(TELEMETRY_FEATURES)
+    assert all(0.0 <= value <= 2.0 for value in reading.values())
+    assert 0 < reading["memory_available"] <= 1 and 0 < reading["process_rss"] < 1
+
+
+def test_machine_load_workers_run_and_always_stop():
+    from layerwise.runtime.load import LoadCondition, MachineLoad, parse_load_profile
+    from layerwise.errors import LayerwiseError
+
+    assert [c.name for c in parse_load_profile("idle,cpu,memory,mixed")] == ["idle", "cpu", "memory", "mixed"]
+    with pytest.raises(LayerwiseError, match="Unknown load condition"):
+        parse_load_profile("cpu,gpu")
+    condition = LoadCondition("test", cpu_workers=1, duty=0.5, memory_fraction=0.001, memory_cap_gib=0.01)
+    with pytest.raises(KeyboardInterrupt):
+        with MachineLoad(condition) as load:
+            pids = [w.pid for w in load.workers]
+            assert len(pids) == 2 and all(psutil.pid_exists(p) for p in pids)
+            raise KeyboardInterrupt
+    assert not any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE for p in pids)
