@@ -119,3 +119,35 @@ def test_machine_load_workers_run_and_always_stop():
             assert len(pids) == 2 and all(psutil.pid_exists(p) for p in pids)
             raise KeyboardInterrupt
     assert not any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE for p in pids)
+
+
+def test_runtime_train_resumes_and_test_compares_policies(tmp_path):
+    """Through the CLI on tiny-llama: train 2 episodes, resume to 3, then test against the fixed profiles."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from layerwise.cli import app
+
+    checkpoint = tmp_path / "rt" / "ckpt.pt"
+    common = ["--model", "tiny-llama", "--checkpoint", str(checkpoint), "--load-profile", "idle", "--nsamples", "4"]
+    first = CliRunner().invoke(app, ["runtime", "train", *common, "--episodes", "2", "--steps-per-episode", "3",
+                                     "--train-samples", "12", "--max-new-tokens", "4"])
+    assert first.exit_code == 0, first.output
+    resumed = CliRunner().invoke(app, ["runtime", "train", *common, "--episodes", "3", "--steps-per-episode", "3",
+                                       "--train-samples", "12", "--max-new-tokens", "4", "--resume"])
+    assert resumed.exit_code == 0, resumed.output
+    state = torch.load(checkpoint, weights_only=False)
+    assert state["extra"]["episode"] == 3 and len(state["extra"]["records"]) == 9 and state["steps"] == 9
+    assert {p.name for p in (checkpoint.parent / "plots").iterdir()} == {
+        "reward.png", "epsilon.png", "actions.png", "speed_quality.png", "conditions.png"}
+    tested = CliRunner().invoke(app, ["runtime", "test", *common, "--ppl-samples", "2", "--train-samples", "12",
+                                      "--max-new-tokens", "4"])
+    assert tested.exit_code == 0, tested.output
+    records = json.loads((checkpoint.parent / "test.json").read_text())
+    policies = {r["policy"] for r in records}
+    assert "controller" in policies and "fixed:none" in policies and len(policies) == 1 + len(state["actions"])
+    assert all(r["tokens_per_s"] > 0 and r["ppl"] > 1 for r in records)
+    missing = CliRunner().invoke(app, ["runtime", "test", "--model", "tiny-llama", "--checkpoint",
+                                       str(tmp_path / "none.pt")])
+    assert missing.exit_code == 2 and "No controller checkpoint" in missing.output

@@ -118,3 +118,5 @@ def test_generation_matches_transformers_greedy_and_evicts_the_cache(tiny, token
         logits = tiny.model(ids).logits[0, prompt.shape[1] - 1 : -1]
         expected = torch.nn.functional.cross_entropy(logits, ids[0, prompt.shape[1]:]).exp()
     assert ppl == pytest.approx(float(expected), rel=1e-5)
+    forced = generate(tiny.model, prompt, 12, forced=ours.new_tokens)  # teacher-forced: the same tokens, scored
+    assert forced.new_tokens == ours.new_tokens and forced.perplexity == pytest.approx(ppl, rel=1e-4)

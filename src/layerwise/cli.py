@@ -520,6 +520,11 @@ def report(
     console.print(f"wrote {path}")
 
 
+from .runtime.cli import runtime_app  # noqa: E402  (its commands reuse cli_errors and console from here)
+
+app.add_typer(runtime_app, name="runtime")
+
+
 def main() -> None:  # pragma: no cover - console entry
     app(prog_name="layerwise")
 

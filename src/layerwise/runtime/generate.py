@@ -27,6 +27,11 @@ class Generation:
     prefill_s: float
     decode_s: float
     cache_length: int
+    nll: float | None = None  # mean NLL of the forced tokens, when decoding was teacher-forced
+
+    @property
+    def perplexity(self) -> float:
+        return math.exp(self.nll) if self.nll is not None else float("nan")
 
     @property
     def tokens_per_s(self) -> float:
@@ -50,8 +55,10 @@ def evict(cache, policy: KvEviction, seen: int) -> None:
 
 @torch.no_grad()
 def generate(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int, eviction: KvEviction | None = None,
-             eos_token_id: int | None = None) -> Generation:
-    """Greedy continuation of ``input_ids`` [1, T] for up to ``max_new_tokens`` tokens."""
+             eos_token_id: int | None = None, forced: list[int] | None = None) -> Generation:
+    """Greedy continuation of ``input_ids`` [1, T] for up to ``max_new_tokens`` tokens. With ``forced``, the
+    loop feeds those tokens instead of its own choices (the same work per step) and returns their mean NLL:
+    speed and quality of a profile in one pass, against a reference continuation."""
     from transformers import DynamicCache
 
     if input_ids.dim() != 2 or input_ids.shape[0] != 1:
@@ -61,21 +68,33 @@ def generate(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int, evi
     cache = DynamicCache()
     start = time.perf_counter()
     logits = model(input_ids=input_ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
-    token = int(logits[0, -1].argmax())
+    if forced is not None:
+        max_new_tokens = min(max_new_tokens, len(forced))
+    nll = 0.0
+
+    def choose(logits: torch.Tensor, step: int) -> int:
+        nonlocal nll
+        if forced is None:
+            return int(logits[0, -1].argmax())
+        nll -= float(torch.log_softmax(logits[0, -1].float(), -1)[forced[step]])
+        return forced[step]
+
+    token = choose(logits, 0)
     prefill = time.perf_counter() - start
     new_tokens, seen = [token], input_ids.shape[1]
     start = time.perf_counter()
-    while len(new_tokens) < max_new_tokens and token != eos_token_id:
+    while len(new_tokens) < max_new_tokens and (forced is not None or token != eos_token_id):
         if eviction is not None:
             evict(cache, eviction, seen)
         length = cache.get_seq_length()
         logits = model(input_ids=torch.tensor([[token]], device=device), past_key_values=cache, use_cache=True,
                        position_ids=torch.tensor([[seen]], device=device),
                        cache_position=torch.tensor([length], device=device)).logits
-        token = int(logits[0, -1].argmax())
+        token = choose(logits, len(new_tokens))
         new_tokens.append(token)
         seen += 1
-    return Generation(input_ids.shape[1], new_tokens, prefill, time.perf_counter() - start, cache.get_seq_length())
+    return Generation(input_ids.shape[1], new_tokens, prefill, time.perf_counter() - start, cache.get_seq_length(),
+                      nll / len(new_tokens) if forced is not None else None)
 
 
 @torch.no_grad()

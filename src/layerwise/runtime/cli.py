@@ -1,0 +1,111 @@
+"""``layerwise runtime train|test``: train the runtime controller under machine load, then compare it with
+every fixed profile on disjoint test prompts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+runtime_app = typer.Typer(no_args_is_help=True, help="Runtime-adaptive pruning: a Double DQN picks a profile per request.")
+
+ModelOpt = Annotated[str, typer.Option("--model", "-m", help="Model name, directory or .gguf file.")]
+Checkpoint = Annotated[Path, typer.Option("--checkpoint", help="Controller checkpoint (written after every episode).")]
+MaxNew = Annotated[int, typer.Option("--max-new-tokens", help="Tokens decoded per request.")]
+LoadProfile = Annotated[str, typer.Option("--load-profile", help="Load conditions cycled over episodes: idle,cpu,memory,mixed.")]
+Mechanism = Annotated[str, typer.Option("--mechanism", help="Profiles as sliced views (real speedup) or masks.")]
+Nsamples = Annotated[int, typer.Option("--nsamples", help="Calibration windows for the importance scores.")]
+Seed = Annotated[int, typer.Option("--seed", help="Prompt split and controller seed.")]
+TpsScale = Annotated[Optional[float], typer.Option("--tps-scale", help="tokens/s normaliser of the reward (default: dense idle tokens/s; 1 = the seed's raw formula).")]
+PplScale = Annotated[float, typer.Option("--ppl-scale", help="PPL normaliser of the reward (0.6·tps/tps_scale − 0.4·PPL/ppl_scale).")]
+
+
+def _environment(model: str, nsamples: int, seed: int, max_new_tokens: int, mechanism: str):
+    import layerwise
+    from layerwise.profile import CalibrationSource
+
+    from .session import RuntimeEnvironment
+
+    loaded = layerwise.load(model)
+    calibration = CalibrationSource(loaded, layerwise.RunSettings(nsamples=nsamples, seed=seed))
+    return RuntimeEnvironment(loaded, calibration, max_new_tokens, mechanism=mechanism)
+
+
+@runtime_app.command()
+def train(
+    model: ModelOpt = "smollm2-135m",
+    checkpoint: Checkpoint = Path("runtime/ckpt.pt"),
+    episodes: Annotated[int, typer.Option("--episodes", help="Episodes (one load condition each).")] = 50,
+    train_samples: Annotated[int, typer.Option("--train-samples", help="Training prompts.")] = 500,
+    steps_per_episode: Annotated[int, typer.Option("--steps-per-episode", help="Requests per episode.")] = 10,
+    max_new_tokens: MaxNew = 20,
+    load_profile: LoadProfile = "idle,cpu,memory,mixed",
+    mechanism: Mechanism = "sliced",
+    nsamples: Nsamples = 32,
+    seed: Seed = 0,
+    tps_scale: TpsScale = None,
+    ppl_scale: PplScale = 10.0,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from the checkpoint.")] = False,
+) -> None:
+    """Train the Double DQN controller; writes the checkpoint, a text report and plots beside it."""
+    from ..cli import cli_errors, console
+    from .controller import DqnSettings
+    from .load import parse_load_profile
+    from .prompts import split_prompts
+    from .report import text_report, training_plots
+    from .session import RewardSettings, TrainSettings
+    from .session import train as run_train
+
+    @cli_errors
+    def run() -> None:
+        conditions = parse_load_profile(load_profile)
+        prompts, _ = split_prompts(train_samples, 0, seed)
+        env = _environment(model, nsamples, seed, max_new_tokens, mechanism)
+        settings = TrainSettings(episodes, steps_per_episode, conditions)
+        controller, records = run_train(env, prompts, settings, RewardSettings(tps_scale=tps_scale, ppl_scale=ppl_scale),
+                                        checkpoint, DqnSettings(seed=seed), resume)
+        folder = checkpoint.parent
+        (folder / "train_report.md").write_text(text_report(records, f"Runtime controller training ({model})"))
+        plots = training_plots(records, folder / "plots")
+        console.print(f"{len(records)} requests over {episodes} episodes; checkpoint {checkpoint}; "
+                      f"report {folder / 'train_report.md'}; {len(plots)} plots in {folder / 'plots'}")
+
+    run()
+
+
+@runtime_app.command()
+def test(
+    model: ModelOpt = "smollm2-135m",
+    checkpoint: Checkpoint = Path("runtime/ckpt.pt"),
+    max_new_tokens: MaxNew = 50,
+    ppl_samples: Annotated[int, typer.Option("--ppl-samples", help="Test prompts (disjoint from training).")] = 200,
+    train_samples: Annotated[int, typer.Option("--train-samples", help="Training prompts to keep out (as in train).")] = 500,
+    load_profile: LoadProfile = "idle,cpu,memory,mixed",
+    mechanism: Mechanism = "sliced",
+    nsamples: Nsamples = 32,
+    seed: Seed = 0,
+    out: Annotated[Optional[Path], typer.Option("--out", help="Where test_report.md and test.json go (default: beside the checkpoint).")] = None,
+) -> None:
+    """Serve the test prompts with the learned controller and with every fixed profile, under each load."""
+    from ..cli import cli_errors, console
+    from .controller import Controller
+    from .load import parse_load_profile
+    from .prompts import split_prompts
+    from .report import text_report
+    from .session import RewardSettings, test as run_test, write_json
+
+    @cli_errors
+    def run() -> None:
+        conditions = parse_load_profile(load_profile)
+        controller, extra = Controller.load(checkpoint)
+        _, prompts = split_prompts(train_samples, ppl_samples, seed)
+        env = _environment(model, nsamples, seed, max_new_tokens, mechanism)
+        records = run_test(env, controller, prompts, conditions, RewardSettings(**extra["reward"]))
+        folder = out or checkpoint.parent
+        write_json(folder / "test.json", records)
+        report = text_report(records, f"Runtime controller test ({model})")
+        (folder / "test_report.md").write_text(report)
+        console.print(report)
+
+    run()
