@@ -151,3 +151,40 @@ def test_runtime_train_resumes_and_test_compares_policies(tmp_path):
     missing = CliRunner().invoke(app, ["runtime", "test", "--model", "tiny-llama", "--checkpoint",
                                        str(tmp_path / "none.pt")])
     assert missing.exit_code == 2 and "No controller checkpoint" in missing.output
+
+
+def test_server_generates_reports_metrics_and_rejects_bad_requests(tiny, calibration, monkeypatch):
+    from fastapi.testclient import TestClient
+
+    from layerwise.runtime.server import create_app
+    from layerwise.runtime.session import RuntimeEnvironment
+
+    env = RuntimeEnvironment(tiny, calibration, 0)
+    controller = Controller(env.state_size, env.profiles.names, DqnSettings(seed=3))
+    with torch.no_grad():
+        dense = tiny.model(torch.tensor([[5, 6, 7]])).logits
+    client = TestClient(create_app(env, controller))
+    response = client.post("/generate", json={"prompt": "Which gas do plants absorb?", "max_new_tokens": 5})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["profile"] in env.profiles.names and 1 <= body["new_tokens"] <= 5 and body["tokens_per_s"] > 0
+    for bad in ({"prompt": "", "max_new_tokens": 5}, {"prompt": "hi", "max_new_tokens": 0}, {"max_new_tokens": 3}):
+        assert client.post("/generate", json=bad).status_code == 422
+    metrics = client.get("/metrics").json()
+    assert metrics["requests"] == 1 and metrics["profiles"] == {body["profile"]: 1}
+    assert metrics["active_profile"] == "none"
+    with torch.no_grad():
+        assert torch.equal(tiny.model(torch.tensor([[5, 6, 7]])).logits, dense)  # never left pruned
+    # a failing generation under a pruned profile: 500, counted, model dense again
+    monkeypatch.setattr(controller, "act", lambda state, explore=False: env.profiles.names.index("ffn_neurons@0.5"))
+
+    def broken(*args, **kwargs):
+        assert env.profiles.active.name == "ffn_neurons@0.5"
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr("layerwise.runtime.server.generate", broken)
+    failed = client.post("/generate", json={"prompt": "hello", "max_new_tokens": 2})
+    assert failed.status_code == 500 and "out of memory" in failed.json()["detail"]
+    assert client.get("/metrics").json()["errors"] == 1 and env.profiles.active.name == "none"
+    with torch.no_grad():
+        assert torch.equal(tiny.model(torch.tensor([[5, 6, 7]])).logits, dense)

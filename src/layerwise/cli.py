@@ -520,9 +520,10 @@ def report(
     console.print(f"wrote {path}")
 
 
-from .runtime.cli import runtime_app  # noqa: E402  (its commands reuse cli_errors and console from here)
+from .runtime.cli import runtime_app, serve  # noqa: E402  (they reuse cli_errors and console from here)
 
 app.add_typer(runtime_app, name="runtime")
+app.command()(serve)
 
 
 def main() -> None:  # pragma: no cover - console entry

@@ -109,3 +109,28 @@ def test(
         console.print(report)
 
     run()
+
+
+def serve(
+    model: ModelOpt = "smollm2-135m",
+    checkpoint: Annotated[Optional[Path], typer.Option("--checkpoint", help="Controller checkpoint (none: always dense).")] = None,
+    host: Annotated[str, typer.Option("--host")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port")] = 8000,
+    mechanism: Mechanism = "sliced",
+    nsamples: Nsamples = 32,
+    seed: Seed = 0,
+) -> None:
+    """Serve POST /generate and GET /metrics; the controller picks a profile per request."""
+    from ..cli import cli_errors
+    from .controller import Controller
+    from .server import create_app
+
+    @cli_errors
+    def run() -> None:
+        import uvicorn
+
+        controller = Controller.load(checkpoint)[0] if checkpoint is not None else None
+        env = _environment(model, nsamples, seed, 0, mechanism)
+        uvicorn.run(create_app(env, controller), host=host, port=port)
+
+    run()
