@@ -53,8 +53,13 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=3, help="seeds of the RL rows (0, 1, ...)")
     parser.add_argument("--episodes", type=int, default=300)
     parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--remeasure-latency", action="store_true",
+                        help="load every saved run under --out and measure decode speed again (the dense model "
+                             "once), on an idle machine; updates each result.json and rewrites the table")
     parser.add_argument("--remark", default="")
     args = parser.parse_args()
+    if args.remeasure_latency:
+        remeasure_latency(args)
 
     import layerwise
     from layerwise.config import LatencySetting
@@ -63,12 +68,11 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     latency = LatencySetting(repeats=3)
     records: dict[str, list[dict]] = {}
-    for name in args.rows.split(","):
+    for name, run_dirs in _run_dirs(args).items():
         method, allocator, avg_bits, options, searched = ROWS[name]
         params = {**options, **({"episodes": args.episodes} if allocator == "automp-rl" else {})}
-        for seed in range(args.seeds if searched else 1):
-            run_dir = args.out / f"{name.replace(' ', '_').replace('/', '-')}-seed{seed}"
-            if not (args.resume and (run_dir / "result.json").is_file()):
+        for seed, run_dir in enumerate(run_dirs):
+            if not ((args.resume or args.remeasure_latency) and (run_dir / "result.json").is_file()):
                 settings = layerwise.RunSettings(max_windows=args.windows, nsamples=args.nsamples, seed=seed,
                                                  latency=latency)
                 compress(args.model, layerwise.Budget(avg_bits=avg_bits), method=method, allocator=allocator,
@@ -76,6 +80,30 @@ def main() -> None:
                 print(f"{name} seed {seed}: done", flush=True)
             records.setdefault(name, []).append(json.loads((run_dir / "result.json").read_text()))
     write_results(records, args)
+
+
+def _run_dirs(args: argparse.Namespace) -> dict[str, list[Path]]:
+    return {name: [args.out / f"{name.replace(' ', '_').replace('/', '-')}-seed{seed}"
+                   for seed in range(args.seeds if ROWS[name][4] else 1)] for name in args.rows.split(",")}
+
+
+def remeasure_latency(args: argparse.Namespace) -> None:
+    """Speed again from the saved models, one after another with nothing else running: the searches' own
+    measurements share the machine with whatever else ran meanwhile."""
+    import layerwise
+    from layerwise.config import LatencySetting
+    from layerwise.cost import measure_latency
+
+    setting = LatencySetting(repeats=3)
+    dense = measure_latency(layerwise.load(args.model).model, setting).model_dump()
+    for name, run_dirs in _run_dirs(args).items():
+        for run_dir in run_dirs:
+            record = json.loads((run_dir / "result.json").read_text())
+            record["metrics"]["latency"] = measure_latency(layerwise.load(str(run_dir)).model, setting).model_dump()
+            record["metrics"]["dense"]["latency"] = dense
+            record["metrics"]["latency_remeasured"] = True
+            (run_dir / "result.json").write_text(json.dumps(record, indent=2))
+            print(f"{run_dir.name}: {record['metrics']['latency']['decode_tokens_per_s']:.1f} tok/s", flush=True)
 
 
 def _spread(values: list[float], spec: str) -> str:
@@ -109,8 +137,10 @@ def write_results(records: dict[str, list[dict]], args: argparse.Namespace) -> N
         f"--episodes {args.episodes}`\n\n"
         "**Read against the model's origin.** The packaged smollm2-135m was distributed as GGUF Q4_1 (asymmetric "
         "4-bit, blocks of 32) and is dequantized on load, so its weights already lie on a 4-bit grid of 32-wide "
-        "groups: the `RTN W4 g32` row reproduces that grid and is near-lossless by construction, and every "
-        "other 4-bit row is measured against a model that 4-bit quantization has already shaped. The "
+        "groups and every 4-bit row is measured against a model that 4-bit quantization has already shaped. "
+        "The `RTN W4 g32` row uses Q4_1's block size but is not lossless: our codes follow GPTQ's convention "
+        "(the range always includes 0, an integer zero point, fp16 scales) while Q4_1 stores a float minimum "
+        "per block, so the two grids differ. Symmetric rows suffer most here (Q4_1's grid is asymmetric). The "
         "default group is 128 inputs; 576-wide inputs (q/k/v, gate/up) end in a shorter group of 64 "
         "(4 × 128 + 64), 1536-wide ones (down_proj) divide exactly. Weight-only; codes are stored packed (two "
         "4-bit codes a byte, eight 3-bit codes in three bytes) with fp16 scales and uint8 zero points; "
@@ -126,7 +156,10 @@ def write_results(records: dict[str, list[dict]], args: argparse.Namespace) -> N
         "quantized linears' stored tensors (codes, scales, zeros); the 16-bit reference is 2 bytes per weight. "
         "`model MiB`: every stored tensor. Decode: "
         f"batch {setting['batch_size']}, prompt {setting['prompt_length']}, {setting['generation_length']} new "
-        f"tokens, median of {setting['repeats']}, 2 CPU cores, fp32 compute; the packed codes are unpacked and "
+        f"tokens, median of {setting['repeats']}, 2 CPU cores, fp32 compute"
+        + (", measured again from the saved models one after another on the idle machine "
+           "(`--remeasure-latency`)" if first["metrics"].get("latency_remeasured") else "")
+        + "; the packed codes are unpacked and "
         "dequantized per layer on the fly (torch's own int4 CPU kernel, `_weight_int4pack_mm_for_cpu`, was "
         "measured 15× slower than a dense fp32 matmul for one token on this machine, so it is not used). "
         "Search = plan time (sensitivities, the RL search; cached statistics excluded).\n\n"
