@@ -118,7 +118,7 @@ def write_results(records: dict[str, list[dict]], args: argparse.Namespace) -> N
     dense_tps = dense["latency"]["decode_tokens_per_s"]
     rows = [["dense (fp32 in memory; 16-bit reference)", "16", f"{first['metrics']['dense_ppl']:.2f}",
              f"{2 * first['metrics']['quantized_weights'] / 2**20:.1f}", "-", f"{dense['weight_bytes'] / 2**20:.1f}",
-             f"{dense_tps:.1f}", "-"]]
+             f"{dense_tps:.1f}", "-", "-"]]
     for name, runs in records.items():
         metrics = [r["metrics"] for r in runs]
         search = [r["timings"]["plan_s"] for r in runs]
@@ -129,7 +129,7 @@ def write_results(records: dict[str, list[dict]], args: argparse.Namespace) -> N
                      _spread([100 * m["memory_reduction_vs_16bit"] for m in metrics], ".1f") + "%",
                      _spread([m["weight_bytes"] / 2**20 for m in metrics], ".1f"),
                      _spread([m["latency"]["decode_tokens_per_s"] for m in metrics], ".1f"),
-                     _spread(search, ".0f")])
+                     _spread(search, ".0f"), _spread([r["timings"]["apply_s"] for r in runs], ".0f")])
     setting = first["metrics"]["latency"]["setting"]
     markdown = (
         "## Weight quantization: RTN / GPTQ / AWQ and mixed precision (greedy, AutoMP-RL) (smollm2-135m)\n\n"
@@ -149,8 +149,8 @@ def write_results(records: dict[str, list[dict]], args: argparse.Namespace) -> N
         f"calibration {args.nsamples} × 512 wiki windows (GPTQ's Hessians, AWQ's scale search, the statistics), "
         "seed 0. Mixed precision chooses 3/4/8 bits per decoder linear (`4/8`: only 4 or 8) under a "
         "parameter-weighted average-bit budget; `greedy` and the budget projection of `automp-rl` rank linears "
-        "by their measured sensitivity (ln PPL increase on 4 × 128 calibration tokens with only that linear "
-        "rounded). automp-rl: REINFORCE, "
+        "by their measured sensitivity (mean KL divergence of the next-token distribution from the dense "
+        "model's on 4 × 128 calibration tokens, with only that linear rounded to nearest). automp-rl: REINFORCE, "
         f"{args.episodes} episodes, α 0.7, β 2.0, lr 2e-3, candidates scored on 4 × 128 calibration tokens; the "
         "RL rows are mean ± std over seeds 0..N-1, each a separate run. `stored MiB`: measured bytes of the "
         "quantized linears' stored tensors (codes, scales, zeros); the 16-bit reference is 2 bytes per weight. "
@@ -162,9 +162,12 @@ def write_results(records: dict[str, list[dict]], args: argparse.Namespace) -> N
         + "; the packed codes are unpacked and "
         "dequantized per layer on the fly (torch's own int4 CPU kernel, `_weight_int4pack_mm_for_cpu`, was "
         "measured 15× slower than a dense fp32 matmul for one token on this machine, so it is not used). "
-        "Search = plan time (sensitivities, the RL search; cached statistics excluded).\n\n"
+        "Search = plan time: the RL search, and the per-linear sensitivity when it was not cached yet (it is "
+        "cached per model, calibration tokens and grouping; a run with another seed draws other calibration "
+        "windows and computes its own). Quantize = apply time (GPTQ's Hessians and updates, AWQ's scale "
+        "search, packing).\n\n"
         + markdown_table(["method", "avg bits", "wiki PPL", "stored MiB", "memory reduction vs 16-bit",
-                          "model MiB", "decode tok/s", "search (s)"], rows)
+                          "model MiB", "decode tok/s", "search (s)", "quantize (s)"], rows)
     )
     write_section("quant", markdown, {name: [r["metrics"] | {"timings": r["timings"]} for r in runs]
                                       for name, runs in records.items()}, args.remark)
