@@ -34,8 +34,12 @@ def main() -> None:
     parser.add_argument("--nsamples", type=int, default=32)
     parser.add_argument("--batch-size", type=int, default=8, help="oneshot batch size (windows are equal length)")
     parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--report-only", action="store_true", help="only write the table from the partial JSON")
     parser.add_argument("--remark", default="", help="a sentence about this run printed under the table")
     args = parser.parse_args()
+    if args.report_only:
+        write_results(json.loads(PARTIAL.read_text()), args, seqlen=512)
+        return
 
     import datasets
     from llmcompressor import oneshot
