@@ -20,6 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from peers import calibration_dataset  # noqa: E402
 from results_table import HERE, markdown_table, write_section  # noqa: E402
 
 PARTIAL = HERE / "results" / "quant_peers.partial.json"
@@ -41,7 +42,6 @@ def main() -> None:
         write_results(json.loads(PARTIAL.read_text()), args, seqlen=512)
         return
 
-    import datasets
     from llmcompressor import oneshot
     from llmcompressor.modifiers.gptq import GPTQModifier
     from llmcompressor.modifiers.quantization import QuantizationModifier
@@ -52,11 +52,9 @@ def main() -> None:
     from layerwise.cost import measure_latency
     from layerwise.data import load_corpus
     from layerwise.evaluate import perplexity
-    from layerwise.profile import CalibrationSource
 
     modifiers = dict(zip(MODIFIERS, [QuantizationModifier, GPTQModifier]))
     state = json.loads(PARTIAL.read_text()) if args.resume and PARTIAL.exists() else {"runs": {}}
-    settings = layerwise.RunSettings(nsamples=args.nsamples)
     wiki = load_corpus("wiki")
     latency = LatencySetting(repeats=3)
 
@@ -65,9 +63,7 @@ def main() -> None:
         PARTIAL.write_text(json.dumps(state, indent=1))
 
     loaded = layerwise.load(args.model)
-    tokens = CalibrationSource(loaded, settings).tokens()  # the same windows our backends calibrate on
-    calibration = datasets.Dataset.from_dict({"input_ids": tokens.tolist(),
-                                              "attention_mask": [[1] * tokens.shape[1]] * tokens.shape[0]})
+    tokens, calibration = calibration_dataset(loaded, args.nsamples)  # the windows our backends calibrate on
     if "dense" not in state:
         state["dense"] = {"wiki": perplexity(loaded.model, loaded.tokenizer, wiki, 512, args.windows).ppl,
                           "decode_tokens_per_s": measure_latency(loaded.model, latency).decode_tokens_per_s}

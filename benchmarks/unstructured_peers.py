@@ -17,6 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from peers import calibration_dataset  # noqa: E402
 from results_table import HERE, markdown_table, write_section  # noqa: E402
 
 PARTIAL = HERE / "results" / "unstructured_peers.partial.json"
@@ -38,18 +39,15 @@ def main() -> None:
         write_results(json.loads(PARTIAL.read_text()), args, seqlen=512)
         return
 
-    import datasets
     from llmcompressor import oneshot
     from llmcompressor.modifiers.pruning import SparseGPTModifier, WandaPruningModifier
 
     import layerwise
     from layerwise.data import load_corpus
     from layerwise.evaluate import perplexity
-    from layerwise.profile import CalibrationSource
 
     modifiers = dict(zip(MODIFIERS, [SparseGPTModifier, WandaPruningModifier]))
     state = json.loads(PARTIAL.read_text()) if args.resume and PARTIAL.exists() else {"runs": {}}
-    settings = layerwise.RunSettings(nsamples=args.nsamples)
     wiki, ptb = load_corpus("wiki"), load_corpus("ptb")
 
     def save() -> None:
@@ -60,9 +58,7 @@ def main() -> None:
         return perplexity(loaded.model, loaded.tokenizer, corpus, 512, args.windows).ppl
 
     loaded = layerwise.load(args.model)
-    tokens = CalibrationSource(loaded, settings).tokens()  # the same windows our backends calibrate on
-    calibration = datasets.Dataset.from_dict({"input_ids": tokens.tolist(),
-                                              "attention_mask": [[1] * tokens.shape[1]] * tokens.shape[0]})
+    tokens, calibration = calibration_dataset(loaded, args.nsamples)  # the windows our backends calibrate on
     if "dense" not in state:
         state["dense"] = {"wiki": ppl(loaded, wiki), "ptb": ppl(loaded, ptb)}
         save()
