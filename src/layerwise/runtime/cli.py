@@ -93,7 +93,8 @@ def test(
     from .load import parse_load_profile
     from .prompts import split_prompts
     from .report import text_report
-    from .session import RewardSettings, test as run_test, write_json
+    from ..cache import atomic_write_json
+    from .session import RewardSettings, test as run_test
 
     @cli_errors
     def run() -> None:
@@ -103,7 +104,7 @@ def test(
         env = _environment(model, nsamples, seed, max_new_tokens, mechanism)
         records = run_test(env, controller, prompts, conditions, RewardSettings(**extra["reward"]))
         folder = out or checkpoint.parent
-        write_json(folder / "test.json", records)
+        atomic_write_json(folder / "test.json", records)
         report = text_report(records, f"Runtime controller test ({model})")
         (folder / "test_report.md").write_text(report)
         console.print(report)

@@ -12,7 +12,6 @@ idle tokens/s, measured first, so both terms are of order one).
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -218,8 +217,3 @@ def summarize(records: list[dict]) -> list[dict]:
                      "switch_ms": mean("switch_ms"), "decide_ms": mean("decide_ms"), "decode_ms": mean("decode_ms"),
                      "profiles": mix})
     return rows
-
-
-def write_json(path: Path, data: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=1))
