@@ -39,7 +39,7 @@ def test_double_dqn_target_values_the_online_argmax_with_the_target_net():
 
 
 def test_target_network_syncs_every_n_updates():
-    controller = Controller(2, ["a", "b", "c"], DqnSettings(target_sync=3, warmup=4, batch_size=4))
+    controller = Controller(2, ["a", "b", "c"], DqnSettings(target_sync=3, warmup=4, batch_size=4, gradient_steps=1))
     for i in range(4):
         controller.observe(_transition(i))  # the 4th fills the warm-up: update 1
     assert controller.updates == 1
@@ -51,6 +51,18 @@ def test_target_network_syncs_every_n_updates():
     assert controller.updates == 3 and not differs()
     controller.observe(_transition(6))
     assert differs()
+
+
+def test_rewards_are_standardised_robustly_from_the_warm_up_and_each_request_takes_several_steps():
+    controller = Controller(2, ["a", "b"], DqnSettings(warmup=5, batch_size=4, gradient_steps=3))
+    rewards = [10.0, 12.0, 14.0, 16.0, -400.0]  # one catastrophic profile must not set the scale
+    for i, reward in enumerate(rewards):
+        controller.observe(Transition([0.1 * i, 0.0], i % 2, reward, [0.0, 0.0], False))
+    assert controller.reward_center == 12.0  # the median
+    assert controller.reward_scale == pytest.approx(1.4826 * 2.0)  # MAD of |r − 12| = [2, 0, 2, 4, 412] is 2
+    assert controller.updates == 3
+    controller.observe(Transition([0.0, 0.0], 0, 11.0, [0.0, 0.0], False))
+    assert controller.updates == 6 and controller.reward_center == 12.0  # frozen after the warm-up
 
 
 def test_controller_learns_a_state_dependent_choice_and_resumes_exactly(tmp_path):
@@ -103,6 +115,26 @@ def test_telemetry_vector_is_bounded():
     assert list(reading) == list(TELEMETRY_FEATURES)
     assert all(0.0 <= value <= 2.0 for value in reading.values())
     assert 0 < reading["memory_available"] <= 1 and 0 < reading["process_rss"] < 1
+
+
+def test_telemetry_cpu_counts_other_processes_not_our_own_work():
+    import time
+
+    from layerwise.runtime.load import LoadCondition, MachineLoad
+    from layerwise.runtime.telemetry import Telemetry
+
+    telemetry = Telemetry()
+    start = time.perf_counter()
+    while time.perf_counter() - start < 0.5:  # this process busy: not "other load"
+        pass
+    own = telemetry.external_cpu()
+    with MachineLoad(LoadCondition("busy", cpu_workers=1, duty=1.0)):
+        time.sleep(1.0)  # let the worker start
+        telemetry.external_cpu()
+        time.sleep(1.0)
+        loaded = telemetry.external_cpu()
+    # one more core spinning than during our own busy loop (other work on the machine shows in both)
+    assert loaded - own >= 0.3 / psutil.cpu_count()
 
 
 def test_machine_load_workers_run_and_always_stop():

@@ -83,6 +83,16 @@ def test_sliced_variants_share_storage_and_match_the_masks(tiny, tokens, importa
     assert sum(p.numel() for p in tiny.model.parameters()) == sum(p.numel() for p in dense.values())
 
 
+def test_heads_are_dropped_by_their_share_of_the_block_not_by_raw_score():
+    # block 1's scores are 10x block 0's (deeper blocks see larger activations), but block 0 has the one
+    # group that carries little of its block: it goes first, then block 1's weakest share
+    importance = Importance(groups={0: [0, 1, 2], 1: [0, 1, 2]}, channels={}, blocks=[],
+                            group_scores={0: [5.0, 4.0, 1.0], 1: [40.0, 35.0, 25.0]})
+    assert importance.kept_groups(1 / 6) == {0: 2, 1: 3}
+    assert importance.kept_groups(2 / 6) == {0: 2, 1: 2}
+    assert importance.kept_groups(0.99) == {0: 1, 1: 1}  # every block keeps one
+
+
 def test_layer_profile_skips_the_most_redundant_blocks(tiny, importance):
     from layerwise.models import get_adapter
 

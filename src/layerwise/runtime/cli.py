@@ -16,12 +16,13 @@ MaxNew = Annotated[int, typer.Option("--max-new-tokens", help="Tokens decoded pe
 LoadProfile = Annotated[str, typer.Option("--load-profile", help="Load conditions cycled over episodes: idle,cpu,memory,mixed.")]
 Mechanism = Annotated[str, typer.Option("--mechanism", help="Profiles as sliced views (real speedup) or masks.")]
 Nsamples = Annotated[int, typer.Option("--nsamples", help="Calibration windows for the importance scores.")]
+ImportanceOpt = Annotated[str, typer.Option("--importance", help="Unit importance from the calibration Profile: act (magnitude) or taylor.")]
 Seed = Annotated[int, typer.Option("--seed", help="Prompt split and controller seed.")]
-TpsScale = Annotated[Optional[float], typer.Option("--tps-scale", help="tokens/s normaliser of the reward (default: dense idle tokens/s; 1 = the seed's raw formula).")]
+TpsScale = Annotated[float, typer.Option("--tps-scale", help="tokens/s normaliser of the reward (1: the seed's 0.6·tokens/s − 0.4·PPL/10; 0: the dense model's idle tokens/s).")]
 PplScale = Annotated[float, typer.Option("--ppl-scale", help="PPL normaliser of the reward (0.6·tps/tps_scale − 0.4·PPL/ppl_scale).")]
 
 
-def _environment(model: str, nsamples: int, seed: int, max_new_tokens: int, mechanism: str):
+def _environment(model: str, nsamples: int, seed: int, max_new_tokens: int, mechanism: str, importance: str):
     import layerwise
     from layerwise.profile import CalibrationSource
 
@@ -29,7 +30,7 @@ def _environment(model: str, nsamples: int, seed: int, max_new_tokens: int, mech
 
     loaded = layerwise.load(model)
     calibration = CalibrationSource(loaded, layerwise.RunSettings(nsamples=nsamples, seed=seed))
-    return RuntimeEnvironment(loaded, calibration, max_new_tokens, mechanism=mechanism)
+    return RuntimeEnvironment(loaded, calibration, max_new_tokens, mechanism=mechanism, importance=importance)
 
 
 @runtime_app.command()
@@ -42,10 +43,12 @@ def train(
     max_new_tokens: MaxNew = 20,
     load_profile: LoadProfile = "idle,cpu,memory,mixed",
     mechanism: Mechanism = "sliced",
+    importance: ImportanceOpt = "act",
     nsamples: Nsamples = 32,
     seed: Seed = 0,
-    tps_scale: TpsScale = None,
+    tps_scale: TpsScale = 1.0,
     ppl_scale: PplScale = 10.0,
+    exploration_steps: Annotated[int, typer.Option("--exploration-steps", help="Requests over which ε decays from 1 to 0.05.")] = 400,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the checkpoint.")] = False,
 ) -> None:
     """Train the Double DQN controller; writes the checkpoint, a text report and plots beside it."""
@@ -61,10 +64,10 @@ def train(
     def run() -> None:
         conditions = parse_load_profile(load_profile)
         prompts, _ = split_prompts(train_samples, 0, seed)
-        env = _environment(model, nsamples, seed, max_new_tokens, mechanism)
+        env = _environment(model, nsamples, seed, max_new_tokens, mechanism, importance)
         settings = TrainSettings(episodes, steps_per_episode, conditions)
         controller, records = run_train(env, prompts, settings, RewardSettings(tps_scale=tps_scale, ppl_scale=ppl_scale),
-                                        checkpoint, DqnSettings(seed=seed), resume)
+                                        checkpoint, DqnSettings(seed=seed, epsilon_decay_steps=exploration_steps), resume)
         folder = checkpoint.parent
         (folder / "train_report.md").write_text(text_report(records, f"Runtime controller training ({model})"))
         plots = training_plots(records, folder / "plots")
@@ -83,6 +86,7 @@ def test(
     train_samples: Annotated[int, typer.Option("--train-samples", help="Training prompts to keep out (as in train).")] = 500,
     load_profile: LoadProfile = "idle,cpu,memory,mixed",
     mechanism: Mechanism = "sliced",
+    importance: ImportanceOpt = "act",
     nsamples: Nsamples = 32,
     seed: Seed = 0,
     out: Annotated[Optional[Path], typer.Option("--out", help="Where test_report.md and test.json go (default: beside the checkpoint).")] = None,
@@ -101,7 +105,7 @@ def test(
         conditions = parse_load_profile(load_profile)
         controller, extra = Controller.load(checkpoint)
         _, prompts = split_prompts(train_samples, ppl_samples, seed)
-        env = _environment(model, nsamples, seed, max_new_tokens, mechanism)
+        env = _environment(model, nsamples, seed, max_new_tokens, mechanism, importance)
         records = run_test(env, controller, prompts, conditions, RewardSettings(**extra["reward"]))
         folder = out or checkpoint.parent
         atomic_write_json(folder / "test.json", records)
@@ -118,6 +122,7 @@ def serve(
     host: Annotated[str, typer.Option("--host")] = "127.0.0.1",
     port: Annotated[int, typer.Option("--port")] = 8000,
     mechanism: Mechanism = "sliced",
+    importance: ImportanceOpt = "act",
     nsamples: Nsamples = 32,
     seed: Seed = 0,
 ) -> None:
@@ -131,7 +136,7 @@ def serve(
         import uvicorn
 
         controller = Controller.load(checkpoint)[0] if checkpoint is not None else None
-        env = _environment(model, nsamples, seed, 0, mechanism)
+        env = _environment(model, nsamples, seed, 0, mechanism, importance)
         uvicorn.run(create_app(env, controller), host=host, port=port)
 
     run()

@@ -32,8 +32,10 @@ class DqnSettings:
     epsilon_start: float = 1.0
     epsilon_end: float = 0.05
     epsilon_decay_steps: int = 400
-    target_sync: int = 50
+    target_sync: int = 50  # in gradient steps
     warmup: int = 32
+    gradient_steps: int = 4  # per request: a request costs a second of decoding, an update a millisecond
+    standardize_rewards: bool = True  # by the warm-up rewards' median and MAD, then frozen
     seed: int = 0
 
 
@@ -86,6 +88,8 @@ class Controller:
     settings: DqnSettings = field(default_factory=DqnSettings)
     steps: int = 0
     updates: int = 0
+    reward_center: float = 0.0
+    reward_scale: float | None = None  # set from the warm-up rewards
 
     def __post_init__(self) -> None:
         generator_seed = self.settings.seed
@@ -116,17 +120,35 @@ class Controller:
         return max(range(len(values)), key=values.__getitem__)
 
     def observe(self, transition: Transition) -> float | None:
-        """Store a transition, take one gradient step once the buffer is warm; returns the loss (or None)."""
+        """Store a transition, take ``gradient_steps`` steps once the buffer is warm; returns the last loss."""
         self.buffer.add(transition)
         self.steps += 1
         if len(self.buffer) < max(self.settings.warmup, self.settings.batch_size):
             return None
-        return self.learn(self.buffer.sample(self.settings.batch_size))
+        if self.reward_scale is None:
+            self.fit_reward_scale()
+        loss = None
+        for _ in range(self.settings.gradient_steps):
+            loss = self.learn(self.buffer.sample(self.settings.batch_size))
+        return loss
+
+    def fit_reward_scale(self) -> None:
+        """Rewards are learned as ``(r − median) / (1.4826 · MAD)`` of the warm-up rewards: raw rewards lie far
+        from the networks' initial outputs (tens of tokens/s), and a robust scale keeps a few catastrophic
+        profiles from squashing the differences between the good ones. Affine, so the argmax is unchanged."""
+        rewards = torch.tensor([t.reward for t in self.buffer.items], dtype=torch.float64)
+        if not self.settings.standardize_rewards:
+            self.reward_center, self.reward_scale = 0.0, 1.0
+            return
+        center = float(rewards.median())
+        spread = 1.4826 * float((rewards - center).abs().median())
+        self.reward_center, self.reward_scale = center, spread if spread > 1e-9 else 1.0
 
     def learn(self, batch: list[Transition]) -> float:
         states = torch.tensor([t.state for t in batch], dtype=torch.float32)
         actions = torch.tensor([[t.action] for t in batch])
         rewards = torch.tensor([t.reward for t in batch], dtype=torch.float32)
+        rewards = (rewards - self.reward_center) / (self.reward_scale or 1.0)
         next_states = torch.tensor([t.next_state for t in batch], dtype=torch.float32)
         done = torch.tensor([float(t.done) for t in batch])
         targets = double_dqn_targets(self.online, self.target, rewards, next_states, done, self.settings.gamma)
@@ -148,6 +170,7 @@ class Controller:
     def state_dict(self) -> dict[str, Any]:
         return {"format": "layerwise.controller/1", "state_size": self.state_size, "actions": self.actions,
                 "settings": asdict(self.settings), "steps": self.steps, "updates": self.updates,
+                "reward_center": self.reward_center, "reward_scale": self.reward_scale,
                 "online": self.online.state_dict(), "target": self.target.state_dict(),
                 "optimizer": self.optimizer.state_dict(), "buffer": [asdict(t) for t in self.buffer.items],
                 "random": self.random.getstate(), "buffer_random": self.buffer.random.getstate()}
@@ -168,7 +191,7 @@ class Controller:
         if not isinstance(state, dict) or state.get("format") != "layerwise.controller/1":
             raise LayerwiseError(f"{path} is not a layerwise controller checkpoint.")
         controller = cls(state["state_size"], state["actions"], DqnSettings(**state["settings"]),
-                         state["steps"], state["updates"])
+                         state["steps"], state["updates"], state["reward_center"], state["reward_scale"])
         controller.online.load_state_dict(state["online"])
         controller.target.load_state_dict(state["target"])
         controller.optimizer.load_state_dict(state["optimizer"])

@@ -107,11 +107,14 @@ class Importance:
     group_scores: dict[int, list[float]] = field(default_factory=dict)
 
     def kept_groups(self, intensity: float) -> dict[int, int]:
-        """KV groups kept per block when ``intensity`` of all groups go, the lowest-scored across the model first
-        (a block keeps at least one). With 3 groups a block, a per-block share would only know thirds."""
+        """KV groups kept per block when ``intensity`` of all groups go, the lowest *share of its block's score*
+        across the model first (a block keeps at least one). Raw scores grow with depth (activation norms do), so
+        ranking them globally strips the early blocks (on smollm2-135m, 20% by raw score left blocks 0-9 one
+        group each: reference PPL 2 → 2000); a per-block fraction would only know thirds with 3 groups a block."""
         total = sum(len(order) for order in self.groups.values())
         drop = total - kept_count(total, intensity)
-        ranked = sorted(((score, block) for block, scores in self.group_scores.items() for score in scores))
+        ranked = sorted((score / (sum(scores) or 1.0), block) for block, scores in self.group_scores.items()
+                        for score in scores)
         kept = {block: len(order) for block, order in self.groups.items()}
         for _score, block in ranked:
             if drop == 0:

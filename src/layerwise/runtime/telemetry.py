@@ -1,6 +1,8 @@
 """Hardware telemetry for the runtime controller, each reading normalised to about [0, 1].
 
-The vector (``TELEMETRY_FEATURES``, in order): CPU utilisation since the previous reading, 1-minute load
+The vector (``TELEMETRY_FEATURES``, in order): CPU utilisation by *other* processes since the previous reading
+(all CPUs' busy time less this process's own, over wall time × CPUs: the server's own decoding keeps the cores
+busy, so plain utilisation reads ~100% whatever else runs), 1-minute load
 average per core (capped at 2), available memory fraction, this process's resident memory over total
 memory; GPU utilisation, memory used fraction and power over its limit through NVML (``nvidia-ml-py``) when
 a GPU exists, else 0; battery charge and "on battery" when a battery exists, else 1 and 0.
@@ -9,6 +11,7 @@ a GPU exists, else 0; battery charge and "on battery" when a battery exists, els
 from __future__ import annotations
 
 import os
+import time
 from functools import lru_cache
 from typing import Any
 
@@ -50,14 +53,31 @@ class Telemetry:
 
     def __init__(self) -> None:
         self.process = psutil.Process(os.getpid())
-        psutil.cpu_percent(interval=None)  # starts the utilisation window
+        self.cpus = psutil.cpu_count() or 1
+        self.last = self._clocks()  # starts the utilisation window
+
+    def _clocks(self) -> tuple[float, float, float]:
+        """(wall, busy CPU seconds of the machine, CPU seconds of this process)."""
+        times = psutil.cpu_times()
+        busy = sum(times) - times.idle - getattr(times, "iowait", 0.0)
+        own = self.process.cpu_times()
+        return time.monotonic(), busy, own.user + own.system
+
+    def external_cpu(self) -> float:
+        """Share of all CPUs used by other processes since the previous call, in [0, 1]."""
+        now = self._clocks()
+        wall, busy, own = (a - b for a, b in zip(now, self.last))
+        self.last = now
+        if wall <= 0:
+            return 0.0
+        return min(1.0, max(0.0, (busy - own) / (wall * self.cpus)))
 
     def read(self) -> dict[str, float]:
         memory = psutil.virtual_memory()
         gpu_util, gpu_memory, gpu_power = _gpu()
         battery = psutil.sensors_battery() if hasattr(psutil, "sensors_battery") else None
         return {
-            "cpu": psutil.cpu_percent(interval=None) / 100.0,
+            "cpu": self.external_cpu(),
             "load": min(2.0, os.getloadavg()[0] / (os.cpu_count() or 1)) if hasattr(os, "getloadavg") else 0.0,
             "memory_available": memory.available / memory.total,
             "process_rss": self.process.memory_info().rss / memory.total,
