@@ -2,7 +2,7 @@
 machine loads, then serve disjoint test prompts with it and with every fixed profile under each load.
 
 Run: `.venv/bin/python benchmarks/runtime.py --out DIR [--episodes 50 --train-samples 200 --test-samples 10]
-[--resume]` on an otherwise idle machine (speeds are measured; the loads are the tool's own). It calls the real
+[--resume [--retest]]` on an otherwise idle machine (speeds are measured; the loads are the tool's own). It calls the real
 CLI (`layerwise runtime train`, then `layerwise runtime test`) and writes the `runtime` section of
 benchmarks/RESULTS.md and results/runtime.json from DIR/test.json and the checkpoint's training records.
 """
@@ -38,6 +38,7 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=20)
     parser.add_argument("--load-profile", default="idle,cpu,memory,mixed")
     parser.add_argument("--resume", action="store_true", help="continue training; skip a finished test")
+    parser.add_argument("--retest", action="store_true", help="run the test again even when DIR/test.json exists")
     parser.add_argument("--remark", default="")
     args = parser.parse_args()
 
@@ -47,9 +48,18 @@ def main() -> None:
     cli("runtime", "train", *common, "--episodes", str(args.episodes), "--steps-per-episode",
         str(args.steps_per_episode), "--exploration-steps", str(args.exploration_steps),
         *(["--resume"] if args.resume else []))
-    if not (args.resume and (args.out / "test.json").is_file()):
+    if args.retest or not (args.resume and (args.out / "test.json").is_file()):
         cli("runtime", "test", *common, "--ppl-samples", str(args.test_samples), "--out", str(args.out))
     write_results(args)
+
+
+def verdict(gap: float, se: float) -> str:
+    """How a paired difference reads against two standard errors."""
+    if gap > 2 * se:
+        return "the controller is better"
+    if gap < -2 * se:
+        return "the controller is worse"
+    return "within two standard errors, no demonstrated difference"
 
 
 def mean(values: list[float]) -> float:
@@ -86,6 +96,14 @@ def write_results(args: argparse.Namespace) -> None:
 
     best_fixed = max((p for p in policies if p != "controller"), key=overall.get)
     beats = overall["controller"] > overall[best_fixed]
+    # paired by request: every test prompt was served by every policy back to back under the same load
+    ours = [r["reward"] for r in tests if r["policy"] == "controller"]
+    theirs = [r["reward"] for r in tests if r["policy"] == best_fixed]
+    gaps = [a - b for a, b in zip(ours, theirs)]
+    gap = mean(gaps)
+    gap_se = (sum((g - gap) ** 2 for g in gaps) / (len(gaps) - 1)) ** 0.5 / len(gaps) ** 0.5 if len(gaps) > 1 else float("nan")
+    best_by_condition = {c: max((p for p in policies if p != "controller"), key=lambda p: cell(c, p, "reward"))
+                         for c in conditions}
     mixes = {c: mix(c) for c in conditions}
     loaded = [c for c in conditions if c != "idle"]
     differs = [c for c in loaded if mixes[c] != mixes.get("idle")]
@@ -105,6 +123,8 @@ Command: `.venv/bin/python benchmarks/runtime.py --out DIR --episodes {args.epis
 {table}
 
 - Controller mean reward {overall['controller']:.3f} vs the best fixed profile ({best_fixed.removeprefix('fixed:')}) {overall[best_fixed]:.3f}: {'beats every fixed profile' if beats else 'does NOT beat every fixed profile'}.
+- Paired over the {len(gaps)} test requests (same prompt, same load, back to back), controller − {best_fixed.removeprefix('fixed:')}: {gap:+.3f} ± {gap_se:.3f} (standard error): {verdict(gap, gap_se)}.
+- Best fixed profile per load: {'; '.join(f"{c}: {best_by_condition[c].removeprefix('fixed:')} {cell(c, best_by_condition[c], 'reward'):.2f} (controller {cell(c, 'controller', 'reward'):.2f})" for c in conditions)}.
 - Controller's choices by load: {'; '.join(f'{c}: {mixes[c]}' for c in conditions)}. They {'differ between idle and ' + ', '.join(differs) if differs else 'do NOT differ between idle and the loaded conditions'}.
 - Controller overhead: {controller_decide:.2f} ms a request (telemetry + prompt features + Q-network), {overhead:.2f}% of the request's decode time.
 - Training reward, mean of the first 10 episodes → last 10: {early:.2f} → {late:.2f}.
@@ -114,6 +134,7 @@ Switching cost (activate the profile + restore the dense model, mean over the te
 {markdown_table(['profile', 'switch (ms)'], switch_rows)}
 """
     summary = {"overall_reward": overall, "best_fixed": best_fixed, "controller_beats_every_fixed": beats,
+               "paired_gap": gap, "paired_gap_se": gap_se, "best_fixed_by_condition": best_by_condition,
                "controller_mix": mixes, "switch_ms": switch, "controller_decide_ms": controller_decide,
                "controller_overhead_percent": overhead, "training_reward_first_last": [early, late],
                "settings": {k: str(v) for k, v in vars(args).items()}, "test_records": tests}

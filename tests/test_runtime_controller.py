@@ -174,12 +174,18 @@ def test_runtime_train_resumes_and_test_compares_policies(tmp_path):
     assert {p.name for p in (checkpoint.parent / "plots").iterdir()} == {
         "reward.png", "epsilon.png", "actions.png", "speed_quality.png", "conditions.png"}
     tested = CliRunner().invoke(app, ["runtime", "test", *common, "--ppl-samples", "2", "--train-samples", "12",
-                                      "--max-new-tokens", "4"])
+                                      "--max-new-tokens", "4", "--lm-eval", "--tasks", "arc_easy", "--limit", "4"])
     assert tested.exit_code == 0, tested.output
     records = json.loads((checkpoint.parent / "test.json").read_text())
     policies = {r["policy"] for r in records}
     assert "controller" in policies and "fixed:none" in policies and len(policies) == 1 + len(state["actions"])
     assert all(r["tokens_per_s"] > 0 and r["ppl"] > 1 for r in records)
+    scores = json.loads((checkpoint.parent / "test_zeroshot.json").read_text())
+    chosen = {r["profile"] for r in records if r["policy"] == "controller"}
+    assert set(scores) == chosen | {"none"} and all(s["scores"]["arc_easy"]["items"] == 4 for s in scores.values())
+    assert "Zero-shot accuracy of the controller's profiles" in (checkpoint.parent / "test_report.md").read_text()
+    unknown = CliRunner().invoke(app, ["runtime", "test", *common, "--lm-eval", "--tasks", "arc_hard"])
+    assert unknown.exit_code == 2 and "arc_hard" in unknown.output
     missing = CliRunner().invoke(app, ["runtime", "test", "--model", "tiny-llama", "--checkpoint",
                                        str(tmp_path / "none.pt")])
     assert missing.exit_code == 2 and "No controller checkpoint" in missing.output

@@ -90,6 +90,9 @@ def test(
     nsamples: Nsamples = 32,
     seed: Seed = 0,
     out: Annotated[Optional[Path], typer.Option("--out", help="Where test_report.md and test.json go (default: beside the checkpoint).")] = None,
+    lm_eval: Annotated[bool, typer.Option("--lm-eval", help="Also score zero-shot accuracy of the dense model and of every profile the controller chose.")] = False,
+    tasks: Annotated[str, typer.Option("--tasks", help="Zero-shot tasks for --lm-eval.")] = "arc_easy,boolq",
+    limit: Annotated[Optional[int], typer.Option("--limit", min=0, help="Zero-shot items per task for --lm-eval (0 = all).")] = 200,
 ) -> None:
     """Serve the test prompts with the learned controller and with every fixed profile, under each load."""
     from ..cli import cli_errors, console
@@ -103,6 +106,10 @@ def test(
     @cli_errors
     def run() -> None:
         conditions = parse_load_profile(load_profile)
+        if lm_eval:
+            from ..data.benchmarks import parse_tasks
+
+            parse_tasks(tasks)  # an unknown task fails now, not after the test
         controller, extra = Controller.load(checkpoint)
         _, prompts = split_prompts(train_samples, ppl_samples, seed)
         env = _environment(model, nsamples, seed, max_new_tokens, mechanism, importance)
@@ -110,6 +117,13 @@ def test(
         folder = out or checkpoint.parent
         atomic_write_json(folder / "test.json", records)
         report = text_report(records, f"Runtime controller test ({model})")
+        if lm_eval:
+            from .accuracy import accuracy_table, profile_accuracy
+
+            chosen = sorted({r["profile"] for r in records if r["policy"] == "controller"})
+            scores = profile_accuracy(env, chosen, tasks, limit or None, seed)
+            atomic_write_json(folder / "test_zeroshot.json", {k: v.model_dump() for k, v in scores.items()})
+            report += f"\n\n## Zero-shot accuracy of the controller's profiles\n\n{accuracy_table(scores, env)}\n"
         (folder / "test_report.md").write_text(report)
         console.print(report)
 
