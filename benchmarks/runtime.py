@@ -71,23 +71,26 @@ def write_results(args: argparse.Namespace) -> None:
 
     import torch
 
+    from layerwise.runtime.session import summarize
+
     tests = json.loads((args.out / "test.json").read_text())
     extra = torch.load(args.out / "ckpt.pt", weights_only=False)["extra"]
     training = extra["records"]
-    conditions = list(dict.fromkeys(r["condition"] for r in tests))
-    policies = list(dict.fromkeys(r["policy"] for r in tests))
+    groups = {(row["condition"], row["policy"]): row for row in summarize(tests)}
+    conditions = list(dict.fromkeys(c for c, _ in groups))
+    policies = list(dict.fromkeys(p for _, p in groups))
 
     def cell(condition: str | None, policy: str, key: str) -> float:
-        return mean([r[key] for r in tests if r["policy"] == policy and condition in (None, r["condition"])])
+        """Mean of ``key`` under one load, or over all loads (each load serves the same prompts)."""
+        if condition is None:
+            return mean([groups[(c, policy)][key] for c in conditions])
+        return groups[(condition, policy)][key]
 
-    def mix(condition: str | None) -> str:
-        chosen: dict[str, int] = {}
-        for r in tests:
-            if r["policy"] == "controller" and condition in (None, r["condition"]):
-                chosen[r["profile"]] = chosen.get(r["profile"], 0) + 1
+    def mix(condition: str) -> str:
+        chosen = groups[(condition, "controller")]["profiles"]
         return ", ".join(f"{p} ×{n}" for p, n in sorted(chosen.items(), key=lambda kv: -kv[1]))
 
-    overall = {p: mean([cell(c, p, "reward") for c in conditions]) for p in policies}
+    overall = {p: cell(None, p, "reward") for p in policies}
     ranked = sorted(policies, key=lambda p: -overall[p])
     rows = [[p.removeprefix("fixed:"), *(f"{cell(c, p, 'tokens_per_s'):.1f} / {cell(c, p, 'ppl'):.2f} / "
                                          f"{cell(c, p, 'reward'):.2f}" for c in conditions), f"{overall[p]:.3f}"]

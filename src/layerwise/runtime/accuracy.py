@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..evaluate.zeroshot import ZeroShotResult, headline_metric, zeroshot
-from ..report.tables import markdown_table
+from ..evaluate.zeroshot import ZeroShotResult, zeroshot
+from ..report.tables import markdown_table, score_cell
 from .session import RuntimeEnvironment
 
 
@@ -30,16 +30,10 @@ def profile_accuracy(env: RuntimeEnvironment, profiles: list[str], tasks: str, l
 
 
 def accuracy_table(results: dict[str, ZeroShotResult], env: RuntimeEnvironment) -> str:
-    """Markdown: one row per profile, the headline accuracy ± stderr of each task."""
+    """Markdown: one row per profile, the headline accuracy ± stderr of each task (the report's score cells)."""
     tasks = list(next(iter(results.values())).scores)
     rows: list[list[Any]] = []
     for name, result in results.items():
-        cells = []
-        for task in tasks:
-            score = result.scores[task]
-            metric = headline_metric(score.model_dump())
-            value, stderr = getattr(score, metric), getattr(score, f"{metric}_stderr")
-            cells.append(f"{value:.3f} ± {stderr:.3f}" if stderr is not None else f"{value:.3f}")
         note = " (= dense: no generation)" if env.profiles.spec(name).kind == "kv_cache" else ""
-        rows.append([name + note, *cells])
-    return markdown_table(["profile", *tasks], rows)
+        rows.append([name + note, *(score_cell(result.scores[task].model_dump()) for task in tasks)])
+    return markdown_table(["profile", *(f"{task} (%)" for task in tasks)], rows)

@@ -136,10 +136,10 @@ class Controller:
         """Rewards are learned as ``(r − median) / (1.4826 · MAD)`` of the warm-up rewards: raw rewards lie far
         from the networks' initial outputs (tens of tokens/s), and a robust scale keeps a few catastrophic
         profiles from squashing the differences between the good ones. Affine, so the argmax is unchanged."""
-        rewards = torch.tensor([t.reward for t in self.buffer.items], dtype=torch.float64)
         if not self.settings.standardize_rewards:
             self.reward_center, self.reward_scale = 0.0, 1.0
             return
+        rewards = torch.tensor([t.reward for t in self.buffer.items], dtype=torch.float64)
         center = float(rewards.median())
         spread = 1.4826 * float((rewards - center).abs().median())
         self.reward_center, self.reward_scale = center, spread if spread > 1e-9 else 1.0
