@@ -38,6 +38,68 @@ def test_double_dqn_target_values_the_online_argmax_with_the_target_net():
     assert y.tolist() == [1.0 + 0.5 * 2.0, 1.0]  # Q_target(s', 1) = 2, not max_a Q_target = 9; done: reward only
 
 
+class _FixedHeads(nn.Module):
+    """Q-values that ignore the state: ``[heads, actions]``, summed with unit scales."""
+
+    def __init__(self, values: list[list[float]]) -> None:
+        super().__init__()
+        self.values = torch.tensor(values)
+
+    def forward(self, states: torch.Tensor) -> torch.Tensor:
+        return self.values.expand(len(states), -1, -1)
+
+    def total(self, states: torch.Tensor) -> torch.Tensor:
+        return self(states).sum(dim=1)
+
+
+def test_double_dqn_targets_per_head_follow_the_argmax_of_the_total():
+    online = _FixedHeads([[0.0, 1.0, 0.0], [0.0, 0.0, 3.0]])  # head 0 alone would pick 1; the total picks 2
+    target = _FixedHeads([[5.0, 2.0, 9.0], [1.0, 1.0, 7.0]])
+    y = double_dqn_targets(online, target, torch.tensor([[1.0, 2.0], [1.0, 2.0]]), torch.zeros(2, 4),
+                           torch.tensor([0.0, 1.0]), 0.5)
+    assert y.tolist() == [[1.0 + 0.5 * 9.0, 2.0 + 0.5 * 7.0], [1.0, 2.0]]
+
+
+def test_decomposed_heads_see_only_their_inputs_and_sum_in_reward_units():
+    from layerwise.runtime.controller import DecomposedQ
+
+    net = DecomposedQ(3, 2, 8, [None, [2]])
+    net.scales.copy_(torch.tensor([2.0, 0.5]))
+    states = torch.rand(4, 3)
+    moved = states.clone()
+    moved[:, :2] += 1.0  # the telemetry-like part changes, the second head's input does not
+    values, shifted = net(states), net(moved)
+    assert values.shape == (4, 2, 2)
+    assert torch.equal(values[:, 1], shifted[:, 1]) and not torch.equal(values[:, 0], shifted[:, 0])
+    assert torch.allclose(net.total(states), 2.0 * values[:, 0] + 0.5 * values[:, 1])
+    with pytest.raises(ValueError, match="not indices"):
+        DecomposedQ(3, 2, 8, [[3]])
+
+
+def test_controller_with_reward_heads_learns_the_quality_trade_off_and_resumes(tmp_path):
+    """Pruning earns +1 of speed always and costs 2 of quality on 'hard' prompts (second feature high), 0.5 on
+    easy ones; the first feature is noise standing for the load. Greedy choices must follow the prompt."""
+    settings = DqnSettings(gamma=0.0, epsilon_decay_steps=300, warmup=32, target_sync=20, learning_rate=3e-3)
+    controller = Controller(2, ["dense", "pruned"], settings, {"speed": None, "quality": [1]})
+    rng = random.Random(1)
+    state = [rng.random(), rng.random()]
+    for _ in range(600):
+        action = controller.act(state)
+        terms = [1.0 + 0.1 * rng.random(), -(2.0 if state[1] > 0.5 else 0.5)] if action == 1 else [0.0, 0.0]
+        following = [rng.random(), rng.random()]
+        controller.observe(Transition(state, action, sum(terms), following, False, terms))
+        state = following
+    choices = [controller.act([load, x / 10 + 0.05], explore=False) for load in (0.1, 0.9) for x in range(10)]
+    assert choices[:4] == [1] * 4 and choices[6:10] == [0] * 4 and choices[10:14] == [1] * 4
+    assert len(controller.reward_center) == 2
+    controller.save(tmp_path / "ckpt.pt")
+    resumed, _ = Controller.load(tmp_path / "ckpt.pt")
+    assert resumed.heads == {"speed": None, "quality": [1]}
+    assert resumed.q_values([0.5, 0.9]) == controller.q_values([0.5, 0.9])
+    with pytest.raises(ValueError, match="without reward terms"):
+        resumed.learn([Transition([0.0, 0.0], 0, 1.0, [0.0, 0.0], False)])
+
+
 def test_target_network_syncs_every_n_updates():
     controller = Controller(2, ["a", "b", "c"], DqnSettings(target_sync=3, warmup=4, batch_size=4, gradient_steps=1))
     for i in range(4):
@@ -58,11 +120,12 @@ def test_rewards_are_standardised_robustly_from_the_warm_up_and_each_request_tak
     rewards = [10.0, 12.0, 14.0, 16.0, -400.0]  # one catastrophic profile must not set the scale
     for i, reward in enumerate(rewards):
         controller.observe(Transition([0.1 * i, 0.0], i % 2, reward, [0.0, 0.0], False))
-    assert controller.reward_center == 12.0  # the median
-    assert controller.reward_scale == pytest.approx(1.4826 * 2.0)  # MAD of |r − 12| = [2, 0, 2, 4, 412] is 2
+    assert controller.reward_center == [12.0]  # the median
+    assert controller.reward_scale == pytest.approx([1.4826 * 2.0])  # MAD of |r − 12| = [2, 0, 2, 4, 412] is 2
+    assert controller.online.scales.tolist() == pytest.approx([1.4826 * 2.0])  # Q back in reward units
     assert controller.updates == 3
     controller.observe(Transition([0.0, 0.0], 0, 11.0, [0.0, 0.0], False))
-    assert controller.updates == 6 and controller.reward_center == 12.0  # frozen after the warm-up
+    assert controller.updates == 6 and controller.reward_center == [12.0]  # frozen after the warm-up
 
 
 def test_controller_learns_a_state_dependent_choice_and_resumes_exactly(tmp_path):

@@ -49,6 +49,7 @@ def train(
     tps_scale: TpsScale = 1.0,
     ppl_scale: PplScale = 10.0,
     exploration_steps: Annotated[int, typer.Option("--exploration-steps", help="Requests over which ε decays from 1 to 0.05.")] = 400,
+    reward_heads: Annotated[bool, typer.Option("--reward-heads/--one-head", help="Learn the reward's speed and quality terms by separate heads (quality from the prompt alone), or the whole reward by one.")] = True,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the checkpoint.")] = False,
 ) -> None:
     """Train the Double DQN controller; writes the checkpoint, a text report and plots beside it."""
@@ -65,7 +66,7 @@ def train(
         conditions = parse_load_profile(load_profile)
         prompts, _ = split_prompts(train_samples, 0, seed)
         env = _environment(model, nsamples, seed, max_new_tokens, mechanism, importance)
-        settings = TrainSettings(episodes, steps_per_episode, conditions)
+        settings = TrainSettings(episodes, steps_per_episode, conditions, reward_heads=reward_heads)
         controller, records = run_train(env, prompts, settings, RewardSettings(tps_scale=tps_scale, ppl_scale=ppl_scale),
                                         checkpoint, DqnSettings(seed=seed, epsilon_decay_steps=exploration_steps), resume)
         folder = checkpoint.parent

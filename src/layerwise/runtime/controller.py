@@ -4,6 +4,12 @@ A small torch implementation (the action set and the one-request steps are ours;
 has no double-Q target): online and target Q-networks, a replay buffer, ε-greedy exploration with linear
 decay, Huber loss, a periodic hard target sync, and the Double-DQN target
 ``y = r + γ · (1 − done) · Q_target(s', argmax_a Q_online(s', a))``.
+
+The reward may be decomposed into terms (speed and quality), each learned by its own head that sees only the
+part of the state its term depends on (the Hybrid Reward Architecture of van Seijen et al., 2017): the
+quality of a profile does not depend on the machine's load, so its head pools the evidence of every load
+instead of learning it once per load from noisy totals. Q is the heads' sum in reward units, and every head's
+bootstrap follows that sum's argmax, so the decomposition changes what is learned, not what is maximised.
 """
 
 from __future__ import annotations
@@ -18,6 +24,9 @@ import torch
 from torch import nn
 
 from ..errors import LayerwiseError
+
+
+FORMAT = "layerwise.controller/2"
 
 
 @dataclass
@@ -46,6 +55,16 @@ class Transition:
     reward: float
     next_state: list[float]
     done: bool
+    terms: list[float] | None = None  # the reward's terms, one per head (None: one head, the reward)
+
+    def head_rewards(self, heads: int) -> list[float]:
+        if self.terms is None:
+            if heads != 1:
+                raise ValueError(f"A transition without reward terms cannot train {heads} heads.")
+            return [self.reward]
+        if len(self.terms) != heads:
+            raise ValueError(f"{len(self.terms)} reward terms for {heads} heads.")
+        return list(self.terms)
 
 
 class ReplayBuffer:
@@ -70,13 +89,39 @@ def q_network(inputs: int, actions: int, hidden: int) -> nn.Module:
                          nn.Linear(hidden, actions))
 
 
+class DecomposedQ(nn.Module):
+    """One Q-network per reward term, each on its slice of the state; ``forward`` gives the heads' values
+    ``[batch, heads, actions]`` in standardised units, ``total`` their sum in reward units (``scales``)."""
+
+    def __init__(self, state_size: int, actions: int, hidden: int, head_inputs: list[list[int] | None]) -> None:
+        super().__init__()
+        self.inputs = [list(range(state_size)) if chosen is None else list(chosen) for chosen in head_inputs]
+        for chosen in self.inputs:
+            if not chosen or min(chosen) < 0 or max(chosen) >= state_size:
+                raise ValueError(f"A reward head's inputs {chosen} are not indices of a {state_size}-feature state.")
+        self.heads = nn.ModuleList(q_network(len(chosen), actions, hidden) for chosen in self.inputs)
+        self.register_buffer("scales", torch.ones(len(self.inputs)))
+
+    def forward(self, states: torch.Tensor) -> torch.Tensor:
+        return torch.stack([head(states[:, chosen]) for head, chosen in zip(self.heads, self.inputs)], dim=1)
+
+    def total(self, states: torch.Tensor) -> torch.Tensor:
+        return (self(states) * self.scales[None, :, None]).sum(dim=1)
+
+
 def double_dqn_targets(online: nn.Module, target: nn.Module, rewards: torch.Tensor, next_states: torch.Tensor,
                        done: torch.Tensor, gamma: float) -> torch.Tensor:
-    """r + γ·(1 − done)·Q_target(s', argmax_a Q_online(s', a)): the online net picks, the target net values."""
+    """r + γ·(1 − done)·Q_target(s', argmax_a Q_online(s', a)): the online net picks, the target net values.
+
+    Plain networks give ``[batch, actions]`` and rewards ``[batch]``; a ``DecomposedQ`` gives one value per head
+    (rewards ``[batch, heads]``), and the argmax is taken over the online net's total, the same for every head."""
     with torch.no_grad():
-        best = online(next_states).argmax(dim=1, keepdim=True)
-        values = target(next_states).gather(1, best).squeeze(1)
-    return rewards + gamma * (1.0 - done) * values
+        best = getattr(online, "total", online)(next_states).argmax(dim=1)
+        values = target(next_states)
+        index = best.view(-1, *([1] * (values.dim() - 1))).expand(*values.shape[:-1], 1)
+        values = values.gather(-1, index).squeeze(-1)
+    not_done = (1.0 - done).view(-1, *([1] * (rewards.dim() - 1)))
+    return rewards + gamma * not_done * values
 
 
 @dataclass
@@ -86,16 +131,19 @@ class Controller:
     state_size: int
     actions: list[str]
     settings: DqnSettings = field(default_factory=DqnSettings)
+    heads: dict[str, list[int] | None] = field(default_factory=lambda: {"reward": None})  # term → state indices
     steps: int = 0
     updates: int = 0
-    reward_center: float = 0.0
-    reward_scale: float | None = None  # set from the warm-up rewards
+    reward_center: list[float] | None = None  # per head, set from the warm-up rewards
+    reward_scale: list[float] | None = None
 
     def __post_init__(self) -> None:
-        generator_seed = self.settings.seed
-        torch.manual_seed(generator_seed)
-        self.online = q_network(self.state_size, len(self.actions), self.settings.hidden)
-        self.target = q_network(self.state_size, len(self.actions), self.settings.hidden)
+        torch.manual_seed(self.settings.seed)
+        build = lambda: DecomposedQ(self.state_size, len(self.actions), self.settings.hidden,  # noqa: E731
+                                    list(self.heads.values()))
+        self.online, self.target = build(), build()
+        if self.reward_scale is not None:
+            self._set_scales()
         self.target.load_state_dict(self.online.state_dict())
         self.optimizer = torch.optim.Adam(self.online.parameters(), lr=self.settings.learning_rate)
         self.buffer = ReplayBuffer(self.settings.buffer_size, self.settings.seed)
@@ -109,8 +157,9 @@ class Controller:
         return s.epsilon_start + fraction * (s.epsilon_end - s.epsilon_start)
 
     def q_values(self, state: list[float]) -> list[float]:
+        """Q(state, a) for every action, in reward units up to a constant (the heads' centres)."""
         with torch.no_grad():
-            return self.online(torch.tensor([state], dtype=torch.float32))[0].tolist()
+            return self.online.total(torch.tensor([state], dtype=torch.float32))[0].tolist()
 
     def act(self, state: list[float], explore: bool = True) -> int:
         """An action index: random with probability ε while exploring, else the online net's argmax."""
@@ -133,26 +182,34 @@ class Controller:
         return loss
 
     def fit_reward_scale(self) -> None:
-        """Rewards are learned as ``(r − median) / (1.4826 · MAD)`` of the warm-up rewards: raw rewards lie far
-        from the networks' initial outputs (tens of tokens/s), and a robust scale keeps a few catastrophic
-        profiles from squashing the differences between the good ones. Affine, so the argmax is unchanged."""
+        """Each head learns ``(r − median) / (1.4826 · MAD)`` of its warm-up rewards: raw rewards lie far from the
+        networks' initial outputs (tens of tokens/s), and a robust scale keeps a few catastrophic profiles from
+        squashing the differences between the good ones. The scales weigh the heads back into reward units."""
+        heads = len(self.heads)
         if not self.settings.standardize_rewards:
-            self.reward_center, self.reward_scale = 0.0, 1.0
-            return
-        rewards = torch.tensor([t.reward for t in self.buffer.items], dtype=torch.float64)
-        center = float(rewards.median())
-        spread = 1.4826 * float((rewards - center).abs().median())
-        self.reward_center, self.reward_scale = center, spread if spread > 1e-9 else 1.0
+            self.reward_center, self.reward_scale = [0.0] * heads, [1.0] * heads
+        else:
+            rewards = torch.tensor([t.head_rewards(heads) for t in self.buffer.items], dtype=torch.float64)
+            center = rewards.median(dim=0).values
+            spread = 1.4826 * (rewards - center).abs().median(dim=0).values
+            self.reward_center = center.tolist()
+            self.reward_scale = [s if s > 1e-9 else 1.0 for s in spread.tolist()]
+        self._set_scales()
+
+    def _set_scales(self) -> None:
+        for net in (self.online, self.target):
+            net.scales.copy_(torch.tensor(self.reward_scale))
 
     def learn(self, batch: list[Transition]) -> float:
+        heads = len(self.heads)
         states = torch.tensor([t.state for t in batch], dtype=torch.float32)
-        actions = torch.tensor([[t.action] for t in batch])
-        rewards = torch.tensor([t.reward for t in batch], dtype=torch.float32)
-        rewards = (rewards - self.reward_center) / (self.reward_scale or 1.0)
+        actions = torch.tensor([t.action for t in batch])
+        rewards = torch.tensor([t.head_rewards(heads) for t in batch], dtype=torch.float32)
+        rewards = (rewards - torch.tensor(self.reward_center)) / torch.tensor(self.reward_scale)
         next_states = torch.tensor([t.next_state for t in batch], dtype=torch.float32)
         done = torch.tensor([float(t.done) for t in batch])
         targets = double_dqn_targets(self.online, self.target, rewards, next_states, done, self.settings.gamma)
-        predicted = self.online(states).gather(1, actions).squeeze(1)
+        predicted = self.online(states).gather(2, actions.view(-1, 1, 1).expand(-1, heads, 1)).squeeze(2)
         loss = nn.functional.smooth_l1_loss(predicted, targets)
         self.optimizer.zero_grad()
         loss.backward()
@@ -168,7 +225,7 @@ class Controller:
         self.target.load_state_dict(self.online.state_dict())
 
     def state_dict(self) -> dict[str, Any]:
-        return {"format": "layerwise.controller/1", "state_size": self.state_size, "actions": self.actions,
+        return {"format": FORMAT, "state_size": self.state_size, "actions": self.actions, "heads": self.heads,
                 "settings": asdict(self.settings), "steps": self.steps, "updates": self.updates,
                 "reward_center": self.reward_center, "reward_scale": self.reward_scale,
                 "online": self.online.state_dict(), "target": self.target.state_dict(),
@@ -188,9 +245,12 @@ class Controller:
             state = torch.load(Path(path), weights_only=False)
         except FileNotFoundError:
             raise LayerwiseError(f"No controller checkpoint at {path}.") from None
-        if not isinstance(state, dict) or state.get("format") != "layerwise.controller/1":
+        if not isinstance(state, dict) or not str(state.get("format", "")).startswith("layerwise.controller/"):
             raise LayerwiseError(f"{path} is not a layerwise controller checkpoint.")
-        controller = cls(state["state_size"], state["actions"], DqnSettings(**state["settings"]),
+        if state["format"] != FORMAT:
+            raise LayerwiseError(f"{path} is a controller checkpoint of an older layerwise ({state['format']}); "
+                                 "train it again.")
+        controller = cls(state["state_size"], state["actions"], DqnSettings(**state["settings"]), state["heads"],
                          state["steps"], state["updates"], state["reward_center"], state["reward_scale"])
         controller.online.load_state_dict(state["online"])
         controller.target.load_state_dict(state["target"])

@@ -40,8 +40,12 @@ class RewardSettings:
     tps_scale: float = 1.0  # 0: the dense model's idle tokens/s (measured by calibrate_speed)
     ppl_scale: float = 10.0
 
+    def terms(self, tokens_per_s: float, ppl: float) -> list[float]:
+        """The reward's speed and quality terms (in that order); the reward is their sum."""
+        return [self.tps_weight * tokens_per_s / (self.tps_scale or 1.0), -self.ppl_weight * ppl / self.ppl_scale]
+
     def reward(self, tokens_per_s: float, ppl: float) -> float:
-        return self.tps_weight * tokens_per_s / (self.tps_scale or 1.0) - self.ppl_weight * ppl / self.ppl_scale
+        return sum(self.terms(tokens_per_s, ppl))
 
 
 @dataclass
@@ -78,6 +82,13 @@ class RuntimeEnvironment:
     @property
     def state_size(self) -> int:
         return len(TELEMETRY_FEATURES) + len(PROMPT_FEATURES)
+
+    def reward_heads(self, decompose: bool = True) -> dict[str, list[int] | None]:
+        """The controller's heads: speed sees the whole state; quality only the prompt's features, since a
+        profile's perplexity on a prompt does not depend on the machine's load. One head: the whole reward."""
+        if not decompose:
+            return {"reward": None}
+        return {"speed": None, "quality": list(range(len(TELEMETRY_FEATURES), self.state_size))}
 
     def observe(self, prompt: Prompt) -> list[float]:
         return self.telemetry.vector() + self.featurizer(prompt.text)
@@ -152,6 +163,7 @@ class TrainSettings:
     steps_per_episode: int = 10
     conditions: list[LoadCondition] = field(default_factory=list)
     settle_s: float = 1.0  # wait after starting a load so the telemetry sees it
+    reward_heads: bool = True  # learn speed and quality by separate heads (see RuntimeEnvironment.reward_heads)
 
 
 def train(env: RuntimeEnvironment, prompts: list[Prompt], settings: TrainSettings, reward: RewardSettings,
@@ -164,7 +176,8 @@ def train(env: RuntimeEnvironment, prompts: list[Prompt], settings: TrainSetting
         records, start_episode = extra["records"], extra["episode"]
         reward = RewardSettings(**extra["reward"])
     else:
-        controller = Controller(env.state_size, env.profiles.names, dqn or DqnSettings())
+        controller = Controller(env.state_size, env.profiles.names, dqn or DqnSettings(),
+                                env.reward_heads(settings.reward_heads))
         calibrate_speed(env, prompts, reward)
     if controller.actions != env.profiles.names:
         raise ValueError("The checkpoint's profiles differ from this model's profiles.")
@@ -181,8 +194,9 @@ def train(env: RuntimeEnvironment, prompts: list[Prompt], settings: TrainSetting
                                              reward, observe_ms)
                 cursor += 1
                 next_state, observe_ms = timed_observe(env, prompts[cursor % len(prompts)])
+                terms = reward.terms(record.tokens_per_s, record.ppl) if len(controller.heads) > 1 else None
                 controller.observe(Transition(state, action, record.reward, next_state,
-                                              step == settings.steps_per_episode - 1))
+                                              step == settings.steps_per_episode - 1, terms))
                 records.append({**asdict(record), "episode": episode, "epsilon": epsilon})
                 state = next_state
         controller.save(checkpoint, {"episode": episode + 1, "records": records, "reward": asdict(reward)})
