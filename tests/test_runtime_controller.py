@@ -10,7 +10,8 @@ import pytest
 import torch
 from torch import nn
 
-from layerwise.runtime.controller import Controller, DqnSettings, ReplayBuffer, Transition, double_dqn_targets
+from layerwise.errors import LayerwiseError
+from layerwise.runtime.controller import Controller, DqnSettings, Head, ReplayBuffer, Transition, double_dqn_targets
 
 
 def _transition(i: int) -> Transition:
@@ -61,9 +62,9 @@ def test_double_dqn_targets_per_head_follow_the_argmax_of_the_total():
 
 
 def test_decomposed_heads_see_only_their_inputs_and_sum_in_reward_units():
-    from layerwise.runtime.controller import DecomposedQ
+    from layerwise.runtime.controller import DecomposedQ, Head
 
-    net = DecomposedQ(3, 2, 8, [None, [2]])
+    net = DecomposedQ(3, 2, 8, [Head(), Head((2,))])
     net.scales.copy_(torch.tensor([2.0, 0.5]))
     states = torch.rand(4, 3)
     moved = states.clone()
@@ -73,14 +74,15 @@ def test_decomposed_heads_see_only_their_inputs_and_sum_in_reward_units():
     assert torch.equal(values[:, 1], shifted[:, 1]) and not torch.equal(values[:, 0], shifted[:, 0])
     assert torch.allclose(net.total(states), 2.0 * values[:, 0] + 0.5 * values[:, 1])
     with pytest.raises(ValueError, match="not indices"):
-        DecomposedQ(3, 2, 8, [[3]])
+        DecomposedQ(3, 2, 8, [Head((3,))])
 
 
 def test_controller_with_reward_heads_learns_the_quality_trade_off_and_resumes(tmp_path):
     """Pruning earns +1 of speed always and costs 2 of quality on 'hard' prompts (second feature high), 0.5 on
     easy ones; the first feature is noise standing for the load. Greedy choices must follow the prompt."""
     settings = DqnSettings(gamma=0.0, epsilon_decay_steps=300, warmup=32, target_sync=20, learning_rate=3e-3)
-    controller = Controller(2, ["dense", "pruned"], settings, {"speed": None, "quality": [1]})
+    heads = {"speed": Head(factored=True), "quality": Head((1,))}
+    controller = Controller(2, ["dense", "pruned"], settings, heads)
     rng = random.Random(1)
     state = [rng.random(), rng.random()]
     for _ in range(600):
@@ -94,10 +96,13 @@ def test_controller_with_reward_heads_learns_the_quality_trade_off_and_resumes(t
     assert len(controller.reward_center) == 2
     controller.save(tmp_path / "ckpt.pt")
     resumed, _ = Controller.load(tmp_path / "ckpt.pt")
-    assert resumed.heads == {"speed": None, "quality": [1]}
+    assert resumed.heads == heads
     assert resumed.q_values([0.5, 0.9]) == controller.q_values([0.5, 0.9])
     with pytest.raises(ValueError, match="without reward terms"):
         resumed.learn([Transition([0.0, 0.0], 0, 1.0, [0.0, 0.0], False)])
+    torch.save({**controller.state_dict(), "format": "layerwise.controller/1"}, tmp_path / "old.pt")
+    with pytest.raises(LayerwiseError, match="older layerwise"):
+        Controller.load(tmp_path / "old.pt")
 
 
 def test_target_network_syncs_every_n_updates():
@@ -202,7 +207,6 @@ def test_telemetry_cpu_counts_other_processes_not_our_own_work():
 
 def test_machine_load_workers_run_and_always_stop():
     from layerwise.runtime.load import LoadCondition, MachineLoad, parse_load_profile
-    from layerwise.errors import LayerwiseError
 
     assert [c.name for c in parse_load_profile("idle,cpu,memory,mixed")] == ["idle", "cpu", "memory", "mixed"]
     with pytest.raises(LayerwiseError, match="Unknown load condition"):
@@ -289,3 +293,31 @@ def test_server_generates_reports_metrics_and_rejects_bad_requests(tiny, calibra
     assert client.get("/metrics").json()["errors"] == 1 and env.profiles.active.name == "none"
     with torch.no_grad():
         assert torch.equal(tiny.model(torch.tensor([[5, 6, 7]])).logits, dense)
+
+
+def test_load_workers_stop_themselves_when_their_parent_is_killed(tmp_path):
+    """SIGKILL gives MachineLoad no chance to clean up: the workers must notice and exit on their own."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    script = tmp_path / "parent.py"
+    script.write_text(
+        "import time\n"
+        "from layerwise.runtime.load import LoadCondition, MachineLoad\n"
+        "if __name__ == '__main__':\n"
+        "    with MachineLoad(LoadCondition('t', cpu_workers=1, duty=0.2, memory_fraction=0.001,"
+        " memory_cap_gib=0.01)) as load:\n"
+        "        print(*[w.pid for w in load.workers], flush=True)\n"
+        "        time.sleep(120)\n")
+    parent = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    pids = [int(p) for p in parent.stdout.readline().split()]
+    assert len(pids) == 2 and all(psutil.pid_exists(p) for p in pids)
+    parent.send_signal(signal.SIGKILL)
+    parent.wait()
+    deadline = time.time() + 10
+    alive = lambda p: psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE  # noqa: E731
+    while time.time() < deadline and any(alive(p) for p in pids):
+        time.sleep(0.2)
+    assert not any(alive(p) for p in pids)

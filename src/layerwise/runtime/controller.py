@@ -45,6 +45,9 @@ class DqnSettings:
     warmup: int = 32
     gradient_steps: int = 4  # per request: a request costs a second of decoding, an update a millisecond
     standardize_rewards: bool = True  # by the warm-up rewards' median and MAD, then frozen
+    huber_delta: float = 10.0  # in standardised units: quadratic (a mean) over the spread of useful profiles,
+    # linear (bounded gradients) only for catastrophes; at 1 MAD, Q leans to the median and misses the
+    # heavy perplexity tails that separate, e.g., ffn_neurons@0.5 from transformer_layers@0.3
     seed: int = 0
 
 
@@ -89,17 +92,42 @@ def q_network(inputs: int, actions: int, hidden: int) -> nn.Module:
                          nn.Linear(hidden, actions))
 
 
+@dataclass(frozen=True)
+class Head:
+    """One reward term's Q-head: the state features it sees (None: all), and whether its action values are
+    ``factored`` as ``V(s) + R(s)·F_a`` — one scale per action shared by every state, times how much the
+    actions differ in this state. Speed fits that form (load slows every profile alike; a profile's speed-up
+    is its own), and it lets every request teach every action's speed instead of each action's alone."""
+
+    inputs: tuple[int, ...] | None = None
+    factored: bool = False
+
+
+class FactoredQNetwork(nn.Module):
+    """``Q(s, a) = V(s) + R(s) · F_a``: a state network giving V and R, and one learned F per action."""
+
+    def __init__(self, inputs: int, actions: int, hidden: int) -> None:
+        super().__init__()
+        self.body = q_network(inputs, 2, hidden)
+        self.factors = nn.Parameter(0.1 * torch.randn(actions))
+
+    def forward(self, states: torch.Tensor) -> torch.Tensor:
+        value, spread = self.body(states).unbind(dim=1)
+        return value[:, None] + spread[:, None] * self.factors[None, :]
+
+
 class DecomposedQ(nn.Module):
     """One Q-network per reward term, each on its slice of the state; ``forward`` gives the heads' values
     ``[batch, heads, actions]`` in standardised units, ``total`` their sum in reward units (``scales``)."""
 
-    def __init__(self, state_size: int, actions: int, hidden: int, head_inputs: list[list[int] | None]) -> None:
+    def __init__(self, state_size: int, actions: int, hidden: int, heads: list[Head]) -> None:
         super().__init__()
-        self.inputs = [list(range(state_size)) if chosen is None else list(chosen) for chosen in head_inputs]
+        self.inputs = [list(range(state_size)) if head.inputs is None else list(head.inputs) for head in heads]
         for chosen in self.inputs:
             if not chosen or min(chosen) < 0 or max(chosen) >= state_size:
                 raise ValueError(f"A reward head's inputs {chosen} are not indices of a {state_size}-feature state.")
-        self.heads = nn.ModuleList(q_network(len(chosen), actions, hidden) for chosen in self.inputs)
+        self.heads = nn.ModuleList((FactoredQNetwork if head.factored else q_network)(len(chosen), actions, hidden)
+                                   for head, chosen in zip(heads, self.inputs))
         self.register_buffer("scales", torch.ones(len(self.inputs)))
 
     def forward(self, states: torch.Tensor) -> torch.Tensor:
@@ -131,7 +159,7 @@ class Controller:
     state_size: int
     actions: list[str]
     settings: DqnSettings = field(default_factory=DqnSettings)
-    heads: dict[str, list[int] | None] = field(default_factory=lambda: {"reward": None})  # term → state indices
+    heads: dict[str, Head] = field(default_factory=lambda: {"reward": Head()})  # one per reward term
     steps: int = 0
     updates: int = 0
     reward_center: list[float] | None = None  # per head, set from the warm-up rewards
@@ -210,7 +238,7 @@ class Controller:
         done = torch.tensor([float(t.done) for t in batch])
         targets = double_dqn_targets(self.online, self.target, rewards, next_states, done, self.settings.gamma)
         predicted = self.online(states).gather(2, actions.view(-1, 1, 1).expand(-1, heads, 1)).squeeze(2)
-        loss = nn.functional.smooth_l1_loss(predicted, targets)
+        loss = nn.functional.huber_loss(predicted, targets, delta=self.settings.huber_delta)
         self.optimizer.zero_grad()
         loss.backward()
         self.optimizer.step()
@@ -225,7 +253,8 @@ class Controller:
         self.target.load_state_dict(self.online.state_dict())
 
     def state_dict(self) -> dict[str, Any]:
-        return {"format": FORMAT, "state_size": self.state_size, "actions": self.actions, "heads": self.heads,
+        return {"format": FORMAT, "state_size": self.state_size, "actions": self.actions,
+                "heads": {name: asdict(head) for name, head in self.heads.items()},
                 "settings": asdict(self.settings), "steps": self.steps, "updates": self.updates,
                 "reward_center": self.reward_center, "reward_scale": self.reward_scale,
                 "online": self.online.state_dict(), "target": self.target.state_dict(),
@@ -250,7 +279,8 @@ class Controller:
         if state["format"] != FORMAT:
             raise LayerwiseError(f"{path} is a controller checkpoint of an older layerwise ({state['format']}); "
                                  "train it again.")
-        controller = cls(state["state_size"], state["actions"], DqnSettings(**state["settings"]), state["heads"],
+        controller = cls(state["state_size"], state["actions"], DqnSettings(**state["settings"]),
+                         {name: Head(**head) for name, head in state["heads"].items()},
                          state["steps"], state["updates"], state["reward_center"], state["reward_scale"])
         controller.online.load_state_dict(state["online"])
         controller.target.load_state_dict(state["target"])

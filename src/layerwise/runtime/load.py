@@ -1,12 +1,13 @@
 """Bounded machine load that the tool itself creates while training or testing the controller, so the
 telemetry really varies: ``idle``, ``cpu`` (busy worker processes), ``memory`` (a ballast held by a worker
 process) and ``mixed`` (both, lighter). Every worker is a child process that is always stopped on exit,
-also after an error or Ctrl-C.
+also after an error or Ctrl-C, and that stops itself when its parent is killed outright.
 """
 
 from __future__ import annotations
 
 import multiprocessing
+import os
 import time
 from dataclasses import dataclass
 
@@ -43,22 +44,27 @@ def parse_load_profile(text: str) -> list[LoadCondition]:
     return [LOAD_CONDITIONS.get(name) for name in names]
 
 
-def _spin(duty: float) -> None:
-    """Busy for ``duty`` of every 100 ms, forever (until terminated)."""
-    while True:
+def _orphaned(parent: int) -> bool:
+    """True once the process that started this worker is gone (killed without a chance to stop us)."""
+    return os.getppid() != parent
+
+
+def _spin(duty: float, parent: int) -> None:
+    """Busy for ``duty`` of every 100 ms until terminated or orphaned."""
+    while not _orphaned(parent):
         start = time.perf_counter()
         while time.perf_counter() - start < 0.1 * duty:
             pass
         time.sleep(0.1 * (1 - duty))
 
 
-def _hold(size: int, ready) -> None:
+def _hold(size: int, ready, parent: int) -> None:
     ballast = bytearray(size)
     for offset in range(0, size, 4096):  # touch every page so it is resident
         ballast[offset] = 1
     ready.set()
-    while True:
-        time.sleep(1.0)
+    while not _orphaned(parent):
+        time.sleep(0.5)
 
 
 class MachineLoad:
@@ -72,14 +78,14 @@ class MachineLoad:
         context = multiprocessing.get_context("spawn")
         try:
             for _ in range(self.condition.cpu_workers):
-                worker = context.Process(target=_spin, args=(self.condition.duty,), daemon=True)
+                worker = context.Process(target=_spin, args=(self.condition.duty, os.getpid()), daemon=True)
                 worker.start()
                 self.workers.append(worker)
             if self.condition.memory_fraction > 0:
                 size = int(min(psutil.virtual_memory().available * self.condition.memory_fraction,
                                self.condition.memory_cap_gib * 2**30))
                 ready = context.Event()
-                worker = context.Process(target=_hold, args=(size, ready), daemon=True)
+                worker = context.Process(target=_hold, args=(size, ready, os.getpid()), daemon=True)
                 worker.start()
                 self.workers.append(worker)
                 ready.wait(timeout=60)

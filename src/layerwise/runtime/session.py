@@ -22,7 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..models import LoadedModel
-from .controller import Controller, DqnSettings, Transition
+from .controller import Controller, DqnSettings, Head, Transition
 from .features import PROMPT_FEATURES, PromptFeaturizer
 from .generate import Generation, generate
 from .load import LoadCondition, MachineLoad
@@ -83,12 +83,15 @@ class RuntimeEnvironment:
     def state_size(self) -> int:
         return len(TELEMETRY_FEATURES) + len(PROMPT_FEATURES)
 
-    def reward_heads(self, decompose: bool = True) -> dict[str, list[int] | None]:
-        """The controller's heads: speed sees the whole state; quality only the prompt's features, since a
-        profile's perplexity on a prompt does not depend on the machine's load. One head: the whole reward."""
+    def reward_heads(self, decompose: bool = True) -> dict[str, Head]:
+        """The controller's heads. Speed sees the telemetry and the prompt's length, factored (see ``Head``);
+        quality sees the prompt's features only, since a profile's perplexity on a prompt does not depend on
+        the machine's load. Not decomposed: one head learns the whole reward from the whole state."""
         if not decompose:
-            return {"reward": None}
-        return {"speed": None, "quality": list(range(len(TELEMETRY_FEATURES), self.state_size))}
+            return {"reward": Head()}
+        telemetry, length = len(TELEMETRY_FEATURES), len(TELEMETRY_FEATURES) + PROMPT_FEATURES.index("length")
+        return {"speed": Head((*range(telemetry), length), factored=True),
+                "quality": Head(tuple(range(telemetry, self.state_size)))}
 
     def observe(self, prompt: Prompt) -> list[float]:
         return self.telemetry.vector() + self.featurizer(prompt.text)
