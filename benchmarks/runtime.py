@@ -10,6 +10,7 @@ benchmarks/RESULTS.md and results/runtime.json from DIR/test.json and the checkp
 from __future__ import annotations
 
 import argparse
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -104,7 +105,7 @@ def write_results(args: argparse.Namespace) -> None:
     theirs = [r["reward"] for r in tests if r["policy"] == best_fixed]
     gaps = [a - b for a, b in zip(ours, theirs)]
     gap = mean(gaps)
-    gap_se = (sum((g - gap) ** 2 for g in gaps) / (len(gaps) - 1)) ** 0.5 / len(gaps) ** 0.5 if len(gaps) > 1 else float("nan")
+    gap_se = statistics.stdev(gaps) / len(gaps) ** 0.5 if len(gaps) > 1 else float("nan")
     best_by_condition = {c: max((p for p in policies if p != "controller"), key=lambda p: cell(c, p, "reward"))
                          for c in conditions}
     mixes = {c: mix(c) for c in conditions}

@@ -78,7 +78,7 @@ class Telemetry:
         battery = psutil.sensors_battery() if hasattr(psutil, "sensors_battery") else None
         return {
             "cpu": self.external_cpu(),
-            "load": min(2.0, os.getloadavg()[0] / (os.cpu_count() or 1)) if hasattr(os, "getloadavg") else 0.0,
+            "load": min(2.0, os.getloadavg()[0] / self.cpus) if hasattr(os, "getloadavg") else 0.0,
             "memory_available": memory.available / memory.total,
             "process_rss": self.process.memory_info().rss / memory.total,
             "gpu_util": gpu_util,
