@@ -32,7 +32,7 @@ Dtype = Annotated[str, typer.Option(help="float32 (default), bfloat16 or float16
 Device = Annotated[str, typer.Option(help="cpu, cuda, cuda:1, ...")]
 Seed = Annotated[int, typer.Option(help="Seed for calibration sampling and searches.")]
 Nsamples = Annotated[int, typer.Option(help="Calibration windows.")]
-Method = Annotated[Optional[str], typer.Option(help="unstructured: magnitude (default), wanda, sparsegpt (or *_ww); width: importance taylor (default) or act; quant: rtn (default) or gptq.")]
+Method = Annotated[Optional[str], typer.Option(help="unstructured: magnitude (default), wanda, sparsegpt (or *_ww); width: importance taylor (default) or act; quant: rtn (default) or gptq, gguf with GGUF types.")]
 Allocator = Annotated[str, typer.Option(help="Per-layer allocator: uniform, owl, alpha; depth: sprint, sleb, shortgpt, drop-last; width: uniform, adapt, rl, rl-refine; quant: uniform, greedy, automp-rl.")]
 Sparsity = Annotated[Optional[float], typer.Option(help="Target mean sparsity over decoder linears, in [0, 1) (default 0.5).")]
 Structure = Annotated[str, typer.Option(help="unstructured (sparsity per linear), depth (remove attention/MLP sublayers), width (slice heads and FFN channels) or quant (bits per linear).")]
@@ -77,7 +77,7 @@ Tasks = Annotated[Optional[str], typer.Option(help="Zero-shot tasks through lm-e
 Limit = Annotated[Optional[int], typer.Option(help="Zero-shot items per task, a seeded random subset (default 500; 0 = all).")]
 PromptLength = Annotated[int, typer.Option("--prompt-length", help="Latency: prompt tokens for prefill.")]
 GenerationLength = Annotated[int, typer.Option("--generation-length", help="Latency: decoded tokens.")]
-Bits = Annotated[Optional[str], typer.Option("--bits", help="quant: bit width (uniform), or the choices 3,4,8 (greedy).")]
+Bits = Annotated[Optional[str], typer.Option("--bits", help="quant: bit width (uniform), or the choices 3,4,8 (greedy); or GGUF types, e.g. q4_k,q5_0,q6_k,q8_0 (llama.cpp's grids and quantizers).")]
 GroupSize = Annotated[Optional[int], typer.Option("--group-size", help="quant: inputs per scale group (default 128; a shorter last group when it does not divide; 0 = per channel).")]
 Symmetric = Annotated[Optional[bool], typer.Option("--symmetric/--asymmetric", help="quant: symmetric codes (default asymmetric).")]
 Awq = Annotated[Optional[bool], typer.Option("--awq/--no-awq", help="quant: fold AWQ's activation-aware scales in first (with rtn or gptq).")]
@@ -92,6 +92,13 @@ Sensitivity = Annotated[Optional[str], typer.Option("--sensitivity", help="greed
 RecoverSteps = Annotated[int, typer.Option("--recover-steps", help="LoRA (peft) fine-tune steps on the calibration windows after pruning (0 = none).")]
 RecoverLr = Annotated[float, typer.Option("--recover-lr", help="Learning rate of the LoRA recovery.")]
 Latency = Annotated[bool, typer.Option("--latency/--no-latency", help="Measure prefill/decode latency.")]
+MaxBytes = Annotated[Optional[int], typer.Option("--max-bytes", help="quant with GGUF types: at most this many tensor bytes in the GGUF file (embeddings and norms included).")]
+Imatrix = Annotated[Optional[bool], typer.Option("--imatrix/--no-imatrix", help="quant with GGUF types: weight llama.cpp's quantizer by the calibration's mean squared inputs (an importance matrix).")]
+EmbeddingType = Annotated[Optional[str], typer.Option("--embedding-type", help="GGUF type of the token embedding in the export and in --max-bytes (default q8_0 for quantized plans).")]
+Export = Annotated[Optional[str], typer.Option("--export", help="Also write the compressed model for deployment: gguf (RUN/model.gguf, measured in llama.cpp beside the dense model).")]
+ExportType = Annotated[str, typer.Option("--export-type", help="GGUF type of linears that stay float in the export: f32, f16 (default) or bf16.")]
+Engine = Annotated[str, typer.Option("--engine", help="pytorch (any model) or llama.cpp (a .gguf file).")]
+Threads = Annotated[Optional[int], typer.Option("--threads", help="llama.cpp threads (default: as many as PyTorch uses).")]
 
 
 def _measurement(tasks: Optional[str], limit: Optional[int], prompt_length: int, generation_length: int,
@@ -156,13 +163,13 @@ def _settings(**values: Any) -> RunSettings:
 
 def _budget(structure: str, sparsity: Optional[float], target_speedup: Optional[float],
             num_remove: Optional[int], pruning_ratio: Optional[float] = None,
-            avg_bits: Optional[float] = None) -> Budget:
+            avg_bits: Optional[float] = None, max_bytes: Optional[int] = None) -> Budget:
     if structure == "depth":
         return Budget.for_depth(target_speedup, num_remove)
     if structure == "width":
         return Budget.for_width(pruning_ratio)
     if structure == "quant":
-        return Budget.for_bits(avg_bits)
+        return Budget.for_bits(avg_bits, max_bytes)
     return Budget.for_sparsity(0.5 if sparsity is None else sparsity)
 
 
@@ -243,10 +250,29 @@ def _print_compression_table(record: dict, out: Path) -> None:
                       f"{_fmt(recovery['ppl_before'], '.3f')} / {_fmt(recovery['ppl_after'], '.3f')}")
     table.add_row("wall time", "", f"{record['timings']['total_s']:.1f} s")
     console.print(table)
+    if record.get("deployment"):
+        _print_deployment(record["deployment"], out)
     _print_protocols(record)
     if all(action["op"] == "sparsify" for action in record["plan"]["actions"]):
         console.print("masked sparsity saves no bytes or time by itself.")
     console.print(f"saved to {out}")
+
+
+def _print_deployment(deployment: dict, out: Path) -> None:
+    """Dense and compressed GGUF files as llama.cpp runs them: size, perplexity, prefill and decode speed."""
+    dense, compressed = deployment.get("dense") or {}, deployment["compressed"]
+    table = Table(title=f"deployed in llama.cpp: {out / compressed['file']}")
+    table.add_column("metric")
+    table.add_column(f"dense ({dense.get('outtype', 'float')})" if dense else "dense", justify="right")
+    table.add_column("compressed", justify="right")
+    table.add_row("GGUF file", _fmt_bytes(dense["file_bytes"]) if dense else "",
+                  _fmt_bytes(compressed["file_bytes"]))
+    dense_rows = dict(_measured_rows(dense)) if dense else {}
+    for label, value in _measured_rows(compressed):
+        table.add_row(f"{label} (llama.cpp)", dense_rows.get(label, ""), value)
+    console.print(table)
+    for note in compressed["export"]["notes"]:
+        console.print(f"note: {note}")
 
 
 def _width_rows(table: Table, metrics: dict) -> None:
@@ -340,15 +366,22 @@ def compress(
     eval_samples: EvalSamples = None,
     seeds: Seeds = None,
     sensitivity: Sensitivity = None,
+    max_bytes: MaxBytes = None,
+    imatrix: Imatrix = None,
+    embedding_type: EmbeddingType = None,
+    export: Export = None,
+    export_type: ExportType = "f16",
+    threads: Threads = None,
 ) -> None:
     """Load, plan, apply, evaluate and save; print dense vs compressed metrics."""
     from .pipeline import compress as run_compress
 
-    budget = _budget(structure, sparsity, target_speedup, num_remove_sublayers, pruning_ratio, avg_bits)
+    budget = _budget(structure, sparsity, target_speedup, num_remove_sublayers, pruning_ratio, avg_bits, max_bytes)
     settings = _settings(corpus=corpus, eval_text=eval_text, calib_text=calib_text, seqlen=seqlen,
                          max_windows=max_windows, batch_size=batch_size, dtype=dtype, device=device, seed=seed,
                          nsamples=nsamples, calib_seqlen=calib_seqlen, recover_steps=recover_steps,
-                         recover_lr=recover_lr,
+                         recover_lr=recover_lr, threads=threads,
+                         deploy=_deploy(export, export_type, embedding_type),
                          **_measurement(tasks, limit, prompt_length, generation_length, latency, generation,
                                         speedup_batch_size, speedup_iterations))
     params = _allocator_params(epsilon=epsilon, metric=metric, metric_cache=metric_cache, owl_m=owl_m,
@@ -364,7 +397,8 @@ def compress(
                                                    act_order=act_order,
                                                    episodes=episodes, alpha=alpha, beta=beta,
                                                    eval_samples=eval_samples, seeds=seeds,
-                                                   sensitivity=sensitivity))
+                                                   sensitivity=sensitivity, imatrix=imatrix,
+                                                   embedding_type=embedding_type))
     record = run_compress(model, budget, method, allocator, settings, out, overwrite, nm, structure,
                           _speedups(eval_speedups), **params)
     _print_compression_table(record, out)
@@ -390,25 +424,77 @@ def eval_command(
     prompt_length: PromptLength = 128,
     generation_length: GenerationLength = 32,
     latency: Latency = True,
+    engine: Engine = "pytorch",
+    threads: Threads = None,
 ) -> None:
-    """Perplexity, zero-shot accuracy, size and latency of a model (named, a path, or a layerwise directory)."""
+    """Perplexity, zero-shot accuracy, size and latency of a model (named, a path, a layerwise directory, or a
+    .gguf file run by llama.cpp with --engine llama.cpp)."""
     from .pipeline import evaluate_model
 
     settings = _settings(corpus=corpus, eval_text=eval_text, seqlen=seqlen, max_windows=max_windows,
                          batch_size=batch_size, dtype=dtype, device=device, seed=seed, perplexity=perplexity,
+                         engine=engine, threads=threads,
                          **_measurement(tasks, limit, prompt_length, generation_length, latency))
     record = evaluate_model(model, settings, out, overwrite)
     metrics = record["metrics"]
-    table = Table(title=f"{model}")
+    table = Table(title=f"{model} ({record['settings']['engine']})")
     table.add_column("metric")
     table.add_column("value", justify="right")
     for label, value in _measured_rows(metrics):
         table.add_row(label, value)
-    table.add_row("sparsity (decoder linears)", f"{metrics['sparsity']:.2%}")
+    if "sparsity" in metrics:
+        table.add_row("sparsity (decoder linears)", f"{metrics['sparsity']:.2%}")
     table.add_row("parameters", f"{metrics['parameters']:,}")
     table.add_row("weight bytes (stored)", _fmt_bytes(metrics["weight_bytes"]))
+    if "file_bytes" in metrics:
+        table.add_row("file size", _fmt_bytes(metrics["file_bytes"]))
     console.print(table)
     _print_protocols(record)
+
+
+@app.command("export")
+@cli_errors
+def export_command(
+    model: Annotated[str, typer.Argument(help="A run directory (or any model layerwise loads) to export.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="The .gguf file to write.")],
+    fmt: Annotated[str, typer.Option("--format", "-f", help="Deployment format: gguf.")] = "gguf",
+    outtype: ExportType = "f16",
+    embedding_type: EmbeddingType = None,
+    overwrite: Overwrite = False,
+) -> None:
+    """Write a model (compressed or not) as a GGUF file that llama.cpp runs; per-layer widths and removed
+    sublayers become llama.cpp's deci architecture, GGUF-quantized linears are copied byte for byte."""
+    from .export import export_gguf
+    from .models import load
+    from .pipeline import ensure_output_free
+
+    if fmt != "gguf":
+        raise SettingsError(f"Unknown export format '{fmt}'; the supported one is gguf.")
+    ensure_output_free(out, overwrite, "Output file")
+    report = export_gguf(load(model), out, outtype, embedding_type, overwrite)
+    table = Table(title=f"{out} ({report.architecture})")
+    table.add_column("what")
+    table.add_column("value", justify="right")
+    table.add_row("file size", _fmt_bytes(report.file_bytes))
+    table.add_row("tensors by type", ", ".join(f"{k} {v}" for k, v in sorted(report.tensor_types.items())))
+    table.add_row("tokenizer", report.tokenizer_from)
+    console.print(table)
+    for note in report.notes:
+        console.print(f"note: {note}")
+
+
+def _deploy(export: Optional[str], export_type: str, embedding_type: Optional[str]) -> Optional[dict]:
+    """RunSettings.deploy from --export/--export-type/--embedding-type (None: no export)."""
+    if export is None:
+        return None
+    if export != "gguf":
+        raise SettingsError(f"Unknown --export format '{export}'; the supported one is gguf.")
+    from .gguf import gguf_type
+
+    gguf_type(export_type)
+    if embedding_type is not None:
+        gguf_type(embedding_type)
+    return {"format": export, "outtype": export_type, "embedding_type": embedding_type}
 
 
 @app.command()
@@ -452,11 +538,14 @@ def plan(
     avg_bits: AvgBits = None,
     awq: Awq = None,
     act_order: ActOrder = None,
+    max_bytes: MaxBytes = None,
+    imatrix: Imatrix = None,
+    embedding_type: EmbeddingType = None,
 ) -> None:
     """Compute a plan and write it as JSON, without touching any weights."""
     from .pipeline import plan_to_file
 
-    budget = _budget(structure, sparsity, target_speedup, num_remove_sublayers, pruning_ratio, avg_bits)
+    budget = _budget(structure, sparsity, target_speedup, num_remove_sublayers, pruning_ratio, avg_bits, max_bytes)
     settings = _settings(corpus=corpus, calib_text=calib_text, seqlen=seqlen, seed=seed, nsamples=nsamples,
                          calib_seqlen=calib_seqlen)
     params = _allocator_params(epsilon=epsilon, metric=metric, metric_cache=metric_cache, owl_m=owl_m,
@@ -466,7 +555,8 @@ def plan(
                                                rl_algo, None, None, None, None, None, refine_moves, None,
                                                adapt_amplitude),
                                **_allocator_params(bits=bits, group_size=group_size, symmetric=symmetric, awq=awq,
-                                                   act_order=act_order))
+                                                   act_order=act_order, imatrix=imatrix,
+                                                   embedding_type=embedding_type))
     the_plan = plan_to_file(model, budget, out, method, allocator, settings, overwrite, nm, structure, **params)
     console.print(f"{len(the_plan.actions)} actions ({the_plan.method} / {the_plan.allocator}) written to {out}")
 

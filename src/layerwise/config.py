@@ -21,6 +21,7 @@ class Budget(BaseModel):
     remove_sublayers: Optional[int] = Field(None, ge=1)
     pruning_ratio: Optional[float] = Field(None, gt=0.0, lt=1.0)
     avg_bits: Optional[float] = Field(None, gt=0.0, le=16.0)
+    max_bytes: Optional[int] = Field(None, ge=1, description="quant with GGUF types: tensor bytes of the GGUF file")
 
     @classmethod
     def for_sparsity(cls, sparsity: float) -> "Budget":
@@ -52,12 +53,14 @@ class Budget(BaseModel):
 
 
     @classmethod
-    def for_bits(cls, avg_bits: float | None) -> "Budget":
-        """A quantization budget: at most ``avg_bits`` bits per decoder-linear weight on average (None: the
-        allocator's own choice, e.g. one uniform width)."""
+    def for_bits(cls, avg_bits: float | None, max_bytes: int | None = None) -> "Budget":
+        """A quantization budget: at most ``avg_bits`` stored bits per decoder-linear weight on average and/or
+        at most ``max_bytes`` tensor bytes in the GGUF file (None: the allocator's own choice)."""
         if avg_bits is not None and not 0.0 < avg_bits <= 16.0:
             raise BudgetError(f"--avg-bits must lie in (0, 16] (got {avg_bits}).")
-        return cls(avg_bits=avg_bits)
+        if max_bytes is not None and max_bytes < 1:
+            raise BudgetError(f"--max-bytes must be positive (got {max_bytes}).")
+        return cls(avg_bits=avg_bits, max_bytes=max_bytes)
 
 
 # Items per zero-shot task unless told otherwise: the default task set scores in under 15 minutes on 2 CPU
@@ -79,6 +82,17 @@ class LatencySetting(BaseModel):
     @property
     def decode_steps(self) -> int:
         return self.generation_length if self.generation else 0
+
+
+class DeploySetting(BaseModel):
+    """Export the compressed model for a deployment engine and measure it there (dense reference included)."""
+
+    model_config = ConfigDict(extra="forbid")
+    format: str = Field("gguf", description="deployment format: gguf (llama.cpp)")
+    outtype: str = Field("f16", description="GGUF type of linears that stay float (f32, f16, bf16)")
+    embedding_type: Optional[str] = Field(None, description="GGUF type of the token embedding (default: q8_0 when "
+                                                             "linears are quantized, else outtype)")
+    measure: bool = Field(True, description="measure perplexity and latency of the file in llama.cpp")
 
 
 class RunSettings(BaseModel):
@@ -106,6 +120,16 @@ class RunSettings(BaseModel):
     latency: Optional[LatencySetting] = Field(default_factory=LatencySetting, description="None: not measured")
     recover_steps: int = Field(0, ge=0, description="LoRA fine-tune steps on the calibration windows after pruning")
     recover_lr: float = Field(1e-4, gt=0.0)
+    deploy: Optional[DeploySetting] = Field(None, description="export and measure in a deployment engine")
+    engine: str = Field("pytorch", description="engine that measures: pytorch or llama.cpp (a GGUF file)")
+    threads: Optional[int] = Field(None, ge=1, description="llama.cpp threads (default: PyTorch's thread count)")
+
+    @field_validator("engine")
+    @classmethod
+    def _known_engine(cls, engine: str) -> str:
+        from .engines import ENGINES
+
+        return ENGINES.canonical(engine)
 
     @field_validator("tasks")
     @classmethod

@@ -35,3 +35,11 @@ class UnknownNameError(LayerwiseError):
 
 class SettingsError(LayerwiseError):
     """A run setting (window length, limits, latency setting, ...) is out of range."""
+
+
+class EngineError(LayerwiseError):
+    """An inference engine (llama.cpp) is missing, cannot run here, or rejected a file."""
+
+
+class ExportError(LayerwiseError):
+    """A model or plan cannot be expressed in the requested deployment format."""

@@ -2,36 +2,24 @@
 
 from __future__ import annotations
 
-import contextlib
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from . import __version__
 from .backends import ApplyContext, apply_plan
 from .cache import atomic_write_json, staged_directory
 from .config import Budget, LatencySetting, RunSettings
-from .cost import measure_latency, measure_size
+from .cost import measure_size
 from .cost.analytic import model_costs
-from .data import load_corpus
+from .deploy import deploy_run, dense_reference
 from .environment import machine, versions
 from .errors import OutputExistsError, UnsupportedArchitectureError
-from .evaluate import cached_perplexity, cached_zeroshot, perplexity, zeroshot
+from .measure import Timings, measure_model, timed
 from .models import LoadedModel, decoder_linears, load, model_fingerprint, save
 from .plan import Plan
 from .planning import make_plan, validate_request
 from .profile import CalibrationSource
-
-Timings = dict[str, float]
-
-
-@contextlib.contextmanager
-def timed(timings: Timings, key: str) -> Iterator[None]:
-    start = time.perf_counter()
-    try:
-        yield
-    finally:
-        timings[key] = round(time.perf_counter() - start, 3)
 
 
 def ensure_output_free(out: str | Path, overwrite: bool, what: str = "Output directory") -> None:
@@ -40,50 +28,11 @@ def ensure_output_free(out: str | Path, overwrite: bool, what: str = "Output dir
         raise OutputExistsError(f"{what} {out} already exists; pass --overwrite to replace it.")
 
 
-def _evaluate(loaded: LoadedModel, settings: RunSettings, cached: bool) -> tuple[dict, bool]:
-    corpus = load_corpus(settings.corpus, settings.eval_text, settings.calib_text)
-    evaluate = cached_perplexity if cached else lambda *a: (perplexity(*a), False)
-    result, was_cached = evaluate(
-        loaded.model, loaded.tokenizer, corpus, settings.seqlen, settings.max_windows, settings.batch_size
-    )
-    return result.model_dump(), was_cached
-
-
-def _zeroshot(loaded: LoadedModel, settings: RunSettings, cached: bool) -> dict | None:
-    """Zero-shot scores under ``settings.tasks`` (None when no tasks were asked for)."""
-    if not settings.tasks:
-        return None
-    score = cached_zeroshot if cached else lambda *a: (zeroshot(*a), False)
-    result, was_cached = score(
-        loaded.model, loaded.tokenizer, settings.tasks, settings.task_limit, settings.seed, settings.task_batch_size
-    )
-    return {**result.model_dump(), "from_cache": was_cached}
-
-
-def _latency(loaded: LoadedModel, settings: RunSettings) -> dict | None:
-    """Measured prefill/decode latency (never cached: it belongs to this machine, now)."""
-    return measure_latency(loaded.model, settings.latency).model_dump() if settings.latency else None
-
-
-def _measure(loaded: LoadedModel, settings: RunSettings, timings: Timings, prefix: str, cached: bool) -> dict:
-    """Perplexity, zero-shot scores and latency of the model as it is now, each when ``settings`` asks."""
-    measured: dict[str, Any] = {}
-    if settings.perplexity:
-        with timed(timings, f"{prefix}eval_s"):
-            result, was_cached = _evaluate(loaded, settings, cached)
-        measured.update(ppl=result["ppl"], protocol=result["protocol"], ppl_from_cache=was_cached)
-    with timed(timings, f"{prefix}zeroshot_s"):
-        measured["zeroshot"] = _zeroshot(loaded, settings, cached)
-    with timed(timings, f"{prefix}latency_s"):
-        measured["latency"] = _latency(loaded, settings)
-    return measured
-
-
-def _record(command: str, loaded: LoadedModel, settings: RunSettings, timings: Timings, **fields: Any) -> dict:
+def _record(command: str, model: dict[str, Any], settings: RunSettings, timings: Timings, **fields: Any) -> dict:
     return {
         "layerwise_version": __version__,
         "command": command,
-        "model": {"spec": loaded.spec, "source": loaded.source},
+        "model": model,
         **fields,
         "timings": timings,
         "seed": settings.seed,
@@ -115,18 +64,19 @@ def run_plan(
     dense_fingerprint = model_fingerprint(loaded.model)
     dense_size = measure_size(loaded.model)
     dense_costs = _costs(loaded, settings)
-    dense = _measure(loaded, settings.model_copy(update={"tasks": []}), timings, "dense_", cached=True)
+    dense = measure_model(loaded, settings.model_copy(update={"tasks": []}), timings, "dense_", cached=True)
+    dense_deployed = dense_reference(loaded, settings, timings) if settings.deploy else None
     calibration = calibration or CalibrationSource(loaded, settings)
     with timed(timings, "apply_s"):
         apply_plan(loaded.model, plan, ApplyContext(calibration))
     if calibration.profile_from_cache is not None:
         timings["profile_s"] = round(calibration.profile_seconds, 3)
     recovery = _recover(loaded, settings, calibration, timings) if settings.recover_steps else None
-    compressed = _measure(loaded, settings, timings, "", cached=False)
+    compressed = measure_model(loaded, settings, timings, "", cached=False)
     size = measure_size(loaded.model)
     record = _record(
         command,
-        loaded,
+        {"spec": loaded.spec, "source": loaded.source},
         settings,
         timings,
         method=plan.method,
@@ -164,6 +114,8 @@ def run_plan(
     with staged_directory(Path(out), overwrite) as staging:
         with timed(timings, "save_s"):
             save(loaded, staging, plan)
+        if settings.deploy:
+            record["deployment"] = {"dense": dense_deployed, "compressed": deploy_run(loaded, settings, staging, timings)}
         timings["total_s"] = round(time.perf_counter() - started, 3)
         atomic_write_json(staging / "result.json", record)
     return record
@@ -173,7 +125,7 @@ def _recover(loaded: LoadedModel, settings: RunSettings, calibration: Calibratio
     """Perplexity of the pruned model, then a short LoRA fine-tune on the calibration windows (merged)."""
     from .recovery import recover_with_lora
 
-    before = _measure(loaded, settings.model_copy(update={"tasks": [], "latency": None}), timings,
+    before = measure_model(loaded, settings.model_copy(update={"tasks": [], "latency": None}), timings,
                       "pre_recovery_", cached=False)
     with timed(timings, "recovery_s"):
         report = recover_with_lora(loaded.model, calibration.tokens(), settings.recover_steps, settings.recover_lr,
@@ -295,7 +247,7 @@ class MilestoneRecorder:
         reached = [m for m in self.pending if step.predicted_speedup >= m]
         self.pending = [m for m in self.pending if m not in reached]
         timings: Timings = {}
-        measured = _measure(self.loaded, self.settings.model_copy(update={"tasks": []}), timings, "", cached=False)
+        measured = measure_model(self.loaded, self.settings.model_copy(update={"tasks": []}), timings, "", cached=False)
         self.records.append({
             "milestones": reached,
             "removed": removed,
@@ -352,25 +304,12 @@ def evaluate_model(
     settings = settings or RunSettings()
     if out is not None:
         ensure_output_free(out, overwrite)
+    from .engines import ENGINES
+
     timings: Timings = {}
-    with timed(timings, "load_s"):
-        loaded = load(model, dtype=settings.dtype, device=settings.device)
-    measured = _measure(loaded, settings, timings, "", cached=True)
-    size = measure_size(loaded.model)
-    record = _record(
-        "eval",
-        loaded,
-        settings,
-        timings,
-        metrics={
-            "ppl": measured.get("ppl"),
-            **size.as_dict(),
-            "zeroshot": measured["zeroshot"],
-            "latency": measured["latency"],
-        },
-        protocol=measured.get("protocol"),
-        saved_plan=loaded.meta.get("has_plan", False),
-    )
+    evaluation = ENGINES.get(settings.engine)(model, settings, timings)
+    record = _record("eval", evaluation.model, settings, timings, metrics=evaluation.metrics,
+                     protocol=evaluation.protocol, **evaluation.extra)
     if out is not None:
         with staged_directory(Path(out), overwrite) as staging:
             atomic_write_json(staging / "result.json", record)

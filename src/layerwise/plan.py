@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from .cache import atomic_write_text
 from .config import Budget
@@ -68,7 +68,8 @@ class SliceAction(BaseModel):
 
 class QuantizeAction(BaseModel):
     """Store one linear's weight at ``bits`` bits, per output channel (``group_size`` None) or in groups of
-    ``group_size`` inputs (a shorter last group when it does not divide the input width)."""
+    ``group_size`` inputs (a shorter last group when it does not divide the input width); or, with
+    ``format``, as that GGUF type (method ``gguf``: llama.cpp's own grid and quantizer, ``bits`` nominal)."""
 
     model_config = ConfigDict(extra="forbid")
     unit: str
@@ -79,6 +80,19 @@ class QuantizeAction(BaseModel):
     method: str = "rtn"
     awq: bool = Field(False, description="fold AWQ's activation-aware input scales in before quantizing")
     act_order: bool = Field(False, description="gptq: columns in order of decreasing Hessian diagonal, static groups")
+    format: Optional[str] = Field(None, description="GGUF type (q4_k, q8_0, ...); needs method gguf")
+    imatrix: bool = Field(False, description="gguf: weight the quantizer by the calibration's mean squared inputs")
+
+    @model_validator(mode="after")
+    def _format_needs_gguf_method(self) -> "QuantizeAction":
+        if (self.format is None) != (self.method != "gguf"):
+            raise ValueError("a GGUF format goes with method 'gguf', and method 'gguf' needs a format")
+        if self.format is not None:
+            from .gguf import GGUF_TYPES
+
+            if self.format not in GGUF_TYPES:
+                raise ValueError(f"unknown GGUF type '{self.format}' (known: {', '.join(GGUF_TYPES)})")
+        return self
 
 
 Action = Annotated[Union[SparsifyAction, RemoveAction, SliceAction, QuantizeAction], Field(discriminator="op")]

@@ -120,34 +120,35 @@ def _check_width_request(method: str | None, allocator: str, budget: Budget, nm:
     return method, allocator
 
 
-# Options of the quantization structure (bit choices, grouping, symmetry), not of any bit allocator.
-QUANT_OPTIONS = {"bits", "group_size", "symmetric", "awq", "act_order"}
+# Options of the quantization structure (bit choices, grouping, symmetry, GGUF settings), not of any bit allocator.
+QUANT_OPTIONS = {"bits", "group_size", "symmetric", "awq", "act_order", "imatrix", "embedding_type"}
 
 
 def _check_quant_request(method: str | None, allocator: str, nm: str | None, params: dict[str, Any]) -> tuple[str, str]:
+    from .allocate.levels import GGUFLevels, parse_levels
     from .backends.quantize import QUANTIZERS
 
-    method = QUANTIZERS.canonical(method or "rtn")
+    levels = parse_levels(params.get("bits", "4"), imatrix=bool(params.get("imatrix", False)))
+    gguf = isinstance(levels, GGUFLevels)
+    if gguf and method not in (None, "gguf"):
+        raise BudgetError(f"GGUF types are quantized by llama.cpp's own quantizers; --method {method} does not apply.")
+    method = QUANTIZERS.canonical(method or ("gguf" if gguf else "rtn"))
+    if method == "gguf" and not gguf:
+        raise BudgetError("--method gguf needs GGUF types in --bits (e.g. q4_k,q6_k,q8_0).")
     allocator = BIT_ALLOCATORS.canonical(allocator)
     if nm is not None:
         raise BudgetError("--nm applies to unstructured sparsity, not to quantization.")
-    parse_bits(params.get("bits", "4"))
     if params.get("act_order") and method != "gptq":
         raise BudgetError("--act-order applies to the gptq method only.")
+    if gguf and params.get("awq"):
+        raise BudgetError("--awq applies to layerwise's own grid, not to GGUF types.")
+    if "embedding_type" in params:
+        from .gguf import gguf_type
+
+        gguf_type(params["embedding_type"])
     _check_params(BIT_ALLOCATORS.get(allocator), allocator,
                   {k: v for k, v in params.items() if k not in QUANT_OPTIONS})
     return method, allocator
-
-
-def parse_bits(text: str | int) -> list[int]:
-    """``4`` or ``3,4,8`` as sorted bit widths, each between 2 and 8."""
-    try:
-        choices = sorted({int(part) for part in str(text).split(",") if part.strip()})
-    except ValueError:
-        raise BudgetError(f"--bits must be integers separated by commas (got '{text}').") from None
-    if not choices or not all(2 <= b <= 8 for b in choices):
-        raise BudgetError(f"--bits must lie between 2 and 8 (got '{text}').")
-    return choices
 
 
 def layer_range(text: str | None, blocks: int, option: str) -> range:
@@ -286,33 +287,60 @@ def _width_plan(request: PlanRequest) -> Plan:
 
 @STRUCTURES.register("quant")
 def _quant_plan(request: PlanRequest) -> Plan:
-    """Let the bit allocator pick each decoder linear's width; one quantize action per linear."""
-    from .allocate.bits import BitContext, average_bits, linear_statistics
+    """Let the bit allocator pick each decoder linear's level; one quantize action per linear."""
+    from .allocate.bits import BitContext, linear_statistics
+    from .allocate.levels import GGUFLevels
     from .backends.quantize import group_bounds
 
     params = dict(request.params)
     options = {k: params.pop(k) for k in list(params) if k in QUANT_OPTIONS}
-    choices = parse_bits(options.get("bits", "4"))
     group_size = options.get("group_size", 128) or None
     symmetric = bool(options.get("symmetric", False))
     linears = decoder_linears(request.loaded.model)
-    context = BitContext(request.loaded.model, linears, choices, group_size, symmetric, request.calibration,
-                         request.seed)
+    context = BitContext(request.loaded.model, linears, str(options.get("bits", "4")).split(","), group_size,
+                         symmetric, request.calibration, request.seed, bool(options.get("imatrix", False)))
+    gguf = isinstance(context.levels, GGUFLevels)
+    fixed_bytes = None
+    if request.budget.max_bytes is not None:
+        if not gguf:
+            raise BudgetError("--max-bytes counts bytes as llama.cpp stores them; use GGUF types in --bits.")
+        from .export.gguf_export import non_linear_bytes
+
+        fixed_bytes = non_linear_bytes(request.loaded.model, options.get("embedding_type", "q8_0"))
+        if request.budget.max_bytes <= fixed_bytes:
+            raise BudgetError(f"--max-bytes {request.budget.max_bytes:,} does not even hold the embeddings and norms "
+                              f"({fixed_bytes:,} bytes).")
+        params["max_bits"] = 8 * (request.budget.max_bytes - fixed_bytes)
     allocation = BIT_ALLOCATORS.get(request.allocator)(context, avg_bits=request.budget.avg_bits, **params)
-    sizes = context.sizes()
-    achieved = average_bits(sizes, allocation.bits)
+    params.pop("max_bits", None)
+    achieved = context.average_bits(allocation.bits)
     if request.budget.avg_bits is not None and achieved > request.budget.avg_bits + 1e-9:
         raise BudgetError(f"The {request.allocator} allocation averages {achieved:.4f} bits, over the budget "
                           f"{request.budget.avg_bits}.")
+    linear_bytes = context.total_bits(allocation.bits) / 8
+    if fixed_bytes is not None and linear_bytes + fixed_bytes > request.budget.max_bytes:
+        raise BudgetError(f"The {request.allocator} allocation needs {linear_bytes + fixed_bytes:,.0f} bytes, over "
+                          f"--max-bytes {request.budget.max_bytes:,}.")
     awq = bool(options.get("awq", False))
     # GPTQ goes in activation order unless told otherwise: on smollm2-135m plain GPTQ loses to RTN (RESULTS.md)
     act_order = request.method == "gptq" and bool(options.get("act_order", True))
-    actions = [QuantizeAction(unit=name, bits=bits, group_size=group_size, symmetric=symmetric, method=request.method,
-                              awq=awq, act_order=act_order) for name, bits in allocation.bits.items()]
-    widths = {linear.in_features for linear in linears.values()}
-    prediction = {"avg_bits": round(achieved, 6),
-                  "memory_saving_vs_16bit": round(1 - achieved / 16, 6),
-                  "last_group_width": {str(w): [e - s for s, e in group_bounds(w, group_size)][-1] for w in sorted(widths)}}
-    details = {**allocation.details, "bits": allocation.bits, "group_size": group_size, "symmetric": symmetric,
+    action_options = {"awq": awq, "act_order": act_order}
+    actions = [context.levels.action(name, level, request.method, action_options)
+               for name, level in allocation.bits.items()]
+    prediction = {"avg_bits": round(achieved, 6), "memory_saving_vs_16bit": round(1 - achieved / 16, 6),
+                  "linear_bytes": int(round(linear_bytes))}
+    if gguf:
+        from .export.gguf_export import non_linear_bytes
+
+        embedding_type = options.get("embedding_type", "q8_0")
+        prediction["gguf_tensor_bytes"] = int(round(linear_bytes)) + non_linear_bytes(request.loaded.model,
+                                                                                      embedding_type)
+        prediction["embedding_type"] = embedding_type
+    else:
+        widths = {linear.in_features for linear in linears.values()}
+        prediction["last_group_width"] = {str(w): [e - s for s, e in group_bounds(w, group_size)][-1]
+                                          for w in sorted(widths)}
+    details = {**allocation.details, "bits": {name: str(level) for name, level in allocation.bits.items()},
+               "levels": context.levels.describe(), "group_size": group_size, "symmetric": symmetric,
                "awq": awq, "act_order": act_order, "statistics": linear_statistics(context)}
     return request.plan(actions, {**allocation.params, **options}, details, prediction)

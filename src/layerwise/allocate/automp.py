@@ -18,10 +18,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..backends.quantize import rtn_round_trip
 from ..errors import BudgetError
 from ..evaluate.perplexity import token_set_perplexity
-from .bits import (ACTIVATION_STATISTICS, BIT_ALLOCATORS, BitAllocation, BitContext, average_bits, check_bit_budget,
+from .bits import (ACTIVATION_STATISTICS, BIT_ALLOCATORS, BitAllocation, BitContext, budget_bits, check_bit_budget,
                    fit_bits, linear_statistics, sensitivities)
 
 ROLES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -53,21 +52,20 @@ def linear_states(context: BitContext) -> torch.Tensor:
 
 
 class LevelBank:
-    """Per linear and bit width, the round-to-nearest dequantized weight, computed once; ``use`` swaps them in."""
+    """Per linear and level, the rounded weight, computed once; ``use`` swaps them in."""
 
     def __init__(self, context: BitContext) -> None:
         self.linears = context.linears
         self.dense = {name: linear.weight.data for name, linear in self.linears.items()}
-        self.levels: dict[str, dict[int, torch.Tensor]] = {}
-        for name, linear in self.linears.items():
-            weight = linear.weight.data
-            self.levels[name] = {
-                bits: rtn_round_trip(weight, bits, context.group_size, context.symmetric).to(weight.dtype)
-                for bits in context.choices}
+        self.levels: dict[str, dict] = {}
+        for name in tqdm(self.linears, desc="level bank", unit="linear", disable=None, leave=False):
+            weight = self.linears[name].weight.data
+            self.levels[name] = {level: context.round_trip(name, level).to(weight.dtype)
+                                 for level in context.options(name)}
 
-    def use(self, bits: dict[str, int]) -> None:
-        for name, width in bits.items():
-            self.linears[name].weight.data = self.levels[name][width]
+    def use(self, bits: dict) -> None:
+        for name, level in bits.items():
+            self.linears[name].weight.data = self.levels[name][level]
 
     def restore(self) -> None:
         for name, weight in self.dense.items():
@@ -77,7 +75,7 @@ class LevelBank:
 @dataclass
 class Episode:
     index: int
-    bits: dict[str, int]
+    bits: dict
     avg_bits: float
     ppl: float
     reward: float
@@ -92,9 +90,10 @@ class Search:
     bank: LevelBank
     tokens: torch.Tensor
     base_ppl: float
-    errors: dict[str, dict[int, float]] | None
+    errors: dict[str, dict] | None
+    budget: float | None = None
 
-    def score(self, bits: dict[str, int]) -> float:
+    def score(self, bits: dict) -> float:
         self.bank.use(bits)
         return token_set_perplexity(self.context.model, self.tokens, self.context.calibration.settings.calib_batch_size)
 
@@ -103,7 +102,7 @@ class Search:
 def automp_rl_bits(context: BitContext, avg_bits: float | None = None, episodes: int = 300, alpha: float = 0.7,
                    beta: float = 2.0, learning_rate: float = 2e-3, entropy_coef: float = 0.01,
                    eval_samples: int = 4, eval_seqlen: int = 128, seeds: int = 1,
-                   sensitivity: str = "kl") -> BitAllocation:
+                   sensitivity: str = "kl", max_bits: float | None = None) -> BitAllocation:
     """Train the policy for ``episodes`` sampled configurations with each of ``seeds`` seeds (the run's seed
     and the next ones); return the best-reward configuration over all seeds (the best-PPL one is kept too)."""
     check_bit_budget(context, avg_bits)
@@ -111,14 +110,15 @@ def automp_rl_bits(context: BitContext, avg_bits: float | None = None, episodes:
         raise BudgetError("automp-rl needs --episodes and --seeds of at least 1.")
     tokens = context.calibration.tokens()[:eval_samples, :eval_seqlen]
     base_ppl = token_set_perplexity(context.model, tokens, context.calibration.settings.calib_batch_size)
-    errors = sensitivities(context, sensitivity) if avg_bits is not None else None
-    search = Search(context, linear_states(context), LevelBank(context), tokens, base_ppl, errors)
+    budget = budget_bits(context, avg_bits, max_bits)
+    errors = sensitivities(context, sensitivity) if budget is not None else None
+    search = Search(context, linear_states(context), LevelBank(context), tokens, base_ppl, errors, budget)
     runs = []
     try:
         for offset in range(seeds):
             with torch.random.fork_rng():  # seeded sampling without touching the caller's random state
                 torch.manual_seed(context.seed + offset)
-                runs.append(_train(search, avg_bits, episodes, alpha, beta, learning_rate, entropy_coef))
+                runs.append(_train(search, episodes, alpha, beta, learning_rate, entropy_coef))
     finally:
         search.bank.restore()
     chosen = max(range(seeds), key=lambda k: max(e.reward for e in runs[k]))
@@ -147,32 +147,34 @@ def _seed_summary(seed: int, history: list[Episode]) -> dict:
             "best_proxy_ppl": round(min(e.ppl for e in history), 4)}
 
 
-def _train(search: Search, avg_bits: float | None, episodes: int, alpha: float, beta: float,
-           learning_rate: float, entropy_coef: float) -> list[Episode]:
-    """One seed's REINFORCE run; every sampled (projected) configuration as an Episode."""
+def _train(search: Search, episodes: int, alpha: float, beta: float, learning_rate: float,
+           entropy_coef: float) -> list[Episode]:
+    """One seed's REINFORCE run; every sampled (projected) configuration as an Episode. The policy picks among
+    the run's choices; a choice a linear cannot store becomes the level llama.cpp would store instead."""
     context, states = search.context, search.states
     names = list(context.linears)
-    choices = sorted(context.choices)
+    choices = list(context.choices)
     policy = nn.Sequential(nn.Linear(states.shape[1], 64), nn.Tanh(), nn.Linear(64, 64), nn.Tanh(),
                            nn.Linear(64, len(choices)))
     optimizer = torch.optim.Adam(policy.parameters(), lr=learning_rate)
-    sizes = context.sizes()
     history: list[Episode] = []
     mean, var = 0.0, 1.0
     for index in tqdm(range(episodes), desc="automp-rl", unit="episode", disable=None, leave=False):
         distribution = torch.distributions.Categorical(logits=policy(states))
         sample = distribution.sample()
-        bits = {name: choices[int(k)] for name, k in zip(names, sample)}
-        if avg_bits is not None:
-            bits = fit_bits(bits, sizes, search.errors, choices, avg_bits)
+        bits = {name: context.stored(name, choices[int(k)]) for name, k in zip(names, sample)}
+        if search.budget is not None:
+            bits = fit_bits(bits, context, search.errors, search.budget)
         ppl = search.score(bits)
-        avg = average_bits(sizes, bits)
+        avg = context.average_bits(bits)
         reward = automp_reward(ppl, search.base_ppl, avg, alpha, beta)
         history.append(Episode(index, bits, avg, ppl, reward))
         mean, var = (reward, 1.0) if index == 0 else (0.9 * mean + 0.1 * reward,
                                                        0.9 * var + 0.1 * (reward - mean) ** 2)
         advantage = (reward - mean) / math.sqrt(var + 1e-8)
-        taken = torch.tensor([choices.index(bits[name]) for name in names])  # the projected choice is learnt
+        # the projected choice is learnt: the first of the run's choices that stores as the kept level
+        taken = torch.tensor([next(k for k, c in enumerate(choices) if context.stored(name, c) == bits[name])
+                              for name in names])
         loss = -advantage * distribution.log_prob(taken).sum() - entropy_coef * distribution.entropy().sum()
         optimizer.zero_grad()
         loss.backward()

@@ -22,32 +22,70 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..backends.quantize import rtn_round_trip
 from ..errors import BudgetError
 from ..models.discovery import find_blocks
 from ..registry import Registry
+from .levels import Level, LevelSet, parse_levels
 
 
 @dataclass
 class BitContext:
-    """What a bit allocator reads: the decoder linears, the quantization settings and the calibration."""
+    """What a bit allocator reads: the decoder linears, the quantization levels and the calibration.
+
+    ``choices`` are bit widths of layerwise's own grid (with ``group_size`` and ``symmetric``) or GGUF type
+    names; ``levels`` is the resulting ``LevelSet``. Budgets are in stored bits over all the decoder linears.
+    """
 
     model: nn.Module
     linears: dict[str, nn.Linear]
-    choices: list[int]
+    choices: list
     group_size: int | None
     symmetric: bool
     calibration: Any = None
     seed: int = 0
-    _sensitivities: dict[tuple, dict[str, dict[int, float]]] = field(default_factory=dict, repr=False)
+    imatrix: bool = False
+    levels: LevelSet = field(init=False)
+    _sensitivities: dict[tuple, dict[str, dict[Level, float]]] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        self.levels = parse_levels(self.choices, self.group_size, self.symmetric, self.imatrix)
+        self.choices = list(self.levels.choices)
 
     def sizes(self) -> dict[str, int]:
         return {name: linear.weight.numel() for name, linear in self.linears.items()}
 
+    def options(self, name: str) -> list[Level]:
+        """The distinct levels ``name`` can be stored at, narrowest first."""
+        return self.levels.levels(self.linears[name])
+
+    def stored(self, name: str, level: Level) -> Level:
+        return self.levels.stored(self.linears[name], level)
+
+    def bits(self, name: str, level: Level) -> float:
+        """Stored bits of the whole linear ``name`` at ``level``."""
+        return self.linears[name].weight.numel() * self.levels.bits(self.linears[name], level)
+
+    def total_bits(self, assignment: dict[str, Level]) -> float:
+        return sum(self.bits(name, level) for name, level in assignment.items())
+
+    def average_bits(self, assignment: dict[str, Level]) -> float:
+        """Parameter-weighted mean of stored bits per weight."""
+        return self.total_bits(assignment) / sum(self.sizes().values())
+
+    def importance(self, name: str):
+        """llama.cpp's importance-matrix entry for ``name`` (mean squared input per column), when asked for."""
+        if not self.imatrix:
+            return None
+        stats = self.calibration.profile().units[name]
+        return (stats.sum_sq / max(1, stats.tokens)).to(torch.float32).numpy()
+
+    def round_trip(self, name: str, level: Level) -> torch.Tensor:
+        return self.levels.round_trip(self.linears[name], level, self.importance(name))
+
 
 @dataclass
 class BitAllocation:
-    bits: dict[str, int]
+    bits: dict[str, Level]
     params: dict[str, Any] = field(default_factory=dict)
     details: dict[str, Any] = field(default_factory=dict)
 
@@ -70,7 +108,7 @@ def linear_statistics(context: BitContext) -> dict[str, dict[str, float]]:
 
 
 def average_bits(sizes: dict[str, int], bits: dict[str, int]) -> float:
-    """Parameter-weighted mean bit width."""
+    """Parameter-weighted mean bit width of own-grid widths (``BitContext.average_bits`` for any level set)."""
     return sum(sizes[u] * bits[u] for u in sizes) / sum(sizes.values())
 
 
@@ -79,25 +117,33 @@ BIT_ALLOCATORS: Registry[BitAllocator] = Registry("bit allocator")
 
 
 def check_bit_budget(context: BitContext, avg_bits: float | None) -> None:
-    if avg_bits is not None and avg_bits < min(context.choices):
-        raise BudgetError(f"--avg-bits {avg_bits} is below the narrowest choice ({min(context.choices)} bits).")
+    if avg_bits is None:
+        return
+    narrowest = context.average_bits({name: context.options(name)[0] for name in context.linears})
+    if avg_bits < narrowest - 1e-9:
+        raise BudgetError(f"--avg-bits {avg_bits} is below the narrowest choice ({narrowest:.4g} bits per weight "
+                          "as stored).")
 
 
 @BIT_ALLOCATORS.register("uniform")
 def uniform_bits(context: BitContext, avg_bits: float | None = None) -> BitAllocation:
-    """Every linear at the same width: the widest choice within ``avg_bits`` (or the only choice given)."""
+    """Every linear at the same level: the widest choice whose stored average fits ``avg_bits`` (or the only
+    choice given)."""
     check_bit_budget(context, avg_bits)
     if avg_bits is None and len(context.choices) != 1:
         raise BudgetError("Uniform quantization needs one --bits value, or --avg-bits to pick one.")
-    width = max(b for b in context.choices if avg_bits is None or b <= avg_bits + 1e-9)
-    return BitAllocation({name: width for name in context.linears})
+    for level in reversed(context.choices):
+        assignment = {name: context.stored(name, level) for name in context.linears}
+        if avg_bits is None or context.average_bits(assignment) <= avg_bits + 1e-9:
+            return BitAllocation(assignment)
+    raise BudgetError(f"No single level fits --avg-bits {avg_bits}.")
 
 
-Sensitivity = Callable[..., dict[str, dict[int, float]]]
+Sensitivity = Callable[..., dict[str, dict[Level, float]]]
 SENSITIVITIES: Registry[Sensitivity] = Registry("bit sensitivity")
 
 
-def sensitivities(context: BitContext, metric: str = "kl") -> dict[str, dict[int, float]]:
+def sensitivities(context: BitContext, metric: str = "kl") -> dict[str, dict[Level, float]]:
     """Sensitivity of every linear at every bit choice by ``metric`` (``SENSITIVITIES``), computed once per
     context (AutoMP-RL's seeds and its budget projection share it)."""
     key = (SENSITIVITIES.canonical(metric),)
@@ -107,11 +153,11 @@ def sensitivities(context: BitContext, metric: str = "kl") -> dict[str, dict[int
 
 
 @SENSITIVITIES.register("error")
-def error_sensitivity(context: BitContext) -> dict[str, dict[int, float]]:
-    """Activation-weighted RTN output error of each linear at each width (``quantization_error``)."""
+def error_sensitivity(context: BitContext) -> dict[str, dict[Level, float]]:
+    """Activation-weighted rounding output error of each linear at each level (``quantization_error``)."""
     profile = context.calibration.profile()
-    return {name: {b: quantization_error(linear, profile.feature_norms(name), b, context.group_size, context.symmetric)
-                   for b in context.choices}
+    return {name: {level: quantization_error(linear, profile.feature_norms(name), context.round_trip(name, level))
+                   for level in context.options(name)}
             for name, linear in context.linears.items()}
 
 
@@ -150,30 +196,36 @@ class _NllIncrease:
         return self.nll(logits, batches) - self.base
 
 
-def _measured_sensitivity(context: BitContext, metric: str) -> dict[str, dict[int, float]]:
-    """``metric`` of the model with only one linear rounded to each width, on the first 4 × 128 calibration
-    tokens. Each candidate reruns only the sublayers from its own on (stored states before it); 8-bit rounding
-    is taken as lossless (0) rather than measured. Cached on disk per model, tokens and quantization settings,
-    every width measured so far kept."""
+def _measured_sensitivity(context: BitContext, metric: str) -> dict[str, dict[Level, float]]:
+    """``metric`` of the model with only one linear rounded to each level, on the first 4 × 128 calibration
+    tokens. Each candidate reruns only the sublayers from its own on (stored states before it); lossless levels
+    (own 8-bit, GGUF f16) are taken as 0 rather than measured. Cached on disk per model, tokens and
+    quantization settings, every level measured so far kept."""
     from ..cache import atomic_write_json, cache_dir, read_json, stable_hash
     from ..models.fingerprint import model_fingerprint
 
     tokens = context.calibration.tokens()[:SENSITIVITY_SAMPLES, :SENSITIVITY_SEQLEN]
     key = stable_hash({"model": model_fingerprint(context.model), "tokens": tokens.tolist(), "metric": metric,
-                       "units": list(context.linears), "group_size": context.group_size,
-                       "symmetric": context.symmetric, "version": SENSITIVITY_VERSION}, length=24)
+                       "units": list(context.linears), "levels": {k: v for k, v in context.levels.describe().items()
+                                                                   if k != "choices"},
+                       "group_size": context.group_size, "symmetric": context.symmetric,
+                       "version": SENSITIVITY_VERSION}, length=24)
     path = cache_dir("sensitivity") / f"{key}.json"
-    result = {name: {int(b): v for b, v in values.items()} for name, values in (read_json(path) or {}).items()}
-    missing = sorted({b for b in context.choices if b < 8 and any(b not in result.get(n, {}) for n in context.linears)})
-    if missing:
+    parse = context.levels.parse
+    result = {name: {parse(b): v for b, v in values.items()} for name, values in (read_json(path) or {}).items()}
+    missing = {name: [level for level in context.options(name)
+                      if not context.levels.lossless(level) and level not in result.get(name, {})]
+               for name in context.linears}
+    if any(missing.values()):
         _measure(context, tokens, missing, metric, result)
-        atomic_write_json(path, result)
-    return {name: {b: 0.0 if b >= 8 else result[name][b] for b in context.choices} for name in context.linears}
+        atomic_write_json(path, {name: {str(b): v for b, v in values.items()} for name, values in result.items()})
+    return {name: {level: 0.0 if context.levels.lossless(level) else result[name][level]
+                   for level in context.options(name)} for name in context.linears}
 
 
 @torch.no_grad()
-def _measure(context: BitContext, tokens: torch.Tensor, widths: list[int], metric: str,
-             result: dict[str, dict[int, float]]) -> None:
+def _measure(context: BitContext, tokens: torch.Tensor, missing: dict[str, list[Level]], metric: str,
+             result: dict[str, dict[Level, float]]) -> None:
     from ..profile.sublayers import SublayerStream
 
     batch_size = context.calibration.settings.calib_batch_size
@@ -182,81 +234,98 @@ def _measure(context: BitContext, tokens: torch.Tensor, widths: list[int], metri
     dense_logits = stream.logits_from(0)
     score = _Divergence(dense_logits) if metric == "kl" else _NllIncrease(dense_logits, batches)
     del dense_logits
-    for name, linear in tqdm(context.linears.items(), desc=f"bit sensitivity ({metric})", unit="linear",
+    todo = {name: levels for name, levels in missing.items() if levels}
+    for name, levels in tqdm(todo.items(), desc=f"bit sensitivity ({metric}, {len(todo)} linears)", unit="linear",
                              disable=None, leave=False):
+        linear = context.linears[name]
         position = stream.position_of(name.rsplit(".", 1)[0])
         dense = linear.weight.data
+        rounded = {level: context.round_trip(name, level).to(dense.dtype) for level in levels}  # all from dense
         try:
-            for bits in widths:
-                linear.weight.data = rtn_round_trip(dense, bits, context.group_size, context.symmetric).to(dense.dtype)
-                result.setdefault(name, {})[bits] = score(stream.logits_from(position), batches)
+            for level, weight in rounded.items():
+                linear.weight.data = weight
+                result.setdefault(name, {})[level] = score(stream.logits_from(position), batches)
         finally:
             linear.weight.data = dense
 
 
 @SENSITIVITIES.register("kl")
-def kl_sensitivity(context: BitContext) -> dict[str, dict[int, float]]:
+def kl_sensitivity(context: BitContext) -> dict[str, dict[Level, float]]:
     """Mean KL divergence of the next-token distribution from the dense model's with only this linear rounded:
     never negative and far steadier on a few hundred tokens than the NLL difference."""
     return _measured_sensitivity(context, "kl")
 
 
 @SENSITIVITIES.register("ppl")
-def perplexity_sensitivity(context: BitContext) -> dict[str, dict[int, float]]:
+def perplexity_sensitivity(context: BitContext) -> dict[str, dict[Level, float]]:
     """ln PPL(only this linear rounded) − ln PPL(dense): the quantity itself, but on 512 tokens a layer's
     effect is often below the tokens' own scatter (many come out negative)."""
     return _measured_sensitivity(context, "ppl")
 
 
-def fit_bits(bits: dict[str, int], sizes: dict[str, int], errors: dict[str, dict[int, float]], choices: list[int],
-             avg_bits: float) -> dict[str, int]:
-    """Project ``bits`` onto the budget: narrow the linear whose error grows least per bit saved until the
-    average fits ``avg_bits``, then widen where it helps most per bit while it still fits."""
-    choices = sorted(choices)
-    bits = dict(bits)
-    budget = avg_bits * sum(sizes.values())
-    used = sum(sizes[u] * bits[u] for u in bits)
-    while used > budget + 1e-6:
-        best, best_cost = None, float("inf")
-        for name, width in bits.items():
-            lower = [b for b in choices if b < width]
-            if not lower:
+def fit_bits(bits: dict[str, Level], context: BitContext, errors: dict[str, dict[Level, float]],
+             budget_bits: float) -> dict[str, Level]:
+    """Project ``bits`` onto a budget of ``budget_bits`` stored bits: narrow the linear whose error grows least
+    per bit saved until the total fits, then widen where it helps most per bit while it still fits."""
+    bits = {name: context.stored(name, level) for name, level in bits.items()}
+    options = {name: context.options(name) for name in bits}
+    cost = {name: {level: context.bits(name, level) for level in options[name]} for name in bits}
+    used = sum(cost[name][bits[name]] for name in bits)
+    while used > budget_bits + 1e-6:
+        best, best_rate = None, float("inf")
+        for name, level in bits.items():
+            position = options[name].index(level)
+            if position == 0:
                 continue
-            cost = (errors[name][lower[-1]] - errors[name][width]) / (sizes[name] * (width - lower[-1]))
-            if cost < best_cost:
-                best, best_cost = name, cost
-        narrower = [b for b in choices if b < bits[best]][-1]
-        used -= sizes[best] * (bits[best] - narrower)
+            lower = options[name][position - 1]
+            rate = (errors[name][lower] - errors[name][level]) / (cost[name][level] - cost[name][lower])
+            if rate < best_rate:
+                best, best_rate = name, rate
+        if best is None:
+            raise BudgetError("The bit budget is below every linear's narrowest level.")
+        narrower = options[best][options[best].index(bits[best]) - 1]
+        used -= cost[best][bits[best]] - cost[best][narrower]
         bits[best] = narrower
     while True:
-        options = [(name, [b for b in choices if b > width][0]) for name, width in bits.items() if width < choices[-1]]
-        options = [(n, w) for n, w in options if used + sizes[n] * (w - bits[n]) <= budget + 1e-6]
-        if not options:
+        steps = []
+        for name, level in bits.items():
+            position = options[name].index(level)
+            if position + 1 < len(options[name]):
+                wider = options[name][position + 1]
+                extra = cost[name][wider] - cost[name][level]
+                if used + extra <= budget_bits + 1e-6:
+                    steps.append(((errors[name][level] - errors[name][wider]) / extra, name, wider, extra))
+        if not steps:
             return bits
-        name, wider = max(options, key=lambda o: (errors[o[0]][bits[o[0]]] - errors[o[0]][o[1]])
-                          / (sizes[o[0]] * (o[1] - bits[o[0]])))
-        used += sizes[name] * (wider - bits[name])
+        _, name, wider, extra = max(steps, key=lambda step: step[0])
+        used += extra
         bits[name] = wider
 
 
 @torch.no_grad()
-def quantization_error(linear: nn.Linear, norms: torch.Tensor, bits: int, group_size: int | None,
-                       symmetric: bool) -> float:
-    """Σ_j ‖X_j‖²·‖W_:j − Ŵ_:j‖²: the output error of round-to-nearest at ``bits`` under a diagonal Hessian."""
+def quantization_error(linear: nn.Linear, norms: torch.Tensor, rounded: torch.Tensor) -> float:
+    """Σ_j ‖X_j‖²·‖W_:j − Ŵ_:j‖²: the output error of the rounded weight under a diagonal Hessian."""
     weight = linear.weight.float()
-    error = rtn_round_trip(weight, bits, group_size, symmetric) - weight
+    error = rounded.float() - weight
     return float((error.pow(2).sum(0) * norms.float().pow(2)).sum())
 
 
+def budget_bits(context: BitContext, avg_bits: float | None, max_bits: float | None = None) -> float | None:
+    """The tighter of ``avg_bits`` (per weight) and ``max_bits`` (total stored bits of the linears)."""
+    limits = [b for b in (avg_bits * sum(context.sizes().values()) if avg_bits is not None else None, max_bits)
+              if b is not None]
+    return min(limits) if limits else None
+
+
 @BIT_ALLOCATORS.register("greedy")
-def greedy_bits(context: BitContext, avg_bits: float | None = None, sensitivity: str = "kl") -> BitAllocation:
-    """Narrow the linear with the least sensitivity increase per bit saved until the average fits ``avg_bits``."""
-    if avg_bits is None:
-        raise BudgetError("The greedy bit allocator needs --avg-bits.")
+def greedy_bits(context: BitContext, avg_bits: float | None = None, sensitivity: str = "kl",
+                max_bits: float | None = None) -> BitAllocation:
+    """Narrow the linear with the least sensitivity increase per bit saved until the budget fits."""
+    budget = budget_bits(context, avg_bits, max_bits)
+    if budget is None:
+        raise BudgetError("The greedy bit allocator needs --avg-bits or --max-bytes.")
     check_bit_budget(context, avg_bits)
-    choices = sorted(context.choices)
-    sizes = context.sizes()
     errors = sensitivities(context, sensitivity)
-    bits = fit_bits({name: choices[-1] for name in context.linears}, sizes, errors, choices, avg_bits)
+    bits = fit_bits({name: context.options(name)[-1] for name in context.linears}, context, errors, budget)
     return BitAllocation(bits, {"avg_bits": avg_bits, "sensitivity": sensitivity},
                          {"sensitivity": {name: {str(b): e for b, e in errs.items()} for name, errs in errors.items()}})

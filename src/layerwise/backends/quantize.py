@@ -14,7 +14,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from ..models.discovery import LINEAR_LIKE, decoder_linears
+from ..models.discovery import LINEAR_LIKE, QUANTIZED_LINEARS, decoder_linears
 from ..plan import Action
 from ..registry import Registry
 from .base import (OP_METHODS, OP_UNITS, OPS, STRUCTURE_REPLAY, ApplyContext, dispatch_by_method,
@@ -115,7 +115,7 @@ class QuantizedLinear(nn.Module):
 def quantized_storage(model: nn.Module) -> dict[str, int]:
     """Measured storage of the model's quantized linears: the bytes of their stored tensors (packed codes,
     scales, zeros, bias) and their weight count, whose 16-bit size is ``2 × weights``."""
-    modules = [m for m in model.modules() if isinstance(m, QuantizedLinear)]
+    modules = [m for m in model.modules() if isinstance(m, tuple(QUANTIZED_LINEARS))]
     stored = sum(t.numel() * t.element_size() for m in modules for t in m.state_dict().values())
     return {"quantized_bytes": stored, "quantized_weights": sum(m.in_features * m.out_features for m in modules)}
 
@@ -225,14 +225,24 @@ def gptq(model: nn.Module, actions: list[Action], context: ApplyContext) -> None
     sequential_hessian_pass(model, actions, context, "gptq", quantize)
 
 
+def _empty_packed(linear: nn.Linear, action: Action) -> QuantizedLinear:
+    return QuantizedLinear(linear.in_features, linear.out_features, action.bits, action.group_size,
+                           linear.bias is not None, linear.weight.dtype, linear.weight.device)
+
+
+# quantization method -> an empty module of the right shapes for one action, so saved tensors load into it
+QUANTIZED_MODULES: Registry[Callable[[nn.Linear, Action], nn.Module]] = Registry("quantized module")
+QUANTIZED_MODULES.add("rtn", _empty_packed)
+QUANTIZED_MODULES.add("gptq", _empty_packed)
+
+
 def _replay(model: nn.Module, actions: list[Action]) -> None:
     """Shapes only: empty quantized modules where the plan quantized, so the saved codes load into them."""
     for action in actions:
         linear = model.get_submodule(action.unit)
-        model.set_submodule(action.unit, QuantizedLinear(linear.in_features, linear.out_features, action.bits,
-                                                         action.group_size, linear.bias is not None,
-                                                         linear.weight.dtype, linear.weight.device))
+        model.set_submodule(action.unit, QUANTIZED_MODULES.get(action.method)(linear, action))
 
 
 STRUCTURE_REPLAY.add("quantize", _replay)
 LINEAR_LIKE.append(QuantizedLinear)
+QUANTIZED_LINEARS.append(QuantizedLinear)

@@ -88,9 +88,7 @@ def _sublayer_modules(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
 
 def _runs(model: torch.nn.Module, setting: LatencySetting, device: torch.device) -> Iterator[tuple[float, float]]:
     """(prefill seconds, decode seconds) per run, each from a fresh KV cache."""
-    vocab = model.get_input_embeddings().num_embeddings
-    generator = torch.Generator().manual_seed(0)
-    prompt = torch.randint(0, vocab, (setting.batch_size, setting.prompt_length), generator=generator).to(device)
+    prompt = latency_prompt(model.get_input_embeddings().num_embeddings, setting).to(device)
     while True:
         _synchronize(device)
         start = time.perf_counter()
@@ -137,6 +135,13 @@ def measure_latency(
         if clock is not None:
             clock.remove()
         model.train(was_training)
+    sublayers = _sublayer_medians(per_run, setting.decode_steps) if clock is not None else None
+    return latency_report(setting, prefill, decode, str(device), torch.get_num_threads(), sublayers)
+
+
+def latency_report(setting: LatencySetting, prefill: list[float], decode: list[float], device: str, threads: int,
+                   sublayers: dict[str, SublayerLatency] | None = None) -> LatencyReport:
+    """Medians of timed runs (seconds of prefill and of all decode steps per run), as every engine reports them."""
     steps = setting.decode_steps
     decode_ms = 1000 * statistics.median(decode) / steps if steps else None
     return LatencyReport(
@@ -145,10 +150,16 @@ def measure_latency(
         prefill_ms=round(1000 * statistics.median(prefill), 3),
         decode_ms_per_token=round(decode_ms, 3) if decode_ms else None,
         decode_tokens_per_s=round(1000 * setting.batch_size / decode_ms, 2) if decode_ms else None,
-        device=str(device),
-        threads=torch.get_num_threads(),
-        sublayers=_sublayer_medians(per_run, steps) if clock is not None else None,
+        device=device,
+        threads=threads,
+        sublayers=sublayers,
     )
+
+
+def latency_prompt(vocab_size: int, setting: LatencySetting) -> torch.Tensor:
+    """The prompt every engine times: seeded random token ids [batch, prompt_length]."""
+    generator = torch.Generator().manual_seed(0)
+    return torch.randint(0, vocab_size, (setting.batch_size, setting.prompt_length), generator=generator)
 
 
 def _sublayer_medians(per_run: list[dict[tuple[str, str], float]], steps: int) -> dict[str, SublayerLatency]:

@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from ..models.discovery import decoder_linears
+from ..models.discovery import QUANTIZED_LINEARS, decoder_linears
 
 
 @dataclass(frozen=True)
@@ -41,10 +41,12 @@ def measure_size(model: nn.Module) -> SizeReport:
         if tensor.is_floating_point():
             parameters += tensor.numel()
             nonzero += int(torch.count_nonzero(tensor))
+    # a quantized linear stores its weights as integer codes: they are parameters all the same
+    quantized = sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, tuple(QUANTIZED_LINEARS)))
     linears = decoder_linears(model).values()
     return SizeReport(
-        parameters=parameters,
-        nonzero_parameters=nonzero,
+        parameters=parameters + quantized,
+        nonzero_parameters=nonzero + quantized,
         weight_bytes=weight_bytes,
         decoder_linear_parameters=sum(m.weight.numel() for m in linears),
         decoder_linear_zeros=sum(int((m.weight == 0).sum()) for m in linears),

@@ -4,6 +4,7 @@ windows of ``seqlen`` tokens (last partial dropped), PPL = exp(mean NLL over eve
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +30,7 @@ class PerplexityProtocol(BaseModel):
     predicted_tokens: int
     dtype: str
     max_windows: int | None = None
+    engine: str = "pytorch"
 
 
 class PerplexityResult(BaseModel):
@@ -57,6 +59,29 @@ def token_set_perplexity(model: torch.nn.Module, tokens: torch.Tensor, batch_siz
     return math.exp(total / count)
 
 
+# Summed next-token NLL of a batch of windows [n, seqlen] under some engine's model.
+WindowScorer = Callable[[torch.Tensor], float]
+
+
+def protocol_perplexity(score: WindowScorer, tokenizer: PreTrainedTokenizerBase, corpus: Corpus, seqlen: int,
+                        max_windows: int | None, batch_size: int, split: str, dtype: str,
+                        engine: str = "pytorch") -> PerplexityResult:
+    """The protocol itself, for any engine: the split's windows, ``batch_size`` at a time, through ``score``."""
+    ids = tokenize_documents(tokenizer, corpus.split(split))
+    windows = evaluation_windows(ids, seqlen, max_windows)
+    total_nll = 0.0
+    batches = range(0, windows.shape[0], batch_size)
+    for start in tqdm(batches, desc=f"perplexity {corpus.name}/{split} ({engine})", unit="batch", disable=None,
+                      leave=False):
+        total_nll += score(windows[start : start + batch_size])
+    predicted = windows.shape[0] * (seqlen - 1)
+    mean_nll = total_nll / predicted
+    protocol = PerplexityProtocol(corpus=corpus.name, corpus_source=corpus.source, split=split, seqlen=seqlen,
+                                  windows=windows.shape[0], predicted_tokens=predicted, dtype=dtype,
+                                  max_windows=max_windows, engine=engine)
+    return PerplexityResult(ppl=math.exp(mean_nll), mean_nll=mean_nll, protocol=protocol)
+
+
 @torch.no_grad()
 def perplexity(
     model: torch.nn.Module,
@@ -68,27 +93,14 @@ def perplexity(
     split: str = "evaluation",
 ) -> PerplexityResult:
     """Perplexity of ``model`` on a corpus split under the protocol above (model's own dtype/device)."""
-    ids = tokenize_documents(tokenizer, corpus.split(split))
-    windows = evaluation_windows(ids, seqlen, max_windows)
     device = next(model.parameters()).device
-    total_nll = 0.0
-    batches = range(0, windows.shape[0], batch_size)
-    for start in tqdm(batches, desc=f"perplexity {corpus.name}/{split}", unit="batch", disable=None, leave=False):
-        batch = windows[start : start + batch_size].to(device)
-        total_nll += next_token_nll(model(input_ids=batch, use_cache=False).logits, batch)[0]
-    predicted = windows.shape[0] * (seqlen - 1)
-    mean_nll = total_nll / predicted
-    protocol = PerplexityProtocol(
-        corpus=corpus.name,
-        corpus_source=corpus.source,
-        split=split,
-        seqlen=seqlen,
-        windows=windows.shape[0],
-        predicted_tokens=predicted,
-        dtype=str(next(model.parameters()).dtype).removeprefix("torch."),
-        max_windows=max_windows,
-    )
-    return PerplexityResult(ppl=math.exp(mean_nll), mean_nll=mean_nll, protocol=protocol)
+
+    def score(batch: torch.Tensor) -> float:
+        batch = batch.to(device)
+        return next_token_nll(model(input_ids=batch, use_cache=False).logits, batch)[0]
+
+    dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+    return protocol_perplexity(score, tokenizer, corpus, seqlen, max_windows, batch_size, split, dtype)
 
 
 def cached_perplexity(

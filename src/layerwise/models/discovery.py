@@ -9,6 +9,9 @@ from ..errors import UnsupportedArchitectureError
 # Module types that act as a block's linear layers: nn.Linear, plus what backends put in its place
 # (a quantized linear registers itself here), so a compressed model's blocks are still found.
 LINEAR_LIKE: list[type[nn.Module]] = [nn.Linear]
+# Module types that store a linear's weight quantized (``in_features × out_features`` weights in fewer bytes);
+# each quantization backend registers its module here.
+QUANTIZED_LINEARS: list[type[nn.Module]] = []
 
 
 def is_linear_like(module: nn.Module) -> bool:

@@ -178,6 +178,10 @@ def packaged_gguf_path() -> Path:
     return path
 
 
+# named models that come from a GGUF file: where that file is (GGUF export copies its tokenizer from it)
+NAMED_GGUF: dict[str, Callable[[], Path]] = {"smollm2-135m": packaged_gguf_path}
+
+
 @NAMED_MODELS.register("smollm2-135m")
 def _load_smollm2(spec: str) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, str, dict]:
     path = packaged_gguf_path()

@@ -1,0 +1,144 @@
+"""llama.cpp as a measuring engine: a GGUF file run through llama-cpp-python, fed the protocol's own token ids
+(not llama.cpp's tokenization), with logits for every position for perplexity and the same prefill/decode
+setting as the PyTorch engine for latency."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from ..config import LatencySetting
+from ..cost.latency import LatencyReport, latency_prompt, latency_report
+from ..errors import EngineError, ModelNotFoundError
+from ..gguf.native import llama_cpp
+
+
+def default_threads() -> int:
+    """Threads llama.cpp computes with: the ones this process may run on (as PyTorch's default)."""
+    return torch.get_num_threads() or len(os.sched_getaffinity(0))
+
+
+def check_gguf_file(path: str | Path) -> Path:
+    """``path`` as a readable GGUF file whose tensors all lie inside it, or one clear error: llama.cpp itself
+    may abort the process on some malformed files, so they are caught here first."""
+    from gguf import GGUFReader
+
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise ModelNotFoundError(f"GGUF file {file} does not exist.")
+    try:
+        reader = GGUFReader(file)
+        size = file.stat().st_size
+        end = max((int(t.data_offset) + int(t.n_bytes) for t in reader.tensors), default=0)
+    except (ValueError, IndexError, KeyError, OSError, TypeError) as exc:
+        raise ModelNotFoundError(f"{file} is not a readable GGUF file ({str(exc).splitlines()[0]}).") from None
+    if end > size:
+        raise ModelNotFoundError(f"{file} is truncated: its tensors need {end:,} bytes, the file has {size:,}.")
+    if "general.architecture" not in reader.fields:
+        raise ModelNotFoundError(f"{file} has no general.architecture; it is not a model GGUF.")
+    return file
+
+
+class LlamaCppModel:
+    """One GGUF model loaded in llama.cpp with a context of ``n_ctx`` tokens."""
+
+    def __init__(self, path: str | Path, n_ctx: int = 512, threads: int | None = None, logits_all: bool = True,
+                 batch: int | None = None) -> None:
+        self.path = check_gguf_file(path)
+        module = llama_cpp()
+        self.threads = threads or default_threads()
+        self.n_ctx = n_ctx
+        try:
+            with _quiet_stderr():
+                self.llm = module.Llama(model_path=str(self.path), n_ctx=n_ctx, n_batch=batch or n_ctx,
+                                        n_ubatch=batch or n_ctx, n_threads=self.threads,
+                                        n_threads_batch=self.threads, logits_all=logits_all, verbose=False,
+                                        seed=0)
+        except (ValueError, RuntimeError) as exc:
+            raise EngineError(f"llama.cpp could not load {self.path}: {exc}") from None
+        self.n_vocab = self.llm.n_vocab()
+
+    def logits(self, ids: list[int] | torch.Tensor) -> torch.Tensor:
+        """Next-token logits [len(ids), vocab] of one sequence from an empty KV cache."""
+        ids = [int(i) for i in ids]
+        if len(ids) > self.n_ctx:
+            raise EngineError(f"A window of {len(ids)} tokens does not fit llama.cpp's context of {self.n_ctx}.")
+        self.llm.reset()
+        self.llm.eval(ids)
+        return torch.from_numpy(np.array(self.llm.scores[: len(ids)], dtype=np.float32))
+
+    def close(self) -> None:
+        llm = getattr(self, "llm", None)
+        if llm is not None:
+            llm.close()
+            self.llm = None
+
+    def __enter__(self) -> "LlamaCppModel":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:  # pragma: no cover - interpreter shutdown order varies
+        with contextlib.suppress(Exception):
+            self.close()
+
+    def last_token_argmax(self) -> int:
+        """Greedy next token after the last evaluated position (logits of the last output only)."""
+        logits = np.ctypeslib.as_array(self.llm._ctx.get_logits(), shape=(self.n_vocab,))
+        return int(np.argmax(logits))
+
+    def timed_runs(self, setting: LatencySetting) -> Iterator[tuple[float, float]]:
+        """(prefill seconds, decode seconds) per run: the seeded prompt, then greedy decoding one token a step."""
+        if setting.batch_size != 1:
+            raise EngineError("llama.cpp latency is measured for batch size 1 only.")
+        prompt = latency_prompt(self.n_vocab, setting)[0].tolist()
+        while True:
+            self.llm.reset()
+            start = time.perf_counter()
+            self.llm.eval(prompt)
+            prefill = time.perf_counter() - start
+            token = self.last_token_argmax()
+            start = time.perf_counter()
+            for _ in range(setting.decode_steps):
+                self.llm.eval([token])
+                token = self.last_token_argmax()
+            yield prefill, time.perf_counter() - start
+
+
+def llamacpp_latency(path: str | Path, setting: LatencySetting | None = None, threads: int | None = None
+                     ) -> LatencyReport:
+    """Median prefill and per-token decode latency of a GGUF file in llama.cpp, after ``setting.warmup`` runs."""
+    setting = setting or LatencySetting()
+    with LlamaCppModel(path, setting.prompt_length + setting.decode_steps + 1, threads, logits_all=False,
+                       batch=setting.prompt_length) as model:
+        runs = model.timed_runs(setting)
+        for _ in range(setting.warmup):
+            next(runs)
+        timed = [next(runs) for _ in range(setting.repeats)]
+        return latency_report(setting, [p for p, _ in timed], [d for _, d in timed], "llama.cpp (cpu)",
+                              model.threads)
+
+
+@contextlib.contextmanager
+def _quiet_stderr() -> Iterator[None]:
+    """Silence what llama.cpp prints on C stderr while loading (its errors surface as exceptions)."""
+    try:
+        saved = os.dup(2)
+    except OSError:  # pragma: no cover - no stderr to silence
+        yield
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)

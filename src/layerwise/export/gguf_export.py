@@ -1,0 +1,412 @@
+"""Write a (compressed) Llama-family model as a GGUF file that llama.cpp runs.
+
+- Uniform shapes go out as architecture ``llama``; per-layer widths or removed sublayers as ``deci``, with
+  per-layer head counts, KV head counts and FFN lengths (0 = removed).
+- llama.cpp's ``deci`` graph skips a layer whose FFN length is 0 *before* adding the attention residual, so a
+  layer that keeps its attention but lost its MLP would silently lose its attention too; such a layer gets a
+  one-channel FFN with zero weights (output exactly 0). Layer 0's head count also sets the head size of every
+  layer, so a removed layer-0 attention becomes one head with zero weights.
+- GGUF-quantized linears are written byte for byte as they are stored; float linears as ``outtype``
+  (f32, f16, bf16, or any GGUF type, quantized here by the real quantizer). Masked sparsity is stored dense:
+  llama.cpp has no sparse kernels, so zeros save neither bytes nor time there.
+- q and k rows are permuted to llama.cpp's rotary layout, as its own converter does.
+- The tokenizer is copied from the source GGUF when the model came from one, otherwise written from the
+  Hugging Face tokenizer with gguf's vocabulary helpers.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from gguf import GGUFReader, GGUFValueType, GGUFWriter, LlamaFileType
+from pydantic import BaseModel
+from torch import nn
+
+from ..backends.gguf_quant import GGUFLinear
+from ..errors import ExportError, UnsupportedArchitectureError
+from ..gguf import GGUFType, gguf_type, stored_type
+from ..gguf.quantize import quantize_matrix
+from ..models.adapter import ModelAdapter, get_adapter
+from ..models.loading import LoadedModel
+
+EXPORTABLE_MODEL_TYPES = ("llama",)
+LINEAR_NAMES = {("attention", "q"): "attn_q", ("attention", "k"): "attn_k", ("attention", "v"): "attn_v",
+                ("attention", "o"): "attn_output", ("mlp", "gate"): "ffn_gate", ("mlp", "up"): "ffn_up",
+                ("mlp", "down"): "ffn_down"}
+FLOAT_TYPES = ("f32", "f16", "bf16")
+
+
+class ExportReport(BaseModel):
+    """What was written: the file, its architecture, bytes and per-type tensor counts, and what to know."""
+
+    path: str
+    architecture: str
+    file_bytes: int
+    tensor_bytes: int
+    tensor_types: dict[str, int]
+    linear_types: dict[str, str]
+    layer_dims: dict[str, list[int]]
+    tokenizer_from: str
+    notes: list[str]
+
+
+@dataclass
+class BlockShape:
+    """One block as llama.cpp will see it; ``*_stub`` marks a zero-weight stand-in for a removed sublayer."""
+
+    heads: int
+    kv_heads: int
+    ffn: int
+    attention_stub: bool = False
+    mlp_stub: bool = False
+
+
+def check_exportable(model: nn.Module) -> ModelAdapter:
+    """The model's adapter, or an ``ExportError`` saying why llama.cpp cannot run this model as exported."""
+    config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", type(model).__name__)
+    if model_type not in EXPORTABLE_MODEL_TYPES:
+        raise ExportError(f"GGUF export supports the Llama family (model type {', '.join(EXPORTABLE_MODEL_TYPES)}); "
+                          f"this model is '{model_type}'.")
+    try:
+        adapter = get_adapter(model)
+    except UnsupportedArchitectureError as exc:
+        raise ExportError(f"GGUF export cannot read this model's structure: {exc}") from None
+    if getattr(config, "attention_bias", False) or getattr(config, "mlp_bias", False):
+        raise ExportError("GGUF export does not write linear biases; this Llama model has attention or MLP biases.")
+    rope = _rope_scaling(config)
+    if rope and rope.get("rope_type", rope.get("type")) not in (None, "default", "linear", "llama3"):
+        raise ExportError(f"GGUF export supports default, linear and llama3 RoPE; this model uses "
+                          f"'{rope.get('rope_type', rope.get('type'))}'.")
+    for name, module in model.named_modules():
+        if hasattr(module, "qweight"):
+            raise ExportError(f"{name} is stored on layerwise's own {module.bits}-bit grid, which GGUF cannot "
+                              "express; quantize with GGUF types (e.g. --bits q4_k,q6_k,q8_0) to export.")
+    return adapter
+
+
+def export_gguf(loaded: LoadedModel, out: str | Path, outtype: str = "f16", embedding_type: str | None = None,
+                overwrite: bool = False) -> ExportReport:
+    """Write ``loaded`` to ``out`` (a .gguf file, replaced atomically); nothing is written when it cannot be."""
+    out = Path(out)
+    if out.exists() and not overwrite:
+        from ..errors import OutputExistsError
+
+        raise OutputExistsError(f"Output file {out} already exists; pass --overwrite to replace it.")
+    model = loaded.model
+    adapter = check_exportable(model)
+    float_type = gguf_type(outtype)
+    quantized = any(isinstance(m, GGUFLinear) for m in model.modules())
+    embed_type = gguf_type(embedding_type or ("q8_0" if quantized or float_type.quantized else outtype))
+    shapes = block_shapes(adapter)
+    architecture = "llama" if _uniform(shapes) else "deci"
+    source = source_gguf(loaded)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".partial")
+    os.close(fd)
+    try:
+        writer = GGUFWriter(tmp, architecture)
+        _write_metadata(writer, model, adapter, shapes, architecture, f"{loaded.spec} (layerwise export)")
+        tokenizer_from = _write_tokenizer(writer, loaded, source)
+        types, linear_types = _write_tensors(writer, model, adapter, shapes, float_type, embed_type)
+        writer.add_file_type(_file_type(linear_types))
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, out)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    reader = GGUFReader(out)
+    notes = _notes(model, shapes)
+    return ExportReport(path=str(out), architecture=architecture, file_bytes=out.stat().st_size,
+                        tensor_bytes=sum(int(t.n_bytes) for t in reader.tensors), tensor_types=dict(types),
+                        linear_types=linear_types,
+                        layer_dims={"head_count": [s.heads for s in shapes], "head_count_kv": [s.kv_heads for s in shapes],
+                                    "feed_forward_length": [s.ffn for s in shapes]},
+                        tokenizer_from=tokenizer_from, notes=notes)
+
+
+def block_shapes(adapter: ModelAdapter) -> list[BlockShape]:
+    """Per block: heads, KV heads and FFN width as llama.cpp needs them, stubs where removals need them."""
+    shapes = []
+    for index in range(adapter.num_blocks):
+        attention, mlp = adapter.attention(index), adapter.mlp(index)
+        if attention.removed:
+            shape = BlockShape(1, 1, 0, attention_stub=True) if index == 0 else BlockShape(0, 0, 0)
+        else:
+            geometry = adapter.head_geometry(index)
+            shape = BlockShape(geometry.num_heads, geometry.num_kv_heads, 0)
+        if not mlp.removed:
+            shape.ffn = adapter.ffn_width(index)
+        elif not attention.removed:
+            shape.ffn, shape.mlp_stub = 1, True
+        shapes.append(shape)
+    return shapes
+
+
+def _uniform(shapes: list[BlockShape]) -> bool:
+    first = shapes[0]
+    return all((s.heads, s.kv_heads, s.ffn) == (first.heads, first.kv_heads, first.ffn) and not s.attention_stub
+               and not s.mlp_stub and s.heads > 0 and s.ffn > 0 for s in shapes)
+
+
+def source_gguf(loaded: LoadedModel) -> Path | None:
+    """The GGUF file this model was loaded from, directly or through a layerwise run directory."""
+    from ..models.loading import NAMED_GGUF
+
+    for spec in (loaded.spec, loaded.meta.get("source")):
+        if not spec:
+            continue
+        if spec in NAMED_GGUF:
+            return NAMED_GGUF[spec]()
+        path = Path(str(spec)).expanduser()
+        if path.suffix == ".gguf" and path.is_file():
+            return path.resolve()
+    return None
+
+
+def _rope_scaling(config) -> dict | None:
+    scaling = getattr(config, "rope_scaling", None) or getattr(config, "rope_parameters", None)
+    if not scaling:
+        return None
+    if scaling.get("rope_type", scaling.get("type")) == "default":
+        return None
+    return dict(scaling)
+
+
+def _rope_theta(config) -> float:
+    parameters = getattr(config, "rope_parameters", None) or {}
+    return float(parameters.get("rope_theta", getattr(config, "rope_theta", 10000.0)))
+
+
+def _write_metadata(writer: GGUFWriter, model: nn.Module, adapter: ModelAdapter, shapes: list[BlockShape],
+                    architecture: str, name: str) -> None:
+    config = model.config
+    head_dim = adapter.head_dim(None)
+    writer.add_name(name)
+    writer.add_context_length(int(config.max_position_embeddings))
+    writer.add_embedding_length(int(config.hidden_size))
+    writer.add_block_count(len(shapes))
+    if architecture == "llama":
+        writer.add_feed_forward_length(shapes[0].ffn)
+        writer.add_head_count(shapes[0].heads)
+        writer.add_head_count_kv(shapes[0].kv_heads)
+    else:
+        writer.add_feed_forward_length([s.ffn for s in shapes])
+        writer.add_head_count([s.heads for s in shapes])
+        writer.add_head_count_kv([s.kv_heads for s in shapes])
+    writer.add_key_length(head_dim)
+    writer.add_value_length(head_dim)
+    writer.add_rope_dimension_count(head_dim)
+    writer.add_rope_freq_base(_rope_theta(config))
+    writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
+    writer.add_vocab_size(int(model.get_input_embeddings().num_embeddings))
+    rope = _rope_scaling(config)
+    if rope and rope.get("rope_type", rope.get("type")) == "linear":
+        from gguf import RopeScalingType
+
+        writer.add_rope_scaling_type(RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(float(rope["factor"]))
+
+
+def _write_tokenizer(writer: GGUFWriter, loaded: LoadedModel, source: Path | None) -> str:
+    """Copy every ``tokenizer.*`` key of the source GGUF, or build them from the Hugging Face tokenizer."""
+    vocab_size = loaded.model.get_input_embeddings().num_embeddings
+    if source is not None:
+        reader = GGUFReader(source)
+        tokens = reader.fields.get("tokenizer.ggml.tokens")
+        if tokens is not None and len(tokens.data) == vocab_size:
+            for key, field in reader.fields.items():
+                if key.startswith("tokenizer."):
+                    sub_type = field.types[-1] if field.types[0] == GGUFValueType.ARRAY else None
+                    writer.add_key_value(key, field.contents(), field.types[0], sub_type)
+            return f"copied from {source.name}"
+    return _write_hf_tokenizer(writer, loaded, vocab_size)
+
+
+def _write_hf_tokenizer(writer: GGUFWriter, loaded: LoadedModel, vocab_size: int) -> str:
+    from gguf.vocab import BpeVocab, LlamaHfVocab, SpecialVocab
+
+    with tempfile.TemporaryDirectory() as directory:
+        loaded.tokenizer.save_pretrained(directory)
+        for vocab_class, model_name in ((BpeVocab, "gpt2"), (LlamaHfVocab, "llama")):
+            try:
+                vocab = vocab_class(Path(directory))
+                break
+            except (FileNotFoundError, ValueError, KeyError, TypeError):
+                continue
+        else:
+            raise ExportError("GGUF export cannot describe this tokenizer: it is neither a GPT-2 style byte-level "
+                              "BPE nor a Llama SentencePiece tokenizer.")
+        tokens, scores, types = zip(*vocab.all_tokens())
+        if len(tokens) > vocab_size:
+            raise ExportError(f"The tokenizer has {len(tokens)} tokens but the embedding only {vocab_size} rows.")
+        padding = vocab_size - len(tokens)
+        writer.add_tokenizer_model(model_name)
+        writer.add_tokenizer_pre("default")
+        writer.add_token_list(list(tokens) + [f"[PAD{i}]".encode() for i in range(padding)])
+        writer.add_token_types([int(t) for t in types] + [4] * padding)  # 4 = USER_DEFINED
+        if model_name == "llama":
+            writer.add_token_scores(list(scores) + [0.0] * padding)
+        special = SpecialVocab(Path(directory), load_merges=model_name == "gpt2", n_vocab=vocab_size)
+        if model_name == "gpt2" and not special.merges:  # a byte-level vocabulary without merges
+            # llama.cpp requires the key and gguf refuses an empty array: one merge of two control tokens,
+            # which BPE never sees (control tokens are matched before merging), keeps the vocabulary byte-level
+            control = next(t.decode() for t, kind in zip(tokens, types) if int(kind) == 3)
+            writer.add_token_merges([f"{control} {control}"])
+            special.load_merges = False
+        special.add_to_gguf(writer, quiet=True)
+    return f"written from the Hugging Face tokenizer ({model_name}, pre-tokenizer 'default')"
+
+
+def rotary_rows(rows: int, heads: int) -> np.ndarray:
+    """Row order that turns Hugging Face's half-split rotary layout into llama.cpp's interleaved one."""
+    return np.arange(rows).reshape(heads, 2, rows // heads // 2).swapaxes(1, 2).reshape(-1)
+
+
+def _write_tensors(writer: GGUFWriter, model: nn.Module, adapter: ModelAdapter, shapes: list[BlockShape],
+                   float_type: GGUFType, embed_type: GGUFType) -> tuple[Counter, dict[str, str]]:
+    counts: Counter = Counter()
+    linear_types: dict[str, str] = {}
+
+    def add(name: str, raw: np.ndarray, kind: GGUFType, columns: int) -> None:
+        rows = raw.shape[0]
+        if kind.quantized or kind.name == "bf16":  # uint8 rows of blocks: gguf derives the shape from the bytes
+            writer.add_tensor(name, np.ascontiguousarray(raw), raw_dtype=kind.ggml)
+        else:
+            writer.add_tensor(name, raw.view(np.float16 if kind.name == "f16" else np.float32).reshape(rows, columns))
+        counts[kind.name] += 1
+
+    def add_norm(name: str, weight: torch.Tensor) -> None:
+        writer.add_tensor(name, weight.detach().to(torch.float32).cpu().numpy())
+        counts["f32"] += 1
+
+    def add_matrix(name: str, weight: torch.Tensor, kind: GGUFType, order: np.ndarray | None = None) -> str:
+        kind = stored_type(kind.name, weight.shape[1])
+        raw = quantize_matrix(weight.detach(), kind)
+        add(name, raw[order] if order is not None else raw, kind, weight.shape[1])
+        return kind.name
+
+    def add_linear(name: str, linear: nn.Module, order: np.ndarray | None) -> str:
+        if isinstance(linear, GGUFLinear):
+            raw = linear.qdata.cpu().numpy()
+            add(name, raw[order] if order is not None else raw, linear.kind, linear.in_features)
+            return linear.kind.name
+        return add_matrix(name, linear.weight, float_type, order)
+
+    embedding = model.get_input_embeddings().weight
+    linear_types["token_embd"] = add_matrix("token_embd.weight", embedding, embed_type)
+    add_norm("output_norm.weight", model.get_submodule(adapter.final_norm).weight)
+    output = model.get_output_embeddings()
+    if output is not None and output.weight.data_ptr() != embedding.data_ptr():
+        linear_types["output"] = add_matrix("output.weight", output.weight, embed_type)
+    rope = _rope_scaling(model.config)
+    if rope and rope.get("rope_type", rope.get("type")) == "llama3":
+        writer.add_tensor("rope_freqs.weight", _llama3_rope_factors(model.config, adapter.head_dim(None)))
+    hidden = int(model.config.hidden_size)
+    head_dim = adapter.head_dim(None)
+    for index, shape in enumerate(shapes):
+        block = adapter.blocks[index]
+        prefix = f"blk.{index}"
+        attention, mlp = adapter.attention(index), adapter.mlp(index)
+        if shape.attention_stub:
+            add_norm(f"{prefix}.attn_norm.weight", torch.ones(hidden))
+            for role, rows, columns in (("q", head_dim, hidden), ("k", head_dim, hidden), ("v", head_dim, hidden),
+                                        ("o", hidden, head_dim)):
+                add_matrix(f"{prefix}.{LINEAR_NAMES['attention', role]}.weight", torch.zeros(rows, columns),
+                           gguf_type("f32"))
+        elif not attention.removed:
+            add_norm(f"{prefix}.attn_norm.weight", block.get_submodule(adapter.attention_norm).weight)
+            for role, linear in attention.linears.items():
+                heads = {"q": shape.heads, "k": shape.kv_heads}.get(role)
+                order = rotary_rows(linear.out_features, heads) if heads else None
+                unit = f"{attention.name}.{adapter.attention_roles[role]}"
+                linear_types[unit] = add_linear(f"{prefix}.{LINEAR_NAMES['attention', role]}.weight", linear, order)
+        if shape.mlp_stub:
+            add_norm(f"{prefix}.ffn_norm.weight", torch.ones(hidden))
+            for role, rows, columns in (("gate", 1, hidden), ("up", 1, hidden), ("down", hidden, 1)):
+                add_matrix(f"{prefix}.{LINEAR_NAMES['mlp', role]}.weight", torch.zeros(rows, columns), gguf_type("f32"))
+        elif not mlp.removed:
+            add_norm(f"{prefix}.ffn_norm.weight", block.get_submodule(adapter.mlp_norm).weight)
+            for role, linear in mlp.linears.items():
+                unit = f"{mlp.name}.{adapter.mlp_roles[role]}"
+                linear_types[unit] = add_linear(f"{prefix}.{LINEAR_NAMES['mlp', role]}.weight", linear, None)
+    return counts, linear_types
+
+
+def _llama3_rope_factors(config, head_dim: int) -> np.ndarray:
+    """llama.cpp's ``rope_freqs`` tensor for Llama 3 RoPE scaling (as its converter computes it)."""
+    rope = _rope_scaling(config)
+    base = _rope_theta(config)
+    factor = rope.get("factor", 8.0)
+    low, high = rope.get("low_freq_factor", 1.0), rope.get("high_freq_factor", 4.0)
+    original = rope.get("original_max_position_embeddings", 8192)
+    factors = []
+    for i in range(0, head_dim, 2):
+        wavelength = 2 * math.pi * base ** (i / head_dim)
+        if wavelength < original / high:
+            factors.append(1.0)
+        elif wavelength > original / low:
+            factors.append(factor)
+        else:
+            smooth = (original / wavelength - low) / (high - low)
+            factors.append(1 / ((1 - smooth) / factor + smooth))
+    return np.array(factors, dtype=np.float32)
+
+
+def _file_type(linear_types: dict[str, str]) -> int:
+    """general.file_type: all f32, mostly f16, one quantized type throughout, or 'guessed' for a mix."""
+    kinds = {kind for unit, kind in linear_types.items() if unit not in ("token_embd", "output")}
+    if kinds == {"f32"}:
+        return int(LlamaFileType.ALL_F32)
+    if kinds == {"f16"}:
+        return int(LlamaFileType.MOSTLY_F16)
+    single = {"q4_0": "MOSTLY_Q4_0", "q4_1": "MOSTLY_Q4_1", "q5_0": "MOSTLY_Q5_0", "q5_1": "MOSTLY_Q5_1",
+              "q8_0": "MOSTLY_Q8_0", "q6_k": "MOSTLY_Q6_K"}
+    if len(kinds) == 1 and next(iter(kinds)) in single:
+        return int(LlamaFileType[single[next(iter(kinds))]])
+    return int(LlamaFileType.GUESSED)
+
+
+def _notes(model: nn.Module, shapes: list[BlockShape]) -> list[str]:
+    notes = []
+    zeros = sum(int((m.weight == 0).sum()) for m in model.modules() if isinstance(m, nn.Linear))
+    total = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
+    if total and zeros / total > 0.01:
+        notes.append(f"{zeros / total:.1%} of the float linear weights are zero and stored dense: llama.cpp has no "
+                     "sparse kernels, so masked sparsity saves no bytes or time there.")
+    stubs = [i for i, s in enumerate(shapes) if s.mlp_stub]
+    if stubs:
+        notes.append(f"layers {stubs} keep attention without an MLP: written with a one-channel zero FFN, because "
+                     "llama.cpp's deci graph drops the attention residual of a layer with FFN length 0.")
+    if shapes[0].attention_stub:
+        notes.append("layer 0's attention was removed: written as one zero-weight head, because llama.cpp takes "
+                     "the head size of every layer from layer 0.")
+    return notes
+
+
+
+def non_linear_bytes(model: nn.Module, embedding_type: str = "q8_0") -> int:
+    """Tensor bytes a GGUF export of ``model`` spends outside the decoder linears: the token embedding (and an
+    untied output matrix) at ``embedding_type``, every norm in f32. A ``--max-bytes`` budget leaves the rest to
+    the linears."""
+    adapter = get_adapter(model)
+    embedding = model.get_input_embeddings().weight
+    rows, columns = embedding.shape
+    kind = stored_type(embedding_type, columns)
+    total = kind.nbytes(rows, columns)
+    output = model.get_output_embeddings()
+    if output is not None and output.weight.data_ptr() != embedding.data_ptr():
+        total += kind.nbytes(*output.weight.shape)
+    shapes = block_shapes(adapter)
+    norms = 1 + sum((s.heads > 0) + (s.ffn > 0) for s in shapes)
+    return total + 4 * columns * norms
