@@ -37,7 +37,8 @@ def check_gguf_file(path: str | Path) -> Path:
         size = file.stat().st_size
         end = max((int(t.data_offset) + int(t.n_bytes) for t in reader.tensors), default=0)
     except (ValueError, IndexError, KeyError, OSError, TypeError) as exc:
-        raise ModelNotFoundError(f"{file} is not a readable GGUF file ({str(exc).splitlines()[0]}).") from None
+        raise ModelNotFoundError(f"{file} is not a readable GGUF file: truncated or corrupt "
+                                 f"({str(exc).splitlines()[0]}).") from None
     if end > size:
         raise ModelNotFoundError(f"{file} is truncated: its tensors need {end:,} bytes, the file has {size:,}.")
     if "general.architecture" not in reader.fields:

@@ -41,6 +41,8 @@ LINEAR_NAMES = {("attention", "q"): "attn_q", ("attention", "k"): "attn_k", ("at
                 ("attention", "o"): "attn_output", ("mlp", "gate"): "ffn_gate", ("mlp", "up"): "ffn_up",
                 ("mlp", "down"): "ffn_down"}
 FLOAT_TYPES = ("f32", "f16", "bf16")
+# metadata key holding the Hugging Face tokenizer.json where GGUF's own keys cannot describe it exactly
+HF_TOKENIZER_KEY = "layerwise.tokenizer.huggingface_json"
 
 
 class ExportReport(BaseModel):
@@ -260,9 +262,11 @@ def _write_hf_tokenizer(writer: GGUFWriter, loaded: LoadedModel, vocab_size: int
         special = SpecialVocab(Path(directory), load_merges=model_name == "gpt2", n_vocab=vocab_size)
         if model_name == "gpt2" and not special.merges:  # a byte-level vocabulary without merges
             # llama.cpp requires the key and gguf refuses an empty array: one merge of two control tokens,
-            # which BPE never sees (control tokens are matched before merging), keeps the vocabulary byte-level
+            # which BPE never sees (control tokens are matched before merging), keeps the vocabulary byte-level.
+            # Hugging Face rejects that merge, so the exact tokenizer travels beside it for reading back.
             control = next(t.decode() for t, kind in zip(tokens, types) if int(kind) == 3)
             writer.add_token_merges([f"{control} {control}"])
+            writer.add_string(HF_TOKENIZER_KEY, (Path(directory) / "tokenizer.json").read_text(encoding="utf-8"))
             special.load_merges = False
         special.add_to_gguf(writer, quiet=True)
     return f"written from the Hugging Face tokenizer ({model_name}, pre-tokenizer 'default')"
@@ -410,3 +414,27 @@ def non_linear_bytes(model: nn.Module, embedding_type: str = "q8_0") -> int:
     shapes = block_shapes(adapter)
     norms = 1 + sum((s.heads > 0) + (s.ffn > 0) for s in shapes)
     return total + 4 * columns * norms
+
+
+def gguf_tensor_names(model: nn.Module) -> dict[str, str]:
+    """Decoder-linear unit name -> its tensor's name in a GGUF export (``model.layers.3.mlp.down_proj`` ->
+    ``blk.3.ffn_down.weight``), for every linear still present."""
+    adapter = get_adapter(model)
+    names = {}
+    for index in range(adapter.num_blocks):
+        for sublayer in adapter.sublayers(index):
+            roles = adapter.attention_roles if sublayer.kind == "attention" else adapter.mlp_roles
+            for role in sublayer.linears:
+                names[f"{sublayer.name}.{roles[role]}"] = f"blk.{index}.{LINEAR_NAMES[sublayer.kind, role]}.weight"
+    return names
+
+
+def profile_imatrix(model: nn.Module, profile) -> dict[str, np.ndarray]:
+    """An importance matrix for llama.cpp's quantizer from a calibration Profile: per GGUF tensor, the mean
+    squared input of every column (what ``llama-imatrix`` accumulates)."""
+    matrix = {}
+    for unit, name in gguf_tensor_names(model).items():
+        stats = profile.units.get(unit)
+        if stats is not None:
+            matrix[name] = (stats.sum_sq / max(1, stats.tokens)).to(torch.float32).numpy()
+    return matrix

@@ -15,8 +15,14 @@ from ..errors import ModelNotFoundError
 
 def tokenizer_from_gguf(path: str | Path) -> PreTrainedTokenizerBase:
     """The tokenizer stored in the GGUF file at ``path`` (its tensors are never read)."""
+    from ..export.gguf_export import HF_TOKENIZER_KEY
+
     source = Path(path)
     reader = GGUFReader(source)
+    if HF_TOKENIZER_KEY in reader.fields:  # written by layerwise beside a tokenizer GGUF cannot express
+        from tokenizers import Tokenizer
+
+        return _fast_tokenizer(Tokenizer.from_str(reader.fields[HF_TOKENIZER_KEY].contents()), reader)
     if "tokenizer.ggml.tokens" not in reader.fields:
         raise ModelNotFoundError(f"{source} holds no tokenizer (no tokenizer.ggml.tokens).")
     with tempfile.TemporaryDirectory() as directory:
@@ -39,3 +45,16 @@ def tokenizer_from_gguf(path: str | Path) -> PreTrainedTokenizerBase:
             return AutoTokenizer.from_pretrained(directory, gguf_file=stub.name)
         except (OSError, ValueError, KeyError) as exc:
             raise ModelNotFoundError(f"Cannot read the tokenizer of {source}: {str(exc).splitlines()[0]}") from None
+
+
+def _fast_tokenizer(tokenizer, reader: GGUFReader) -> PreTrainedTokenizerBase:
+    """A transformers tokenizer around ``tokenizer`` with the file's special tokens."""
+    from transformers import PreTrainedTokenizerFast
+
+    tokens = reader.fields["tokenizer.ggml.tokens"]
+    special = {}
+    for role in ("bos", "eos", "unk", "pad"):
+        field = reader.fields.get(f"tokenizer.ggml.{role}_token_id")
+        if field is not None:
+            special[f"{role}_token"] = str(tokens.contents(int(field.contents())))
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, model_max_length=1 << 30, **special)
