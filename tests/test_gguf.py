@@ -306,3 +306,26 @@ def test_max_bytes_budget_counts_the_file_as_llama_cpp_stores_it(tmp_path, calib
     report = export_gguf(tiny, tmp_path / "b.gguf", "f16", embedding_type="q8_0")
     assert report.tensor_bytes == plan.prediction["gguf_tensor_bytes"]
     assert sum(int(t.n_bytes) for t in GGUFReader(report.path).tensors) <= budget
+
+
+def test_levels_of_equal_size_keep_only_the_better_one():
+    from layerwise.allocate.bits import pareto_levels
+
+    cost = {"q4_0": 4.5, "q4_k": 4.5, "q5_0": 5.5, "q5_k": 5.5, "q8_0": 8.5, "f16": 16.0}
+    error = {"q4_0": 0.9, "q4_k": 0.5, "q5_0": 0.2, "q5_k": 0.3, "q8_0": 0.2, "f16": 0.0}
+    assert pareto_levels(cost, error) == ["q4_k", "q5_0", "f16"]  # q8_0 costs more and errs no less than q5_0
+
+
+def test_greedy_over_every_gguf_type_fits_the_byte_budget(calibration):
+    """All nine levels (several of equal size) on the tiny model: the allocation honours the bytes exactly as
+    llama.cpp stores them, and the imatrix option weights the quantizer by the profile."""
+    tiny = calibration.loaded
+    from layerwise.export.gguf_export import non_linear_bytes
+
+    linears = sum(m.weight.numel() for m in decoder_linears(tiny.model).values())
+    budget = non_linear_bytes(tiny.model, "q8_0") + int(linears * 4.8 / 8)
+    plan = layerwise.plan(tiny, layerwise.Budget.for_bits(None, budget), allocator="greedy", calibration=calibration,
+                          structure="quant", bits="f16,q8_0,q6_k,q5_k,q5_0,q4_k,q4_0,q3_k,q2_k", imatrix=True)
+    assert plan.method == "gguf" and all(a.imatrix for a in plan.actions)
+    assert plan.prediction["gguf_tensor_bytes"] <= budget
+    assert {a.format for a in plan.actions} <= {"f16", "q8_0", "q5_1", "q5_0", "q4_0"}  # 64/160-wide rows: no k-quants

@@ -99,6 +99,7 @@ Export = Annotated[Optional[str], typer.Option("--export", help="Also write the 
 ExportType = Annotated[str, typer.Option("--export-type", help="GGUF type of linears that stay float in the export: f32, f16 (default) or bf16.")]
 Engine = Annotated[str, typer.Option("--engine", help="pytorch (any model) or llama.cpp (a .gguf file).")]
 Threads = Annotated[Optional[int], typer.Option("--threads", help="llama.cpp threads (default: as many as PyTorch uses).")]
+LatencyEngine = Annotated[Optional[str], typer.Option("--latency-engine", help="Engine that times the searches' latency tables: pytorch or llama.cpp (GGUF exports, where the model will run). depth: pytorch when unset; width: adds a measured latency prediction beside the FLOP one.")]
 
 
 def _measurement(tasks: Optional[str], limit: Optional[int], prompt_length: int, generation_length: int,
@@ -372,6 +373,7 @@ def compress(
     export: Export = None,
     export_type: ExportType = "f16",
     threads: Threads = None,
+    latency_engine: LatencyEngine = None,
 ) -> None:
     """Load, plan, apply, evaluate and save; print dense vs compressed metrics."""
     from .pipeline import compress as run_compress
@@ -380,7 +382,7 @@ def compress(
     settings = _settings(corpus=corpus, eval_text=eval_text, calib_text=calib_text, seqlen=seqlen,
                          max_windows=max_windows, batch_size=batch_size, dtype=dtype, device=device, seed=seed,
                          nsamples=nsamples, calib_seqlen=calib_seqlen, recover_steps=recover_steps,
-                         recover_lr=recover_lr, threads=threads,
+                         recover_lr=recover_lr, threads=threads, latency_engine=latency_engine,
                          deploy=_deploy(export, export_type, embedding_type),
                          **_measurement(tasks, limit, prompt_length, generation_length, latency, generation,
                                         speedup_batch_size, speedup_iterations))
@@ -541,13 +543,14 @@ def plan(
     max_bytes: MaxBytes = None,
     imatrix: Imatrix = None,
     embedding_type: EmbeddingType = None,
+    latency_engine: LatencyEngine = None,
 ) -> None:
     """Compute a plan and write it as JSON, without touching any weights."""
     from .pipeline import plan_to_file
 
     budget = _budget(structure, sparsity, target_speedup, num_remove_sublayers, pruning_ratio, avg_bits, max_bytes)
     settings = _settings(corpus=corpus, calib_text=calib_text, seqlen=seqlen, seed=seed, nsamples=nsamples,
-                         calib_seqlen=calib_seqlen)
+                         calib_seqlen=calib_seqlen, latency_engine=latency_engine)
     params = _allocator_params(epsilon=epsilon, metric=metric, metric_cache=metric_cache, owl_m=owl_m,
                                owl_lambda=owl_lambda, latency_aware=latency_aware,
                                num_candidate_sublayers=num_candidate_sublayers,

@@ -122,14 +122,16 @@ class RunSettings(BaseModel):
     recover_lr: float = Field(1e-4, gt=0.0)
     deploy: Optional[DeploySetting] = Field(None, description="export and measure in a deployment engine")
     engine: str = Field("pytorch", description="engine that measures: pytorch or llama.cpp (a GGUF file)")
+    latency_engine: Optional[str] = Field(None, description="engine that times the searches' latency tables "
+                                                             "(depth: pytorch when unset; width: none when unset)")
     threads: Optional[int] = Field(None, ge=1, description="llama.cpp threads (default: PyTorch's thread count)")
 
-    @field_validator("engine")
+    @field_validator("engine", "latency_engine")
     @classmethod
-    def _known_engine(cls, engine: str) -> str:
+    def _known_engine(cls, engine: str | None) -> str | None:
         from .engines import ENGINES
 
-        return ENGINES.canonical(engine)
+        return None if engine is None else ENGINES.canonical(engine)
 
     @field_validator("tasks")
     @classmethod

@@ -74,7 +74,7 @@ class QuantizeAction(BaseModel):
     model_config = ConfigDict(extra="forbid")
     unit: str
     op: Literal["quantize"] = "quantize"
-    bits: int = Field(ge=2, le=8)
+    bits: int = Field(ge=2, le=16, description="2-8 on layerwise's own grid; a GGUF type's nominal width")
     group_size: Optional[int] = Field(128, ge=1)
     symmetric: bool = False
     method: str = "rtn"
@@ -87,6 +87,8 @@ class QuantizeAction(BaseModel):
     def _format_needs_gguf_method(self) -> "QuantizeAction":
         if (self.format is None) != (self.method != "gguf"):
             raise ValueError("a GGUF format goes with method 'gguf', and method 'gguf' needs a format")
+        if self.format is None and self.bits > 8:
+            raise ValueError(f"layerwise's own grid stores 2 to 8 bits, not {self.bits}")
         if self.format is not None:
             from .gguf import GGUF_TYPES
 

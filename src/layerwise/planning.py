@@ -230,7 +230,8 @@ def _depth_plan(request: PlanRequest) -> Plan:
     model = request.loaded.model
     settings = request.calibration.settings if request.calibration is not None else None
     setting = (settings.latency if settings is not None else None) or LatencySetting()
-    table = measure_latency_table(model, setting)
+    engine = (settings.latency_engine if settings is not None else None) or "pytorch"
+    table = measure_latency_table(request.loaded, setting, engine)
     context = DepthContext(model=model, latency=table, calibration=request.calibration, seed=request.seed,
                            batch_size=settings.calib_batch_size if settings else 8, on_step=request.on_step)
     allocation = DEPTH_ALLOCATORS.get(request.allocator)(context, request.budget, **request.params)
@@ -279,6 +280,14 @@ def _width_plan(request: PlanRequest) -> Plan:
                   "flop_speedup": predicted_speedups(dense, compressed),
                   "removed_parameters": removed, "target_removed": space.target_removed,
                   "eligible_parameters": space.eligible_parameters, "rounding_unit": space.rounding_unit}
+    if calibration.settings.latency_engine is not None:  # a measured latency table, where the model will run
+        from .cost.latency_table import measure_width_latency_table
+
+        table = measure_width_latency_table(request.loaded, setting, calibration.settings.latency_engine)
+        removed_groups = sum(space.groups[b] - kept for b, kept in widths.groups.items())
+        removed_channels = sum(space.channels[b] - kept for b, kept in widths.channels.items())
+        prediction["latency_speedup"] = round(table.predicted_speedup(removed_groups, removed_channels), 4)
+        prediction["width_latency_table"] = table.model_dump()
     details = {**allocation.details, "search_s": allocation.seconds, "widths": widths.as_lists(blocks),
                "dense_widths": space.dense().as_lists(blocks), "group_size": next(iter(space.group_size.values()), None),
                "calibration": calibration.describe()}  # the importance scores (which units go) depend on it

@@ -267,9 +267,11 @@ def fit_bits(bits: dict[str, Level], context: BitContext, errors: dict[str, dict
              budget_bits: float) -> dict[str, Level]:
     """Project ``bits`` onto a budget of ``budget_bits`` stored bits: narrow the linear whose error grows least
     per bit saved until the total fits, then widen where it helps most per bit while it still fits."""
-    bits = {name: context.stored(name, level) for name, level in bits.items()}
-    options = {name: context.options(name) for name in bits}
-    cost = {name: {level: context.bits(name, level) for level in options[name]} for name in bits}
+    cost = {name: {level: context.bits(name, level) for level in context.options(name)} for name in bits}
+    options = {name: pareto_levels(cost[name], errors[name]) for name in bits}
+    # a level off the front (another costs no more and errs no more) gives way to the cheapest that errs no more
+    bits = {name: min((lv for lv in options[name] if errors[name][lv] <= errors[name][context.stored(name, level)]),
+                      key=lambda lv: cost[name][lv]) for name, level in bits.items()}
     used = sum(cost[name][bits[name]] for name in bits)
     while used > budget_bits + 1e-6:
         best, best_rate = None, float("inf")
@@ -300,6 +302,16 @@ def fit_bits(bits: dict[str, Level], context: BitContext, errors: dict[str, dict
         _, name, wider, extra = max(steps, key=lambda step: step[0])
         used += extra
         bits[name] = wider
+
+
+def pareto_levels(cost: dict[Level, float], error: dict[Level, float]) -> list[Level]:
+    """The levels no other level beats on both storage and error, cheapest first (GGUF types of equal size,
+    q4_k and q4_0, keep only the better one)."""
+    front: list[Level] = []
+    for level in sorted(cost, key=lambda lv: (cost[lv], error[lv])):
+        if not front or (error[level] < error[front[-1]] and cost[level] > cost[front[-1]]):
+            front.append(level)
+    return front
 
 
 @torch.no_grad()

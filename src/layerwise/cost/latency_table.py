@@ -4,23 +4,28 @@ its sublayers and timing the whole model, so per-call overheads that hooks would
 
 from __future__ import annotations
 
+from typing import Callable
+
 from pydantic import BaseModel
 from torch import nn
 
 from ..config import LatencySetting
 from ..models.adapter import get_adapter
+from ..models.loading import LoadedModel
+from ..registry import Registry
 from .latency import measure_latency
 
 KINDS = ("attention", "mlp")
 
 
 class LatencyTable(BaseModel):
-    """Whole-model latency and the latency one sublayer of each kind adds, in the same setting."""
+    """Whole-model latency and the latency one sublayer of each kind adds, in the same setting and engine."""
 
     setting: LatencySetting
     total_ms: float
     sublayer_ms: dict[str, float]
     probe_removed: dict[str, int]
+    engine: str = "pytorch"
 
     def saved_ms(self, kinds: list[str]) -> float:
         return sum(self.sublayer_ms[kind] for kind in kinds)
@@ -31,13 +36,25 @@ class LatencyTable(BaseModel):
         return self.total_ms / remaining
 
 
-def measure_latency_table(model: nn.Module, setting: LatencySetting | None = None) -> LatencyTable:
-    """Time the model whole, then without a quarter of its attention (and of its MLP) sublayers."""
+# engine -> the whole-model latency (ms, prompt + generation) of a loaded model as it is now
+ModelLatency = Callable[[LoadedModel, LatencySetting], float]
+MODEL_LATENCY: Registry[ModelLatency] = Registry("latency engine")
+MODEL_LATENCY.add("pytorch", lambda loaded, setting: measure_latency(loaded.model, setting).total_ms, "torch")
+
+
+def measure_latency_table(loaded: LoadedModel | nn.Module, setting: LatencySetting | None = None,
+                          engine: str = "pytorch") -> LatencyTable:
+    """Time the model whole, then without a quarter of its attention (and of its MLP) sublayers, in ``engine``
+    (``llama.cpp`` times GGUF exports of the very same models)."""
     from ..backends.depth import temporarily_removed
 
     setting = setting or LatencySetting()
+    if isinstance(loaded, nn.Module):
+        loaded = LoadedModel(model=loaded, tokenizer=None, spec="in-memory model", source="in memory")
+    total_ms = MODEL_LATENCY.get(engine)
+    model = loaded.model
     adapter = get_adapter(model)
-    full = measure_latency(model, setting).total_ms
+    full = total_ms(loaded, setting)
     per_kind, probes = {}, {}
     for kind in KINDS:
         names = [s.name for s in adapter.all_sublayers() if s.kind == kind]
@@ -45,7 +62,60 @@ def measure_latency_table(model: nn.Module, setting: LatencySetting | None = Non
         # the last sublayers but one, like SPRINT's probe; any equal-shape sublayers would do
         probe = names[-count - 1 : -1] if len(names) > count else names[:count]
         with temporarily_removed(model, probe):
-            reduced = measure_latency(model, setting).total_ms
+            reduced = total_ms(loaded, setting)
         per_kind[kind] = round(max(full - reduced, 0.0) / len(probe), 4)
         probes[kind] = len(probe)
-    return LatencyTable(setting=setting, total_ms=full, sublayer_ms=per_kind, probe_removed=probes)
+    return LatencyTable(setting=setting, total_ms=full, sublayer_ms=per_kind, probe_removed=probes,
+                        engine=MODEL_LATENCY.canonical(engine))
+
+
+class WidthLatencyTable(BaseModel):
+    """Whole-model latency and what one KV group and one FFN channel cost, summed over the blocks, measured
+    in one setting and engine by slicing every block a little (a linear model of width, like the FLOP count,
+    but timed where the model runs)."""
+
+    setting: LatencySetting
+    total_ms: float
+    ms_per_group: float
+    ms_per_channel: float
+    probe_removed: dict[str, int]
+    engine: str = "pytorch"
+
+    def predicted_speedup(self, removed_groups: int, removed_channels: int) -> float:
+        saved = removed_groups * self.ms_per_group + removed_channels * self.ms_per_channel
+        return self.total_ms / max(self.total_ms - saved, 1e-9)
+
+
+def measure_width_latency_table(loaded: LoadedModel, setting: LatencySetting | None = None,
+                                engine: str = "pytorch") -> WidthLatencyTable:
+    """Time the model whole, then copies with one KV group fewer in every attention block and with every FFN
+    at half width."""
+    import copy
+
+    from ..backends.structured import slice_attention, slice_mlp
+
+    setting = setting or LatencySetting()
+    total_ms = MODEL_LATENCY.get(engine)
+    full = total_ms(loaded, setting)
+    removed: dict[str, int] = {"groups": 0, "channels": 0}
+    deltas = {}
+    for kind in ("groups", "channels"):
+        probe = copy.copy(loaded)
+        probe.model = copy.deepcopy(loaded.model)
+        adapter = get_adapter(probe.model)
+        for block in range(adapter.num_blocks):
+            if kind == "groups" and not adapter.attention(block).removed:
+                groups = adapter.head_geometry(block).num_kv_heads
+                if groups > 1:
+                    slice_attention(adapter, block, list(range(groups - 1)))
+                    removed["groups"] += 1
+            elif kind == "channels" and not adapter.mlp(block).removed:
+                width = adapter.ffn_width(block)
+                slice_mlp(adapter, block, list(range(width - width // 2)))
+                removed["channels"] += width // 2
+        deltas[kind] = max(full - total_ms(probe, setting), 0.0) if removed[kind] else 0.0
+        del probe
+    return WidthLatencyTable(setting=setting, total_ms=full,
+                             ms_per_group=round(deltas["groups"] / max(1, removed["groups"]), 6),
+                             ms_per_channel=round(deltas["channels"] / max(1, removed["channels"]), 8),
+                             probe_removed=removed, engine=MODEL_LATENCY.canonical(engine))

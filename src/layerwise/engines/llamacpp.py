@@ -143,3 +143,23 @@ def _quiet_stderr() -> Iterator[None]:
         os.dup2(saved, 2)
         os.close(saved)
         os.close(devnull)
+
+
+def exported_latency_ms(loaded, setting: LatencySetting, outtype: str = "f16") -> float:
+    """Whole-model latency (ms) of ``loaded`` as llama.cpp runs it: exported to a temporary GGUF, then timed."""
+    import tempfile
+
+    from ..export import export_gguf
+
+    with tempfile.TemporaryDirectory() as directory:
+        path = export_gguf(loaded, Path(directory) / "model.gguf", outtype).path
+        return llamacpp_latency(path, setting).total_ms
+
+
+def _register() -> None:
+    from ..cost.latency_table import MODEL_LATENCY
+
+    MODEL_LATENCY.add("llama.cpp", exported_latency_ms, "llamacpp")
+
+
+_register()
