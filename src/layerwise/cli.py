@@ -94,6 +94,7 @@ RecoverLr = Annotated[float, typer.Option("--recover-lr", help="Learning rate of
 Latency = Annotated[bool, typer.Option("--latency/--no-latency", help="Measure prefill/decode latency.")]
 MaxBytes = Annotated[Optional[int], typer.Option("--max-bytes", help="quant with GGUF types: at most this many tensor bytes in the GGUF file (embeddings and norms included).")]
 Imatrix = Annotated[Optional[bool], typer.Option("--imatrix/--no-imatrix", help="quant with GGUF types: weight llama.cpp's quantizer by the calibration's mean squared inputs (an importance matrix).")]
+LlamacppActivations = Annotated[Optional[bool], typer.Option("--llamacpp-activations/--float-activations", help="quant with GGUF types: the searches score candidates with llama.cpp's rounding of activations (q8_0/q8_K blocks, f16) simulated, as the file will compute.")]
 EmbeddingType = Annotated[Optional[str], typer.Option("--embedding-type", help="GGUF type of the token embedding in the export and in --max-bytes (default q8_0 for quantized plans).")]
 Export = Annotated[Optional[str], typer.Option("--export", help="Also write the compressed model for deployment: gguf (RUN/model.gguf, measured in llama.cpp beside the dense model).")]
 ExportType = Annotated[str, typer.Option("--export-type", help="GGUF type of linears that stay float in the export: f32, f16 (default) or bf16.")]
@@ -369,6 +370,7 @@ def compress(
     sensitivity: Sensitivity = None,
     max_bytes: MaxBytes = None,
     imatrix: Imatrix = None,
+    llamacpp_activations: LlamacppActivations = None,
     embedding_type: EmbeddingType = None,
     export: Export = None,
     export_type: ExportType = "f16",
@@ -400,7 +402,8 @@ def compress(
                                                    episodes=episodes, alpha=alpha, beta=beta,
                                                    eval_samples=eval_samples, seeds=seeds,
                                                    sensitivity=sensitivity, imatrix=imatrix,
-                                                   embedding_type=embedding_type))
+                                                   embedding_type=embedding_type,
+                                                   llamacpp_activations=llamacpp_activations))
     record = run_compress(model, budget, method, allocator, settings, out, overwrite, nm, structure,
                           _speedups(eval_speedups), **params)
     _print_compression_table(record, out)
@@ -542,6 +545,7 @@ def plan(
     act_order: ActOrder = None,
     max_bytes: MaxBytes = None,
     imatrix: Imatrix = None,
+    llamacpp_activations: LlamacppActivations = None,
     embedding_type: EmbeddingType = None,
     latency_engine: LatencyEngine = None,
 ) -> None:
@@ -559,7 +563,8 @@ def plan(
                                                adapt_amplitude),
                                **_allocator_params(bits=bits, group_size=group_size, symmetric=symmetric, awq=awq,
                                                    act_order=act_order, imatrix=imatrix,
-                                                   embedding_type=embedding_type))
+                                                   embedding_type=embedding_type,
+                                                   llamacpp_activations=llamacpp_activations))
     the_plan = plan_to_file(model, budget, out, method, allocator, settings, overwrite, nm, structure, **params)
     console.print(f"{len(the_plan.actions)} actions ({the_plan.method} / {the_plan.allocator}) written to {out}")
 

@@ -13,6 +13,7 @@ from .config import Budget, LatencySetting, RunSettings
 from .cost import measure_size
 from .cost.analytic import model_costs
 from .deploy import deploy_run, dense_reference
+from .export import check_exportable
 from .environment import machine, versions
 from .errors import OutputExistsError, UnsupportedArchitectureError
 from .measure import Timings, measure_model, timed
@@ -69,6 +70,8 @@ def run_plan(
     calibration = calibration or CalibrationSource(loaded, settings)
     with timed(timings, "apply_s"):
         apply_plan(loaded.model, plan, ApplyContext(calibration))
+    if settings.deploy:  # before any measuring: a plan the deployment format cannot express fails now
+        check_exportable(loaded.model)
     if calibration.profile_from_cache is not None:
         timings["profile_s"] = round(calibration.profile_seconds, 3)
     recovery = _recover(loaded, settings, calibration, timings) if settings.recover_steps else None
@@ -223,6 +226,8 @@ def compress(
     timings: Timings = {}
     with timed(timings, "load_s"):
         loaded = load(model, dtype=settings.dtype, device=settings.device)
+    if settings.deploy:
+        check_exportable(loaded.model)
     calibration = CalibrationSource(loaded, settings)
     milestones = MilestoneRecorder(loaded, settings, eval_speedups or []) if structure == "depth" else None
     with timed(timings, "plan_s"):

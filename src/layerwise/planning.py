@@ -121,7 +121,8 @@ def _check_width_request(method: str | None, allocator: str, budget: Budget, nm:
 
 
 # Options of the quantization structure (bit choices, grouping, symmetry, GGUF settings), not of any bit allocator.
-QUANT_OPTIONS = {"bits", "group_size", "symmetric", "awq", "act_order", "imatrix", "embedding_type"}
+QUANT_OPTIONS = {"bits", "group_size", "symmetric", "awq", "act_order", "imatrix", "embedding_type",
+                 "llamacpp_activations"}
 
 
 def _check_quant_request(method: str | None, allocator: str, nm: str | None, params: dict[str, Any]) -> tuple[str, str]:
@@ -140,6 +141,8 @@ def _check_quant_request(method: str | None, allocator: str, nm: str | None, par
         raise BudgetError("--nm applies to unstructured sparsity, not to quantization.")
     if params.get("act_order") and method != "gptq":
         raise BudgetError("--act-order applies to the gptq method only.")
+    if params.get("llamacpp_activations") and not gguf:
+        raise BudgetError("--llamacpp-activations applies to GGUF types, whose activations llama.cpp rounds.")
     if gguf and params.get("awq"):
         raise BudgetError("--awq applies to layerwise's own grid, not to GGUF types.")
     if "embedding_type" in params:
@@ -307,7 +310,8 @@ def _quant_plan(request: PlanRequest) -> Plan:
     symmetric = bool(options.get("symmetric", False))
     linears = decoder_linears(request.loaded.model)
     context = BitContext(request.loaded.model, linears, str(options.get("bits", "4")).split(","), group_size,
-                         symmetric, request.calibration, request.seed, bool(options.get("imatrix", False)))
+                         symmetric, request.calibration, request.seed, bool(options.get("imatrix", False)),
+                         bool(options.get("llamacpp_activations", False)))
     gguf = isinstance(context.levels, GGUFLevels)
     fixed_bytes = None
     if request.budget.max_bytes is not None:
@@ -351,5 +355,6 @@ def _quant_plan(request: PlanRequest) -> Plan:
                                           for w in sorted(widths)}
     details = {**allocation.details, "bits": {name: str(level) for name, level in allocation.bits.items()},
                "levels": context.levels.describe(), "group_size": group_size, "symmetric": symmetric,
-               "awq": awq, "act_order": act_order, "statistics": linear_statistics(context)}
+               "awq": awq, "act_order": act_order,
+               "statistics": linear_statistics(context) if request.calibration is not None else None}
     return request.plan(actions, {**allocation.params, **options}, details, prediction)

@@ -95,7 +95,11 @@ class Search:
 
     def score(self, bits: dict) -> float:
         self.bank.use(bits)
-        return token_set_perplexity(self.context.model, self.tokens, self.context.calibration.settings.calib_batch_size)
+        with self.context.rounding() as hooks:
+            if hooks is not None:
+                hooks.levels.update(bits)
+            return token_set_perplexity(self.context.model, self.tokens,
+                                        self.context.calibration.settings.calib_batch_size)
 
 
 @BIT_ALLOCATORS.register("automp-rl", "automp_rl")

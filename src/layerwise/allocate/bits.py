@@ -15,8 +15,9 @@ passes, but not comparable across layers of different roles).
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
@@ -25,7 +26,8 @@ from tqdm.auto import tqdm
 from ..errors import BudgetError
 from ..models.discovery import find_blocks
 from ..registry import Registry
-from .levels import Level, LevelSet, parse_levels
+from ..gguf.activations import round_activations
+from .levels import GGUFLevels, Level, LevelSet, parse_levels
 
 
 @dataclass
@@ -44,12 +46,27 @@ class BitContext:
     calibration: Any = None
     seed: int = 0
     imatrix: bool = False
+    activation_rounding: bool = False  # GGUF: score candidates with llama.cpp's rounding of activations
     levels: LevelSet = field(init=False)
     _sensitivities: dict[tuple, dict[str, dict[Level, float]]] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         self.levels = parse_levels(self.choices, self.group_size, self.symmetric, self.imatrix)
         self.choices = list(self.levels.choices)
+        if self.activation_rounding and not isinstance(self.levels, GGUFLevels):
+            raise BudgetError("--llamacpp-activations applies to GGUF types, whose activations llama.cpp rounds.")
+
+    @contextlib.contextmanager
+    def rounding(self) -> Iterator["ActivationRounding | None"]:
+        """Hooks rounding each linear's inputs as llama.cpp would at its current level (None when off)."""
+        if not self.activation_rounding:
+            yield None
+            return
+        hooks = ActivationRounding(self.linears)
+        try:
+            yield hooks
+        finally:
+            hooks.remove()
 
     def sizes(self) -> dict[str, int]:
         return {name: linear.weight.numel() for name, linear in self.linears.items()}
@@ -81,6 +98,26 @@ class BitContext:
 
     def round_trip(self, name: str, level: Level) -> torch.Tensor:
         return self.levels.round_trip(self.linears[name], level, self.importance(name))
+
+
+class ActivationRounding:
+    """Forward pre-hooks on the decoder linears: a linear whose ``levels`` entry names a GGUF type gets its
+    input rounded as llama.cpp rounds it for that type (``None``: computed in float, as a dense linear)."""
+
+    def __init__(self, linears: dict[str, nn.Linear]) -> None:
+        self.levels: dict[str, Level | None] = dict.fromkeys(linears)
+        self.handles = [linear.register_forward_pre_hook(self._hook(name)) for name, linear in linears.items()]
+
+    def _hook(self, name: str):
+        def hook(module: nn.Module, args: tuple):
+            level = self.levels[name]
+            return None if level is None else (round_activations(args[0], level), *args[1:])
+
+        return hook
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
 
 
 @dataclass
@@ -206,6 +243,7 @@ def _measured_sensitivity(context: BitContext, metric: str) -> dict[str, dict[Le
 
     tokens = context.calibration.tokens()[:SENSITIVITY_SAMPLES, :SENSITIVITY_SEQLEN]
     key = stable_hash({"model": model_fingerprint(context.model), "tokens": tokens.tolist(), "metric": metric,
+                       **({"activation_rounding": True} if context.activation_rounding else {}),
                        "units": list(context.linears), "levels": {k: v for k, v in context.levels.describe().items()
                                                                    if k != "choices"},
                        "group_size": context.group_size, "symmetric": context.symmetric,
@@ -235,18 +273,23 @@ def _measure(context: BitContext, tokens: torch.Tensor, missing: dict[str, list[
     score = _Divergence(dense_logits) if metric == "kl" else _NllIncrease(dense_logits, batches)
     del dense_logits
     todo = {name: levels for name, levels in missing.items() if levels}
-    for name, levels in tqdm(todo.items(), desc=f"bit sensitivity ({metric}, {len(todo)} linears)", unit="linear",
-                             disable=None, leave=False):
-        linear = context.linears[name]
-        position = stream.position_of(name.rsplit(".", 1)[0])
-        dense = linear.weight.data
-        rounded = {level: context.round_trip(name, level).to(dense.dtype) for level in levels}  # all from dense
-        try:
-            for level, weight in rounded.items():
-                linear.weight.data = weight
-                result.setdefault(name, {})[level] = score(stream.logits_from(position), batches)
-        finally:
-            linear.weight.data = dense
+    with context.rounding() as hooks:
+        for name, levels in tqdm(todo.items(), desc=f"bit sensitivity ({metric}, {len(todo)} linears)",
+                                 unit="linear", disable=None, leave=False):
+            linear = context.linears[name]
+            position = stream.position_of(name.rsplit(".", 1)[0])
+            dense = linear.weight.data
+            rounded = {level: context.round_trip(name, level).to(dense.dtype) for level in levels}  # from dense
+            try:
+                for level, weight in rounded.items():
+                    linear.weight.data = weight
+                    if hooks is not None:
+                        hooks.levels[name] = level
+                    result.setdefault(name, {})[level] = score(stream.logits_from(position), batches)
+            finally:
+                linear.weight.data = dense
+                if hooks is not None:
+                    hooks.levels[name] = None
 
 
 @SENSITIVITIES.register("kl")

@@ -5,11 +5,15 @@ will run. A type whose block does not divide the input width falls back as ``lla
 
 from __future__ import annotations
 
+import contextlib
+from typing import Iterator
+
 import numpy as np
 import torch
 from torch import nn
 
 from ..gguf import GGUFType, gguf_type, stored_type
+from ..gguf.activations import round_activations
 from ..gguf.quantize import dequantize_matrix, quantize_matrix
 from ..models.discovery import LINEAR_LIKE, QUANTIZED_LINEARS
 from ..plan import Action
@@ -53,11 +57,29 @@ class GGUFLinear(nn.Module):
             self._weight = weight.to(device=self.qdata.device, dtype=self.compute_dtype)
         return self._weight
 
+    # round inputs as llama.cpp does before its dot products (``llamacpp_activations``); off by default
+    simulate_llamacpp: bool = False
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.simulate_llamacpp:
+            x = round_activations(x, self.kind.name)
         return nn.functional.linear(x, self.dequantized_weight().to(x.dtype), self.bias)
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, type={self.kind.name}"
+
+
+@contextlib.contextmanager
+def llamacpp_activations(model: nn.Module) -> Iterator[None]:
+    """Within the block, every GGUF linear of ``model`` rounds its inputs as llama.cpp does."""
+    modules = [m for m in model.modules() if isinstance(m, GGUFLinear)]
+    for module in modules:
+        module.simulate_llamacpp = True
+    try:
+        yield
+    finally:
+        for module in modules:
+            module.simulate_llamacpp = False
 
 
 def input_importance(context: ApplyContext, unit: str) -> np.ndarray:

@@ -17,7 +17,6 @@
 from __future__ import annotations
 
 import math
-import os
 import tempfile
 from collections import Counter
 from dataclasses import dataclass
@@ -30,7 +29,8 @@ from pydantic import BaseModel
 from torch import nn
 
 from ..backends.gguf_quant import GGUFLinear
-from ..errors import ExportError, UnsupportedArchitectureError
+from ..cache import atomic_path
+from ..errors import ExportError, OutputExistsError, UnsupportedArchitectureError
 from ..gguf import GGUFType, gguf_type, stored_type
 from ..gguf.quantize import quantize_matrix
 from ..models.adapter import ModelAdapter, get_adapter
@@ -99,8 +99,6 @@ def export_gguf(loaded: LoadedModel, out: str | Path, outtype: str = "f16", embe
     """Write ``loaded`` to ``out`` (a .gguf file, replaced atomically); nothing is written when it cannot be."""
     out = Path(out)
     if out.exists() and not overwrite:
-        from ..errors import OutputExistsError
-
         raise OutputExistsError(f"Output file {out} already exists; pass --overwrite to replace it.")
     model = loaded.model
     adapter = check_exportable(model)
@@ -110,10 +108,7 @@ def export_gguf(loaded: LoadedModel, out: str | Path, outtype: str = "f16", embe
     shapes = block_shapes(adapter)
     architecture = "llama" if _uniform(shapes) else "deci"
     source = source_gguf(loaded)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".partial")
-    os.close(fd)
-    try:
+    with atomic_path(out) as tmp:
         writer = GGUFWriter(tmp, architecture)
         _write_metadata(writer, model, adapter, shapes, architecture, f"{loaded.spec} (layerwise export)")
         tokenizer_from = _write_tokenizer(writer, loaded, source)
@@ -123,10 +118,6 @@ def export_gguf(loaded: LoadedModel, out: str | Path, outtype: str = "f16", embe
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, out)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
     reader = GGUFReader(out)
     notes = _notes(model, shapes)
     return ExportReport(path=str(out), architecture=architecture, file_bytes=out.stat().st_size,

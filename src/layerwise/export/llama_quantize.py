@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import ctypes
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
+from ..cache import atomic_path
 from ..errors import EngineError, ExportError
 from ..gguf import gguf_type
 from ..gguf.native import llama_cpp
@@ -49,15 +49,8 @@ def llama_quantize(source: str | Path, out: str | Path, recipe: str = "Q4_K_M",
         params.tt_overrides = rules
         keep.append(rules)
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".partial")
-    os.close(fd)
-    try:
-        status = module.llama_model_quantize(str(source).encode(), tmp.encode(), ctypes.byref(params))
+    with atomic_path(out) as tmp:
+        status = module.llama_model_quantize(str(source).encode(), str(tmp).encode(), ctypes.byref(params))
         if status != 0:
             raise EngineError(f"llama.cpp's quantizer failed on {source} (recipe {recipe}, status {status}).")
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, out)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
     return out

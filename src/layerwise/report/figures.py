@@ -136,13 +136,20 @@ def width_map(record: dict) -> Optional[LayerMap]:
                     ["attention heads", "FFN channels"], blocks, [kept("groups"), kept("channels")])
 
 
+def _bits_per_weight(level: str | int) -> float:
+    """A plan's level as stored bits per weight: an own-grid width, or a GGUF type's (q4_k -> 4.5)."""
+    from ..gguf import GGUF_TYPES
+
+    return GGUF_TYPES[level].bits_per_weight if level in GGUF_TYPES else float(level)
+
+
 @ALLOCATION_VIEWS.register("bits")
 def bits_map(record: dict) -> Optional[LayerMap]:
     """Bit width of every quantized decoder linear, by block and projection."""
     bits = (record.get("plan") or {}).get("details", {}).get("bits")
     if not bits or not any(action.get("op") == "quantize" for action in record["plan"]["actions"]):
         return None
-    cells = {_split_unit(unit): float(value) for unit, value in bits.items()}
+    cells = {_split_unit(unit): _bits_per_weight(value) for unit, value in bits.items()}
     blocks = sorted({block for block, _ in cells})
     rows = list(dict.fromkeys(component for _, component in cells))
     values = [[cells.get((block, row)) for block in blocks] for row in rows]
