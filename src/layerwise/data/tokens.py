@@ -20,6 +20,23 @@ def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+def window_bos(tokenizer: PreTrainedTokenizerBase | None) -> int | None:
+    """The BOS id every window must start with, when the tokenizer prepends one to a text (as Llama 2/3,
+    Gemma, Mistral do); None when it adds none (SmolLM2, GPT-2, Qwen)."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if tokenizer is None or bos is None:
+        return None
+    ids = tokenizer("a")["input_ids"]
+    return int(bos) if ids and ids[0] == bos else None
+
+
+def bos_convention(bos: int | None) -> str:
+    """The protocol's words for how windows begin (stored beside every number)."""
+    if bos is None:
+        return "none: the tokenizer adds no BOS, windows are plain slices of the token stream"
+    return f"each window's first token replaced by BOS (id {bos}), as llama.cpp's perplexity does"
+
+
 def tokenize_documents(tokenizer: PreTrainedTokenizerBase, documents: tuple[str, ...] | list[str]) -> torch.Tensor:
     """1-D ids of the documents joined with blank lines (the tokenizer's default special tokens only)."""
     if not documents:

@@ -8,12 +8,12 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from ..cache import cache_dir, cached_result, stable_hash
-from ..data import Corpus, evaluation_windows, tokenize_documents
+from ..data import Corpus, bos_convention, evaluation_windows, tokenize_documents, window_bos
 from ..data.tokens import DOCUMENT_SEPARATOR, tokenizer_fingerprint
 from ..models.fingerprint import model_fingerprint
 
@@ -31,6 +31,7 @@ class PerplexityProtocol(BaseModel):
     dtype: str
     max_windows: int | None = None
     engine: str = "pytorch"
+    bos: str = Field(bos_convention(None), description="how every window begins")
 
 
 class PerplexityResult(BaseModel):
@@ -68,7 +69,8 @@ def protocol_perplexity(score: WindowScorer, tokenizer: PreTrainedTokenizerBase,
                         engine: str = "pytorch") -> PerplexityResult:
     """The protocol itself, for any engine: the split's windows, ``batch_size`` at a time, through ``score``."""
     ids = tokenize_documents(tokenizer, corpus.split(split))
-    windows = evaluation_windows(ids, seqlen, max_windows)
+    bos = window_bos(tokenizer)
+    windows = evaluation_windows(ids, seqlen, max_windows, bos)
     total_nll = 0.0
     batches = range(0, windows.shape[0], batch_size)
     for start in tqdm(batches, desc=f"perplexity {corpus.name}/{split} ({engine})", unit="batch", disable=None,
@@ -78,7 +80,7 @@ def protocol_perplexity(score: WindowScorer, tokenizer: PreTrainedTokenizerBase,
     mean_nll = total_nll / predicted
     protocol = PerplexityProtocol(corpus=corpus.name, corpus_source=corpus.source, split=split, seqlen=seqlen,
                                   windows=windows.shape[0], predicted_tokens=predicted, dtype=dtype,
-                                  max_windows=max_windows, engine=engine)
+                                  max_windows=max_windows, engine=engine, bos=bos_convention(bos))
     return PerplexityResult(ppl=math.exp(mean_nll), mean_nll=mean_nll, protocol=protocol)
 
 
@@ -123,6 +125,7 @@ def cached_perplexity(
             seqlen,
             max_windows,
             str(next(model.parameters()).dtype),
+            *([f"bos {window_bos(tokenizer)}"] if window_bos(tokenizer) is not None else []),
         ]
     )
     return cached_result(

@@ -22,7 +22,7 @@ from transformers import PreTrainedTokenizerBase
 
 from ..cache import cache_dir, cached_result, stable_hash
 from ..data.benchmarks import FORMAT_VERSION, TASKS, BenchmarkTask, chance_accuracy, load_items, parse_tasks, task_file
-from ..data.tokens import tokenizer_fingerprint
+from ..data.tokens import tokenizer_fingerprint, window_bos
 from ..models.fingerprint import model_fingerprint
 from ..registry import Registry
 
@@ -146,7 +146,9 @@ def zeroshot(
     samples = {TASK_PREFIX + name: subsample(name, limit, seed) for name in names}
     started = time.perf_counter()
     with _quiet_lm_eval():
-        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+        # a model whose tokenizer prepends BOS sees it before every request, as in the perplexity protocol
+        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size,
+                  add_bos_token=window_bos(tokenizer) is not None)
         output = lm_eval.simple_evaluate(
             model=lm,
             tasks=configs,
@@ -202,6 +204,7 @@ def cached_zeroshot(
             seed,
             FORMAT_VERSION,
             str(next(model.parameters()).dtype),
+            *([f"bos {window_bos(tokenizer)}"] if window_bos(tokenizer) is not None else []),
         ]
     )
     return cached_result(

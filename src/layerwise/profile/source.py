@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from ..config import RunSettings
-from ..data import load_corpus, sample_calibration, tokenize_documents
+from ..data import bos_convention, load_corpus, sample_calibration, tokenize_documents, window_bos
 from ..data.tokens import tokenizer_fingerprint
 from ..cache import stable_hash
 from ..models.fingerprint import model_fingerprint
@@ -38,13 +38,15 @@ class CalibrationSource:
 
     def describe(self) -> dict[str, Any]:
         return {"corpus": self.settings.corpus, "calib_text": self.settings.calib_text,
-                "nsamples": self.settings.nsamples, "seqlen": self.seqlen, "seed": self.settings.seed}
+                "nsamples": self.settings.nsamples, "seqlen": self.seqlen, "seed": self.settings.seed,
+                "bos": bos_convention(window_bos(self.loaded.tokenizer))}
 
     def tokens(self) -> torch.Tensor:
         if self._tokens is None:
             corpus = load_corpus(self.settings.corpus, self.settings.eval_text, self.settings.calib_text)
             ids = tokenize_documents(self.loaded.tokenizer, corpus.calibration)
-            self._tokens = sample_calibration(ids, self.settings.nsamples, self.seqlen, self.settings.seed)
+            self._tokens = sample_calibration(ids, self.settings.nsamples, self.seqlen, self.settings.seed,
+                                              window_bos(self.loaded.tokenizer))
         return self._tokens
 
     def profile(self) -> Profile:
