@@ -33,6 +33,7 @@ demo: $(STAMP)
 		--export gguf --out $(DEMO_OUT) --overwrite
 
 test: $(STAMP)
+	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/python -m pytest
 
 BENCH_OUT ?= $(or $(TMPDIR),/tmp)/layerwise-bench

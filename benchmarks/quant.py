@@ -96,7 +96,7 @@ def remeasure_latency(args: argparse.Namespace) -> None:
 
     setting = LatencySetting(repeats=3)
     dense = measure_latency(layerwise.load(args.model).model, setting).model_dump()
-    for name, run_dirs in _run_dirs(args).items():
+    for run_dirs in _run_dirs(args).values():
         for run_dir in run_dirs:
             record = json.loads((run_dir / "result.json").read_text())
             record["metrics"]["latency"] = measure_latency(layerwise.load(str(run_dir)).model, setting).model_dump()

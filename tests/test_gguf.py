@@ -92,7 +92,7 @@ def test_k_quant_error_falls_with_bits_and_the_importance_matrix_changes_the_cod
     plain, weighted = quantize_matrix(weight, GGUF_TYPES["q4_k"]), quantize_matrix(weight, GGUF_TYPES["q4_k"], importance)
     assert not np.array_equal(plain, weighted)
     # weighted by importance, the important columns come out closer
-    for raw, label in ((plain, "plain"), (weighted, "weighted")):
+    for raw in (plain, weighted):
         restored = dequantize_matrix(raw, GGUF_TYPES["q4_k"], (64, 512))
         errors.append(float(((restored - weight).pow(2) * torch.from_numpy(importance)).mean()))
     assert errors[-1] < errors[-2]

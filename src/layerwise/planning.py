@@ -17,7 +17,7 @@ from .errors import BudgetError, LayerwiseError
 from .models import LoadedModel, decoder_linears, get_adapter
 from .cost.analytic import ModelDims, estimate_costs, predicted_speedups
 from .allocate.bits import BIT_ALLOCATORS
-from .plan import Plan, QuantizeAction, RemoveAction, SliceAction, SparsifyAction, TuneSpec
+from .plan import Plan, RemoveAction, SliceAction, SparsifyAction, TuneSpec
 from .profile import CalibrationSource
 from .profile.width import WIDTH_SCORERS
 from .registry import Registry

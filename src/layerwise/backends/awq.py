@@ -84,12 +84,12 @@ def apply_awq(model: nn.Module, actions: list[Action], context: ApplyContext) ->
         if not mlp.removed:
             groups.append((block.get_submodule(adapter.mlp_norm), [mlp.linears["gate"], mlp.linears["up"]]))
             groups.append((mlp.linears["up"], [mlp.linears["down"]]))
-        wanted = [(previous, linears) for previous, linears in groups if any(names[id(l)] in by_unit for l in linears)]
+        wanted = [(previous, linears) for previous, linears in groups if any(names[id(m)] in by_unit for m in linears)]
         if wanted:
             inputs = _capture_inputs(runner, index, [linears[0] for _, linears in wanted])
             for (previous, linears), x in zip(wanted, inputs):
-                chosen = [(l, by_unit[names[id(l)]]) for l in linears if names[id(l)] in by_unit]
-                scales, error, plain = search_scales(x, [l for l, _ in chosen], [a for _, a in chosen])
+                chosen = [(m, by_unit[names[id(m)]]) for m in linears if names[id(m)] in by_unit]
+                scales, error, plain = search_scales(x, [m for m, _ in chosen], [a for _, a in chosen])
                 _fold(previous, linears, scales.to(linears[0].weight.device))
                 report[names[id(linears[0])]] = {"error": error, "unscaled_error": plain}
         if index + 1 < len(runner.blocks):

@@ -231,9 +231,9 @@ def _write_hf_tokenizer(writer: GGUFWriter, loaded: LoadedModel, vocab_size: int
 
     with tempfile.TemporaryDirectory() as directory:
         loaded.tokenizer.save_pretrained(directory)
-        for vocab_class, model_name in ((BpeVocab, "gpt2"), (LlamaHfVocab, "llama")):
+        for vocab_class, name in ((BpeVocab, "gpt2"), (LlamaHfVocab, "llama")):
             try:
-                vocab = vocab_class(Path(directory))
+                vocab, model_name = vocab_class(Path(directory)), name
                 break
             except (FileNotFoundError, ValueError, KeyError, TypeError):
                 continue

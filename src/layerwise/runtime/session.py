@@ -239,7 +239,9 @@ def summarize(records: list[dict]) -> list[dict]:
         mix: dict[str, int] = {}
         for item in items:
             mix[item["profile"]] = mix.get(item["profile"], 0) + 1
-        mean = lambda key: sum(i[key] for i in items) / len(items)  # noqa: E731
+        def mean(key: str, items: list[dict] = items) -> float:
+            return sum(i[key] for i in items) / len(items)
+
         rows.append({"condition": condition, "policy": policy, "requests": len(items),
                      "tokens_per_s": mean("tokens_per_s"), "ppl": mean("ppl"), "reward": mean("reward"),
                      "switch_ms": mean("switch_ms"), "decide_ms": mean("decide_ms"), "decode_ms": mean("decode_ms"),
