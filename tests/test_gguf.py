@@ -284,7 +284,7 @@ def test_a_broken_gguf_is_one_clear_error(tmp_path, tiny, damage):
     result = runner.invoke(app, ["eval", "--model", str(broken), "--engine", "llama.cpp", "--max-windows", "1"])
     assert result.exit_code == 2
     assert "truncated" in result.output and result.output.count("\n") == 1
-    from layerwise.engines.llamacpp import check_gguf_file
+    from layerwise.gguf.files import check_gguf_file
 
     with pytest.raises(ModelNotFoundError):
         check_gguf_file(broken)

@@ -139,6 +139,9 @@ def _check_quant_request(method: str | None, allocator: str, nm: str | None, par
     allocator = BIT_ALLOCATORS.canonical(allocator)
     if nm is not None:
         raise BudgetError("--nm applies to unstructured sparsity, not to quantization.")
+    if params.get("group_size") is not None and int(params["group_size"]) < 0:
+        raise BudgetError(f"--group-size must be 0 (per channel) or a positive number of inputs "
+                          f"(got {params['group_size']}).")
     if params.get("act_order") and method != "gptq":
         raise BudgetError("--act-order applies to the gptq method only.")
     if params.get("llamacpp_activations") and not gguf:

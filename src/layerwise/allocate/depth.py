@@ -78,6 +78,9 @@ class RemovalSearch:
         self.budget = budget
         self.adapter = get_adapter(context.model)
         self.kinds = {s.name: s.kind for s in self.adapter.all_sublayers()}
+        if budget.remove_sublayers is not None and budget.remove_sublayers >= len(self.kinds):
+            raise BudgetError(f"The model has {len(self.kinds)} sublayers, so it cannot remove "
+                              f"{budget.remove_sublayers} sublayers and keep one.")
         self.removed: list[str] = []
         self.steps: list[DepthStep] = []
         self.started = time.perf_counter()

@@ -59,19 +59,17 @@ class WidthSpace:
         blocks = range(adapter.num_blocks)
         attn = [i for i in (attn_layers if attn_layers is not None else blocks) if not adapter.attention(i).removed]
         mlp = [i for i in (mlp_layers if mlp_layers is not None else blocks) if not adapter.mlp(i).removed]
-        hidden = model.config.hidden_size
         geometry = {i: adapter.head_geometry(i) for i in attn}
-        group_widths = {g.head_dim * g.group_size for g in geometry.values()}  # q rows (o columns) per group
-        if len(group_widths) > 1:
+        group_params = {adapter.attention_layout(i).parameters_per_unit(adapter.attention(i).module) for i in attn}
+        if len(group_params) > 1:
             raise BudgetError("Width pruning needs the same KV-group size in every eligible attention block.")
-        group_width = group_widths.pop() if group_widths else 0
-        head_dim = next(iter(geometry.values())).head_dim if geometry else 0
+        channel_params = {adapter.mlp_layout(i).parameters_per_unit(adapter.mlp(i).module) for i in mlp}
         space = cls(
             num_blocks=adapter.num_blocks,
             groups={i: geometry[i].num_kv_heads for i in attn},
             channels={i: adapter.ffn_width(i) for i in mlp},
-            group_params=2 * hidden * group_width + 2 * hidden * head_dim,
-            channel_params=3 * hidden,
+            group_params=group_params.pop() if group_params else 0,  # its q/k/v rows and o columns
+            channel_params=channel_params.pop() if channel_params else 0,  # its gate/up rows and down column
             group_size={i: geometry[i].group_size for i in attn},
             ratio=ratio,
             multiple=multiple,

@@ -1,7 +1,7 @@
 """What a width search optimises: a fast accuracy proxy plus the cost model's deployment proxies.
 
 ``WidthProxy`` scores a candidate without rebuilding the model: the units a candidate drops (the least
-important by the run's importance scores) are zeroed at the input of o_proj / down_proj, which is exactly
+important by the run's importance scores) are zeroed at the input of the output projection, which is exactly
 what slicing them away computes, and perplexity is measured on a small fixed token set. Scores are cached
 per candidate, so a search's cost grows with the distinct candidates it visits.
 """
@@ -18,7 +18,8 @@ from torch import nn
 from ..cost.analytic import PROXIES, ModelDims, estimate_costs
 from ..evaluate.perplexity import token_set_perplexity
 from ..models.adapter import get_adapter
-from ..profile.width import WidthScores, group_rows
+from ..models.width import UnitLayout, mask_input, output_mask
+from ..profile.width import WidthScores
 from .width import Widths, WidthSpace
 
 
@@ -43,17 +44,19 @@ class WidthProxy:
         self.adapter = get_adapter(model)
         self.device = next(model.parameters()).device
         self.masks: dict[tuple[str, int], torch.Tensor] = {}
+        self.layouts: dict[tuple[str, int], UnitLayout] = {}
         self.handles: list = []
         self.cache: dict[tuple, float] = {}
         self.evaluations = 0
 
     def __enter__(self) -> "WidthProxy":
         for block in range(self.adapter.num_blocks):
-            attention, mlp = self.adapter.attention(block), self.adapter.mlp(block)
-            if block in self.scores.groups and not attention.removed:
-                self._mask_input(attention.linears["o"], ("groups", block))
-            if block in self.scores.channels and not mlp.removed:
-                self._mask_input(mlp.linears["down"], ("channels", block))
+            for key, sublayer, scored in ((("groups", block), self.adapter.attention(block), self.scores.groups),
+                                          (("channels", block), self.adapter.mlp(block), self.scores.channels)):
+                if block in scored and not sublayer.removed:
+                    layout = self.adapter.layout(sublayer)
+                    self.layouts[key] = layout
+                    self._mask_input(sublayer.module.get_submodule(layout.output.module), key)
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -64,17 +67,14 @@ class WidthProxy:
     def _mask_input(self, linear: nn.Linear, key: tuple[str, int]) -> None:
         mask = torch.ones(linear.in_features, device=self.device, dtype=linear.weight.dtype)
         self.masks[key] = mask
-        self.handles.append(linear.register_forward_pre_hook(lambda _m, args, mask=mask: (args[0] * mask,)))
+        self.handles.append(mask_input(linear, mask))
 
     def _set(self, widths: Widths) -> None:
         for (kind, block), mask in self.masks.items():
-            mask.fill_(1.0)
-            if kind == "groups" and block in widths.groups:
-                for group in self.scores.ranked_groups(block)[widths.groups[block]:]:
-                    mask[group_rows(self.adapter, block, group)[0]] = 0.0
-            elif kind == "channels" and block in widths.channels:
-                dropped = self.scores.ranked_channels(block)[widths.channels[block]:]
-                mask[torch.tensor(dropped, dtype=torch.long, device=self.device)] = 0.0
+            kept = (widths.groups if kind == "groups" else widths.channels).get(block)
+            ranked = self.scores.ranked_groups(block) if kind == "groups" else self.scores.ranked_channels(block)
+            dropped = ranked[kept:] if kept is not None else []
+            mask.copy_(output_mask(self.layouts[(kind, block)], dropped, mask.numel(), mask.device, mask.dtype))
 
     def perplexity(self, widths: Widths) -> float:
         key = (tuple(sorted(widths.groups.items())), tuple(sorted(widths.channels.items())))

@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..errors import UnsupportedArchitectureError
 from ..models.adapter import get_adapter
 from ..plan import Action
 from .base import ApplyContext
@@ -69,6 +70,11 @@ def apply_awq(model: nn.Module, actions: list[Action], context: ApplyContext) ->
 
     by_unit = {a.unit: a for a in actions if a.awq}
     adapter = get_adapter(model)
+    if not ({"q", "k", "v"} <= set(adapter.attention_roles) and {"gate", "up"} <= set(adapter.mlp_roles)
+            and adapter.attention_norm and adapter.mlp_norm and not adapter.attention_post_norm):
+        raise UnsupportedArchitectureError(
+            f"AWQ folds its scales into pre-norms and separate q/k/v and gate/up projections; "
+            f"{type(adapter).__name__} models have another layout. Quantize them without --awq.")
     source = context.require_calibration()
     runner = BlockwiseRunner(model, source.tokens(), source.settings.calib_batch_size)
     report = {}

@@ -51,6 +51,8 @@ def architecture_signature(model: nn.Module) -> dict[str, Any]:
 def check_plan_fits(model: nn.Module, plan: Plan) -> None:
     """Raise ``PlanError`` when the plan names another architecture, missing units or unknown methods."""
     expected, actual = plan.architecture, architecture_signature(model)
+    if not expected:
+        raise PlanError("The plan records no architecture, so it cannot be checked against this model.")
     mismatched = [k for k in expected if k in actual and expected[k] != actual[k]]
     if mismatched:
         key = mismatched[0]

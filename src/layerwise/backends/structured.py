@@ -4,11 +4,11 @@ each block keeps its own head count and FFN width. The per-layer widths are writ
 
 from __future__ import annotations
 
-import torch
 from torch import nn
 
 from ..errors import PlanError
 from ..models.adapter import ModelAdapter, Sublayer, get_adapter
+from ..models.width import keep_units
 from ..plan import Action
 from ..profile.width import WIDTH_SCORERS
 from .base import OP_METHODS, OP_UNITS, OPS, STRUCTURE_REPLAY, ApplyContext
@@ -18,52 +18,17 @@ OP_UNITS.add("slice", (present_sublayers, "an attention or MLP sublayer present 
 OP_METHODS["slice"] = WIDTH_SCORERS
 
 
-def _take_rows(linear: nn.Linear, index: torch.Tensor) -> nn.Linear:
-    new = nn.Linear(linear.in_features, len(index), bias=linear.bias is not None,
-                    device=linear.weight.device, dtype=linear.weight.dtype)
-    with torch.no_grad():
-        new.weight.copy_(linear.weight[index.to(linear.weight.device)])
-        if linear.bias is not None:
-            new.bias.copy_(linear.bias[index.to(linear.weight.device)])
-    return new
-
-
-def _take_columns(linear: nn.Linear, index: torch.Tensor) -> nn.Linear:
-    new = nn.Linear(len(index), linear.out_features, bias=linear.bias is not None,
-                    device=linear.weight.device, dtype=linear.weight.dtype)
-    with torch.no_grad():
-        new.weight.copy_(linear.weight[:, index.to(linear.weight.device)])
-        if linear.bias is not None:
-            new.bias.copy_(linear.bias)
-    return new
-
-
-def _replace(adapter: ModelAdapter, sublayer: Sublayer, role: str, linear: nn.Linear) -> None:
-    roles = adapter.attention_roles if sublayer.kind == "attention" else adapter.mlp_roles
-    sublayer.module.set_submodule(roles[role], linear)
-
-
 def slice_attention(adapter: ModelAdapter, block: int, groups: list[int]) -> None:
     """Keep the KV groups ``groups`` of ``block`` (their KV heads and the query heads sharing them)."""
-    geometry = adapter.head_geometry(block)
     sublayer = adapter.attention(block)
-    d, size = geometry.head_dim, geometry.group_size
-    groups = sorted(groups)
-    q_rows = torch.tensor([g * size * d + j for g in groups for j in range(size * d)], dtype=torch.long)
-    kv_rows = torch.tensor([g * d + j for g in groups for j in range(d)], dtype=torch.long)
-    linears = sublayer.linears
-    for role, rows in (("q", q_rows), ("k", kv_rows), ("v", kv_rows)):
-        _replace(adapter, sublayer, role, _take_rows(linears[role], rows))
-    _replace(adapter, sublayer, "o", _take_columns(linears["o"], q_rows))
+    keep_units(sublayer.module, adapter.attention_layout(block), sorted(groups))
+    adapter.fit_heads(block)
 
 
 def slice_mlp(adapter: ModelAdapter, block: int, channels: list[int]) -> None:
-    """Keep the FFN channels ``channels`` of ``block`` (gate/up rows, down columns)."""
+    """Keep the FFN channels ``channels`` of ``block``."""
     sublayer = adapter.mlp(block)
-    index = torch.tensor(sorted(channels), dtype=torch.long)
-    for role in ("gate", "up"):
-        _replace(adapter, sublayer, role, _take_rows(sublayer.linears[role], index))
-    _replace(adapter, sublayer, "down", _take_columns(sublayer.linears["down"], index))
+    keep_units(sublayer.module, adapter.mlp_layout(block), sorted(channels))
 
 
 def record_layer_dims(model: nn.Module) -> None:

@@ -16,6 +16,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
+from ..errors import UnsupportedArchitectureError
 from ..profile.sublayers import States, SublayerStream
 
 
@@ -110,6 +111,12 @@ def tune_for_removal(stream: SublayerStream, states: States, position: int, rati
     Returns the tuned columns and values plus the projection error before and after, on the calibration
     tokens: the quantity the least-squares step minimises.
     """
+    adapter = stream.adapter
+    if adapter.mlp_post_norm is not None or adapter.parallel_residual:
+        raise UnsupportedArchitectureError(
+            "SPRINT's in-compression tuning refits down_proj against the residual stream, which a post-norm "
+            f"or a parallel residual ({type(adapter).__name__}) puts out of its reach; use "
+            "--num-candidate-sublayers 0 (removal without tuning) for this family.")
     tuning, end = measurement_end(stream, position)
     if tuning is None:
         return None

@@ -30,11 +30,12 @@ class LayerDims:
     kv_heads: int
     head_dim: int
     ffn: int
+    ffn_matrices: int = 3  # gate, up and down (2 for an ungated MLP such as GPT-NeoX's)
 
     def linear_weights(self, hidden: int) -> int:
-        """Parameters of the block's q/k/v/o and gate/up/down weight matrices."""
+        """Parameters of the block's q/k/v/o and MLP weight matrices."""
         attention = hidden * self.head_dim * (2 * self.heads + 2 * self.kv_heads)
-        return attention + 3 * hidden * self.ffn
+        return attention + self.ffn_matrices * hidden * self.ffn
 
 
 @dataclass(frozen=True)
@@ -61,6 +62,8 @@ class ModelDims:
                 kv_heads=geometry.num_kv_heads if geometry else 0,
                 head_dim=geometry.head_dim if geometry else adapter.head_dim(None),
                 ffn=0 if mlp.removed else adapter.ffn_width(index),
+                ffn_matrices=3 if mlp.removed else sum(
+                    len(slot.segments) for slot in adapter.mlp_layout(index).weight_slots(mlp.module)),
             ))
         hidden = model.config.hidden_size
         total = _unique_parameter_count(model)
@@ -144,7 +147,7 @@ def peak_activation_elements(dims: ModelDims, tokens: int, batch: int) -> int:
             qkvo = (2 * layer.heads + 2 * layer.kv_heads) * layer.head_dim
             candidates.append(BL * (2 * H + qkvo) + batch * layer.heads * tokens * tokens)
         if layer.ffn:
-            candidates.append(BL * (2 * H + 3 * layer.ffn))
+            candidates.append(BL * (2 * H + layer.ffn_matrices * layer.ffn))
     return max(candidates)
 
 

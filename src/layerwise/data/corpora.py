@@ -60,7 +60,10 @@ def text_file_documents(path: str | Path) -> tuple[str, ...]:
     file = Path(path).expanduser()
     if not file.is_file():
         raise DataError(f"Text file {file} does not exist.")
-    text = file.read_text(encoding="utf-8", errors="replace")
+    try:
+        text = file.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"Text file {file} is not UTF-8 text (byte {exc.start} cannot be decoded).") from None
     documents = tuple(p.strip() for p in text.replace("\r\n", "\n").split("\n\n") if p.strip())
     if not documents:
         raise DataError(f"Text file {file} is empty.")

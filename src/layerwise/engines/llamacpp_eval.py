@@ -15,7 +15,8 @@ from ..errors import SettingsError
 from ..evaluate.perplexity import next_token_nll, protocol_perplexity
 from ..measure import Timings, timed
 from . import ENGINES, Evaluation
-from .llamacpp import LlamaCppModel, check_gguf_file, llamacpp_latency
+from ..gguf.files import check_gguf_file
+from .llamacpp import LlamaCppModel, llamacpp_latency
 
 
 def gguf_size(path: Path) -> dict:

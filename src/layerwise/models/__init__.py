@@ -1,6 +1,6 @@
 """Model loading, adapters (one file per family) and saving."""
 
-from . import llama  # noqa: F401  (registers the Llama-layout adapter)
+from . import gemma, gpt_neox, llama, olmo2, phi3  # noqa: F401  (register the family adapters)
 from .adapter import ADAPTERS, HeadGeometry, ModelAdapter, Sublayer, get_adapter
 from .discovery import decoder_linears, find_blocks
 from .fingerprint import model_fingerprint

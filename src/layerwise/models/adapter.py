@@ -1,9 +1,18 @@
-"""ModelAdapter: the only code that knows a family's module names; one registered class per layout."""
+"""ModelAdapter: the only code that knows a family's module names; one registered class per layout.
+
+A family is described by data: where its attention and MLP sublayers and their norms sit (pre-norms, and the
+post-norms Gemma 2/3 and OLMo 2 apply to a sublayer's output), its linears by role (separate q/k/v/o or a fused
+``qkv``; gate/up/down, a fused ``gate_up``, or an ungated up/down), norms that belong to heads (OLMo 2's
+q/k norms over the whole projection), and whether attention and MLP read the same block input (GPT-NeoX's
+parallel residual). From that description the adapter derives head geometry, width-unit layouts
+(``models.width``), removal and a sublayer's share of the forward pass.
+"""
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Optional
 
 import torch
 from torch import nn
@@ -11,6 +20,7 @@ from torch import nn
 from ..errors import UnsupportedArchitectureError
 from ..registry import Registry
 from .discovery import find_blocks, is_linear_like
+from .width import Slot, UnitLayout
 
 ADAPTERS: Registry[type["ModelAdapter"]] = Registry("model family")
 
@@ -43,13 +53,10 @@ class Sublayer:
 
 @dataclass(frozen=True)
 class RemovedModules:
-    """What ``ModelAdapter.remove`` took out of a block: the sublayer and its pre-norm, by attribute."""
+    """What ``ModelAdapter.remove`` took out of a block: attribute path -> the module that was there."""
 
     block: int
-    attr: str
-    module: nn.Module
-    norm_name: str
-    norm: nn.Module
+    taken: tuple[tuple[str, nn.Module], ...]
 
 
 class RemovedSublayer(nn.Module):
@@ -59,7 +66,9 @@ class RemovedSublayer(nn.Module):
         super().__init__()
         self.kind = kind
 
-    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any):
+    def forward(self, hidden_states: torch.Tensor | None = None, *args: Any, **kwargs: Any):
+        if hidden_states is None:
+            hidden_states = next(v for v in kwargs.values() if isinstance(v, torch.Tensor))
         zero = hidden_states.new_zeros(())  # broadcasts in the residual add; no full-size tensor
         return (zero, None) if self.kind == "attention" else zero
 
@@ -68,7 +77,7 @@ class RemovedSublayer(nn.Module):
 
 
 class SkippedNorm(nn.Module):
-    """The pre-norm of a removed sublayer: its output is unused, so it does no work."""
+    """A norm of a removed sublayer: its input is unused or zero, so it does no work."""
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         return hidden_states
@@ -79,29 +88,45 @@ def is_removed(module: nn.Module) -> bool:
 
 
 class ModelAdapter:
-    """Structure of a decoder family: blocks, sublayers, linears by role and head geometry.
+    """Structure of a decoder family: blocks, sublayers, linears by role, head geometry and width layouts.
 
     Subclasses name their modules in the class attributes below and register with ``ADAPTERS``.
     """
 
     model_types: ClassVar[tuple[str, ...]] = ()
-    attention_module: ClassVar[str]
-    mlp_module: ClassVar[str]
-    attention_norm: ClassVar[str]  # the pre-norm feeding attention (skipped with it when it is removed)
-    mlp_norm: ClassVar[str]
-    final_norm: ClassVar[str]
-    attention_roles: ClassVar[dict[str, str]]
-    mlp_roles: ClassVar[dict[str, str]]
+    attention_module: ClassVar[str] = "self_attn"
+    mlp_module: ClassVar[str] = "mlp"
+    attention_norm: ClassVar[Optional[str]] = "input_layernorm"  # pre-norm feeding attention (None: none)
+    attention_post_norm: ClassVar[Optional[str]] = None  # norm applied to attention's output (Gemma 2/3, OLMo 2)
+    mlp_norm: ClassVar[Optional[str]] = "post_attention_layernorm"
+    mlp_post_norm: ClassVar[Optional[str]] = None
+    final_norm: ClassVar[str] = "model.norm"
+    # roles: q/k/v/o, or qkv (``qkv_layout``: "stacked" = all q rows, then k, then v; "interleaved" = per head
+    # q, k, v rows) and o; gate/up/down, gate_up (gate rows then up rows) and down, or up/down
+    attention_roles: ClassVar[dict[str, str]] = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj"}
+    mlp_roles: ClassVar[dict[str, str]] = {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"}
+    qkv_layout: ClassVar[str] = "stacked"
+    head_norms: ClassVar[dict[str, str]] = {}  # norm module -> the role whose rows it follows (OLMo 2)
+    renumber_kv_layers: ClassVar[bool] = True  # False where cache layers have per-layer types (Gemma 2/3)
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
+        self.config = getattr(model, "config", None)
         self.blocks_prefix, self.blocks = find_blocks(model)
         self._check_structure()
 
     def _check_structure(self) -> None:
         for index, block in enumerate(self.blocks):
             for sub, roles in ((self.attention_module, self.attention_roles), (self.mlp_module, self.mlp_roles)):
-                if is_removed(block.get_submodule(sub)):
+                try:
+                    module = block.get_submodule(sub)
+                except AttributeError:
+                    module = None
+                if module is None:
+                    raise UnsupportedArchitectureError(
+                        f"{type(self).__name__} cannot handle block {index} of {type(self.model).__name__}: "
+                        f"it has no {sub} module.")
+                if is_removed(module):
                     continue
                 missing = [f"{sub}.{leaf}" for leaf in roles.values() if not _has_linear(block, f"{sub}.{leaf}")]
                 if missing:
@@ -113,6 +138,11 @@ class ModelAdapter:
     @property
     def num_blocks(self) -> int:
         return len(self.blocks)
+
+    @property
+    def parallel_residual(self) -> bool:
+        """True when a block's MLP reads the block input rather than the attention's output (GPT-NeoX)."""
+        return False
 
     def block_name(self, index: int) -> str:
         return f"{self.blocks_prefix}.{index}"
@@ -146,69 +176,173 @@ class ModelAdapter:
                     return sub
         raise KeyError(name)
 
-    def _norm_name(self, kind: str) -> str:
-        return self.attention_norm if kind == "attention" else self.mlp_norm
+    def _norms(self, kind: str) -> tuple[Optional[str], Optional[str]]:
+        """(pre-norm, post-norm) attribute names of a sublayer kind."""
+        if kind == "attention":
+            return self.attention_norm, self.attention_post_norm
+        return self.mlp_norm, self.mlp_post_norm
 
     def remove(self, sublayer: Sublayer) -> RemovedModules:
-        """Delete a sublayer: its module and its pre-norm are replaced by parameter-free stand-ins whose
-        output adds nothing to the residual stream. Attention layers left are renumbered for the KV cache.
-        Returns what was taken out, for ``restore``."""
+        """Delete a sublayer: it and its norms are replaced by parameter-free stand-ins whose output adds nothing
+        to the residual stream. Attention layers left are renumbered for the KV cache. Returns what was taken
+        out, for ``restore``."""
         block = self.blocks[sublayer.block]
         attr = self.attention_module if sublayer.kind == "attention" else self.mlp_module
-        norm_name = self._norm_name(sublayer.kind)
-        taken = RemovedModules(sublayer.block, attr, sublayer.module, norm_name, block.get_submodule(norm_name))
+        taken = [(attr, sublayer.module)]
         block.set_submodule(attr, RemovedSublayer(sublayer.kind))
-        block.set_submodule(norm_name, SkippedNorm())
+        for norm in self._norms(sublayer.kind):
+            if norm is not None:
+                taken.append((norm, block.get_submodule(norm)))
+                block.set_submodule(norm, SkippedNorm())
         self.renumber_attention()
-        return taken
+        return RemovedModules(sublayer.block, tuple(taken))
 
-    def restore(self, taken: RemovedModules) -> None:
+    def restore(self, removed: RemovedModules) -> None:
         """Put back the very modules ``remove`` took out."""
-        block = self.blocks[taken.block]
-        block.set_submodule(taken.attr, taken.module)
-        block.set_submodule(taken.norm_name, taken.norm)
+        block = self.blocks[removed.block]
+        for attr, module in removed.taken:
+            block.set_submodule(attr, module)
         self.renumber_attention()
 
     def renumber_attention(self) -> None:
-        """Consecutive ``layer_idx`` for the attention layers left, so the KV cache's first layer is a real one."""
+        """Consecutive ``layer_idx`` for the attention layers left, so the KV cache's first layer is a real one.
+        Families whose cache layers have per-layer types (Gemma's sliding and global layers) keep their numbers:
+        renumbering would hand a layer another type's cache."""
+        if not self.renumber_kv_layers:
+            return
         present = [s.module for index in range(self.num_blocks) for s in [self.attention(index)] if not s.removed]
         for new_index, attention in enumerate(present):
             if hasattr(attention, "layer_idx"):
                 attention.layer_idx = new_index
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Next-token logits from the last block's output: the final norm, then the output embedding."""
-        return self.model.get_output_embeddings()(self.model.get_submodule(self.final_norm)(hidden))
+        """Next-token logits from the last block's output: the final norm, the output embedding, and the
+        family's final soft-capping where it has one (Gemma 2)."""
+        logits = self.model.get_output_embeddings()(self.model.get_submodule(self.final_norm)(hidden))
+        cap = getattr(self.config, "final_logit_softcapping", None)
+        return torch.tanh(logits / cap) * cap if cap else logits
 
-    def sublayer_forward(self, sublayer: Sublayer, hidden: torch.Tensor, block_kwargs: dict[str, Any]) -> torch.Tensor:
-        """``hidden`` + the sublayer's output on its pre-normed input: one half of a pre-norm block's forward."""
+    def sublayer_forward(self, sublayer: Sublayer, hidden: torch.Tensor, block_kwargs: dict[str, Any],
+                         block_input: torch.Tensor | None = None) -> torch.Tensor:
+        """``hidden`` + the sublayer's output: one half of a block's forward. With a parallel residual the MLP
+        reads ``block_input`` (the block's input) instead of ``hidden``."""
         if sublayer.removed:
             return hidden
-        norm = self.blocks[sublayer.block].get_submodule(self._norm_name(sublayer.kind))
+        block = self.blocks[sublayer.block]
+        pre, post = self._norms(sublayer.kind)
+        source = block_input if (sublayer.kind == "mlp" and self.parallel_residual) else hidden
+        x = block.get_submodule(pre)(source) if pre is not None else source
         if sublayer.kind == "attention":
-            out = sublayer.module(hidden_states=norm(hidden), **block_kwargs)[0]
+            out = sublayer.module(hidden_states=x, **block_kwargs)[0]
         else:
-            out = sublayer.module(norm(hidden))
+            out = sublayer.module(x)
+        if post is not None:
+            out = block.get_submodule(post)(out)
         return hidden + out
+
+    def head_dim(self, attention: nn.Module | None) -> int:
+        config = self.config
+        head_dim = getattr(attention, "head_dim", None) or getattr(attention, "head_size", None) \
+            or getattr(config, "head_dim", None)
+        if not head_dim:
+            head_dim = config.hidden_size // config.num_attention_heads
+        return int(head_dim)
 
     def head_geometry(self, index: int) -> HeadGeometry:
         attention = self.attention(index)
-        head_dim = self.head_dim(attention.module)
-        return HeadGeometry(
-            num_heads=attention.linears["q"].out_features // head_dim,
-            num_kv_heads=attention.linears["k"].out_features // head_dim,
-            head_dim=head_dim,
-        )
+        d = self.head_dim(attention.module)
+        linears = attention.linears
+        heads = linears["o"].in_features // d
+        if "q" in linears:
+            kv_heads = linears["k"].out_features // d
+        elif self.qkv_layout == "stacked":
+            kv_heads = (linears["qkv"].out_features - heads * d) // (2 * d)
+        else:  # interleaved q/k/v per head: no grouped-query attention
+            kv_heads = heads
+        return HeadGeometry(num_heads=heads, num_kv_heads=kv_heads, head_dim=d)
 
     def ffn_width(self, index: int) -> int:
         return self.mlp(index).linears["down"].in_features
 
-    def head_dim(self, attention: nn.Module | None) -> int:
-        config = getattr(self.model, "config", None)
-        head_dim = getattr(attention, "head_dim", None) or getattr(config, "head_dim", None)
-        if not head_dim:
-            head_dim = config.hidden_size // config.num_attention_heads
-        return int(head_dim)
+    def attention_layout(self, index: int) -> UnitLayout:
+        """Where each KV group of block ``index`` lies in its attention's tensors."""
+        attention = self.attention(index)
+        geometry = self.head_geometry(index)
+        d, size, heads, kv = geometry.head_dim, geometry.group_size, geometry.num_heads, geometry.num_kv_heads
+        roles = self.attention_roles
+        rows: dict[str, tuple[tuple[int, int], ...]] = {}
+        if "q" in attention.linears:
+            rows = {"q": ((0, size * d),), "k": ((0, d),), "v": ((0, d),)}
+        elif self.qkv_layout == "stacked":
+            rows = {"qkv": ((0, size * d), (heads * d, d), ((heads + kv) * d, d))}
+        else:
+            rows = {"qkv": ((0, 3 * d),)}
+        slots = []
+        for role, segments in rows.items():
+            slots += _row_slots(roles[role], attention.linears[role], segments)
+        for norm, role in self.head_norms.items():
+            slots.append(Slot(norm, "weight", 0, rows[role]))
+        output = Slot(roles["o"], "weight", 1, ((0, size * d),))
+        return UnitLayout("attention", kv, (*slots, output), output)
+
+    def mlp_layout(self, index: int) -> UnitLayout:
+        """Where each FFN channel of block ``index`` lies in its MLP's tensors."""
+        mlp = self.mlp(index)
+        width = self.ffn_width(index)
+        roles = self.mlp_roles
+        slots = []
+        for role in ("gate", "up"):
+            if role in mlp.linears:
+                slots += _row_slots(roles[role], mlp.linears[role], ((0, 1),))
+        if "gate_up" in mlp.linears:
+            slots += _row_slots(roles["gate_up"], mlp.linears["gate_up"], ((0, 1), (width, 1)))
+        output = Slot(roles["down"], "weight", 1, ((0, 1),))
+        return UnitLayout("mlp", width, (*slots, output), output)
+
+    def layout(self, sublayer: Sublayer) -> UnitLayout:
+        return self.attention_layout(sublayer.block) if sublayer.kind == "attention" else self.mlp_layout(sublayer.block)
+
+    def fit_heads(self, index: int) -> None:
+        """After block ``index``'s attention changed width: give its module the head counts it now has (a copy
+        of the config where the family reads head counts from it, as Phi-3 does)."""
+        attention = self.attention(index)
+        if attention.removed:
+            return
+        geometry = self.head_geometry(index)
+        set_head_counts(attention.module, geometry.num_heads, geometry.num_kv_heads)
+
+
+def set_head_counts(module: nn.Module, heads: int, kv_heads: int) -> dict[str, Any]:
+    """Set an attention module's own head counts (attributes and a private config copy); returns what was
+    there before, for ``restore_head_counts``."""
+    previous: dict[str, Any] = {}
+    for name, value in (("num_heads", heads), ("num_key_value_heads", kv_heads), ("num_attention_heads", heads)):
+        if hasattr(module, name) and isinstance(getattr(module, name), int):
+            previous[name] = getattr(module, name)
+            setattr(module, name, value)
+    config = getattr(module, "config", None)
+    changed = config is not None and (getattr(config, "num_attention_heads", heads),
+                                      getattr(config, "num_key_value_heads", kv_heads)) != (heads, kv_heads)
+    if changed:
+        previous["config"] = config
+        own = copy.copy(config)
+        own.num_attention_heads = heads
+        own.num_key_value_heads = kv_heads
+        module.config = own
+    return previous
+
+
+def restore_head_counts(module: nn.Module, previous: dict[str, Any]) -> None:
+    for name, value in previous.items():
+        setattr(module, name, value)
+
+
+def _row_slots(path: str, linear: nn.Module, segments: tuple[tuple[int, int], ...]) -> list[Slot]:
+    """A linear's weight rows (and its bias, when it has one) along ``segments``."""
+    slots = [Slot(path, "weight", 0, segments)]
+    if getattr(linear, "bias", None) is not None:
+        slots.append(Slot(path, "bias", 0, segments))
+    return slots
 
 
 def _has_linear(block: nn.Module, path: str) -> bool:

@@ -1,4 +1,5 @@
-"""Adapter for the Llama layout, shared by Llama, SmolLM, Mistral and Qwen2."""
+"""The Llama layout (Llama, SmolLM, Mistral, Qwen2 with q/k/v biases, Qwen3 and Gemma with per-head-dim q/k
+norms that no head slicing touches): pre-norm blocks, separate q/k/v/o with grouped KV heads, a gated MLP."""
 
 from __future__ import annotations
 
@@ -7,13 +8,6 @@ from .adapter import ADAPTERS, ModelAdapter
 
 @ADAPTERS.register("llama")
 class LlamaAdapter(ModelAdapter):
-    """Pre-norm blocks with ``self_attn`` (q/k/v/o, grouped KV heads) and a gated ``mlp``."""
+    """Every name is the base class's default."""
 
-    model_types = ("llama", "mistral", "qwen2", "smollm")
-    attention_module = "self_attn"
-    mlp_module = "mlp"
-    attention_norm = "input_layernorm"
-    mlp_norm = "post_attention_layernorm"
-    final_norm = "model.norm"
-    attention_roles = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj"}
-    mlp_roles = {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"}
+    model_types = ("llama", "mistral", "qwen2", "qwen3", "smollm", "smollm3", "gemma")

@@ -11,6 +11,7 @@ from typing import Callable
 
 import torch
 import transformers
+from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from ..cache import cache_dir, stable_hash, staged_directory
@@ -87,7 +88,11 @@ class PathKind:
 
 def _load_layerwise_dir(spec: str) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, str, dict]:
     path = Path(spec).expanduser()
-    meta = json.loads((path / LAYERWISE_META).read_text())
+    try:
+        meta = json.loads((path / LAYERWISE_META).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise ModelNotFoundError(f"Cannot load the model directory {path}: its {LAYERWISE_META} is not valid "
+                                 "JSON.") from None
     structural = _structural_actions(path)
     if not structural:
         model, tokenizer = _from_pretrained_dir(path)
@@ -113,7 +118,9 @@ def _load_hf_dir(spec: str) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, s
 
 
 def _load_gguf_path(spec: str) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, str, dict]:
-    path = Path(spec).expanduser().resolve()
+    from ..gguf.files import check_gguf_file
+
+    path = check_gguf_file(Path(spec).expanduser().resolve())
     return (*load_gguf_cached(path), f"GGUF file {path} (dequantized, cached as safetensors)", {})
 
 
@@ -128,7 +135,7 @@ def _from_pretrained_dir(path: Path) -> tuple[PreTrainedModel, PreTrainedTokeniz
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, SafetensorError) as exc:
         raise ModelNotFoundError(f"Cannot load the model directory {path}: {_first_line(exc)}") from exc
     return model, tokenizer
 

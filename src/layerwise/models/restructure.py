@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
@@ -35,7 +36,11 @@ def load_restructured(path: Path, actions: list["Action"]) -> PreTrainedModel:
     if not files:
         raise ModelNotFoundError(f"Cannot load the model directory {path}: it holds no .safetensors weights.")
     for file in files:
-        state.update(load_file(file))
+        try:
+            state.update(load_file(file))
+        except (SafetensorError, OSError) as exc:
+            raise ModelNotFoundError(f"Cannot load the model directory {path}: {file.name} is truncated or "
+                                     f"corrupt ({str(exc).splitlines()[0]}).") from None
     missing, unexpected = model.load_state_dict(state, strict=False)
     model.tie_weights()
     untied = [key for key in missing if not _is_tied(model, key, state)]

@@ -41,6 +41,8 @@ class SublayerStream:
         self.kwargs = runner.kwargs
         self.num_positions = 2 * self.adapter.num_blocks
         self.positions = checkpoint_positions(self.num_positions, num_checkpoints)
+        if self.adapter.parallel_residual:  # checkpoint at block inputs, which a parallel MLP reads too
+            self.positions = sorted({p - p % 2 for p in self.positions})
         self.checkpoints: dict[int, States] = {0: runner.inputs}
         self.refresh(0)
 
@@ -54,14 +56,20 @@ class SublayerStream:
 
     @torch.no_grad()
     def run(self, states: States, start: int, stop: int, skip: Iterable[int] = ()) -> States:
-        """States at ``stop`` from states at ``start``, with the sublayers at positions ``skip`` left out."""
+        """States at ``stop`` from states at ``start``, with the sublayers at positions ``skip`` left out. With a
+        parallel residual each MLP also reads its block's input (recomputed when ``start`` is an MLP)."""
         skipped = set(skip)
+        parallel = self.adapter.parallel_residual
+        inputs = self.states_at(start - 1) if parallel and start % 2 else [None] * len(states)
         out = []
-        for hidden, kwargs in zip(states, self.kwargs):
+        for hidden, block_input, kwargs in zip(states, inputs, self.kwargs):
             hidden = hidden.to(self.device)
+            block_input = block_input.to(self.device) if block_input is not None else None
             for position in range(start, stop):
+                if position % 2 == 0:
+                    block_input = hidden
                 if position not in skipped:
-                    hidden = self.adapter.sublayer_forward(self.sublayer(position), hidden, kwargs)
+                    hidden = self.adapter.sublayer_forward(self.sublayer(position), hidden, kwargs, block_input)
             out.append(hidden)
         return out
 

@@ -4,7 +4,9 @@ channels. Heads are scored and removed in whole KV groups, so grouped-query atte
 - ``taylor`` (LLM-Pruner, element-wise first order): Σ |w · ∂L/∂w| over every weight of the unit, the
   causal-LM loss summed over short calibration sequences;
 - ``act`` (gradient-free): Σ over the unit's output-projection columns of ‖X_col‖₂ · ‖W_col‖₂, from the
-  Profile's input norms of o_proj / down_proj (Wanda's score, summed per structure).
+  Profile's input norms of the output projection (o_proj / down_proj; Wanda's score, summed per structure).
+
+Which weights a unit owns comes from the family's width layout (``models.width``).
 """
 
 from __future__ import annotations
@@ -39,31 +41,14 @@ def _ranked(scores: torch.Tensor) -> list[int]:
     return sorted(range(len(scores)), key=lambda i: (-float(scores[i]), i))
 
 
-def group_rows(adapter: ModelAdapter, block: int, group: int) -> tuple[slice, slice]:
-    """Rows of q (and o's columns) and rows of k/v that belong to KV group ``group`` of ``block``."""
-    geometry = adapter.head_geometry(block)
-    q_width = geometry.group_size * geometry.head_dim
-    return (slice(group * q_width, (group + 1) * q_width),
-            slice(group * geometry.head_dim, (group + 1) * geometry.head_dim))
-
-
 def attention_group_sum(adapter: ModelAdapter, block: int, per_weight: Callable[[nn.Linear], torch.Tensor]) -> torch.Tensor:
-    """Σ of ``per_weight(linear)`` (a tensor shaped like the weight) over each KV group's q/k/v rows and o columns."""
-    linears = adapter.attention(block).linears
-    values = {role: per_weight(linear).float() for role, linear in linears.items()}
-    scores = []
-    for group in range(adapter.head_geometry(block).num_kv_heads):
-        q_rows, kv_rows = group_rows(adapter, block, group)
-        scores.append(values["q"][q_rows].sum() + values["k"][kv_rows].sum() + values["v"][kv_rows].sum()
-                      + values["o"][:, q_rows].sum())
-    return torch.stack(scores).double().cpu()
+    """Σ of ``per_weight(linear)`` (a tensor shaped like the weight) over each KV group's weights."""
+    return adapter.attention_layout(block).unit_sums(adapter.attention(block).module, per_weight)
 
 
-def mlp_channel_sum(sublayer: Sublayer, per_weight: Callable[[nn.Linear], torch.Tensor]) -> torch.Tensor:
-    """Σ of ``per_weight`` over each FFN channel's gate and up rows and its down column."""
-    linears = sublayer.linears
-    return (per_weight(linears["gate"]).float().sum(1) + per_weight(linears["up"]).float().sum(1)
-            + per_weight(linears["down"]).float().sum(0)).double().cpu()
+def mlp_channel_sum(adapter: ModelAdapter, block: int, per_weight: Callable[[nn.Linear], torch.Tensor]) -> torch.Tensor:
+    """Σ of ``per_weight`` over each FFN channel's weights (its gate/up rows and down column)."""
+    return adapter.mlp_layout(block).unit_sums(adapter.mlp(block).module, per_weight)
 
 
 WidthScorer = Callable[..., WidthScores]
@@ -110,20 +95,21 @@ def activation_scores(model: nn.Module, calibration: Any, **_: Any) -> WidthScor
     adapter = get_adapter(model)
     profile = calibration.profile()
 
-    def column_score(sublayer: Sublayer, role: str) -> torch.Tensor:
-        roles = adapter.attention_roles if sublayer.kind == "attention" else adapter.mlp_roles
-        norms = profile.feature_norms(f"{sublayer.name}.{roles[role]}").to(torch.float64)
-        return norms * sublayer.linears[role].weight.detach().double().norm(dim=0).cpu()
+    def unit_scores(sublayer: Sublayer) -> torch.Tensor:
+        layout = adapter.layout(sublayer)
+        output = layout.output
+        linear = sublayer.module.get_submodule(output.module)
+        norms = profile.feature_norms(f"{sublayer.name}.{output.module}").to(torch.float64)
+        columns = norms * linear.weight.detach().double().norm(dim=0).cpu()
+        return torch.stack([columns[output.index([unit])].sum() for unit in range(layout.units)])
 
     groups, channels = {}, {}
     for block in range(adapter.num_blocks):
         attention, mlp = adapter.attention(block), adapter.mlp(block)
         if not attention.removed:
-            columns = column_score(attention, "o")
-            groups[block] = torch.stack([columns[group_rows(adapter, block, g)[0]].sum()
-                                         for g in range(adapter.head_geometry(block).num_kv_heads)])
+            groups[block] = unit_scores(attention)
         if not mlp.removed:
-            channels[block] = column_score(mlp, "down")
+            channels[block] = unit_scores(mlp)
     return WidthScores(groups, channels)
 
 
@@ -133,7 +119,7 @@ def _score_all(adapter: ModelAdapter, per_weight: Callable[[nn.Linear], torch.Te
         if not adapter.attention(block).removed:
             groups[block] = attention_group_sum(adapter, block, per_weight)
         if not adapter.mlp(block).removed:
-            channels[block] = mlp_channel_sum(adapter.mlp(block), per_weight)
+            channels[block] = mlp_channel_sum(adapter, block, per_weight)
     return WidthScores(groups, channels)
 
 

@@ -33,7 +33,8 @@ import torch
 from torch import nn
 
 from ..errors import LayerwiseError
-from ..models.adapter import ModelAdapter, RemovedModules, get_adapter
+from ..models.adapter import ModelAdapter, RemovedModules, get_adapter, restore_head_counts, set_head_counts
+from ..models.width import keep_units, mask_input, output_mask, prefix_modules
 from ..registry import Registry
 
 PROFILE_KINDS = ("none", "kv_cache", "attention_heads", "ffn_neurons", "transformer_layers")
@@ -139,36 +140,18 @@ class Importance:
 
 @torch.no_grad()
 def order_by_importance(model: nn.Module, importance: Importance) -> None:
-    """Permute every block's KV groups and FFN channels into importance order, in place. The function is
-    unchanged (sums over a permuted inner dimension may round differently in the last bit)."""
+    """Permute every block's KV groups and FFN channels into importance order, in place (the shared width
+    layer's ``keep_units`` with every unit). The function is unchanged (sums over a permuted inner dimension
+    may round differently in the last bit)."""
     adapter = get_adapter(model)
     for block, order in importance.groups.items():
-        if order == sorted(order):
-            continue  # already in order: keep the very tensors
-        geometry = adapter.head_geometry(block)
-        d, size = geometry.head_dim, geometry.group_size
-        q_index = torch.tensor([g * size * d + j for g in order for j in range(size * d)])
-        kv_index = torch.tensor([g * d + j for g in order for j in range(d)])
-        linears = adapter.attention(block).linears
-        for role, index in (("q", q_index), ("k", kv_index), ("v", kv_index)):
-            _permute_rows(linears[role], index)
-        linears["o"].weight.data = linears["o"].weight.data[:, q_index.to(linears["o"].weight.device)].contiguous()
+        if order != sorted(order):  # already in order: keep the very tensors
+            keep_units(adapter.attention(block).module, adapter.attention_layout(block), order)
     for block, order in importance.channels.items():
-        if order == sorted(order):
-            continue
-        index = torch.tensor(order)
-        linears = adapter.mlp(block).linears
-        _permute_rows(linears["gate"], index)
-        _permute_rows(linears["up"], index)
-        linears["down"].weight.data = linears["down"].weight.data[:, index.to(linears["down"].weight.device)].contiguous()
+        if order != sorted(order):
+            keep_units(adapter.mlp(block).module, adapter.mlp_layout(block), order)
     importance.groups = {b: list(range(len(o))) for b, o in importance.groups.items()}
     importance.channels = {b: list(range(len(o))) for b, o in importance.channels.items()}
-
-
-def _permute_rows(linear: nn.Linear, index: torch.Tensor) -> None:
-    linear.weight.data = linear.weight.data[index.to(linear.weight.device)].contiguous()
-    if linear.bias is not None:
-        linear.bias.data = linear.bias.data[index.to(linear.bias.device)].contiguous()
 
 
 def kept_count(total: int, intensity: float, unit: int = 1) -> int:
@@ -188,16 +171,6 @@ Engage = Callable[[ModelAdapter, Importance, float], Switch]
 MECHANISMS: Registry[dict[str, Engage]] = Registry("profile mechanism")
 
 
-def _prefix_view(linear: nn.Linear, rows: int | None = None, columns: int | None = None) -> nn.Linear:
-    """A linear whose weight is a view of ``linear``'s first ``rows`` rows or ``columns`` columns (no copy)."""
-    weight = linear.weight[:rows] if rows is not None else linear.weight[:, :columns]
-    new = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
-    new.weight = nn.Parameter(weight, requires_grad=False)
-    if linear.bias is not None:
-        new.bias = nn.Parameter(linear.bias[:rows] if rows is not None else linear.bias, requires_grad=False)
-    return new
-
-
 def _swap(module: nn.Module, replacements: dict[str, nn.Module], undo: list[Callable[[], None]]) -> None:
     for name, new in replacements.items():
         old = module.get_submodule(name)
@@ -209,13 +182,10 @@ def _sliced_heads(adapter: ModelAdapter, importance: Importance, intensity: floa
     undo: list[Callable[[], None]] = []
     for block, kept in importance.kept_groups(intensity).items():
         geometry = adapter.head_geometry(block)
-        q_width, kv_width = kept * geometry.group_size * geometry.head_dim, kept * geometry.head_dim
         sublayer = adapter.attention(block)
-        roles, linears = adapter.attention_roles, sublayer.linears
-        _swap(sublayer.module, {roles["q"]: _prefix_view(linears["q"], rows=q_width),
-                                roles["k"]: _prefix_view(linears["k"], rows=kv_width),
-                                roles["v"]: _prefix_view(linears["v"], rows=kv_width),
-                                roles["o"]: _prefix_view(linears["o"], columns=q_width)}, undo)
+        _swap(sublayer.module, prefix_modules(sublayer.module, adapter.attention_layout(block), kept), undo)
+        previous = set_head_counts(sublayer.module, kept * geometry.group_size, kept)
+        undo.append(lambda m=sublayer.module, p=previous: restore_head_counts(m, p))
     return Switch(lambda: [step() for step in reversed(undo)])
 
 
@@ -224,38 +194,24 @@ def _sliced_ffn(adapter: ModelAdapter, importance: Importance, intensity: float)
     for block in importance.channels:
         kept = kept_count(adapter.ffn_width(block), intensity)
         sublayer = adapter.mlp(block)
-        roles, linears = adapter.mlp_roles, sublayer.linears
-        _swap(sublayer.module, {roles["gate"]: _prefix_view(linears["gate"], rows=kept),
-                                roles["up"]: _prefix_view(linears["up"], rows=kept),
-                                roles["down"]: _prefix_view(linears["down"], columns=kept)}, undo)
+        _swap(sublayer.module, prefix_modules(sublayer.module, adapter.mlp_layout(block), kept), undo)
     return Switch(lambda: [step() for step in reversed(undo)])
 
 
-def _zero_tail(kept: int) -> Callable:
-    def hook(_module: nn.Module, args: tuple) -> tuple:
-        x = args[0]
-        mask = torch.ones(x.shape[-1], dtype=x.dtype, device=x.device)
-        mask[kept:] = 0
-        return (x * mask, *args[1:])
-
-    return hook
-
-
 def _masked(kind: str) -> Engage:
-    """Zero the dropped units at the input of o_proj (heads) or down_proj (channels)."""
+    """Zero the dropped units at the input of the output projection (o_proj for heads, down_proj for channels)."""
 
     def engage(adapter: ModelAdapter, importance: Importance, intensity: float) -> Switch:
         handles = []
         groups = importance.kept_groups(intensity) if kind == "attention_heads" else {}
         for block in (groups if kind == "attention_heads" else importance.channels):
-            if kind == "attention_heads":
-                geometry = adapter.head_geometry(block)
-                kept = groups[block] * geometry.group_size * geometry.head_dim
-                target = adapter.attention(block).linears["o"]
-            else:
-                kept = kept_count(adapter.ffn_width(block), intensity)
-                target = adapter.mlp(block).linears["down"]
-            handles.append(target.register_forward_pre_hook(_zero_tail(kept)))
+            sublayer = adapter.attention(block) if kind == "attention_heads" else adapter.mlp(block)
+            layout = adapter.layout(sublayer)
+            kept = groups[block] if kind == "attention_heads" else kept_count(layout.units, intensity)
+            target = sublayer.module.get_submodule(layout.output.module)
+            weight = target.weight
+            mask = output_mask(layout, range(kept, layout.units), target.in_features, weight.device, weight.dtype)
+            handles.append(mask_input(target, mask))
         return Switch(lambda: [h.remove() for h in handles])
 
     return engage

@@ -1,0 +1,158 @@
+"""Width units and every operation on them, written once for all families.
+
+A sublayer's units are the KV groups of an attention (a KV head with the query heads sharing it, so
+grouped-query attention stays consistent) or the channels of an MLP. A ``UnitLayout`` says where each unit
+sits in every tensor it owns (``Slot``: a parameter, the dimension, and one or more segments: q/k/v of a
+fused ``qkv`` projection are three segments of one weight, biases and per-head norms follow their rows), and
+which columns of the output projection it feeds. Slicing, permuting, masking and zero-copy prefix views are
+functions of that description, so the structured backend, the importance scores, the RL proxy and the runtime
+profiles share them and a new family only describes its layout (``ModelAdapter``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class Slot:
+    """Where every unit lies in one parameter: along ``dim``, unit ``u`` holds indices
+    ``offset + u * size + j`` (``j < size``) of each ``(offset, size)`` segment."""
+
+    module: str  # path of the owning module inside the sublayer (``q_proj``, ``qkv_proj``, ``q_norm``)
+    param: str  # ``weight`` or ``bias``
+    dim: int
+    segments: tuple[tuple[int, int], ...]
+
+    def index(self, units: Sequence[int]) -> torch.Tensor:
+        """Indices of ``units`` (in that order), segment after segment."""
+        return torch.tensor([offset + unit * size + j for offset, size in self.segments for unit in units
+                             for j in range(size)], dtype=torch.long)
+
+    @property
+    def per_unit(self) -> int:
+        return sum(size for _, size in self.segments)
+
+
+@dataclass(frozen=True)
+class UnitLayout:
+    """The units of one sublayer: how many, their slots, and the output projection's input columns."""
+
+    kind: str  # attention or mlp
+    units: int
+    slots: tuple[Slot, ...]
+    output: Slot  # the columns of the output projection (o_proj / down_proj) each unit feeds
+
+    def weight_slots(self, sublayer: nn.Module) -> list[Slot]:
+        """Slots in linear weights (what importance scores and parameter counts cover)."""
+        return [s for s in self.slots if s.param == "weight" and isinstance(sublayer.get_submodule(s.module), nn.Linear)]
+
+    def parameters_per_unit(self, sublayer: nn.Module) -> int:
+        """Weights one unit owns across the sublayer's linears."""
+        total = 0
+        for slot in self.weight_slots(sublayer):
+            weight = sublayer.get_submodule(slot.module).weight
+            total += slot.per_unit * weight.shape[1 - slot.dim]
+        return total
+
+    def unit_sums(self, sublayer: nn.Module, per_weight: Callable[[nn.Linear], torch.Tensor]) -> torch.Tensor:
+        """Σ of ``per_weight(linear)`` (shaped like the weight) over each unit's weights, as float64 on CPU."""
+        totals = torch.zeros(self.units, dtype=torch.float64)
+        for slot in self.weight_slots(sublayer):
+            values = per_weight(sublayer.get_submodule(slot.module)).float()
+            values = values if slot.dim == 0 else values.t()
+            for offset, size in slot.segments:
+                block = values[offset : offset + self.units * size].reshape(self.units, size, -1)
+                totals += block.sum(dim=(1, 2)).double().cpu()
+        return totals
+
+
+def keep_units(sublayer: nn.Module, layout: UnitLayout, units: Sequence[int]) -> None:
+    """Keep only ``units`` of the sublayer, in that order (a permutation when all are given): linears are
+    replaced by smaller ones, 1-D parameters (biases, per-head norms) are cut with them."""
+    by_module: dict[str, list[Slot]] = {}
+    for slot in layout.slots:
+        by_module.setdefault(slot.module, []).append(slot)
+    for path, slots in by_module.items():
+        module = sublayer.get_submodule(path)
+        indices = {(s.param, s.dim): s.index(units) for s in slots}
+        if isinstance(module, nn.Linear):
+            sublayer.set_submodule(path, _take(module, indices.get(("weight", 0)), indices.get(("weight", 1))))
+            continue
+        for (param, dim), index in indices.items():
+            tensor = getattr(module, param)
+            tensor.data = tensor.data.index_select(dim, index.to(tensor.device)).contiguous()
+
+
+@torch.no_grad()
+def _take(linear: nn.Linear, rows: torch.Tensor | None, columns: torch.Tensor | None) -> nn.Linear:
+    weight = linear.weight
+    if rows is not None:
+        weight = weight.index_select(0, rows.to(weight.device))
+    if columns is not None:
+        weight = weight.index_select(1, columns.to(weight.device))
+    new = nn.Linear(weight.shape[1], weight.shape[0], bias=linear.bias is not None, device=weight.device,
+                    dtype=weight.dtype)
+    new.weight.copy_(weight)
+    if linear.bias is not None:
+        new.bias.copy_(linear.bias if rows is None else linear.bias.index_select(0, rows.to(weight.device)))
+    return new
+
+
+def prefix_modules(sublayer: nn.Module, layout: UnitLayout, kept: int) -> dict[str, nn.Module]:
+    """Replacement linears computing with the first ``kept`` units only: views of the dense weights where the
+    kept indices are one contiguous run (separate q/k/v, gate/up), copies where they are not (fused qkv)."""
+    replacements: dict[str, nn.Module] = {}
+    by_module: dict[str, dict[tuple[str, int], torch.Tensor]] = {}
+    for slot in layout.slots:
+        by_module.setdefault(slot.module, {})[(slot.param, slot.dim)] = slot.index(range(kept))
+    for path, indices in by_module.items():
+        module = sublayer.get_submodule(path)
+        if not isinstance(module, nn.Linear):
+            continue
+        rows, columns = indices.get(("weight", 0)), indices.get(("weight", 1))
+        replacements[path] = _view(module, rows, columns)
+    return replacements
+
+
+def _contiguous(index: torch.Tensor | None) -> int | None:
+    """The length of ``index`` when it is ``0, 1, ..., n-1`` (a prefix), else None."""
+    if index is None or not torch.equal(index, torch.arange(len(index))):
+        return None
+    return len(index)
+
+
+def _view(linear: nn.Linear, rows: torch.Tensor | None, columns: torch.Tensor | None) -> nn.Linear:
+    prefix_rows, prefix_columns = _contiguous(rows), _contiguous(columns)
+    if (rows is not None and prefix_rows is None) or (columns is not None and prefix_columns is None):
+        return _take(linear, rows, columns)
+    weight = linear.weight
+    if prefix_rows is not None:
+        weight = weight[:prefix_rows]
+    if prefix_columns is not None:
+        weight = weight[:, :prefix_columns]
+    new = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
+    new.weight = nn.Parameter(weight, requires_grad=False)
+    if linear.bias is not None:
+        new.bias = nn.Parameter(linear.bias[:prefix_rows] if prefix_rows is not None else linear.bias,
+                                requires_grad=False)
+    return new
+
+
+def output_mask(layout: UnitLayout, dropped: Sequence[int], size: int, device: torch.device | str,
+                dtype: torch.dtype) -> torch.Tensor:
+    """1 for the output projection's input columns of kept units, 0 for those of ``dropped`` ones."""
+    mask = torch.ones(size, device=device, dtype=dtype)
+    if len(dropped):
+        mask[layout.output.index(list(dropped)).to(device)] = 0
+    return mask
+
+
+def mask_input(linear: nn.Module, mask: torch.Tensor):
+    """A pre-hook on ``linear`` multiplying its input by ``mask`` (a dropped unit then contributes exactly
+    what slicing it away would); returns the hook handle."""
+    return linear.register_forward_pre_hook(lambda _module, args: (args[0] * mask, *args[1:]))

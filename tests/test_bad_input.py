@@ -1,0 +1,122 @@
+"""Bad input of every kind ends with one sentence on stderr, exit code 2, and nothing written."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from test_cli import QUICK, invoke, leftovers
+
+
+def _run_dir(tmp_path: Path) -> Path:
+    run = tmp_path / "run"
+    if not run.exists():
+        assert invoke("compress", "--model", "tiny-llama", "--out", str(run), *QUICK).exit_code == 0
+    return run
+
+
+def _damaged(tmp_path: Path, name: str, damage) -> list[str]:
+    run = _run_dir(tmp_path)
+    path = run / name
+    path.write_bytes(damage(path.read_bytes()))
+    return ["eval", "--model", str(run)]
+
+
+def _text(tmp_path: Path, data: bytes, option: str = "--eval-text") -> list[str]:
+    path = tmp_path / "text.txt"
+    path.write_bytes(data)
+    return ["compress", "--model", "tiny-llama", option, str(path)]
+
+
+def _gguf(tmp_path: Path, truncate: bool) -> list[str]:
+    import layerwise
+    from layerwise.export import export_gguf
+
+    path = export_gguf(layerwise.load("tiny-llama"), tmp_path / "m.gguf", "f16").path
+    data = open(path, "rb").read()
+    Path(path).write_bytes(data[: len(data) // 2] if truncate else b"\x00" * 64)
+    return ["eval", "--model", path]
+
+
+def _plan_edit(tmp_path: Path, edit) -> list[str]:
+    plan_file = tmp_path / "plan.json"
+    assert invoke("plan", "--model", "tiny-llama", "--out", str(plan_file)).exit_code == 0
+    plan = json.loads(plan_file.read_text())
+    edit(plan)
+    plan_file.write_text(json.dumps(plan))
+    return ["apply", "--model", "tiny-llama", "--plan", str(plan_file)]
+
+
+def _other_size(plan: dict) -> None:
+    plan["architecture"]["hidden_size"] = 128
+
+
+def _no_architecture(plan: dict) -> None:
+    plan["architecture"] = {}
+
+
+QUANT = ["compress", "--model", "tiny-llama", "--structure", "quant"]
+DEPTH = ["compress", "--model", "tiny-llama", "--structure", "depth", "--allocator", "drop-last"]
+WIDTH = ["compress", "--model", "tiny-llama", "--structure", "width"]
+RL = [*QUANT, "--allocator", "automp-rl", "--bits", "3,4,8", "--avg-bits", "4.5"]
+
+CASES = {
+    "truncated model.safetensors": (lambda p: _damaged(p, "model.safetensors", lambda b: b[: len(b) // 3]),
+                                    "Cannot load the model directory"),
+    "corrupt layerwise.json": (lambda p: _damaged(p, "layerwise.json", lambda b: b"{not json"),
+                               "layerwise.json is not valid JSON"),
+    "truncated gguf": (lambda p: _gguf(p, True), "truncated or corrupt"),
+    "corrupt gguf": (lambda p: _gguf(p, False), "truncated or corrupt"),
+    "plan for other sizes": (lambda p: _plan_edit(p, _other_size), "hidden_size=128"),
+    "plan without architecture": (lambda p: _plan_edit(p, _no_architecture), "records no architecture"),
+    "non-UTF-8 text": (lambda p: _text(p, b"caf\xe9 \xff\xfe plain"), "is not UTF-8 text"),
+    "empty text": (lambda p: _text(p, b""), "is empty"),
+    "text shorter than a window": (lambda p: _text(p, b"a few words only"), "fewer than one window"),
+    "empty calibration text": (lambda p: _text(p, b"   \n", "--calib-text"), "is empty"),
+    "bits 1": (lambda p: [*QUANT, "--bits", "1"], "--bits must lie between 2 and 8"),
+    "bits 0": (lambda p: [*QUANT, "--bits", "0"], "--bits must lie between 2 and 8"),
+    "bits a": (lambda p: [*QUANT, "--bits", "a"], "--bits must be integers between 2 and 8 or GGUF types"),
+    "avg-bits 0": (lambda p: [*QUANT, "--allocator", "greedy", "--bits", "3,4", "--avg-bits", "0"],
+                   "--avg-bits must lie in (0, 16]"),
+    "avg-bits -1": (lambda p: [*QUANT, "--allocator", "greedy", "--bits", "3,4", "--avg-bits", "-1"],
+                    "--avg-bits must lie in (0, 16]"),
+    "avg-bits 17": (lambda p: [*QUANT, "--allocator", "greedy", "--bits", "3,4", "--avg-bits", "17"],
+                    "--avg-bits must lie in (0, 16]"),
+    "negative group size": (lambda p: [*QUANT, "--group-size", "-4"], "--group-size must be 0 (per channel) or"),
+    "remove 0 sublayers": (lambda p: [*DEPTH, "--num-remove-sublayers", "0"], "--num-remove-sublayers must be at least 1"),
+    "remove more sublayers than exist": (lambda p: [*DEPTH, "--num-remove-sublayers", "99"],
+                                         "cannot remove 99 sublayers"),
+    "pruning ratio 0": (lambda p: [*WIDTH, "--pruning-ratio", "0"], "--pruning-ratio must lie in (0, 1)"),
+    "pruning ratio 1": (lambda p: [*WIDTH, "--pruning-ratio", "1"], "--pruning-ratio must lie in (0, 1)"),
+    "max windows 0": (lambda p: ["compress", "--model", "tiny-llama", "--max-windows", "0"],
+                      "Invalid --max-windows"),
+    "seqlen 1": (lambda p: ["compress", "--model", "tiny-llama", "--seqlen", "1"], "Invalid --seqlen"),
+    "episodes 0": (lambda p: [*RL, "--episodes", "0"], "--episodes and --seeds of at least 1"),
+    "seeds 0": (lambda p: [*RL, "--seeds", "0"], "--episodes and --seeds of at least 1"),
+    "eval speedups abc": (lambda p: [*DEPTH, "--target-speedup", "1.2", "--eval-speedups", "abc"],
+                          "--eval-speedups must be numbers"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_bad_input_is_one_sentence_exit_2_and_nothing_written(tmp_path, case):
+    build, message = CASES[case]
+    args = build(tmp_path)
+    out = tmp_path / "out"
+    extra = [] if args[0] == "apply" and "--out" in args else ["--out", str(out)]
+    quick = [] if "--seqlen" in args or "--max-windows" in args else QUICK
+    result = invoke(*args, *extra, *quick)
+    assert result.exit_code == 2, result.output
+    stderr = " ".join(result.stderr.split())
+    assert message in stderr, stderr
+    assert result.stderr.strip().count("\n") == 0 and "Traceback" not in result.output
+    assert not out.exists() and leftovers(tmp_path) == []
+
+
+def test_plan_out_onto_an_existing_file_is_refused(tmp_path):
+    plan_file = tmp_path / "plan.json"
+    plan_file.write_text("mine")
+    result = invoke("plan", "--model", "tiny-llama", "--out", str(plan_file))
+    assert result.exit_code == 2 and "already exists; pass --overwrite" in result.stderr
+    assert plan_file.read_text() == "mine"
