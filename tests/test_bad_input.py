@@ -120,3 +120,67 @@ def test_plan_out_onto_an_existing_file_is_refused(tmp_path):
     result = invoke("plan", "--model", "tiny-llama", "--out", str(plan_file))
     assert result.exit_code == 2 and "already exists; pass --overwrite" in result.stderr
     assert plan_file.read_text() == "mine"
+
+
+def test_ctrl_c_during_compress_exits_130_with_no_output_and_intact_caches(tmp_path, monkeypatch, isolated_cache):
+    import layerwise.pipeline as pipeline
+
+    real_apply = pipeline.apply_plan
+
+    def interrupted(*args, **kwargs):
+        real_apply(*args, **kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline, "apply_plan", interrupted)
+    out = tmp_path / "out"
+    result = invoke("compress", "--model", "tiny-llama", "--method", "wanda", "--out", str(out), *QUICK)
+    assert result.exit_code == 130 and "interrupted" in result.stderr
+    assert not out.exists() and leftovers(tmp_path) == []
+    partial = [p for p in isolated_cache.rglob("*") if p.name.endswith((".tmp", ".partial"))]
+    assert partial == []
+    monkeypatch.setattr(pipeline, "apply_plan", real_apply)
+    again = invoke("compress", "--model", "tiny-llama", "--method", "wanda", "--out", str(out), *QUICK)
+    assert again.exit_code == 0, again.output  # the caches written before the interruption still read
+
+
+def test_server_refuses_what_it_cannot_serve_and_stays_dense_under_load(tiny, calibration):
+    from concurrent.futures import ThreadPoolExecutor
+
+    import torch
+    from fastapi.testclient import TestClient
+
+    from layerwise.runtime.server import create_app
+    from layerwise.runtime.session import RuntimeEnvironment
+
+    env = RuntimeEnvironment(tiny, calibration, 0)
+    client = TestClient(create_app(env, None))
+    with torch.no_grad():
+        dense = tiny.model(torch.tensor([[5, 6, 7]])).logits
+    too_many = client.post("/generate", json={"prompt": "hi", "max_new_tokens": 100_000})
+    assert too_many.status_code == 422
+    too_long = client.post("/generate", json={"prompt": "x" * 3000, "max_new_tokens": 8})
+    assert too_long.status_code == 422 and "exceeds the model's context" in too_long.json()["detail"]
+    not_json = client.post("/generate", content=b"{prompt: hi", headers={"content-type": "application/json"})
+    assert not_json.status_code == 422
+    with ThreadPoolExecutor(32) as pool:
+        statuses = list(pool.map(lambda i: client.post("/generate", json={"prompt": f"question {i}?",
+                                                                          "max_new_tokens": 4}).status_code,
+                                 range(32)))
+    assert set(statuses) <= {200, 429, 503} and statuses.count(200) >= 1
+    assert env.profiles.active.name == "none"
+    with torch.no_grad():
+        assert torch.equal(tiny.model(torch.tensor([[5, 6, 7]])).logits, dense)
+
+
+def test_a_controller_checkpoint_from_another_model_is_refused(tmp_path, tiny):
+    from layerwise.runtime.controller import Controller, DqnSettings
+    from layerwise.runtime.profiles import default_specs
+
+    names = [spec.name for spec in default_specs()]
+    checkpoint = tmp_path / "other.pt"
+    Controller(30, names, DqnSettings()).save(checkpoint, {
+        "reward": {}, "model": {"spec": "smollm2-135m", "architecture": {"model_type": "llama", "num_blocks": 30,
+                                                                         "hidden_size": 576}}})
+    result = invoke("runtime", "test", "--model", "tiny-llama", "--checkpoint", str(checkpoint),
+                    "--ppl-samples", "1", "--train-samples", "1", "--nsamples", "2", "--load-profile", "idle")
+    assert result.exit_code == 2 and "was trained on smollm2-135m" in result.stderr

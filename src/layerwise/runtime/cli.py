@@ -102,7 +102,7 @@ def test(
     from .prompts import split_prompts
     from .report import text_report
     from ..cache import atomic_write_json
-    from .session import RewardSettings, test as run_test
+    from .session import RewardSettings, check_checkpoint_model, test as run_test
 
     @cli_errors
     def run() -> None:
@@ -114,6 +114,7 @@ def test(
         controller, extra = Controller.load(checkpoint)
         _, prompts = split_prompts(train_samples, ppl_samples, seed)
         env = _environment(model, nsamples, seed, max_new_tokens, mechanism, importance)
+        check_checkpoint_model(extra, env.loaded, checkpoint)
         records = run_test(env, controller, prompts, conditions, RewardSettings(**extra["reward"]))
         folder = out or checkpoint.parent
         atomic_write_json(folder / "test.json", records)
@@ -145,13 +146,15 @@ def serve(
     from ..cli import cli_errors
     from .controller import Controller
     from .server import create_app
+    from .session import check_checkpoint_model
 
     @cli_errors
     def run() -> None:
         import uvicorn
 
-        controller = Controller.load(checkpoint)[0] if checkpoint is not None else None
+        controller, extra = Controller.load(checkpoint) if checkpoint is not None else (None, {})
         env = _environment(model, nsamples, seed, 0, mechanism, importance)
+        check_checkpoint_model(extra, env.loaded, checkpoint)
         uvicorn.run(create_app(env, controller), host=host, port=port)
 
     run()

@@ -13,12 +13,14 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
+from ..errors import LayerwiseError
 from .controller import Controller
 from .generate import generate
 from .prompts import Prompt
 from .session import RuntimeEnvironment
 
 MAX_NEW_TOKENS = 512
+MAX_WAITING = 8  # requests queued behind the one running; more are refused with 503 rather than piling up
 
 
 class GenerateRequest(BaseModel):
@@ -43,12 +45,30 @@ def create_app(env: RuntimeEnvironment, controller: Controller | None) -> Any:
 
     app = FastAPI(title="layerwise runtime server")
     lock = threading.Lock()
+    queue = {"waiting": 0}
+    queue_lock = threading.Lock()
+    context = getattr(env.loaded.model.config, "max_position_embeddings", None)
     metrics: dict[str, Any] = {"requests": 0, "errors": 0, "profiles": {}, "tokens_per_s": [], "decide_ms": []}
     if controller is not None and controller.actions != env.profiles.names:
-        raise ValueError("The checkpoint's profiles differ from this model's profiles.")
+        raise LayerwiseError("The checkpoint's profiles differ from this model's profiles.")
 
     @app.post("/generate", response_model=GenerateResponse)
     def generate_endpoint(request: GenerateRequest) -> GenerateResponse:
+        prompt_tokens = len(env.loaded.tokenizer(request.prompt)["input_ids"])
+        if context is not None and prompt_tokens + request.max_new_tokens > context:
+            raise HTTPException(status_code=422, detail=f"The prompt has {prompt_tokens} tokens; with "
+                                f"max_new_tokens {request.max_new_tokens} it exceeds the model's context of {context}.")
+        with queue_lock:
+            if queue["waiting"] >= MAX_WAITING:
+                raise HTTPException(status_code=503, detail="The server is busy; retry shortly.")
+            queue["waiting"] += 1
+        try:
+            return _serve(request)
+        finally:
+            with queue_lock:
+                queue["waiting"] -= 1
+
+    def _serve(request: GenerateRequest) -> GenerateResponse:
         with lock:
             try:
                 start = time.perf_counter()

@@ -21,6 +21,7 @@ from typing import Any, Callable
 import torch
 from tqdm.auto import tqdm
 
+from ..errors import LayerwiseError
 from ..models import LoadedModel
 from .controller import Controller, DqnSettings, Head, Transition
 from .features import PROMPT_FEATURES, PromptFeaturizer
@@ -182,8 +183,10 @@ def train(env: RuntimeEnvironment, prompts: list[Prompt], settings: TrainSetting
         controller = Controller(env.state_size, env.profiles.names, dqn or DqnSettings(),
                                 env.reward_heads(settings.reward_heads))
         calibrate_speed(env, prompts, reward)
+    if resume and checkpoint.is_file():
+        check_checkpoint_model(extra, env.loaded, checkpoint)
     if controller.actions != env.profiles.names:
-        raise ValueError("The checkpoint's profiles differ from this model's profiles.")
+        raise LayerwiseError("The checkpoint's profiles differ from this model's profiles.")
     cursor = start_episode * settings.steps_per_episode
     for episode in tqdm(range(start_episode, settings.episodes), desc="runtime train", unit="episode", disable=None):
         condition = settings.conditions[episode % len(settings.conditions)]
@@ -202,8 +205,24 @@ def train(env: RuntimeEnvironment, prompts: list[Prompt], settings: TrainSetting
                                               step == settings.steps_per_episode - 1, terms))
                 records.append({**asdict(record), "episode": episode, "epsilon": epsilon})
                 state = next_state
-        controller.save(checkpoint, {"episode": episode + 1, "records": records, "reward": asdict(reward)})
+        controller.save(checkpoint, {"episode": episode + 1, "records": records, "reward": asdict(reward),
+                                     "model": model_identity(env.loaded)})
     return controller, records
+
+
+def model_identity(loaded) -> dict:
+    """What a checkpoint records of the model it was trained on."""
+    from ..backends import architecture_signature
+
+    return {"spec": loaded.spec, "architecture": architecture_signature(loaded.model)}
+
+
+def check_checkpoint_model(extra: dict, loaded, path) -> None:
+    """A controller trained on another model refuses to run: its Q-values describe that model's profiles."""
+    trained = extra.get("model")
+    if trained is not None and trained["architecture"] != model_identity(loaded)["architecture"]:
+        raise LayerwiseError(f"The controller checkpoint {path} was trained on {trained['spec']} "
+                             f"({trained['architecture']}), not on {loaded.spec}; train one for this model.")
 
 
 def test(env: RuntimeEnvironment, controller: Controller, prompts: list[Prompt], conditions: list[LoadCondition],
