@@ -129,3 +129,25 @@ def test_summary_reads_measured_figures(runs):
 def test_pareto_front_keeps_undominated_points():
     points = [(1.0, 5.0), (2.0, 3.0), (2.5, 4.0), (3.0, 1.0), (3.0, 2.0)]
     assert pareto_front(points) == [0, 1, 3]
+
+
+def test_pareto_plot_leaves_out_an_axis_no_run_measured():
+    """Runs made with --no-latency have no latency: the figure has two panels, not an empty third one."""
+    import io
+
+    import matplotlib.image as mpimg
+
+    from layerwise.report.figures import pareto_plot
+    from layerwise.report.tables import RunSummary
+
+    def run(name: str, ppl: float, prefill: float | None) -> RunSummary:
+        return RunSummary(name=name, record={}, label=name, ppl=ppl, parameters=100, nonzero_parameters=50,
+                          weight_bytes=400, prefill_ms=prefill, decode_tokens_per_s=None, predicted_speedup=None,
+                          measured_speedup=None)
+
+    def width(runs: list[RunSummary]) -> int:
+        return mpimg.imread(io.BytesIO(pareto_plot(runs)), format="png").shape[1]
+
+    without = width([run("a", 10.0, None), run("b", 12.0, None)])
+    with_latency = width([run("a", 10.0, 5.0), run("b", 12.0, 4.0)])
+    assert without < 0.75 * with_latency  # two panels of three

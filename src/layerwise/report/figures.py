@@ -50,9 +50,11 @@ def pareto_plot(runs: list[RunSummary]) -> Optional[bytes]:
     measured = [run for run in runs if run.ppl is not None]
     if not measured:
         return None
+    # an axis no run measured (latency after --no-latency runs) is left out rather than drawn empty
+    axes_shown = [(label, cost) for label, cost in PARETO_AXES if any(cost(run) is not None for run in measured)]
     plt = _pyplot()
-    fig, axes = plt.subplots(1, len(PARETO_AXES), figsize=(5.2 * len(PARETO_AXES), 4.2))
-    for ax, (label, cost) in zip(axes, PARETO_AXES):
+    fig, axes = plt.subplots(1, len(axes_shown), figsize=(5.2 * len(axes_shown), 4.2), squeeze=False)
+    for ax, (label, cost) in zip(axes[0], axes_shown):
         shown = [run for run in measured if cost(run) is not None]
         points = [(cost(run), run.ppl) for run in shown]
         ax.scatter([p[0] for p in points], [p[1] for p in points], color="tab:blue", zorder=3)
