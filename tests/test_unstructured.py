@@ -31,7 +31,7 @@ def test_reached_sparsity_equals_plan_per_matrix(tiny, calibration, method, allo
 def test_wanda_prunes_lowest_activation_weighted_scores_per_row(tiny, calibration):
     unit = "model.layers.1.mlp.down_proj"
     original = tiny.model.get_submodule(unit).weight.detach().clone()
-    plan = _plan(tiny, calibration, "wanda")
+    plan = _plan(tiny, calibration, "wanda-one-pass")
     layerwise.apply(tiny.model, plan, calibration)
     weight = tiny.model.get_submodule(unit).weight
     scores = original.abs() * calibration.profile().feature_norms(unit).float()[None, :]
@@ -82,3 +82,30 @@ def test_sparsegpt_reconstructs_better_than_wanda():
 
     assert int((obs == 0).sum()) == count
     assert error(obs) < 0.8 * error(wanda)
+
+
+def test_wanda_is_sequential_each_block_scored_on_the_pruned_blocks_outputs(calibration):
+    """Block 0 sees the unpruned inputs (the one-pass and the sequential masks agree there); block 1's norms come
+    from block 0's pruned outputs, as Wanda's own code computes them, so its mask follows those norms."""
+    from layerwise.profile import CalibrationSource
+
+    masks = {}
+    for method in ("wanda", "wanda-one-pass"):
+        loaded = layerwise.load("tiny-llama")
+        source = CalibrationSource(loaded, calibration.settings)
+        layerwise.apply(loaded.model, _plan(loaded, source, method), source)
+        masks[method] = {name: (m.weight == 0) for name, m in decoder_linears(loaded.model).items()}
+    first, second = "model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj"
+    assert torch.equal(masks["wanda"][first], masks["wanda-one-pass"][first])
+    assert not torch.equal(masks["wanda"][second], masks["wanda-one-pass"][second])
+    # the norms block 1 was scored with: its inputs once block 0 is pruned (block 1 itself unpruned)
+    reference = layerwise.load("tiny-llama")
+    for name, module in decoder_linears(reference.model).items():
+        if name.startswith("model.layers.0."):
+            module.weight.data[masks["wanda"][name]] = 0
+    norms = CalibrationSource(reference, calibration.settings).profile().feature_norms(second).float()
+    original = decoder_linears(reference.model)[second].weight.detach()
+    scores = original.abs() * norms[None, :]
+    kept, pruned = ~masks["wanda"][second], masks["wanda"][second]
+    for row in range(scores.shape[0]):
+        assert scores[row][pruned[row]].max() <= scores[row][kept[row]].min()

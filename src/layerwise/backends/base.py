@@ -95,12 +95,14 @@ def dispatch_by_method(methods: Registry, model: nn.Module, actions: list[Action
         methods.get(method)(model, group, context)
 
 
-def sequential_hessian_pass(model: nn.Module, actions: list[Action], context: ApplyContext, description: str,
-                            update: Callable[[nn.Module, Action, torch.Tensor], None]) -> None:
-    """Stream the calibration windows block by block: accumulate the inputs' Hessian of every target linear
-    in the block, call ``update(linear, action, hessian)`` for each, then run the updated block so the next
-    block sees compressed outputs (SparseGPT's and GPTQ's sequential calibration)."""
-    from ..profile import BlockwiseRunner, attach_hessians, block_linears
+def sequential_pass(model: nn.Module, actions: list[Action], context: ApplyContext, description: str,
+                    attach: Callable[[dict[str, nn.Linear]], tuple[dict[str, Any], list]],
+                    update: Callable[[nn.Module, Action, Any], None]) -> None:
+    """Stream the calibration windows block by block: ``attach`` hooks collecting statistics of every target
+    linear's inputs in the block, run it, call ``update(linear, action, statistic)`` for each, then run the
+    updated block so the next block sees compressed outputs (Wanda's, SparseGPT's and GPTQ's sequential
+    calibration)."""
+    from ..profile import BlockwiseRunner, block_linears
 
     source = context.require_calibration()
     targets = {a.unit: a for a in actions}
@@ -108,13 +110,22 @@ def sequential_hessian_pass(model: nn.Module, actions: list[Action], context: Ap
     for index in runner.progress(description):
         linears = {n: m for n, m in block_linears(runner, index).items() if n in targets}
         if linears:
-            hessians, handles = attach_hessians(linears)
+            statistics, handles = attach(linears)
             try:
                 runner.forward(index)
             finally:
                 for handle in handles:
                     handle.remove()
             for name, linear in linears.items():
-                update(linear, targets[name], hessians.pop(name).hessian)
+                update(linear, targets[name], statistics.pop(name))
         if index + 1 < len(runner.blocks):
             runner.advance(runner.forward(index))
+
+
+def sequential_hessian_pass(model: nn.Module, actions: list[Action], context: ApplyContext, description: str,
+                            update: Callable[[nn.Module, Action, torch.Tensor], None]) -> None:
+    """``sequential_pass`` with each target linear's input Hessian (SparseGPT, GPTQ)."""
+    from ..profile import attach_hessians
+
+    sequential_pass(model, actions, context, description, attach_hessians,
+                    lambda linear, action, accumulator: update(linear, action, accumulator.hessian))

@@ -9,7 +9,7 @@ from torch import nn
 
 from ..plan import SparsifyAction
 from ..registry import Registry
-from .base import OP_METHODS, OPS, ApplyContext, dispatch_by_method
+from .base import OP_METHODS, OPS, ApplyContext, dispatch_by_method, sequential_pass
 from .masks import check_nm, count_for, prune_lowest, prune_lowest_per_row, prune_nm
 
 Sparsifier = Callable[[nn.Module, list[SparsifyAction], ApplyContext], None]
@@ -34,7 +34,25 @@ def magnitude(model: nn.Module, actions: list[SparsifyAction], context: ApplyCon
 @SPARSIFIERS.register("wanda")
 @torch.no_grad()
 def wanda(model: nn.Module, actions: list[SparsifyAction], context: ApplyContext) -> None:
-    """Score |W_ij|·‖X_j‖₂ with the Profile's input norms; prune the lowest per output row (Wanda)."""
+    """Wanda as its paper and code do it: block by block, each block's input norms measured on the outputs
+    of the blocks already pruned; score |W_ij|·‖X_j‖₂ and prune the lowest per output row."""
+    from ..profile.stats import InputStats, attach_input_stats
+
+    def attach(linears: dict[str, nn.Linear]) -> tuple[dict[str, InputStats], list]:
+        statistics: dict[str, InputStats] = {}
+        return statistics, attach_input_stats(linears, statistics)
+
+    def prune(linear: nn.Module, action: SparsifyAction, statistics: InputStats) -> None:
+        norms = statistics.feature_norms().to(linear.weight.device, torch.float32)
+        _prune(linear.weight.data, linear.weight.data.abs().float() * norms[None, :], action, per_row=True)
+
+    sequential_pass(model, actions, context, "wanda", attach, prune)
+
+
+@SPARSIFIERS.register("wanda-one-pass", "wanda_one_pass")
+@torch.no_grad()
+def wanda_one_pass(model: nn.Module, actions: list[SparsifyAction], context: ApplyContext) -> None:
+    """Wanda's score with every norm from one profile of the unpruned model (faster, cached; not sequential)."""
     profile = context.require_calibration().profile()
     for action in actions:
         weight = model.get_submodule(action.unit).weight
