@@ -5,8 +5,9 @@ mean/std of rewards as baseline) maximises ``−α·(PPL/PPL_base − 1) + β·m
 bits / 16). Candidates are scored on a small fixed token set with per-linear weights precomputed once per
 bit width (a level bank), so an episode only swaps tensors. With ``--avg-bits`` each sampled configuration
 is projected onto the budget (``fit_bits``, by the same per-linear sensitivity as ``greedy``) before it is
-scored. ``--seeds N`` trains N policies (seeds s, s+1, …) and keeps the best configuration of any; each
-seed's final answer is recorded for the report's box plot.
+scored; the gradient follows the sampled choices, the projection being part of the environment.
+``--seeds N`` trains N policies (seeds s, s+1, …) and keeps the best configuration of any; each seed's final
+answer is recorded for the report's box plot.
 """
 
 from __future__ import annotations
@@ -176,10 +177,10 @@ def _train(search: Search, episodes: int, alpha: float, beta: float, learning_ra
         mean, var = (reward, 1.0) if index == 0 else (0.9 * mean + 0.1 * reward,
                                                        0.9 * var + 0.1 * (reward - mean) ** 2)
         advantage = (reward - mean) / math.sqrt(var + 1e-8)
-        # the projected choice is learnt: the first of the run's choices that stores as the kept level
-        taken = torch.tensor([next(k for k, c in enumerate(choices) if context.stored(name, c) == bits[name])
-                              for name in names])
-        loss = -advantage * distribution.log_prob(taken).sum() - entropy_coef * distribution.entropy().sum()
+        # REINFORCE on what was sampled: the budget projection is part of the environment, so crediting the
+        # projected configuration's reward to the sampled actions is unbiased for the composite policy (crediting
+        # it to the projected actions, which the policy did not draw, biased the gradient)
+        loss = -advantage * distribution.log_prob(sample).sum() - entropy_coef * distribution.entropy().sum()
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
