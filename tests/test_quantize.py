@@ -336,3 +336,20 @@ def test_seed_box_groups_runs_that_differ_only_in_their_seed():
 
     groups = _seed_groups([run("a", 0, 60.0), run("b", 1, 62.0), run("c", 2, 61.0), run("d", 0, 70.0, 5.0)])
     assert list(groups.values()) == [[60.0, 62.0, 61.0]]  # the 5-bit run has no sibling seeds
+
+
+def test_automp_rl_learns_better_than_sampling_at_random(tiny, calibration):
+    """With the same number of scored configurations, the trained policy's late samples earn more reward than
+    an untrained one's (learning rate 0: random sampling); a flipped loss sign or a policy that never learns
+    fails this. Two choices, 2 and 8 bits: the reward's memory term makes narrow widths pay here."""
+    from layerwise.allocate.bits import BIT_ALLOCATORS
+
+    context = _bit_context(tiny, calibration, [2, 8])
+    search = BIT_ALLOCATORS.get("automp-rl")
+    options = dict(episodes=120, eval_samples=2, eval_seqlen=32, learning_rate=2e-2)
+    learned = search(context, **options).details["curve"]
+    frozen = search(context, **{**options, "learning_rate": 0.0}).details["curve"]
+    late = sum(e["reward"] for e in learned[-30:]) / 30
+    random_mean = sum(e["reward"] for e in frozen) / len(frozen)
+    assert late > random_mean + 0.1, (late, random_mean)
+    assert sum(e["avg_bits"] for e in learned[-30:]) / 30 < 4.0  # it learned to pick 2 bits mostly

@@ -24,7 +24,6 @@ from layerwise.config import Budget
 from layerwise.errors import BudgetError, PlanError
 from layerwise.models import get_adapter
 from layerwise.plan import Plan, SliceAction
-from layerwise.profile.width import group_rows
 
 QUICK = ["--seqlen", "64", "--max-windows", "2", "--nsamples", "8", "--generation-length", "4"]
 
@@ -47,7 +46,9 @@ def test_taylor_score_is_the_summed_weight_times_gradient(tiny, calibration):
         (model(input_ids=batch, labels=batch).loss * len(batch)).backward()
     adapter = get_adapter(model)
     linears = adapter.attention(1).linears
-    q_rows, kv_rows = group_rows(adapter, 1, 1)
+    geometry = adapter.head_geometry(1)  # KV group 1: query heads 2-3 (rows 32-63 of q, columns of o), KV head 1
+    q_rows = slice(geometry.group_size * geometry.head_dim, 2 * geometry.group_size * geometry.head_dim)
+    kv_rows = slice(geometry.head_dim, 2 * geometry.head_dim)
     salience = {role: (lin.weight * lin.weight.grad).abs().detach() for role, lin in linears.items()}
     expected = (salience["q"][q_rows].sum() + salience["k"][kv_rows].sum() + salience["v"][kv_rows].sum()
                 + salience["o"][:, q_rows].sum())
