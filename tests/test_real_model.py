@@ -116,3 +116,47 @@ def test_runtime_profiles_restore_exactly_and_head_pruning_stays_usable_on_the_r
            for name in ("none", "attention_heads@0.2", "transformer_layers@0.15")}
     assert ppl["none"] < 5 and ppl["attention_heads@0.2"] < 6 * ppl["none"], ppl
     assert ppl["transformer_layers@0.15"] > ppl["none"], ppl
+
+
+@pytest.fixture(scope="module")
+def few_windows():
+    return layerwise.RunSettings(max_windows=4, nsamples=16, latency=None)
+
+
+def _ppl_after(plan_args: tuple, plan_options: dict, settings) -> float:
+    from layerwise.profile import CalibrationSource
+
+    loaded = layerwise.load("smollm2-135m")
+    calibration = CalibrationSource(loaded, settings)
+    plan = layerwise.plan(loaded, *plan_args, calibration=calibration, **plan_options)
+    layerwise.apply(loaded.model, plan, calibration)
+    return layerwise.evaluate(loaded, settings).ppl
+
+
+def test_pruning_methods_rank_as_published(few_windows):
+    """At 60% uniform sparsity: SparseGPT < Wanda < magnitude in perplexity (the papers' and our grid's order)."""
+    ppl = {method: _ppl_after((layerwise.Budget.for_sparsity(0.6), method, "uniform"), {}, few_windows)
+           for method in ("magnitude", "wanda", "sparsegpt")}
+    assert ppl["sparsegpt"] < ppl["wanda"] < ppl["magnitude"], ppl
+
+
+def test_gptq_beats_round_to_nearest_at_3_bits(few_windows):
+    budget = layerwise.Budget.for_bits(None)
+    options = {"structure": "quant", "bits": "3"}
+    gptq, rtn = (_ppl_after((budget, method, "uniform"), options, few_windows) for method in ("gptq", "rtn"))
+    assert gptq < rtn, (gptq, rtn)
+
+
+def test_owl_and_alpha_move_sparsity_the_way_their_metrics_say(smollm, few_windows):
+    """OWL gives blocks with more outliers less sparsity; AlphaPruning gives heavier-tailed blocks (lower alpha)
+    less sparsity: each allocation is monotone in its own metric, in the direction its paper states."""
+    from layerwise.profile import CalibrationSource
+
+    calibration = CalibrationSource(smollm, few_windows)
+    for allocator, sign in (("owl", -1), ("alpha", 1)):
+        plan = layerwise.plan(smollm, layerwise.Budget.for_sparsity(0.7), "wanda", allocator, calibration=calibration)
+        metric, sparsity = plan.details["block_metric"], plan.details["block_sparsity"]
+        blocks = sorted(metric, key=lambda b: metric[b])
+        ordered = [sparsity[b] for b in blocks]
+        steps = [sign * (b - a) for a, b in zip(ordered, ordered[1:])]
+        assert all(step >= -1e-9 for step in steps) and sum(steps) > 0.05, (allocator, ordered)
