@@ -305,3 +305,41 @@ def test_taylor_scores_work_under_no_grad(tiny, calibration):
     with torch.no_grad():
         scores = calibration.width_scores("taylor", seq_len=16)
     assert all(float(s.sum()) > 0 for s in scores.channels.values())
+
+
+def _random_curve(context, allocator: str, steps: int) -> list[dict]:
+    """The same environment as the allocator builds, stepped with uniformly random actions."""
+    from layerwise.allocate.adapt import adapt_keep_fractions
+
+    with search_objective(context, RewardWeights(), 2, 32) as objective:
+        log = SearchLog(objective)
+        if allocator == "rl":
+            env = WidthAllocationEnv(context.space, log, context.scores)
+        else:
+            keep, _ = adapt_keep_fractions(context, 0.2)
+            start = fit_budget(context.space, {i: keep[i] for i in context.space.groups},
+                               {i: keep[i] for i in context.space.channels})
+            env = WidthRefineEnv(context.space, log, start, moves=4, block=16)
+        env.reset(seed=0)
+        env.action_space.seed(0)
+        for _ in range(steps):
+            _, _, done, truncated, _ = env.step(env.action_space.sample())
+            if done or truncated:
+                env.reset()
+    return log.curve
+
+
+@pytest.mark.parametrize("allocator", ["rl", "rl-refine"])
+def test_rl_width_policies_learn_better_than_random_actions(tiny, calibration, allocator):
+    """Same environment and number of steps: the trained policy's last episodes earn more than random actions'
+    episodes do on average (a flipped reward or a policy that never learns fails this, while keeping the best
+    sample, which both do, would not show it)."""
+    steps = 1200
+    options = {"rl_steps": steps, "rl_proxy_samples": 2, "rl_proxy_seqlen": 32}
+    if allocator == "rl-refine":
+        options.update(refine_moves=4, refine_block=16)
+    learned = WIDTH_ALLOCATORS.get(allocator)(_context(tiny, calibration, 0.3), **options).details["rl_curve"]
+    random = _random_curve(_context(tiny, calibration, 0.3), allocator, steps)
+    late = sum(e["episode_reward"] for e in learned[-40:]) / 40
+    random_mean = sum(e["episode_reward"] for e in random) / len(random)
+    assert late > random_mean, (late, random_mean)
