@@ -48,24 +48,29 @@ def measure_latency_table(loaded: LoadedModel | nn.Module, setting: LatencySetti
     (``llama.cpp`` times GGUF exports of the very same models)."""
     from ..backends.depth import temporarily_removed
 
+    from .. import engines  # noqa: F401  (registers the engines' latency functions)
+
     setting = setting or LatencySetting()
     if isinstance(loaded, nn.Module):
         loaded = LoadedModel(model=loaded, tokenizer=None, spec="in-memory model", source="in memory")
     total_ms = MODEL_LATENCY.get(engine)
     model = loaded.model
     adapter = get_adapter(model)
-    full = total_ms(loaded, setting)
-    per_kind, probes = {}, {}
+    before = total_ms(loaded, setting)
+    reduced: dict[str, float] = {}
+    probes: dict[str, list[str]] = {}
     for kind in KINDS:
         names = [s.name for s in adapter.all_sublayers() if s.kind == kind]
         count = max(1, len(names) // 4)
         # the last sublayers but one, like SPRINT's probe; any equal-shape sublayers would do
         probe = names[-count - 1 : -1] if len(names) > count else names[:count]
         with temporarily_removed(model, probe):
-            reduced = total_ms(loaded, setting)
-        per_kind[kind] = round(max(full - reduced, 0.0) / len(probe), 4)
-        probes[kind] = len(probe)
-    return LatencyTable(setting=setting, total_ms=full, sublayer_ms=per_kind, probe_removed=probes,
+            reduced[kind] = total_ms(loaded, setting)
+        probes[kind] = probe
+    full = (before + total_ms(loaded, setting)) / 2  # timed before and after the probes: drift cancels
+    per_kind = {kind: round(max(full - reduced[kind], 0.0) / len(probes[kind]), 4) for kind in KINDS}
+    return LatencyTable(setting=setting, total_ms=round(full, 3), sublayer_ms=per_kind,
+                        probe_removed={kind: len(probe) for kind, probe in probes.items()},
                         engine=MODEL_LATENCY.canonical(engine))
 
 
@@ -93,6 +98,8 @@ def measure_width_latency_table(loaded: LoadedModel, setting: LatencySetting | N
     import copy
 
     from ..backends.structured import slice_attention, slice_mlp
+
+    from .. import engines  # noqa: F401  (registers the engines' latency functions)
 
     setting = setting or LatencySetting()
     total_ms = MODEL_LATENCY.get(engine)

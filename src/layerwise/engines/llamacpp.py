@@ -124,12 +124,17 @@ def _quiet_stderr() -> Iterator[None]:
         os.close(devnull)
 
 
+TABLE_REPEATS = 15  # a llama.cpp run of the default setting takes well under a second: average more of them
+
+
 def exported_latency_ms(loaded, setting: LatencySetting, outtype: str = "f16") -> float:
-    """Whole-model latency (ms) of ``loaded`` as llama.cpp runs it: exported to a temporary GGUF, then timed."""
+    """Whole-model latency (ms) of ``loaded`` as llama.cpp runs it: exported to a temporary GGUF, then timed
+    (the median of at least ``TABLE_REPEATS`` runs: latency tables subtract such numbers, so noise matters)."""
     import tempfile
 
     from ..export import export_gguf
 
+    setting = setting.model_copy(update={"repeats": max(setting.repeats, TABLE_REPEATS)})
     with tempfile.TemporaryDirectory() as directory:
         path = export_gguf(loaded, Path(directory) / "model.gguf", outtype).path
         return llamacpp_latency(path, setting).total_ms
