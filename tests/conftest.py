@@ -35,7 +35,7 @@ def tokens() -> torch.Tensor:
 
 @pytest.fixture
 def neox_dir(tmp_path) -> str:
-    """A tiny GPT-NeoX (no Llama adapter, blocks still built from nn.Linear), saved as a HF directory."""
+    """A tiny GPT-NeoX (fused per-head qkv, parallel residual), saved as a HF directory."""
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
     from layerwise.models.tiny import byte_tokenizer
@@ -45,6 +45,24 @@ def neox_dir(tmp_path) -> str:
                            num_attention_heads=4, max_position_embeddings=512)
     path = tmp_path / "neox"
     GPTNeoXForCausalLM(config).save_pretrained(path)
+    byte_tokenizer().save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture
+def unadapted_dir(tmp_path) -> str:
+    """A tiny OPT: a decoder family no adapter describes (blocks still built from nn.Linear), saved as a HF
+    directory."""
+    from transformers import OPTConfig, OPTForCausalLM
+
+    from layerwise.models.tiny import byte_tokenizer
+
+    torch.manual_seed(0)
+    config = OPTConfig(vocab_size=258, hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4,
+                       max_position_embeddings=512, word_embed_proj_dim=32, pad_token_id=257, bos_token_id=256,
+                       eos_token_id=256)
+    path = tmp_path / "opt"
+    OPTForCausalLM(config).save_pretrained(path)
     byte_tokenizer().save_pretrained(path)
     return str(path)
 

@@ -37,7 +37,6 @@ def family_model(family: str, seed: int = 0) -> layerwise.LoadedModel:
     settings = {**COMMON, **overrides}
     settings = {k: v for k, v in settings.items() if v is not None}
     config = getattr(transformers, name)(**settings)
-    config._attn_implementation = "eager"
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config).float().eval()
     return layerwise.LoadedModel(model=model, tokenizer=byte_tokenizer(), spec=f"tiny-{family}", source="test")

@@ -16,7 +16,7 @@ from layerwise.backends import apply_plan, architecture_signature
 from layerwise.backends.structured import record_layer_dims, slice_attention, slice_mlp
 from layerwise.cli import app
 from layerwise.models import get_adapter
-from layerwise.models.width import mask_input, output_mask
+from layerwise.models.width import UnitMask
 from layerwise.plan import Plan, QuantizeAction, RemoveAction, SliceAction
 
 runner = CliRunner()
@@ -47,15 +47,14 @@ def test_width_slicing_equals_masking_saves_and_reloads(family, tmp_path):
     keep_groups, dropped_groups = [geometry.num_kv_heads - 1], list(range(geometry.num_kv_heads - 1))
     width = adapter.ffn_width(1)
     keep_channels = [c for c in range(width) if c % 3]  # a scattered two thirds
-    handles = []
+    masks = []
     for sublayer, dropped in ((adapter.attention(0), dropped_groups),
                               (adapter.mlp(1), [c for c in range(width) if c not in keep_channels])):
-        layout = adapter.layout(sublayer)
-        target = sublayer.module.get_submodule(layout.output.module)
-        handles.append(mask_input(target, output_mask(layout, dropped, target.in_features, "cpu", torch.float32)))
+        masks.append(UnitMask(sublayer.module, adapter.layout(sublayer)))
+        masks[-1].set(dropped)
     masked = _logits(loaded)
-    for handle in handles:
-        handle.remove()
+    for mask in masks:
+        mask.remove()
     slice_attention(adapter, 0, keep_groups)
     slice_mlp(adapter, 1, keep_channels)
     record_layer_dims(loaded.model)

@@ -60,10 +60,15 @@ class WidthSpace:
         attn = [i for i in (attn_layers if attn_layers is not None else blocks) if not adapter.attention(i).removed]
         mlp = [i for i in (mlp_layers if mlp_layers is not None else blocks) if not adapter.mlp(i).removed]
         geometry = {i: adapter.head_geometry(i) for i in attn}
-        group_params = {adapter.attention_layout(i).parameters_per_unit(adapter.attention(i).module) for i in attn}
+        # what one unit weighs, from the eligible blocks (or any block with that sublayer, when none is eligible)
+        present = [i for i in blocks if not adapter.attention(i).removed]
+        group_params = {adapter.attention_layout(i).parameters_per_unit(adapter.attention(i).module)
+                        for i in (attn or present[:1])}
         if len(group_params) > 1:
             raise BudgetError("Width pruning needs the same KV-group size in every eligible attention block.")
-        channel_params = {adapter.mlp_layout(i).parameters_per_unit(adapter.mlp(i).module) for i in mlp}
+        present = [i for i in blocks if not adapter.mlp(i).removed]
+        channel_params = {adapter.mlp_layout(i).parameters_per_unit(adapter.mlp(i).module)
+                          for i in (mlp or present[:1])}
         space = cls(
             num_blocks=adapter.num_blocks,
             groups={i: geometry[i].num_kv_heads for i in attn},

@@ -18,7 +18,7 @@ from torch import nn
 from ..cost.analytic import PROXIES, ModelDims, estimate_costs
 from ..evaluate.perplexity import token_set_perplexity
 from ..models.adapter import get_adapter
-from ..models.width import UnitLayout, mask_input, output_mask
+from ..models.width import UnitMask
 from ..profile.width import WidthScores
 from .width import Widths, WidthSpace
 
@@ -43,9 +43,7 @@ class WidthProxy:
         self.model, self.scores, self.tokens, self.batch_size = model, scores, tokens, batch_size
         self.adapter = get_adapter(model)
         self.device = next(model.parameters()).device
-        self.masks: dict[tuple[str, int], torch.Tensor] = {}
-        self.layouts: dict[tuple[str, int], UnitLayout] = {}
-        self.handles: list = []
+        self.masks: dict[tuple[str, int], UnitMask] = {}
         self.cache: dict[tuple, float] = {}
         self.evaluations = 0
 
@@ -54,27 +52,19 @@ class WidthProxy:
             for key, sublayer, scored in ((("groups", block), self.adapter.attention(block), self.scores.groups),
                                           (("channels", block), self.adapter.mlp(block), self.scores.channels)):
                 if block in scored and not sublayer.removed:
-                    layout = self.adapter.layout(sublayer)
-                    self.layouts[key] = layout
-                    self._mask_input(sublayer.module.get_submodule(layout.output.module), key)
+                    self.masks[key] = UnitMask(sublayer.module, self.adapter.layout(sublayer))
         return self
 
     def __exit__(self, *exc: object) -> None:
-        for handle in self.handles:
-            handle.remove()
-        self.handles.clear()
-
-    def _mask_input(self, linear: nn.Linear, key: tuple[str, int]) -> None:
-        mask = torch.ones(linear.in_features, device=self.device, dtype=linear.weight.dtype)
-        self.masks[key] = mask
-        self.handles.append(mask_input(linear, mask))
+        for mask in self.masks.values():
+            mask.remove()
+        self.masks.clear()
 
     def _set(self, widths: Widths) -> None:
         for (kind, block), mask in self.masks.items():
             kept = (widths.groups if kind == "groups" else widths.channels).get(block)
             ranked = self.scores.ranked_groups(block) if kind == "groups" else self.scores.ranked_channels(block)
-            dropped = ranked[kept:] if kept is not None else []
-            mask.copy_(output_mask(self.layouts[(kind, block)], dropped, mask.numel(), mask.device, mask.dtype))
+            mask.set(ranked[kept:] if kept is not None else [])
 
     def perplexity(self, widths: Widths) -> float:
         key = (tuple(sorted(widths.groups.items())), tuple(sorted(widths.channels.items())))

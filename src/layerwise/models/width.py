@@ -11,6 +11,7 @@ profiles share them and a new family only describes its layout (``ModelAdapter``
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -112,11 +113,21 @@ def prefix_modules(sublayer: nn.Module, layout: UnitLayout, kept: int) -> dict[s
         by_module.setdefault(slot.module, {})[(slot.param, slot.dim)] = slot.index(range(kept))
     for path, indices in by_module.items():
         module = sublayer.get_submodule(path)
-        if not isinstance(module, nn.Linear):
-            continue
-        rows, columns = indices.get(("weight", 0)), indices.get(("weight", 1))
-        replacements[path] = _view(module, rows, columns)
+        if isinstance(module, nn.Linear):
+            replacements[path] = _view(module, indices.get(("weight", 0)), indices.get(("weight", 1)))
+        else:  # a norm over the units' rows: the same module with a shorter weight
+            replacements[path] = _norm_view(module, indices[("weight", 0)])
     return replacements
+
+
+def _norm_view(norm: nn.Module, index: torch.Tensor) -> nn.Module:
+    """A shallow copy of ``norm`` whose weight is the rows ``index`` of the original's (a view for a prefix)."""
+    new = copy.copy(norm)
+    new._parameters = dict(norm._parameters)
+    prefix = _contiguous(index)
+    weight = norm.weight[:prefix] if prefix is not None else norm.weight.index_select(0, index.to(norm.weight.device))
+    new.weight = nn.Parameter(weight, requires_grad=False)
+    return new
 
 
 def _contiguous(index: torch.Tensor | None) -> int | None:
@@ -141,6 +152,51 @@ def _view(linear: nn.Linear, rows: torch.Tensor | None, columns: torch.Tensor | 
         new.bias = nn.Parameter(linear.bias[:prefix_rows] if prefix_rows is not None else linear.bias,
                                 requires_grad=False)
     return new
+
+
+class UnitMask:
+    """Dropping units by masking instead of slicing, exactly: the output projection's input columns of dropped
+    units are zeroed and, where an RMS norm spans the units' rows (OLMo 2's q/k norms over the whole
+    projection), its dropped inputs are zeroed, its epsilon scaled by kept/all and its output by √(kept/all),
+    so it normalises over the kept rows as the sliced model's norm does. ``set(dropped)`` switches in place;
+    ``remove()`` undoes it."""
+
+    def __init__(self, sublayer: nn.Module, layout: UnitLayout) -> None:
+        self.layout = layout
+        target = sublayer.get_submodule(layout.output.module)
+        weight = target.weight
+        self.output = torch.ones(target.in_features, device=weight.device, dtype=weight.dtype)
+        self.handles = [mask_input(target, self.output)]
+        self.norms: list[tuple[Slot, nn.Module, torch.Tensor, torch.Tensor, str, float]] = []
+        for slot in layout.slots:
+            module = sublayer.get_submodule(slot.module)
+            if isinstance(module, nn.Linear) or slot.param != "weight":
+                continue
+            keep = torch.ones(getattr(module, slot.param).shape[slot.dim], device=weight.device, dtype=weight.dtype)
+            scale = torch.ones((), device=weight.device, dtype=weight.dtype)
+            self.handles.append(mask_input(module, keep))
+            self.handles.append(module.register_forward_hook(lambda _m, _args, out, s=scale: out * s))
+            epsilon = next(name for name in ("variance_epsilon", "eps") if hasattr(module, name))
+            self.norms.append((slot, module, keep, scale, epsilon, getattr(module, epsilon)))
+
+    def set(self, dropped: Sequence[int]) -> None:
+        dropped = list(dropped)
+        self.output.copy_(output_mask(self.layout, dropped, self.output.numel(), self.output.device,
+                                      self.output.dtype))
+        for slot, module, keep, scale, epsilon, original in self.norms:
+            keep.fill_(1)
+            if dropped:
+                keep[slot.index(dropped).to(keep.device)] = 0
+            share = float(keep.sum() / keep.numel())
+            scale.fill_(share ** 0.5)
+            setattr(module, epsilon, original * share)
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles.clear()
+        for _slot, module, _keep, _scale, epsilon, original in self.norms:
+            setattr(module, epsilon, original)
 
 
 def output_mask(layout: UnitLayout, dropped: Sequence[int], size: int, device: torch.device | str,

@@ -34,7 +34,7 @@ from torch import nn
 
 from ..errors import LayerwiseError
 from ..models.adapter import ModelAdapter, RemovedModules, get_adapter, restore_head_counts, set_head_counts
-from ..models.width import keep_units, mask_input, output_mask, prefix_modules
+from ..models.width import UnitMask, keep_units, prefix_modules
 from ..registry import Registry
 
 PROFILE_KINDS = ("none", "kv_cache", "attention_heads", "ffn_neurons", "transformer_layers")
@@ -202,17 +202,15 @@ def _masked(kind: str) -> Engage:
     """Zero the dropped units at the input of the output projection (o_proj for heads, down_proj for channels)."""
 
     def engage(adapter: ModelAdapter, importance: Importance, intensity: float) -> Switch:
-        handles = []
+        masks = []
         groups = importance.kept_groups(intensity) if kind == "attention_heads" else {}
         for block in (groups if kind == "attention_heads" else importance.channels):
             sublayer = adapter.attention(block) if kind == "attention_heads" else adapter.mlp(block)
-            layout = adapter.layout(sublayer)
-            kept = groups[block] if kind == "attention_heads" else kept_count(layout.units, intensity)
-            target = sublayer.module.get_submodule(layout.output.module)
-            weight = target.weight
-            mask = output_mask(layout, range(kept, layout.units), target.in_features, weight.device, weight.dtype)
-            handles.append(mask_input(target, mask))
-        return Switch(lambda: [h.remove() for h in handles])
+            mask = UnitMask(sublayer.module, adapter.layout(sublayer))
+            kept = groups[block] if kind == "attention_heads" else kept_count(mask.layout.units, intensity)
+            mask.set(range(kept, mask.layout.units))
+            masks.append(mask)
+        return Switch(lambda: [mask.remove() for mask in masks])
 
     return engage
 
