@@ -44,6 +44,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/depth.py --out $(BENCH_OUT)/depth
 	$(BIN)/python benchmarks/width.py --out $(BENCH_OUT)/width
 	$(BIN)/python benchmarks/quant.py --out $(BENCH_OUT)/quant
+	$(BIN)/python benchmarks/deployment.py --out $(BENCH_OUT)/deployment
 
 # llmcompressor pins transformers 5.15-5.17: it gets its own environment, used by the peer benchmark only.
 PEERS := .venv-peers

@@ -146,9 +146,13 @@ class Bench:
             ours = model(input_ids=window[None]).logits[0].float()
         with LlamaCppModel(path, 512) as engine:
             theirs = engine.logits(window)
+        top_ours, top_theirs = ours.argmax(-1), theirs.argmax(-1)
+        differ = (top_ours != top_theirs).nonzero().flatten().tolist()
+        # where the engines disagree, how far apart our own top two candidates were (a near tie flips easily)
+        margins = [float(ours[i, top_ours[i]] - ours[i, top_theirs[i]]) for i in differ]
         return {"logits_max_abs_diff": float((ours - theirs).abs().max()),
-                "top1_agreement": float((ours.argmax(-1) == theirs.argmax(-1)).float().mean()),
-                "logit_scale": float(ours.abs().max())}
+                "top1_agreement": float((top_ours == top_theirs).float().mean()),
+                "logit_scale": float(ours.abs().max()), "disagreement_margins": margins}
 
     def imatrix(self) -> dict:
         from layerwise.export.gguf_export import profile_imatrix
@@ -321,10 +325,36 @@ def write_results(state: dict, args: argparse.Namespace) -> None:
         "**Read against the model's origin:** the packaged model is a Q4_1 file dequantized on load, so every "
         "'dense' row already carries Q4_1's rounding, and re-quantizing to 4-5 bits rounds a second time.\n\n"
         + table + "\n\n**Protocol and export checks**\n\n" + "\n".join(f"- {c}" for c in checks)
-        + "\n\n**Goals**\n\n" + "\n".join(f"- {g}" for g in goals) + "\n"
+        + "\n\n**Goals**\n\n" + "\n".join(f"- {g}" for g in goals)
+        + "\n\n**Reading**\n\n" + "\n".join(f"- {r}" for r in _reading(state)) + "\n"
     )
     write_section("deployment", markdown, state, args.remark)
     print(markdown)
+
+
+def _reading(state: dict) -> list[str]:
+    """What the table says, with its numbers (the sentences hold for any rerun; the numbers come from it)."""
+    recipe = {key: state[key]["ppl"] for key in state if key.startswith("recipe ")}
+    gains = ", ".join(f"{r} {recipe[f'recipe {r}']:.3f} → {recipe[f'recipe {r} imatrix']:.3f}" for r in RECIPES)
+    fast, full = state["greedy fast @ Q4_K_M"]["deploy"], state["greedy @ Q4_K_M"]["deploy"]
+    return [
+        f"Our importance matrix (the calibration profile's mean squared inputs) helps llama.cpp's own recipes "
+        f"wherever a type is coarse enough to care: {gains}.",
+        "On this 576-wide model only ffn_down's 1536-wide rows can hold 256-weight k-quant blocks; every other "
+        "tensor falls back to a legacy type (llama.cpp's recipes fall back the same way), so at Q3_K_M's bytes "
+        "both the recipe and our allocations choose among f16, q8_0, q5_1, q5_0 and q4_0 for almost every "
+        "tensor. That leaves little room for a 10% gain, and the goal is not met; on models whose widths are "
+        "multiples of 256 the k-types open up.",
+        "The packaged Q4_1 file is reproduced byte for byte by re-quantizing its dequantized weights to q4_1, so "
+        "asymmetric types (q4_1, q5_1) fit this Q4_1-born model's weights better than their size suggests.",
+        f"Prefill speed depends on the types, not only the bytes: q5_1, q6_k and q3_k have no repacked or sgemm "
+        f"kernels on x86, so the unrestricted greedy plan prefills in {full['latency']['prefill_ms']:.0f} ms; "
+        f"restricted to fast-kernel types (`--bits {FAST_LEVELS}`) it takes {fast['latency']['prefill_ms']:.0f} ms, "
+        f"faster than PyTorch fp32, for a perplexity of {fast['ppl']:.3f} instead of {full['ppl']:.3f}.",
+        "llama.cpp is systematically 0.6-0.8% above PyTorch on the same mixed-type weights because it rounds "
+        "activations to 8 bits (q8_0/q8_1/q8_K blocks) for its integer dot products; simulating that rounding in "
+        "PyTorch (`--llamacpp-activations`) closes the gap to about 0.1% (checks above).",
+    ]
 
 
 def _our_keys() -> list[str]:
@@ -345,10 +375,12 @@ def _checks(state: dict) -> list[str]:
                        ("sprint", "SPRINT export (deci, f32)"),
                        ("mlp_removed_under_attention", "MLPs of layers 10 and 20 removed, attention kept (f32)")):
         check = state[key] if key == "dense_f32" else state[key]["f32_check"]
-        agreement = check["top1_agreement"]
+        agreement, margins = check["top1_agreement"], check.get("disagreement_margins", [])
+        ties = (f"; where they disagree ({len(margins)} of 512), PyTorch's own top two logits were "
+                f"{', '.join(f'{m:.3f}' for m in margins)} apart, a near tie") if margins else ""
         lines.append(f"{label}: next-token logits on one 512-token window, max |difference| "
                      f"{check['logits_max_abs_diff']:.2e} (largest logit {check['logit_scale']:.1f}), top-1 agreement "
-                     f"{100 * agreement:.2f}% (target ≥ 99.9%: {'met' if agreement >= 0.999 else 'not met'})")
+                     f"{100 * agreement:.2f}% (target ≥ 99.9%: {'met' if agreement >= 0.999 else 'not met'}{ties})")
     simulated = state["simulated_activation_rounding"]
     for key in _our_keys():
         entry = state[key]
@@ -378,7 +410,7 @@ def _goals(state: dict, args: argparse.Namespace) -> list[str]:
             need = "lower perplexity" if margin == 0 else f"≥ {margin:.0%} lower perplexity"
             lines.append(f"{allocator} at ≤ {target}'s bytes ({_mib(entry['weight_bytes'])} vs "
                          f"{_mib(recipe['tensor_bytes'])} MiB of tensors): PPL {entry['ppl']:.3f} vs {recipe['ppl']:.3f} "
-                         f"({100 * gain:+.1f}%), goal {need}: {'met' if ok else 'not met'}")
+                         f"({100 * gain:.1f}% {'lower' if gain >= 0 else 'higher'}), goal {need}: {'met' if ok else 'not met'}")
     dense = state["dense_pytorch"]["latency"]
     for allocator in [*OURS, "greedy fast"]:
         entry = state[f"{allocator} @ Q4_K_M"]["deploy"]["latency"]
