@@ -56,6 +56,8 @@ def main() -> None:
     parser.add_argument("--remeasure-latency", action="store_true",
                         help="load every saved run under --out and measure decode speed again (the dense model "
                              "once), on an idle machine; updates each result.json and rewrites the table")
+    parser.add_argument("--merge", action="store_true",
+                        help="rerun only --rows and keep every other row of results/quant.json as it is")
     parser.add_argument("--remark", default="")
     args = parser.parse_args()
     if args.remeasure_latency:
@@ -79,6 +81,9 @@ def main() -> None:
                          settings=settings, out=run_dir, overwrite=True, structure="quant", **params)
                 print(f"{name} seed {seed}: done", flush=True)
             records.setdefault(name, []).append(json.loads((run_dir / "result.json").read_text()))
+    if args.merge:
+        kept = json.loads((Path(__file__).resolve().parent / "results" / "quant.json").read_text())
+        records = {name: records.get(name, kept.get(name)) for name in ROWS if name in records or name in kept}
     write_results(records, args)
 
 

@@ -122,6 +122,16 @@ def test_f32_export_runs_in_llama_cpp_with_our_logits(tiny, ids, tmp_path):
     assert difference < 1e-3 and agreement == 1.0
 
 
+def test_export_says_masked_sparsity_is_stored_dense_only_when_there_is_some(tiny, tmp_path):
+    assert export_gguf(tiny, tmp_path / "dense.gguf", "f16").notes == []
+    with torch.no_grad():
+        for module in tiny.model.modules():
+            if isinstance(module, torch.nn.Linear):
+                module.weight[:, ::2] = 0  # half of every linear masked
+    notes = export_gguf(tiny, tmp_path / "sparse.gguf", "f16").notes
+    assert len(notes) == 1 and notes[0].startswith("50.0% of the float linear weights are zero")
+
+
 def test_quantized_export_is_byte_for_byte_the_plan_and_llama_cpp_agrees(ids, tmp_path):
     from gguf import GGUFReader
 

@@ -255,32 +255,97 @@ def test_automp_rl_seeds_keep_the_best_of_independent_runs(tiny, calibration):
     assert max(e["reward"] for e in several.details["curve"]) == pytest.approx(best["reward"], abs=1e-6)
 
 
-def test_awq_folding_is_an_exact_equivalence_and_never_worse_than_rounding(tiny, tokens, calibration):
-    from layerwise.backends.awq import apply_awq, fake_quantize, search_scales
+def _awq_actions(bits: int = 3) -> list[QuantizeAction]:
+    return [QuantizeAction(unit=f"model.layers.{i}.{p}", bits=bits, group_size=32, awq=True)
+            for i in range(4) for p in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+                                        "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")]
+
+
+def test_awq_scale_folding_is_an_exact_equivalence(tiny, tokens, calibration):
+    from layerwise.backends.awq import apply_awq
     from layerwise.backends.base import ApplyContext
 
-    actions = [QuantizeAction(unit=f"model.layers.{i}.{p}", bits=3, group_size=32, awq=True)
-               for i in range(4) for p in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
-                                           "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")]
     with torch.no_grad():
         before = tiny.model(tokens).logits
-    report = apply_awq(tiny.model, actions, ApplyContext(calibration))
+    report = apply_awq(tiny.model, _awq_actions(), ApplyContext(calibration), clip=False)
     with torch.no_grad():
         after = tiny.model(tokens).logits
-    assert torch.allclose(before, after, atol=1e-4)  # scales folded, nothing quantized yet
-    assert len(report) == 4 * 3  # q/k/v, gate/up and down per block; v->o skipped (2 KV heads feed 4 query heads)
-    assert all(r["error"] <= r["unscaled_error"] for r in report.values())
+    torch.testing.assert_close(after, before, atol=1e-4, rtol=1e-4)  # scales folded, nothing rounded yet
+    assert len(report["scales"]) == 4 * 3  # q/k/v, gate/up and down per block; v->o skipped (2 KV heads, 4 heads)
+    assert report["clip"] == {}
+
+
+def test_awq_scores_the_inspected_module_and_its_scales_pay_on_skewed_inputs():
+    from layerwise.backends.awq import fake_quantize, search_scales
+
     x = torch.randn(256, 64, generator=torch.Generator().manual_seed(0)) * torch.linspace(0.1, 8.0, 64)
-    linear = torch.nn.Linear(64, 32)
-    with torch.no_grad():  # a seeded weight: an unseeded init made the strict comparison below flaky
-        linear.weight.copy_(torch.randn(32, 64, generator=torch.Generator().manual_seed(0)) / 8)
+    first, second = torch.nn.Linear(64, 32), torch.nn.Linear(32, 16)
+    with torch.no_grad():  # seeded weights: an unseeded init made the strict comparison below flaky
+        first.weight.copy_(torch.randn(32, 64, generator=torch.Generator().manual_seed(0)) / 8)
+        second.weight.copy_(torch.randn(16, 32, generator=torch.Generator().manual_seed(1)))
+    inspect = torch.nn.Sequential(first, torch.nn.GELU(), second)  # the module the linear feeds, as AWQ scores it
     action = QuantizeAction(unit="x", bits=3, group_size=32)
-    scales, error, plain = search_scales(x, [linear], [action])
+    dense = first.weight.detach().clone()
+    scales, error, plain = search_scales(x, [first], [action], inspect, [((x,), {})])
+    assert torch.equal(first.weight, dense)  # the search restores the weights it tried
     assert error < plain  # skewed activations: scaling the busy channels up pays
     with torch.no_grad():
-        direct = float(((x / scales) @ fake_quantize(linear.weight * scales, action).t() - x @ linear.weight.t())
-                       .pow(2).mean())
-    assert direct == pytest.approx(error, rel=1e-4)
+        reference = inspect(x)
+        first.weight.copy_(fake_quantize(dense * scales, action) / scales)
+        direct = float((inspect(x) - reference).pow(2).mean())
+        first.weight.copy_(dense)
+        own_output = float((x @ (fake_quantize(dense * scales, action) / scales).t() - x @ dense.t()).pow(2).mean())
+    assert direct == pytest.approx(error, rel=1e-4)  # the inspected module's output, not the linear's own
+    assert own_output != pytest.approx(error, rel=1e-2)
+
+
+def test_awq_clip_search_shrinks_outlier_rows_and_lowers_the_output_error():
+    from layerwise.backends.awq import _clip, search_clip
+    from layerwise.backends.quantize import rtn_round_trip
+
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(48, 64, generator=generator)
+    weight[::4, 5] = 12.0  # one outlier in every fourth row stretches its group's grid
+    x = torch.randn(1024, 64, generator=generator)
+    action = QuantizeAction(unit="x", bits=3, group_size=32)
+    bounds, clipped, plain = search_clip(x, weight, action)
+    assert [b.shape for b in bounds] == [(48,), (48,)]
+    assert clipped < 0.9 * plain
+    full = weight[:, :32].abs().amax(dim=1)
+    assert bool((bounds[0] < full).any()) and bool((bounds[0] >= 0.5 * full - 1e-6).all())
+    linear = torch.nn.Linear(64, 48, bias=False)
+    with torch.no_grad():
+        linear.weight.copy_(weight)
+        _clip(linear, bounds, action.group_size)
+    sample = x[:: 1024 // 512]  # the tokens the search scored
+
+    def error(w: torch.Tensor) -> float:  # each group's share of the output, as the search scores it
+        return sum(float((sample[:, s:e] @ rtn_round_trip(w[:, s:e], 3, None, False).t()
+                          - sample[:, s:e] @ weight[:, s:e].t()).pow(2).mean(0).sum()) for s, e in ((0, 32), (32, 64)))
+
+    assert error(linear.weight.detach()) == pytest.approx(clipped, rel=1e-4)
+    assert error(weight) == pytest.approx(plain, rel=1e-4)
+
+
+def test_awq_then_rtn_beats_plain_rtn_on_held_out_tokens(tiny, calibration):
+    """AWQ's searches choose on calibration tokens; this checks they pay on other text, which they need not."""
+    from layerwise.backends.quantize import apply_quantize
+    from layerwise.backends.base import ApplyContext
+
+    held_out = torch.randint(0, 256, (4, 64), generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        dense = tiny.model(held_out).logits.log_softmax(-1)
+
+    def kl_after(actions) -> float:
+        model = layerwise.load("tiny-llama").model
+        apply_quantize(model, actions, ApplyContext(calibration))
+        with torch.no_grad():
+            return float(torch.nn.functional.kl_div(model(held_out).logits.log_softmax(-1), dense,
+                                                    log_target=True, reduction="batchmean"))
+
+    plain = kl_after([a.model_copy(update={"awq": False}) for a in _awq_actions()])
+    awq = kl_after(_awq_actions())
+    assert awq < 0.95 * plain  # 0.91 here; no search at all would give 1.0
 
 
 def test_awq_plan_applies_saves_and_reloads(tiny, tokens, calibration, tmp_path):

@@ -80,7 +80,7 @@ GenerationLength = Annotated[int, typer.Option("--generation-length", help="Late
 Bits = Annotated[Optional[str], typer.Option("--bits", help="quant: bit width (uniform), or the choices 3,4,8 (greedy); or GGUF types, e.g. q4_k,q5_0,q6_k,q8_0 (llama.cpp's grids and quantizers).")]
 GroupSize = Annotated[Optional[int], typer.Option("--group-size", help="quant: inputs per scale group (default 128; a shorter last group when it does not divide; 0 = per channel).")]
 Symmetric = Annotated[Optional[bool], typer.Option("--symmetric/--asymmetric", help="quant: symmetric codes (default asymmetric).")]
-Awq = Annotated[Optional[bool], typer.Option("--awq/--no-awq", help="quant: fold AWQ's activation-aware scales in first (with rtn or gptq).")]
+Awq = Annotated[Optional[bool], typer.Option("--awq/--no-awq", help="quant: AWQ first (its scale and clipping searches, as llm-awq runs them), then rtn or gptq.")]
 ActOrder = Annotated[Optional[bool], typer.Option("--act-order/--no-act-order", help="quant gptq: columns by decreasing Hessian diagonal, static groups (default on).")]
 AvgBits = Annotated[Optional[float], typer.Option("--avg-bits", help="quant: average bits per decoder-linear weight the plan may use.")]
 Episodes = Annotated[Optional[int], typer.Option("--episodes", help="automp-rl: sampled configurations (default 300).")]

@@ -78,7 +78,8 @@ class QuantizeAction(BaseModel):
     group_size: Optional[int] = Field(128, ge=1)
     symmetric: bool = False
     method: str = "rtn"
-    awq: bool = Field(False, description="fold AWQ's activation-aware input scales in before quantizing")
+    awq: bool = Field(False, description="AWQ first: fold activation-aware input scales in and clip weights, "
+                                          "both searched on calibration outputs")
     act_order: bool = Field(False, description="gptq: columns in order of decreasing Hessian diagonal, static groups")
     format: Optional[str] = Field(None, description="GGUF type (q4_k, q8_0, ...); needs method gguf")
     imatrix: bool = Field(False, description="gguf: weight the quantizer by the calibration's mean squared inputs")
