@@ -82,8 +82,9 @@ def main() -> None:
                 print(f"{name} seed {seed}: done", flush=True)
             records.setdefault(name, []).append(json.loads((run_dir / "result.json").read_text()))
     if args.merge:
-        kept = json.loads((Path(__file__).resolve().parent / "results" / "quant.json").read_text())
-        records = {name: records.get(name, kept.get(name)) for name in ROWS if name in records or name in kept}
+        saved = json.loads((Path(__file__).resolve().parent / "results" / "quant.json").read_text())
+        kept = {name: [{"metrics": m, "timings": m["timings"]} for m in runs] for name, runs in saved.items()}
+        records = {name: records.get(name) or kept[name] for name in ROWS if name in records or name in kept}
     write_results(records, args)
 
 
