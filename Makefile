@@ -43,6 +43,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/zeroshot.py --out $(BENCH_OUT)/zeroshot
 	$(BIN)/python benchmarks/depth.py --out $(BENCH_OUT)/depth
 	$(BIN)/python benchmarks/width.py --out $(BENCH_OUT)/width
+	$(BIN)/python benchmarks/width_context.py --out $(BENCH_OUT)/width_context
 	$(BIN)/python benchmarks/quant.py --out $(BENCH_OUT)/quant
 	$(BIN)/python benchmarks/deployment.py --out $(BENCH_OUT)/deployment
 
