@@ -173,26 +173,21 @@ def apply_awq(model: nn.Module, actions: list[Action], context: ApplyContext, cl
     names = {id(m): n for n, m in model.named_modules()}  # folding changes values, never modules
     for index in runner.progress("awq"):
         groups = [g for g in _groups(adapter, index) if any(names[id(m)] in by_unit for m in g.linears)]
-        if not groups:
-            if index + 1 < len(runner.blocks):
-                runner.advance(runner.forward(index))
-            continue
-        inputs, outputs = _capture(runner, index, groups)
-        clip_inputs: dict[int, torch.Tensor] = {}
+        inputs, outputs = _capture(runner, index, groups)  # without groups: just the block's outputs
+        scaled_inputs = []  # each group's input as its linears see it once the scales are folded in
         for group, x in zip(groups, inputs):
             chosen = [(m, by_unit[names[id(m)]]) for m in group.linears if names[id(m)] in by_unit]
             scales, error, plain = search_scales(x, [m for m, _ in chosen], [a for _, a in chosen],
                                                  group.inspect, group.calls)
             _fold(group.previous, group.linears, scales.to(group.linears[0].weight.device))
             report["scales"][names[id(group.linears[0])]] = {"error": error, "unscaled_error": plain}
-            for linear in group.linears:
-                clip_inputs[id(linear)] = x / scales.to(x.device)
+            scaled_inputs.append(x / scales.to(x.device))
         no_clip = {id(adapter.attention(index).linears.get(role)) for role in ("q", "k")}
-        for group in groups if clip else []:
+        for group, x in zip(groups, scaled_inputs) if clip else ():
             for linear in group.linears:
                 name = names[id(linear)]
                 if name in by_unit and id(linear) not in no_clip:
-                    bounds, clipped, plain = search_clip(clip_inputs[id(linear)], linear.weight, by_unit[name])
+                    bounds, clipped, plain = search_clip(x, linear.weight, by_unit[name])
                     _clip(linear, bounds, by_unit[name].group_size)
                     report["clip"][name] = {"error": clipped, "unclipped_error": plain}
         if index + 1 < len(runner.blocks):
