@@ -337,6 +337,10 @@ def _reading(state: dict) -> list[str]:
     recipe = {key: state[key]["ppl"] for key in state if key.startswith("recipe ")}
     gains = ", ".join(f"{r} {recipe[f'recipe {r}']:.3f} → {recipe[f'recipe {r} imatrix']:.3f}" for r in RECIPES)
     fast, full = state["greedy fast @ Q4_K_M"]["deploy"], state["greedy @ Q4_K_M"]["deploy"]
+    pytorch_prefill = state["dense_pytorch"]["latency"]["prefill_ms"]
+    gaps = [100 * (state[key]["deploy"]["ppl"] / state[key]["pytorch_ppl"] - 1) for key in _our_keys()]
+    simulated = [abs(100 * (state[key]["deploy"]["ppl"] / state["simulated_activation_rounding"][key] - 1))
+                 for key in _our_keys()]
     return [
         f"Our importance matrix (the calibration profile's mean squared inputs) helps llama.cpp's own recipes "
         f"wherever a type is coarse enough to care: {gains}.",
@@ -349,11 +353,12 @@ def _reading(state: dict) -> list[str]:
         "asymmetric types (q4_1, q5_1) fit this Q4_1-born model's weights better than their size suggests.",
         f"Prefill speed depends on the types, not only the bytes: q5_1, q6_k and q3_k have no repacked or sgemm "
         f"kernels on x86, so the unrestricted greedy plan prefills in {full['latency']['prefill_ms']:.0f} ms; "
-        f"restricted to fast-kernel types (`--bits {FAST_LEVELS}`) it takes {fast['latency']['prefill_ms']:.0f} ms, "
-        f"faster than PyTorch fp32, for a perplexity of {fast['ppl']:.3f} instead of {full['ppl']:.3f}.",
-        "llama.cpp is systematically 0.6-0.8% above PyTorch on the same mixed-type weights because it rounds "
-        "activations to 8 bits (q8_0/q8_1/q8_K blocks) for its integer dot products; simulating that rounding in "
-        "PyTorch (`--llamacpp-activations`) closes the gap to about 0.1% (checks above).",
+        f"restricted to fast-kernel types (`--bits {FAST_LEVELS}`) it takes {fast['latency']['prefill_ms']:.0f} ms "
+        f"(PyTorch fp32: {pytorch_prefill:.0f} ms), for a perplexity of {fast['ppl']:.3f} instead of "
+        f"{full['ppl']:.3f}.",
+        f"llama.cpp is {min(gaps):+.2f}% to {max(gaps):+.2f}% off PyTorch on the same mixed-type weights because it "
+        "rounds activations to 8 bits (q8_0/q8_1/q8_K blocks) for its integer dot products; simulating that "
+        f"rounding in PyTorch (`--llamacpp-activations`) leaves at most {max(simulated):.2f}% (checks above).",
     ]
 
 
