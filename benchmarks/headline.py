@@ -1,5 +1,5 @@
 """Headline rows on the full evaluation protocol: every method x allocator at 70% sparsity, every width
-allocator at ratio 0.3, every depth method at 1.4x, every 4-bit quantization row, each scored on all 140
+allocator at ratio 0.3, every depth method at 1.4x, every uniform 4-bit quantization row, each scored on all 140
 wiki evaluation windows of 512 tokens (the split the foundation and the demo report).
 
 Run: `.venv/bin/python benchmarks/headline.py --out DIR [--only unstructured,width] [--resume]`. Each row is
@@ -38,8 +38,6 @@ QUANT = [f"--structure quant --nsamples 32 {options}" for options in (
     "--method gptq --bits 4",
     "--method gptq --bits 4 --symmetric --group-size 64",
     "--method rtn --bits 4 --awq",
-    "--method rtn --allocator greedy --avg-bits 4.25 --bits 3,4,8",
-    "--method rtn --allocator automp-rl --avg-bits 4.25 --bits 3,4,8 --episodes 300",
 )]
 SECTIONS = {"unstructured": UNSTRUCTURED, "width": WIDTH, "depth": DEPTH, "quant": QUANT}
 

@@ -15,7 +15,8 @@ import layerwise
 from layerwise.allocate import DEPTH_ALLOCATORS, DepthContext
 from layerwise.allocate.sprint import sensitivity
 from layerwise.backends import remove_sublayers, temporarily_removed
-from layerwise.backends.tuning import measurement_end, swapped_columns, tune_for_removal
+from layerwise.backends.tuning import (ProjectionStats, measurement_end, projection_error, refit,
+                                       swapped_slice, tune_for_removal)
 from layerwise.cli import app
 from layerwise.config import Budget, LatencySetting, RunSettings
 from layerwise.cost import LatencyTable
@@ -121,22 +122,82 @@ def test_one_sweep_rescoring_equals_scoring_each_sublayer_alone(tiny, source):
         assert value == pytest.approx(alone, rel=1e-4)
 
 
-def test_least_squares_tuning_lowers_the_error_it_targets(tiny, source):
+@pytest.mark.parametrize("direction,damping,relative,dim", [("in_channel", 0.01, True, 1),
+                                                             ("out_channel", 0.0, False, 0)])
+def test_least_squares_tuning_lowers_the_error_it_targets(tiny, source, direction, damping, relative, dim):
     stream = SublayerStream(tiny.model, source.tokens(), batch_size=3, num_checkpoints=2)
     position = stream.position_of("model.layers.1.self_attn")
     states = stream.states_at(position)
-    fit = tune_for_removal(stream, states, position, ratio=0.25, damping=0.01)
-    assert fit["unit"] == "model.layers.1.mlp.down_proj" and len(fit["columns"]) == 40
+    fit = tune_for_removal(stream, states, position, ratio=0.25, damping=damping, direction=direction,
+                           relative_damping=relative)
+    down = tiny.model.model.layers[1].mlp.down_proj.weight
+    assert fit["unit"] == "model.layers.1.mlp.down_proj" and fit["dim"] == dim
+    assert len(fit["index"]) == round(0.25 * down.shape[dim])
     assert fit["error_after"] < 0.9 * fit["error_before"]
     # the same improvement seen directly: distance at the tuned MLP's output, before and after the swap
     untuned = sensitivity(stream, states, position, "l2-sentence", False)
     tuned = sensitivity(stream, states, position, "l2-sentence", False, fit)
     assert tuned < untuned
-    down = tiny.model.model.layers[1].mlp.down_proj.weight
-    with swapped_columns(fit["module"], fit["columns"], fit["values"]):
-        assert torch.equal(down[:, fit["columns"]], fit["values"])
-    assert not torch.equal(down[:, fit["columns"]], fit["values"])  # restored
-    assert tune_for_removal(stream, stream.states_at(7), 7, 0.25, 0.01) is None  # the last MLP: nothing follows
+    with swapped_slice(fit["module"], dim, fit["index"], fit["values"]):
+        assert torch.equal(down.index_select(dim, fit["index"]), fit["values"])
+    assert not torch.equal(down.index_select(dim, fit["index"]), fit["values"])  # restored
+    assert tune_for_removal(stream, stream.states_at(7), 7, 0.25, damping, direction) is None  # nothing follows
+
+
+def test_full_out_channel_refit_is_the_least_squares_optimum_and_damping_pulls_back(tiny, source):
+    """SPRINT's defaults (every row, no damping) reach the unconstrained minimum of ‖Y − R − X Wᵀ‖²;
+    the reference's absolute damping solves min ‖G w − b‖² + c²‖w − w⁰‖² (its stationarity holds)."""
+    stats = ProjectionStats.empty(6, 4, torch.device("cpu"))
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(50, 6, generator=generator)
+    true = torch.randn(4, 6, generator=generator)
+    stats.add(x, x @ true.T + 0.01 * torch.randn(50, 4, generator=generator))
+    weight = torch.randn(4, 6, generator=generator)
+    rows, values = refit(weight, stats, 1.0, 0.0, "out_channel")
+    assert rows.tolist() == [0, 1, 2, 3]
+    best = torch.linalg.solve(stats.gram, stats.cross).T  # the normal equations' solution
+    assert torch.allclose(values.double(), best, atol=1e-4)
+    assert projection_error(values, stats) <= projection_error(weight, stats)
+    c = 5.0
+    _, damped = refit(weight, stats, 1.0, c, "out_channel")
+    w, w0 = damped.double().T, weight.double().T
+    gradient = stats.gram @ (stats.gram @ w - stats.cross) + c * c * (w - w0)
+    assert gradient.abs().max() < 1e-3 * (stats.gram @ stats.cross).abs().max()
+    assert (damped - weight).norm() < (values - weight).norm()  # pulled towards the original weights
+
+
+def test_plans_written_before_the_reference_defaults_replay_as_they_were_searched():
+    from layerwise.plan import TuneSpec
+
+    old = TuneSpec.model_validate({"unit": "model.layers.2.mlp.down_proj", "ratio": 0.1, "damping": 0.01})
+    assert (old.direction, old.damping_relative) == ("in_channel", True)
+
+
+def test_depth_search_reports_its_progress_towards_the_budget(tiny, source):
+    """The search's progress bar moves by the share of predicted time saved (or removals made), ending at 100%."""
+    from layerwise.allocate.depth import RemovalSearch
+
+    search = RemovalSearch(_context(tiny, source), Budget.for_depth(1.25))  # 20 ms of 100 to save
+    try:
+        assert search.progress() == 0.0
+        search.record(["model.layers.0.mlp"])  # 10 ms saved: half way
+        assert search.progress() == pytest.approx(0.5)
+        search.record(["model.layers.1.mlp"])
+        assert search.done() and search.progress() == 1.0
+    finally:
+        search.close()
+    counted = RemovalSearch(_context(tiny, source), Budget.for_depth(None, 4))
+    counted.record(["model.layers.0.self_attn"])
+    assert counted.progress() == 0.25
+    counted.close()
+
+
+def test_depth_runs_default_to_a_calibration_a_cpu_user_can_wait_for():
+    from layerwise.cli import _calibration
+
+    assert _calibration("depth", None, None) == {"nsamples": 8, "calib_seqlen": 256}
+    assert _calibration("depth", 32, None) == {"nsamples": 32, "calib_seqlen": None}  # the user's choice wins
+    assert _calibration("unstructured", None, None) == {"nsamples": 128, "calib_seqlen": None}
 
 
 def test_search_stops_as_soon_as_the_predicted_target_is_met(tiny, source, tokens):

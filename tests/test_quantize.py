@@ -51,6 +51,23 @@ def test_quantization_error_shrinks_with_more_bits_and_smaller_groups():
     assert float((_dequantized(*per_channel, None) - weight).pow(2).mean()) > errors[(4, False)]
 
 
+def test_symmetric_codes_keep_each_groups_largest_weight_exactly():
+    """The extreme of every group maps to ±(2^(b-1) - 1) steps, not onto the ±7.5 tie of absmax / 7.5."""
+    weight = torch.randn(16, 128, generator=torch.Generator().manual_seed(3))
+    weight[0, 5] = -4.0  # a negative extreme, the side that absmax / 7.5 with float16 scales rounded out to -8
+    for bits in (3, 4, 8):
+        codes, scales, zeros = rtn_quantize(weight, bits, 64, True)
+        assert torch.all(zeros == 2 ** (bits - 1))
+        offsets = codes - zeros[:, [0] * 64 + [1] * 64]
+        assert offsets.abs().max() == 2 ** (bits - 1) - 1  # the code -2^(b-1) is left unused by RTN
+        restored = _dequantized(codes, scales, zeros, 64)
+        for group in (slice(0, 64), slice(64, 128)):
+            extreme = weight[:, group].abs().argmax(dim=1)
+            rows = torch.arange(16)
+            torch.testing.assert_close(restored[:, group][rows, extreme], weight[:, group][rows, extreme],
+                                       rtol=1e-3, atol=0)  # float16 scale: exact up to its rounding
+
+
 def test_gptq_output_error_is_below_rtn():
     generator = torch.Generator().manual_seed(1)
     mixing = torch.randn(96, 96, generator=generator) / 10 + torch.eye(96)

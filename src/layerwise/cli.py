@@ -31,9 +31,9 @@ BatchSize = Annotated[int, typer.Option("--batch-size", help="Windows per forwar
 Dtype = Annotated[str, typer.Option(help="float32 (default), bfloat16 or float16.")]
 Device = Annotated[str, typer.Option(help="cpu, cuda, cuda:1, ...")]
 Seed = Annotated[int, typer.Option(help="Seed for calibration sampling and searches.")]
-Nsamples = Annotated[int, typer.Option(help="Calibration windows.")]
+Nsamples = Annotated[Optional[int], typer.Option(help="Calibration windows (default 128; depth: 8 of 256 tokens, the depth table's setting, so a search takes minutes on a CPU rather than hours).")]
 Method = Annotated[Optional[str], typer.Option(help="unstructured: magnitude (default), wanda, sparsegpt (or *_ww); width: importance taylor (default) or act; quant: rtn (default) or gptq, gguf with GGUF types.")]
-Allocator = Annotated[str, typer.Option(help="Per-layer allocator: uniform, owl, alpha; depth: sprint, sleb, shortgpt, drop-last; width: uniform, adapt, rl, rl-refine; quant: uniform, greedy, automp-rl.")]
+Allocator = Annotated[str, typer.Option(help="Per-layer allocator: uniform, owl, alpha; depth: sprint, sleb, shortgpt, drop-last; width: uniform, adapt, rl, rl-refine; quant: uniform, greedy, automp-rl. Expected search time at the defaults, smollm2-135m on 2 CPU cores (benchmarks/RESULTS.md): sprint 4 min and sleb 10 min to 1.4x, rl 1.5 min, rl-refine 4 min, greedy 5 min and automp-rl 9 min (4.5 for the shared sensitivity pass, cached); it grows with the calibration tokens and the model; every search shows its progress and time left.")]
 Sparsity = Annotated[Optional[float], typer.Option(help="Target mean sparsity over decoder linears, in [0, 1) (default 0.5).")]
 Structure = Annotated[str, typer.Option(help="unstructured (sparsity per linear), depth (remove attention/MLP sublayers), width (slice heads and FFN channels) or quant (bits per linear).")]
 PruningRatio = Annotated[Optional[float], typer.Option("--pruning-ratio", help="width: fraction of the eligible attention/MLP parameters removed.")]
@@ -56,12 +56,13 @@ NumRemove = Annotated[Optional[int], typer.Option("--num-remove-sublayers", help
 EvalSpeedups = Annotated[Optional[str], typer.Option("--eval-speedups", help="depth: also evaluate the search state at these predicted speedups, e.g. 1.2,1.4.")]
 Normalize = Annotated[Optional[bool], typer.Option("--normalize/--no-normalize", help="sprint: divide L2 distances by the reference norm.")]
 LatencyAware = Annotated[Optional[bool], typer.Option("--latency-aware/--no-latency-aware", help="sprint: divide sensitivity by the latency saved (default on).")]
-NumCandidates = Annotated[Optional[int], typer.Option("--num-candidate-sublayers", help="sprint: candidates rescored after tuning (default 4; 0 = no tuning).")]
-TuningRatio = Annotated[Optional[float], typer.Option("--in-comp-tuning-ratio", help="sprint: share of the down projection's input channels refitted (default 0.1).")]
-Damping = Annotated[Optional[float], typer.Option("--damping-coefficient", help="sprint: ridge damping, relative to mean diag(XᵀX) (default 0.01).")]
+NumCandidates = Annotated[Optional[int], typer.Option("--num-candidate-sublayers", help="sprint: candidates rescored after tuning (default 5, as the reference; 0 = no tuning).")]
+TuningRatio = Annotated[Optional[float], typer.Option("--in-comp-tuning-ratio", help="sprint: share of the down projection's rows (out_channel) or columns (in_channel) refitted (default 1.0).")]
+Damping = Annotated[Optional[float], typer.Option("--damping-coefficient", help="sprint: absolute damping of the refit towards the original weights, as the reference (default 0).")]
+Direction = Annotated[Optional[str], typer.Option("--direction", help="sprint: refit down_proj's output rows (out_channel, default) or input columns (in_channel, the others held fixed).")]
 TuningSublayer = Annotated[Optional[str], typer.Option("--tuning-sublayer", help="sprint: the sublayer tuned after a removal (mlp).")]
 UpdateTuned = Annotated[Optional[bool], typer.Option("--update-tuned-weights/--no-update-tuned-weights", help="sprint: keep the tuning of removed candidates (default on).")]
-NumCheckpoints = Annotated[Optional[int], typer.Option("--num-checkpoints", help="sprint: activation checkpoints along the model (default 4).")]
+NumCheckpoints = Annotated[Optional[int], typer.Option("--num-checkpoints", help="sprint: activation checkpoints along the model (default 8).")]
 CheckpointCpu = Annotated[Optional[bool], typer.Option("--checkpointing-on-cpu/--checkpointing-on-device", help="sprint/sleb: keep checkpoints in CPU memory.")]
 Generation = Annotated[bool, typer.Option("--generation/--no-generation", help="Latency objective: prompt + generated tokens (default), or prefill only.")]
 SpeedupBatch = Annotated[int, typer.Option("--speedup-batch-size", help="Latency: batch size.")]
@@ -149,6 +150,21 @@ def cli_errors(func: Callable[..., Any]) -> Callable[..., Any]:
 OPTION_NAMES = {"task_limit": "--limit", "latency.prompt_length": "--prompt-length",
                 "latency.generation_length": "--generation-length", "latency.repeats": "--speedup-iterations",
                 "latency.batch_size": "--speedup-batch-size"}
+
+
+# Calibration a search of this structure gets when the user names none: SPRINT's and SLEB's searches cost
+# a forward pass per candidate and step, so the 128 x 512 default of the one-pass methods would run for
+# hours on a CPU (the depth table uses 8 x 256 and takes 4-10 minutes per method to 1.6x).
+CALIBRATION_DEFAULTS: dict[str, dict[str, int]] = {"depth": {"nsamples": 8, "calib_seqlen": 256}}
+
+
+def _calibration(structure: str, nsamples: Optional[int], calib_seqlen: Optional[int]) -> dict[str, Any]:
+    """``nsamples`` and ``calib_seqlen`` as given, else the structure's defaults (else RunSettings')."""
+    defaults = CALIBRATION_DEFAULTS.get(structure, {})
+    given = {"nsamples": nsamples, "calib_seqlen": calib_seqlen}
+    if any(value is not None for value in given.values()):
+        defaults = {}  # a user who sets either sets the calibration; the other keeps its general default
+    return {k: v if v is not None else defaults.get(k, RunSettings.model_fields[k].default) for k, v in given.items()}
 
 
 def _settings(**values: Any) -> RunSettings:
@@ -310,7 +326,7 @@ def compress(
     dtype: Dtype = "float32",
     device: Device = "cpu",
     seed: Seed = 0,
-    nsamples: Nsamples = 128,
+    nsamples: Nsamples = None,
     calib_seqlen: CalibSeqlen = None,
     nm: NM = None,
     epsilon: Epsilon = None,
@@ -332,6 +348,7 @@ def compress(
     num_candidate_sublayers: NumCandidates = None,
     in_comp_tuning_ratio: TuningRatio = None,
     damping_coefficient: Damping = None,
+    direction: Direction = None,
     tuning_sublayer: TuningSublayer = None,
     update_tuned_weights: UpdateTuned = None,
     num_checkpoints: NumCheckpoints = None,
@@ -383,7 +400,7 @@ def compress(
     budget = _budget(structure, sparsity, target_speedup, num_remove_sublayers, pruning_ratio, avg_bits, max_bytes)
     settings = _settings(corpus=corpus, eval_text=eval_text, calib_text=calib_text, seqlen=seqlen,
                          max_windows=max_windows, batch_size=batch_size, dtype=dtype, device=device, seed=seed,
-                         nsamples=nsamples, calib_seqlen=calib_seqlen, recover_steps=recover_steps,
+                         **_calibration(structure, nsamples, calib_seqlen), recover_steps=recover_steps,
                          recover_lr=recover_lr, threads=threads, latency_engine=latency_engine,
                          deploy=_deploy(export, export_type, embedding_type),
                          **_measurement(tasks, limit, prompt_length, generation_length, latency, generation,
@@ -392,7 +409,7 @@ def compress(
                                owl_lambda=owl_lambda, normalize=normalize, latency_aware=latency_aware,
                                num_candidate_sublayers=num_candidate_sublayers,
                                in_comp_tuning_ratio=in_comp_tuning_ratio, damping_coefficient=damping_coefficient,
-                               tuning_sublayer=tuning_sublayer, update_tuned_weights=update_tuned_weights,
+                               direction=direction, tuning_sublayer=tuning_sublayer, update_tuned_weights=update_tuned_weights,
                                num_checkpoints=num_checkpoints, checkpointing_on_cpu=checkpointing_on_cpu,
                                **_width_params(attn_layers, mlp_layers, channel_multiple, taylor_seq_len, rl_steps,
                                                rl_algo, rl_w_acc, rl_alpha, rl_beta, rl_gamma, rl_delta,
@@ -515,7 +532,7 @@ def plan(
     calib_text: CalibText = None,
     seqlen: Seqlen = 512,
     seed: Seed = 0,
-    nsamples: Nsamples = 128,
+    nsamples: Nsamples = None,
     calib_seqlen: CalibSeqlen = None,
     nm: NM = None,
     epsilon: Epsilon = None,
@@ -553,8 +570,8 @@ def plan(
     from .pipeline import plan_to_file
 
     budget = _budget(structure, sparsity, target_speedup, num_remove_sublayers, pruning_ratio, avg_bits, max_bytes)
-    settings = _settings(corpus=corpus, calib_text=calib_text, seqlen=seqlen, seed=seed, nsamples=nsamples,
-                         calib_seqlen=calib_seqlen, latency_engine=latency_engine)
+    settings = _settings(corpus=corpus, calib_text=calib_text, seqlen=seqlen, seed=seed,
+                         **_calibration(structure, nsamples, calib_seqlen), latency_engine=latency_engine)
     params = _allocator_params(epsilon=epsilon, metric=metric, metric_cache=metric_cache, owl_m=owl_m,
                                owl_lambda=owl_lambda, latency_aware=latency_aware,
                                num_candidate_sublayers=num_candidate_sublayers,
@@ -585,7 +602,7 @@ def apply(
     device: Device = "cpu",
     calib_text: CalibText = None,
     seed: Seed = 0,
-    nsamples: Nsamples = 128,
+    nsamples: Nsamples = None,
     calib_seqlen: CalibSeqlen = None,
     tasks: Tasks = None,
     limit: Limit = None,
@@ -598,7 +615,7 @@ def apply(
 
     settings = _settings(corpus=corpus, eval_text=eval_text, calib_text=calib_text, seqlen=seqlen,
                          max_windows=max_windows, batch_size=batch_size, dtype=dtype, device=device, seed=seed,
-                         nsamples=nsamples, calib_seqlen=calib_seqlen,
+                         **_calibration("", nsamples, calib_seqlen),
                          **_measurement(tasks, limit, prompt_length, generation_length, latency))
     record = apply_plan_file(model, plan_file, settings, out, overwrite)
     _print_compression_table(record, out)

@@ -34,13 +34,18 @@ class SparsifyAction(BaseModel):
 
 
 class TuneSpec(BaseModel):
-    """In-compression tuning done with a removal: refit ``ratio`` of ``unit``'s input channels by ridge
-    least squares on the calibration data (``damping`` relative to the mean diagonal of XᵀX)."""
+    """In-compression tuning done with a removal: refit ``ratio`` of ``unit``'s output rows (``out_channel``,
+    SPRINT's default) or input columns (``in_channel``) by least squares on the calibration data.
+
+    ``damping`` is absolute, as in SPRINT's code, unless ``damping_relative`` (plans written before
+    the reference's convention was adopted: relative to the mean diagonal of XᵀX, input columns)."""
 
     model_config = ConfigDict(extra="forbid")
     unit: str
     ratio: float = Field(gt=0.0, le=1.0)
     damping: float = Field(0.01, ge=0.0)
+    direction: Literal["out_channel", "in_channel"] = "in_channel"
+    damping_relative: bool = True
 
 
 class RemoveAction(BaseModel):

@@ -15,6 +15,7 @@ from typing import Any, Callable, Optional
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from ..config import Budget
 from ..cost.latency_table import LatencyTable
@@ -86,6 +87,17 @@ class RemovalSearch:
         self.started = time.perf_counter()
         self.paused = 0.0
         self._stack = contextlib.ExitStack()
+        goal = (f"{budget.remove_sublayers} removals" if budget.remove_sublayers is not None
+                else f"{budget.target_speedup:g}x predicted")
+        self.bar = tqdm(total=100, desc=f"depth search to {goal}", disable=None,
+                        bar_format="{desc}: {percentage:3.0f}%|{bar}| {postfix} [{elapsed}<{remaining}]")
+
+    def progress(self) -> float:
+        """Share of the way to the budget: removals made, or predicted time saved over the time to save."""
+        if self.budget.remove_sublayers is not None:
+            return len(self.removed) / self.budget.remove_sublayers
+        wanted = 1.0 - 1.0 / self.budget.target_speedup
+        return min(1.0, (1.0 - 1.0 / self.predicted_speedup()) / wanted) if wanted > 0 else 1.0
 
     def predicted_speedup(self, extra: list[str] = ()) -> float:
         return self.context.latency.predicted_speedup([self.kinds[n] for n in [*self.removed, *extra]])
@@ -121,6 +133,8 @@ class RemovalSearch:
         self.removed.extend(names)
         step = DepthStep(list(names), round(self.predicted_speedup(), 4), self.elapsed(), score)
         self.steps.append(step)
+        self.bar.update(round(100 * self.progress()) - self.bar.n)
+        self.bar.set_postfix_str(f"{len(self.removed)} removed, {step.predicted_speedup:.2f}x", refresh=True)
         if self.context.on_step is not None:
             paused = time.perf_counter()
             self.context.on_step(step, list(self.removed))
@@ -131,6 +145,7 @@ class RemovalSearch:
         return round(time.perf_counter() - self.started - self.paused, 3)
 
     def close(self) -> None:
+        self.bar.close()
         self._stack.close()
 
     def allocation(self, params: dict[str, Any], details: dict[str, Any] | None = None,

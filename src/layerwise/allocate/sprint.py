@@ -1,7 +1,8 @@
 """``sprint``: SPRINT's sublayer search. Each step scores every remaining attention/MLP sublayer by the
 distance its removal causes at the output of the next MLP (the sublayer that would be tuned), divides by
 the latency it saves (latency-aware), rescores the best few after in-compression tuning of that MLP's
-output projection (tunability-aware), and removes the best. Scores are only recomputed where the last
+output projection (tunability-aware; by default every output row refitted over all inputs, undamped, 5
+candidates, as the reference code's defaults), and removes the best. Scores are only recomputed where the last
 removal can have changed them, sweeping once from the nearest activation checkpoint.
 """
 
@@ -12,7 +13,7 @@ import contextlib
 import torch
 from tqdm.auto import tqdm
 
-from ..backends.tuning import measurement_end, swapped_columns, tune_for_removal
+from ..backends.tuning import DIRECTIONS, measurement_end, swapped_slice, tune_for_removal
 from ..config import Budget
 from ..errors import BudgetError
 from ..profile.distance import DISTANCES, mean_distance
@@ -26,7 +27,7 @@ def sensitivity(stream: SublayerStream, states: States, position: int, metric: s
     with ``fit``, the model without it uses the tuned columns (the reference keeps the original weights)."""
     _, end = measurement_end(stream, position)
     reference = stream.run(states, position, end)
-    tuned = swapped_columns(fit["module"], fit["columns"], fit["values"]) if fit else contextlib.nullcontext()
+    tuned = swapped_slice(fit["module"], fit["dim"], fit["index"], fit["values"]) if fit else contextlib.nullcontext()
     with tuned:
         pruned = stream.run(states, position, end, skip={position})
     return mean_distance(metric, reference, pruned, normalize)
@@ -39,12 +40,13 @@ def sprint(
     metric: str = "l2-sentence",
     normalize: bool = False,
     latency_aware: bool = True,
-    num_candidate_sublayers: int = 4,
-    in_comp_tuning_ratio: float = 0.1,
-    damping_coefficient: float = 0.01,
+    num_candidate_sublayers: int = 5,
+    in_comp_tuning_ratio: float = 1.0,
+    damping_coefficient: float = 0.0,
+    direction: str = "out_channel",
     tuning_sublayer: str = "mlp",
     update_tuned_weights: bool = True,
-    num_checkpoints: int = 4,
+    num_checkpoints: int = 8,
     checkpointing_on_cpu: bool = False,
 ) -> DepthAllocation:
     """SPRINT: latency- and tunability-aware greedy removal until the budget holds."""
@@ -53,9 +55,13 @@ def sprint(
         raise BudgetError(f"--tuning-sublayer must be mlp (got '{tuning_sublayer}'); SPRINT tunes MLP outputs.")
     if not 0.0 < in_comp_tuning_ratio <= 1.0:
         raise BudgetError(f"--in-comp-tuning-ratio must lie in (0, 1] (got {in_comp_tuning_ratio}).")
+    if direction not in DIRECTIONS:
+        raise BudgetError(f"--direction must be one of {', '.join(DIRECTIONS)} (got '{direction}').")
+    if damping_coefficient < 0:
+        raise BudgetError(f"--damping-coefficient must be >= 0 (got {damping_coefficient}).")
     params = {"metric": metric, "normalize": normalize, "latency_aware": latency_aware,
               "num_candidate_sublayers": num_candidate_sublayers, "in_comp_tuning_ratio": in_comp_tuning_ratio,
-              "damping_coefficient": damping_coefficient, "tuning_sublayer": "mlp",
+              "damping_coefficient": damping_coefficient, "direction": direction, "tuning_sublayer": "mlp",
               "update_tuned_weights": update_tuned_weights, "num_checkpoints": num_checkpoints,
               "checkpointing_on_cpu": checkpointing_on_cpu}
     search = RemovalSearch(context, budget)
@@ -81,7 +87,7 @@ def sprint(
                 for position in ranked[:num_candidate_sublayers]:
                     states = stream.states_at(position)
                     candidate_fit = tune_for_removal(stream, states, position, in_comp_tuning_ratio,
-                                                     damping_coefficient)
+                                                     damping_coefficient, direction)
                     if candidate_fit is None:
                         score = importance(position, sensitivities[position])
                     else:
@@ -95,8 +101,9 @@ def sprint(
                           "tuned": fit["unit"] if fit else None,
                           "tuning_error": [fit["error_before"], fit["error_after"]] if fit else None})
             if fit is not None and update_tuned_weights:
-                search.enter(swapped_columns(fit["module"], fit["columns"], fit["values"]))
-                tuning[name] = {"unit": fit["unit"], "ratio": in_comp_tuning_ratio, "damping": damping_coefficient}
+                search.enter(swapped_slice(fit["module"], fit["dim"], fit["index"], fit["values"]))
+                tuning[name] = {"unit": fit["unit"], "ratio": in_comp_tuning_ratio, "damping": damping_coefficient,
+                                "direction": direction, "damping_relative": False}
             search.record([name], chosen_score)
             sensitivities.pop(chosen)
             stream.refresh(chosen)

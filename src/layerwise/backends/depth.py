@@ -41,12 +41,13 @@ def remove_sublayers_op(model: nn.Module, actions: list[Action], context: ApplyC
     for action in actions:
         position = stream.position_of(action.unit)
         if action.tune is not None:
-            fit = tune_for_removal(stream, stream.states_at(position), position, action.tune.ratio,
-                                   action.tune.damping)
+            tune = action.tune
+            fit = tune_for_removal(stream, stream.states_at(position), position, tune.ratio, tune.damping,
+                                   tune.direction, tune.damping_relative)
             if fit is None or fit["unit"] != action.tune.unit:
                 raise PlanError(f"The plan tunes {action.tune.unit} for {action.unit}, but that is not the MLP "
                                 "following it in this model.")
-            fit["module"].weight.data[:, fit["columns"]] = fit["values"].to(fit["module"].weight.dtype)
+            fit["module"].weight.data.index_copy_(fit["dim"], fit["index"], fit["values"])
         remove_sublayers(model, [action.unit])
         stream.refresh(position)
 

@@ -29,17 +29,25 @@ def group_bounds(in_features: int, group_size: int | None) -> list[tuple[int, in
 
 
 def quant_params(w: torch.Tensor, bits: int, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row (scale, zero) of the block ``w`` [rows, columns], GPTQ's convention (the range includes 0)."""
+    """Per-row (scale, zero) of the block ``w`` [rows, columns]; the range always includes 0.
+
+    Asymmetric: GPTQ's convention, (max - min) / (2^b - 1) with an integer zero point. Symmetric: the
+    largest magnitude maps exactly to ±(2^(b-1) - 1) around the zero 2^(b-1) (absmax / 7 at 4 bits), so a
+    group's extreme weight is kept exactly. GPTQ's own absmax / 7.5 puts that weight on a rounding tie
+    (±7.5 steps) which float16 scales break either way; on smollm2-135m W4 g64 that choice alone moved
+    wiki perplexity from 74.5 (ties rounded out to -8) to 68.9 (in to -7, compressed-tensors' float32
+    arithmetic) and 64.9 (absmax / 7, see benchmarks/RESULTS.md)."""
     maxq = 2**bits - 1
     low = torch.clamp(w.min(dim=1).values, max=0.0)
     high = torch.clamp(w.max(dim=1).values, min=0.0)
     if symmetric:
-        high = torch.maximum(low.abs(), high)
-        low = -high
+        absmax = torch.maximum(low.abs(), high)
+        scale = torch.where(absmax == 0, torch.ones_like(absmax), absmax) / (maxq // 2)
+        return scale.to(torch.float16).float(), torch.full_like(scale, (maxq + 1) / 2)
     flat = (low == 0) & (high == 0)
     low, high = torch.where(flat, -torch.ones_like(low), low), torch.where(flat, torch.ones_like(high), high)
     scale = (high - low) / maxq
-    zero = torch.full_like(scale, (maxq + 1) / 2) if symmetric else torch.round(-low / scale)
+    zero = torch.round(-low / scale)
     return scale.to(torch.float16).float(), zero  # the scale as stored, so codes are chosen against it
 
 

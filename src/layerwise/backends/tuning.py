@@ -1,17 +1,27 @@
 """SPRINT's in-compression tuning: after a sublayer is removed, refit part of the next MLP's output projection
-by ridge least squares so that MLP's output matches the unpruned model's again.
+by least squares so that MLP's output matches the unpruned model's again.
 
 With ``X`` the pruned model's inputs to ``down_proj``, ``R`` the residual stream entering that MLP and ``Y``
-the unpruned stream leaving it, the MLP should give ``Y - R = X Wᵀ``. A fraction of ``W``'s input channels
-(those with the largest |W|·‖X‖) is refitted, the other columns fixed:
-``min ‖(Y - R - X₋ W₋ᵀ) - X_S W_Sᵀ‖² + λ‖W_S - W_S⁰‖²``, from the Gram statistics only (no activations kept).
+the unpruned stream leaving it, the MLP should give ``Y - R = X Wᵀ``. Two ways to choose what is refitted,
+as SPRINT's code offers them (``direction``):
+
+- ``out_channel`` (the reference's default): the ``ratio`` share of output rows with the largest
+  Σ_in |W|·‖X_col‖, each refitted over every input: ``min ‖(Y - R)_S - X W_Sᵀ‖²``;
+- ``in_channel``: the input columns with the largest Σ_out |W|·‖X_col‖, the other columns held fixed
+  (their contribution is subtracted from the target, which the reference omits):
+  ``min ‖(Y - R - X₋ W₋ᵀ) - X_S W_Sᵀ‖²``.
+
+Damping ``c`` is absolute as in the reference: the normal equations ``G w = b`` are stacked over
+``c·I w = c·w⁰`` and solved by least squares (``min ‖G w - b‖² + c²‖w - w⁰‖²``); plans written before
+that convention was adopted used a ridge relative to the mean diagonal of XᵀX and still replay so.
+Everything comes from the Gram statistics (no activations kept).
 """
 
 from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
@@ -51,39 +61,87 @@ def projection_error(weight: torch.Tensor, stats: ProjectionStats) -> float:
     return stats.target_sq - 2 * float((w * stats.cross.T).sum()) + float(((w @ stats.gram) * w).sum())
 
 
-def select_columns(weight: torch.Tensor, stats: ProjectionStats, ratio: float) -> torch.Tensor:
-    """Input channels to refit: the ``ratio`` share with the largest Σ_rows |W|·‖X_col‖."""
-    score = (weight.abs().double() * stats.gram.diagonal().clamp_min(0).sqrt()).sum(dim=0)
-    count = max(1, min(weight.shape[1], round(ratio * weight.shape[1])))
+def _channel_scores(weight: torch.Tensor, stats: ProjectionStats, dim: int) -> torch.Tensor:
+    """SPRINT's channel score, |W|·‖X_col‖ summed along ``dim`` (0: per input column, 1: per output row)."""
+    return (weight.abs().double() * stats.gram.diagonal().clamp_min(0).sqrt()).sum(dim=dim)
+
+
+def _top(score: torch.Tensor, ratio: float) -> torch.Tensor:
+    count = max(1, min(score.numel(), round(ratio * score.numel())))
     return score.topk(count).indices.sort().values
 
 
-def fit_columns(weight: torch.Tensor, stats: ProjectionStats, columns: torch.Tensor, damping: float) -> torch.Tensor:
-    """Refitted values of ``weight[:, columns]``; ``damping`` is relative to the mean diagonal of XᵀX."""
+def _damped_solve(gram: torch.Tensor, rhs: torch.Tensor, start: torch.Tensor, damping: float,
+                  relative: bool) -> torch.Tensor:
+    """Solve ``gram · w = rhs`` pulled towards ``start`` (all [k, ·]); see the module docstring."""
+    if damping > 0 and relative:
+        lam = damping * float(gram.diagonal().mean())
+        eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
+        return torch.linalg.lstsq(gram + lam * eye, rhs + lam * start).solution
+    if damping > 0:
+        eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
+        return torch.linalg.lstsq(torch.cat([gram, damping * eye]), torch.cat([rhs, damping * start])).solution
+    return torch.linalg.lstsq(gram, rhs).solution
+
+
+def _fit_rows(weight: torch.Tensor, stats: ProjectionStats, rows: torch.Tensor, damping: float,
+              relative: bool) -> torch.Tensor:
+    """Refitted ``weight[rows, :]`` over every input column."""
+    w = weight.double()
+    return _damped_solve(stats.gram, stats.cross[:, rows], w[rows].T, damping, relative).T
+
+
+def _fit_columns(weight: torch.Tensor, stats: ProjectionStats, columns: torch.Tensor, damping: float,
+                 relative: bool) -> torch.Tensor:
+    """Refitted ``weight[:, columns]``, the other columns held fixed."""
     w = weight.double()
     keep = torch.ones(w.shape[1], dtype=torch.bool, device=w.device)
     keep[columns] = False
-    gram_ss = stats.gram[columns][:, columns]
     rhs = stats.cross[columns] - stats.gram[columns][:, keep] @ w[:, keep].T  # [|S|, d_out]
-    lam = damping * float(gram_ss.diagonal().mean()) if damping > 0 else 0.0
-    if lam > 0:
-        gram_ss = gram_ss + lam * torch.eye(len(columns), dtype=w.dtype, device=w.device)
-        rhs = rhs + lam * w[:, columns].T
-    solution = torch.linalg.lstsq(gram_ss, rhs).solution  # [|S|, d_out]
-    if not torch.isfinite(solution).all():
-        return weight[:, columns].clone()
-    return solution.T.to(weight.dtype)
+    return _damped_solve(stats.gram[columns][:, columns], rhs, w[:, columns].T, damping, relative).T
+
+
+@dataclass(frozen=True)
+class Direction:
+    """Which slice of ``down_proj`` a direction refits: ``dim`` 0 rows, 1 columns; how it scores and fits."""
+
+    dim: int
+    score_dim: int
+    fit: Callable[[torch.Tensor, ProjectionStats, torch.Tensor, float, bool], torch.Tensor]
+
+
+DIRECTIONS: dict[str, Direction] = {
+    "out_channel": Direction(dim=0, score_dim=1, fit=_fit_rows),
+    "in_channel": Direction(dim=1, score_dim=0, fit=_fit_columns),
+}
+
+
+def refit(weight: torch.Tensor, stats: ProjectionStats, ratio: float, damping: float, direction: str,
+          relative: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(indices along the direction's dim, their refitted values); the original values where the solve is
+    not finite, as the reference drops a failed tuning."""
+    spec = DIRECTIONS[direction]
+    index = _top(_channel_scores(weight, stats, spec.score_dim), ratio)
+    values = spec.fit(weight, stats, index, damping, relative)
+    if not torch.isfinite(values).all():
+        return index, weight.index_select(spec.dim, index).clone()
+    return index, values.to(weight.dtype)
+
+
+def patched(weight: torch.Tensor, dim: int, index: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """A copy of ``weight`` with ``values`` along ``dim`` at ``index``."""
+    return weight.index_copy(dim, index, values.to(weight.dtype))
 
 
 @contextlib.contextmanager
-def swapped_columns(linear: nn.Linear, columns: torch.Tensor, values: torch.Tensor) -> Iterator[None]:
-    """Use ``values`` for ``linear.weight[:, columns]`` inside the block, then restore the original."""
-    original = linear.weight.data[:, columns].clone()
-    linear.weight.data[:, columns] = values.to(linear.weight.dtype)
+def swapped_slice(linear: nn.Linear, dim: int, index: torch.Tensor, values: torch.Tensor) -> Iterator[None]:
+    """Use ``values`` for ``linear.weight`` along ``dim`` at ``index`` inside the block, then restore it."""
+    original = linear.weight.data.index_select(dim, index)
+    linear.weight.data.index_copy_(dim, index, values.to(linear.weight.dtype))
     try:
         yield
     finally:
-        linear.weight.data[:, columns] = original
+        linear.weight.data.index_copy_(dim, index, original)
 
 
 @contextlib.contextmanager
@@ -104,12 +162,12 @@ def measurement_end(stream: SublayerStream, position: int) -> tuple[int | None, 
 
 
 @torch.no_grad()
-def tune_for_removal(stream: SublayerStream, states: States, position: int, ratio: float,
-                     damping: float) -> dict | None:
+def tune_for_removal(stream: SublayerStream, states: States, position: int, ratio: float, damping: float,
+                     direction: str = "out_channel", relative_damping: bool = False) -> dict | None:
     """Fit the next MLP's output projection for the removal at ``position`` (None when no MLP follows).
 
-    Returns the tuned columns and values plus the projection error before and after, on the calibration
-    tokens: the quantity the least-squares step minimises.
+    Returns the refitted slice (``dim``, ``index``, ``values``) plus the projection error before and after,
+    on the calibration tokens: the quantity the least-squares step minimises.
     """
     adapter = stream.adapter
     if adapter.mlp_post_norm is not None or adapter.parallel_residual:
@@ -130,12 +188,11 @@ def tune_for_removal(stream: SublayerStream, states: States, position: int, rati
         with captured_input(down, inputs):
             stream.adapter.sublayer_forward(mlp, residual, kwargs)
         stats.add(inputs[0], target - residual)
-    columns = select_columns(down.weight.data, stats, ratio)
-    values = fit_columns(down.weight.data, stats, columns, damping)
-    tuned = down.weight.data.clone()
-    tuned[:, columns] = values
-    return {"unit": f"{mlp.name}.{_leaf(mlp, down)}", "module": down, "columns": columns, "values": values,
-            "error_before": projection_error(down.weight.data, stats), "error_after": projection_error(tuned, stats)}
+    dim = DIRECTIONS[direction].dim
+    index, values = refit(down.weight.data, stats, ratio, damping, direction, relative_damping)
+    return {"unit": f"{mlp.name}.{_leaf(mlp, down)}", "module": down, "dim": dim, "index": index,
+            "values": values, "error_before": projection_error(down.weight.data, stats),
+            "error_after": projection_error(patched(down.weight.data, dim, index, values), stats)}
 
 
 def _leaf(sublayer, linear) -> str:
