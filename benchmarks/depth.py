@@ -31,6 +31,11 @@ def main() -> None:
     parser.add_argument("--windows", type=int, default=30, help="wiki perplexity windows of 512 tokens")
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--merge", action="store_true",
+                        help="rerun only --methods; keep every other method's rows from results/depth.json, and the "
+                             "rerun methods' previous rows under '<method> (previous)'")
+    parser.add_argument("--previous-label", default="previous",
+                        help="with --merge: what the kept earlier rows of a rerun method are called")
     parser.add_argument("--remark", default="")
     args = parser.parse_args()
 
@@ -49,14 +54,24 @@ def main() -> None:
                  out=run_dir, overwrite=True, structure="depth", eval_speedups=targets[:-1])
         print(f"{method}: done", flush=True)
     records = {m: json.loads((args.out / m / "result.json").read_text()) for m in args.methods.split(",")}
+    if args.merge:
+        saved = json.loads((Path(__file__).resolve().parent / "results" / "depth.json").read_text())
+        merged = {}
+        for method, record in saved.items():
+            if method in records:
+                merged[method] = records[method]
+                merged[f"{method} ({args.previous_label})"] = record
+            elif "(" not in method:  # an older kept row is not carried twice
+                merged[method] = record
+        records = {**merged, **{m: r for m, r in records.items() if m not in merged}}
     write_results(records, targets, args)
 
 
-def points(record: dict) -> list[dict]:
+def points(record: dict, last_target: float) -> list[dict]:
     """The evaluated steps of one search: its milestones, then the final model (applied and reloaded)."""
     metrics = record["metrics"]
     steps = [{**m, "target": m["milestones"][0]} for m in metrics["milestones"]]
-    final = {"target": record["budget"]["target_speedup"], "removed": metrics["removed_sublayers"],
+    final = {"target": (record.get("budget") or {}).get("target_speedup") or last_target, "removed": metrics["removed_sublayers"],
              "predicted_speedup": metrics["predicted_speedup"], "pruning_s": metrics["pruning_s"],
              "ppl": metrics["ppl"], "speedup": metrics["speedup"]}
     return steps + [final]
@@ -66,7 +81,7 @@ def write_results(records: dict[str, dict], targets: list[float], args: argparse
     rows, summary = [], {}
     dense_ppl = next(iter(records.values()))["metrics"]["dense_ppl"]
     for method, record in records.items():
-        for point in points(record):
+        for point in points(record, max(targets)):
             speedup = point["speedup"] or {}
             rows.append([method, f"{point['target']:.1f}", len(point["removed"]), f"{point['predicted_speedup']:.2f}",
                          f"{speedup.get('total', float('nan')):.2f}", f"{speedup.get('prefill', float('nan')):.2f}",
@@ -90,7 +105,7 @@ def write_results(records: dict[str, dict], targets: list[float], args: argparse
                           "pruning (s)"], rows)
         + "\n" + findings(summary, records, targets)
     )
-    data = {m: {"metrics": r["metrics"], "plan": r["plan"]} for m, r in records.items()}
+    data = {m: {"metrics": r["metrics"], "plan": r["plan"], "budget": r.get("budget")} for m, r in records.items()}
     write_section("depth", markdown, data, args.remark)
 
 
@@ -100,6 +115,14 @@ def findings(summary: dict, records: dict, targets: list[float]) -> str:
         ranked = sorted((m for m in records if (m, target) in summary), key=lambda m: summary[(m, target)]["ppl"])
         lines.append(f"- at {target:.1f}x: best perplexity {ranked[0]} ({summary[(ranked[0], target)]['ppl']:.2f}); "
                      + ", ".join(f"{m} {summary[(m, target)]['ppl']:.2f}" for m in ranked[1:]))
+    previous = [m for m in records if m.startswith("sprint (")]
+    for method in previous:
+        for target in targets:
+            if ("sprint", target) in summary and (method, target) in summary:
+                new, old = summary[("sprint", target)]["ppl"], summary[(method, target)]["ppl"]
+                lines.append(f"- at {target:.1f}x, sprint with the reference's tuning defaults {new:.2f} vs "
+                             f"{method} {old:.2f}: the reference's defaults are "
+                             f"{'better' if new < old else 'worse'}.")
     if "sprint" in records and "sleb" in records:
         sprint_s, sleb_s = records["sprint"]["metrics"]["pruning_s"], records["sleb"]["metrics"]["pruning_s"]
         holds = "holds" if sprint_s < sleb_s else "does not hold"
