@@ -8,6 +8,7 @@ benchmarks/RESULTS.md and benchmarks/results/unstructured.json (after every run,
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import json
 import os
 import sys
@@ -19,7 +20,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from results_table import HERE, markdown_table, write_section  # noqa: E402
 
-METHODS = ["wanda", "magnitude", "sparsegpt"]  # wanda first: its first run measures the cold profile
+# wanda (sequential, the default) and wanda-one-pass (every norm from one profile of the dense model, as
+# this grid computed "wanda" before sequential became the default); wanda-one-pass first: its first run
+# measures the cold profile
+METHODS = ["wanda-one-pass", "wanda", "magnitude", "sparsegpt"]
 ALLOCATORS = ["uniform", "owl", "alpha"]
 SPARSITIES = [0.5, 0.6, 0.7]
 PARTIAL = HERE / "results" / "unstructured.partial.json"
@@ -32,6 +36,7 @@ def main() -> None:
     parser.add_argument("--nsamples", type=int, default=128)
     parser.add_argument("--resume", action="store_true", help="keep finished runs from the partial JSON")
     parser.add_argument("--report-only", action="store_true", help="only write the table from the partial JSON")
+    parser.add_argument("--only", default="*", help="run only the keys method/allocator/sparsity matching this glob")
     parser.add_argument("--remark", default="", help="a sentence about this run printed under the table")
     args = parser.parse_args()
     if args.report_only:
@@ -76,7 +81,7 @@ def main() -> None:
         for method in METHODS:
             for allocator in ALLOCATORS:
                 key = f"{method}/{allocator}/{sparsity}"
-                if key in state["runs"]:
+                if key in state["runs"] or not fnmatch.fnmatch(key, args.only):
                     continue
                 loaded = layerwise.load(args.model)
                 source = CalibrationSource(loaded, settings)
@@ -113,12 +118,12 @@ def write_results(state: dict, args: argparse.Namespace) -> None:
                 rows.append([method, allocator, f"{sparsity:.0%}", f"{run['wiki']:.2f}",
                              f"{run['ptb']:.2f}" if "ptb" in run else "", f"{run['compress_s']:.1f}"])
     ref = dense["forward_s"]
-    wanda_cold = runs["wanda/uniform/0.5"]
-    alpha_cold = runs["wanda/alpha/0.5"]
+    wanda_cold = runs["wanda-one-pass/uniform/0.5"]
+    alpha_cold = runs["wanda-one-pass/alpha/0.5"]
     sgpt = runs["sparsegpt/uniform/0.5"]
     speed = [
         ["dense forward over the calibration windows (reference)", f"{ref:.1f}", "1.00", ""],
-        ["wanda 50%, end to end (profile cold + plan + apply)", f"{wanda_cold['compress_s']:.1f}",
+        ["wanda-one-pass 50%, end to end (profile cold + plan + apply)", f"{wanda_cold['compress_s']:.1f}",
          f"{wanda_cold['compress_s'] / ref:.2f}", "<= 1.5"],
         ["sparsegpt 50% (sequential calibration + OBS updates)", f"{sgpt['compress_s']:.1f}",
          f"{sgpt['compress_s'] / ref:.2f}", "<= 4"],
@@ -135,7 +140,11 @@ def write_results(state: dict, args: argparse.Namespace) -> None:
         f"({protocol['predicted_tokens']:,} predicted tokens) of each evaluation split (wiki: the 10 evaluation "
         "articles; ptb: treebank test), the same windows for every row; calibration: "
         f"{args.nsamples} x 512-token windows of the wiki calibration split, seed 0. OWL: M=5, lambda=0.08; "
-        "alpha: alpha_peak, epsilon=0.2. Time = plan + apply, profile included when computed (cold cache).\n\n"
+        "alpha: alpha_peak, epsilon=0.2. `wanda` is sequential, as Wanda's own code (and OWL's and "
+        "AlphaPruning's copies) prunes: block by block, each block's norms taken on the outputs of the blocks "
+        "already pruned before it; `wanda-one-pass` takes every norm from one profile of the dense model (what "
+        "this grid called wanda before sequential became the default). Time = plan + apply, profile included "
+        "when computed (cold cache).\n\n"
         + markdown_table(["method", "allocator", "sparsity", "wiki PPL", "ptb PPL", "time (s)"], rows)
         + "\nSpeed, as ratios to one dense forward pass over the same calibration tokens (2 CPU cores, fp32):\n\n"
         + markdown_table(["step", "seconds", "ratio", "target"], speed)
@@ -159,11 +168,13 @@ def findings(runs: dict) -> str:
         return f"- `{better}` ({a:.2f}) below `{worse}` ({b:.2f}): {holds}.\n"
 
     lines = "Published orderings at 70% (wiki PPL, lower is better):\n\n"
-    lines += verdict("wanda/alpha/0.7", "wanda/uniform/0.7")
-    lines += verdict("wanda/owl/0.7", "wanda/uniform/0.7")
-    lines += verdict("sparsegpt/uniform/0.7", "wanda/uniform/0.7")
+    for wanda in ("wanda", "wanda-one-pass"):
+        lines += verdict(f"{wanda}/alpha/0.7", f"{wanda}/uniform/0.7")
+        lines += verdict(f"{wanda}/owl/0.7", f"{wanda}/uniform/0.7")
+        lines += verdict("sparsegpt/uniform/0.7", f"{wanda}/uniform/0.7")
     for allocator in ("owl", "alpha"):
-        blocks = (runs.get(f"wanda/{allocator}/0.7") or {}).get("block_sparsity")
+        blocks = next((runs[k]["block_sparsity"] for k in (f"wanda/{allocator}/0.7", f"wanda-one-pass/{allocator}/0.7")
+                       if runs.get(k, {}).get("block_sparsity")), None)
         if blocks:
             values = [blocks[k] for k in sorted(blocks, key=int)]
             third = len(values) // 3
