@@ -58,6 +58,8 @@ def _no_architecture(plan: dict) -> None:
 
 QUANT = ["compress", "--model", "tiny-llama", "--structure", "quant"]
 DEPTH = ["compress", "--model", "tiny-llama", "--structure", "depth", "--allocator", "drop-last"]
+SPRINT = ["compress", "--model", "tiny-llama", "--structure", "depth", "--allocator", "sprint",
+          "--num-remove-sublayers", "1"]
 WIDTH = ["compress", "--model", "tiny-llama", "--structure", "width"]
 RL = [*QUANT, "--allocator", "automp-rl", "--bits", "3,4,8", "--avg-bits", "4.5"]
 
@@ -87,6 +89,9 @@ CASES = {
     "remove 0 sublayers": (lambda p: [*DEPTH, "--num-remove-sublayers", "0"], "--num-remove-sublayers must be at least 1"),
     "remove more sublayers than exist": (lambda p: [*DEPTH, "--num-remove-sublayers", "99"],
                                          "cannot remove 99 sublayers"),
+    "sprint direction": (lambda p: [*SPRINT, "--direction", "sideways"], "--direction must be one of out_channel"),
+    "sprint negative damping": (lambda p: [*SPRINT, "--damping-coefficient", "-1"],
+                                "--damping-coefficient must be >= 0"),
     "pruning ratio 0": (lambda p: [*WIDTH, "--pruning-ratio", "0"], "--pruning-ratio must lie in (0, 1)"),
     "pruning ratio 1": (lambda p: [*WIDTH, "--pruning-ratio", "1"], "--pruning-ratio must lie in (0, 1)"),
     "max windows 0": (lambda p: ["compress", "--model", "tiny-llama", "--max-windows", "0"],
