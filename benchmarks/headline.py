@@ -42,6 +42,11 @@ QUANT = [f"--structure quant --nsamples 32 {options}" for options in (
 SECTIONS = {"unstructured": UNSTRUCTURED, "width": WIDTH, "depth": DEPTH, "quant": QUANT}
 
 
+def run_dir_name(options: str) -> str:
+    """The directory (under --out) that the row with these compress options is saved in."""
+    return options.replace("--", "").replace(" ", "_").replace(",", "-")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", type=Path, required=True, help="directory for the saved runs")
@@ -56,7 +61,7 @@ def main() -> None:
         for options in SECTIONS[section]:
             if options in state["rows"]:
                 continue
-            run_dir = args.out / options.replace("--", "").replace(" ", "_").replace(",", "-")
+            run_dir = args.out / run_dir_name(options)
             command = f"layerwise compress --model {args.model} {options} --no-latency --out {run_dir} --overwrite"
             start = time.perf_counter()
             subprocess.run([str(layerwise), *shlex.split(command)[1:]], check=True)

@@ -36,6 +36,9 @@ def main() -> None:
     parser.add_argument("--nsamples", type=int, default=128)
     parser.add_argument("--resume", action="store_true", help="keep finished runs from the partial JSON")
     parser.add_argument("--report-only", action="store_true", help="only write the table from the partial JSON")
+    parser.add_argument("--from-runs", type=Path, default=None,
+                        help="take the compressed models of the matching keys from this headline.py --out directory "
+                             "(the same compress command at 128 windows) and only evaluate them here")
     parser.add_argument("--only", default="*", help="run only the keys method/allocator/sparsity matching this glob")
     parser.add_argument("--remark", default="", help="a sentence about this run printed under the table")
     args = parser.parse_args()
@@ -83,6 +86,16 @@ def main() -> None:
                 key = f"{method}/{allocator}/{sparsity}"
                 if key in state["runs"] or not fnmatch.fnmatch(key, args.only):
                     continue
+                if args.from_runs is not None:
+                    from headline import run_dir_name
+
+                    options = f"--method {method} --allocator {allocator} --sparsity {sparsity:g} --nsamples {args.nsamples}"
+                    saved = layerwise.load(str(args.from_runs / run_dir_name(options)))
+                    state["runs"][key] = {"method": method, "allocator": allocator, "sparsity": sparsity,
+                                          "wiki": ppl(saved, wiki), "ptb": ppl(saved, ptb), "from_run": options}
+                    save()
+                    print(f"{key}: wiki {state['runs'][key]['wiki']:.2f} (saved run)")
+                    continue
                 loaded = layerwise.load(args.model)
                 source = CalibrationSource(loaded, settings)
                 start = time.perf_counter()
@@ -116,7 +129,8 @@ def write_results(state: dict, args: argparse.Namespace) -> None:
                     rows.append([method, allocator, f"{sparsity:.0%}", "not run", "", ""])
                     continue
                 rows.append([method, allocator, f"{sparsity:.0%}", f"{run['wiki']:.2f}",
-                             f"{run['ptb']:.2f}" if "ptb" in run else "", f"{run['compress_s']:.1f}"])
+                             f"{run['ptb']:.2f}" if "ptb" in run else "",
+                             f"{run['compress_s']:.1f}" if "compress_s" in run else "see headline"])
     ref = dense["forward_s"]
     wanda_cold = runs["wanda-one-pass/uniform/0.5"]
     alpha_cold = runs["wanda-one-pass/alpha/0.5"]
@@ -149,6 +163,12 @@ def write_results(state: dict, args: argparse.Namespace) -> None:
         + "\nSpeed, as ratios to one dense forward pass over the same calibration tokens (2 CPU cores, fp32):\n\n"
         + markdown_table(["step", "seconds", "ratio", "target"], speed)
     )
+    reused = sorted(k for k, r in runs.items() if "from_run" in r)
+    if reused:
+        markdown += ("\nRows with time 'see headline' (" + ", ".join(reused) + ") are the models "
+                     "`benchmarks/headline.py` compressed with the same command and calibration (its time column "
+                     "has their compress time), evaluated here on the quick grid's windows "
+                     "(`--from-runs DIR --only PATTERN`).\n")
     markdown += "\n" + findings(runs)
     write_section("unstructured", markdown, state, args.remark)
     print(markdown)
