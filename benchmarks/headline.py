@@ -92,7 +92,7 @@ def write_results(state: dict, args: argparse.Namespace) -> None:
         f"{140 * 511:,} predicted tokens; the windows column is what each run recorded). The "
         "per-structure sections below score the same methods on the first 30 windows (a quick grid, dense "
         "44.25) and also measure speed; this table is the one to quote. Calibration: wiki calibration split, "
-        "seed 0, the sample counts shown. automp-rl is one seed (0) here. Time = the whole command (load, "
+        "seed 0, the sample counts shown. Time = the whole command (load, "
         "plan, apply, evaluate, save) with the caches of earlier rows warm.\n\n"
         + markdown_table(["structure", "options", "windows", "wiki PPL", "time (s)"], table)
     )
