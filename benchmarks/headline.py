@@ -96,8 +96,39 @@ def write_results(state: dict, args: argparse.Namespace) -> None:
         "plan, apply, evaluate, save) with the caches of earlier rows warm.\n\n"
         + markdown_table(["structure", "options", "windows", "wiki PPL", "time (s)"], table)
     )
+    markdown += "\n" + orderings(rows)
     write_section("headline", markdown, state, args.remark)
     print(markdown)
+
+
+def _unstructured(method: str, allocator: str) -> str:
+    return f"--method {method} --allocator {allocator} --sparsity 0.7 --nsamples 128"
+
+
+ORDERINGS = [  # (better, worse, what the published work says), exact row options
+    (_unstructured("wanda", "owl"), _unstructured("wanda", "uniform"), "OWL below uniform, Wanda (OWL paper)"),
+    (_unstructured("wanda", "alpha"), _unstructured("wanda", "uniform"), "alpha below uniform, Wanda (AlphaPruning)"),
+    (_unstructured("sparsegpt", "uniform"), _unstructured("wanda", "uniform"), "SparseGPT below Wanda"),
+    (_unstructured("sparsegpt", "owl"), _unstructured("sparsegpt", "uniform"), "OWL below uniform, SparseGPT"),
+    (_unstructured("sparsegpt", "alpha"), _unstructured("sparsegpt", "uniform"), "alpha below uniform, SparseGPT"),
+    (WIDTH[2], WIDTH[0], "RL-Allocator below uniform width"),
+    (WIDTH[3], WIDTH[1], "RL-Refine below its adapt start"),
+    (DEPTH[0], DEPTH[1], "SPRINT below SLEB at the same speedup"),
+    (QUANT[5], QUANT[0], "GPTQ act-order below RTN"),
+    (QUANT[7], QUANT[0], "AWQ below RTN"),
+]
+
+
+def orderings(rows: dict) -> str:
+    """The published orderings among the headline rows, as measured here."""
+    lines = ["Published orderings on the full protocol (lower wiki PPL is better):", ""]
+    for better, worse, claim in ORDERINGS:
+        if better not in rows or worse not in rows:
+            lines.append(f"- {claim}: not run.")
+            continue
+        a, b = rows[better]["ppl"], rows[worse]["ppl"]
+        lines.append(f"- {claim}: {a:.2f} vs {b:.2f}, ratio {a / b:.3f}: {'holds' if a < b else 'does not hold'}.")
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":
