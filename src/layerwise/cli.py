@@ -56,10 +56,11 @@ NumRemove = Annotated[Optional[int], typer.Option("--num-remove-sublayers", help
 EvalSpeedups = Annotated[Optional[str], typer.Option("--eval-speedups", help="depth: also evaluate the search state at these predicted speedups, e.g. 1.2,1.4.")]
 Normalize = Annotated[Optional[bool], typer.Option("--normalize/--no-normalize", help="sprint: divide L2 distances by the reference norm.")]
 LatencyAware = Annotated[Optional[bool], typer.Option("--latency-aware/--no-latency-aware", help="sprint: divide sensitivity by the latency saved (default on).")]
-NumCandidates = Annotated[Optional[int], typer.Option("--num-candidate-sublayers", help="sprint: candidates rescored after tuning (default 5, as the reference; 0 = no tuning).")]
-TuningRatio = Annotated[Optional[float], typer.Option("--in-comp-tuning-ratio", help="sprint: share of the down projection's rows (out_channel) or columns (in_channel) refitted (default 1.0).")]
-Damping = Annotated[Optional[float], typer.Option("--damping-coefficient", help="sprint: absolute damping of the refit towards the original weights, as the reference (default 0).")]
-Direction = Annotated[Optional[str], typer.Option("--direction", help="sprint: refit down_proj's output rows (out_channel, default) or input columns (in_channel, the others held fixed).")]
+NumCandidates = Annotated[Optional[int], typer.Option("--num-candidate-sublayers", help="sprint: candidates rescored after tuning (default 4; the reference's 5; 0 = no tuning).")]
+TuningRatio = Annotated[Optional[float], typer.Option("--in-comp-tuning-ratio", help="sprint: share of the down projection's columns (in_channel) or rows (out_channel) refitted (default 0.1; the reference's 1.0).")]
+Damping = Annotated[Optional[float], typer.Option("--damping-coefficient", help="sprint: damping of the refit towards the original weights (default 0.01 relative; the reference's 0).")]
+RelativeDamping = Annotated[Optional[bool], typer.Option("--relative-damping/--absolute-damping", help="sprint: damping relative to mean diag(XᵀX) as a ridge (default), or absolute as the reference code stacks it.")]
+Direction = Annotated[Optional[str], typer.Option("--direction", help="sprint: refit down_proj's input columns, the others held fixed (in_channel, default) or its output rows over all inputs (out_channel, the reference's).")]
 TuningSublayer = Annotated[Optional[str], typer.Option("--tuning-sublayer", help="sprint: the sublayer tuned after a removal (mlp).")]
 UpdateTuned = Annotated[Optional[bool], typer.Option("--update-tuned-weights/--no-update-tuned-weights", help="sprint: keep the tuning of removed candidates (default on).")]
 NumCheckpoints = Annotated[Optional[int], typer.Option("--num-checkpoints", help="sprint: activation checkpoints along the model (default 8).")]
@@ -349,6 +350,7 @@ def compress(
     in_comp_tuning_ratio: TuningRatio = None,
     damping_coefficient: Damping = None,
     direction: Direction = None,
+    relative_damping: RelativeDamping = None,
     tuning_sublayer: TuningSublayer = None,
     update_tuned_weights: UpdateTuned = None,
     num_checkpoints: NumCheckpoints = None,
@@ -409,7 +411,8 @@ def compress(
                                owl_lambda=owl_lambda, normalize=normalize, latency_aware=latency_aware,
                                num_candidate_sublayers=num_candidate_sublayers,
                                in_comp_tuning_ratio=in_comp_tuning_ratio, damping_coefficient=damping_coefficient,
-                               direction=direction, tuning_sublayer=tuning_sublayer, update_tuned_weights=update_tuned_weights,
+                               direction=direction, relative_damping=relative_damping,
+                               tuning_sublayer=tuning_sublayer, update_tuned_weights=update_tuned_weights,
                                num_checkpoints=num_checkpoints, checkpointing_on_cpu=checkpointing_on_cpu,
                                **_width_params(attn_layers, mlp_layers, channel_multiple, taylor_seq_len, rl_steps,
                                                rl_algo, rl_w_acc, rl_alpha, rl_beta, rl_gamma, rl_delta,
