@@ -11,6 +11,7 @@ benchmarks/RESULTS.md and results/headline.json after every row, so an interrupt
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import json
 import shlex
 import subprocess
@@ -53,25 +54,29 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--only", default=",".join(SECTIONS), help="comma-separated sections to run")
     parser.add_argument("--resume", action="store_true", help="keep rows already in results/headline.json")
+    parser.add_argument("--match", default="*", help="run only rows whose options match one of these '|'-separated "
+                                                      "globs, in the order of the globs")
     parser.add_argument("--remark", default="")
     args = parser.parse_args()
     state = json.loads(STATE.read_text()) if args.resume and STATE.exists() else {"rows": {}}
     layerwise = Path(sys.executable).parent / "layerwise"
-    for section in args.only.split(","):
-        for options in SECTIONS[section]:
-            if options in state["rows"]:
-                continue
-            run_dir = args.out / run_dir_name(options)
-            command = f"layerwise compress --model {args.model} {options} --no-latency --out {run_dir} --overwrite"
-            start = time.perf_counter()
-            subprocess.run([str(layerwise), *shlex.split(command)[1:]], check=True)
-            record = json.loads((run_dir / "result.json").read_text())
-            state["rows"][options] = {"section": section, "wall_s": time.perf_counter() - start,
-                                      "ppl": record["metrics"]["ppl"], "dense_ppl": record["metrics"]["dense_ppl"],
-                                      "protocol": record["protocol"]}
-            STATE.parent.mkdir(exist_ok=True)
-            STATE.write_text(json.dumps(state, indent=1))
-            print(f"{options}: wiki {record['metrics']['ppl']:.2f}", flush=True)
+    wanted = [options for section in args.only.split(",") for options in SECTIONS[section]]
+    ordered = [o for pattern in args.match.split("|") for o in wanted if fnmatch.fnmatch(o, pattern)]
+    for options in dict.fromkeys(ordered):
+        section = next(name for name, rows in SECTIONS.items() if options in rows)
+        if options in state["rows"]:
+            continue
+        run_dir = args.out / run_dir_name(options)
+        command = f"layerwise compress --model {args.model} {options} --no-latency --out {run_dir} --overwrite"
+        start = time.perf_counter()
+        subprocess.run([str(layerwise), *shlex.split(command)[1:]], check=True)
+        record = json.loads((run_dir / "result.json").read_text())
+        state["rows"][options] = {"section": section, "wall_s": time.perf_counter() - start,
+                                  "ppl": record["metrics"]["ppl"], "dense_ppl": record["metrics"]["dense_ppl"],
+                                  "protocol": record["protocol"]}
+        STATE.parent.mkdir(exist_ok=True)
+        STATE.write_text(json.dumps(state, indent=1))
+        print(f"{options}: wiki {record['metrics']['ppl']:.2f}", flush=True)
     write_results(state, args)
 
 
