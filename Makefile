@@ -40,6 +40,7 @@ BENCH_OUT ?= $(or $(TMPDIR),/tmp)/layerwise-bench
 bench: $(STAMP)
 	$(BIN)/python benchmarks/foundation.py
 	$(BIN)/python benchmarks/calibration_cost.py --out $(BENCH_OUT)/calibration_cost
+	$(BIN)/python benchmarks/headline.py --out $(BENCH_OUT)/headline
 	$(BIN)/python benchmarks/unstructured.py
 	$(BIN)/python benchmarks/zeroshot.py --out $(BENCH_OUT)/zeroshot
 	$(BIN)/python benchmarks/depth.py --out $(BENCH_OUT)/depth
