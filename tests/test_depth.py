@@ -141,7 +141,7 @@ def test_least_squares_tuning_lowers_the_error_it_targets(tiny, source, directio
     with swapped_slice(fit["module"], dim, fit["index"], fit["values"]):
         assert torch.equal(down.index_select(dim, fit["index"]), fit["values"])
     assert not torch.equal(down.index_select(dim, fit["index"]), fit["values"])  # restored
-    assert tune_for_removal(stream, stream.states_at(7), 7, 0.25, damping, direction) is None  # nothing follows
+    assert tune_for_removal(stream, stream.states_at(7), 7, 0.25, damping, direction, relative) is None  # no MLP after
 
 
 def test_full_out_channel_refit_is_the_least_squares_optimum_and_damping_pulls_back(tiny, source):
@@ -153,13 +153,13 @@ def test_full_out_channel_refit_is_the_least_squares_optimum_and_damping_pulls_b
     true = torch.randn(4, 6, generator=generator)
     stats.add(x, x @ true.T + 0.01 * torch.randn(50, 4, generator=generator))
     weight = torch.randn(4, 6, generator=generator)
-    rows, values = refit(weight, stats, 1.0, 0.0, "out_channel")
+    rows, values = refit(weight, stats, 1.0, 0.0, "out_channel", relative=False)
     assert rows.tolist() == [0, 1, 2, 3]
     best = torch.linalg.solve(stats.gram, stats.cross).T  # the normal equations' solution
     assert torch.allclose(values.double(), best, atol=1e-4)
     assert projection_error(values, stats) <= projection_error(weight, stats)
     c = 5.0
-    _, damped = refit(weight, stats, 1.0, c, "out_channel")
+    _, damped = refit(weight, stats, 1.0, c, "out_channel", relative=False)
     w, w0 = damped.double().T, weight.double().T
     gradient = stats.gram @ (stats.gram @ w - stats.cross) + c * c * (w - w0)
     assert gradient.abs().max() < 1e-3 * (stats.gram @ stats.cross).abs().max()

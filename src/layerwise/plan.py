@@ -34,11 +34,10 @@ class SparsifyAction(BaseModel):
 
 
 class TuneSpec(BaseModel):
-    """In-compression tuning done with a removal: refit ``ratio`` of ``unit``'s output rows (``out_channel``,
-    SPRINT's default) or input columns (``in_channel``) by least squares on the calibration data.
-
-    ``damping`` is absolute, as in SPRINT's code, unless ``damping_relative`` (plans written before
-    the reference's convention was adopted: relative to the mean diagonal of XᵀX, input columns)."""
+    """In-compression tuning done with a removal: refit ``ratio`` of ``unit``'s input columns (``in_channel``)
+    or output rows (``out_channel``, SPRINT's reference) by least squares on the calibration data, damped
+    relative to the mean diagonal of XᵀX or, with ``damping_relative`` false, absolutely as the reference.
+    The defaults are what plans written before these fields existed did."""
 
     model_config = ConfigDict(extra="forbid")
     unit: str

@@ -5,15 +5,15 @@ With ``X`` the pruned model's inputs to ``down_proj``, ``R`` the residual stream
 the unpruned stream leaving it, the MLP should give ``Y - R = X Wᵀ``. Two ways to choose what is refitted,
 as SPRINT's code offers them (``direction``):
 
+- ``in_channel`` (the default here): the input columns with the largest Σ_out |W|·‖X_col‖, the other
+  columns held fixed (their contribution is subtracted from the target, which the reference omits):
+  ``min ‖(Y - R - X₋ W₋ᵀ) - X_S W_Sᵀ‖²``;
 - ``out_channel`` (the reference's default): the ``ratio`` share of output rows with the largest
-  Σ_in |W|·‖X_col‖, each refitted over every input: ``min ‖(Y - R)_S - X W_Sᵀ‖²``;
-- ``in_channel``: the input columns with the largest Σ_out |W|·‖X_col‖, the other columns held fixed
-  (their contribution is subtracted from the target, which the reference omits):
-  ``min ‖(Y - R - X₋ W₋ᵀ) - X_S W_Sᵀ‖²``.
+  Σ_in |W|·‖X_col‖, each refitted over every input: ``min ‖(Y - R)_S - X W_Sᵀ‖²``.
 
-Damping ``c`` is absolute as in the reference: the normal equations ``G w = b`` are stacked over
-``c·I w = c·w⁰`` and solved by least squares (``min ‖G w - b‖² + c²‖w - w⁰‖²``); plans written before
-that convention was adopted used a ridge relative to the mean diagonal of XᵀX and still replay so.
+Damping pulls the refit towards the original weights ``w⁰``: relative (the default here), a ridge whose
+strength is ``c`` times the mean diagonal of XᵀX; or absolute as in the reference, the normal equations
+``G w = b`` stacked over ``c·I w = c·w⁰`` and solved by least squares (``min ‖G w - b‖² + c²‖w - w⁰‖²``).
 Everything comes from the Gram statistics (no activations kept).
 """
 
@@ -74,14 +74,13 @@ def _top(score: torch.Tensor, ratio: float) -> torch.Tensor:
 def _damped_solve(gram: torch.Tensor, rhs: torch.Tensor, start: torch.Tensor, damping: float,
                   relative: bool) -> torch.Tensor:
     """Solve ``gram · w = rhs`` pulled towards ``start`` (all [k, ·]); see the module docstring."""
-    if damping > 0 and relative:
+    if damping <= 0:
+        return torch.linalg.lstsq(gram, rhs).solution
+    eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
+    if relative:
         lam = damping * float(gram.diagonal().mean())
-        eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
         return torch.linalg.lstsq(gram + lam * eye, rhs + lam * start).solution
-    if damping > 0:
-        eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
-        return torch.linalg.lstsq(torch.cat([gram, damping * eye]), torch.cat([rhs, damping * start])).solution
-    return torch.linalg.lstsq(gram, rhs).solution
+    return torch.linalg.lstsq(torch.cat([gram, damping * eye]), torch.cat([rhs, damping * start])).solution
 
 
 def _fit_rows(weight: torch.Tensor, stats: ProjectionStats, rows: torch.Tensor, damping: float,
@@ -117,7 +116,7 @@ DIRECTIONS: dict[str, Direction] = {
 
 
 def refit(weight: torch.Tensor, stats: ProjectionStats, ratio: float, damping: float, direction: str,
-          relative: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+          relative: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """(indices along the direction's dim, their refitted values); the original values where the solve is
     not finite, as the reference drops a failed tuning."""
     spec = DIRECTIONS[direction]
@@ -163,7 +162,7 @@ def measurement_end(stream: SublayerStream, position: int) -> tuple[int | None, 
 
 @torch.no_grad()
 def tune_for_removal(stream: SublayerStream, states: States, position: int, ratio: float, damping: float,
-                     direction: str = "out_channel", relative_damping: bool = False) -> dict | None:
+                     direction: str, relative_damping: bool) -> dict | None:
     """Fit the next MLP's output projection for the removal at ``position`` (None when no MLP follows).
 
     Returns the refitted slice (``dim``, ``index``, ``values``) plus the projection error before and after,
