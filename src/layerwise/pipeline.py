@@ -15,12 +15,13 @@ from .cost.analytic import model_costs
 from .deploy import deploy_run, dense_reference
 from .export import check_exportable
 from .environment import machine, versions
-from .errors import OutputExistsError, UnsupportedArchitectureError
+from .errors import OutputExistsError, PlanError, UnsupportedArchitectureError
 from .measure import Timings, measure_model, timed
 from .models import LoadedModel, decoder_linears, load, model_fingerprint, save
 from .plan import Plan
 from .planning import make_plan, validate_request
 from .profile import CalibrationSource
+from .result import Result
 
 
 def ensure_output_free(out: str | Path, overwrite: bool, what: str = "Output directory") -> None:
@@ -120,6 +121,7 @@ def run_plan(
         if settings.deploy:
             record["deployment"] = {"dense": dense_deployed, "compressed": deploy_run(loaded, settings, staging, timings)}
         timings["total_s"] = round(time.perf_counter() - started, 3)
+        record = Result.from_record(record).to_record()
         atomic_write_json(staging / "result.json", record)
     return record
 
@@ -287,19 +289,44 @@ def plan_to_file(
     return plan
 
 
+# apply's calibration options and the CalibrationRecord fields they would change
+CALIBRATION_OPTIONS = {"nsamples": "nsamples", "calib_seqlen": "seqlen", "calib_text": "calib_text",
+                       "calib_batch_size": "batch_size"}
+
+
+def check_calibration_options(plan: Plan, given: dict[str, Any]) -> None:
+    """Refuse calibration options that contradict the plan's record: applying it draws the plan's windows."""
+    if plan.calibration is None:
+        return
+    for option, field in CALIBRATION_OPTIONS.items():
+        value = given.get(option)
+        recorded = getattr(plan.calibration, field)
+        if value is not None and str(value) != str(recorded):
+            raise PlanError(f"The plan was computed on calibration with --{option.replace('_', '-')} {recorded}, and "
+                            f"applying it uses that calibration again (the same windows, so the same weights); "
+                            f"drop --{option.replace('_', '-')} {value}, or make a new plan with it.")
+
+
 def apply_plan_file(
     model: str, plan_path: str | Path, settings: RunSettings | None = None, out: str | Path = "layerwise-out",
-    overwrite: bool = False,
+    overwrite: bool = False, calibration: dict[str, Any] | None = None,
 ) -> dict:
-    """Apply a saved plan to a fresh copy of ``model``, then evaluate and save like ``compress``."""
+    """Apply a saved plan to a fresh copy of ``model``, then evaluate and save like ``compress``.
+
+    A plan that records its calibration is applied on exactly those windows (whatever ``settings`` evaluates
+    on), so the result equals ``compress``'s; ``calibration`` (the options the user gave: nsamples,
+    calib_seqlen, calib_text) must agree with that record. Older plans calibrate as ``settings`` say."""
     settings = settings or RunSettings()
     plan = Plan.load(plan_path)
+    check_calibration_options(plan, calibration or {})
     ensure_output_free(out, overwrite)
     started = time.perf_counter()
     timings: Timings = {}
     with timed(timings, "load_s"):
         loaded = load(model, dtype=settings.dtype, device=settings.device)
-    return run_plan(loaded, plan, settings, out, overwrite, "apply", timings, started)
+    source = (CalibrationSource.for_plan(loaded, settings, plan.calibration) if plan.calibration is not None
+              else CalibrationSource(loaded, settings))
+    return run_plan(loaded, plan, settings, out, overwrite, "apply", timings, started, source)
 
 
 def evaluate_model(
@@ -313,8 +340,8 @@ def evaluate_model(
 
     timings: Timings = {}
     evaluation = ENGINES.get(settings.engine)(model, settings, timings)
-    record = _record("eval", evaluation.model, settings, timings, metrics=evaluation.metrics,
-                     protocol=evaluation.protocol, **evaluation.extra)
+    record = Result.from_record(_record("eval", evaluation.model, settings, timings, metrics=evaluation.metrics,
+                                        protocol=evaluation.protocol, **evaluation.extra)).to_record()
     if out is not None:
         with staged_directory(Path(out), overwrite) as staging:
             atomic_write_json(staging / "result.json", record)

@@ -209,6 +209,7 @@ class PlanRequest:
             allocator_params={**params, **self.params},
             seed=self.seed,
             actions=actions,
+            calibration=self.calibration.record() if self.calibration is not None else None,
             prediction=prediction or {},
             details=details,
         )
@@ -275,8 +276,10 @@ def _width_plan(request: PlanRequest) -> Plan:
         raise BudgetError(f"The {request.allocator} allocation removes {removed} parameters, more than one rounding "
                           f"unit from the target {space.target_removed}.")
     actions = [SliceAction(unit=adapter.attention(b).name, keep=kept * space.group_size[b], method=request.method,
-                           seq_len=seq_len) for b, kept in widths.groups.items() if kept < space.groups[b]]
-    actions += [SliceAction(unit=adapter.mlp(b).name, keep=kept, method=request.method, seq_len=seq_len)
+                           seq_len=seq_len, kept=sorted(scores.ranked_groups(b)[:kept]))
+               for b, kept in widths.groups.items() if kept < space.groups[b]]
+    actions += [SliceAction(unit=adapter.mlp(b).name, keep=kept, method=request.method, seq_len=seq_len,
+                            kept=sorted(scores.ranked_channels(b)[:kept]))
                 for b, kept in widths.channels.items() if kept < space.channels[b]]
     dims = ModelDims.from_model(model)
     dense = estimate_costs(dims, **cost_setting)
