@@ -10,17 +10,15 @@ from typing import Annotated, Any, Callable, Optional
 
 import typer
 from pydantic import ValidationError
-from rich.console import Console
 from rich.table import Table
 
 from .cache import atomic_write_text
 from .config import RunSettings
-from .errors import LayerwiseError, SettingsError
+from .cli_common import cli_errors, console
+from .errors import SettingsError
 from .options import PlanOptions, cli_parameters, collect
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Find, apply and measure per-layer compression plans for language models.")
-console = Console()
-err_console = Console(stderr=True)
 
 ModelOpt = Annotated[str, typer.Option("--model", "-m", help="smollm2-135m, tiny-llama, a model directory or a .gguf file.")]
 OutDir = Annotated[Path, typer.Option("--out", "-o", help="Output directory (must not exist unless --overwrite).")]
@@ -65,38 +63,58 @@ def _measurement(tasks: Optional[str], limit: Optional[int], prompt_length: int,
     return measurement
 
 
-def cli_errors(func: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn library errors into one clear sentence on stderr and exit code 2."""
+def option_group(parameters: list[inspect.Parameter], gather: Callable[[dict[str, Any]], Any],
+                 name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Give a command the options ``parameters`` after its own and call it with ``gather(values)`` (which takes
+    them out of the values) as keyword ``name``: commands sharing a group take the same options by construction."""
 
-    @functools.wraps(func)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return func(*args, **kwargs)
-        except LayerwiseError as exc:
-            err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
-            raise typer.Exit(code=2) from None
-        except KeyboardInterrupt:
-            err_console.print("[bold red]interrupted[/]: no output was written.")
-            raise typer.Exit(code=130) from None
+    def decorate(func: Callable[..., Any]) -> Callable[..., Any]:
+        own = [p for p in inspect.signature(func, eval_str=True).parameters.values() if p.name != name]
+        signature = own + parameters
 
-    return wrapper
+        @functools.wraps(func)
+        def wrapper(**values: Any) -> Any:
+            gathered = gather(values)
+            return func(**values, **{name: gathered})
+
+        wrapper.__signature__ = inspect.Signature(signature)  # type: ignore[attr-defined]
+        wrapper.__annotations__ = {p.name: p.annotation for p in signature}
+        del wrapper.__wrapped__  # typer must read the signature above, not the function's own
+        return wrapper
+
+    return decorate
 
 
-def planning_command(func: Callable[..., Any]) -> Callable[..., Any]:
-    """Give a command every planning option (``PlanOptions``' fields and ``--recipe``) after its own, and call it
-    with them collected into ``options``: `plan` and `compress` take the same ones by construction."""
-    own = [p for p in inspect.signature(func, eval_str=True).parameters.values() if p.name != "options"]
-    parameters = own + cli_parameters()
+# every planning option (PlanOptions' fields and --recipe), collected into ``options``: plan and compress
+planning_command = option_group(cli_parameters(), collect, "options")
 
-    @functools.wraps(func)
-    def wrapper(**values: Any) -> Any:
-        options = collect(values)
-        return func(**values, options=options)
 
-    wrapper.__signature__ = inspect.Signature(parameters)  # type: ignore[attr-defined]
-    wrapper.__annotations__ = {p.name: p.annotation for p in parameters}
-    del wrapper.__wrapped__  # typer must read the signature above, not the function's own
-    return wrapper
+def _keyword(name: str, annotation: Any, default: Any) -> inspect.Parameter:
+    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation)
+
+
+# the evaluation protocol and deployment setting of compress, apply and eval, as RunSettings fields
+EVALUATION_PARAMETERS = [
+    _keyword("corpus", Corpus, "wiki"), _keyword("eval_text", EvalText, None), _keyword("seqlen", Seqlen, 512),
+    _keyword("max_windows", MaxWindows, None), _keyword("batch_size", BatchSize, 4),
+    _keyword("dtype", Dtype, "float32"), _keyword("device", Device, "cpu"), _keyword("seed", Seed, 0),
+    _keyword("tasks", Tasks, None), _keyword("limit", Limit, None), _keyword("prompt_length", PromptLength, 128),
+    _keyword("generation_length", GenerationLength, 32), _keyword("latency", Latency, True),
+    _keyword("generation", Generation, True), _keyword("speedup_batch_size", SpeedupBatch, 1),
+    _keyword("speedup_iterations", SpeedupIterations, 5),
+]
+
+
+def _evaluation(values: dict[str, Any]) -> dict[str, Any]:
+    """RunSettings fields of the evaluation group's values (taken out of ``values``)."""
+    given = {p.name: values.pop(p.name) for p in EVALUATION_PARAMETERS}
+    measurement = _measurement(given.pop("tasks"), given.pop("limit"), given.pop("prompt_length"),
+                               given.pop("generation_length"), given.pop("latency"), given.pop("generation"),
+                               given.pop("speedup_batch_size"), given.pop("speedup_iterations"))
+    return {**given, "eval_text": None if given["eval_text"] is None else str(given["eval_text"]), **measurement}
+
+
+evaluation_command = option_group(EVALUATION_PARAMETERS, _evaluation, "evaluation")
 
 
 # RunSettings fields whose option name is not the field name with dashes
@@ -237,26 +255,11 @@ def _width_rows(table: Table, metrics: dict) -> None:
 @app.command()
 @cli_errors
 @planning_command
+@evaluation_command
 def compress(
     model: ModelOpt = "smollm2-135m",
     out: OutDir = Path("layerwise-out"),
     overwrite: Overwrite = False,
-    corpus: Corpus = "wiki",
-    eval_text: EvalText = None,
-    seqlen: Seqlen = 512,
-    max_windows: MaxWindows = None,
-    batch_size: BatchSize = 4,
-    dtype: Dtype = "float32",
-    device: Device = "cpu",
-    seed: Seed = 0,
-    tasks: Tasks = None,
-    limit: Limit = None,
-    prompt_length: PromptLength = 128,
-    generation_length: GenerationLength = 32,
-    latency: Latency = True,
-    generation: Generation = True,
-    speedup_batch_size: SpeedupBatch = 1,
-    speedup_iterations: SpeedupIterations = 5,
     eval_speedups: EvalSpeedups = None,
     recover_steps: RecoverSteps = 0,
     recover_lr: RecoverLr = 1e-4,
@@ -265,18 +268,15 @@ def compress(
     threads: Threads = None,
     *,
     options: PlanOptions,
+    evaluation: dict[str, Any],
 ) -> None:
     """Load, plan, apply, evaluate and save; print dense vs compressed metrics. Planning options (the same as
     `plan`'s) may come from --recipe."""
     from .pipeline import compress as run_compress
 
     budget = options.budget()
-    settings = _settings(corpus=corpus, eval_text=eval_text, seqlen=seqlen, max_windows=max_windows,
-                         batch_size=batch_size, dtype=dtype, device=device, seed=seed, **options.calibration(),
-                         recover_steps=recover_steps, recover_lr=recover_lr, threads=threads,
-                         deploy=_deploy(export, export_type, options.embedding_type),
-                         **_measurement(tasks, limit, prompt_length, generation_length, latency, generation,
-                                        speedup_batch_size, speedup_iterations))
+    settings = _settings(**evaluation, **options.calibration(), recover_steps=recover_steps, recover_lr=recover_lr,
+                         threads=threads, deploy=_deploy(export, export_type, options.embedding_type))
     record = run_compress(model, budget, options.method, options.chosen_allocator, settings, out, overwrite,
                           options.nm, options.chosen_structure, _speedups(eval_speedups), **options.allocator_params())
     _print_compression_table(record, out)
@@ -284,35 +284,22 @@ def compress(
 
 @app.command("eval")
 @cli_errors
+@evaluation_command
 def eval_command(
     model: ModelOpt = "smollm2-135m",
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Write DIR/result.json.")] = None,
     overwrite: Overwrite = False,
-    corpus: Corpus = "wiki",
-    eval_text: EvalText = None,
-    seqlen: Seqlen = 512,
-    max_windows: MaxWindows = None,
-    batch_size: BatchSize = 4,
-    dtype: Dtype = "float32",
-    device: Device = "cpu",
-    seed: Seed = 0,
-    tasks: Tasks = None,
-    limit: Limit = None,
     perplexity: Annotated[bool, typer.Option("--perplexity/--no-perplexity", help="Measure perplexity.")] = True,
-    prompt_length: PromptLength = 128,
-    generation_length: GenerationLength = 32,
-    latency: Latency = True,
     engine: Engine = "pytorch",
     threads: Threads = None,
+    *,
+    evaluation: dict[str, Any],
 ) -> None:
     """Perplexity, zero-shot accuracy, size and latency of a model (named, a path, a layerwise directory, or a
     .gguf file run by llama.cpp with --engine llama.cpp)."""
     from .pipeline import evaluate_model
 
-    settings = _settings(corpus=corpus, eval_text=eval_text, seqlen=seqlen, max_windows=max_windows,
-                         batch_size=batch_size, dtype=dtype, device=device, seed=seed, perplexity=perplexity,
-                         engine=engine, threads=threads,
-                         **_measurement(tasks, limit, prompt_length, generation_length, latency))
+    settings = _settings(**evaluation, perplexity=perplexity, engine=engine, threads=threads)
     record = evaluate_model(model, settings, out, overwrite)
     metrics = record["metrics"]
     table = Table(title=f"{model} ({record['settings']['engine']})")
@@ -416,27 +403,17 @@ def plan(
 
 @app.command()
 @cli_errors
+@evaluation_command
 def apply(
     plan_file: Annotated[Path, typer.Option("--plan", "-p", help="Plan JSON written by `layerwise plan`.")],
     model: ModelOpt = "smollm2-135m",
     out: OutDir = Path("layerwise-out"),
     overwrite: Overwrite = False,
-    corpus: Corpus = "wiki",
-    eval_text: EvalText = None,
-    seqlen: Seqlen = 512,
-    max_windows: MaxWindows = None,
-    batch_size: BatchSize = 4,
-    dtype: Dtype = "float32",
-    device: Device = "cpu",
     calib_text: CalibText = None,
-    seed: Seed = 0,
     nsamples: Nsamples = None,
     calib_seqlen: CalibSeqlen = None,
-    tasks: Tasks = None,
-    limit: Limit = None,
-    prompt_length: PromptLength = 128,
-    generation_length: GenerationLength = 32,
-    latency: Latency = True,
+    *,
+    evaluation: dict[str, Any],
 ) -> None:
     """Apply a saved plan to a fresh copy of the model, evaluate it and save it. A plan records the calibration
     windows it was computed on and is applied on exactly those (so the weights equal `compress`'s); --corpus
@@ -444,9 +421,7 @@ def apply(
     from .pipeline import apply_plan_file
 
     calibration = PlanOptions(nsamples=nsamples, calib_seqlen=calib_seqlen, calib_text=calib_text).calibration()
-    settings = _settings(corpus=corpus, eval_text=eval_text, seqlen=seqlen, max_windows=max_windows,
-                         batch_size=batch_size, dtype=dtype, device=device, seed=seed, **calibration,
-                         **_measurement(tasks, limit, prompt_length, generation_length, latency))
+    settings = _settings(**evaluation, **calibration)
     given = {"nsamples": nsamples, "calib_seqlen": calib_seqlen, "calib_text": calib_text}
     record = apply_plan_file(model, plan_file, settings, out, overwrite, calibration=given)
     _print_compression_table(record, out)
@@ -466,7 +441,7 @@ def report(
     console.print(f"wrote {path}")
 
 
-from .runtime.cli import runtime_app, serve  # noqa: E402  (they reuse cli_errors and console from here)
+from .runtime.cli import runtime_app, serve  # noqa: E402
 
 app.add_typer(runtime_app, name="runtime")
 app.command()(serve)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import inspect
 from pathlib import Path
-from typing import Annotated, Any, Callable, Optional, get_args
+from typing import Annotated, Any, Optional, get_args
 
 import typer
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -16,16 +16,10 @@ from .errors import SettingsError
 RECIPE_FORMAT = "layerwise.recipe/1"
 
 
-def option(help: str, flags: str | None = None, param: str | None = None) -> Any:
-    """A planning option: its help text, its CLI flag(s) when not ``--field-name`` and, when it differs, the
-    name of the allocator or structure parameter it sets."""
-    return Field(None, description=help, json_schema_extra={"flags": flags, "param": param})
-
-
-# Calibration a search of this structure gets when the user names none: SPRINT's and SLEB's searches cost
-# a forward pass per candidate and step, so the 128 x 512 default of the one-pass methods would run for
-# hours on a CPU (the depth table uses 8 x 256 and takes 4-10 minutes per method to 1.6x).
-CALIBRATION_DEFAULTS: dict[str, dict[str, int]] = {"depth": {"nsamples": 8, "calib_seqlen": 256}}
+def option(help: str, flags: str | None = None, param: str | None = None, only: str | None = None) -> Any:
+    """A planning option: its help text, its CLI flag(s) when not ``--field-name``, when it differs the name of
+    the allocator or structure parameter it sets, and the one allocator it belongs to when its name is shared."""
+    return Field(None, description=help, json_schema_extra={"flags": flags, "param": param, "only": only})
 
 
 class PlanOptions(BaseModel):
@@ -61,13 +55,14 @@ class PlanOptions(BaseModel):
     # unstructured allocators
     epsilon: Optional[float] = option("alpha: sparsities span [1-eps, 1+eps] x target (default 0.2).")
     esd_metric: Optional[str] = option("alpha: the spectral metric, alpha_peak (default) or alpha_mid.",
-                                       param="metric")
+                                       param="metric", only="alpha")
     metric_cache: Optional[Path] = option("alpha: directory caching metric values.")
     owl_m: Optional[float] = option("owl: outlier threshold M x mean (default 5).")
     owl_lambda: Optional[float] = option("owl: sparsity range +-lambda (default 0.08).")
     # depth
     sprint_metric: Optional[str] = option("sprint: distance of the next MLP's input, l2-sentence (default), "
-                                          "l2-token, cosine-token or cosine-sentence.", param="metric")
+                                          "l2-token, cosine-token or cosine-sentence.", param="metric",
+                                          only="sprint")
     normalize: Optional[bool] = option("sprint: divide L2 distances by the reference norm.",
                                        "--normalize/--no-normalize")
     latency_aware: Optional[bool] = option("sprint: divide sensitivity by the latency saved (default on).",
@@ -149,13 +144,16 @@ class PlanOptions(BaseModel):
 
     def budget(self) -> Budget:
         """The budget of the chosen structure from its budget options (each validated with one sentence)."""
-        from .planning import STRUCTURES
+        from .structures import STRUCTURES
 
-        return BUDGETS[STRUCTURES.canonical(self.chosen_structure)](self)
+        return STRUCTURES.get(self.chosen_structure).budget(self)
 
     def calibration(self) -> dict[str, Any]:
         """RunSettings' calibration fields: as given, else the structure's defaults (else RunSettings')."""
-        defaults = CALIBRATION_DEFAULTS.get(self.chosen_structure, {})
+        from .structures import STRUCTURES
+
+        structure = self.chosen_structure
+        defaults = STRUCTURES.get(structure).calibration_defaults if structure in STRUCTURES else {}
         given = {"nsamples": self.nsamples, "calib_seqlen": self.calib_seqlen}
         if any(value is not None for value in given.values()):
             defaults = {}  # a user who sets either sets the calibration; the other keeps its general default
@@ -166,10 +164,16 @@ class PlanOptions(BaseModel):
 
     def allocator_params(self) -> dict[str, Any]:
         """The structure's and allocator's options the user set, under their parameter names."""
+        from .structures.unstructured import METHOD_ALIASES
+
+        allocator = METHOD_ALIASES[self.method][1] if self.method in METHOD_ALIASES else self.chosen_allocator
         params = {}
         for name, value in self.model_dump(exclude_none=True).items():
             if name in NOT_PARAMETERS:
                 continue
+            only = _extra(name).get("only")
+            if only is not None and allocator != only:
+                raise SettingsError(f"{flag_of(name)} applies to the {only} allocator, not to {allocator}.")
             params[_param_name(name)] = str(value) if isinstance(value, Path) else value
         return params
 
@@ -220,14 +224,6 @@ class PlanOptions(BaseModel):
         return yaml.safe_dump({"format": RECIPE_FORMAT, **values}, sort_keys=False)
 
 
-# structure -> its budget from the options (the others' budget options are ignored, as before)
-BUDGETS: dict[str, Callable[[PlanOptions], Budget]] = {
-    "unstructured": lambda o: Budget.for_sparsity(0.5 if o.sparsity is None else o.sparsity),
-    "depth": lambda o: Budget.for_depth(o.target_speedup, o.num_remove_sublayers),
-    "width": lambda o: Budget.for_width(o.pruning_ratio),
-    "quant": lambda o: Budget.for_bits(o.avg_bits, o.max_bytes),
-}
-
 # options that are not parameters of a structure or allocator
 NOT_PARAMETERS = {"structure", "method", "allocator", "sparsity", "nm", "target_speedup", "num_remove_sublayers",
                   "pruning_ratio", "avg_bits", "max_bytes", "nsamples", "calib_seqlen", "calib_text",
@@ -246,6 +242,19 @@ def flag_of(name: str) -> str:
     """The CLI flag of option ``name`` (the first of an on/off pair)."""
     flags = _extra(name).get("flags") if name in PlanOptions.model_fields else None
     return (flags or "--" + name.replace("_", "-")).split("/")[0]
+
+
+def _register_flags() -> None:
+    """Tell the structures which flag sets each renamed parameter, for their error messages."""
+    from .structures.base import PARAMETER_FLAGS
+
+    for name in PlanOptions.model_fields:
+        param = _param_name(name)
+        if param != name and not _extra(name).get("only"):  # shared names are checked per allocator above
+            PARAMETER_FLAGS[param] = flag_of(name)
+
+
+_register_flags()
 
 
 def cli_parameters() -> list[inspect.Parameter]:

@@ -6,7 +6,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from . import __version__
+from .version import __version__
 from .backends import ApplyContext, apply_plan
 from .cache import atomic_write_json, staged_directory
 from .config import Budget, LatencySetting, RunSettings
@@ -16,10 +16,11 @@ from .deploy import deploy_run, dense_reference
 from .export import check_exportable
 from .environment import machine, versions
 from .errors import OutputExistsError, PlanError, UnsupportedArchitectureError
-from .measure import Timings, measure_model, timed
+from .measure import Timings, measure_model, measured_speedup, timed
 from .models import LoadedModel, decoder_linears, load, model_fingerprint, save
 from .plan import Plan
 from .planning import make_plan, validate_request
+from .structures import STRUCTURES
 from .profile import CalibrationSource
 from .result import Result
 
@@ -95,7 +96,7 @@ def run_plan(
             "weight_bytes": size.weight_bytes,
             "zeroshot": compressed["zeroshot"],
             "latency": compressed["latency"],
-            "speedup": _speedup(dense["latency"], compressed["latency"]),
+            "speedup": measured_speedup(dense["latency"], compressed["latency"]),
             "dense": {
                 **dense_size.as_dict(),
                 "fingerprint": dense_fingerprint,
@@ -107,9 +108,7 @@ def run_plan(
             "recovery": {**recovery, "ppl_after": compressed.get("ppl")} if recovery else None,
             "dense_costs": dense_costs,
             "pruning_s": plan.details.get("search_s"),
-            **_depth_metrics(plan, dense["latency"], (extra or {}).get("milestones")),
-            **_width_metrics(plan),
-            **_quant_metrics(plan, loaded),
+            **_structure_metrics(plan, loaded, dense["latency"], extra or {}),
         },
         protocol=compressed.get("protocol"),
         calibration={**calibration.describe(), "profile_from_cache": calibration.profile_from_cache},
@@ -138,30 +137,12 @@ def _recover(loaded: LoadedModel, settings: RunSettings, calibration: Calibratio
     return {**report.model_dump(), "ppl_before": before.get("ppl")}
 
 
-def _speedup(dense: dict | None, compressed: dict | None) -> dict | None:
-    """Measured speedup (dense time / compressed time) of the whole setting, prefill and decode."""
-    if not dense or not compressed:
-        return None
-    decode = dense["decode_ms_per_token"], compressed["decode_ms_per_token"]
-    return {
-        "total": round(dense["total_ms"] / compressed["total_ms"], 4),
-        "prefill": round(dense["prefill_ms"] / compressed["prefill_ms"], 4),
-        "decode": round(decode[0] / decode[1], 4) if all(decode) else None,
-    }
-
-
-def _depth_metrics(plan: Plan, dense_latency: dict | None, milestones: list[dict] | None) -> dict:
-    """What a depth run adds: the removals in order, predicted speedup, search time, intermediate points."""
-    removed = [action.unit for action in plan.actions if action.op == "remove"]
-    if not removed:
-        return {}
-    for record in milestones or []:
-        record["speedup"] = _speedup(dense_latency, record["latency"])
-    return {
-        "removed_sublayers": removed,
-        "predicted_speedup": plan.prediction.get("speedup"),
-        "milestones": milestones or [],
-    }
+def _structure_metrics(plan: Plan, loaded: LoadedModel, dense_latency: dict | None, extra: dict) -> dict:
+    """What each structure adds for its own actions in the plan (removals, widths, bits, ...)."""
+    metrics: dict = {}
+    for name in STRUCTURES:
+        metrics.update(STRUCTURES.get(name).metrics(plan, loaded, dense_latency, extra))
+    return metrics
 
 
 def _costs(loaded: LoadedModel, settings: RunSettings) -> dict | None:
@@ -173,30 +154,6 @@ def _costs(loaded: LoadedModel, settings: RunSettings) -> dict | None:
     except UnsupportedArchitectureError:
         return None
     return report.model_dump()
-
-
-def _width_metrics(plan: Plan) -> dict:
-    """What a width run adds: kept heads/channels per layer, the predicted FLOP speedups, the RL curve."""
-    if not any(action.op == "slice" for action in plan.actions):
-        return {}
-    return {
-        "widths": plan.details.get("widths"),
-        "flop_speedup": plan.prediction.get("flop_speedup"),
-        "rl_curve": plan.details.get("rl_curve"),
-    }
-
-
-def _quant_metrics(plan: Plan, loaded: LoadedModel) -> dict:
-    """What a quantization run adds: the average bit width, the quantized linears' measured bytes and their
-    reduction against 16-bit storage, and, for searches, the per-episode curve."""
-    from .backends.quantize import quantized_storage
-
-    if not any(action.op == "quantize" for action in plan.actions):
-        return {}
-    storage = quantized_storage(loaded.model)
-    reduction = 1 - storage["quantized_bytes"] / (2 * storage["quantized_weights"])
-    return {"avg_bits": plan.prediction.get("avg_bits"), **storage, "memory_reduction_vs_16bit": round(reduction, 6),
-            "bits_curve": plan.details.get("curve")}
 
 
 def _per_unit_sparsity(loaded: LoadedModel) -> dict[str, float]:
@@ -231,7 +188,8 @@ def compress(
     if settings.deploy:
         check_exportable(loaded.model)
     calibration = CalibrationSource(loaded, settings)
-    milestones = MilestoneRecorder(loaded, settings, eval_speedups or []) if structure == "depth" else None
+    records = STRUCTURES.get(structure).records_milestones
+    milestones = MilestoneRecorder(loaded, settings, eval_speedups or []) if records else None
     with timed(timings, "plan_s"):
         plan = make_plan(loaded, budget, method, allocator, settings.seed, calibration, nm, structure,
                          milestones, **allocator_params)
