@@ -16,7 +16,9 @@ from .cache import atomic_write_text
 from .config import RunSettings
 from .cli_common import cli_errors, console
 from .errors import SettingsError
+from .formatting import fmt, fmt_bytes
 from .options import PlanOptions, cli_parameters, collect
+from .structures import STRUCTURES
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Find, apply and measure per-layer compression plans for language models.")
 
@@ -142,14 +144,6 @@ def _speedups(text: Optional[str]) -> list[float]:
         raise SettingsError(f"--eval-speedups must be numbers separated by commas (got '{text}').") from None
 
 
-def _fmt_bytes(count: int) -> str:
-    return f"{count / 2**20:,.1f} MiB"
-
-
-def _fmt(value: Optional[float], spec: str) -> str:
-    return "-" if value is None else format(value, spec)
-
-
 def _measured_rows(metrics: dict) -> list[tuple[str, str]]:
     """Table rows for perplexity, zero-shot scores and latency, each only when measured."""
     from .evaluate.zeroshot import headline_metric
@@ -164,7 +158,7 @@ def _measured_rows(metrics: dict) -> list[tuple[str, str]]:
     latency = metrics.get("latency")
     if latency:
         rows.append((f"prefill {latency['setting']['prompt_length']} tokens", f"{latency['prefill_ms']:.1f} ms"))
-        rows.append(("decode", f"{_fmt(latency['decode_tokens_per_s'], '.1f')} tokens/s"))
+        rows.append(("decode", f"{fmt(latency['decode_tokens_per_s'], '.1f')} tokens/s"))
     return rows
 
 
@@ -192,24 +186,14 @@ def _print_compression_table(record: dict, out: Path) -> None:
     table.add_row("sparsity (decoder linears)", f"{dense['sparsity']:.2%}", f"{metrics['sparsity']:.2%}")
     table.add_row("parameters", f"{dense['parameters']:,}", f"{metrics['parameters']:,}")
     table.add_row("non-zero parameters", f"{dense['nonzero_parameters']:,}", f"{metrics['nonzero_parameters']:,}")
-    table.add_row("weight bytes (stored)", _fmt_bytes(dense["weight_bytes"]), _fmt_bytes(metrics["weight_bytes"]))
-    if metrics.get("removed_sublayers"):
-        speedup = metrics.get("speedup") or {}
-        table.add_row("sublayers removed", "", str(len(metrics["removed_sublayers"])))
-        table.add_row("speedup predicted / measured", "", f"{metrics['predicted_speedup']:.2f}x / "
-                      f"{_fmt(speedup.get('total'), '.2f')}x")
-        table.add_row("pruning search time", "", f"{metrics['pruning_s']:.1f} s")
-    if metrics.get("widths"):
-        _width_rows(table, metrics)
-    avg_bits = record["plan"]["prediction"].get("avg_bits")
-    if avg_bits is not None:
-        table.add_row("average bits (decoder linears)", "", f"{avg_bits:.3f}")
-        table.add_row("quantized linears, stored MiB (vs 16-bit)", f"{2 * metrics['quantized_weights'] / 2**20:.1f}",
-                      f"{metrics['quantized_bytes'] / 2**20:.1f} (-{metrics['memory_reduction_vs_16bit']:.1%})")
+    table.add_row("weight bytes (stored)", fmt_bytes(dense["weight_bytes"]), fmt_bytes(metrics["weight_bytes"]))
+    for name in STRUCTURES:  # each structure's own rows (removals, widths, bits), when its metrics are there
+        for row in STRUCTURES.get(name).table_rows(record):
+            table.add_row(*row)
     if metrics.get("recovery"):
         recovery = metrics["recovery"]
         table.add_row(f"PPL before / after LoRA ({recovery['steps']} steps)", "",
-                      f"{_fmt(recovery['ppl_before'], '.3f')} / {_fmt(recovery['ppl_after'], '.3f')}")
+                      f"{fmt(recovery['ppl_before'], '.3f')} / {fmt(recovery['ppl_after'], '.3f')}")
     table.add_row("wall time", "", f"{record['timings']['total_s']:.1f} s")
     console.print(table)
     if record.get("deployment"):
@@ -227,29 +211,14 @@ def _print_deployment(deployment: dict, out: Path) -> None:
     table.add_column("metric")
     table.add_column(f"dense ({dense.get('outtype', 'float')})" if dense else "dense", justify="right")
     table.add_column("compressed", justify="right")
-    table.add_row("GGUF file", _fmt_bytes(dense["file_bytes"]) if dense else "",
-                  _fmt_bytes(compressed["file_bytes"]))
+    table.add_row("GGUF file", fmt_bytes(dense["file_bytes"]) if dense else "",
+                  fmt_bytes(compressed["file_bytes"]))
     dense_rows = dict(_measured_rows(dense)) if dense else {}
     for label, value in _measured_rows(compressed):
         table.add_row(f"{label} (llama.cpp)", dense_rows.get(label, ""), value)
     console.print(table)
     for note in compressed["export"]["notes"]:
         console.print(f"note: {note}")
-
-
-def _width_rows(table: Table, metrics: dict) -> None:
-    """Width runs: the cost model's proxies dense vs compressed, FLOP-predicted vs measured speed, search time."""
-    dense, costs = metrics.get("dense_costs") or {}, metrics.get("costs") or {}
-    for key, label in (("flops", "FLOPs (prefill + decode)"), ("peak_activation_bytes", "peak activation"),
-                       ("kv_bytes", "KV cache")):
-        if key in costs:
-            value = (lambda v: f"{v / 1e9:.2f} G") if key == "flops" else (lambda v: _fmt_bytes(v))
-            table.add_row(label, value(dense[key]), value(costs[key]))
-    predicted, measured = metrics.get("flop_speedup") or {}, metrics.get("speedup") or {}
-    for phase in ("prefill", "decode"):
-        table.add_row(f"{phase} speedup FLOP-predicted / measured", "",
-                      f"{_fmt(predicted.get(phase), '.2f')}x / {_fmt(measured.get(phase), '.2f')}x")
-    table.add_row("allocation search time", "", f"{_fmt(metrics.get('pruning_s'), '.1f')} s")
 
 
 @app.command()
@@ -310,9 +279,9 @@ def eval_command(
     if "sparsity" in metrics:
         table.add_row("sparsity (decoder linears)", f"{metrics['sparsity']:.2%}")
     table.add_row("parameters", f"{metrics['parameters']:,}")
-    table.add_row("weight bytes (stored)", _fmt_bytes(metrics["weight_bytes"]))
+    table.add_row("weight bytes (stored)", fmt_bytes(metrics["weight_bytes"]))
     if "file_bytes" in metrics:
-        table.add_row("file size", _fmt_bytes(metrics["file_bytes"]))
+        table.add_row("file size", fmt_bytes(metrics["file_bytes"]))
     console.print(table)
     _print_protocols(record)
 
@@ -340,7 +309,7 @@ def export_command(
     table = Table(title=f"{out} ({report.architecture})")
     table.add_column("what")
     table.add_column("value", justify="right")
-    table.add_row("file size", _fmt_bytes(report.file_bytes))
+    table.add_row("file size", fmt_bytes(report.file_bytes))
     table.add_row("tensors by type", ", ".join(f"{k} {v}" for k, v in sorted(report.tensor_types.items())))
     table.add_row("tokenizer", report.tokenizer_from)
     console.print(table)

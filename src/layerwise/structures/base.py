@@ -11,6 +11,8 @@ import inspect
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
+from pydantic import BaseModel, ConfigDict, Field
+
 from ..backends import architecture_signature
 from ..config import Budget
 from ..errors import LayerwiseError
@@ -21,6 +23,22 @@ from ..registry import Registry
 
 if TYPE_CHECKING:
     from ..options import PlanOptions
+
+
+def option(help: str, flags: str | None = None, param: str | None = None, only: str | None = None,
+           budget: bool = False) -> Any:
+    """A planning option: its help text, its CLI flag(s) when not ``--field-name``, when it differs the name of
+    the allocator parameter it sets, the one allocator it belongs to when its name is shared, and whether it is
+    a budget (read by ``Structure.budget``, never passed to an allocator)."""
+    return Field(None, description=help, json_schema_extra={"flags": flags, "param": param, "only": only,
+                                                            "budget": budget})
+
+
+class StructureOptions(BaseModel):
+    """A structure's options (its budget, its own and its allocators'); every field is optional (unset: the
+    component's default) and becomes a CLI option and a recipe key of `plan` and `compress`."""
+
+    model_config = ConfigDict(extra="forbid")
 
 
 @dataclass
@@ -58,6 +76,7 @@ class Structure:
     """Base class of the registered structures; subclasses set ``name`` and override what they need."""
 
     name: ClassVar[str]
+    options: ClassVar[type[StructureOptions]] = StructureOptions  # its budget's, its own and its allocators'
     own_options: ClassVar[frozenset[str]] = frozenset()  # the structure's options, not any allocator's
     calibration_defaults: ClassVar[dict[str, int]] = {}  # calibration when the user names none
     records_milestones: ClassVar[bool] = False  # the search reports steps that compress may evaluate
@@ -79,6 +98,10 @@ class Structure:
                 extra: dict[str, Any]) -> dict[str, Any]:
         """What a run of a plan with this structure's actions adds to result.json's metrics ({} otherwise)."""
         return {}
+
+    def table_rows(self, record: dict[str, Any]) -> list[tuple[str, str, str]]:
+        """Rows (label, dense, compressed) this structure adds to the command line's result table."""
+        return []
 
     @staticmethod
     def own(params: dict[str, Any], names: frozenset[str]) -> tuple[dict[str, Any], dict[str, Any]]:

@@ -2,22 +2,57 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Optional
 
 from ..allocate.bits import BIT_ALLOCATORS
 from ..config import Budget
 from ..errors import BudgetError
 from ..models import LoadedModel, decoder_linears
 from ..plan import Plan
-from .base import PlanRequest, Structure, check_params, register
+from .base import PlanRequest, Structure, StructureOptions, check_params, option, register
 
 if TYPE_CHECKING:
     from ..options import PlanOptions
 
 
+class QuantOptions(StructureOptions):
+    """Quantization: the budget (average bits or bytes), the grid, AWQ/GPTQ, GGUF and the bit searches' options."""
+
+    avg_bits: Optional[float] = option("quant: average bits per decoder-linear weight the plan may use.", budget=True)
+    max_bytes: Optional[int] = option("quant with GGUF types: at most this many tensor bytes in the GGUF file "
+                                      "(embeddings and norms included).", budget=True)
+    bits: Optional[str] = option("quant: bit width (uniform), or the choices 3,4,8 (greedy); or GGUF types, e.g. "
+                                 "q4_k,q5_0,q6_k,q8_0 (llama.cpp's grids and quantizers).")
+    group_size: Optional[int] = option("quant: inputs per scale group (default 128; a shorter last group when it "
+                                       "does not divide; 0 = per channel).")
+    symmetric: Optional[bool] = option("quant: symmetric codes (default asymmetric).", "--symmetric/--asymmetric")
+    awq: Optional[bool] = option("quant: AWQ first (its scale and clipping searches, as llm-awq runs them), then rtn "
+                                 "or gptq.", "--awq/--no-awq")
+    act_order: Optional[bool] = option("quant gptq: columns by decreasing Hessian diagonal, static groups (default "
+                                       "on).", "--act-order/--no-act-order")
+    episodes: Optional[int] = option("automp-rl: sampled configurations (default 300).")
+    mp_alpha: Optional[float] = option("automp-rl: weight of the perplexity term (default 0.7).", param="alpha")
+    mp_beta: Optional[float] = option("automp-rl: weight of the memory saving (default 2.0).", param="beta")
+    eval_samples: Optional[int] = option("automp-rl: calibration windows of 128 tokens scoring each candidate "
+                                         "(default 4).")
+    seeds: Optional[int] = option("automp-rl: independent searches (seed, seed+1, ...); the best configuration of "
+                                  "any is kept (default 1).")
+    sensitivity: Optional[str] = option("greedy / automp-rl: per-linear sensitivity with only that linear rounded: "
+                                        "kl (default: output KL divergence from dense), ppl (ln PPL increase) or error "
+                                        "(activation-weighted RTN error, no forward passes).")
+    imatrix: Optional[bool] = option("quant with GGUF types: weight llama.cpp's quantizer by the calibration's mean "
+                                     "squared inputs (an importance matrix).", "--imatrix/--no-imatrix")
+    llamacpp_activations: Optional[bool] = option(
+        "quant with GGUF types: the searches score candidates with llama.cpp's rounding of activations (q8_0/q8_K "
+        "blocks, f16) simulated, as the file will compute.", "--llamacpp-activations/--float-activations")
+    embedding_type: Optional[str] = option("GGUF type of the token embedding in the export and in --max-bytes "
+                                           "(default q8_0 for quantized plans).")
+
+
 @register
 class Quant(Structure):
     name = "quant"
+    options = QuantOptions
     # bit choices, grouping, symmetry, GGUF settings: options of the structure, not of any bit allocator
     own_options = frozenset({"bits", "group_size", "symmetric", "awq", "act_order", "imatrix", "embedding_type",
                              "llamacpp_activations"})
@@ -129,3 +164,11 @@ class Quant(Structure):
         reduction = 1 - storage["quantized_bytes"] / (2 * storage["quantized_weights"])
         return {"avg_bits": plan.prediction.get("avg_bits"), **storage,
                 "memory_reduction_vs_16bit": round(reduction, 6), "bits_curve": plan.details.get("curve")}
+
+    def table_rows(self, record: dict[str, Any]) -> list[tuple[str, str, str]]:
+        metrics, avg_bits = record["metrics"], record["plan"]["prediction"].get("avg_bits")
+        if avg_bits is None:
+            return []
+        return [("average bits (decoder linears)", "", f"{avg_bits:.3f}"),
+                ("quantized linears, stored MiB (vs 16-bit)", f"{2 * metrics['quantized_weights'] / 2**20:.1f}",
+                 f"{metrics['quantized_bytes'] / 2**20:.1f} (-{metrics['memory_reduction_vs_16bit']:.1%})")]

@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Optional
 
 from ..allocate import WIDTH_ALLOCATORS, WidthContext, WidthSpace
 from ..config import Budget, LatencySetting, RunSettings
 from ..cost.analytic import ModelDims, estimate_costs, predicted_speedups
 from ..errors import BudgetError
+from ..formatting import fmt, fmt_bytes
 from ..models import LoadedModel, get_adapter
 from ..plan import Plan, SliceAction
 from ..profile import CalibrationSource
 from ..profile.width import WIDTH_SCORERS
-from .base import PlanRequest, Structure, check_params, register
+from .base import PlanRequest, Structure, StructureOptions, check_params, option, register
 
 if TYPE_CHECKING:
     from ..options import PlanOptions
@@ -32,9 +33,31 @@ def layer_range(text: str | None, blocks: int, option: str) -> range:
     return chosen
 
 
+class WidthOptions(StructureOptions):
+    """Width pruning: the budget, which layers, rounding, importance, and the RL allocators' options."""
+
+    pruning_ratio: Optional[float] = option("width: fraction of the eligible attention/MLP parameters removed.", budget=True)
+    attn_layers: Optional[str] = option("width: attention layers that may be pruned, start:end (default all).")
+    mlp_layers: Optional[str] = option("width: MLP layers that may be pruned, start:end (default all).")
+    channel_multiple: Optional[int] = option("width: FFN widths move in multiples of this (default 8).")
+    taylor_seq_len: Optional[int] = option("width/taylor: calibration sequence length (default 64).")
+    rl_steps: Optional[int] = option("rl/rl-refine: environment steps of training (default 3000 / 320).")
+    rl_algo: Optional[str] = option("rl/rl-refine: ppo (default) or a2c.")
+    rl_w_acc: Optional[float] = option("rl/rl-refine: weight of the accuracy term (default 1.0).")
+    rl_alpha: Optional[float] = option("rl/rl-refine: weight of FLOPs (default 0.2).")
+    rl_beta: Optional[float] = option("rl/rl-refine: weight of weight bytes (default 0.6).")
+    rl_gamma: Optional[float] = option("rl/rl-refine: weight of peak activation (default 0.2).")
+    rl_delta: Optional[float] = option("rl/rl-refine: weight of KV-cache bytes (default 0.4).")
+    refine_moves: Optional[int] = option("rl-refine: moves per episode (default 8).")
+    refine_block: Optional[int] = option("rl-refine: FFN channels moved at once (default 64).")
+    adapt_amplitude: Optional[float] = option("adapt/rl-refine: layer ratios within +- this of the global one "
+                                              "(default 0.2).")
+
+
 @register
 class Width(Structure):
     name = "width"
+    options = WidthOptions
     # which layers, rounding and importance: options of the structure, not of any allocator
     own_options = frozenset({"attn_layers", "mlp_layers", "channel_multiple", "taylor_seq_len"})
 
@@ -49,9 +72,9 @@ class Width(Structure):
             raise BudgetError("Width pruning needs --pruning-ratio.")
         if nm is not None:
             raise BudgetError("--nm applies to unstructured sparsity, not to width pruning.")
-        for option in ("attn_layers", "mlp_layers"):
-            if option in params and not LAYER_RANGE.match(str(params[option])):
-                raise BudgetError(f"--{option.replace('_', '-')} must look like 0:30 (got '{params[option]}').")
+        for name in ("attn_layers", "mlp_layers"):
+            if name in params and not LAYER_RANGE.match(str(params[name])):
+                raise BudgetError(f"--{name.replace('_', '-')} must look like 0:30 (got '{params[name]}').")
         if "rl_algo" in params:
             from ..allocate.rl_training import RL_ALGORITHMS
 
@@ -116,3 +139,22 @@ class Width(Structure):
             return {}
         return {"widths": plan.details.get("widths"), "flop_speedup": plan.prediction.get("flop_speedup"),
                 "rl_curve": plan.details.get("rl_curve")}
+
+    def table_rows(self, record: dict[str, Any]) -> list[tuple[str, str, str]]:
+        """The cost model's proxies dense vs compressed, FLOP-predicted vs measured speed, search time."""
+        metrics = record["metrics"]
+        if not metrics.get("widths"):
+            return []
+        dense, costs = metrics.get("dense_costs") or {}, metrics.get("costs") or {}
+        rows = []
+        for key, label in (("flops", "FLOPs (prefill + decode)"), ("peak_activation_bytes", "peak activation"),
+                           ("kv_bytes", "KV cache")):
+            if key in costs:
+                value = (lambda v: f"{v / 1e9:.2f} G") if key == "flops" else fmt_bytes
+                rows.append((label, value(dense[key]), value(costs[key])))
+        predicted, measured = metrics.get("flop_speedup") or {}, metrics.get("speedup") or {}
+        for phase in ("prefill", "decode"):
+            rows.append((f"{phase} speedup FLOP-predicted / measured", "",
+                         f"{fmt(predicted.get(phase), '.2f')}x / {fmt(measured.get(phase), '.2f')}x"))
+        rows.append(("allocation search time", "", f"{fmt(metrics.get('pruning_s'), '.1f')} s"))
+        return rows
