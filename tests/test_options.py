@@ -93,6 +93,7 @@ def test_a_recipe_plans_what_its_flags_plan_and_the_command_line_overrides_it(tm
     ("- 0.5\n", "must be a mapping of option names to values"),
     ("sparsity: [\n", "is not valid YAML"),
     ("format: layerwise.recipe/9\n", "this version reads layerwise.recipe/1"),
+    ("stages:\n  - sparsity: 0.5\n", "this version plans one stage per recipe"),
 ])
 def test_a_bad_recipe_is_one_sentence_and_exit_2(tmp_path, content, message):
     recipe = tmp_path / "bad.yaml"

@@ -102,6 +102,9 @@ class CommonOptions(BaseModel):
         data = data or {}
         if not isinstance(data, dict):
             raise SettingsError(f"Recipe file {file} must be a mapping of option names to values.")
+        if "stages" in data:
+            raise SettingsError(f"Recipe file {file} has stages; this version plans one stage per recipe (its "
+                                "options at the top level).")
         recipe_format = data.pop("format", RECIPE_FORMAT)
         if recipe_format != RECIPE_FORMAT:
             raise SettingsError(f"Recipe file {file} has format '{recipe_format}'; this version reads {RECIPE_FORMAT}.")
