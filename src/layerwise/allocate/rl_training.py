@@ -77,7 +77,11 @@ def train_policy(env: gym.Env, algorithm: str, steps: int, seed: int, episode_le
         def _on_training_end(self) -> None:
             self.bar.close()
 
+    from stable_baselines3.common.logger import Logger
+
     model = RL_ALGORITHMS.get(algorithm)(env, seed, episode_length)
+    # a logger with no outputs: SB3's default one creates an empty SB3-<time> directory in /tmp on every run
+    model.set_logger(Logger(folder=None, output_formats=[]))
     model.learn(total_timesteps=steps, callback=Progress())
 
 
