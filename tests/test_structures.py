@@ -4,7 +4,7 @@ weight norm) and the CLI, the planner, apply, save/load and result.json take it 
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, Optional
 
 import pytest
 import torch
@@ -66,8 +66,8 @@ def test_a_new_structure_is_one_class_and_its_registration(even_mlp, tmp_path, t
     with torch.no_grad():
         assert reloaded.model(input_ids=tokens).logits.shape[-1] == reloaded.model.config.vocab_size
     refused = CliRunner().invoke(app, ["plan", "--model", "tiny-llama", "--structure", "even-mlp", "--pruning-ratio",
-                                       "0.5", "--owl-m", "3", "--out", str(tmp_path / "p.json")])
-    assert refused.exit_code == 2 and "even-mlp takes no options (got owl_m)" in " ".join(refused.stderr.split())
+                                       "0.5", "--attn-layers", "0:2", "--out", str(tmp_path / "p.json")])
+    assert refused.exit_code == 2 and "even-mlp takes no options (got attn_layers)" in " ".join(refused.stderr.split())
 
 
 def test_the_four_structures_own_their_budgets_and_calibration_defaults():
@@ -85,6 +85,36 @@ def test_an_option_of_one_allocator_is_refused_for_another():
     from layerwise.errors import SettingsError
     from layerwise.options import PlanOptions
 
-    with pytest.raises(SettingsError, match="--sprint-metric applies to the sprint allocator, not to alpha"):
+    with pytest.raises(SettingsError, match=r"Allocator 'alpha' does not take --sprint-metric \(an option of sprint\)"):
         PlanOptions(allocator="alpha", sprint_metric="l2-token").allocator_params()
+    with pytest.raises(SettingsError, match=r"does not take --rl-steps \(an option of rl, rl-refine\)"):
+        PlanOptions(structure="width", allocator="adapt", rl_steps=10).allocator_params()
     assert PlanOptions(method="wanda_ww", esd_metric="alpha_mid").allocator_params() == {"metric": "alpha_mid"}
+    assert PlanOptions(structure="width", allocator="rl_refine", rl_steps=10).allocator_params() == {"rl_steps": 10}
+
+
+def test_a_new_allocator_is_one_function_with_its_options_and_its_registration(tiny):
+    from layerwise.allocate import WIDTH_ALLOCATORS, WidthAllocation, fit_budget
+    from layerwise.component_options import ComponentOptions, declares, option
+
+    class FrontOptions(ComponentOptions):
+        front_share: Optional[float] = option("front: share of the removal taken from the first half of the layers.")
+
+    @declares(FrontOptions)
+    def front(context, front_share: float = 0.75) -> WidthAllocation:
+        """Prune the first half of the layers harder than the second."""
+        blocks = sorted(context.space.groups)
+        ratio = context.space.target_removed / context.space.eligible_parameters
+        keep = {b: 1 - ratio * (2 * front_share if i < len(blocks) / 2 else 2 * (1 - front_share))
+                for i, b in enumerate(blocks)}
+        return WidthAllocation(fit_budget(context.space, keep, keep), {"front_share": front_share}, {}, 0.0)
+
+    WIDTH_ALLOCATORS.add("front", front)
+    try:
+        calibration = layerwise.calibration(tiny, layerwise.RunSettings(nsamples=2, calib_seqlen=16))
+        plan = layerwise.plan(tiny, Budget(pruning_ratio=0.4), "taylor", "front", calibration=calibration,
+                              structure="width", taylor_seq_len=16, front_share=0.9)
+        widths = plan.details["widths"]["channels"]
+        assert widths[0] < widths[-1] and plan.allocator_params["front_share"] == 0.9
+    finally:
+        del WIDTH_ALLOCATORS._items["front"]

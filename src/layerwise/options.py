@@ -72,16 +72,21 @@ class CommonOptions(BaseModel):
 
     def allocator_params(self) -> dict[str, Any]:
         """The structure's and allocator's options the user set, under their parameter names."""
+        from .structures import STRUCTURES
         from .structures.unstructured import METHOD_ALIASES
 
         allocator = METHOD_ALIASES[self.method][1] if self.method in METHOD_ALIASES else self.chosen_allocator
+        structure = STRUCTURES.get(self.chosen_structure)
+        if structure.allocators is not None and allocator in structure.allocators:
+            allocator = structure.allocators.canonical(allocator)
         params = {}
         for name, value in self.model_dump(exclude_none=True).items():
             if name in NOT_PARAMETERS:
                 continue
-            only = _extra(name).get("only")
-            if only is not None and allocator != only:
-                raise SettingsError(f"{flag_of(name)} applies to the {only} allocator, not to {allocator}.")
+            owners = DECLARED_BY.get(name)
+            if owners is not None and allocator not in owners:
+                raise SettingsError(f"Allocator '{allocator}' does not take {flag_of(name)} (an option of "
+                                    f"{', '.join(sorted(owners))}).")
             params[_param_name(name)] = str(value) if isinstance(value, Path) else value
         return params
 
@@ -136,22 +141,38 @@ class CommonOptions(BaseModel):
 
 
 # options that are not parameters of a structure or allocator
-# option -> the --help panel it is listed in (its structure's)
+def _same(first: Any, second: Any) -> bool:
+    """Two declarations of one option agree (an allocator's options inherited by another's)."""
+    return (first.annotation, first.description, first.json_schema_extra) == (
+        second.annotation, second.description, second.json_schema_extra)
+
+
+# option -> the --help panel it is listed in (its structure's); option -> the allocators that declare it
 HELP_PANELS: dict[str, str] = {}
+DECLARED_BY: dict[str, set[str]] = {}
 
 
 def _assemble() -> type[CommonOptions]:
-    """PlanOptions: the common options and every registered structure's (``Structure.options``), one flat model,
-    so a new structure's options reach the CLI and recipes with nothing else to edit."""
+    """PlanOptions: the common options, every registered structure's (``Structure.options``) and every option its
+    allocators declare, one flat model, so a new structure's or allocator's options reach the CLI and recipes
+    from its own module."""
     from .structures import STRUCTURES
 
     fields: dict[str, Any] = {}
     for structure in STRUCTURES:
-        for name, field in STRUCTURES.get(structure).options.model_fields.items():
-            if name in fields or name in CommonOptions.model_fields:
-                raise ValueError(f"option '{name}' of the {structure} structure is declared twice")
-            fields[name] = (field.annotation, field)
-            HELP_PANELS[name] = f"{structure} options"
+        component = STRUCTURES.get(structure)
+        models = [(None, component.options)]
+        if component.allocators is not None:
+            models += [(name, getattr(component.allocators.get(name), "options", None))
+                       for name in component.allocators.names()]
+        for allocator, model in models:
+            for name, field in (model.model_fields.items() if model is not None else ()):
+                if name in CommonOptions.model_fields or (name in fields and not _same(fields[name][1], field)):
+                    raise ValueError(f"option '{name}' of the {structure} structure is declared twice")
+                fields[name] = (field.annotation, field)
+                HELP_PANELS[name] = f"{structure} options"
+                if allocator is not None:
+                    DECLARED_BY.setdefault(name, set()).add(allocator)
     return create_model("PlanOptions", __base__=CommonOptions, __doc__=CommonOptions.__doc__, **fields)
 
 
@@ -176,13 +197,15 @@ def flag_of(name: str) -> str:
 
 
 def _register_flags() -> None:
-    """Tell the structures which flag sets each renamed parameter, for their error messages."""
+    """Tell the structures which flag sets each renamed parameter, for their error messages (a parameter that
+    two flags set, such as ``metric``, keeps its own name)."""
     from .structures.base import PARAMETER_FLAGS
 
+    renamed: dict[str, list[str]] = {}
     for name in PlanOptions.model_fields:
-        param = _param_name(name)
-        if param != name and not _extra(name).get("only"):  # shared names are checked per allocator above
-            PARAMETER_FLAGS[param] = flag_of(name)
+        if _param_name(name) != name:
+            renamed.setdefault(_param_name(name), []).append(flag_of(name))
+    PARAMETER_FLAGS.update({param: flags[0] for param, flags in renamed.items() if len(flags) == 1})
 
 
 _register_flags()

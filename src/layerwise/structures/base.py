@@ -11,9 +11,8 @@ import inspect
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
-from pydantic import BaseModel, ConfigDict, Field
-
 from ..backends import architecture_signature
+from ..component_options import ComponentOptions, option  # noqa: F401  (option: for the structures)
 from ..config import Budget
 from ..errors import LayerwiseError
 from ..models import LoadedModel
@@ -25,20 +24,8 @@ if TYPE_CHECKING:
     from ..options import PlanOptions
 
 
-def option(help: str, flags: str | None = None, param: str | None = None, only: str | None = None,
-           budget: bool = False) -> Any:
-    """A planning option: its help text, its CLI flag(s) when not ``--field-name``, when it differs the name of
-    the allocator parameter it sets, the one allocator it belongs to when its name is shared, and whether it is
-    a budget (read by ``Structure.budget``, never passed to an allocator)."""
-    return Field(None, description=help, json_schema_extra={"flags": flags, "param": param, "only": only,
-                                                            "budget": budget})
-
-
-class StructureOptions(BaseModel):
-    """A structure's options (its budget, its own and its allocators'); every field is optional (unset: the
-    component's default) and becomes a CLI option and a recipe key of `plan` and `compress`."""
-
-    model_config = ConfigDict(extra="forbid")
+class StructureOptions(ComponentOptions):
+    """A structure's own options and its budget's; its allocators declare theirs (``declares``)."""
 
 
 @dataclass
@@ -76,7 +63,8 @@ class Structure:
     """Base class of the registered structures; subclasses set ``name`` and override what they need."""
 
     name: ClassVar[str]
-    options: ClassVar[type[StructureOptions]] = StructureOptions  # its budget's, its own and its allocators'
+    options: ClassVar[type[StructureOptions]] = StructureOptions  # its budget's and its own
+    allocators: ClassVar[Registry | None] = None  # its allocators, each with the options it ``declares``
     own_options: ClassVar[frozenset[str]] = frozenset()  # the structure's options, not any allocator's
     calibration_defaults: ClassVar[dict[str, int]] = {}  # calibration when the user names none
     records_milestones: ClassVar[bool] = False  # the search reports steps that compress may evaluate

@@ -24,36 +24,13 @@ class DepthOptions(StructureOptions):
 
     target_speedup: Optional[float] = option("depth: remove sublayers until this predicted speedup.", budget=True)
     num_remove_sublayers: Optional[int] = option("depth: remove exactly this many sublayers.", budget=True)
-    sprint_metric: Optional[str] = option("sprint: distance of the next MLP's input, l2-sentence (default), "
-                                          "l2-token, cosine-token or cosine-sentence.", param="metric",
-                                          only="sprint")
-    normalize: Optional[bool] = option("sprint: divide L2 distances by the reference norm.",
-                                       "--normalize/--no-normalize")
-    latency_aware: Optional[bool] = option("sprint: divide sensitivity by the latency saved (default on).",
-                                           "--latency-aware/--no-latency-aware")
-    num_candidate_sublayers: Optional[int] = option("sprint: candidates rescored after tuning (default 4; the "
-                                                    "reference's 5; 0 = no tuning).")
-    in_comp_tuning_ratio: Optional[float] = option("sprint: share of the down projection's columns (in_channel) or "
-                                                   "rows (out_channel) refitted (default 0.1; the reference's 1.0).")
-    damping_coefficient: Optional[float] = option("sprint: damping of the refit towards the original weights "
-                                                  "(default 0.01 relative; the reference's 0).")
-    relative_damping: Optional[bool] = option("sprint: damping relative to mean diag(XᵀX) as a ridge (default), or "
-                                              "absolute as the reference code stacks it.",
-                                              "--relative-damping/--absolute-damping")
-    direction: Optional[str] = option("sprint: refit down_proj's input columns, the others held fixed (in_channel, "
-                                      "default) or its output rows over all inputs (out_channel, the reference's).")
-    tuning_sublayer: Optional[str] = option("sprint: the sublayer tuned after a removal (mlp).")
-    update_tuned_weights: Optional[bool] = option("sprint: keep the tuning of removed candidates (default on).",
-                                                  "--update-tuned-weights/--no-update-tuned-weights")
-    num_checkpoints: Optional[int] = option("sprint: activation checkpoints along the model (default 8).")
-    checkpointing_on_cpu: Optional[bool] = option("sprint/sleb: keep checkpoints in CPU memory.",
-                                                  "--checkpointing-on-cpu/--checkpointing-on-device")
 
 
 @register
 class Depth(Structure):
     name = "depth"
     options = DepthOptions
+    allocators = DEPTH_ALLOCATORS
     # SPRINT's and SLEB's searches cost a forward pass per candidate and step, so the 128 x 512 default of the
     # one-pass methods would run for hours on a CPU (the depth table uses 8 x 256: 4-10 minutes per method)
     calibration_defaults = {"nsamples": 8, "calib_seqlen": 256}

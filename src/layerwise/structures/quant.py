@@ -30,16 +30,6 @@ class QuantOptions(StructureOptions):
                                  "or gptq.", "--awq/--no-awq")
     act_order: Optional[bool] = option("quant gptq: columns by decreasing Hessian diagonal, static groups (default "
                                        "on).", "--act-order/--no-act-order")
-    episodes: Optional[int] = option("automp-rl: sampled configurations (default 300).")
-    mp_alpha: Optional[float] = option("automp-rl: weight of the perplexity term (default 0.7).", param="alpha")
-    mp_beta: Optional[float] = option("automp-rl: weight of the memory saving (default 2.0).", param="beta")
-    eval_samples: Optional[int] = option("automp-rl: calibration windows of 128 tokens scoring each candidate "
-                                         "(default 4).")
-    seeds: Optional[int] = option("automp-rl: independent searches (seed, seed+1, ...); the best configuration of "
-                                  "any is kept (default 1).")
-    sensitivity: Optional[str] = option("greedy / automp-rl: per-linear sensitivity with only that linear rounded: "
-                                        "kl (default: output KL divergence from dense), ppl (ln PPL increase) or error "
-                                        "(activation-weighted RTN error, no forward passes).")
     imatrix: Optional[bool] = option("quant with GGUF types: weight llama.cpp's quantizer by the calibration's mean "
                                      "squared inputs (an importance matrix).", "--imatrix/--no-imatrix")
     llamacpp_activations: Optional[bool] = option(
@@ -53,6 +43,7 @@ class QuantOptions(StructureOptions):
 class Quant(Structure):
     name = "quant"
     options = QuantOptions
+    allocators = BIT_ALLOCATORS
     # bit choices, grouping, symmetry, GGUF settings: options of the structure, not of any bit allocator
     own_options = frozenset({"bits", "group_size", "symmetric", "awq", "act_order", "imatrix", "embedding_type",
                              "llamacpp_activations"})

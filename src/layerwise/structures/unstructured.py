@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 
 from typing import TYPE_CHECKING, Any, Optional
 
@@ -54,18 +53,13 @@ class UnstructuredOptions(StructureOptions):
 
     sparsity: Optional[float] = option("Target mean sparsity over decoder linears, in [0, 1) (default 0.5).", budget=True)
     nm: Optional[str] = option("Semi-structured N:M pattern, e.g. 2:4 (uniform, sparsity N/M).", budget=True)
-    epsilon: Optional[float] = option("alpha: sparsities span [1-eps, 1+eps] x target (default 0.2).")
-    esd_metric: Optional[str] = option("alpha: the spectral metric, alpha_peak (default) or alpha_mid.",
-                                       param="metric", only="alpha")
-    metric_cache: Optional[Path] = option("alpha: directory caching metric values.")
-    owl_m: Optional[float] = option("owl: outlier threshold M x mean (default 5).")
-    owl_lambda: Optional[float] = option("owl: sparsity range +-lambda (default 0.08).")
 
 
 @register
 class Unstructured(Structure):
     name = "unstructured"
     options = UnstructuredOptions
+    allocators = ALLOCATORS
 
     def budget(self, options: "PlanOptions") -> Budget:
         return Budget.for_sparsity(0.5 if options.sparsity is None else options.sparsity)

@@ -41,23 +41,13 @@ class WidthOptions(StructureOptions):
     mlp_layers: Optional[str] = option("width: MLP layers that may be pruned, start:end (default all).")
     channel_multiple: Optional[int] = option("width: FFN widths move in multiples of this (default 8).")
     taylor_seq_len: Optional[int] = option("width/taylor: calibration sequence length (default 64).")
-    rl_steps: Optional[int] = option("rl/rl-refine: environment steps of training (default 3000 / 320).")
-    rl_algo: Optional[str] = option("rl/rl-refine: ppo (default) or a2c.")
-    rl_w_acc: Optional[float] = option("rl/rl-refine: weight of the accuracy term (default 1.0).")
-    rl_alpha: Optional[float] = option("rl/rl-refine: weight of FLOPs (default 0.2).")
-    rl_beta: Optional[float] = option("rl/rl-refine: weight of weight bytes (default 0.6).")
-    rl_gamma: Optional[float] = option("rl/rl-refine: weight of peak activation (default 0.2).")
-    rl_delta: Optional[float] = option("rl/rl-refine: weight of KV-cache bytes (default 0.4).")
-    refine_moves: Optional[int] = option("rl-refine: moves per episode (default 8).")
-    refine_block: Optional[int] = option("rl-refine: FFN channels moved at once (default 64).")
-    adapt_amplitude: Optional[float] = option("adapt/rl-refine: layer ratios within +- this of the global one "
-                                              "(default 0.2).")
 
 
 @register
 class Width(Structure):
     name = "width"
     options = WidthOptions
+    allocators = WIDTH_ALLOCATORS
     # which layers, rounding and importance: options of the structure, not of any allocator
     own_options = frozenset({"attn_layers", "mlp_layers", "channel_multiple", "taylor_seq_len"})
 
