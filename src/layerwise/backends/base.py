@@ -111,7 +111,7 @@ def sequential_pass(model: nn.Module, actions: list[Action], context: ApplyConte
         if linears:
             statistics, handles = attach(linears)
             try:
-                runner.forward(index)
+                runner.feed(index, list(linears.values()))
             finally:
                 for handle in handles:
                     handle.remove()
