@@ -140,7 +140,7 @@ def test_failure_after_work_leaves_no_partial_directory(tmp_path, monkeypatch):
 def test_alpha_run_records_layer_sparsity_and_metric_then_reports(tmp_path):
     out = tmp_path / "alpha"
     result = invoke("compress", "--model", "tiny-llama", "--method", "wanda", "--allocator", "alpha", "--sparsity",
-                    "0.6", "--epsilon", "0.1", "--metric", "alpha_mid", "--metric-cache", str(tmp_path / "esd"),
+                    "0.6", "--epsilon", "0.1", "--esd-metric", "alpha_mid", "--metric-cache", str(tmp_path / "esd"),
                     "--nsamples", "4", "--out", str(out), *QUICK)
     assert result.exit_code == 0, result.output
     record = json.loads((out / "result.json").read_text())

@@ -193,11 +193,15 @@ def test_depth_search_reports_its_progress_towards_the_budget(tiny, source):
 
 
 def test_depth_runs_default_to_a_calibration_a_cpu_user_can_wait_for():
-    from layerwise.cli import _calibration
+    from layerwise.options import PlanOptions
 
-    assert _calibration("depth", None, None) == {"nsamples": 8, "calib_seqlen": 256}
-    assert _calibration("depth", 32, None) == {"nsamples": 32, "calib_seqlen": None}  # the user's choice wins
-    assert _calibration("unstructured", None, None) == {"nsamples": 128, "calib_seqlen": None}
+    def calibration(**given):
+        values = PlanOptions(**given).calibration()
+        return {k: values[k] for k in ("nsamples", "calib_seqlen")}
+
+    assert calibration(structure="depth") == {"nsamples": 8, "calib_seqlen": 256}
+    assert calibration(structure="depth", nsamples=32) == {"nsamples": 32, "calib_seqlen": None}  # the user's wins
+    assert calibration() == {"nsamples": 128, "calib_seqlen": None}
 
 
 def test_search_stops_as_soon_as_the_predicted_target_is_met(tiny, source, tokens):
@@ -280,7 +284,7 @@ def test_depth_compress_replays_tuning_and_reloads(tmp_path):
         (["--structure", "depth", "--allocator", "sleb", "--target-speedup", "0.9"], "must exceed 1"),
         (["--structure", "depth", "--allocator", "shortgpt", "--target-speedup", "1.2", "--num-candidate-sublayers",
           "2"], "does not take --num-candidate-sublayers"),
-        (["--structure", "depth", "--allocator", "sprint", "--target-speedup", "1.2", "--metric", "l1"],
+        (["--structure", "depth", "--allocator", "sprint", "--target-speedup", "1.2", "--sprint-metric", "l1"],
          "Unknown distance metric 'l1'"),
         (["--structure", "sideways"], "Unknown structure 'sideways'"),
         (["--structure", "depth", "--allocator", "sprint", "--target-speedup", "1.2", "--prompt-length", "0"],

@@ -188,10 +188,14 @@ def test_the_environments_pass_gymnasiums_checker(tiny, calibration):
             assert abs(context.space.removed(log.best_widths) - context.space.target_removed) <= context.space.rounding_unit
 
 
-def test_rl_search_is_seeded(tiny, calibration):
+def test_rl_search_is_seeded_and_writes_nothing_outside(tiny, calibration, tmp_path, monkeypatch):
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where SB3's default logger would make its folder
     runs = [WIDTH_ALLOCATORS.get("rl")(_context(tiny, calibration, 0.3), rl_steps=32, rl_proxy_samples=2,
                                        rl_proxy_seqlen=32).widths for _ in range(2)]
     assert runs[0] == runs[1]
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_compress_width_cli_records_costs_speed_and_reloads(tmp_path):

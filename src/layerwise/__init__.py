@@ -4,7 +4,7 @@ Public API: ``load``, ``plan``, ``apply``, ``evaluate``, ``zeroshot``, ``measure
 ``compress`` (all of them).
 """
 
-__version__ = "0.1.0"
+from .version import __version__  # noqa: E402,F401
 
 from .config import DEFAULT_TASK_LIMIT, Budget, LatencySetting, RunSettings  # noqa: E402
 from .errors import (  # noqa: E402

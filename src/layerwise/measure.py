@@ -62,3 +62,15 @@ def measure_model(loaded: LoadedModel, settings: RunSettings, timings: Timings, 
     with timed(timings, f"{prefix}latency_s"):
         measured["latency"] = latency(loaded, settings)
     return measured
+
+
+def measured_speedup(dense: dict | None, compressed: dict | None) -> dict | None:
+    """Measured speedup (dense time / compressed time) of the whole setting, prefill and decode."""
+    if not dense or not compressed:
+        return None
+    decode = dense["decode_ms_per_token"], compressed["decode_ms_per_token"]
+    return {
+        "total": round(dense["total_ms"] / compressed["total_ms"], 4),
+        "prefill": round(dense["prefill_ms"] / compressed["prefill_ms"], 4),
+        "decode": round(decode[0] / decode[1], 4) if all(decode) else None,
+    }

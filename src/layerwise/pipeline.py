@@ -6,7 +6,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from . import __version__
+from .version import __version__
 from .backends import ApplyContext, apply_plan
 from .cache import atomic_write_json, staged_directory
 from .config import Budget, LatencySetting, RunSettings
@@ -15,12 +15,14 @@ from .cost.analytic import model_costs
 from .deploy import deploy_run, dense_reference
 from .export import check_exportable
 from .environment import machine, versions
-from .errors import OutputExistsError, UnsupportedArchitectureError
-from .measure import Timings, measure_model, timed
+from .errors import OutputExistsError, PlanError, UnsupportedArchitectureError
+from .measure import Timings, measure_model, measured_speedup, timed
 from .models import LoadedModel, decoder_linears, load, model_fingerprint, save
 from .plan import Plan
 from .planning import make_plan, validate_request
+from .structures import STRUCTURES
 from .profile import CalibrationSource
+from .result import Result
 
 
 def ensure_output_free(out: str | Path, overwrite: bool, what: str = "Output directory") -> None:
@@ -94,7 +96,7 @@ def run_plan(
             "weight_bytes": size.weight_bytes,
             "zeroshot": compressed["zeroshot"],
             "latency": compressed["latency"],
-            "speedup": _speedup(dense["latency"], compressed["latency"]),
+            "speedup": measured_speedup(dense["latency"], compressed["latency"]),
             "dense": {
                 **dense_size.as_dict(),
                 "fingerprint": dense_fingerprint,
@@ -106,9 +108,7 @@ def run_plan(
             "recovery": {**recovery, "ppl_after": compressed.get("ppl")} if recovery else None,
             "dense_costs": dense_costs,
             "pruning_s": plan.details.get("search_s"),
-            **_depth_metrics(plan, dense["latency"], (extra or {}).get("milestones")),
-            **_width_metrics(plan),
-            **_quant_metrics(plan, loaded),
+            **_structure_metrics(plan, loaded, dense["latency"], extra or {}),
         },
         protocol=compressed.get("protocol"),
         calibration={**calibration.describe(), "profile_from_cache": calibration.profile_from_cache},
@@ -120,6 +120,7 @@ def run_plan(
         if settings.deploy:
             record["deployment"] = {"dense": dense_deployed, "compressed": deploy_run(loaded, settings, staging, timings)}
         timings["total_s"] = round(time.perf_counter() - started, 3)
+        record = Result.from_record(record).to_record()
         atomic_write_json(staging / "result.json", record)
     return record
 
@@ -136,30 +137,12 @@ def _recover(loaded: LoadedModel, settings: RunSettings, calibration: Calibratio
     return {**report.model_dump(), "ppl_before": before.get("ppl")}
 
 
-def _speedup(dense: dict | None, compressed: dict | None) -> dict | None:
-    """Measured speedup (dense time / compressed time) of the whole setting, prefill and decode."""
-    if not dense or not compressed:
-        return None
-    decode = dense["decode_ms_per_token"], compressed["decode_ms_per_token"]
-    return {
-        "total": round(dense["total_ms"] / compressed["total_ms"], 4),
-        "prefill": round(dense["prefill_ms"] / compressed["prefill_ms"], 4),
-        "decode": round(decode[0] / decode[1], 4) if all(decode) else None,
-    }
-
-
-def _depth_metrics(plan: Plan, dense_latency: dict | None, milestones: list[dict] | None) -> dict:
-    """What a depth run adds: the removals in order, predicted speedup, search time, intermediate points."""
-    removed = [action.unit for action in plan.actions if action.op == "remove"]
-    if not removed:
-        return {}
-    for record in milestones or []:
-        record["speedup"] = _speedup(dense_latency, record["latency"])
-    return {
-        "removed_sublayers": removed,
-        "predicted_speedup": plan.prediction.get("speedup"),
-        "milestones": milestones or [],
-    }
+def _structure_metrics(plan: Plan, loaded: LoadedModel, dense_latency: dict | None, extra: dict) -> dict:
+    """What each structure adds for its own actions in the plan (removals, widths, bits, ...)."""
+    metrics: dict = {}
+    for name in STRUCTURES:
+        metrics.update(STRUCTURES.get(name).metrics(plan, loaded, dense_latency, extra))
+    return metrics
 
 
 def _costs(loaded: LoadedModel, settings: RunSettings) -> dict | None:
@@ -171,30 +154,6 @@ def _costs(loaded: LoadedModel, settings: RunSettings) -> dict | None:
     except UnsupportedArchitectureError:
         return None
     return report.model_dump()
-
-
-def _width_metrics(plan: Plan) -> dict:
-    """What a width run adds: kept heads/channels per layer, the predicted FLOP speedups, the RL curve."""
-    if not any(action.op == "slice" for action in plan.actions):
-        return {}
-    return {
-        "widths": plan.details.get("widths"),
-        "flop_speedup": plan.prediction.get("flop_speedup"),
-        "rl_curve": plan.details.get("rl_curve"),
-    }
-
-
-def _quant_metrics(plan: Plan, loaded: LoadedModel) -> dict:
-    """What a quantization run adds: the average bit width, the quantized linears' measured bytes and their
-    reduction against 16-bit storage, and, for searches, the per-episode curve."""
-    from .backends.quantize import quantized_storage
-
-    if not any(action.op == "quantize" for action in plan.actions):
-        return {}
-    storage = quantized_storage(loaded.model)
-    reduction = 1 - storage["quantized_bytes"] / (2 * storage["quantized_weights"])
-    return {"avg_bits": plan.prediction.get("avg_bits"), **storage, "memory_reduction_vs_16bit": round(reduction, 6),
-            "bits_curve": plan.details.get("curve")}
 
 
 def _per_unit_sparsity(loaded: LoadedModel) -> dict[str, float]:
@@ -229,7 +188,8 @@ def compress(
     if settings.deploy:
         check_exportable(loaded.model)
     calibration = CalibrationSource(loaded, settings)
-    milestones = MilestoneRecorder(loaded, settings, eval_speedups or []) if structure == "depth" else None
+    records = STRUCTURES.get(structure).records_milestones
+    milestones = MilestoneRecorder(loaded, settings, eval_speedups or []) if records else None
     with timed(timings, "plan_s"):
         plan = make_plan(loaded, budget, method, allocator, settings.seed, calibration, nm, structure,
                          milestones, **allocator_params)
@@ -287,19 +247,44 @@ def plan_to_file(
     return plan
 
 
+# apply's calibration options and the CalibrationRecord fields they would change
+CALIBRATION_OPTIONS = {"nsamples": "nsamples", "calib_seqlen": "seqlen", "calib_text": "calib_text",
+                       "calib_batch_size": "batch_size"}
+
+
+def check_calibration_options(plan: Plan, given: dict[str, Any]) -> None:
+    """Refuse calibration options that contradict the plan's record: applying it draws the plan's windows."""
+    if plan.calibration is None:
+        return
+    for option, field in CALIBRATION_OPTIONS.items():
+        value = given.get(option)
+        recorded = getattr(plan.calibration, field)
+        if value is not None and str(value) != str(recorded):
+            raise PlanError(f"The plan was computed on calibration with --{option.replace('_', '-')} {recorded}, and "
+                            f"applying it uses that calibration again (the same windows, so the same weights); "
+                            f"drop --{option.replace('_', '-')} {value}, or make a new plan with it.")
+
+
 def apply_plan_file(
     model: str, plan_path: str | Path, settings: RunSettings | None = None, out: str | Path = "layerwise-out",
-    overwrite: bool = False,
+    overwrite: bool = False, calibration: dict[str, Any] | None = None,
 ) -> dict:
-    """Apply a saved plan to a fresh copy of ``model``, then evaluate and save like ``compress``."""
+    """Apply a saved plan to a fresh copy of ``model``, then evaluate and save like ``compress``.
+
+    A plan that records its calibration is applied on exactly those windows (whatever ``settings`` evaluates
+    on), so the result equals ``compress``'s; ``calibration`` (the options the user gave: nsamples,
+    calib_seqlen, calib_text) must agree with that record. Older plans calibrate as ``settings`` say."""
     settings = settings or RunSettings()
     plan = Plan.load(plan_path)
+    check_calibration_options(plan, calibration or {})
     ensure_output_free(out, overwrite)
     started = time.perf_counter()
     timings: Timings = {}
     with timed(timings, "load_s"):
         loaded = load(model, dtype=settings.dtype, device=settings.device)
-    return run_plan(loaded, plan, settings, out, overwrite, "apply", timings, started)
+    source = (CalibrationSource.for_plan(loaded, settings, plan.calibration) if plan.calibration is not None
+              else CalibrationSource(loaded, settings))
+    return run_plan(loaded, plan, settings, out, overwrite, "apply", timings, started, source)
 
 
 def evaluate_model(
@@ -313,8 +298,8 @@ def evaluate_model(
 
     timings: Timings = {}
     evaluation = ENGINES.get(settings.engine)(model, settings, timings)
-    record = _record("eval", evaluation.model, settings, timings, metrics=evaluation.metrics,
-                     protocol=evaluation.protocol, **evaluation.extra)
+    record = Result.from_record(_record("eval", evaluation.model, settings, timings, metrics=evaluation.metrics,
+                                        protocol=evaluation.protocol, **evaluation.extra)).to_record()
     if out is not None:
         with staged_directory(Path(out), overwrite) as staging:
             atomic_write_json(staging / "result.json", record)

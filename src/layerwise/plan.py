@@ -58,9 +58,10 @@ class RemoveAction(BaseModel):
 
 
 class SliceAction(BaseModel):
-    """Keep ``keep`` width units of one sublayer, the most important by ``method`` (taylor or act):
-    query heads of an attention sublayer (whole KV groups, so a multiple of the group size), or channels
-    of an MLP. The rest are sliced away for real."""
+    """Keep ``keep`` width units of one sublayer: query heads of an attention sublayer (whole KV groups, so a
+    multiple of the group size), or channels of an MLP. ``kept`` lists which (KV-group indices, or channel
+    indices), as the planner's ``method`` (taylor or act) ranked them; plans without it rank again on the
+    calibration data when applied. The rest are sliced away for real."""
 
     model_config = ConfigDict(extra="forbid")
     unit: str
@@ -68,6 +69,13 @@ class SliceAction(BaseModel):
     keep: int = Field(ge=1)
     method: str = "taylor"
     seq_len: Optional[int] = Field(None, ge=2, description="taylor: calibration sequence length")
+    kept: Optional[list[int]] = Field(None, description="indices of the KV groups (attention) or channels (MLP) kept")
+
+    @model_validator(mode="after")
+    def _kept_are_distinct(self) -> "SliceAction":
+        if self.kept is not None and (len(set(self.kept)) != len(self.kept) or min(self.kept, default=0) < 0):
+            raise ValueError("kept lists distinct non-negative unit indices")
+        return self
 
 
 class QuantizeAction(BaseModel):
@@ -106,8 +114,24 @@ Action = Annotated[Union[SparsifyAction, RemoveAction, SliceAction, QuantizeActi
 STRUCTURAL_OPS = ("remove", "slice", "quantize")  # ops that change modules, replayed before saved weights load
 
 
+class CalibrationRecord(BaseModel):
+    """The calibration windows a plan was computed on, and the hash of their token ids: applying the plan
+    draws the same windows (its Wanda norms, Hessians and refits need them) or refuses."""
+
+    model_config = ConfigDict(extra="forbid")
+    corpus: str
+    calib_text: Optional[str] = None
+    nsamples: int = Field(ge=1)
+    seqlen: int = Field(ge=2)
+    seed: int
+    batch_size: int = Field(ge=1, description="windows per forward pass (accumulation order of the statistics)")
+    bos: Optional[str] = None
+    tokens: str = Field(description="sha256 prefix of the calibration token ids")
+
+
 class Plan(BaseModel):
-    """Per-unit actions plus the budget, the allocator and its parameters, and the cost prediction."""
+    """Per-unit actions plus the budget, the allocator and its parameters, the cost prediction and the
+    calibration it was computed on."""
 
     model_config = ConfigDict(extra="forbid")
     format: Literal["layerwise.plan/1"] = PLAN_FORMAT
@@ -119,6 +143,7 @@ class Plan(BaseModel):
     allocator_params: dict[str, Any] = Field(default_factory=dict)
     seed: int = 0
     actions: list[Action]
+    calibration: Optional[CalibrationRecord] = None
     prediction: dict[str, Any] = Field(default_factory=dict)
     details: dict[str, Any] = Field(default_factory=dict)
 

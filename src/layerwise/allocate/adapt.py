@@ -4,8 +4,11 @@ cosine similarity on calibration tokens) matters less and is pruned more; each l
 
 from __future__ import annotations
 
+from typing import Optional
+
 from ..profile.width import block_similarity
 from .width import WIDTH_ALLOCATORS, WidthAllocation, WidthContext, fit_budget, timed_allocation
+from ..component_options import ComponentOptions, declares, option
 
 
 def adapt_keep_fractions(context: WidthContext, adapt_amplitude: float) -> tuple[dict[int, float], dict[int, float]]:
@@ -23,6 +26,13 @@ def adapt_keep_fractions(context: WidthContext, adapt_amplitude: float) -> tuple
     return keep, importance
 
 
+class AdaptOptions(ComponentOptions):
+    """The adaptive heuristic: how far a layer's ratio may move from the global one."""
+
+    adapt_amplitude: Optional[float] = option("adapt/rl-refine: layer ratios within +- this of the global one "
+                                              "(default 0.2).")
+
+@declares(AdaptOptions)
 @WIDTH_ALLOCATORS.register("adapt")
 @timed_allocation
 def adapt_widths(context: WidthContext, adapt_amplitude: float = 0.2) -> WidthAllocation:

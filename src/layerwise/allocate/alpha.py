@@ -2,11 +2,26 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
+from typing import Optional
+
 from ..config import Budget
 from ..profile.esd import spectral_metrics
 from .base import ALLOCATORS, Allocation, AllocationContext, check_budget, linear_map, per_block_to_units
+from ..component_options import ComponentOptions, declares, option
 
 
+class AlphaOptions(ComponentOptions):
+    """AlphaPruning: the ESD metric, the sparsity spread and where metric values are cached."""
+
+    epsilon: Optional[float] = option("alpha: sparsities span [1-eps, 1+eps] x target (default 0.2).")
+    esd_metric: Optional[str] = option("alpha: the spectral metric, alpha_peak (default) or alpha_mid.",
+                                       param="metric")
+    metric_cache: Optional[Path] = option("alpha: directory caching metric values.")
+
+
+@declares(AlphaOptions)
 @ALLOCATORS.register("alpha")
 def alpha(context: AllocationContext, budget: Budget, epsilon: float = 0.2, metric: str = "alpha_peak",
           metric_cache: str | None = None) -> Allocation:

@@ -12,6 +12,8 @@ answer is recorded for the report's box plot.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import math
 from dataclasses import dataclass
 
@@ -21,8 +23,9 @@ from tqdm.auto import tqdm
 
 from ..errors import BudgetError
 from ..evaluate.perplexity import token_set_perplexity
-from .bits import (ACTIVATION_STATISTICS, BIT_ALLOCATORS, BitAllocation, BitContext, budget_bits, check_bit_budget,
-                   fit_bits, linear_statistics, sensitivities)
+from ..component_options import declares, option
+from .bits import (ACTIVATION_STATISTICS, BIT_ALLOCATORS, BitAllocation, BitContext, SensitivityOptions, budget_bits,
+                   check_bit_budget, fit_bits, linear_statistics, sensitivities)
 
 ROLES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -103,6 +106,19 @@ class Search:
                                         self.context.calibration.settings.calib_batch_size)
 
 
+class AutompOptions(SensitivityOptions):
+    """AutoMP-RL: episodes, the reward's weights, candidate scoring and independent seeds."""
+
+    episodes: Optional[int] = option("automp-rl: sampled configurations (default 300).")
+    mp_alpha: Optional[float] = option("automp-rl: weight of the perplexity term (default 0.7).", param="alpha")
+    mp_beta: Optional[float] = option("automp-rl: weight of the memory saving (default 2.0).", param="beta")
+    eval_samples: Optional[int] = option("automp-rl: calibration windows of 128 tokens scoring each candidate "
+                                         "(default 4).")
+    seeds: Optional[int] = option("automp-rl: independent searches (seed, seed+1, ...); the best configuration of "
+                                  "any is kept (default 1).")
+
+
+@declares(AutompOptions)
 @BIT_ALLOCATORS.register("automp-rl", "automp_rl")
 def automp_rl_bits(context: BitContext, avg_bits: float | None = None, episodes: int = 300, alpha: float = 0.7,
                    beta: float = 2.0, learning_rate: float = 2e-3, entropy_coef: float = 0.01,

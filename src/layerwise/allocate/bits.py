@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 from torch import nn
@@ -28,6 +28,7 @@ from ..models.discovery import find_blocks
 from ..registry import Registry
 from ..gguf.activations import round_activations
 from .levels import GGUFLevels, Level, LevelSet, parse_levels
+from ..component_options import ComponentOptions, declares, option
 
 
 @dataclass
@@ -372,6 +373,15 @@ def budget_bits(context: BitContext, avg_bits: float | None, max_bits: float | N
     return min(limits) if limits else None
 
 
+class SensitivityOptions(ComponentOptions):
+    """The per-linear sensitivity the bit searches rank by."""
+
+    sensitivity: Optional[str] = option("greedy / automp-rl: per-linear sensitivity with only that linear rounded: "
+                                        "kl (default: output KL divergence from dense), ppl (ln PPL increase) or error "
+                                        "(activation-weighted RTN error, no forward passes).")
+
+
+@declares(SensitivityOptions)
 @BIT_ALLOCATORS.register("greedy")
 def greedy_bits(context: BitContext, avg_bits: float | None = None, sensitivity: str = "kl",
                 max_bits: float | None = None) -> BitAllocation:

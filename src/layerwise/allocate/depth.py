@@ -22,6 +22,7 @@ from ..cost.latency_table import LatencyTable
 from ..errors import BudgetError
 from ..models.adapter import get_adapter
 from ..registry import Registry
+from ..component_options import ComponentOptions, option
 
 
 @dataclass
@@ -33,6 +34,13 @@ class DepthStep:
     elapsed_s: float
     score: Optional[float] = None
 
+
+@dataclass
+class CheckpointOptions(ComponentOptions):
+    """Where a depth search keeps its activation checkpoints."""
+
+    checkpointing_on_cpu: Optional[bool] = option("sprint/sleb: keep checkpoints in CPU memory.",
+                                                  "--checkpointing-on-cpu/--checkpointing-on-device")
 
 @dataclass
 class DepthContext:

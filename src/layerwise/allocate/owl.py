@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 from ..config import Budget
 from .base import ALLOCATORS, Allocation, AllocationContext, check_budget, linear_map, per_block_to_units
+from ..component_options import ComponentOptions, declares, option
 
 
 @torch.no_grad()
@@ -21,6 +24,13 @@ def outlier_ratios(context: AllocationContext, m: float) -> dict[int, float]:
     return ratios
 
 
+class OwlOptions(ComponentOptions):
+    """OWL: outlier threshold and sparsity range."""
+
+    owl_m: Optional[float] = option("owl: outlier threshold M x mean (default 5).")
+    owl_lambda: Optional[float] = option("owl: sparsity range +-lambda (default 0.08).")
+
+@declares(OwlOptions)
 @ALLOCATORS.register("owl")
 def owl(context: AllocationContext, budget: Budget, owl_m: float = 5.0, owl_lambda: float = 0.08) -> Allocation:
     """Outlier ratios mapped to densities in [1-target-λ, 1-target+λ] around the target (OWL paper: M=5, λ=0.08)."""

@@ -15,6 +15,8 @@ from ..errors import BudgetError
 from .width import WIDTH_ALLOCATORS, WidthAllocation, WidthContext, WidthSpace, fit_budget, timed_allocation
 from .width_objective import RewardWeights
 from .rl_training import SearchLog, search_objective, train_policy, unit_importance
+from ..component_options import declares
+from .rl_training import RlOptions
 
 OBSERVATION = ("position", "depth", "attention_eligible", "mlp_eligible", "head_importance", "ffn_importance",
                "budget_left", "capacity_after", "previous_head_keep", "previous_ffn_keep")
@@ -90,6 +92,7 @@ class WidthAllocationEnv(gym.Env):
         return self._observation(), float(terms["value"]), True, False, {"terms": terms}
 
 
+@declares(RlOptions)
 @WIDTH_ALLOCATORS.register("rl")
 @timed_allocation
 def rl_widths(context: WidthContext, rl_steps: int = 3000, rl_algo: str = "ppo", rl_w_acc: float = 1.0,

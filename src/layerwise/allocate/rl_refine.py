@@ -5,6 +5,8 @@ start. The best plan seen (the start included) is returned."""
 
 from __future__ import annotations
 
+from typing import Optional
+
 import gymnasium as gym
 import numpy as np
 
@@ -13,6 +15,9 @@ from .adapt import adapt_keep_fractions
 from .rl_training import SearchLog, search_objective, train_policy
 from .width import WIDTH_ALLOCATORS, WidthAllocation, WidthContext, Widths, WidthSpace, fit_budget, timed_allocation
 from .width_objective import RewardWeights
+from ..component_options import declares, option
+from .adapt import AdaptOptions
+from .rl_training import RlOptions
 
 KINDS = ("groups", "channels")
 INVALID_MOVE_PENALTY = 1e-3  # a move that is impossible (same layer, empty source, full target) changes nothing
@@ -71,6 +76,14 @@ class WidthRefineEnv(gym.Env):
         return self._observation(), float(reward), False, done, {}
 
 
+class RefineOptions(RlOptions, AdaptOptions):
+    """RL-Refine: the RL options, its moves, and the adaptive start's amplitude."""
+
+    refine_moves: Optional[int] = option("rl-refine: moves per episode (default 8).")
+    refine_block: Optional[int] = option("rl-refine: FFN channels moved at once (default 64).")
+
+
+@declares(RefineOptions)
 @WIDTH_ALLOCATORS.register("rl-refine", "rl_refine")
 @timed_allocation
 def rl_refine_widths(context: WidthContext, rl_steps: int = 320, rl_algo: str = "ppo", rl_w_acc: float = 1.0,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Iterator, Optional
 
 import torch
 from typing import Any, Callable
@@ -12,10 +12,23 @@ from typing import Any, Callable
 import gymnasium as gym
 from tqdm.auto import tqdm
 
+from ..component_options import ComponentOptions, option
 from ..registry import Registry
 from ..cost.analytic import ModelDims
 from .width import WidthContext, Widths
 from .width_objective import Objective, RewardWeights, WidthProxy
+
+
+class RlOptions(ComponentOptions):
+    """The RL width searches: training steps, algorithm and the reward's weights."""
+
+    rl_steps: Optional[int] = option("rl/rl-refine: environment steps of training (default 3000 / 320).")
+    rl_algo: Optional[str] = option("rl/rl-refine: ppo (default) or a2c.")
+    rl_w_acc: Optional[float] = option("rl/rl-refine: weight of the accuracy term (default 1.0).")
+    rl_alpha: Optional[float] = option("rl/rl-refine: weight of FLOPs (default 0.2).")
+    rl_beta: Optional[float] = option("rl/rl-refine: weight of weight bytes (default 0.6).")
+    rl_gamma: Optional[float] = option("rl/rl-refine: weight of peak activation (default 0.2).")
+    rl_delta: Optional[float] = option("rl/rl-refine: weight of KV-cache bytes (default 0.4).")
 
 
 @dataclass
@@ -77,7 +90,11 @@ def train_policy(env: gym.Env, algorithm: str, steps: int, seed: int, episode_le
         def _on_training_end(self) -> None:
             self.bar.close()
 
+    from stable_baselines3.common.logger import Logger
+
     model = RL_ALGORITHMS.get(algorithm)(env, seed, episode_length)
+    # a logger with no outputs: SB3's default one creates an empty SB3-<time> directory in /tmp on every run
+    model.set_logger(Logger(folder=None, output_formats=[]))
     model.learn(total_timesteps=steps, callback=Progress())
 
 

@@ -10,12 +10,15 @@ from tqdm.auto import tqdm
 from ..config import Budget
 from ..profile.sublayers import SublayerStream
 from .depth import DEPTH_ALLOCATORS, DepthAllocation, DepthContext, RemovalSearch
+from ..component_options import declares
+from .depth import CheckpointOptions
 
 
 def _perplexity_without(stream: SublayerStream, tokens: list[torch.Tensor], block: int) -> float:
     return stream.perplexity_from(2 * block, tokens, skip={2 * block, 2 * block + 1})
 
 
+@declares(CheckpointOptions)
 @DEPTH_ALLOCATORS.register("sleb")
 def sleb(context: DepthContext, budget: Budget, checkpointing_on_cpu: bool = False) -> DepthAllocation:
     search = RemovalSearch(context, budget)

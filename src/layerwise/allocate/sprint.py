@@ -11,6 +11,8 @@ removal can have changed them, sweeping once from the nearest activation checkpo
 
 from __future__ import annotations
 
+from typing import Optional
+
 import contextlib
 
 import torch
@@ -22,6 +24,8 @@ from ..errors import BudgetError
 from ..profile.distance import DISTANCES, mean_distance
 from ..profile.sublayers import States, SublayerStream
 from .depth import DEPTH_ALLOCATORS, DepthAllocation, DepthContext, RemovalSearch
+from ..component_options import declares, option
+from .depth import CheckpointOptions
 
 
 def sensitivity(stream: SublayerStream, states: States, position: int, metric: str, normalize: bool,
@@ -36,6 +40,33 @@ def sensitivity(stream: SublayerStream, states: States, position: int, metric: s
     return mean_distance(metric, reference, pruned, normalize)
 
 
+class SprintOptions(CheckpointOptions):
+    """SPRINT: the distance, latency awareness, in-compression tuning and checkpoints."""
+
+    sprint_metric: Optional[str] = option("sprint: distance of the next MLP's input, l2-sentence (default), "
+                                          "l2-token, cosine-token or cosine-sentence.", param="metric")
+    normalize: Optional[bool] = option("sprint: divide L2 distances by the reference norm.",
+                                       "--normalize/--no-normalize")
+    latency_aware: Optional[bool] = option("sprint: divide sensitivity by the latency saved (default on).",
+                                           "--latency-aware/--no-latency-aware")
+    num_candidate_sublayers: Optional[int] = option("sprint: candidates rescored after tuning (default 4; the "
+                                                    "reference's 5; 0 = no tuning).")
+    in_comp_tuning_ratio: Optional[float] = option("sprint: share of the down projection's columns (in_channel) or "
+                                                   "rows (out_channel) refitted (default 0.1; the reference's 1.0).")
+    damping_coefficient: Optional[float] = option("sprint: damping of the refit towards the original weights "
+                                                  "(default 0.01 relative; the reference's 0).")
+    relative_damping: Optional[bool] = option("sprint: damping relative to mean diag(XᵀX) as a ridge (default), or "
+                                              "absolute as the reference code stacks it.",
+                                              "--relative-damping/--absolute-damping")
+    direction: Optional[str] = option("sprint: refit down_proj's input columns, the others held fixed (in_channel, "
+                                      "default) or its output rows over all inputs (out_channel, the reference's).")
+    tuning_sublayer: Optional[str] = option("sprint: the sublayer tuned after a removal (mlp).")
+    update_tuned_weights: Optional[bool] = option("sprint: keep the tuning of removed candidates (default on).",
+                                                  "--update-tuned-weights/--no-update-tuned-weights")
+    num_checkpoints: Optional[int] = option("sprint: activation checkpoints along the model (default 8).")
+
+
+@declares(SprintOptions)
 @DEPTH_ALLOCATORS.register("sprint")
 def sprint(
     context: DepthContext,

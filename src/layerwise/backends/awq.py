@@ -29,7 +29,7 @@ from ..errors import UnsupportedArchitectureError
 from ..models.adapter import get_adapter
 from ..plan import Action
 from .base import ApplyContext
-from .quantize import group_bounds, rtn_round_trip
+from .grid import group_bounds, rtn_round_trip
 
 GRID = 20
 MAX_TOKENS = 4096  # calibration tokens per scale search: AWQ's scales are stable well below that

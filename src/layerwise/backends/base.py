@@ -11,6 +11,7 @@ from torch import nn
 
 from ..errors import PlanError
 from ..models.discovery import decoder_linears
+from ..models.restructure import STRUCTURE_REPLAY  # noqa: F401  (re-exported for the backends)
 from ..plan import Action, Plan
 from ..registry import Registry
 
@@ -29,8 +30,6 @@ class ApplyContext:
 
 OpHandler = Callable[[nn.Module, list[Action], ApplyContext], None]
 OPS: Registry[OpHandler] = Registry("plan operation")
-# op -> how to rebuild a saved model's modules before its weights load (shapes only: no data needed)
-STRUCTURE_REPLAY: Registry[Callable[[nn.Module, list[Action]], None]] = Registry("structural operation")
 # op -> (the unit names it may act on in a model, what such a unit is called in error messages)
 OP_UNITS: Registry[tuple[Callable[[nn.Module], set[str]], str]] = Registry("plan operation")
 OP_UNITS.add("sparsify", (lambda model: set(decoder_linears(model)), "a decoder linear"))
@@ -112,7 +111,7 @@ def sequential_pass(model: nn.Module, actions: list[Action], context: ApplyConte
         if linears:
             statistics, handles = attach(linears)
             try:
-                runner.forward(index)
+                runner.feed(index, list(linears.values()))
             finally:
                 for handle in handles:
                     handle.remove()

@@ -52,31 +52,37 @@ def _check_keep(adapter: ModelAdapter, action: Action) -> tuple[Sublayer, int]:
         if action.keep % geometry.group_size or action.keep > geometry.num_heads:
             raise PlanError(f"The plan keeps {action.keep} heads of {action.unit}, which has {geometry.num_heads} "
                             f"in KV groups of {geometry.group_size}: keep a multiple of {geometry.group_size}.")
-        return sublayer, action.keep // geometry.group_size
-    if action.keep > adapter.ffn_width(sublayer.block):
-        raise PlanError(f"The plan keeps {action.keep} channels of {action.unit}, which has only "
-                        f"{adapter.ffn_width(sublayer.block)}.")
-    return sublayer, action.keep
+        count, available, noun = action.keep // geometry.group_size, geometry.num_kv_heads, "KV groups"
+    else:
+        count, available, noun = action.keep, adapter.ffn_width(sublayer.block), "channels"
+        if count > available:
+            raise PlanError(f"The plan keeps {action.keep} channels of {action.unit}, which has only {available}.")
+    if action.kept is not None and (len(action.kept) != count or max(action.kept, default=-1) >= available):
+        raise PlanError(f"The plan lists {len(action.kept)} kept {noun} of {action.unit} (largest index "
+                        f"{max(action.kept, default=-1)}), but keeps {count} of its {available}.")
+    return sublayer, count
 
 
 @OPS.register("slice")
 def slice_op(model: nn.Module, actions: list[Action], context: ApplyContext) -> None:
-    """Score the width units on the calibration data (once per method), then slice every action's sublayer."""
+    """Slice every action's sublayer to the units it lists as kept; actions of older plans that list none
+    keep the best ``keep`` by their method's scores on the calibration data (scored once per method)."""
     adapter = get_adapter(model)
     checked = [(action, *_check_keep(adapter, action)) for action in actions]
-    calibration = context.require_calibration()
     scores = {}
     for action, _, _ in checked:
         key = (action.method, action.seq_len)
-        if key not in scores:
+        if action.kept is None and key not in scores:
             options = {"seq_len": action.seq_len} if action.seq_len else {}
-            scores[key] = calibration.width_scores(action.method, **options)
+            scores[key] = context.require_calibration().width_scores(action.method, **options)
     for action, sublayer, count in checked:
-        ranked = scores[(action.method, action.seq_len)]
+        ranked = scores.get((action.method, action.seq_len))
         if sublayer.kind == "attention":
-            slice_attention(adapter, sublayer.block, ranked.ranked_groups(sublayer.block)[:count])
+            kept = action.kept if action.kept is not None else ranked.ranked_groups(sublayer.block)[:count]
+            slice_attention(adapter, sublayer.block, kept)
         else:
-            slice_mlp(adapter, sublayer.block, ranked.ranked_channels(sublayer.block)[:count])
+            kept = action.kept if action.kept is not None else ranked.ranked_channels(sublayer.block)[:count]
+            slice_mlp(adapter, sublayer.block, kept)
     record_layer_dims(model)
 
 

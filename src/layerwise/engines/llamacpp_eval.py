@@ -14,7 +14,7 @@ from ..data import load_corpus
 from ..errors import SettingsError
 from ..evaluate.perplexity import next_token_nll, protocol_perplexity
 from ..measure import Timings, timed
-from . import ENGINES, Evaluation
+from .base import ENGINES, Evaluation
 from ..gguf.files import check_gguf_file
 from .llamacpp import LlamaCppModel, llamacpp_latency
 

@@ -6,7 +6,7 @@ from ..config import RunSettings
 from ..cost import measure_size
 from ..measure import Timings, measure_model, timed
 from ..models import load
-from . import ENGINES, Evaluation
+from .base import ENGINES, Evaluation
 
 
 @ENGINES.register("pytorch", "torch")

@@ -12,10 +12,10 @@ from pydantic import BaseModel, Field
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from ..cache import cache_dir, cached_result, stable_hash
+from ..cache import stable_hash
 from ..data import Corpus, bos_convention, evaluation_windows, tokenize_documents, window_bos
-from ..data.tokens import DOCUMENT_SEPARATOR, tokenizer_fingerprint
-from ..models.fingerprint import model_fingerprint
+from ..data.tokens import DOCUMENT_SEPARATOR
+from .memo import memoised
 
 
 class PerplexityProtocol(BaseModel):
@@ -105,31 +105,6 @@ def perplexity(
     return protocol_perplexity(score, tokenizer, corpus, seqlen, max_windows, batch_size, split, dtype)
 
 
-def cached_perplexity(
-    model: torch.nn.Module,
-    tokenizer: PreTrainedTokenizerBase,
-    corpus: Corpus,
-    seqlen: int = 512,
-    max_windows: int | None = None,
-    batch_size: int = 4,
-    split: str = "evaluation",
-) -> tuple[PerplexityResult, bool]:
-    """``perplexity`` memoised on disk per model fingerprint and protocol; returns (result, was_cached)."""
-    key = stable_hash(
-        [
-            model_fingerprint(model),
-            tokenizer_fingerprint(tokenizer),
-            stable_hash(list(corpus.split(split))),
-            corpus.name,
-            split,
-            seqlen,
-            max_windows,
-            str(next(model.parameters()).dtype),
-            *([f"bos {window_bos(tokenizer)}"] if window_bos(tokenizer) is not None else []),
-        ]
-    )
-    return cached_result(
-        cache_dir("perplexity") / f"{key}.json",
-        PerplexityResult,
-        lambda: perplexity(model, tokenizer, corpus, seqlen, max_windows, batch_size, split),
-    )
+# memoised per model fingerprint and protocol: (result, was_cached)
+cached_perplexity = memoised("perplexity", PerplexityResult, lambda corpus, split, seqlen, max_windows, **_: [
+    stable_hash(list(corpus.split(split))), corpus.name, split, seqlen, max_windows])(perplexity)

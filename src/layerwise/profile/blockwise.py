@@ -68,6 +68,30 @@ class BlockwiseRunner:
             outputs.append(out.detach().to(self.storage))
         return outputs
 
+    @torch.no_grad()
+    def feed(self, index: int, needed: list[nn.Module]) -> None:
+        """Run block ``index`` on the current inputs only as far as every module in ``needed`` has been reached
+        (their forward pre-hooks fire, registered before this call), then stop: hooks that collect statistics
+        of those modules' inputs need nothing after the last one, so its own work and the rest are skipped."""
+        reached: set[int] = set()
+
+        def arrive(module: nn.Module, _args: tuple) -> None:
+            reached.add(id(module))
+            if len(reached) == len(needed):
+                raise _StopForward
+
+        handles = [module.register_forward_pre_hook(arrive) for module in needed]
+        try:
+            for hidden, kwargs in zip(self.inputs, self.kwargs):
+                reached.clear()
+                try:
+                    self.blocks[index](hidden.to(self.device), **kwargs)
+                except _StopForward:
+                    pass
+        finally:
+            for handle in handles:
+                handle.remove()
+
     def advance(self, outputs: list[torch.Tensor]) -> None:
         """Make ``outputs`` the inputs of the next block."""
         self.inputs = outputs

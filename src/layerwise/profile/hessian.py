@@ -34,14 +34,15 @@ def gram(x: torch.Tensor) -> tuple[torch.Tensor, int]:
 
 
 def attach_hessians(linears: dict[str, nn.Linear]) -> tuple[dict[str, HessianAccumulator], list]:
-    """Hooks accumulating a Hessian per linear; returns the accumulators and the handles to remove.
+    """Forward pre-hooks accumulating a Hessian per linear; returns the accumulators and the handles to remove.
 
-    Linears fed the same tensor (q/k/v, gate/up) share one Gram-matrix product per forward.
+    Linears fed the same tensor (q/k/v, gate/up) share one Gram-matrix product per forward. Pre-hooks: the
+    inputs are taken before the linear runs, so a pass may stop there (``BlockwiseRunner.feed``).
     """
     accumulators = {name: HessianAccumulator(m.in_features, m.weight.device) for name, m in linears.items()}
     shared_gram = per_input_memo(gram)
     handles = [
-        linear.register_forward_hook(lambda _m, args, _out, acc=accumulators[name]: acc.add_gram(*shared_gram(args[0])))
+        linear.register_forward_pre_hook(lambda _m, args, acc=accumulators[name]: acc.add_gram(*shared_gram(args[0])))
         for name, linear in linears.items()
     ]
     return accumulators, handles

@@ -99,7 +99,8 @@ def batch_moments(x: torch.Tensor) -> BatchMoments:
 
 
 def attach_input_stats(linears: dict[str, nn.Linear], stats: dict[str, InputStats]) -> list:
-    """Forward hooks adding each linear's inputs into ``stats[name]``; returns the handles to remove.
+    """Forward pre-hooks adding each linear's inputs into ``stats[name]``; returns the handles to remove (pre-hooks:
+    the statistics are taken before the linear runs, so a pass may stop there, see ``BlockwiseRunner.feed``).
 
     Linears fed the same tensor (q/k/v, gate/up) share one moment computation per forward.
     """
@@ -108,6 +109,6 @@ def attach_input_stats(linears: dict[str, nn.Linear], stats: dict[str, InputStat
     for name, linear in linears.items():
         stats.setdefault(name, InputStats.empty(linear.in_features))
         handles.append(
-            linear.register_forward_hook(lambda _m, args, _out, s=stats[name]: s.add(shared_moments(args[0])))
+            linear.register_forward_pre_hook(lambda _m, args, s=stats[name]: s.add(shared_moments(args[0])))
         )
     return handles

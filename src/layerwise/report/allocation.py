@@ -2,18 +2,19 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from ..errors import DataError
 
 
 def read_result(run_dir: str | Path) -> dict:
-    """The ``result.json`` of a run directory, or a clear error."""
+    """The ``result.json`` of a run directory (any version, checked against ``Result``), or a clear error."""
+    from ..result import Result
+
     path = Path(run_dir) / "result.json"
     if not path.is_file():
         raise DataError(f"{run_dir} holds no result.json; pass a directory written by `layerwise compress`.")
-    return json.loads(path.read_text())
+    return Result.load(path).to_record()
 
 
 def block_sparsity(record: dict) -> dict[int, float]:

@@ -8,6 +8,8 @@ from typing import Annotated, Optional
 
 import typer
 
+from ..cli_common import cli_errors, console
+
 runtime_app = typer.Typer(no_args_is_help=True, help="Runtime-adaptive pruning: a Double DQN picks a profile per request.")
 
 ModelOpt = Annotated[str, typer.Option("--model", "-m", help="Model name, directory or .gguf file.")]
@@ -53,7 +55,6 @@ def train(
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the checkpoint.")] = False,
 ) -> None:
     """Train the Double DQN controller; writes the checkpoint, a text report and plots beside it."""
-    from ..cli import cli_errors, console
     from .controller import DqnSettings
     from .load import parse_load_profile
     from .prompts import split_prompts
@@ -96,7 +97,6 @@ def test(
     limit: Annotated[Optional[int], typer.Option("--limit", min=0, help="Zero-shot items per task for --lm-eval (0 = all).")] = 200,
 ) -> None:
     """Serve the test prompts with the learned controller and with every fixed profile, under each load."""
-    from ..cli import cli_errors, console
     from .controller import Controller
     from .load import parse_load_profile
     from .prompts import split_prompts
@@ -143,7 +143,6 @@ def serve(
     seed: Seed = 0,
 ) -> None:
     """Serve POST /generate and GET /metrics; the controller picks a profile per request."""
-    from ..cli import cli_errors
     from .controller import Controller
     from .server import create_app
     from .session import check_checkpoint_model

@@ -1,0 +1,93 @@
+"""Depth: remove whole attention or MLP sublayers (SPRINT and its baselines) to a predicted speedup."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from typing import TYPE_CHECKING, Any, Optional
+
+from ..allocate import DEPTH_ALLOCATORS, DepthContext
+from ..config import Budget, LatencySetting
+from ..cost import measure_latency_table
+from ..errors import BudgetError, LayerwiseError
+from ..formatting import fmt
+from ..measure import measured_speedup
+from ..models import LoadedModel, get_adapter
+from ..plan import Plan, RemoveAction, TuneSpec
+from .base import PlanRequest, Structure, StructureOptions, check_params, option, register
+
+if TYPE_CHECKING:
+    from ..options import PlanOptions
+
+
+class DepthOptions(StructureOptions):
+    """Depth pruning: the budget (a speedup or a count) and SPRINT's and SLEB's options."""
+
+    target_speedup: Optional[float] = option("depth: remove sublayers until this predicted speedup.", budget=True)
+    num_remove_sublayers: Optional[int] = option("depth: remove exactly this many sublayers.", budget=True)
+
+
+@register
+class Depth(Structure):
+    name = "depth"
+    options = DepthOptions
+    allocators = DEPTH_ALLOCATORS
+    # SPRINT's and SLEB's searches cost a forward pass per candidate and step, so the 128 x 512 default of the
+    # one-pass methods would run for hours on a CPU (the depth table uses 8 x 256: 4-10 minutes per method)
+    calibration_defaults = {"nsamples": 8, "calib_seqlen": 256}
+    records_milestones = True
+
+    def budget(self, options: "PlanOptions") -> Budget:
+        return Budget.for_depth(options.target_speedup, options.num_remove_sublayers)
+
+    def validate(self, method: str | None, allocator: str, budget: Budget, nm: str | None,
+                 params: dict[str, Any]) -> tuple[str, str, str | None]:
+        if allocator == "uniform":  # the CLI's default allocator means "not chosen"
+            raise LayerwiseError("Depth pruning needs an allocator: --allocator sprint, sleb, shortgpt or drop-last.")
+        allocator = DEPTH_ALLOCATORS.canonical(allocator)
+        if budget.target_speedup is None and budget.remove_sublayers is None:
+            raise BudgetError("Depth pruning needs --target-speedup or --num-remove-sublayers.")
+        if nm is not None:
+            raise BudgetError("--nm applies to unstructured sparsity, not to depth pruning.")
+        check_params(DEPTH_ALLOCATORS.get(allocator), allocator, params)
+        return "remove", allocator, None
+
+    def plan(self, request: PlanRequest) -> Plan:
+        """Measure the latency table in the run's deployment setting, search, and list the removals in order."""
+        model = request.loaded.model
+        settings = request.calibration.settings if request.calibration is not None else None
+        setting = (settings.latency if settings is not None else None) or LatencySetting()
+        engine = (settings.latency_engine if settings is not None else None) or "pytorch"
+        table = measure_latency_table(request.loaded, setting, engine)
+        context = DepthContext(model=model, latency=table, calibration=request.calibration, seed=request.seed,
+                               batch_size=settings.calib_batch_size if settings else 8, on_step=request.on_step)
+        allocation = DEPTH_ALLOCATORS.get(request.allocator)(context, request.budget, **request.params)
+        tuning = allocation.tuning
+        actions = [RemoveAction(unit=name, tune=TuneSpec(**tuning[name]) if name in tuning else None)
+                   for name in allocation.removed]
+        kinds = [get_adapter(model).sublayer(name).kind for name in allocation.removed]
+        prediction = {"speedup": round(table.predicted_speedup(kinds), 4), "latency_table": table.model_dump()}
+        details = {**allocation.details, "search_s": allocation.seconds,
+                   "steps": [asdict(step) for step in allocation.steps]}
+        return request.plan(actions, allocation.params, details, prediction)
+
+    def metrics(self, plan: Plan, loaded: LoadedModel, dense_latency: dict | None,
+                extra: dict[str, Any]) -> dict[str, Any]:
+        """The removals in order, the predicted speedup and the intermediate points evaluated on the way."""
+        removed = [action.unit for action in plan.actions if action.op == "remove"]
+        if not removed:
+            return {}
+        milestones = extra.get("milestones") or []
+        for record in milestones:
+            record["speedup"] = measured_speedup(dense_latency, record["latency"])
+        return {"removed_sublayers": removed, "predicted_speedup": plan.prediction.get("speedup"),
+                "milestones": milestones}
+
+    def table_rows(self, record: dict[str, Any]) -> list[tuple[str, str, str]]:
+        metrics = record["metrics"]
+        if not metrics.get("removed_sublayers"):
+            return []
+        speedup = metrics.get("speedup") or {}
+        return [("sublayers removed", "", str(len(metrics["removed_sublayers"]))),
+                ("speedup predicted / measured", "",
+                 f"{metrics['predicted_speedup']:.2f}x / {fmt(speedup.get('total'), '.2f')}x"),
+                ("pruning search time", "", f"{metrics['pruning_s']:.1f} s")]

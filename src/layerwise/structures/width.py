@@ -1,0 +1,150 @@
+"""Width: slice whole KV groups and FFN channels per layer (RL-Allocator, RL-Refine and heuristics)."""
+
+from __future__ import annotations
+
+import re
+from typing import TYPE_CHECKING, Any, Optional
+
+from ..allocate import WIDTH_ALLOCATORS, WidthContext, WidthSpace
+from ..config import Budget, LatencySetting, RunSettings
+from ..cost.analytic import ModelDims, estimate_costs, predicted_speedups
+from ..errors import BudgetError
+from ..formatting import fmt, fmt_bytes
+from ..models import LoadedModel, get_adapter
+from ..plan import Plan, SliceAction
+from ..profile import CalibrationSource
+from ..profile.width import WIDTH_SCORERS
+from .base import PlanRequest, Structure, StructureOptions, check_params, option, register
+
+if TYPE_CHECKING:
+    from ..options import PlanOptions
+
+LAYER_RANGE = re.compile(r"^(\d*):(\d*)$")
+
+
+def layer_range(text: str | None, blocks: int, option: str) -> range:
+    """``start:end`` (either may be empty) as a range of block indices, checked against the model."""
+    if text is None:
+        return range(blocks)
+    start, end = LAYER_RANGE.match(text).groups()
+    chosen = range(int(start or 0), int(end) if end else blocks)
+    if chosen.start >= chosen.stop or chosen.stop > blocks:
+        raise BudgetError(f"{option} {text} does not select layers of this {blocks}-block model.")
+    return chosen
+
+
+class WidthOptions(StructureOptions):
+    """Width pruning: the budget, which layers, rounding, importance, and the RL allocators' options."""
+
+    pruning_ratio: Optional[float] = option("width: fraction of the eligible attention/MLP parameters removed.", budget=True)
+    attn_layers: Optional[str] = option("width: attention layers that may be pruned, start:end (default all).")
+    mlp_layers: Optional[str] = option("width: MLP layers that may be pruned, start:end (default all).")
+    channel_multiple: Optional[int] = option("width: FFN widths move in multiples of this (default 8).")
+    taylor_seq_len: Optional[int] = option("width/taylor: calibration sequence length (default 64).")
+
+
+@register
+class Width(Structure):
+    name = "width"
+    options = WidthOptions
+    allocators = WIDTH_ALLOCATORS
+    # which layers, rounding and importance: options of the structure, not of any allocator
+    own_options = frozenset({"attn_layers", "mlp_layers", "channel_multiple", "taylor_seq_len"})
+
+    def budget(self, options: "PlanOptions") -> Budget:
+        return Budget.for_width(options.pruning_ratio)
+
+    def validate(self, method: str | None, allocator: str, budget: Budget, nm: str | None,
+                 params: dict[str, Any]) -> tuple[str, str, str | None]:
+        method = WIDTH_SCORERS.canonical(method or "taylor")
+        allocator = WIDTH_ALLOCATORS.canonical(allocator)
+        if budget.pruning_ratio is None:
+            raise BudgetError("Width pruning needs --pruning-ratio.")
+        if nm is not None:
+            raise BudgetError("--nm applies to unstructured sparsity, not to width pruning.")
+        for name in ("attn_layers", "mlp_layers"):
+            if name in params and not LAYER_RANGE.match(str(params[name])):
+                raise BudgetError(f"--{name.replace('_', '-')} must look like 0:30 (got '{params[name]}').")
+        if "rl_algo" in params:
+            from ..allocate.rl_training import RL_ALGORITHMS
+
+            RL_ALGORITHMS.canonical(params["rl_algo"])
+        check_params(WIDTH_ALLOCATORS.get(allocator), allocator, self.own(params, self.own_options)[1])
+        return method, allocator, None
+
+    def plan(self, request: PlanRequest) -> Plan:
+        """Score width units, let the allocator share the budget out, and list one slice per changed sublayer
+        with the units it keeps."""
+        model = request.loaded.model
+        options, params = self.own(request.params, self.own_options)
+        calibration = request.calibration or CalibrationSource(request.loaded, RunSettings())
+        adapter = get_adapter(model)
+        blocks = adapter.num_blocks
+        space = WidthSpace.from_model(
+            model, request.budget.pruning_ratio, layer_range(options.get("attn_layers"), blocks, "--attn-layers"),
+            layer_range(options.get("mlp_layers"), blocks, "--mlp-layers"), options.get("channel_multiple", 8))
+        seq_len = options.get("taylor_seq_len", 64) if request.method == "taylor" else None
+        scores = calibration.width_scores(request.method, **({"seq_len": seq_len} if seq_len else {}))
+        setting = calibration.settings.latency or LatencySetting()
+        cost_setting = {"tokens": setting.prompt_length, "batch": setting.batch_size, "generated": setting.decode_steps}
+        context = WidthContext(model, space, calibration, scores, request.seed, cost_setting)
+        allocation = WIDTH_ALLOCATORS.get(request.allocator)(context, **params)
+        widths = allocation.widths
+        removed = space.removed(widths)
+        if abs(removed - space.target_removed) > space.rounding_unit:
+            raise BudgetError(f"The {request.allocator} allocation removes {removed} parameters, more than one "
+                              f"rounding unit from the target {space.target_removed}.")
+        actions = [SliceAction(unit=adapter.attention(b).name, keep=kept * space.group_size[b], method=request.method,
+                               seq_len=seq_len, kept=sorted(scores.ranked_groups(b)[:kept]))
+                   for b, kept in widths.groups.items() if kept < space.groups[b]]
+        actions += [SliceAction(unit=adapter.mlp(b).name, keep=kept, method=request.method, seq_len=seq_len,
+                                kept=sorted(scores.ranked_channels(b)[:kept]))
+                    for b, kept in widths.channels.items() if kept < space.channels[b]]
+        dims = ModelDims.from_model(model)
+        dense = estimate_costs(dims, **cost_setting)
+        compressed = estimate_costs(dims.with_widths(widths.groups, widths.channels), **cost_setting)
+        prediction = {"costs": compressed.model_dump(), "dense_costs": dense.model_dump(),
+                      "normalised": {k: round(v, 6) for k, v in compressed.normalised(dense).items()},
+                      "flop_speedup": predicted_speedups(dense, compressed),
+                      "removed_parameters": removed, "target_removed": space.target_removed,
+                      "eligible_parameters": space.eligible_parameters, "rounding_unit": space.rounding_unit}
+        if calibration.settings.latency_engine is not None:  # a measured latency table, where the model will run
+            from ..cost.latency_table import measure_width_latency_table
+
+            table = measure_width_latency_table(request.loaded, setting, calibration.settings.latency_engine)
+            removed_groups = sum(space.groups[b] - kept for b, kept in widths.groups.items())
+            removed_channels = sum(space.channels[b] - kept for b, kept in widths.channels.items())
+            prediction["latency_speedup"] = round(table.predicted_speedup(removed_groups, removed_channels), 4)
+            prediction["width_latency_table"] = table.model_dump()
+        details = {**allocation.details, "search_s": allocation.seconds, "widths": widths.as_lists(blocks),
+                   "dense_widths": space.dense().as_lists(blocks),
+                   "group_size": next(iter(space.group_size.values()), None),
+                   "calibration": calibration.describe()}  # the importance scores (which units go) depend on it
+        return request.plan(actions, {**allocation.params, **options}, details, prediction)
+
+    def metrics(self, plan: Plan, loaded: LoadedModel, dense_latency: dict | None,
+                extra: dict[str, Any]) -> dict[str, Any]:
+        """Kept heads/channels per layer, the predicted FLOP speedups, the RL curve."""
+        if not any(action.op == "slice" for action in plan.actions):
+            return {}
+        return {"widths": plan.details.get("widths"), "flop_speedup": plan.prediction.get("flop_speedup"),
+                "rl_curve": plan.details.get("rl_curve")}
+
+    def table_rows(self, record: dict[str, Any]) -> list[tuple[str, str, str]]:
+        """The cost model's proxies dense vs compressed, FLOP-predicted vs measured speed, search time."""
+        metrics = record["metrics"]
+        if not metrics.get("widths"):
+            return []
+        dense, costs = metrics.get("dense_costs") or {}, metrics.get("costs") or {}
+        rows = []
+        for key, label in (("flops", "FLOPs (prefill + decode)"), ("peak_activation_bytes", "peak activation"),
+                           ("kv_bytes", "KV cache")):
+            if key in costs:
+                value = (lambda v: f"{v / 1e9:.2f} G") if key == "flops" else fmt_bytes
+                rows.append((label, value(dense[key]), value(costs[key])))
+        predicted, measured = metrics.get("flop_speedup") or {}, metrics.get("speedup") or {}
+        for phase in ("prefill", "decode"):
+            rows.append((f"{phase} speedup FLOP-predicted / measured", "",
+                         f"{fmt(predicted.get(phase), '.2f')}x / {fmt(measured.get(phase), '.2f')}x"))
+        rows.append(("allocation search time", "", f"{fmt(metrics.get('pruning_s'), '.1f')} s"))
+        return rows

@@ -1,0 +1,89 @@
+"""The package's import graph has no cycles: none among module-level imports, and none of the function-level
+ones that used to tie the layers together (cli <-> runtime.cli, awq <-> quantize, models -> backends)."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+SOURCE = Path(__file__).resolve().parents[1] / "src"
+
+
+def _modules() -> dict[str, Path]:
+    modules = {}
+    for file in SOURCE.rglob("*.py"):
+        parts = list(file.relative_to(SOURCE).with_suffix("").parts)
+        modules[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = file
+    return modules
+
+
+def _is_type_checking(node: ast.AST) -> bool:
+    return isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test)
+
+
+def _imports(modules: dict[str, Path], lazy: bool) -> dict[str, set[str]]:
+    """module -> the layerwise modules it imports (at module level, or anywhere when ``lazy``; never the
+    imports under ``if TYPE_CHECKING``, which do not run)."""
+    graph = {}
+    for name, file in modules.items():
+        tree = ast.parse(file.read_text(encoding="utf-8"))
+        package = name.split(".") if file.name == "__init__.py" else name.split(".")[:-1]
+        skipped = {id(n) for block in ast.walk(tree) if _is_type_checking(block) for n in ast.walk(block)}
+        nodes = ast.walk(tree) if lazy else iter(tree.body)
+        found = set()
+        for node in nodes:
+            if id(node) in skipped or not isinstance(node, ast.ImportFrom):
+                continue
+            if node.level:
+                base = ".".join(package[:len(package) - node.level + 1] + ([node.module] if node.module else []))
+            elif (node.module or "").startswith("layerwise"):
+                base = node.module
+            else:
+                continue
+            for alias in node.names:
+                candidate = f"{base}.{alias.name}"
+                found.add(candidate if candidate in modules else base)
+        graph[name] = {m for m in found if m in modules and m != name}
+    return graph
+
+
+def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One import cycle of ``graph`` (a list of modules, the first repeated at the end), or None."""
+    state: dict[str, int] = {}
+    path: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        path.append(node)
+        for child in sorted(graph.get(node, ())):
+            if state.get(child) == 1:
+                return path[path.index(child):] + [child]
+            if child not in state and (found := visit(child)):
+                return found
+        state[node] = 2
+        path.pop()
+        return None
+
+    for node in sorted(graph):
+        if node not in state and (found := visit(node)):
+            return found
+    return None
+
+
+def test_no_module_level_import_cycle():
+    assert _cycle(_imports(_modules(), lazy=False)) is None
+
+
+def test_the_layers_once_tied_by_function_level_imports_are_apart():
+    graph = _imports(_modules(), lazy=True)
+    assert "layerwise.cli" not in graph["layerwise.runtime.cli"]
+    assert "layerwise.backends.quantize" not in graph["layerwise.backends.awq"]
+    assert not any(target.startswith("layerwise.backends") for module, targets in graph.items()
+                   if module.startswith("layerwise.models") for target in targets)
+    assert not any(target.startswith("layerwise.options") for module, targets in graph.items()
+                   if module.startswith("layerwise.structures") for target in targets)
+
+
+def test_the_cycle_finder_finds_a_cycle():
+    assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert _cycle({"a": {"b"}, "b": set()}) is None
