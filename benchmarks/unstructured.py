@@ -50,7 +50,6 @@ def main() -> None:
     import torch
 
     import layerwise
-    from layerwise.backends import ApplyContext
     from layerwise.data import load_corpus
     from layerwise.evaluate import perplexity
     from layerwise.profile import CalibrationSource
@@ -102,7 +101,7 @@ def main() -> None:
                 plan = layerwise.plan(loaded, layerwise.Budget(sparsity=sparsity), method, allocator,
                                       calibration=source)
                 plan_s = time.perf_counter() - start
-                layerwise.apply(loaded.model, plan, ApplyContext(source))
+                layerwise.apply(loaded.model, plan, source)
                 total_s = time.perf_counter() - start
                 run = {"method": method, "allocator": allocator, "sparsity": sparsity, "wiki": ppl(loaded, wiki),
                        "plan_s": plan_s, "compress_s": total_s, "profile_s": source.profile_seconds,

@@ -38,9 +38,9 @@ def profile(loaded: LoadedModel, settings: RunSettings | None = None) -> Profile
     return calibration(loaded, settings).profile()
 
 
-def apply(model, plan: Plan, calibration: CalibrationSource | None = None):
-    """Apply ``plan`` to ``model`` in place; methods that calibrate (wanda, sparsegpt) need ``calibration``."""
-    return apply_plan(model, plan, ApplyContext(calibration))
+def apply(model, plan: Plan, calibration: CalibrationSource | ApplyContext | None = None):
+    """Apply ``plan`` to ``model`` in place; methods that calibrate (wanda, sparsegpt, gptq) need ``calibration``."""
+    return apply_plan(model, plan, calibration if isinstance(calibration, ApplyContext) else ApplyContext(calibration))
 
 
 def evaluate(loaded: LoadedModel, settings: RunSettings | None = None):
