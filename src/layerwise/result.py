@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
@@ -44,14 +44,14 @@ class Result(BaseModel):
     model: dict[str, Any]
     method: Optional[str] = None
     allocator: Optional[str] = None
-    budget: Optional[dict[str, float]] = None
+    budget: Optional[dict[str, Union[int, float]]] = None  # a count stays an int
     metrics: Metrics
     protocol: Optional[dict[str, Any]] = None
     calibration: Optional[dict[str, Any]] = None
     plan: Optional[dict[str, Any]] = None
     deployment: Optional[dict[str, Any]] = None
     saved_plan: Optional[bool] = None
-    timings: dict[str, float] = {}
+    timings: dict[str, Union[int, float]] = {}
     seed: int = 0
     settings: dict[str, Any] = {}
     versions: dict[str, str] = {}
