@@ -66,3 +66,10 @@ def test_a_broken_result_is_refused_in_one_sentence(run_dir, tmp_path, mutate, m
     result = runner.invoke(app, ["report", str(broken), "--format", "md", "--out", str(tmp_path / "r.md")])
     assert result.exit_code == 2 and message in " ".join(result.stderr.split()), result.output
     assert not (tmp_path / "r.md").exists()
+
+
+def test_a_count_budget_stays_an_integer():
+    record = {"layerwise_version": "0", "command": "compress", "model": {}, "budget": {"remove_sublayers": 2},
+              "metrics": {"parameters": 1, "weight_bytes": 2}, "timings": {"total_s": 1.5}}
+    written = Result.from_record(record).to_record()
+    assert written["budget"] == {"remove_sublayers": 2} and isinstance(written["budget"]["remove_sublayers"], int)
