@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 
 
 class DepthOptions(StructureOptions):
-    """Depth pruning: the budget (a speedup or a count) and SPRINT's and SLEB's options."""
+    """Depth pruning: the budget, a predicted speedup or a count (SPRINT's and SLEB's options: their allocators)."""
 
     target_speedup: Optional[float] = option("depth: remove sublayers until this predicted speedup.", budget=True)
     num_remove_sublayers: Optional[int] = option("depth: remove exactly this many sublayers.", budget=True)

@@ -16,7 +16,7 @@ if TYPE_CHECKING:
 
 
 class QuantOptions(StructureOptions):
-    """Quantization: the budget (average bits or bytes), the grid, AWQ/GPTQ, GGUF and the bit searches' options."""
+    """Quantization: the budget (average bits or bytes), the grid, AWQ/GPTQ and GGUF (the searches': theirs)."""
 
     avg_bits: Optional[float] = option("quant: average bits per decoder-linear weight the plan may use.", budget=True)
     max_bytes: Optional[int] = option("quant with GGUF types: at most this many tensor bytes in the GGUF file "

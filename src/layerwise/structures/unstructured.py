@@ -49,7 +49,7 @@ def parse_nm(pattern: str | None, budget: Budget, allocator: str) -> str | None:
 
 
 class UnstructuredOptions(StructureOptions):
-    """Unstructured sparsity: the budget, N:M, and the owl and alpha allocators' options."""
+    """Unstructured sparsity: the budget and N:M (owl's and alpha's options: their allocators)."""
 
     sparsity: Optional[float] = option("Target mean sparsity over decoder linears, in [0, 1) (default 0.5).", budget=True)
     nm: Optional[str] = option("Semi-structured N:M pattern, e.g. 2:4 (uniform, sparsity N/M).", budget=True)

@@ -34,7 +34,7 @@ def layer_range(text: str | None, blocks: int, option: str) -> range:
 
 
 class WidthOptions(StructureOptions):
-    """Width pruning: the budget, which layers, rounding, importance, and the RL allocators' options."""
+    """Width pruning: the budget, which layers, rounding and importance (the RL options: their allocators)."""
 
     pruning_ratio: Optional[float] = option("width: fraction of the eligible attention/MLP parameters removed.", budget=True)
     attn_layers: Optional[str] = option("width: attention layers that may be pruned, start:end (default all).")
