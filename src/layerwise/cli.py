@@ -17,7 +17,7 @@ from .config import RunSettings
 from .cli_common import cli_errors, console
 from .errors import SettingsError
 from .formatting import fmt, fmt_bytes
-from .options import PlanOptions, cli_parameters, collect
+from .options import PlanOptions, cli_parameters, collect, option_parameters
 from .structures import STRUCTURES
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Find, apply and measure per-layer compression plans for language models.")
@@ -27,19 +27,16 @@ OutDir = Annotated[Path, typer.Option("--out", "-o", help="Output directory (mus
 Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace an existing output directory.")]
 Corpus = Annotated[str, typer.Option(help="Evaluation/calibration corpus: wiki or ptb.")]
 EvalText = Annotated[Optional[Path], typer.Option("--eval-text", help="Evaluate on this text file instead.")]
-CalibText = Annotated[Optional[Path], typer.Option("--calib-text", help="Calibrate on this text file instead.")]
 Seqlen = Annotated[int, typer.Option(help="Evaluation window length in tokens.")]
 MaxWindows = Annotated[Optional[int], typer.Option("--max-windows", help="Evaluate at most N windows (quick runs).")]
 BatchSize = Annotated[int, typer.Option("--batch-size", help="Windows per forward pass.")]
 Dtype = Annotated[str, typer.Option(help="float32 (default), bfloat16 or float16.")]
 Device = Annotated[str, typer.Option(help="cpu, cuda, cuda:1, ...")]
 Seed = Annotated[int, typer.Option(help="Seed for calibration sampling and searches.")]
-Nsamples = Annotated[Optional[int], typer.Option(help="Calibration windows (default 128; depth: 8 of 256 tokens, the depth table's setting, so a search takes minutes on a CPU rather than hours).")]
 EvalSpeedups = Annotated[Optional[str], typer.Option("--eval-speedups", help="depth: also evaluate the search state at these predicted speedups, e.g. 1.2,1.4.")]
 Generation = Annotated[bool, typer.Option("--generation/--no-generation", help="Latency objective: prompt + generated tokens (default), or prefill only.")]
 SpeedupBatch = Annotated[int, typer.Option("--speedup-batch-size", help="Latency: batch size.")]
 SpeedupIterations = Annotated[int, typer.Option("--speedup-iterations", help="Latency: timed repeats (median reported).")]
-CalibSeqlen = Annotated[Optional[int], typer.Option("--calib-seqlen", help="Calibration window (default: --seqlen).")]
 Tasks = Annotated[Optional[str], typer.Option(help="Zero-shot tasks through lm-eval, e.g. arc_easy,piqa ('default': the standard set).")]
 Limit = Annotated[Optional[int], typer.Option(help="Zero-shot items per task, a seeded random subset (default 500; 0 = all).")]
 PromptLength = Annotated[int, typer.Option("--prompt-length", help="Latency: prompt tokens for prefill.")]
@@ -113,10 +110,16 @@ def _evaluation(values: dict[str, Any]) -> dict[str, Any]:
     measurement = _measurement(given.pop("tasks"), given.pop("limit"), given.pop("prompt_length"),
                                given.pop("generation_length"), given.pop("latency"), given.pop("generation"),
                                given.pop("speedup_batch_size"), given.pop("speedup_iterations"))
-    return {**given, "eval_text": None if given["eval_text"] is None else str(given["eval_text"]), **measurement}
+    return {**given, **measurement}
 
 
 evaluation_command = option_group(EVALUATION_PARAMETERS, _evaluation, "evaluation")
+
+# apply's calibration options, the planning options of the same names: a plan's record must agree with them
+CALIBRATION_OPTIONS = ("nsamples", "calib_seqlen", "calib_text")
+calibration_command = option_group(
+    option_parameters(CALIBRATION_OPTIONS, "Calibration"),
+    lambda values: PlanOptions.parse({name: values.pop(name) for name in CALIBRATION_OPTIONS}), "calibration")
 
 
 # RunSettings fields whose option name is not the field name with dashes
@@ -373,15 +376,14 @@ def plan(
 @app.command()
 @cli_errors
 @evaluation_command
+@calibration_command
 def apply(
     plan_file: Annotated[Path, typer.Option("--plan", "-p", help="Plan JSON written by `layerwise plan`.")],
     model: ModelOpt = "smollm2-135m",
     out: OutDir = Path("layerwise-out"),
     overwrite: Overwrite = False,
-    calib_text: CalibText = None,
-    nsamples: Nsamples = None,
-    calib_seqlen: CalibSeqlen = None,
     *,
+    calibration: PlanOptions,
     evaluation: dict[str, Any],
 ) -> None:
     """Apply a saved plan to a fresh copy of the model, evaluate it and save it. A plan records the calibration
@@ -389,10 +391,9 @@ def apply(
     and --seed then choose the evaluation only, and calibration options must agree with the plan's."""
     from .pipeline import apply_plan_file
 
-    calibration = PlanOptions(nsamples=nsamples, calib_seqlen=calib_seqlen, calib_text=calib_text).calibration()
-    settings = _settings(**evaluation, **calibration)
-    given = {"nsamples": nsamples, "calib_seqlen": calib_seqlen, "calib_text": calib_text}
-    record = apply_plan_file(model, plan_file, settings, out, overwrite, calibration=given)
+    settings = _settings(**evaluation, **calibration.calibration())
+    record = apply_plan_file(model, plan_file, settings, out, overwrite,
+                             calibration=calibration.model_dump(mode="json", exclude_none=True))
     _print_compression_table(record, out)
 
 

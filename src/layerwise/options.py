@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import inspect
 from pathlib import Path
-from typing import Annotated, Any, Optional, get_args
+from typing import Annotated, Any, Iterable, Optional, get_args
 
 import typer
 from pydantic import BaseModel, ConfigDict, ValidationError, create_model
@@ -80,14 +80,14 @@ class CommonOptions(BaseModel):
         if structure.allocators is not None and allocator in structure.allocators:
             allocator = structure.allocators.canonical(allocator)
         params = {}
-        for name, value in self.model_dump(exclude_none=True).items():
+        for name, value in self.model_dump(mode="json", exclude_none=True).items():  # paths as strings
             if name in NOT_PARAMETERS:
                 continue
             owners = DECLARED_BY.get(name)
             if owners is not None and allocator not in owners:
                 raise SettingsError(f"Allocator '{allocator}' does not take {flag_of(name)} (an option of "
                                     f"{', '.join(sorted(owners))}).")
-            params[_param_name(name)] = str(value) if isinstance(value, Path) else value
+            params[_param_name(name)] = value
         return params
 
     # -- recipes ----------------------------------------------------------------------------------------------
@@ -136,11 +136,10 @@ class CommonOptions(BaseModel):
         """The options set, as a recipe file's text."""
         import yaml
 
-        values = {k: (str(v) if isinstance(v, Path) else v) for k, v in self.model_dump(exclude_none=True).items()}
-        return yaml.safe_dump({"format": RECIPE_FORMAT, **values}, sort_keys=False)
+        return yaml.safe_dump({"format": RECIPE_FORMAT, **self.model_dump(mode="json", exclude_none=True)},
+                              sort_keys=False)
 
 
-# options that are not parameters of a structure or allocator
 def _same(first: Any, second: Any) -> bool:
     """Two declarations of one option agree (an allocator's options inherited by another's)."""
     return (first.annotation, first.description, first.json_schema_extra) == (
@@ -211,18 +210,26 @@ def _register_flags() -> None:
 _register_flags()
 
 
-def cli_parameters() -> list[inspect.Parameter]:
-    """Every planning option as a typer keyword parameter (default None: unset), plus ``--recipe``."""
-    parameters = [inspect.Parameter("recipe", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[
-        Optional[Path], typer.Option("--recipe", help="YAML file of planning options (the names below, without "
-                                                      "dashes or with); options given here override it.")])]
-    for name, field in PlanOptions.model_fields.items():
+def option_parameters(names: Iterable[str], panel: str | None = None) -> list[inspect.Parameter]:
+    """The planning options ``names`` as typer keyword parameters (default None: unset), listed in ``panel`` of
+    --help (default: their structure's, else "Planning")."""
+    parameters = []
+    for name in names:
+        field = PlanOptions.model_fields[name]
         kind = next(t for t in get_args(field.annotation) if t is not type(None))
         flags = _extra(name).get("flags") or "--" + name.replace("_", "-")
         annotation = Annotated[Optional[kind], typer.Option(flags, help=field.description, show_default=False,
-                                                            rich_help_panel=HELP_PANELS.get(name, "Planning"))]
+                                                            rich_help_panel=panel or HELP_PANELS.get(name, "Planning"))]
         parameters.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=annotation))
     return parameters
+
+
+def cli_parameters() -> list[inspect.Parameter]:
+    """Every planning option as a typer keyword parameter, plus ``--recipe``."""
+    recipe = inspect.Parameter("recipe", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[
+        Optional[Path], typer.Option("--recipe", help="YAML file of planning options (the names below, without "
+                                                      "dashes or with); options given here override it.")])
+    return [recipe, *option_parameters(PlanOptions.model_fields)]
 
 
 def collect(values: dict[str, Any]) -> CommonOptions:

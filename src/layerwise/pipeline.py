@@ -18,7 +18,7 @@ from .environment import machine, versions
 from .errors import OutputExistsError, PlanError, UnsupportedArchitectureError
 from .measure import Timings, measure_model, measured_speedup, timed
 from .models import LoadedModel, decoder_linears, load, model_fingerprint, save
-from .plan import Plan
+from .plan import CalibrationRecord, Plan
 from .planning import make_plan, validate_request
 from .structures import STRUCTURES
 from .profile import CalibrationSource
@@ -247,18 +247,13 @@ def plan_to_file(
     return plan
 
 
-# apply's calibration options and the CalibrationRecord fields they would change
-CALIBRATION_OPTIONS = {"nsamples": "nsamples", "calib_seqlen": "seqlen", "calib_text": "calib_text",
-                       "calib_batch_size": "batch_size"}
-
-
 def check_calibration_options(plan: Plan, given: dict[str, Any]) -> None:
-    """Refuse calibration options that contradict the plan's record: applying it draws the plan's windows."""
+    """Refuse calibration options (RunSettings fields the user gave) that contradict the plan's record: applying
+    it draws the plan's windows."""
     if plan.calibration is None:
         return
-    for option, field in CALIBRATION_OPTIONS.items():
-        value = given.get(option)
-        recorded = getattr(plan.calibration, field)
+    for option, value in given.items():
+        recorded = getattr(plan.calibration, CalibrationRecord.SETTINGS[option])
         if value is not None and str(value) != str(recorded):
             raise PlanError(f"The plan was computed on calibration with --{option.replace('_', '-')} {recorded}, and "
                             f"applying it uses that calibration again (the same windows, so the same weights); "

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Any, Literal, Optional, Union
+from typing import Annotated, Any, ClassVar, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -119,6 +119,9 @@ class CalibrationRecord(BaseModel):
     draws the same windows (its Wanda norms, Hessians and refits need them) or refuses."""
 
     model_config = ConfigDict(extra="forbid")
+    # RunSettings field -> the record's field holding its value
+    SETTINGS: ClassVar[dict[str, str]] = {"corpus": "corpus", "calib_text": "calib_text", "nsamples": "nsamples",
+                                          "calib_seqlen": "seqlen", "seed": "seed", "calib_batch_size": "batch_size"}
     corpus: str
     calib_text: Optional[str] = None
     nsamples: int = Field(ge=1)

@@ -49,8 +49,7 @@ class CalibrationSource:
     def for_plan(cls, loaded: LoadedModel, settings: RunSettings, record: CalibrationRecord) -> "CalibrationSource":
         """The calibration a plan records (corpus, windows, seed), whatever the run evaluates on; drawing
         other windows than the plan's raises ``PlanError``."""
-        update = {"corpus": record.corpus, "calib_text": record.calib_text, "nsamples": record.nsamples,
-                  "calib_seqlen": record.seqlen, "seed": record.seed, "calib_batch_size": record.batch_size}
+        update = {setting: getattr(record, field) for setting, field in CalibrationRecord.SETTINGS.items()}
         return cls(loaded, settings.model_copy(update=update), expected=record)
 
     def record(self) -> CalibrationRecord:

@@ -65,7 +65,6 @@ class Structure:
     name: ClassVar[str]
     options: ClassVar[type[StructureOptions]] = StructureOptions  # its budget's and its own
     allocators: ClassVar[Registry | None] = None  # its allocators, each with the options it ``declares``
-    own_options: ClassVar[frozenset[str]] = frozenset()  # the structure's options, not any allocator's
     calibration_defaults: ClassVar[dict[str, int]] = {}  # calibration when the user names none
     records_milestones: ClassVar[bool] = False  # the search reports steps that compress may evaluate
 
@@ -91,9 +90,11 @@ class Structure:
         """Rows (label, dense, compressed) this structure adds to the command line's result table."""
         return []
 
-    @staticmethod
-    def own(params: dict[str, Any], names: frozenset[str]) -> tuple[dict[str, Any], dict[str, Any]]:
-        """Split ``params`` into (the structure's own options, the allocator's)."""
+    def own(self, params: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Split ``params`` into (the structure's own options: its options model's fields, budgets aside; the
+        allocator's)."""
+        names = {name for name, field in self.options.model_fields.items()
+                 if not (field.json_schema_extra or {}).get("budget")}
         return ({k: v for k, v in params.items() if k in names}, {k: v for k, v in params.items() if k not in names})
 
 

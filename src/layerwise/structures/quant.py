@@ -44,9 +44,6 @@ class Quant(Structure):
     name = "quant"
     options = QuantOptions
     allocators = BIT_ALLOCATORS
-    # bit choices, grouping, symmetry, GGUF settings: options of the structure, not of any bit allocator
-    own_options = frozenset({"bits", "group_size", "symmetric", "awq", "act_order", "imatrix", "embedding_type",
-                             "llamacpp_activations"})
 
     def budget(self, options: "PlanOptions") -> Budget:
         return Budget.for_bits(options.avg_bits, options.max_bytes)
@@ -80,7 +77,7 @@ class Quant(Structure):
             from ..gguf import gguf_type
 
             gguf_type(params["embedding_type"])
-        check_params(BIT_ALLOCATORS.get(allocator), allocator, self.own(params, self.own_options)[1])
+        check_params(BIT_ALLOCATORS.get(allocator), allocator, self.own(params)[1])
         return method, allocator, None
 
     def plan(self, request: PlanRequest) -> Plan:
@@ -89,7 +86,7 @@ class Quant(Structure):
         from ..allocate.levels import GGUFLevels
         from ..backends.quantize import group_bounds
 
-        options, params = self.own(request.params, self.own_options)
+        options, params = self.own(request.params)
         group_size = options.get("group_size", 128) or None
         symmetric = bool(options.get("symmetric", False))
         linears = decoder_linears(request.loaded.model)

@@ -48,8 +48,6 @@ class Width(Structure):
     name = "width"
     options = WidthOptions
     allocators = WIDTH_ALLOCATORS
-    # which layers, rounding and importance: options of the structure, not of any allocator
-    own_options = frozenset({"attn_layers", "mlp_layers", "channel_multiple", "taylor_seq_len"})
 
     def budget(self, options: "PlanOptions") -> Budget:
         return Budget.for_width(options.pruning_ratio)
@@ -69,14 +67,14 @@ class Width(Structure):
             from ..allocate.rl_training import RL_ALGORITHMS
 
             RL_ALGORITHMS.canonical(params["rl_algo"])
-        check_params(WIDTH_ALLOCATORS.get(allocator), allocator, self.own(params, self.own_options)[1])
+        check_params(WIDTH_ALLOCATORS.get(allocator), allocator, self.own(params)[1])
         return method, allocator, None
 
     def plan(self, request: PlanRequest) -> Plan:
         """Score width units, let the allocator share the budget out, and list one slice per changed sublayer
         with the units it keeps."""
         model = request.loaded.model
-        options, params = self.own(request.params, self.own_options)
+        options, params = self.own(request.params)
         calibration = request.calibration or CalibrationSource(request.loaded, RunSettings())
         adapter = get_adapter(model)
         blocks = adapter.num_blocks
