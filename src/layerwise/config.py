@@ -43,6 +43,17 @@ class Budget(BaseModel):
 
 
     @classmethod
+    def for_joint(cls, max_bytes: int | None, target_speedup: float | None) -> "Budget":
+        """A joint budget: at most ``max_bytes`` GGUF tensor bytes and/or at least ``target_speedup``."""
+        if max_bytes is None and target_speedup is None:
+            raise BudgetError("The joint search needs --max-bytes and/or --target-speedup.")
+        if target_speedup is not None and target_speedup <= 1.0:
+            raise BudgetError(f"--target-speedup must exceed 1 (got {target_speedup}).")
+        if max_bytes is not None and max_bytes < 1:
+            raise BudgetError(f"--max-bytes must be positive (got {max_bytes}).")
+        return cls(max_bytes=max_bytes, target_speedup=target_speedup)
+
+    @classmethod
     def for_width(cls, pruning_ratio: float | None) -> "Budget":
         """A width budget: remove this fraction of the eligible parameters (heads and FFN channels)."""
         if pruning_ratio is None:

@@ -19,16 +19,17 @@ OP_METHODS["slice"] = WIDTH_SCORERS
 
 
 def slice_attention(adapter: ModelAdapter, block: int, groups: list[int]) -> None:
-    """Keep the KV groups ``groups`` of ``block`` (their KV heads and the query heads sharing them)."""
+    """Keep the KV groups ``groups`` of ``block`` (their KV heads and the query heads sharing them), in the
+    order given (the joint search's plans list them by importance, as its level bank computed them)."""
     sublayer = adapter.attention(block)
-    keep_units(sublayer.module, adapter.attention_layout(block), sorted(groups))
+    keep_units(sublayer.module, adapter.attention_layout(block), list(groups))
     adapter.fit_heads(block)
 
 
 def slice_mlp(adapter: ModelAdapter, block: int, channels: list[int]) -> None:
-    """Keep the FFN channels ``channels`` of ``block``."""
+    """Keep the FFN channels ``channels`` of ``block``, in the order given."""
     sublayer = adapter.mlp(block)
-    keep_units(sublayer.module, adapter.mlp_layout(block), sorted(channels))
+    keep_units(sublayer.module, adapter.mlp_layout(block), list(channels))
 
 
 def record_layer_dims(model: nn.Module) -> None:
@@ -78,10 +79,10 @@ def slice_op(model: nn.Module, actions: list[Action], context: ApplyContext) -> 
     for action, sublayer, count in checked:
         ranked = scores.get((action.method, action.seq_len))
         if sublayer.kind == "attention":
-            kept = action.kept if action.kept is not None else ranked.ranked_groups(sublayer.block)[:count]
+            kept = action.kept if action.kept is not None else sorted(ranked.ranked_groups(sublayer.block)[:count])
             slice_attention(adapter, sublayer.block, kept)
         else:
-            kept = action.kept if action.kept is not None else ranked.ranked_channels(sublayer.block)[:count]
+            kept = action.kept if action.kept is not None else sorted(ranked.ranked_channels(sublayer.block)[:count])
             slice_mlp(adapter, sublayer.block, kept)
     record_layer_dims(model)
 

@@ -22,7 +22,8 @@ if TYPE_CHECKING:
 class DepthOptions(StructureOptions):
     """Depth pruning: the budget, a predicted speedup or a count (SPRINT's and SLEB's options: their allocators)."""
 
-    target_speedup: Optional[float] = option("depth: remove sublayers until this predicted speedup.", budget=True)
+    target_speedup: Optional[float] = option("depth: remove sublayers until this predicted speedup; joint: at "
+                                             "least this predicted speedup.", budget=True)
     num_remove_sublayers: Optional[int] = option("depth: remove exactly this many sublayers.", budget=True)
 
 

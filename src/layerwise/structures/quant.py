@@ -19,8 +19,8 @@ class QuantOptions(StructureOptions):
     """Quantization: the budget (average bits or bytes), the grid, AWQ/GPTQ and GGUF (the searches': theirs)."""
 
     avg_bits: Optional[float] = option("quant: average bits per decoder-linear weight the plan may use.", budget=True)
-    max_bytes: Optional[int] = option("quant with GGUF types: at most this many tensor bytes in the GGUF file "
-                                      "(embeddings and norms included).", budget=True)
+    max_bytes: Optional[int] = option("quant with GGUF types, and joint: at most this many tensor bytes in "
+                                      "the GGUF file (embeddings and norms included).", budget=True)
     bits: Optional[str] = option("quant: bit width (uniform), or the choices 3,4,8 (greedy); or GGUF types, e.g. "
                                  "q4_k,q5_0,q6_k,q8_0 (llama.cpp's grids and quantizers).")
     group_size: Optional[int] = option("quant: inputs per scale group (default 128; a shorter last group when it "
@@ -36,7 +36,7 @@ class QuantOptions(StructureOptions):
         "quant with GGUF types: the searches score candidates with llama.cpp's rounding of activations (q8_0/q8_K "
         "blocks, f16) simulated, as the file will compute.", "--llamacpp-activations/--float-activations")
     embedding_type: Optional[str] = option("GGUF type of the token embedding in the export and in --max-bytes "
-                                           "(default q8_0 for quantized plans).")
+                                           "(default q8_0 for quantized and joint plans).")
 
 
 @register

@@ -1,0 +1,227 @@
+"""Joint searchers, registered in ``JOINT_SEARCHERS`` and compared at an equal number of candidate
+evaluations. Each starts from the space's uniform genome (uniform compression that meets the budget) and only
+ever keeps genomes that fit it.
+
+- ``evo``: EvoPress (Sieberling et al., 2024): a (1 + λ) evolution whose offspring are level-switch mutations
+  repaired back into the budget, selected in two steps: all offspring on a few windows, the best few on all
+  windows against the parent.
+- ``rl``: REINFORCE over one categorical policy per unit (AutoMP-RL's policy gradient, generalised from bits to
+  every level), reward = −KL, batch-mean baseline.
+- ``greedy``: sensitivity per unit of cost: one candidate per unit and level factor (removal, each narrower
+  width, each narrower type, from the dense model), then the moves with the least predicted damage per
+  budget unit saved until the budget holds.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from ...component_options import ComponentOptions, declares, option
+from ...registry import Registry
+from .scoring import CountingEvaluator
+from .space import Genome, JointSpace
+
+
+@dataclass
+class SearchOutcome:
+    """The best genome found, its score on all windows, and the best-so-far curve per evaluation."""
+
+    genome: Genome
+    score: float
+    curve: list[tuple[int, float]] = field(default_factory=list)  # (evaluations so far, best full-stage score)
+    params: dict[str, Any] = field(default_factory=dict)
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+Searcher = Callable[..., SearchOutcome]
+JOINT_SEARCHERS: Registry[Searcher] = Registry("joint searcher")
+
+
+class _Tracker:
+    """The best full-stage genome so far, and the curve of it against evaluations spent."""
+
+    def __init__(self, space: JointSpace, evaluator: CountingEvaluator, candidates: int, name: str) -> None:
+        self.space, self.evaluator, self.candidates = space, evaluator, candidates
+        self.best: Genome | None = None
+        self.best_score = math.inf
+        self.curve: list[tuple[int, float]] = []
+        self.bar = tqdm(total=candidates, desc=f"joint {name}", disable=None, leave=False)
+
+    def full(self, genomes: list[Genome]) -> list[float]:
+        scores = self.evaluator.score(genomes, len(self.evaluator.setup.stage_windows) - 1)
+        for genome, score in zip(genomes, scores):
+            if score < self.best_score and self.space.fits(genome):
+                self.best, self.best_score = genome, score
+        self._progress()
+        return scores
+
+    def first(self, genomes: list[Genome]) -> list[float]:
+        scores = self.evaluator.score(genomes, 0)
+        self._progress()
+        return scores
+
+    def _progress(self) -> None:
+        self.curve.append((self.evaluator.evaluations, self.best_score))
+        self.bar.n = min(self.candidates, self.evaluator.evaluations)
+        self.bar.refresh()
+
+    @property
+    def left(self) -> int:
+        return self.candidates - self.evaluator.evaluations
+
+    def outcome(self, params: dict[str, Any], details: dict[str, Any] | None = None) -> SearchOutcome:
+        self.bar.close()
+        return SearchOutcome(self.best, self.best_score, self.curve, params, details or {})
+
+
+def mutate(space: JointSpace, genome: Genome, rng: random.Random) -> Genome:
+    """A level switch: one random unit to another random level, then other random units made cheaper until the
+    budget holds again (the mutated unit is left as drawn)."""
+    genes = list(genome)
+    unit = rng.randrange(len(genes))
+    choices = [i for i in range(len(space.units[unit].levels)) if i != genes[unit]]
+    if not choices:
+        return genome
+    genes[unit] = rng.choice(choices)
+    return space.repair(tuple(genes), rng, keep=unit)
+
+
+class EvoOptions(ComponentOptions):
+    """EvoPress's selection: offspring per generation and survivors of the first step."""
+
+    offspring: int | None = option("joint evo: offspring per generation (default 16).")
+    survivors: int | None = option("joint evo: offspring the first (few-window) step passes to the second "
+                                   "(default 4).")
+
+
+@declares(EvoOptions)
+@JOINT_SEARCHERS.register("evo", "evopress")
+def evo(space: JointSpace, evaluator: CountingEvaluator, candidates: int, seed: int, offspring: int = 16,
+        survivors: int = 4) -> SearchOutcome:
+    rng = random.Random(seed)
+    tracker = _Tracker(space, evaluator, candidates, "evo")
+    parent = space.uniform()
+    parent_score = tracker.full([parent])[0]
+    generations = 0
+    while tracker.left > 0:
+        children = list(dict.fromkeys(mutate(space, parent, rng) for _ in range(offspring)))
+        children = [c for c in children if c != parent][: max(1, tracker.left)]
+        if not children:
+            continue
+        quick = tracker.first(children)
+        if tracker.left <= 0:
+            break
+        ranked = [c for _, c in sorted(zip(quick, children), key=lambda pair: pair[0])][:survivors]
+        ranked = ranked[: max(1, tracker.left)]
+        finals = tracker.full(ranked)
+        best = int(np.argmin(finals))
+        if finals[best] < parent_score:
+            parent, parent_score = ranked[best], finals[best]
+        generations += 1
+    return tracker.outcome({"offspring": offspring, "survivors": survivors}, {"generations": generations})
+
+
+class RlSearchOptions(ComponentOptions):
+    """The joint REINFORCE policy: episodes per update and learning rate."""
+
+    episodes_per_update: int | None = option("joint rl: candidates sampled per policy update (default 8).")
+    policy_lr: float | None = option("joint rl: learning rate of the per-unit logits (default 0.3).")
+
+
+@declares(RlSearchOptions)
+@JOINT_SEARCHERS.register("rl", "reinforce")
+def rl(space: JointSpace, evaluator: CountingEvaluator, candidates: int, seed: int, episodes_per_update: int = 8,
+       policy_lr: float = 0.3) -> SearchOutcome:
+    rng = random.Random(seed)
+    generator = np.random.default_rng(seed)
+    tracker = _Tracker(space, evaluator, candidates, "rl")
+    start = space.uniform()
+    tracker.full([start])
+    logits = [np.zeros(len(u.levels)) for u in space.units]
+    for unit, level in enumerate(start):  # start near the uniform genome, as AutoMP-RL starts near uniform bits
+        logits[unit][level] = 2.0
+    updates = 0
+    while tracker.left > 0:
+        episodes = []
+        for _ in range(episodes_per_update):
+            drawn = tuple(int(generator.choice(len(p), p=_softmax(p))) for p in logits)
+            episodes.append(space.repair(drawn, rng))
+        episodes = episodes[: max(1, tracker.left)]
+        rewards = -np.array(tracker.full(episodes))
+        advantage = (rewards - rewards.mean()) / (rewards.std() + 1e-8)
+        for genome, a in zip(episodes, advantage):
+            for unit, level in enumerate(genome):
+                gradient = -_softmax(logits[unit])
+                gradient[level] += 1.0
+                logits[unit] += policy_lr * a * gradient / len(episodes)
+        updates += 1
+    return tracker.outcome({"episodes_per_update": episodes_per_update, "policy_lr": policy_lr},
+                           {"updates": updates})
+
+
+def _softmax(values: np.ndarray) -> np.ndarray:
+    shifted = np.exp(values - values.max())
+    return shifted / shifted.sum()
+
+
+@JOINT_SEARCHERS.register("greedy", "sensitivity")
+def greedy(space: JointSpace, evaluator: CountingEvaluator, candidates: int, seed: int) -> SearchOutcome:
+    """Probes one factor at a time from the dense genome (removal; each width at the widest type; each type at
+    full width; the probes come first in the unit order, so a smaller ``candidates`` probes fewer units and
+    treats the rest as free), predicts a level's damage as its width's plus its type's, and then takes the
+    move with the least predicted damage per unit of budget saved until every budget holds."""
+    tracker = _Tracker(space, evaluator, candidates, "greedy")
+    dense = space.dense()
+    base = tracker.full([dense])[0]
+    probes: dict[tuple[int, Any], Genome] = {}
+    for u, unit in enumerate(space.units):
+        full, widest = unit.levels[0].kept, unit.levels[0].kind
+        for i, level in enumerate(unit.levels):
+            factor = ("removed",) if level.removed else ("width", level.kept) if level.kind == widest and \
+                level.kept != full else ("type", level.kind) if level.kept == full and level.kind != widest else None
+            if factor is not None:
+                probes[(u, factor)] = dense[:u] + (i,) + dense[u + 1 :]
+    chosen = list(probes.items())[: max(0, tracker.left)]
+    damage: dict[tuple[int, Any], float] = {}
+    for start in range(0, len(chosen), 16):
+        batch = chosen[start : start + 16]
+        for (key, _), score in zip(batch, tracker.full([g for _, g in batch])):
+            damage[key] = max(0.0, score - base)
+
+    def predicted(u: int, index: int) -> float:
+        level = space.units[u].levels[index]
+        if level.removed:
+            return damage.get((u, ("removed",)), 0.0)
+        return damage.get((u, ("width", level.kept)), 0.0) + damage.get((u, ("type", level.kind)), 0.0)
+
+    genes = list(dense)
+    while not space.fits(tuple(genes)):
+        before = space.violation(tuple(genes))
+        best, best_ratio = None, math.inf
+        for u, unit in enumerate(space.units):
+            for index in range(len(unit.levels)):
+                if index == genes[u]:
+                    continue
+                trial = genes[:u] + [index] + genes[u + 1 :]
+                saved = before - space.violation(tuple(trial))
+                if saved <= 0:
+                    continue
+                ratio = (predicted(u, index) - predicted(u, genes[u])) / saved
+                if ratio < best_ratio:
+                    best, best_ratio = (u, index), ratio
+        if best is None:
+            break
+        genes[best[0]] = best[1]
+    genome = space.repair(tuple(genes), random.Random(seed))
+    if tracker.left > 0 or tracker.best is None:
+        tracker.full([genome])
+    outcome = tracker.outcome({}, {"probes": len(chosen)})
+    outcome.genome = genome  # greedy answers its own construction, not the best probe (probes break the budget)
+    outcome.score = evaluator.memo.get((genome, len(evaluator.setup.stage_windows) - 1), math.nan)
+    return outcome

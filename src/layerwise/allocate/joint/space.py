@@ -1,0 +1,259 @@
+"""The joint search space: per block, the attention's and the MLP's level, each a (width, GGUF type) pair or
+removal, and what a whole choice (a *genome*: one level index per unit) costs in stored bytes and predicted
+milliseconds. Budgets are checked on the exact costs of the whole genome (removals that leave llama.cpp stubs
+make bytes non-additive), so every genome a search keeps fits."""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+from torch import nn
+
+from ...cost.latency_table import LatencyTable, WidthLatencyTable
+from ...errors import BudgetError
+from ...gguf import gguf_type, stored_type
+from ...models import get_adapter
+
+Genome = tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Level:
+    """One unit's choice: keep ``kept`` width units (KV groups or channels) stored as GGUF ``kind``, or remove
+    the sublayer (``kept == 0``)."""
+
+    kept: int
+    kind: str = "f16"
+
+    @property
+    def removed(self) -> bool:
+        return self.kept == 0
+
+    def describe(self, unit_size: int = 1) -> str:
+        return "removed" if self.removed else f"{self.kept * unit_size}@{self.kind}"
+
+
+@dataclass
+class Unit:
+    """One attention or MLP sublayer and its levels, with the shapes its costs are computed from."""
+
+    name: str
+    block: int
+    kind: str  # attention or mlp
+    total: int  # KV groups or channels
+    levels: list[Level]
+    linears: dict[str, tuple[int, int, str]]  # role -> (rows, row length: per kept unit on the scaled dim)
+    _bytes: dict[Level, int] = field(default_factory=dict, repr=False)
+
+    def level_bytes(self, level: Level) -> int:
+        """Stored bytes of the unit's linears at ``level`` (llama.cpp's fallback types included)."""
+        if level.removed:
+            return 0
+        if level in self._bytes:
+            return self._bytes[level]
+        total = 0
+        for rows_per, columns_per, scaled in self.linears.values():
+            rows = rows_per * level.kept if scaled == "rows" else rows_per
+            columns = columns_per * level.kept if scaled == "columns" else columns_per
+            total += stored_type(level.kind, columns).nbytes(rows, columns)
+        self._bytes[level] = total
+        return total
+
+
+@dataclass
+class Budgets:
+    """At most ``max_bytes`` GGUF tensor bytes and/or at least ``target_speedup`` predicted speedup."""
+
+    max_bytes: Optional[int] = None
+    target_speedup: Optional[float] = None
+
+
+@dataclass
+class JointSpace:
+    """All units and levels of one model, the cost tables and the budgets."""
+
+    units: list[Unit]
+    budgets: Budgets
+    hidden: int
+    head_dim: int
+    fixed_bytes: int  # embedding (and untied output) at the embedding type, and the final norm
+    latency: Optional[LatencyTable] = None
+    width_latency: Optional[WidthLatencyTable] = None
+    kinds: list[str] = field(default_factory=list)
+
+    # --- costs ---------------------------------------------------------------------------------------------
+    def bytes(self, genome: Genome) -> int:
+        """GGUF tensor bytes of the genome as ``export_gguf`` writes it: linears at their stored types, f32
+        norms, and llama.cpp's stubs (a removed MLP beside a kept attention; a removed layer-0 attention)."""
+        total = self.fixed_bytes
+        for unit, index in zip(self.units, genome):
+            level = unit.levels[index]
+            total += unit.level_bytes(level) + (0 if level.removed else 4 * self.hidden)
+        for block, (attention, mlp) in enumerate(self.blocks(genome)):
+            if mlp.removed and not attention.removed:
+                total += 4 * self.hidden + 4 * 3 * self.hidden  # ffn norm, 1-channel gate/up/down in f32
+            if block == 0 and attention.removed:
+                total += 4 * self.hidden + 4 * 4 * self.head_dim * self.hidden  # one zero head in f32
+        return total
+
+    def milliseconds(self, genome: Genome) -> float:
+        """Predicted latency in the tables' setting: the dense time less what each removal and each removed
+        KV group or channel saves (GGUF types do not change the PyTorch engine's time)."""
+        if self.latency is None or self.width_latency is None:
+            raise BudgetError("This joint space has no latency tables: a speed budget needs them.")
+        saved = 0.0
+        for unit, index in zip(self.units, genome):
+            level = unit.levels[index]
+            if level.removed:
+                saved += self.latency.sublayer_ms[unit.kind]
+            else:
+                per = self.width_latency.ms_per_group if unit.kind == "attention" else self.width_latency.ms_per_channel
+                saved += (unit.total - level.kept) * per
+        return self.latency.total_ms - saved
+
+    def speedup(self, genome: Genome) -> float:
+        return self.latency.total_ms / max(self.milliseconds(genome), 1e-9)
+
+    def violation(self, genome: Genome) -> float:
+        """How far over its budgets the genome is, each in units of its limit (0: fits)."""
+        over = 0.0
+        if self.budgets.max_bytes is not None:
+            over += max(0.0, self.bytes(genome) / self.budgets.max_bytes - 1)
+        if self.budgets.target_speedup is not None:
+            limit = self.latency.total_ms / self.budgets.target_speedup
+            over += max(0.0, self.milliseconds(genome) / limit - 1)
+        return over
+
+    def fits(self, genome: Genome) -> bool:
+        return self.violation(genome) == 0.0
+
+    def costs(self, genome: Genome) -> dict[str, float]:
+        out: dict[str, float] = {"bytes": self.bytes(genome)}
+        if self.latency is not None and self.width_latency is not None:
+            out["predicted_ms"] = round(self.milliseconds(genome), 4)
+            out["predicted_speedup"] = round(self.speedup(genome), 4)
+        return out
+
+    def blocks(self, genome: Genome) -> list[tuple[Level, Level]]:
+        levels: dict[tuple[int, str], Level] = {(u.block, u.kind): u.levels[i] for u, i in zip(self.units, genome)}
+        blocks = sorted({u.block for u in self.units})
+        return [(levels[(b, "attention")], levels[(b, "mlp")]) for b in blocks]
+
+    # --- genomes ---------------------------------------------------------------------------------------------
+    def dense(self) -> Genome:
+        return tuple(0 for _ in self.units)  # levels are listed best-first: full width at the widest type
+
+    def uniform(self) -> Genome:
+        """The best-first level of each unit whose relative cost is at most one common fraction ``t``, with the
+        largest ``t`` that fits: uniform compression (uniform types at full width under a byte budget, uniform
+        widths under a speed budget), the start of the searches."""
+        fractions = [sorted({self._relative(u, level) for level in u.levels}) for u in self.units]
+        thresholds = sorted({t for f in fractions for t in f}, reverse=True)
+        for t in thresholds:
+            genome = tuple(next(i for i, level in enumerate(u.levels) if self._relative(u, level) <= t + 1e-12)
+                           for u in self.units)
+            if self.fits(genome):
+                return genome
+        raise BudgetError("No choice of levels meets the budget: even removing every sublayer does not fit.")
+
+    def _relative(self, unit: Unit, level: Level) -> float:
+        """The level's cost relative to the unit's first (dense) level, the larger over the active budgets."""
+        values = []
+        if self.budgets.max_bytes is not None:
+            values.append(unit.level_bytes(level) / max(1, unit.level_bytes(unit.levels[0])))
+        if self.budgets.target_speedup is not None:
+            values.append(0.0 if level.removed else level.kept / unit.total)
+        return max(values) if values else 1.0
+
+    def repair(self, genome: Genome, rng: random.Random, keep: int | None = None) -> Genome:
+        """Move random units (never ``keep``) to random cheaper levels until the genome fits."""
+        genes = list(genome)
+        guard = 0
+        while self.violation(tuple(genes)) > 0:
+            guard += 1
+            if guard > 100 * len(genes):
+                raise BudgetError("The search could not bring a candidate within the budget.")
+            unit = rng.randrange(len(genes))
+            if unit == keep:
+                continue
+            current = self.units[unit].levels[genes[unit]]
+            cheaper = [i for i, level in enumerate(self.units[unit].levels) if self._cheaper(self.units[unit], level, current)]
+            if cheaper:
+                genes[unit] = rng.choice(cheaper)
+        return tuple(genes)
+
+    def _cheaper(self, unit: Unit, level: Level, than: Level) -> bool:
+        cheaper = False
+        if self.budgets.max_bytes is not None:
+            cheaper |= unit.level_bytes(level) < unit.level_bytes(than)
+        if self.budgets.target_speedup is not None:
+            cheaper |= level.kept < than.kept
+        return cheaper
+
+    def describe(self, genome: Genome) -> dict[str, str]:
+        return {u.name: u.levels[i].describe(self._unit_size(u)) for u, i in zip(self.units, genome)}
+
+    def _unit_size(self, unit: Unit) -> int:
+        return 1 if unit.kind == "mlp" else unit.linears["q"][0] // self.head_dim
+
+    def size(self) -> float:
+        """log10 of the number of genomes."""
+        return sum(math.log10(len(u.levels)) for u in self.units)
+
+
+def width_levels(total: int, fractions: Sequence[float], multiple: int) -> list[int]:
+    """Kept counts for ``fractions`` of ``total`` units, in multiples of ``multiple`` (at least one multiple),
+    largest first, distinct."""
+    kept = {total}
+    for fraction in fractions:
+        if not 0 < fraction <= 1:
+            raise BudgetError(f"Joint width levels are fractions in (0, 1] (got {fraction}).")
+        kept.add(max(multiple, min(total, int(round(total * fraction / multiple)) * multiple)))
+    return sorted(kept, reverse=True)
+
+
+def build_space(model: nn.Module, kinds: Sequence[str], attention_fractions: Sequence[float],
+                mlp_fractions: Sequence[float], removal: bool, budgets: Budgets, fixed_bytes: int,
+                latency: LatencyTable | None = None, width_latency: WidthLatencyTable | None = None) -> JointSpace:
+    """Every block's attention and MLP with their levels, best-first: full width at the widest type first.
+    FFN widths are multiples of the largest block of the chosen types that fits the dense width (256 for
+    k-quants), so a narrower ``ffn_down`` keeps the type, and its quantized rows are a prefix of the dense
+    ones (the level bank relies on it)."""
+    types = sorted({gguf_type(k).name for k in kinds}, key=lambda k: -gguf_type(k).bits_per_weight)
+    if not types:
+        raise BudgetError("The joint search needs at least one GGUF type (--joint-types).")
+    if budgets.max_bytes is None:  # narrower types save nothing under a speed budget alone: keep the widest
+        types = types[:1]
+    adapter = get_adapter(model)
+    units: list[Unit] = []
+    for block in range(adapter.num_blocks):
+        attention, mlp = adapter.attention(block), adapter.mlp(block)
+        if attention.removed or mlp.removed:
+            raise BudgetError("The joint search starts from a model with every sublayer present.")
+        geometry = adapter.head_geometry(block)
+        hidden = int(model.config.hidden_size)
+        per_group = geometry.group_size * geometry.head_dim
+        kv_rows = geometry.head_dim
+        groups = width_levels(geometry.num_kv_heads, attention_fractions, 1)
+        linears = {"q": (per_group, hidden, "rows"), "k": (kv_rows, hidden, "rows"), "v": (kv_rows, hidden, "rows"),
+                   "o": (hidden, per_group, "columns")}
+        units.append(_unit(attention.name, block, "attention", geometry.num_kv_heads, groups, types, removal, linears))
+        width = adapter.ffn_width(block)
+        multiple = max([gguf_type(k).block for k in types if gguf_type(k).fits(width)] + [8])
+        channels = width_levels(width, mlp_fractions, multiple)
+        linears = {"gate": (1, hidden, "rows"), "up": (1, hidden, "rows"), "down": (hidden, 1, "columns")}
+        units.append(_unit(mlp.name, block, "mlp", width, channels, types, removal, linears))
+    head_dim = adapter.head_geometry(0).head_dim
+    return JointSpace(units, budgets, int(model.config.hidden_size), head_dim, fixed_bytes, latency, width_latency,
+                      list(types))
+
+
+def _unit(name: str, block: int, kind: str, total: int, kept: list[int], types: list[str], removal: bool,
+          linears: dict) -> Unit:
+    levels = [Level(k, t) for k in kept for t in types]  # widest first, then narrower types
+    if removal:
+        levels.append(Level(0))
+    return Unit(name, block, kind, total, levels, linears)

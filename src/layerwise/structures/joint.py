@@ -1,0 +1,220 @@
+"""Joint: one search over every kind of action under one deployment budget. Per block, the attention keeps a
+number of KV groups or goes, the MLP keeps a width or goes, and each kept sublayer's linears get a GGUF type;
+the budget is GGUF bytes (as the export stores them) and/or a predicted speedup (measured latency tables)."""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any, Optional
+
+import torch
+
+from ..allocate.joint import JOINT_SEARCHERS
+from ..config import Budget, LatencySetting
+from ..errors import BudgetError, LayerwiseError
+from ..formatting import fmt, fmt_bytes
+from ..models import LoadedModel, decoder_linears, get_adapter
+from ..plan import Plan, QuantizeAction, RemoveAction, SliceAction
+from .base import PlanRequest, Structure, StructureOptions, check_params, option, register
+from .depth import DepthOptions
+from .quant import QuantOptions
+
+if TYPE_CHECKING:
+    from ..options import PlanOptions
+
+DEFAULT_TYPES = "f16,q8_0,q6_k,q5_k,q4_k,q3_k"
+
+
+def _fractions(text: str, flag: str) -> list[float]:
+    try:
+        return [float(part) for part in str(text).split(",") if part.strip()]
+    except ValueError:
+        raise BudgetError(f"{flag} takes fractions like 1,0.67,0.33 (got '{text}').") from None
+
+
+class JointOptions(StructureOptions):
+    """The joint search: budgets, the levels of its space, how many candidates and where they are scored."""
+
+    max_bytes: Optional[int] = QuantOptions.model_fields["max_bytes"]
+    target_speedup: Optional[float] = DepthOptions.model_fields["target_speedup"]
+    embedding_type: Optional[str] = QuantOptions.model_fields["embedding_type"]
+    joint_types: Optional[str] = option(f"joint: GGUF types a kept sublayer may take (default {DEFAULT_TYPES}).")
+    joint_attention_widths: Optional[str] = option("joint: fractions of the KV groups an attention may keep "
+                                                   "(default 1,0.67,0.33).")
+    joint_mlp_widths: Optional[str] = option("joint: fractions of the FFN channels an MLP may keep, rounded to "
+                                             "the types' block (default 1,0.67,0.33).")
+    joint_remove: Optional[bool] = option("joint: sublayers may also be removed (default on).",
+                                          "--joint-remove/--no-joint-remove")
+    candidates: Optional[int] = option("joint: candidate evaluations the search may spend (default 200).")
+    first_stage_windows: Optional[int] = option("joint: calibration windows of the first, cheap scoring step "
+                                                "(default 1; the second uses all).")
+    workers: Optional[int] = option("joint: score candidates on this many Ray workers (0: in this process).")
+    ray_address: Optional[str] = option("joint: join the Ray cluster at this address instead of starting one.")
+
+
+@register
+class Joint(Structure):
+    name = "joint"
+    options = JointOptions
+    allocators = JOINT_SEARCHERS
+    # every candidate is one forward pass over these windows: 4 x 128 tokens keep a candidate under a second
+    calibration_defaults = {"nsamples": 4, "calib_seqlen": 128}
+
+    def budget(self, options: "PlanOptions") -> Budget:
+        return Budget.for_joint(options.max_bytes, options.target_speedup)
+
+    def validate(self, method: str | None, allocator: str, budget: Budget, nm: str | None,
+                 params: dict[str, Any]) -> tuple[str, str, str | None]:
+        from ..gguf import gguf_type
+        from ..profile.width import WIDTH_SCORERS
+
+        if allocator == "uniform":  # the CLI's default allocator means "not chosen"
+            raise LayerwiseError("The joint search needs a searcher: --allocator evo, rl or greedy.")
+        allocator = JOINT_SEARCHERS.canonical(allocator)
+        method = WIDTH_SCORERS.canonical(method or "taylor")
+        if nm is not None:
+            raise BudgetError("--nm applies to unstructured sparsity, not to the joint search.")
+        for name in (params.get("joint_types") or DEFAULT_TYPES).split(","):
+            if gguf_type(name).name == "f32":
+                raise BudgetError("f32 is not a joint level; the widest GGUF level is f16.")
+        for key, flag in (("joint_attention_widths", "--joint-attention-widths"),
+                          ("joint_mlp_widths", "--joint-mlp-widths")):
+            if key in params:
+                _fractions(params[key], flag)
+        for key in ("candidates", "first_stage_windows"):
+            if key in params and int(params[key]) < 1:
+                raise BudgetError(f"--{key.replace('_', '-')} must be at least 1 (got {params[key]}).")
+        if int(params.get("workers") or 0) < 0:
+            raise BudgetError(f"--workers must be 0 or more (got {params['workers']}).")
+        if "embedding_type" in params:
+            gguf_type(params["embedding_type"])
+        check_params(JOINT_SEARCHERS.get(allocator), allocator, self.own(params)[1])
+        return method, allocator, None
+
+    def plan(self, request: PlanRequest) -> Plan:
+        """Build the space and its cost tables, score the dense model once, search, and write the genome as
+        removals, slices (kept units in importance order) and one GGUF type per kept linear."""
+        from ..allocate.joint import Budgets, ScoringSetup, build_space, dense_logprobs, make_evaluator
+
+        if request.calibration is None:
+            raise LayerwiseError("The joint search scores candidates on calibration windows; give it some.")
+        loaded, calibration = request.loaded, request.calibration
+        model = loaded.model
+        options, params = self.own(request.params)
+        embedding_type = options.get("embedding_type", "q8_0")
+        latency = width_latency = None
+        if request.budget.target_speedup is not None:
+            latency, width_latency = _latency_tables(loaded, calibration.settings)
+        from ..export.gguf_export import non_linear_bytes
+
+        adapter = get_adapter(model)
+        norms_per_block = 2 * 4 * int(model.config.hidden_size)
+        fixed = non_linear_bytes(model, embedding_type) - adapter.num_blocks * norms_per_block
+        budgets = Budgets(request.budget.max_bytes, request.budget.target_speedup)
+        space = build_space(model, (options.get("joint_types") or DEFAULT_TYPES).split(","),
+                            _fractions(options.get("joint_attention_widths", "1,0.67,0.33"), "--joint-attention-widths"),
+                            _fractions(options.get("joint_mlp_widths", "1,0.67,0.33"), "--joint-mlp-widths"),
+                            bool(options.get("joint_remove", True)), budgets, fixed, latency, width_latency)
+        space.uniform()  # a clear BudgetError now when nothing fits
+        seq_len = 64 if request.method == "taylor" else None
+        scores = calibration.width_scores(request.method, **({"seq_len": seq_len} if seq_len else {}))
+        groups = {b: scores.ranked_groups(b) for b in scores.groups}
+        channels = {b: scores.ranked_channels(b) for b in scores.channels}
+        tokens = calibration.tokens()
+        batch = calibration.settings.calib_batch_size
+        with torch.no_grad():
+            start = time.perf_counter()
+            reference = dense_logprobs(model, tokens, batch)
+            dense_seconds = time.perf_counter() - start
+        first = min(int(options.get("first_stage_windows", 1)), tokens.shape[0])
+        setup = ScoringSetup(space, groups, channels, tokens, reference, (first, tokens.shape[0]), batch,
+                             torch.get_num_threads())
+        candidates = int(options.get("candidates", 200))
+        evaluator = make_evaluator(model, setup, int(options.get("workers") or 0), options.get("ray_address"))
+        started = time.perf_counter()
+        try:
+            outcome = JOINT_SEARCHERS.get(request.allocator)(space, evaluator, candidates, request.seed, **params)
+        finally:
+            evaluator.close()
+        search_s = time.perf_counter() - started
+        genome = outcome.genome
+        if not space.fits(genome):  # the searchers only keep fitting genomes; this guards the contract
+            raise BudgetError(f"The {request.allocator} search returned a plan over the budget.")
+        actions = _actions(model, space, genome, groups, channels, request.method, seq_len)
+        full_tokens = tokens.shape[0] * (tokens.shape[1] - 1)
+        per_candidate = evaluator.seconds / max(1, evaluator.tokens) * full_tokens
+        prediction = {**space.costs(genome), "gguf_tensor_bytes": space.bytes(genome),
+                      "speedup": space.costs(genome).get("predicted_speedup"),
+                      "embedding_type": embedding_type, "calibration_kl": round(outcome.score, 6),
+                      "candidate_cost_ratio": round(per_candidate / max(dense_seconds, 1e-9), 4)}
+        if latency is not None:
+            prediction["latency_table"] = latency.model_dump()
+            prediction["width_latency_table"] = width_latency.model_dump()
+        details = {**outcome.details, "levels": space.describe(genome), "search_s": round(search_s, 2),
+                   "evaluations": evaluator.evaluations, "tokens_scored": evaluator.tokens,
+                   "curve": outcome.curve, "space_log10": round(space.size(), 2),
+                   "start": space.describe(space.uniform()), "start_costs": space.costs(space.uniform()),
+                   "workers": int(options.get("workers") or 0)}
+        return request.plan(actions, {**outcome.params, **options, "candidates": candidates}, details, prediction)
+
+    def metrics(self, plan: Plan, loaded: LoadedModel, dense_latency: dict | None,
+                extra: dict[str, Any]) -> dict[str, Any]:
+        """The predicted bytes and speedup, the search's evaluations and its best-so-far curve."""
+        if "calibration_kl" not in plan.prediction:
+            return {}
+        return {"joint_levels": plan.details.get("levels"), "predicted_bytes": plan.prediction.get("bytes"),
+                "predicted_speedup": plan.prediction.get("predicted_speedup"),
+                "evaluations": plan.details.get("evaluations"), "search_curve": plan.details.get("curve"),
+                "candidate_cost_ratio": plan.prediction.get("candidate_cost_ratio")}
+
+    def table_rows(self, record: dict[str, Any]) -> list[tuple[str, str, str]]:
+        metrics = record["metrics"]
+        if metrics.get("evaluations") is None:
+            return []
+        speedup = metrics.get("speedup") or {}
+        rows = [("GGUF tensor bytes (predicted)", "", fmt_bytes(metrics["predicted_bytes"]))]
+        if not metrics.get("removed_sublayers"):  # with removals, the depth rows show the speedups
+            rows.append(("speedup predicted / measured", "",
+                         f"{fmt(metrics.get('predicted_speedup'), '.2f')}x / {fmt(speedup.get('total'), '.2f')}x"))
+        return rows + [("candidates evaluated (cost vs a dense pass)", "",
+                        f"{metrics['evaluations']} ({fmt(metrics.get('candidate_cost_ratio'), '.2f')}x)")]
+
+
+def _latency_tables(loaded: LoadedModel, settings) -> tuple:
+    from ..cost import measure_latency_table
+    from ..cost.latency_table import measure_width_latency_table
+
+    engine = settings.latency_engine or "pytorch"
+    if engine not in ("pytorch", "torch"):
+        raise BudgetError("The joint search's speed budget uses PyTorch latency tables (GGUF types change "
+                          "llama.cpp's speed, which its tables do not model yet); drop --latency-engine.")
+    setting = settings.latency or LatencySetting()
+    return measure_latency_table(loaded, setting, "pytorch"), measure_width_latency_table(loaded, setting, "pytorch")
+
+
+def _actions(model, space, genome, groups, channels, method, seq_len) -> list:
+    adapter = get_adapter(model)
+    linears = list(decoder_linears(model))
+    removals, slices, quantized = [], [], []
+    for unit, index in zip(space.units, genome):
+        level = unit.levels[index]
+        if level.removed:
+            removals.append(RemoveAction(unit=unit.name))
+            continue
+        if level.kept < unit.total:
+            if unit.kind == "attention":
+                group_size = adapter.head_geometry(unit.block).group_size
+                slices.append(SliceAction(unit=unit.name, keep=level.kept * group_size, method=method,
+                                          seq_len=seq_len, kept=groups[unit.block][: level.kept]))
+            else:
+                slices.append(SliceAction(unit=unit.name, keep=level.kept, method=method, seq_len=seq_len,
+                                          kept=channels[unit.block][: level.kept]))
+        quantized += [QuantizeAction(unit=name, bits=_nominal(level.kind), group_size=None, method="gguf",
+                                     format=level.kind) for name in linears if name.startswith(unit.name + ".")]
+    return removals + slices + quantized
+
+
+def _nominal(kind: str) -> int:
+    from ..allocate.levels import nominal_bits
+
+    return nominal_bits(kind)
