@@ -4,6 +4,7 @@ the budget is GGUF bytes (as the export stores them) and/or a predicted speedup 
 
 from __future__ import annotations
 
+import statistics
 import time
 from typing import TYPE_CHECKING, Any, Optional
 
@@ -141,8 +142,8 @@ class Joint(Structure):
         if not space.fits(genome):  # the searchers only keep fitting genomes; this guards the contract
             raise BudgetError(f"The {request.allocator} search returned a plan over the budget.")
         actions = _actions(model, space, genome, groups, channels, request.method, seq_len)
-        full_tokens = tokens.shape[0] * (tokens.shape[1] - 1)
-        per_candidate = evaluator.seconds / max(1, evaluator.tokens) * full_tokens
+        # a candidate's cost: the median full-stage candidate (the first use of a level also builds it in the bank)
+        per_candidate = statistics.median(evaluator.per_candidate) if evaluator.per_candidate else float("nan")
         prediction = {**space.costs(genome), "gguf_tensor_bytes": space.bytes(genome),
                       "speedup": space.costs(genome).get("predicted_speedup"),
                       "embedding_type": embedding_type, "calibration_kl": round(outcome.score, 6),

@@ -31,23 +31,27 @@ class LevelBank:
 
     def __init__(self, model: nn.Module, space: JointSpace, groups: dict[int, list[int]],
                  channels: dict[int, list[int]]) -> None:
+        source = get_adapter(model)
+        self.originals = [source.sublayer(unit.name).module for unit in space.units]  # the caller's, unordered
         self.model = copy.deepcopy(model).eval()
         self.space = space
         order_by_importance(self.model, Importance(dict(groups), dict(channels), []))
         self.adapter = get_adapter(self.model)
         self.sublayers = [self.adapter.sublayer(unit.name) for unit in space.units]
-        self.templates: dict[tuple[int, str], nn.Module] = {}
+        self.templates: dict[tuple[int, str, bool], nn.Module] = {}
         self.exact: dict[tuple[int, str, int], dict[str, nn.Module]] = {}
         self.undo: list[list[Callable[[], None]]] = [[] for _ in space.units]
         self.current: list[int | None] = [None for _ in space.units]  # None: the float dense sublayer
         self.assemble(space.dense())
 
     @torch.no_grad()
-    def _template(self, index: int, kind: str) -> nn.Module:
-        """Unit ``index``'s sublayer at full width with every linear rounded to ``kind`` (made once)."""
-        key = (index, kind)
+    def _template(self, index: int, kind: str, full: bool = False) -> nn.Module:
+        """Unit ``index``'s sublayer at full width with every linear rounded to ``kind`` (made once): in
+        importance order for the narrower levels' prefixes, in the model's own order for the full width (as
+        the backend quantizes an unsliced sublayer: a row's blocks then hold the same columns)."""
+        key = (index, kind, full)
         if key not in self.templates:
-            template = copy.deepcopy(self.sublayers[index].module)
+            template = copy.deepcopy(self.originals[index] if full else self.sublayers[index].module)
             for linear in (m for m in template.modules() if isinstance(m, nn.Linear)):
                 rounded = round_trip(linear.weight.data, stored_type(kind, linear.in_features))
                 linear.weight.data = rounded.to(linear.weight.dtype)
@@ -58,8 +62,9 @@ class LevelBank:
     def _replacements(self, index: int, level: Level) -> dict[str, nn.Module]:
         unit = self.space.units[index]
         layout = self.adapter.layout(self.sublayers[index])
-        replacements = prefix_modules(self._template(index, level.kind), layout, level.kept)
-        if level.kept == unit.total:
+        full = level.kept == unit.total
+        replacements = prefix_modules(self._template(index, level.kind, full), layout, level.kept)
+        if full:
             return replacements
         for path, module in replacements.items():
             if isinstance(module, nn.Linear) and not self._prefix_exact(unit.total, level, module, path, layout):

@@ -85,6 +85,7 @@ class CountingEvaluator:
     tokens: int = 0
     seconds: float = 0.0
     memo: dict[tuple[Genome, int], float] = field(default_factory=dict)
+    per_candidate: list[float] = field(default_factory=list)  # seconds per candidate of each full-stage batch
 
     def score(self, genomes: list[Genome], stage: int) -> list[float]:
         todo = list(dict.fromkeys(g for g in genomes if (g, stage) not in self.memo))
@@ -92,7 +93,10 @@ class CountingEvaluator:
             start = time.perf_counter()
             for genome, value in zip(todo, self._score(todo, stage)):
                 self.memo[(genome, stage)] = value
-            self.seconds += time.perf_counter() - start
+            elapsed = time.perf_counter() - start
+            self.seconds += elapsed
+            if stage == len(self.setup.stage_windows) - 1:
+                self.per_candidate.append(elapsed / len(todo))
             self.evaluations += len(todo)
             self.tokens += len(todo) * self.setup.stage_windows[stage] * (self.setup.tokens.shape[1] - 1)
         return [self.memo[(g, stage)] for g in genomes]

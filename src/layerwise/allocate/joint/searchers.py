@@ -82,14 +82,18 @@ class _Tracker:
 
 def mutate(space: JointSpace, genome: Genome, rng: random.Random) -> Genome:
     """A level switch: one random unit to another random level, then other random units made cheaper until the
-    budget holds again (the mutated unit is left as drawn)."""
-    genes = list(genome)
-    unit = rng.randrange(len(genes))
-    choices = [i for i in range(len(space.units[unit].levels)) if i != genes[unit]]
-    if not choices:
-        return genome
-    genes[unit] = rng.choice(choices)
-    return space.repair(tuple(genes), rng, keep=unit)
+    budget holds again (the mutated unit is left as drawn; a draw that cannot be repaired is drawn again)."""
+    for _ in range(100):
+        genes = list(genome)
+        unit = rng.randrange(len(genes))
+        choices = [i for i in range(len(space.units[unit].levels)) if i != genes[unit]]
+        if not choices:
+            continue
+        genes[unit] = rng.choice(choices)
+        repaired = space.repair(tuple(genes), rng, keep=unit)
+        if repaired is not None:
+            return repaired
+    return genome
 
 
 class EvoOptions(ComponentOptions):
@@ -151,7 +155,7 @@ def rl(space: JointSpace, evaluator: CountingEvaluator, candidates: int, seed: i
         episodes = []
         for _ in range(episodes_per_update):
             drawn = tuple(int(generator.choice(len(p), p=_softmax(p))) for p in logits)
-            episodes.append(space.repair(drawn, rng))
+            episodes.append(space.repair(drawn, rng) or start)
         episodes = episodes[: max(1, tracker.left)]
         rewards = -np.array(tracker.full(episodes))
         advantage = (rewards - rewards.mean()) / (rewards.std() + 1e-8)
@@ -218,7 +222,7 @@ def greedy(space: JointSpace, evaluator: CountingEvaluator, candidates: int, see
         if best is None:
             break
         genes[best[0]] = best[1]
-    genome = space.repair(tuple(genes), random.Random(seed))
+    genome = tuple(genes) if space.fits(tuple(genes)) else space.uniform()
     if tracker.left > 0 or tracker.best is None:
         tracker.full([genome])
     outcome = tracker.outcome({}, {"probes": len(chosen)})

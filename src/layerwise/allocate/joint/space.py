@@ -168,21 +168,19 @@ class JointSpace:
             values.append(0.0 if level.removed else level.kept / unit.total)
         return max(values) if values else 1.0
 
-    def repair(self, genome: Genome, rng: random.Random, keep: int | None = None) -> Genome:
-        """Move random units (never ``keep``) to random cheaper levels until the genome fits."""
+    def repair(self, genome: Genome, rng: random.Random, keep: int | None = None) -> Genome | None:
+        """Move random units (never ``keep``) to random cheaper levels until the genome fits; None when no
+        unit can get cheaper any more."""
         genes = list(genome)
-        guard = 0
         while self.violation(tuple(genes)) > 0:
-            guard += 1
-            if guard > 100 * len(genes):
-                raise BudgetError("The search could not bring a candidate within the budget.")
-            unit = rng.randrange(len(genes))
-            if unit == keep:
-                continue
-            current = self.units[unit].levels[genes[unit]]
-            cheaper = [i for i, level in enumerate(self.units[unit].levels) if self._cheaper(self.units[unit], level, current)]
-            if cheaper:
-                genes[unit] = rng.choice(cheaper)
+            options = {u: cheaper for u in range(len(genes)) if u != keep
+                       for cheaper in [[i for i, level in enumerate(self.units[u].levels)
+                                        if self._cheaper(self.units[u], level, self.units[u].levels[genes[u]])]]
+                       if cheaper}
+            if not options:
+                return None
+            unit = rng.choice(sorted(options))
+            genes[unit] = rng.choice(options[unit])
         return tuple(genes)
 
     def _cheaper(self, unit: Unit, level: Level, than: Level) -> bool:

@@ -1,0 +1,175 @@
+"""The joint search: its costs are the exported file's, its level bank computes exactly what the backends
+build, its searchers keep the budget, and Ray workers give the serial plan."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+from gguf import GGUFReader
+from typer.testing import CliRunner
+
+import layerwise
+from layerwise import Budget, RunSettings
+from layerwise.allocate.joint import JOINT_SEARCHERS, Budgets, ScoringSetup, SerialEvaluator, build_space
+from layerwise.allocate.joint.bank import LevelBank
+from layerwise.allocate.joint.scoring import dense_logprobs
+from layerwise.backends import architecture_signature
+from layerwise.cli import app
+from layerwise.errors import BudgetError
+from layerwise.export.gguf_export import export_gguf, non_linear_bytes
+from layerwise.structures.joint import DEFAULT_TYPES, _actions
+
+TYPES = DEFAULT_TYPES.split(",")
+
+
+def _space(loaded, max_bytes=None, target_speedup=None, latency=None, width_latency=None):
+    model = loaded.model
+    fixed = non_linear_bytes(model, "q8_0") - 2 * 4 * model.config.hidden_size * model.config.num_hidden_layers
+    return build_space(model, TYPES, [1, 0.5], [1, 0.67, 0.33], True, Budgets(max_bytes, target_speedup), fixed,
+                       latency, width_latency)
+
+
+def _rankings(loaded, calibration):
+    scores = calibration.width_scores("act")
+    return ({b: scores.ranked_groups(b) for b in scores.groups}, {b: scores.ranked_channels(b) for b in scores.channels})
+
+
+def _mixed_genome(space):
+    """Block 0: attention narrowed at q4_k, MLP removed; block 1: attention removed, MLP at a third at q3_k;
+    block 2: dense f16 attention, MLP two thirds at q8_0; block 3: every unit at q6_k."""
+    def pick(unit, kept, kind):
+        return next(i for i, level in enumerate(unit.levels) if level.kept == kept and (kept == 0 or level.kind == kind))
+    units = space.units
+    choice = [(1, "q4_k"), (0, None), (0, None), (64, "q3_k"), (2, "f16"), (96, "q8_0"), (2, "q6_k"), (160, "q6_k")]
+    return tuple(pick(unit, kept, kind) for unit, (kept, kind) in zip(units, choice))
+
+
+def test_space_levels_and_uniform_start(tiny):
+    space = _space(tiny, max_bytes=150_000)
+    mlp = space.units[1]
+    assert [level.kept for level in mlp.levels[:: len(TYPES)]][:3] == [160, 96, 64]  # multiples of 32 blocks
+    assert mlp.levels[0].kind == "f16" and mlp.levels[-1].removed
+    start = space.uniform()
+    assert space.fits(start) and space.bytes(start) <= 150_000
+    # uniform: every unit at the same type, full width (the best-first level that fits a common fraction)
+    assert len({space.units[u].levels[i] .kind for u, i in enumerate(start)}) == 1
+    assert all(space.units[u].levels[i].kept == space.units[u].total for u, i in enumerate(start))
+    with pytest.raises(BudgetError, match="No choice of levels"):
+        _space(tiny, max_bytes=1000).uniform()
+    speed_only = _space(tiny, target_speedup=1.2, latency=_FakeLatency(), width_latency=_FakeWidth())
+    assert {level.kind for unit in speed_only.units for level in unit.levels if not level.removed} == {"f16"}
+
+
+def test_bank_scores_exactly_the_model_the_backends_build(tiny, tmp_path):
+    """A genome mixing removal, slices and GGUF types: the bank's model gives the logits of the plan applied to a
+    fresh model, and the predicted bytes are the exported file's tensor bytes."""
+    calibration = layerwise.calibration(tiny, RunSettings(nsamples=2, calib_seqlen=32))
+    space = _space(tiny, max_bytes=10**7)
+    groups, channels = _rankings(tiny, calibration)
+    genome = _mixed_genome(space)
+    bank = LevelBank(tiny.model, space, groups, channels)
+    tokens = calibration.tokens()
+    with torch.no_grad():
+        banked = bank.assemble(genome)(tokens).logits
+        bank.assemble(space.dense())
+        bank.assemble(genome)  # back and forth: the swaps undo exactly
+        again = bank.model(tokens).logits
+    actions = _actions(tiny.model, space, genome, groups, channels, "act", None)
+    assert [a.op for a in actions][:3] == ["remove", "remove", "slice"]
+    assert any(a.op == "slice" and a.kept != sorted(a.kept) for a in actions)  # importance order, not sorted
+    plan = layerwise.Plan(model="tiny-llama", architecture=architecture_signature(tiny.model),
+                          budget=Budget.for_joint(10**7, None), allocator="evo", method="act", actions=actions)
+    fresh = layerwise.load("tiny-llama")
+    layerwise.apply(fresh.model, plan)
+    with torch.no_grad():
+        applied = fresh.model(tokens).logits
+    torch.testing.assert_close(banked, applied, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(again, banked, rtol=0, atol=0)
+    out = tmp_path / "joint.gguf"
+    export_gguf(fresh, out)
+    assert sum(int(t.n_bytes) for t in GGUFReader(str(out)).tensors) == space.bytes(genome)
+
+
+def _evaluator(tiny, space, windows=3):
+    calibration = layerwise.calibration(tiny, RunSettings(nsamples=windows, calib_seqlen=32))
+    groups, channels = _rankings(tiny, calibration)
+    tokens = calibration.tokens()
+    setup = ScoringSetup(space, groups, channels, tokens, dense_logprobs(tiny.model, tokens, 4), (1, windows))
+    return SerialEvaluator(tiny.model, setup)
+
+
+@pytest.mark.parametrize("searcher", ["evo", "rl", "greedy"])
+def test_searchers_keep_the_budget_and_their_evaluation_count(tiny, searcher):
+    space = _space(tiny, max_bytes=90_000)
+    evaluator = _evaluator(tiny, space)
+    outcome = JOINT_SEARCHERS.get(searcher)(space, evaluator, 40, seed=3)
+    assert space.fits(outcome.genome) and space.bytes(outcome.genome) <= 90_000
+    assert evaluator.evaluations <= 40 + (1 if searcher == "greedy" else 0)
+    assert outcome.score == pytest.approx(evaluator.memo[(outcome.genome, 1)])
+    start = evaluator.score([space.uniform()], 1)[0]
+    if searcher != "greedy":  # evo and rl keep the best they scored, the uniform start included
+        assert outcome.score <= start
+    again = JOINT_SEARCHERS.get(searcher)(space, _evaluator(tiny, space), 40, seed=3)
+    assert again.genome == outcome.genome  # the same seed gives the same plan
+
+
+def test_scores_are_kl_and_zero_for_the_dense_model(tiny):
+    space = _space(tiny, max_bytes=10**7)
+    evaluator = _evaluator(tiny, space)
+    dense = evaluator.score([space.dense()], 1)[0]
+    assert dense < 1e-4  # f16 rounding only
+    removed = tuple(len(u.levels) - 1 for u in space.units)
+    assert evaluator.score([removed], 1)[0] > 100 * max(dense, 1e-6)
+    evaluator.score([removed, space.dense()], 1)
+    assert evaluator.evaluations == 2  # memoised
+
+
+def test_repair_only_makes_genomes_cheaper(tiny):
+    space = _space(tiny, max_bytes=80_000)
+    rng = random.Random(0)
+    repaired = space.repair(space.dense(), rng, keep=0)
+    assert space.fits(repaired) and repaired[0] == 0
+
+
+def test_ray_workers_give_the_serial_plan(tiny):
+    pytest.importorskip("ray")
+    calibration = layerwise.calibration(tiny, RunSettings(nsamples=3, calib_seqlen=32))
+    plans = [layerwise.plan(tiny, Budget.for_joint(90_000, None), structure="joint", allocator="evo", seed=1,
+                            calibration=calibration, candidates=24, workers=workers) for workers in (0, 2)]
+    assert plans[0].actions == plans[1].actions
+    assert plans[1].details["workers"] == 2 and plans[0].details["evaluations"] == plans[1].details["evaluations"]
+
+
+def test_cli_joint_compress_and_errors(tmp_path):
+    runner = CliRunner()
+    out = tmp_path / "run"
+    result = runner.invoke(app, ["compress", "--model", "tiny-llama", "--structure", "joint", "--allocator", "greedy",
+                                 "--max-bytes", "100000", "--target-speedup", "1.2", "--candidates", "30",
+                                 "--joint-attention-widths", "1,0.5", "--max-windows", "2", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    record = json.loads((out / "result.json").read_text())
+    assert 1 <= record["metrics"]["evaluations"] <= 31
+    assert record["metrics"]["predicted_bytes"] <= 100_000 and record["metrics"]["predicted_speedup"] >= 1.2
+    assert "candidates evaluated" in result.output
+    missing = runner.invoke(app, ["plan", "--model", "tiny-llama", "--structure", "joint", "--allocator", "evo",
+                                  "--out", str(tmp_path / "p")])
+    assert missing.exit_code != 0 and "--max-bytes and/or --target-speedup" in missing.output
+    nosearcher = runner.invoke(app, ["plan", "--model", "tiny-llama", "--structure", "joint", "--max-bytes", "9",
+                                     "--out", str(tmp_path / "p")])
+    assert nosearcher.exit_code != 0 and "--allocator evo, rl or greedy" in nosearcher.output
+    impossible = runner.invoke(app, ["plan", "--model", "tiny-llama", "--structure", "joint", "--allocator", "evo",
+                                     "--max-bytes", "1000", "--out", str(tmp_path / "p")])
+    assert impossible.exit_code != 0 and "No choice of levels meets the budget" in impossible.output
+
+
+class _FakeLatency:
+    total_ms = 10.0
+    sublayer_ms = {"attention": 1.0, "mlp": 1.5}
+
+
+class _FakeWidth:
+    ms_per_group = 0.4
+    ms_per_channel = 0.005
