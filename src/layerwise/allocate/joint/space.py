@@ -152,11 +152,20 @@ class JointSpace:
         widths under a speed budget), the start of the searches."""
         fractions = [sorted({self._relative(u, level) for level in u.levels}) for u in self.units]
         thresholds = sorted({t for f in fractions for t in f}, reverse=True)
-        for t in thresholds:
-            genome = tuple(next(i for i, level in enumerate(u.levels) if self._relative(u, level) <= t + 1e-12)
-                           for u in self.units)
+        def at(t: float, unit: Unit) -> int:
+            return next(i for i, level in enumerate(unit.levels) if self._relative(unit, level) <= t + 1e-12)
+
+        for position, t in enumerate(thresholds):
+            genome = tuple(at(t, u) for u in self.units)
             if self.fits(genome):
-                return genome
+                if position == 0:
+                    return genome
+                genes = list(genome)  # then units in order back at the next larger fraction while it fits
+                for index, unit in enumerate(self.units):
+                    trial = genes[:index] + [at(thresholds[position - 1], unit)] + genes[index + 1 :]
+                    if self.fits(tuple(trial)):
+                        genes = trial
+                return tuple(genes)
         raise BudgetError("No choice of levels meets the budget: even removing every sublayer does not fit.")
 
     def _relative(self, unit: Unit, level: Level) -> float:

@@ -1,0 +1,185 @@
+"""Joint search benchmark (issue 19): at a byte budget (the size of the model stored uniformly as q4_k, with
+llama.cpp's fallbacks, embedding q8_0) and at a 1.5x predicted speedup, the best single-action plans against
+the joint searchers (evo, rl, greedy) at an equal number of candidate evaluations.
+
+Run: `.venv/bin/python benchmarks/joint.py --out DIR [--resume]` on an otherwise idle machine (speed is
+measured). Every row is a real `compress` run saved under DIR, evaluated on the full wiki split (140 windows);
+byte-budget plans are also exported to GGUF and their tensor bytes read back from the file. Writes the `joint`
+section of benchmarks/RESULTS.md and results/joint.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from results_table import markdown_table, write_section  # noqa: E402
+
+TYPES = "f16,q8_0,q6_k,q5_k,q4_k,q3_k"
+SEARCHERS = ["evo", "rl", "greedy"]
+
+
+def q4_k_bytes(model: str) -> int:
+    """GGUF tensor bytes of ``model`` with every decoder linear asked to be q4_k (llama.cpp's fallbacks where the
+    rows do not fit) and a q8_0 embedding: the budget a Q4_K-sized file has."""
+    import layerwise
+    from layerwise.export.gguf_export import non_linear_bytes
+    from layerwise.gguf import stored_type
+    from layerwise.models import decoder_linears
+
+    dense = layerwise.load(model).model
+    return non_linear_bytes(dense, "q8_0") + sum(stored_type("q4_k", m.in_features).nbytes(m.out_features, m.in_features)
+                                                 for m in decoder_linears(dense).values())
+
+
+def file_bytes(model: str, record: dict) -> int:
+    """Apply the run's plan to a fresh model, export it, and sum the GGUF file's tensor bytes."""
+    from gguf import GGUFReader
+
+    import layerwise
+    from layerwise.export.gguf_export import export_gguf
+
+    fresh = layerwise.load(model)
+    layerwise.apply(fresh.model, layerwise.Plan.model_validate(record["plan"]))
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "model.gguf"
+        export_gguf(fresh, path)
+        return sum(int(t.n_bytes) for t in GGUFReader(str(path)).tensors)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--windows", type=int, default=140)
+    parser.add_argument("--speedup", type=float, default=1.5)
+    parser.add_argument("--bytes-candidates", type=int, default=481, help="greedy's probes on this space, plus one")
+    parser.add_argument("--speed-candidates", type=int, default=181)
+    parser.add_argument("--width-ratio", type=float, default=0.4, help="width-only RL: the ratio measured near 1.5x")
+    parser.add_argument("--joint-windows", type=int, default=2, help="calibration windows of 128 tokens the joint "
+                        "searches score candidates on")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--remark", default="")
+    args = parser.parse_args()
+
+    from layerwise import Budget, RunSettings
+    from layerwise.pipeline import compress
+
+    max_bytes = q4_k_bytes(args.model)
+    joint = RunSettings(max_windows=args.windows, nsamples=args.joint_windows, calib_seqlen=128, seed=args.seed)
+    runs = {
+        ("speed", "sprint (removal only)"): dict(budget=Budget.for_depth(args.speedup), structure="depth",
+                                                 allocator="sprint", settings=RunSettings(
+                                                     max_windows=args.windows, nsamples=8, calib_seqlen=256,
+                                                     seed=args.seed)),
+        ("speed", f"rl (width only, ratio {args.width_ratio:g})"): dict(
+            budget=Budget.for_width(args.width_ratio), structure="width", allocator="rl",
+            settings=RunSettings(max_windows=args.windows, nsamples=32, seed=args.seed)),
+        **{("speed", f"joint {s}"): dict(budget=Budget.for_joint(None, args.speedup), structure="joint", allocator=s,
+                                         candidates=args.speed_candidates, settings=joint) for s in SEARCHERS},
+        ("bytes", "uniform q4_k (quant only)"): dict(budget=Budget.for_bits(16.0), structure="quant",
+                                                     allocator="uniform", bits="q4_k",
+                                                     settings=RunSettings(max_windows=args.windows, seed=args.seed)),
+        ("bytes", "greedy (quant only)"): dict(budget=Budget.for_bits(None, max_bytes), structure="quant",
+                                               allocator="greedy", bits=TYPES, sensitivity="error",
+                                               settings=RunSettings(max_windows=args.windows, nsamples=32, seed=args.seed)),
+        **{("bytes", f"joint {s}"): dict(budget=Budget.for_joint(max_bytes, None), structure="joint", allocator=s,
+                                         candidates=args.bytes_candidates, settings=joint) for s in SEARCHERS},
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    records = {}
+    for (budget, label), run in runs.items():
+        run_dir = args.out / f"{budget}-{label.split(' (')[0].replace(' ', '-')}"
+        if not (args.resume and (run_dir / "result.json").is_file()):
+            run = dict(run)
+            compress(args.model, run.pop("budget"), allocator=run.pop("allocator"), settings=run.pop("settings"),
+                     out=run_dir, overwrite=True, structure=run.pop("structure"), **run)
+            print(f"{budget} / {label}: done", flush=True)
+        record = json.loads((run_dir / "result.json").read_text())
+        if budget == "bytes" and "file_bytes" not in record:
+            record["file_bytes"] = file_bytes(args.model, record)
+            (run_dir / "result.json").write_text(json.dumps(record, indent=2))
+        records[(budget, label)] = record
+    write_results(records, max_bytes, args)
+
+
+def write_results(records: dict, max_bytes: int, args: argparse.Namespace) -> None:
+    rows, data = [], []
+    for (budget, label), record in records.items():
+        metrics, plan = record["metrics"], record["plan"]
+        details = plan.get("details", {})
+        speedup = (metrics.get("speedup") or {}).get("total")
+        predicted = plan["prediction"].get("predicted_speedup") or plan["prediction"].get("speedup")
+        evaluations = details.get("evaluations")
+        entry = {"budget": budget, "plan": label, "ppl": metrics["ppl"], "file_bytes": record.get("file_bytes"),
+                 "measured_speedup": speedup, "predicted_speedup": predicted, "evaluations": evaluations,
+                 "plan_s": record["timings"]["plan_s"], "calibration_kl": plan["prediction"].get("calibration_kl"),
+                 "candidate_cost_ratio": plan["prediction"].get("candidate_cost_ratio"),
+                 "curve": details.get("curve"), "levels": details.get("levels")}
+        data.append(entry)
+        rows.append([budget, label, f"{metrics['ppl']:.2f}",
+                     f"{record['file_bytes']:,}" if record.get("file_bytes") else "-",
+                     f"{predicted:.2f} / {speedup:.2f}" if predicted and speedup else f"- / {speedup:.2f}" if speedup else "-",
+                     str(evaluations) if evaluations is not None else "-",
+                     f"{entry['calibration_kl']:.4f}" if entry["calibration_kl"] is not None else "-",
+                     f"{record['timings']['plan_s']:.0f}"])
+    by = {(e["budget"], e["plan"]): e for e in data}
+    findings = []
+    for budget in ("bytes", "speed"):
+        singles = [e for e in data if e["budget"] == budget and not e["plan"].startswith("joint")]
+        joints = [e for e in data if e["budget"] == budget and e["plan"].startswith("joint")]
+        best_single, best_joint = min(singles, key=lambda e: e["ppl"]), min(joints, key=lambda e: e["ppl"])
+        gain = 1 - best_joint["ppl"] / best_single["ppl"]
+        findings.append(f"- {budget}: best joint ({best_joint['plan']}, {best_joint['ppl']:.2f}) vs best single-action "
+                        f"({best_single['plan']}, {best_single['ppl']:.2f}): {gain:+.1%} perplexity; goal ≥ 10% lower: "
+                        f"**{'met' if gain >= 0.10 else 'not met'}**.")
+        evo, rl = by.get((budget, "joint evo")), by.get((budget, "joint rl"))
+        if evo and rl and evo["curve"] and rl["curve"]:
+            target = rl["calibration_kl"]
+            reached = next((n for n, best in evo["curve"] if best <= target + 1e-12), None)
+            half = rl["evaluations"] / 2
+            findings.append(f"- {budget}: evo reaches rl's best calibration KL ({target:.4f}) after "
+                            f"{reached if reached is not None else 'never'} of rl's {rl['evaluations']} evaluations; "
+                            f"goal ≤ ½: **{'met' if reached is not None and reached <= half else 'not met'}**.")
+        for e in joints + singles:
+            if budget == "bytes" and e["file_bytes"] is not None:
+                findings.append(f"- {budget}: {e['plan']}: {e['file_bytes']:,} tensor bytes in the exported file "
+                                f"(budget {max_bytes:,}): **{'honoured' if e['file_bytes'] <= max_bytes else 'over'}**.")
+            if budget == "speed" and e["plan"].startswith("joint") and e["measured_speedup"]:
+                off = e["measured_speedup"] / args.speedup - 1
+                findings.append(f"- {budget}: {e['plan']}: measured {e['measured_speedup']:.2f}x for the {args.speedup}x "
+                                f"budget ({off:+.1%}); within 5%: **{'yes' if abs(off) <= 0.05 or off > 0 else 'no'}**.")
+    ratios = [e["candidate_cost_ratio"] for e in data if e["candidate_cost_ratio"] is not None]
+    findings.append(f"- Candidate cost against a dense pass over the same tokens (median full-stage candidate, swap "
+                    f"included): {min(ratios):.2f}x to {max(ratios):.2f}x; goal ≤ 1.2x: "
+                    f"**{'met' if max(ratios) <= 1.2 else 'not met'}**.")
+    first = next(iter(records.values()))
+    markdown = (
+        "## Joint search: widths, removal and GGUF types under one budget (smollm2-135m)\n\n"
+        f"Command: `.venv/bin/python benchmarks/joint.py --out DIR` (seed {args.seed})\n\n"
+        f"Budgets: **bytes** = {max_bytes:,} GGUF tensor bytes (every decoder linear asked q4_k with llama.cpp's "
+        "fallbacks, q8_0 embedding: a Q4_K-sized file); **speed** = "
+        f"{args.speedup}x predicted speedup (prompt 128 + 32 generated, PyTorch latency tables measured at the start "
+        "of each run). Joint space per block: attention keeps 3/2/1 KV groups or goes, MLP keeps 1536/1024/512 "
+        f"channels or goes, each kept sublayer one of {TYPES} (speed budget: f16 only, narrower types save no "
+        f"PyTorch time). Joint objective: KL to the dense model on {args.joint_windows} x 128 calibration tokens (evo's "
+        f"first step: 1 window); every joint searcher gets the same evaluations ({args.bytes_candidates} at the byte budget, "
+        f"{args.speed_candidates} at the speed budget: greedy's probes plus one). Single-action rows: uniform q4_k "
+        "and the greedy GGUF-type allocator (error sensitivity, 32 x 512 calibration) at the same bytes; SPRINT at "
+        f"the same predicted speedup; RL-Allocator width pruning at ratio {args.width_ratio:g} (about 1.5x "
+        f"measured in the width section). Wiki PPL on all {args.windows} windows (dense "
+        f"{first['metrics']['dense_ppl']:.2f}); bytes read back from each plan's exported GGUF file.\n\n"
+        + markdown_table(["budget", "plan", "wiki PPL", "GGUF tensor bytes", "speedup pred. / meas.",
+                          "candidates", "calib. KL", "plan (s)"], rows)
+        + "\n\n" + "\n".join(findings) + "\n")
+    write_section("joint", markdown, data, args.remark)
+
+
+if __name__ == "__main__":
+    main()
