@@ -61,6 +61,22 @@ def test_space_levels_and_uniform_start(tiny):
         _space(tiny, max_bytes=1000).uniform()
     speed_only = _space(tiny, target_speedup=1.2, latency=_FakeLatency(), width_latency=_FakeWidth())
     assert {level.kind for unit in speed_only.units for level in unit.levels if not level.removed} == {"f16"}
+    # predicted time: dense less the per-level savings and the removals (block 0: attention at 1 group, MLP gone)
+    genome = list(speed_only.dense())
+    genome[0] = next(i for i, level in enumerate(speed_only.units[0].levels) if level.kept == 1)
+    genome[1] = len(speed_only.units[1].levels) - 1
+    assert speed_only.milliseconds(tuple(genome)) == pytest.approx(10.0 - 0.4 - 1.5)
+    assert speed_only.fits(speed_only.uniform()) and speed_only.speedup(speed_only.uniform()) >= 1.2
+
+
+def test_level_latency_table_times_every_narrower_level(tiny):
+    from layerwise.config import LatencySetting
+    from layerwise.cost.latency_table import measure_level_latency_table
+
+    setting = LatencySetting(prompt_length=16, generation_length=2, repeats=1)
+    table = measure_level_latency_table(tiny, {"attention": [1], "mlp": [96, 64]}, setting)
+    assert set(table.saved_ms["attention"]) == {1} and set(table.saved_ms["mlp"]) == {96, 64}
+    assert table.total_ms > 0 and all(v >= 0 for kind in table.saved_ms.values() for v in kind.values())
 
 
 def test_bank_scores_exactly_the_model_the_backends_build(tiny, tmp_path):
@@ -171,5 +187,21 @@ class _FakeLatency:
 
 
 class _FakeWidth:
-    ms_per_group = 0.4
-    ms_per_channel = 0.005
+    saved_ms = {"attention": {1: 0.4}, "mlp": {104: 0.3, 56: 0.5}}  # f16 only: widths in multiples of 8
+
+
+def test_bytes_only_plan_with_forced_removals_reports_cleanly(tiny, tmp_path):
+    """One type and full widths only: the byte budget below the all-q3_k size can only be met by removals, and a
+    run without a speed budget prints its table (no predicted speedup) and exports within the budget."""
+    only = build_space(tiny.model, ["q3_k"], [1], [1], True, Budgets(10**7, None), 0)
+    full = only.bytes(only.dense()) + non_linear_bytes(tiny.model, "q8_0") - 2 * 4 * 64 * 4
+    budget = full - 12_000
+    out = tmp_path / "run"
+    result = CliRunner().invoke(app, ["compress", "--model", "tiny-llama", "--structure", "joint", "--allocator", "evo",
+                                      "--max-bytes", str(budget), "--joint-types", "q3_k",
+                                      "--joint-attention-widths", "1", "--joint-mlp-widths", "1", "--candidates", "12",
+                                      "--max-windows", "2", "--export", "gguf", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    record = json.loads((out / "result.json").read_text())
+    assert record["metrics"]["removed_sublayers"] and record["metrics"]["predicted_speedup"] is None
+    assert sum(int(t.n_bytes) for t in GGUFReader(str(out / "model.gguf")).tensors) == record["metrics"]["predicted_bytes"] <= budget

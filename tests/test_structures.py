@@ -70,15 +70,18 @@ def test_a_new_structure_is_one_class_and_its_registration(even_mlp, tmp_path, t
     assert refused.exit_code == 2 and "even-mlp takes no options (got attn_layers)" in " ".join(refused.stderr.split())
 
 
-def test_the_four_structures_own_their_budgets_and_calibration_defaults():
+def test_the_structures_own_their_budgets_and_calibration_defaults():
     from layerwise.options import PlanOptions
 
-    assert STRUCTURES.names() == ["depth", "quant", "unstructured", "width"]
+    assert STRUCTURES.names() == ["depth", "joint", "quant", "unstructured", "width"]
     assert PlanOptions(structure="depth", target_speedup=1.3).budget() == Budget(target_speedup=1.3)
     assert PlanOptions(structure="width", pruning_ratio=0.2).budget() == Budget(pruning_ratio=0.2)
     assert PlanOptions(structure="quant", avg_bits=4.5).budget() == Budget(avg_bits=4.5)
     assert PlanOptions().budget() == Budget(sparsity=0.5)
+    assert PlanOptions(structure="joint", max_bytes=10**6, target_speedup=1.5).budget() == Budget(
+        max_bytes=10**6, target_speedup=1.5)
     assert STRUCTURES.get("depth").calibration_defaults == {"nsamples": 8, "calib_seqlen": 256}
+    assert STRUCTURES.get("joint").calibration_defaults == {"nsamples": 4, "calib_seqlen": 128}
 
 
 def test_an_option_of_one_allocator_is_refused_for_another():

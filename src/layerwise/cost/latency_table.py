@@ -126,3 +126,47 @@ def measure_width_latency_table(loaded: LoadedModel, setting: LatencySetting | N
                              ms_per_group=round(deltas["groups"] / max(1, removed["groups"]), 6),
                              ms_per_channel=round(deltas["channels"] / max(1, removed["channels"]), 8),
                              probe_removed=removed, engine=MODEL_LATENCY.canonical(engine))
+
+
+class LevelLatencyTable(BaseModel):
+    """What one sublayer saves at each width level, per kind: measured by timing the model with every sublayer of
+    that kind at that level (as SPRINT times removals, the whole model, so per-call overheads count), in one
+    setting and engine. ``saved_ms[kind][kept]`` is per sublayer; removals come from a ``LatencyTable``."""
+
+    setting: LatencySetting
+    total_ms: float
+    saved_ms: dict[str, dict[int, float]]
+    engine: str = "pytorch"
+
+
+def measure_level_latency_table(loaded: LoadedModel, levels: dict[str, list[int]], setting: LatencySetting | None = None,
+                                engine: str = "pytorch") -> LevelLatencyTable:
+    """Time the model whole, then a copy per (kind, kept) with every block's attention keeping ``kept`` KV groups or
+    every MLP ``kept`` channels (``levels``: kind -> the kept counts to time; the dense width is skipped)."""
+    import copy
+
+    from ..backends.structured import slice_attention, slice_mlp
+
+    from .. import engines  # noqa: F401  (registers the engines' latency functions)
+
+    setting = setting or LatencySetting()
+    total_ms = MODEL_LATENCY.get(engine)
+    full = total_ms(loaded, setting)
+    saved: dict[str, dict[int, float]] = {kind: {} for kind in levels}
+    for kind, counts in levels.items():
+        for kept in counts:
+            probe = copy.copy(loaded)
+            probe.model = copy.deepcopy(loaded.model)
+            adapter = get_adapter(probe.model)
+            sliced = 0
+            for block in range(adapter.num_blocks):
+                if kind == "attention" and adapter.head_geometry(block).num_kv_heads > kept:
+                    slice_attention(adapter, block, list(range(kept)))
+                    sliced += 1
+                elif kind == "mlp" and adapter.ffn_width(block) > kept:
+                    slice_mlp(adapter, block, list(range(kept)))
+                    sliced += 1
+            if sliced:
+                saved[kind][kept] = round(max(full - total_ms(probe, setting), 0.0) / sliced, 6)
+            del probe
+    return LevelLatencyTable(setting=setting, total_ms=full, saved_ms=saved, engine=MODEL_LATENCY.canonical(engine))

@@ -90,5 +90,5 @@ class Depth(Structure):
         speedup = metrics.get("speedup") or {}
         return [("sublayers removed", "", str(len(metrics["removed_sublayers"]))),
                 ("speedup predicted / measured", "",
-                 f"{metrics['predicted_speedup']:.2f}x / {fmt(speedup.get('total'), '.2f')}x"),
+                 f"{fmt(metrics['predicted_speedup'], '.2f')}x / {fmt(speedup.get('total'), '.2f')}x"),
                 ("pruning search time", "", f"{metrics['pruning_s']:.1f} s")]

@@ -95,7 +95,7 @@ class Joint(Structure):
     def plan(self, request: PlanRequest) -> Plan:
         """Build the space and its cost tables, score the dense model once, search, and write the genome as
         removals, slices (kept units in importance order) and one GGUF type per kept linear."""
-        from ..allocate.joint import Budgets, ScoringSetup, build_space, dense_logprobs, make_evaluator
+        from ..allocate.joint import Budgets, ModelBySpec, ScoringSetup, build_space, dense_logprobs, make_evaluator
 
         if request.calibration is None:
             raise LayerwiseError("The joint search scores candidates on calibration windows; give it some.")
@@ -103,9 +103,6 @@ class Joint(Structure):
         model = loaded.model
         options, params = self.own(request.params)
         embedding_type = options.get("embedding_type", "q8_0")
-        latency = width_latency = None
-        if request.budget.target_speedup is not None:
-            latency, width_latency = _latency_tables(loaded, calibration.settings)
         from ..export.gguf_export import non_linear_bytes
 
         adapter = get_adapter(model)
@@ -115,7 +112,11 @@ class Joint(Structure):
         space = build_space(model, (options.get("joint_types") or DEFAULT_TYPES).split(","),
                             _fractions(options.get("joint_attention_widths", "1,0.67,0.33"), "--joint-attention-widths"),
                             _fractions(options.get("joint_mlp_widths", "1,0.67,0.33"), "--joint-mlp-widths"),
-                            bool(options.get("joint_remove", True)), budgets, fixed, latency, width_latency)
+                            bool(options.get("joint_remove", True)), budgets, fixed)
+        latency = width_latency = None
+        if request.budget.target_speedup is not None:
+            latency, width_latency = _latency_tables(loaded, calibration.settings, space)
+            space.latency, space.width_latency = latency, width_latency
         space.uniform()  # a clear BudgetError now when nothing fits
         seq_len = 64 if request.method == "taylor" else None
         scores = calibration.width_scores(request.method, **({"seq_len": seq_len} if seq_len else {}))
@@ -123,15 +124,14 @@ class Joint(Structure):
         channels = {b: scores.ranked_channels(b) for b in scores.channels}
         tokens = calibration.tokens()
         batch = calibration.settings.calib_batch_size
-        with torch.no_grad():
-            start = time.perf_counter()
-            reference = dense_logprobs(model, tokens, batch)
-            dense_seconds = time.perf_counter() - start
+        reference = dense_logprobs(model, tokens, batch)
+        dense_seconds = _dense_pass_seconds(model, tokens, batch)
         first = min(int(options.get("first_stage_windows", 1)), tokens.shape[0])
         setup = ScoringSetup(space, groups, channels, tokens, reference, (first, tokens.shape[0]), batch,
                              torch.get_num_threads())
         candidates = int(options.get("candidates", 200))
-        evaluator = make_evaluator(model, setup, int(options.get("workers") or 0), options.get("ray_address"))
+        by_spec = ModelBySpec(loaded.spec, calibration.settings.dtype, calibration.settings.device)
+        evaluator = make_evaluator(model, setup, int(options.get("workers") or 0), options.get("ray_address"), by_spec)
         started = time.perf_counter()
         try:
             outcome = JOINT_SEARCHERS.get(request.allocator)(space, evaluator, candidates, request.seed, **params)
@@ -154,7 +154,6 @@ class Joint(Structure):
         details = {**outcome.details, "levels": space.describe(genome), "search_s": round(search_s, 2),
                    "evaluations": evaluator.evaluations, "tokens_scored": evaluator.tokens,
                    "curve": outcome.curve, "space_log10": round(space.size(), 2),
-                   "start": space.describe(space.uniform()), "start_costs": space.costs(space.uniform()),
                    "workers": int(options.get("workers") or 0)}
         return request.plan(actions, {**outcome.params, **options, "candidates": candidates}, details, prediction)
 
@@ -181,16 +180,33 @@ class Joint(Structure):
                         f"{metrics['evaluations']} ({fmt(metrics.get('candidate_cost_ratio'), '.2f')}x)")]
 
 
-def _latency_tables(loaded: LoadedModel, settings) -> tuple:
+def _dense_pass_seconds(model, tokens: torch.Tensor, batch: int, repeats: int = 3) -> float:
+    """Median time of a warm dense forward pass over ``tokens`` with log-softmax (a candidate's work without the
+    swap), the unit of the candidate cost ratio."""
+    times = []
+    with torch.no_grad():
+        for _ in range(repeats):
+            start = time.perf_counter()
+            for part in tokens.split(batch):
+                torch.log_softmax(model(part).logits[:, :-1].float(), dim=-1)
+            times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _latency_tables(loaded: LoadedModel, settings, space) -> tuple:
+    """The removal table (SPRINT's) and the per-level width table for the space's narrower levels."""
     from ..cost import measure_latency_table
-    from ..cost.latency_table import measure_width_latency_table
+    from ..cost.latency_table import measure_level_latency_table
 
     engine = settings.latency_engine or "pytorch"
     if engine not in ("pytorch", "torch"):
         raise BudgetError("The joint search's speed budget uses PyTorch latency tables (GGUF types change "
                           "llama.cpp's speed, which its tables do not model yet); drop --latency-engine.")
     setting = settings.latency or LatencySetting()
-    return measure_latency_table(loaded, setting, "pytorch"), measure_width_latency_table(loaded, setting, "pytorch")
+    levels = {kind: sorted({level.kept for unit in space.units if unit.kind == kind for level in unit.levels
+                            if 0 < level.kept < unit.total}) for kind in ("attention", "mlp")}
+    return (measure_latency_table(loaded, setting, "pytorch"),
+            measure_level_latency_table(loaded, levels, setting, "pytorch"))
 
 
 def _actions(model, space, genome, groups, channels, method, seq_len) -> list:

@@ -40,12 +40,25 @@ def dense_logprobs(model: nn.Module, tokens: torch.Tensor, batch_size: int) -> t
     return torch.cat(parts)
 
 
+@dataclass(frozen=True)
+class ModelBySpec:
+    """A model each worker loads itself (``layerwise.load``): on a cluster, nothing large crosses the network."""
+
+    spec: str
+    dtype: str = "float32"
+    device: str = "cpu"
+
+
 class Scorer:
     """One level bank and the scoring loop (what a Ray worker holds)."""
 
-    def __init__(self, model: nn.Module, setup: ScoringSetup) -> None:
+    def __init__(self, model: nn.Module | ModelBySpec, setup: ScoringSetup) -> None:
         if setup.threads:
             torch.set_num_threads(setup.threads)
+        if isinstance(model, ModelBySpec):
+            from ...models import load
+
+            model = load(model.spec, model.dtype, model.device).model
         self.setup = setup
         self.bank = LevelBank(model, setup.space, setup.groups, setup.channels)
         self.device = next(self.bank.model.parameters()).device
@@ -122,9 +135,11 @@ class SerialEvaluator(CountingEvaluator):
 class RayEvaluator(CountingEvaluator):
     """Scores on ``workers`` Ray actors (a local cluster, or the one at ``address``), each with its own level
     bank; a batch is dealt out in turn and the results come back in order, so the search sees the
-    same scores as a serial one."""
+    same scores as a serial one. A local cluster gets the model through Ray's object store; workers of a
+    cluster at ``address`` load it themselves (``ModelBySpec``), one GPU each when it runs on CUDA."""
 
-    def __init__(self, model: nn.Module, setup: ScoringSetup, workers: int, address: str | None = None) -> None:
+    def __init__(self, model: nn.Module | ModelBySpec, setup: ScoringSetup, workers: int,
+                 address: str | None = None) -> None:
         super().__init__(setup)
         try:
             import ray
@@ -135,7 +150,8 @@ class RayEvaluator(CountingEvaluator):
         if self.started:
             options: dict[str, Any] = {"address": address} if address else {"num_cpus": workers}
             ray.init(include_dashboard=False, log_to_driver=False, logging_level="ERROR", **options)
-        actor = ray.remote(num_cpus=1)(Scorer) if not address else ray.remote(Scorer)
+        gpus = 1 if isinstance(model, ModelBySpec) and model.device.startswith("cuda") else 0
+        actor = ray.remote(num_cpus=1, num_gpus=gpus)(Scorer)
         model_ref, setup_ref = ray.put(model), ray.put(setup)
         self.actors = [actor.remote(model_ref, setup_ref) for _ in range(workers)]
 

@@ -1,9 +1,10 @@
 """Joint searchers, registered in ``JOINT_SEARCHERS`` and compared at an equal number of candidate
-evaluations. Each starts from the space's uniform genome (uniform compression that meets the budget) and only
-ever keeps genomes that fit it.
+evaluations. ``evo`` and ``rl`` start from the best of the space's uniform genomes (uniform compression of all
+units, of the attentions only, of the MLPs only, that meets the budget); every searcher only keeps genomes
+that fit it.
 
-- ``evo``: EvoPress (Sieberling et al., 2024): a (1 + λ) evolution whose offspring are level-switch mutations
-  repaired back into the budget, selected in two steps: all offspring on a few windows, the best few on all
+- ``evo``: EvoPress (Sieberling et al., 2024): a (1 + λ) evolution whose offspring are level switches (one unit
+  a rung up or down its cost ladder, others a rung down until the budget holds), selected in two steps: all offspring on a few windows, the best few on all
   windows against the parent.
 - ``rl``: REINFORCE over one categorical policy per unit (AutoMP-RL's policy gradient, generalised from bits to
   every level), reward = −KL, batch-mean baseline.
@@ -81,17 +82,15 @@ class _Tracker:
 
 
 def mutate(space: JointSpace, genome: Genome, rng: random.Random) -> Genome:
-    """A level switch: one random unit to another random level, then other random units made cheaper until the
-    budget holds again (the mutated unit is left as drawn; a draw that cannot be repaired is drawn again)."""
+    """EvoPress's level switch: one random unit one rung up or down its cost ladder, then other random units one
+    rung cheaper each until the budget holds again (a draw that cannot be repaired is drawn again)."""
     for _ in range(100):
-        genes = list(genome)
-        unit = rng.randrange(len(genes))
-        choices = [i for i in range(len(space.units[unit].levels)) if i != genes[unit]]
-        if not choices:
+        unit = rng.randrange(len(genome))
+        moved = space.step(genome, unit, cheaper=rng.random() < 0.5)
+        if moved is None:
             continue
-        genes[unit] = rng.choice(choices)
-        repaired = space.repair(tuple(genes), rng, keep=unit)
-        if repaired is not None:
+        repaired = space.repair(moved, rng, keep=unit)
+        if repaired is not None and repaired != genome:
             return repaired
     return genome
 
@@ -110,8 +109,7 @@ def evo(space: JointSpace, evaluator: CountingEvaluator, candidates: int, seed: 
         survivors: int = 4) -> SearchOutcome:
     rng = random.Random(seed)
     tracker = _Tracker(space, evaluator, candidates, "evo")
-    parent = space.uniform()
-    parent_score = tracker.full([parent])[0]
+    parent, parent_score = start, start_score = _best_start(space, tracker)
     generations = 0
     while tracker.left > 0:
         children = list(dict.fromkeys(mutate(space, parent, rng) for _ in range(offspring)))
@@ -128,7 +126,8 @@ def evo(space: JointSpace, evaluator: CountingEvaluator, candidates: int, seed: 
         if finals[best] < parent_score:
             parent, parent_score = ranked[best], finals[best]
         generations += 1
-    return tracker.outcome({"offspring": offspring, "survivors": survivors}, {"generations": generations})
+    return tracker.outcome({"offspring": offspring, "survivors": survivors},
+                           {"generations": generations, **_start_details(space, start, start_score)})
 
 
 class RlSearchOptions(ComponentOptions):
@@ -145,8 +144,7 @@ def rl(space: JointSpace, evaluator: CountingEvaluator, candidates: int, seed: i
     rng = random.Random(seed)
     generator = np.random.default_rng(seed)
     tracker = _Tracker(space, evaluator, candidates, "rl")
-    start = space.uniform()
-    tracker.full([start])
+    start, start_score = _best_start(space, tracker)
     logits = [np.zeros(len(u.levels)) for u in space.units]
     for unit, level in enumerate(start):  # start near the uniform genome, as AutoMP-RL starts near uniform bits
         logits[unit][level] = 2.0
@@ -166,7 +164,19 @@ def rl(space: JointSpace, evaluator: CountingEvaluator, candidates: int, seed: i
                 logits[unit] += policy_lr * a * gradient / len(episodes)
         updates += 1
     return tracker.outcome({"episodes_per_update": episodes_per_update, "policy_lr": policy_lr},
-                           {"updates": updates})
+                           {"updates": updates, **_start_details(space, start, start_score)})
+
+
+def _best_start(space: JointSpace, tracker: _Tracker) -> tuple[Genome, float]:
+    """The best of the space's uniform starting points, scored on all windows."""
+    starts = space.starts()
+    scores = tracker.full(starts)
+    best = int(np.argmin(scores))
+    return starts[best], scores[best]
+
+
+def _start_details(space: JointSpace, start: Genome, score: float) -> dict[str, Any]:
+    return {"start": space.describe(start), "start_costs": space.costs(start), "start_kl": score}
 
 
 def _softmax(values: np.ndarray) -> np.ndarray:
@@ -223,9 +233,7 @@ def greedy(space: JointSpace, evaluator: CountingEvaluator, candidates: int, see
             break
         genes[best[0]] = best[1]
     genome = tuple(genes) if space.fits(tuple(genes)) else space.uniform()
-    if tracker.left > 0 or tracker.best is None:
-        tracker.full([genome])
+    score = tracker.full([genome])[0]  # its answer is always scored (free when a probe already was)
     outcome = tracker.outcome({}, {"probes": len(chosen)})
-    outcome.genome = genome  # greedy answers its own construction, not the best probe (probes break the budget)
-    outcome.score = evaluator.memo.get((genome, len(evaluator.setup.stage_windows) - 1), math.nan)
+    outcome.genome, outcome.score = genome, score  # its own construction, not the best probe seen
     return outcome

@@ -8,11 +8,11 @@ from __future__ import annotations
 import math
 import random
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 from torch import nn
 
-from ...cost.latency_table import LatencyTable, WidthLatencyTable
+from ...cost.latency_table import LatencyTable, LevelLatencyTable
 from ...errors import BudgetError
 from ...gguf import gguf_type, stored_type
 from ...models import get_adapter
@@ -81,8 +81,9 @@ class JointSpace:
     head_dim: int
     fixed_bytes: int  # embedding (and untied output) at the embedding type, and the final norm
     latency: Optional[LatencyTable] = None
-    width_latency: Optional[WidthLatencyTable] = None
+    width_latency: Optional[LevelLatencyTable] = None
     kinds: list[str] = field(default_factory=list)
+    _orders: dict[int, list[int]] = field(default_factory=dict, repr=False)
 
     # --- costs ---------------------------------------------------------------------------------------------
     def bytes(self, genome: Genome) -> int:
@@ -100,8 +101,8 @@ class JointSpace:
         return total
 
     def milliseconds(self, genome: Genome) -> float:
-        """Predicted latency in the tables' setting: the dense time less what each removal and each removed
-        KV group or channel saves (GGUF types do not change the PyTorch engine's time)."""
+        """Predicted latency in the tables' setting: the dense time less what each removal and each narrower
+        level saves, per the measured per-level table (GGUF types do not change the PyTorch engine's time)."""
         if self.latency is None or self.width_latency is None:
             raise BudgetError("This joint space has no latency tables: a speed budget needs them.")
         saved = 0.0
@@ -109,9 +110,8 @@ class JointSpace:
             level = unit.levels[index]
             if level.removed:
                 saved += self.latency.sublayer_ms[unit.kind]
-            else:
-                per = self.width_latency.ms_per_group if unit.kind == "attention" else self.width_latency.ms_per_channel
-                saved += (unit.total - level.kept) * per
+            elif level.kept < unit.total:
+                saved += self.width_latency.saved_ms[unit.kind][level.kept]
         return self.latency.total_ms - saved
 
     def speedup(self, genome: Genome) -> float:
@@ -146,27 +146,41 @@ class JointSpace:
     def dense(self) -> Genome:
         return tuple(0 for _ in self.units)  # levels are listed best-first: full width at the widest type
 
-    def uniform(self) -> Genome:
+    def uniform(self, compress: Callable[[Unit], bool] | None = None) -> Genome:
         """The best-first level of each unit whose relative cost is at most one common fraction ``t``, with the
-        largest ``t`` that fits: uniform compression (uniform types at full width under a byte budget, uniform
-        widths under a speed budget), the start of the searches."""
-        fractions = [sorted({self._relative(u, level) for level in u.levels}) for u in self.units]
-        thresholds = sorted({t for f in fractions for t in f}, reverse=True)
-        def at(t: float, unit: Unit) -> int:
-            return next(i for i, level in enumerate(unit.levels) if self._relative(unit, level) <= t + 1e-12)
+        largest ``t`` that fits, then units in order one fraction back up while it fits: uniform compression
+        (uniform types at full width under a byte budget, uniform widths under a speed budget). Only units
+        ``compress`` accepts change (all by default)."""
+        compressible = [compress is None or compress(u) for u in self.units]
+        fractions = {self._relative(u, level) for u, ok in zip(self.units, compressible) if ok for level in u.levels}
+        thresholds = sorted(fractions | {1.0}, reverse=True)
+
+        def at(t: float, unit: Unit, ok: bool) -> int:
+            return next(i for i, level in enumerate(unit.levels) if self._relative(unit, level) <= (t if ok else 1.0) + 1e-12)
 
         for position, t in enumerate(thresholds):
-            genome = tuple(at(t, u) for u in self.units)
+            genome = tuple(at(t, u, ok) for u, ok in zip(self.units, compressible))
             if self.fits(genome):
                 if position == 0:
                     return genome
-                genes = list(genome)  # then units in order back at the next larger fraction while it fits
-                for index, unit in enumerate(self.units):
-                    trial = genes[:index] + [at(thresholds[position - 1], unit)] + genes[index + 1 :]
+                genes = list(genome)
+                for index, (unit, ok) in enumerate(zip(self.units, compressible)):
+                    trial = genes[:index] + [at(thresholds[position - 1], unit, ok)] + genes[index + 1 :]
                     if self.fits(tuple(trial)):
                         genes = trial
                 return tuple(genes)
         raise BudgetError("No choice of levels meets the budget: even removing every sublayer does not fit.")
+
+    def starts(self) -> list[Genome]:
+        """Uniform starting points: all units, attention only, MLPs only (those that fit, distinct), so a search
+        begins from the best kind of uniform compression for this budget rather than from one guess."""
+        found = [self.uniform()]
+        for kind in ("attention", "mlp"):
+            try:
+                found.append(self.uniform(lambda unit, kind=kind: unit.kind == kind))
+            except BudgetError:
+                continue
+        return list(dict.fromkeys(found))
 
     def _relative(self, unit: Unit, level: Level) -> float:
         """The level's cost relative to the unit's first (dense) level, the larger over the active budgets."""
@@ -177,19 +191,41 @@ class JointSpace:
             values.append(0.0 if level.removed else level.kept / unit.total)
         return max(values) if values else 1.0
 
+    def order(self, index: int) -> list[int]:
+        """Unit ``index``'s level indices from the most to the least costly (ties: best-first), the ladder a
+        level switch moves along."""
+        if index not in self._orders:
+            unit = self.units[index]
+            self._orders[index] = sorted(range(len(unit.levels)), key=lambda i: (-self._relative(unit, unit.levels[i]), i))
+        return self._orders[index]
+
+    def step(self, genome: Genome, index: int, cheaper: bool) -> Genome | None:
+        """Unit ``index`` one rung down (``cheaper``) or up its ladder; None at the end of it."""
+        order = self.order(index)
+        position = order.index(genome[index]) + (1 if cheaper else -1)
+        if not 0 <= position < len(order):
+            return None
+        return genome[:index] + (order[position],) + genome[index + 1 :]
+
     def repair(self, genome: Genome, rng: random.Random, keep: int | None = None) -> Genome | None:
-        """Move random units (never ``keep``) to random cheaper levels until the genome fits; None when no
-        unit can get cheaper any more."""
+        """Move random units (never ``keep``) one rung down their ladder, each to the next level that is cheaper on
+        a budget, until the genome fits; None when no unit can get cheaper any more."""
         genes = list(genome)
         while self.violation(tuple(genes)) > 0:
-            options = {u: cheaper for u in range(len(genes)) if u != keep
-                       for cheaper in [[i for i, level in enumerate(self.units[u].levels)
-                                        if self._cheaper(self.units[u], level, self.units[u].levels[genes[u]])]]
-                       if cheaper}
+            options = {}
+            for u in range(len(genes)):
+                if u == keep:
+                    continue
+                current = self.units[u].levels[genes[u]]
+                order = self.order(u)
+                lower = next((i for i in order[order.index(genes[u]) + 1 :]
+                              if self._cheaper(self.units[u], self.units[u].levels[i], current)), None)
+                if lower is not None:
+                    options[u] = lower
             if not options:
                 return None
             unit = rng.choice(sorted(options))
-            genes[unit] = rng.choice(options[unit])
+            genes[unit] = options[unit]
         return tuple(genes)
 
     def _cheaper(self, unit: Unit, level: Level, than: Level) -> bool:
@@ -224,7 +260,7 @@ def width_levels(total: int, fractions: Sequence[float], multiple: int) -> list[
 
 def build_space(model: nn.Module, kinds: Sequence[str], attention_fractions: Sequence[float],
                 mlp_fractions: Sequence[float], removal: bool, budgets: Budgets, fixed_bytes: int,
-                latency: LatencyTable | None = None, width_latency: WidthLatencyTable | None = None) -> JointSpace:
+                latency: LatencyTable | None = None, width_latency: LevelLatencyTable | None = None) -> JointSpace:
     """Every block's attention and MLP with their levels, best-first: full width at the widest type first.
     FFN widths are multiples of the largest block of the chosen types that fits the dense width (256 for
     k-quants), so a narrower ``ffn_down`` keeps the type, and its quantized rows are a prefix of the dense
