@@ -143,6 +143,19 @@ def test_scores_are_kl_and_zero_for_the_dense_model(tiny):
     assert evaluator.evaluations == 2  # memoised
 
 
+def test_level_switches_move_along_one_axis(tiny):
+    space = _space(tiny, max_bytes=10**7)
+    mlp = space.units[1]
+    index = {(level.kept, level.kind): i for i, level in enumerate(mlp.levels) if not level.removed}
+    removed = len(mlp.levels) - 1
+    moves = {mlp.levels[i].describe() for i in space.moves(1, index[(160, "q4_k")])}
+    assert moves == {"160@q5_k", "160@q3_k", "96@q4_k", "removed"}
+    assert space.cheaper_move(1, index[(160, "q4_k")]) == index[(160, "q3_k")]  # a narrower type first
+    assert space.cheaper_move(1, index[(160, "q3_k")]) == index[(96, "q3_k")]  # then a narrower width
+    assert space.cheaper_move(1, index[(64, "q3_k")]) == removed and space.cheaper_move(1, removed) is None
+    assert space.moves(1, removed) == [index[(64, "q3_k")]]
+
+
 def test_repair_only_makes_genomes_cheaper(tiny):
     space = _space(tiny, max_bytes=80_000)
     rng = random.Random(0)

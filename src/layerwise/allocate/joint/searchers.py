@@ -4,7 +4,8 @@ units, of the attentions only, of the MLPs only, that meets the budget); every s
 that fit it.
 
 - ``evo``: EvoPress (Sieberling et al., 2024): a (1 + λ) evolution whose offspring are level switches (one unit
-  a rung up or down its cost ladder, others a rung down until the budget holds), selected in two steps: all offspring on a few windows, the best few on all
+  one step along one axis: type, width or removal; others one gentle step cheaper until the budget holds),
+  selected in two steps: all offspring on a few windows, the best few on all
   windows against the parent.
 - ``rl``: REINFORCE over one categorical policy per unit (AutoMP-RL's policy gradient, generalised from bits to
   every level), reward = −KL, batch-mean baseline.
@@ -82,13 +83,12 @@ class _Tracker:
 
 
 def mutate(space: JointSpace, genome: Genome, rng: random.Random) -> Genome:
-    """EvoPress's level switch: one random unit one rung up or down its cost ladder, then other random units one
-    rung cheaper each until the budget holds again (a draw that cannot be repaired is drawn again)."""
+    """EvoPress's level switch: one random unit one step along one axis (type, width, removal), then other random
+    units one gentle step cheaper each until the budget holds again (a draw that cannot be repaired is drawn
+    again)."""
     for _ in range(100):
         unit = rng.randrange(len(genome))
-        moved = space.step(genome, unit, cheaper=rng.random() < 0.5)
-        if moved is None:
-            continue
+        moved = genome[:unit] + (rng.choice(space.moves(unit, genome[unit])),) + genome[unit + 1 :]
         repaired = space.repair(moved, rng, keep=unit)
         if repaired is not None and repaired != genome:
             return repaired

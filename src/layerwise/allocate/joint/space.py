@@ -83,7 +83,6 @@ class JointSpace:
     latency: Optional[LatencyTable] = None
     width_latency: Optional[LevelLatencyTable] = None
     kinds: list[str] = field(default_factory=list)
-    _orders: dict[int, list[int]] = field(default_factory=dict, repr=False)
 
     # --- costs ---------------------------------------------------------------------------------------------
     def bytes(self, genome: Genome) -> int:
@@ -191,37 +190,44 @@ class JointSpace:
             values.append(0.0 if level.removed else level.kept / unit.total)
         return max(values) if values else 1.0
 
-    def order(self, index: int) -> list[int]:
-        """Unit ``index``'s level indices from the most to the least costly (ties: best-first), the ladder a
-        level switch moves along."""
-        if index not in self._orders:
-            unit = self.units[index]
-            self._orders[index] = sorted(range(len(unit.levels)), key=lambda i: (-self._relative(unit, unit.levels[i]), i))
-        return self._orders[index]
+    def moves(self, index: int, level_index: int) -> list[int]:
+        """Levels one step from ``level_index`` along one axis of unit ``index``: the next wider or narrower type at
+        the same width, the next wider or narrower width at the same type, removal; from removal, back to the
+        narrowest width at the narrowest type. (Single-axis steps, as EvoPress's level switches: a step along a
+        mixed ladder of widths and types would turn a q4_k MLP into a half-width q8_0 one.)"""
+        unit = self.units[index]
+        level = unit.levels[level_index]
+        lookup = {(lv.kept, lv.kind): i for i, lv in enumerate(unit.levels) if not lv.removed}
+        widths = sorted({kept for kept, _ in lookup}, reverse=True)
+        kinds = [k for k in self.kinds if (widths[0], k) in lookup]
+        removed = [i for i, lv in enumerate(unit.levels) if lv.removed]
+        if level.removed:
+            return [lookup[(widths[-1], kinds[-1])]]
+        t, w = kinds.index(level.kind), widths.index(level.kept)
+        out = [lookup[(level.kept, kinds[t + d])] for d in (-1, 1) if 0 <= t + d < len(kinds)]
+        out += [lookup[(widths[w + d], level.kind)] for d in (-1, 1) if 0 <= w + d < len(widths)]
+        return out + removed
 
-    def step(self, genome: Genome, index: int, cheaper: bool) -> Genome | None:
-        """Unit ``index`` one rung down (``cheaper``) or up its ladder; None at the end of it."""
-        order = self.order(index)
-        position = order.index(genome[index]) + (1 if cheaper else -1)
-        if not 0 <= position < len(order):
-            return None
-        return genome[:index] + (order[position],) + genome[index + 1 :]
+    def cheaper_move(self, index: int, level_index: int) -> int | None:
+        """The gentlest step that makes unit ``index`` cheaper on a budget: a narrower type, else a narrower width,
+        else removal; None when it is as cheap as it gets."""
+        unit = self.units[index]
+        current = unit.levels[level_index]
+        def gentleness(i: int) -> tuple[int, int]:  # same width first, then narrower widths, removal last
+            level = unit.levels[i]
+            axis = 2 if level.removed else 0 if level.kept == current.kept else 1
+            return axis, -unit.level_bytes(level)
+
+        ranked = sorted(self.moves(index, level_index), key=gentleness)
+        return next((i for i in ranked if self._cheaper(unit, unit.levels[i], current)), None)
 
     def repair(self, genome: Genome, rng: random.Random, keep: int | None = None) -> Genome | None:
-        """Move random units (never ``keep``) one rung down their ladder, each to the next level that is cheaper on
-        a budget, until the genome fits; None when no unit can get cheaper any more."""
+        """Make random units (never ``keep``) one gentle step cheaper each (``cheaper_move``) until the genome fits;
+        None when no unit can get cheaper any more."""
         genes = list(genome)
         while self.violation(tuple(genes)) > 0:
-            options = {}
-            for u in range(len(genes)):
-                if u == keep:
-                    continue
-                current = self.units[u].levels[genes[u]]
-                order = self.order(u)
-                lower = next((i for i in order[order.index(genes[u]) + 1 :]
-                              if self._cheaper(self.units[u], self.units[u].levels[i], current)), None)
-                if lower is not None:
-                    options[u] = lower
+            options = {u: step for u in range(len(genes)) if u != keep
+                       for step in [self.cheaper_move(u, genes[u])] if step is not None}
             if not options:
                 return None
             unit = rng.choice(sorted(options))
