@@ -48,6 +48,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/width_context.py --out $(BENCH_OUT)/width_context
 	$(BIN)/python benchmarks/quant.py --out $(BENCH_OUT)/quant
 	$(BIN)/python benchmarks/deployment.py --out $(BENCH_OUT)/deployment
+	$(BIN)/python benchmarks/joint.py --out $(BENCH_OUT)/joint
 
 # llmcompressor pins transformers 5.15-5.17: it gets its own environment, used by the peer benchmark only.
 PEERS := .venv-peers
