@@ -10,7 +10,7 @@ from pydantic import BaseModel
 from torch import nn
 
 from ..config import LatencySetting
-from ..models.adapter import get_adapter
+from ..models.adapter import ModelAdapter, get_adapter
 from ..models.loading import LoadedModel
 from ..registry import Registry
 from .latency import measure_latency
@@ -95,8 +95,6 @@ def measure_width_latency_table(loaded: LoadedModel, setting: LatencySetting | N
                                 engine: str = "pytorch") -> WidthLatencyTable:
     """Time the model whole, then copies with one KV group fewer in every attention block and with every FFN
     at half width."""
-    import copy
-
     from ..backends.structured import slice_attention, slice_mlp
 
     from .. import engines  # noqa: F401  (registers the engines' latency functions)
@@ -104,28 +102,41 @@ def measure_width_latency_table(loaded: LoadedModel, setting: LatencySetting | N
     setting = setting or LatencySetting()
     total_ms = MODEL_LATENCY.get(engine)
     full = total_ms(loaded, setting)
-    removed: dict[str, int] = {"groups": 0, "channels": 0}
-    deltas = {}
-    for kind in ("groups", "channels"):
-        probe = copy.copy(loaded)
-        probe.model = copy.deepcopy(loaded.model)
-        adapter = get_adapter(probe.model)
-        for block in range(adapter.num_blocks):
-            if kind == "groups" and not adapter.attention(block).removed:
-                groups = adapter.head_geometry(block).num_kv_heads
-                if groups > 1:
-                    slice_attention(adapter, block, list(range(groups - 1)))
-                    removed["groups"] += 1
-            elif kind == "channels" and not adapter.mlp(block).removed:
-                width = adapter.ffn_width(block)
-                slice_mlp(adapter, block, list(range(width - width // 2)))
-                removed["channels"] += width // 2
-        deltas[kind] = max(full - total_ms(probe, setting), 0.0) if removed[kind] else 0.0
-        del probe
+
+    def one_group_fewer(adapter: ModelAdapter, block: int) -> int:
+        groups = adapter.head_geometry(block).num_kv_heads
+        if groups > 1:
+            slice_attention(adapter, block, list(range(groups - 1)))
+        return int(groups > 1)
+
+    def half_width(adapter: ModelAdapter, block: int) -> int:
+        width = adapter.ffn_width(block)
+        slice_mlp(adapter, block, list(range(width - width // 2)))
+        return width // 2
+
+    deltas, removed = {}, {}
+    for kind, cut, sublayer in (("groups", one_group_fewer, "attention"), ("channels", half_width, "mlp")):
+        deltas[kind], removed[kind] = _saved_when_sliced(loaded, setting, total_ms, full, sublayer, cut)
     return WidthLatencyTable(setting=setting, total_ms=full,
                              ms_per_group=round(deltas["groups"] / max(1, removed["groups"]), 6),
                              ms_per_channel=round(deltas["channels"] / max(1, removed["channels"]), 8),
                              probe_removed=removed, engine=MODEL_LATENCY.canonical(engine))
+
+
+def _saved_when_sliced(loaded: LoadedModel, setting: LatencySetting, total_ms: ModelLatency, full: float,
+                       kind: str, cut: Callable[[ModelAdapter, int], int]) -> tuple[float, int]:
+    """Time a copy of the model with ``cut(adapter, block)`` applied to every block whose ``kind`` sublayer is
+    present; ``cut`` returns what it counts as removed there. Returns (ms saved, total counted), (0, 0) when
+    nothing was cut."""
+    import copy
+
+    probe = copy.copy(loaded)
+    probe.model = copy.deepcopy(loaded.model)
+    adapter = get_adapter(probe.model)
+    counted = sum(cut(adapter, block) for block in range(adapter.num_blocks)
+                  if not (adapter.attention(block) if kind == "attention" else adapter.mlp(block)).removed)
+    saved = max(full - total_ms(probe, setting), 0.0) if counted else 0.0
+    return saved, counted
 
 
 class LevelLatencyTable(BaseModel):
@@ -143,8 +154,6 @@ def measure_level_latency_table(loaded: LoadedModel, levels: dict[str, list[int]
                                 engine: str = "pytorch") -> LevelLatencyTable:
     """Time the model whole, then a copy per (kind, kept) with every block's attention keeping ``kept`` KV groups or
     every MLP ``kept`` channels (``levels``: kind -> the kept counts to time; the dense width is skipped)."""
-    import copy
-
     from ..backends.structured import slice_attention, slice_mlp
 
     from .. import engines  # noqa: F401  (registers the engines' latency functions)
@@ -152,21 +161,22 @@ def measure_level_latency_table(loaded: LoadedModel, levels: dict[str, list[int]
     setting = setting or LatencySetting()
     total_ms = MODEL_LATENCY.get(engine)
     full = total_ms(loaded, setting)
+
+    def keeping(kind: str, kept: int) -> Callable[[ModelAdapter, int], int]:
+        def cut(adapter: ModelAdapter, block: int) -> int:  # counts the sublayers it narrows
+            if kind == "attention" and adapter.head_geometry(block).num_kv_heads > kept:
+                slice_attention(adapter, block, list(range(kept)))
+                return 1
+            if kind == "mlp" and adapter.ffn_width(block) > kept:
+                slice_mlp(adapter, block, list(range(kept)))
+                return 1
+            return 0
+        return cut
+
     saved: dict[str, dict[int, float]] = {kind: {} for kind in levels}
     for kind, counts in levels.items():
         for kept in counts:
-            probe = copy.copy(loaded)
-            probe.model = copy.deepcopy(loaded.model)
-            adapter = get_adapter(probe.model)
-            sliced = 0
-            for block in range(adapter.num_blocks):
-                if kind == "attention" and adapter.head_geometry(block).num_kv_heads > kept:
-                    slice_attention(adapter, block, list(range(kept)))
-                    sliced += 1
-                elif kind == "mlp" and adapter.ffn_width(block) > kept:
-                    slice_mlp(adapter, block, list(range(kept)))
-                    sliced += 1
+            ms, sliced = _saved_when_sliced(loaded, setting, total_ms, full, kind, keeping(kind, kept))
             if sliced:
-                saved[kind][kept] = round(max(full - total_ms(probe, setting), 0.0) / sliced, 6)
-            del probe
+                saved[kind][kept] = round(ms / sliced, 6)
     return LevelLatencyTable(setting=setting, total_ms=full, saved_ms=saved, engine=MODEL_LATENCY.canonical(engine))

@@ -69,6 +69,41 @@ class BlockShape:
     attention_stub: bool = False
     mlp_stub: bool = False
 
+    @classmethod
+    def of(cls, index: int, heads: int, kv_heads: int, ffn: int) -> "BlockShape":
+        """Block ``index`` with ``heads`` query heads (0: attention removed) and an FFN of ``ffn`` (0: MLP removed),
+        stubs where llama.cpp needs them: a removed layer-0 attention, a removed MLP beside a kept attention."""
+        if heads == 0:
+            shape = cls(1, 1, 0, attention_stub=True) if index == 0 else cls(0, 0, 0)
+        else:
+            shape = cls(heads, kv_heads, 0)
+        if ffn:
+            shape.ffn = ffn
+        elif heads:
+            shape.ffn, shape.mlp_stub = 1, True
+        return shape
+
+    @property
+    def norms(self) -> int:
+        """f32 norm vectors the block writes (one per present or stubbed sublayer)."""
+        return (self.heads > 0) + (self.ffn > 0)
+
+    def stub_bytes(self, hidden: int, head_dim: int) -> int:
+        """Bytes of the block's zero-weight f32 stand-in matrices."""
+        matrices = ([*attention_stub_shapes(hidden, head_dim).values()] if self.attention_stub else []) + \
+            ([*mlp_stub_shapes(hidden).values()] if self.mlp_stub else [])
+        return 4 * sum(rows * columns for rows, columns in matrices)
+
+
+def attention_stub_shapes(hidden: int, head_dim: int) -> dict[str, tuple[int, int]]:
+    """(rows, columns) of the one-head zero attention written for a removed layer-0 attention."""
+    return {"q": (head_dim, hidden), "k": (head_dim, hidden), "v": (head_dim, hidden), "o": (hidden, head_dim)}
+
+
+def mlp_stub_shapes(hidden: int) -> dict[str, tuple[int, int]]:
+    """(rows, columns) of the one-channel zero FFN written for a removed MLP beside a kept attention."""
+    return {"gate": (1, hidden), "up": (1, hidden), "down": (hidden, 1)}
+
 
 def check_exportable(model: nn.Module) -> ModelAdapter:
     """The model's adapter, or an ``ExportError`` saying why llama.cpp cannot run this model as exported."""
@@ -133,16 +168,9 @@ def block_shapes(adapter: ModelAdapter) -> list[BlockShape]:
     shapes = []
     for index in range(adapter.num_blocks):
         attention, mlp = adapter.attention(index), adapter.mlp(index)
-        if attention.removed:
-            shape = BlockShape(1, 1, 0, attention_stub=True) if index == 0 else BlockShape(0, 0, 0)
-        else:
-            geometry = adapter.head_geometry(index)
-            shape = BlockShape(geometry.num_heads, geometry.num_kv_heads, 0)
-        if not mlp.removed:
-            shape.ffn = adapter.ffn_width(index)
-        elif not attention.removed:
-            shape.ffn, shape.mlp_stub = 1, True
-        shapes.append(shape)
+        geometry = None if attention.removed else adapter.head_geometry(index)
+        shapes.append(BlockShape.of(index, geometry.num_heads if geometry else 0, geometry.num_kv_heads if geometry else 0,
+                                    0 if mlp.removed else adapter.ffn_width(index)))
     return shapes
 
 
@@ -315,8 +343,7 @@ def _write_tensors(writer: GGUFWriter, model: nn.Module, adapter: ModelAdapter, 
         attention, mlp = adapter.attention(index), adapter.mlp(index)
         if shape.attention_stub:
             add_norm(f"{prefix}.attn_norm.weight", torch.ones(hidden))
-            for role, rows, columns in (("q", head_dim, hidden), ("k", head_dim, hidden), ("v", head_dim, hidden),
-                                        ("o", hidden, head_dim)):
+            for role, (rows, columns) in attention_stub_shapes(hidden, head_dim).items():
                 add_matrix(f"{prefix}.{LINEAR_NAMES['attention', role]}.weight", torch.zeros(rows, columns),
                            gguf_type("f32"))
         elif not attention.removed:
@@ -328,7 +355,7 @@ def _write_tensors(writer: GGUFWriter, model: nn.Module, adapter: ModelAdapter, 
                 linear_types[unit] = add_linear(f"{prefix}.{LINEAR_NAMES['attention', role]}.weight", linear, order)
         if shape.mlp_stub:
             add_norm(f"{prefix}.ffn_norm.weight", torch.ones(hidden))
-            for role, rows, columns in (("gate", 1, hidden), ("up", 1, hidden), ("down", hidden, 1)):
+            for role, (rows, columns) in mlp_stub_shapes(hidden).items():
                 add_matrix(f"{prefix}.{LINEAR_NAMES['mlp', role]}.weight", torch.zeros(rows, columns), gguf_type("f32"))
         elif not mlp.removed:
             add_norm(f"{prefix}.ffn_norm.weight", block.get_submodule(adapter.mlp_norm).weight)
@@ -399,7 +426,13 @@ def non_linear_bytes(model: nn.Module, embedding_type: str = "q8_0") -> int:
     """Tensor bytes a GGUF export of ``model`` spends outside the decoder linears: the token embedding (and an
     untied output matrix) at ``embedding_type``, every norm in f32. A ``--max-bytes`` budget leaves the rest to
     the linears."""
-    adapter = get_adapter(model)
+    columns = model.get_input_embeddings().weight.shape[1]
+    norms = 1 + sum(shape.norms for shape in block_shapes(get_adapter(model)))
+    return embedding_bytes(model, embedding_type) + 4 * columns * norms
+
+
+def embedding_bytes(model: nn.Module, embedding_type: str = "q8_0") -> int:
+    """Tensor bytes of the token embedding (and an untied output matrix) stored as ``embedding_type``."""
     embedding = model.get_input_embeddings().weight
     rows, columns = embedding.shape
     kind = stored_type(embedding_type, columns)
@@ -407,9 +440,7 @@ def non_linear_bytes(model: nn.Module, embedding_type: str = "q8_0") -> int:
     output = model.get_output_embeddings()
     if output is not None and output.weight.data_ptr() != embedding.data_ptr():
         total += kind.nbytes(*output.weight.shape)
-    shapes = block_shapes(adapter)
-    norms = 1 + sum((s.heads > 0) + (s.ffn > 0) for s in shapes)
-    return total + 4 * columns * norms
+    return total
 
 
 def gguf_tensor_names(model: nn.Module) -> dict[str, str]:

@@ -15,7 +15,7 @@ from ..config import Budget, LatencySetting
 from ..errors import BudgetError, LayerwiseError
 from ..formatting import fmt, fmt_bytes
 from ..models import LoadedModel, decoder_linears, get_adapter
-from ..plan import Plan, QuantizeAction, RemoveAction, SliceAction
+from ..plan import Plan, RemoveAction, SliceAction
 from .base import PlanRequest, Structure, StructureOptions, check_params, option, register
 from .depth import DepthOptions
 from .quant import QuantOptions
@@ -66,6 +66,7 @@ class Joint(Structure):
 
     def validate(self, method: str | None, allocator: str, budget: Budget, nm: str | None,
                  params: dict[str, Any]) -> tuple[str, str, str | None]:
+        from ..allocate.levels import GGUFLevels
         from ..gguf import gguf_type
         from ..profile.width import WIDTH_SCORERS
 
@@ -75,9 +76,7 @@ class Joint(Structure):
         method = WIDTH_SCORERS.canonical(method or "taylor")
         if nm is not None:
             raise BudgetError("--nm applies to unstructured sparsity, not to the joint search.")
-        for name in (params.get("joint_types") or DEFAULT_TYPES).split(","):
-            if gguf_type(name).name == "f32":
-                raise BudgetError("f32 is not a joint level; the widest GGUF level is f16.")
+        GGUFLevels((params.get("joint_types") or DEFAULT_TYPES).split(","))  # known types, f32 refused
         for key, flag in (("joint_attention_widths", "--joint-attention-widths"),
                           ("joint_mlp_widths", "--joint-mlp-widths")):
             if key in params:
@@ -103,11 +102,9 @@ class Joint(Structure):
         model = loaded.model
         options, params = self.own(request.params)
         embedding_type = options.get("embedding_type", "q8_0")
-        from ..export.gguf_export import non_linear_bytes
+        from ..export.gguf_export import embedding_bytes
 
-        adapter = get_adapter(model)
-        norms_per_block = 2 * 4 * int(model.config.hidden_size)
-        fixed = non_linear_bytes(model, embedding_type) - adapter.num_blocks * norms_per_block
+        fixed = embedding_bytes(model, embedding_type) + 4 * int(model.config.hidden_size)  # and the output norm
         budgets = Budgets(request.budget.max_bytes, request.budget.target_speedup)
         space = build_space(model, (options.get("joint_types") or DEFAULT_TYPES).split(","),
                             _fractions(options.get("joint_attention_widths", "1,0.67,0.33"), "--joint-attention-widths"),
@@ -124,8 +121,12 @@ class Joint(Structure):
         channels = {b: scores.ranked_channels(b) for b in scores.channels}
         tokens = calibration.tokens()
         batch = calibration.settings.calib_batch_size
-        reference = dense_logprobs(model, tokens, batch)
-        dense_seconds = _dense_pass_seconds(model, tokens, batch)
+        timings = []  # a warm dense pass (forward and log-softmax, a candidate's work without the swap): the unit
+        for _ in range(3):  # of the candidate cost ratio
+            start = time.perf_counter()
+            reference = dense_logprobs(model, tokens, batch)
+            timings.append(time.perf_counter() - start)
+        dense_seconds = statistics.median(timings)
         first = min(int(options.get("first_stage_windows", 1)), tokens.shape[0])
         setup = ScoringSetup(space, groups, channels, tokens, reference, (first, tokens.shape[0]), batch,
                              torch.get_num_threads())
@@ -144,8 +145,8 @@ class Joint(Structure):
         actions = _actions(model, space, genome, groups, channels, request.method, seq_len)
         # a candidate's cost: the median full-stage candidate (the first use of a level also builds it in the bank)
         per_candidate = statistics.median(evaluator.per_candidate) if evaluator.per_candidate else float("nan")
-        prediction = {**space.costs(genome), "gguf_tensor_bytes": space.bytes(genome),
-                      "speedup": space.costs(genome).get("predicted_speedup"),
+        costs = space.costs(genome)
+        prediction = {**costs, "gguf_tensor_bytes": costs["bytes"], "speedup": costs.get("predicted_speedup"),
                       "embedding_type": embedding_type, "calibration_kl": round(outcome.score, 6),
                       "candidate_cost_ratio": round(per_candidate / max(dense_seconds, 1e-9), 4)}
         if latency is not None:
@@ -180,26 +181,14 @@ class Joint(Structure):
                         f"{metrics['evaluations']} ({fmt(metrics.get('candidate_cost_ratio'), '.2f')}x)")]
 
 
-def _dense_pass_seconds(model, tokens: torch.Tensor, batch: int, repeats: int = 3) -> float:
-    """Median time of a warm dense forward pass over ``tokens`` with log-softmax (a candidate's work without the
-    swap), the unit of the candidate cost ratio."""
-    times = []
-    with torch.no_grad():
-        for _ in range(repeats):
-            start = time.perf_counter()
-            for part in tokens.split(batch):
-                torch.log_softmax(model(part).logits[:, :-1].float(), dim=-1)
-            times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def _latency_tables(loaded: LoadedModel, settings, space) -> tuple:
     """The removal table (SPRINT's) and the per-level width table for the space's narrower levels."""
     from ..cost import measure_latency_table
     from ..cost.latency_table import measure_level_latency_table
 
-    engine = settings.latency_engine or "pytorch"
-    if engine not in ("pytorch", "torch"):
+    from ..cost.latency_table import MODEL_LATENCY
+
+    if MODEL_LATENCY.canonical(settings.latency_engine or "pytorch") != "pytorch":
         raise BudgetError("The joint search's speed budget uses PyTorch latency tables (GGUF types change "
                           "llama.cpp's speed, which its tables do not model yet); drop --latency-engine.")
     setting = settings.latency or LatencySetting()
@@ -210,6 +199,9 @@ def _latency_tables(loaded: LoadedModel, settings, space) -> tuple:
 
 
 def _actions(model, space, genome, groups, channels, method, seq_len) -> list:
+    from ..allocate.levels import GGUFLevels
+
+    stored = GGUFLevels(space.kinds)
     adapter = get_adapter(model)
     linears = list(decoder_linears(model))
     removals, slices, quantized = [], [], []
@@ -226,12 +218,5 @@ def _actions(model, space, genome, groups, channels, method, seq_len) -> list:
             else:
                 slices.append(SliceAction(unit=unit.name, keep=level.kept, method=method, seq_len=seq_len,
                                           kept=channels[unit.block][: level.kept]))
-        quantized += [QuantizeAction(unit=name, bits=_nominal(level.kind), group_size=None, method="gguf",
-                                     format=level.kind) for name in linears if name.startswith(unit.name + ".")]
+        quantized += [stored.action(name, level.kind, "gguf", {}) for name in linears if name.startswith(unit.name + ".")]
     return removals + slices + quantized
-
-
-def _nominal(kind: str) -> int:
-    from ..allocate.levels import nominal_bits
-
-    return nominal_bits(kind)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 from torch import nn
@@ -82,13 +82,6 @@ class Scorer:
         return [self.score(genome, stage) for genome in genomes]
 
 
-class Evaluator(Protocol):
-    evaluations: int
-    tokens: int
-
-    def score(self, genomes: list[Genome], stage: int) -> list[float]: ...
-
-
 @dataclass
 class CountingEvaluator:
     """Memoises scores and counts evaluations (forward passes over a stage's windows) and tokens scored."""
@@ -96,7 +89,6 @@ class CountingEvaluator:
     setup: ScoringSetup
     evaluations: int = 0
     tokens: int = 0
-    seconds: float = 0.0
     memo: dict[tuple[Genome, int], float] = field(default_factory=dict)
     per_candidate: list[float] = field(default_factory=list)  # seconds per candidate of each full-stage batch
 
@@ -107,7 +99,6 @@ class CountingEvaluator:
             for genome, value in zip(todo, self._score(todo, stage)):
                 self.memo[(genome, stage)] = value
             elapsed = time.perf_counter() - start
-            self.seconds += elapsed
             if stage == len(self.setup.stage_windows) - 1:
                 self.per_candidate.append(elapsed / len(todo))
             self.evaluations += len(todo)

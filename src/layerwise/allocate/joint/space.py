@@ -14,7 +14,9 @@ from torch import nn
 
 from ...cost.latency_table import LatencyTable, LevelLatencyTable
 from ...errors import BudgetError
+from ...export.gguf_export import BlockShape
 from ...gguf import gguf_type, stored_type
+from ..levels import GGUFLevels
 from ...models import get_adapter
 
 Genome = tuple[int, ...]
@@ -88,15 +90,11 @@ class JointSpace:
     def bytes(self, genome: Genome) -> int:
         """GGUF tensor bytes of the genome as ``export_gguf`` writes it: linears at their stored types, f32
         norms, and llama.cpp's stubs (a removed MLP beside a kept attention; a removed layer-0 attention)."""
-        total = self.fixed_bytes
-        for unit, index in zip(self.units, genome):
-            level = unit.levels[index]
-            total += unit.level_bytes(level) + (0 if level.removed else 4 * self.hidden)
-        for block, (attention, mlp) in enumerate(self.blocks(genome)):
-            if mlp.removed and not attention.removed:
-                total += 4 * self.hidden + 4 * 3 * self.hidden  # ffn norm, 1-channel gate/up/down in f32
-            if block == 0 and attention.removed:
-                total += 4 * self.hidden + 4 * 4 * self.head_dim * self.hidden  # one zero head in f32
+        total = self.fixed_bytes + sum(u.level_bytes(u.levels[i]) for u, i in zip(self.units, genome))
+        for block, (attention, mlp) in enumerate(self.blocks(genome)):  # the export's norms and stubs
+            present = 0 if attention.removed else 1  # only presence decides norms and stubs
+            shape = BlockShape.of(block, present, present, 0 if mlp.removed else 1)
+            total += 4 * self.hidden * shape.norms + shape.stub_bytes(self.hidden, self.head_dim)
         return total
 
     def milliseconds(self, genome: Genome) -> float:
@@ -271,9 +269,9 @@ def build_space(model: nn.Module, kinds: Sequence[str], attention_fractions: Seq
     FFN widths are multiples of the largest block of the chosen types that fits the dense width (256 for
     k-quants), so a narrower ``ffn_down`` keeps the type, and its quantized rows are a prefix of the dense
     ones (the level bank relies on it)."""
-    types = sorted({gguf_type(k).name for k in kinds}, key=lambda k: -gguf_type(k).bits_per_weight)
-    if not types:
+    if not kinds:
         raise BudgetError("The joint search needs at least one GGUF type (--joint-types).")
+    types = GGUFLevels(kinds).choices[::-1]  # validated, distinct, widest first
     if budgets.max_bytes is None:  # narrower types save nothing under a speed budget alone: keep the widest
         types = types[:1]
     adapter = get_adapter(model)
