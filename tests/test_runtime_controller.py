@@ -283,11 +283,14 @@ def test_server_generates_reports_metrics_and_rejects_bad_requests(tiny, calibra
     # a failing generation under a pruned profile: 500, counted, model dense again
     monkeypatch.setattr(controller, "act", lambda state, explore=False: env.profiles.names.index("ffn_neurons@0.5"))
 
-    def broken(*args, **kwargs):
-        assert env.profiles.active.name == "ffn_neurons@0.5"
-        raise RuntimeError("out of memory")
+    class Broken:
+        def __init__(self, *args, **kwargs):
+            assert env.profiles.active.name == "ffn_neurons@0.5"
 
-    monkeypatch.setattr("layerwise.runtime.server.generate", broken)
+        def __iter__(self):
+            raise RuntimeError("out of memory")
+
+    monkeypatch.setattr("layerwise.runtime.server.TokenStream", Broken)
     failed = client.post("/generate", json={"prompt": "hello", "max_new_tokens": 2})
     assert failed.status_code == 500 and "out of memory" in failed.json()["detail"]
     assert client.get("/metrics").json()["errors"] == 1 and env.profiles.active.name == "none"

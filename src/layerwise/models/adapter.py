@@ -187,15 +187,18 @@ class ModelAdapter:
         to the residual stream. Attention layers left are renumbered for the KV cache. Returns what was taken
         out, for ``restore``."""
         block = self.blocks[sublayer.block]
-        attr = self.attention_module if sublayer.kind == "attention" else self.mlp_module
-        taken = [(attr, sublayer.module)]
-        block.set_submodule(attr, RemovedSublayer(sublayer.kind))
-        for norm in self._norms(sublayer.kind):
-            if norm is not None:
-                taken.append((norm, block.get_submodule(norm)))
-                block.set_submodule(norm, SkippedNorm())
+        taken = []
+        for attr, stand_in in self.stand_ins(sublayer.kind):
+            taken.append((attr, block.get_submodule(attr)))
+            block.set_submodule(attr, stand_in)
         self.renumber_attention()
         return RemovedModules(sublayer.block, tuple(taken))
+
+    def stand_ins(self, kind: str) -> list[tuple[str, nn.Module]]:
+        """What removing a sublayer of ``kind`` puts in its block: (attribute path, parameter-free stand-in) for
+        the sublayer and its norms. Callers that switch often (runtime profiles) build these once and reuse them."""
+        attr = self.attention_module if kind == "attention" else self.mlp_module
+        return [(attr, RemovedSublayer(kind))] + [(norm, SkippedNorm()) for norm in self._norms(kind) if norm is not None]
 
     def restore(self, removed: RemovedModules) -> None:
         """Put back the very modules ``remove`` took out."""

@@ -22,17 +22,32 @@ ImportanceOpt = Annotated[str, typer.Option("--importance", help="Unit importanc
 Seed = Annotated[int, typer.Option("--seed", help="Prompt split and controller seed.")]
 TpsScale = Annotated[float, typer.Option("--tps-scale", help="tokens/s normaliser of the reward (1: the seed's 0.6·tokens/s − 0.4·PPL/10; 0: the dense model's idle tokens/s).")]
 PplScale = Annotated[float, typer.Option("--ppl-scale", help="PPL normaliser of the reward (0.6·tps/tps_scale − 0.4·PPL/ppl_scale).")]
+RewardMode = Annotated[str, typer.Option("--reward", help="linear: the seed's 0.6·tokens/s − 0.4·PPL/10; slo: log-likelihood when the request meets its latency objective, a penalty scaled by the overrun when not.")]
+SloMs = Annotated[Optional[str], typer.Option("--slo-ms", help="Latency objectives in ms, LOW:HIGH (drawn log-uniformly per request) or one value.")]
+SloPenalty = Annotated[float, typer.Option("--slo-penalty", help="slo reward: nats lost by a missed objective (plus --slo-overrun per objective's worth of overrun).")]
+SloOverrun = Annotated[float, typer.Option("--slo-overrun", help="slo reward: nats lost per objective's worth of overrun.")]
+Profiles = Annotated[str, typer.Option("--profiles", help="Profiles the controller chooses from, e.g. none,ffn_neurons@0.5,transformer_layers@0.3 (empty: every kind at 3 intensities).")]
 
 
-def _environment(model: str, nsamples: int, seed: int, max_new_tokens: int, mechanism: str, importance: str):
+def _environment(model: str, nsamples: int, seed: int, max_new_tokens: int, mechanism: str, importance: str,
+                 profiles: str | list[str] = ""):
     import layerwise
     from layerwise.profile import CalibrationSource
 
+    from .profiles import parse_profiles
     from .session import RuntimeEnvironment
 
+    specs = parse_profiles(profiles if isinstance(profiles, str) else ",".join(profiles))
     loaded = layerwise.load(model)
     calibration = CalibrationSource(loaded, layerwise.RunSettings(nsamples=nsamples, seed=seed))
-    return RuntimeEnvironment(loaded, calibration, max_new_tokens, mechanism=mechanism, importance=importance)
+    return RuntimeEnvironment(loaded, calibration, max_new_tokens, mechanism=mechanism, importance=importance,
+                              specs=specs)
+
+
+def _objectives(text: str | None):
+    from .objectives import ObjectiveRange
+
+    return ObjectiveRange.parse(text) if text else None
 
 
 @runtime_app.command()
@@ -51,7 +66,12 @@ def train(
     tps_scale: TpsScale = 1.0,
     ppl_scale: PplScale = 10.0,
     exploration_steps: Annotated[int, typer.Option("--exploration-steps", help="Requests over which ε decays from 1 to 0.05.")] = 400,
-    reward_heads: Annotated[bool, typer.Option("--reward-heads/--one-head", help="Learn the reward's speed and quality terms by separate heads (quality from the prompt alone), or the whole reward by one.")] = True,
+    reward_heads: Annotated[bool, typer.Option("--reward-heads/--one-head", help="Learn the reward's terms by separate heads (quality from the prompt alone), or the whole reward by one.")] = True,
+    reward: RewardMode = "linear",
+    slo_ms: SloMs = None,
+    slo_penalty: SloPenalty = 2.0,
+    slo_overrun: SloOverrun = 2.0,
+    profiles: Profiles = "",
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the checkpoint.")] = False,
 ) -> None:
     """Train the Double DQN controller; writes the checkpoint, a text report and plots beside it."""
@@ -59,17 +79,24 @@ def train(
     from .load import parse_load_profile
     from .prompts import split_prompts
     from .report import text_report, training_plots
-    from .session import RewardSettings, TrainSettings
+    from ..errors import LayerwiseError
+    from .session import REWARD_MODES, RewardSettings, TrainSettings
     from .session import train as run_train
 
     @cli_errors
     def run() -> None:
         conditions = parse_load_profile(load_profile)
+        rewards = RewardSettings(tps_scale=tps_scale, ppl_scale=ppl_scale, mode=REWARD_MODES.canonical(reward),
+                                 slo_penalty=slo_penalty, slo_overrun=slo_overrun)
+        objectives = _objectives(slo_ms)
+        if rewards.mode == "slo" and objectives is None:
+            raise LayerwiseError("--reward slo needs latency objectives: give --slo-ms LOW:HIGH.")
         prompts, _ = split_prompts(train_samples, 0, seed)
-        env = _environment(model, nsamples, seed, max_new_tokens, mechanism, importance)
-        settings = TrainSettings(episodes, steps_per_episode, conditions, reward_heads=reward_heads)
-        controller, records = run_train(env, prompts, settings, RewardSettings(tps_scale=tps_scale, ppl_scale=ppl_scale),
-                                        checkpoint, DqnSettings(seed=seed, epsilon_decay_steps=exploration_steps), resume)
+        env = _environment(model, nsamples, seed, max_new_tokens, mechanism, importance, profiles)
+        settings = TrainSettings(episodes, steps_per_episode, conditions, reward_heads=reward_heads,
+                                 objectives=objectives, seed=seed)
+        controller, records = run_train(env, prompts, settings, rewards, checkpoint,
+                                        DqnSettings(seed=seed, epsilon_decay_steps=exploration_steps), resume)
         folder = checkpoint.parent
         (folder / "train_report.md").write_text(text_report(records, f"Runtime controller training ({model})"))
         plots = training_plots(records, folder / "plots")
@@ -95,6 +122,7 @@ def test(
     lm_eval: Annotated[bool, typer.Option("--lm-eval", help="Also score zero-shot accuracy of the dense model and of every profile the controller chose.")] = False,
     tasks: Annotated[str, typer.Option("--tasks", help="Zero-shot tasks for --lm-eval.")] = "arc_easy,boolq",
     limit: Annotated[Optional[int], typer.Option("--limit", min=0, help="Zero-shot items per task for --lm-eval (0 = all).")] = 200,
+    slo_ms: Annotated[Optional[str], typer.Option("--slo-ms", help="Latency objectives in ms, LOW:HIGH or one value (default: the training's).")] = None,
 ) -> None:
     """Serve the test prompts with the learned controller and with every fixed profile, under each load."""
     from .controller import Controller
@@ -113,9 +141,11 @@ def test(
             parse_tasks(tasks)  # an unknown task fails now, not after the test
         controller, extra = Controller.load(checkpoint)
         _, prompts = split_prompts(train_samples, ppl_samples, seed)
-        env = _environment(model, nsamples, seed, max_new_tokens, mechanism, importance)
+        env = _environment(model, nsamples, seed, max_new_tokens, mechanism, importance, controller.actions)
         check_checkpoint_model(extra, env.loaded, checkpoint)
-        records = run_test(env, controller, prompts, conditions, RewardSettings(**extra["reward"]))
+        objectives = _objectives(slo_ms or extra.get("objectives"))
+        records = run_test(env, controller, prompts, conditions, RewardSettings(**extra["reward"]),
+                           objectives=objectives, seed=seed)
         folder = out or checkpoint.parent
         atomic_write_json(folder / "test.json", records)
         report = text_report(records, f"Runtime controller test ({model})")
@@ -132,6 +162,61 @@ def test(
     run()
 
 
+@runtime_app.command()
+def oracle(
+    model: ModelOpt = "smollm2-135m",
+    out: Annotated[Path, typer.Option("--out", help="Where oracle.md and oracle.json go.")] = Path("runtime"),
+    samples: Annotated[int, typer.Option("--samples", help="Prompts served per condition (from the training side of the split).")] = 16,
+    train_samples: Annotated[int, typer.Option("--train-samples", help="Training prompts the samples are drawn from (as in train).")] = 500,
+    max_new_tokens: MaxNew = 20,
+    load_profile: LoadProfile = "idle,spin1,spin2,memory",
+    mechanism: Mechanism = "sliced",
+    importance: ImportanceOpt = "act",
+    nsamples: Nsamples = 32,
+    seed: Seed = 0,
+    reward: RewardMode = "slo",
+    slo_ms: SloMs = None,
+    slo_penalty: SloPenalty = 2.0,
+    slo_overrun: SloOverrun = 2.0,
+    profiles: Profiles = "",
+) -> None:
+    """Before training: serve prompts with every fixed profile under each load and print which one is best
+    where. A controller can only win where that answer changes; if one profile wins everywhere, widen the
+    conditions (objectives, loads, prompt lengths)."""
+    from ..cache import atomic_write_json
+    from ..errors import LayerwiseError
+    from ..report.tables import markdown_table
+    from .load import parse_load_profile
+    from .prompts import split_prompts
+    from .session import REWARD_MODES, RewardSettings, compare, fixed_policies, oracle_table
+
+    @cli_errors
+    def run() -> None:
+        conditions = parse_load_profile(load_profile)
+        rewards = RewardSettings(mode=REWARD_MODES.canonical(reward), slo_penalty=slo_penalty, slo_overrun=slo_overrun)
+        objectives = _objectives(slo_ms)
+        if rewards.mode == "slo" and objectives is None:
+            raise LayerwiseError("--reward slo needs latency objectives: give --slo-ms LOW:HIGH.")
+        prompts, _ = split_prompts(train_samples, 0, seed)
+        env = _environment(model, nsamples, seed, max_new_tokens, mechanism, importance, profiles)
+        records = compare(env, fixed_policies(env), prompts[:samples], conditions, rewards, objectives, seed + 7,
+                          desc="runtime oracle")
+        table = oracle_table(records)
+        rows = [[row["condition"], row["best"], "; ".join(f"{name} {value:.3f}" + (f" ({100 * met:.0f}% met)" if met is not None else "")
+                                                          for name, value, met in row["ranking"])] for row in table]
+        report = "# Oracle: the best fixed profile per condition\n\n" + markdown_table(
+            ["load", "best fixed profile", "mean reward of each (objective attainment)"], rows)
+        if len({row["best"] for row in table}) == 1:
+            report += (f"\n\nOne profile ({table[0]['best']}) is best under every condition: no state-dependent "
+                       "choice can beat it here; widen the objectives, loads or prompt lengths.")
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(out / "oracle.json", {"table": table, "records": records})
+        (out / "oracle.md").write_text(report + "\n")
+        console.print(report)
+
+    run()
+
+
 def serve(
     model: ModelOpt = "smollm2-135m",
     checkpoint: Annotated[Optional[Path], typer.Option("--checkpoint", help="Controller checkpoint (none: always dense).")] = None,
@@ -141,8 +226,11 @@ def serve(
     importance: ImportanceOpt = "act",
     nsamples: Nsamples = 32,
     seed: Seed = 0,
+    slo_ms: Annotated[Optional[float], typer.Option("--slo-ms", min=1, help="Latency objective (ms) of requests that state none.")] = None,
+    profiles: Profiles = "",
 ) -> None:
-    """Serve POST /generate and GET /metrics; the controller picks a profile per request."""
+    """Serve POST /generate, the OpenAI-compatible /v1/completions and /v1/chat/completions, and GET /metrics;
+    the controller picks a profile per request (its checkpoint fixes the profiles)."""
     from .controller import Controller
     from .server import create_app
     from .session import check_checkpoint_model
@@ -152,8 +240,9 @@ def serve(
         import uvicorn
 
         controller, extra = Controller.load(checkpoint) if checkpoint is not None else (None, {})
-        env = _environment(model, nsamples, seed, 0, mechanism, importance)
+        chosen = controller.actions if controller is not None else profiles
+        env = _environment(model, nsamples, seed, 0, mechanism, importance, chosen)
         check_checkpoint_model(extra, env.loaded, checkpoint)
-        uvicorn.run(create_app(env, controller), host=host, port=port)
+        uvicorn.run(create_app(env, controller, slo_ms, model), host=host, port=port)
 
     run()

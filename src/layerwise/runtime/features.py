@@ -4,7 +4,7 @@ The vector (``PROMPT_FEATURES``, in order):
 
 ==================  ==========================================================================
 ``length``          log(1 + tokens) / log(1 + 2048), tokens of the served model's tokenizer
-``noun``…``num``    share of words tagged NOUN/PROPN, VERB/AUX, ADJ, ADV, PRON, NUM (spaCy)
+``noun``…``num``    share of words tagged NOUN/PROPN, VERB/AUX, ADJ, ADV, PRON, NUM (spaCy, first 80 words)
 ``noun_chunks``     noun chunks per word (spaCy's dependency parse)
 ``depth``           deepest dependency path / 20 (capped at 1)
 ``question``        1 for a question (ends in '?', or opens with a wh-word or an auxiliary)
@@ -32,6 +32,7 @@ PROMPT_FEATURES = ("length", *POS_GROUPS, "noun_chunks", "depth", "question", "d
 QUESTION_OPENERS = {"who", "what", "when", "where", "why", "how", "which", "whose", "whom", "is", "are", "was",
                     "were", "do", "does", "did", "can", "could", "should", "would", "will", "has", "have"}
 WORD = re.compile(r"[A-Za-z0-9']+")
+PARSED_WORDS = 80  # spaCy parses at most this many words of a prompt
 
 
 @lru_cache(maxsize=1)
@@ -79,6 +80,15 @@ def _depth(token: Any) -> int:
     return depth
 
 
+def _opening(text: str, words: int = PARSED_WORDS) -> str:
+    """The text up to its ``words``-th word: the tags are shares, and a parse of the opening estimates them at a
+    fixed cost, where parsing a 1,000-token passage would cost more than the decision is allowed to."""
+    for count, match in enumerate(WORD.finditer(text), start=1):
+        if count == words:
+            return text[: match.end()]
+    return text
+
+
 class PromptFeaturizer:
     """Turns a prompt into ``PROMPT_FEATURES``; ``use_spacy=False`` forces the fallback."""
 
@@ -97,7 +107,7 @@ class PromptFeaturizer:
         first = words[0].lower() if words else ""
         features["question"] = float(text.rstrip().endswith("?") or first in QUESTION_OPENERS)
         if self.nlp is not None:
-            doc = self.nlp(text)
+            doc = self.nlp(_opening(text))
             tagged = [t for t in doc if not t.is_punct and not t.is_space]
             count = max(1, len(tagged))
             for name, tags in POS_GROUPS.items():

@@ -1,6 +1,6 @@
 """Bounded machine load that the tool itself creates while training or testing the controller, so the
 telemetry really varies: ``idle``, ``cpu`` (busy worker processes), ``memory`` (a ballast held by a worker
-process) and ``mixed`` (both, lighter). Every worker is a child process that is always stopped on exit,
+process), ``mixed`` (both, lighter), and ``spin1`` / ``spin2`` (one or two workers spinning all the time). Every worker is a child process that is always stopped on exit,
 also after an error or Ctrl-C, and that stops itself when its parent is killed outright.
 """
 
@@ -34,13 +34,15 @@ LOAD_CONDITIONS.add("idle", LoadCondition("idle"))
 LOAD_CONDITIONS.add("cpu", LoadCondition("cpu", cpu_workers=2, duty=0.9))
 LOAD_CONDITIONS.add("memory", LoadCondition("memory", memory_fraction=0.5))
 LOAD_CONDITIONS.add("mixed", LoadCondition("mixed", cpu_workers=1, duty=0.7, memory_fraction=0.3))
+LOAD_CONDITIONS.add("spin1", LoadCondition("spin1", cpu_workers=1))
+LOAD_CONDITIONS.add("spin2", LoadCondition("spin2", cpu_workers=2))
 
 
 def parse_load_profile(text: str) -> list[LoadCondition]:
     """``idle,cpu,memory,mixed`` as load conditions; unknown names raise."""
     names = [part.strip() for part in text.split(",") if part.strip()]
     if not names:
-        raise LayerwiseError("--load-profile needs at least one of idle, cpu, memory, mixed.")
+        raise LayerwiseError(f"--load-profile needs at least one of {', '.join(LOAD_CONDITIONS.names())}.")
     return [LOAD_CONDITIONS.get(name) for name in names]
 
 

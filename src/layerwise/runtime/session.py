@@ -9,10 +9,16 @@ own output would be fluent repetition. Reward: ``0.6 · tokens/s / tps_scale −
 default the seed's ``0.6·tokens/s − 0.4·PPL/10`` (``tps_scale`` 1). ``tps_scale`` 0 means "the dense model's
 idle tokens/s, measured first": both terms are then of order one and quality weighs about 25 times more on
 smollm2-135m, where no profile beats the dense model on average.
+
+With ``--reward slo`` every request carries a latency objective (``ObjectiveRange``, drawn per request) and the
+reward is the served profile's log-likelihood of that continuation (−NLL) when the request finished within its
+objective, less a penalty of ``slo_penalty + slo_overrun · overrun / objective`` when it did not. The seed's
+reward is still computed and recorded for every request (``seed_reward``).
 """
 
 from __future__ import annotations
 
+import random
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -23,30 +29,77 @@ from tqdm.auto import tqdm
 
 from ..errors import LayerwiseError
 from ..models import LoadedModel
+from ..registry import Registry
 from .controller import Controller, DqnSettings, Head, Transition
 from .features import PROMPT_FEATURES, PromptFeaturizer
 from .generate import Generation, generate
 from .load import LoadCondition, MachineLoad
-from .profiles import Importance, ProfileSet
+from .objectives import OBJECTIVE_FEATURES, ObjectiveRange, SpeedCalibration, calibrate_speeds
+from .profiles import Importance, ProfileSet, ProfileSpec, default_specs
 from .prompts import Prompt
 from .telemetry import TELEMETRY_FEATURES, Telemetry
 
-MAX_PROMPT_TOKENS = 512
+MAX_PROMPT_TOKENS = 1024
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What one served request measured."""
+
+    tokens_per_s: float
+    ppl: float
+    nll: float
+    latency_ms: float
+    objective_ms: float | None = None
+
+    @property
+    def met(self) -> bool | None:
+        """Whether the request finished within its objective (None: it had none)."""
+        return None if self.objective_ms is None else self.latency_ms <= self.objective_ms
 
 
 @dataclass
 class RewardSettings:
+    """The reward: ``mode`` one of ``REWARD_MODES`` (``linear``: the seed's; ``slo``: quality within the objective)."""
+
     tps_weight: float = 0.6
     ppl_weight: float = 0.4
     tps_scale: float = 1.0  # 0: the dense model's idle tokens/s (measured by calibrate_speed)
     ppl_scale: float = 10.0
+    mode: str = "linear"
+    slo_penalty: float = 2.0  # nats lost by a missed objective (dense vs a heavy profile differ by 1-3 nats)
+    slo_overrun: float = 2.0  # further nats per objective's worth of overrun
 
-    def terms(self, tokens_per_s: float, ppl: float) -> list[float]:
-        """The reward's speed and quality terms (in that order); the reward is their sum."""
-        return [self.tps_weight * tokens_per_s / (self.tps_scale or 1.0), -self.ppl_weight * ppl / self.ppl_scale]
+    def terms(self, outcome: Outcome) -> list[float]:
+        """The reward's terms in the order of ``REWARD_TERMS[mode]``; the reward is their sum."""
+        return REWARD_MODES.get(self.mode)(self, outcome)
 
-    def reward(self, tokens_per_s: float, ppl: float) -> float:
-        return sum(self.terms(tokens_per_s, ppl))
+    def reward(self, outcome: Outcome) -> float:
+        return sum(self.terms(outcome))
+
+    def seed_reward(self, outcome: Outcome) -> float:
+        """The seed's ``0.6·tokens/s − 0.4·PPL/10`` (with this setting's weights and scales), whatever the mode."""
+        return sum(_linear_terms(self, outcome))
+
+
+def _linear_terms(reward: RewardSettings, outcome: Outcome) -> list[float]:
+    """Speed and quality: ``tps_weight · tokens/s / tps_scale`` and ``−ppl_weight · PPL / ppl_scale``."""
+    return [reward.tps_weight * outcome.tokens_per_s / (reward.tps_scale or 1.0),
+            -reward.ppl_weight * outcome.ppl / reward.ppl_scale]
+
+
+def _slo_terms(reward: RewardSettings, outcome: Outcome) -> list[float]:
+    """Quality (−NLL of the reference continuation) and the objective's penalty (0 when met)."""
+    if outcome.objective_ms is None:
+        raise LayerwiseError("The slo reward needs a latency objective per request (--slo-ms).")
+    overrun = max(0.0, outcome.latency_ms - outcome.objective_ms) / outcome.objective_ms
+    return [-outcome.nll, 0.0 if outcome.met else -(reward.slo_penalty + reward.slo_overrun * overrun)]
+
+
+REWARD_MODES: Registry[Callable[[RewardSettings, Outcome], list[float]]] = Registry("reward mode")
+REWARD_MODES.add("linear", _linear_terms)
+REWARD_MODES.add("slo", _slo_terms)
+REWARD_TERMS = {"linear": ("speed", "quality"), "slo": ("quality", "objective")}
 
 
 @dataclass
@@ -64,38 +117,61 @@ class RequestRecord:
     decide_ms: float
     decode_ms: float
     epsilon: float | None = None
+    nll: float = float("nan")
+    seed_reward: float = float("nan")
+    prompt_tokens: int = 0
+    objective_ms: float | None = None
+    met: bool | None = None
 
 
 class RuntimeEnvironment:
     """The model with its profiles, the observation, and a cache of reference continuations."""
 
     def __init__(self, loaded: LoadedModel, calibration: Any, max_new_tokens: int, mechanism: str = "sliced",
-                 importance: str = "act") -> None:
-        """``importance``: a width scorer of the Profile (``act`` magnitude, ``taylor``), computed once."""
+                 importance: str = "act", specs: list[ProfileSpec] | None = None,
+                 speed_calibration: SpeedCalibration | None = None) -> None:
+        """``importance``: a width scorer of the Profile (``act`` magnitude, ``taylor``), computed once;
+        ``specs``: the profiles (default: ``default_specs()``). Every profile's idle latency is timed here."""
         self.loaded = loaded
         self.max_new_tokens = max_new_tokens
         self.profiles = ProfileSet(loaded.model, Importance.from_calibration(loaded.model, calibration, importance),
-                                   mechanism=mechanism)
+                                   specs or default_specs(), mechanism=mechanism)
         self.featurizer = PromptFeaturizer(loaded.tokenizer)
         self.telemetry = Telemetry()
         self.references: dict[str, list[int]] = {}
+        self.context = getattr(loaded.model.config, "max_position_embeddings", None)
+        self.speeds = calibrate_speeds(self.profiles, loaded.model, len(loaded.tokenizer), self.context,
+                                       speed_calibration)
 
     @property
     def state_size(self) -> int:
-        return len(TELEMETRY_FEATURES) + len(PROMPT_FEATURES)
+        return len(TELEMETRY_FEATURES) + len(PROMPT_FEATURES) + len(OBJECTIVE_FEATURES) + len(self.profiles.names)
 
-    def reward_heads(self, decompose: bool = True) -> dict[str, Head]:
-        """The controller's heads. Speed sees the telemetry and the prompt's length, factored (see ``Head``);
-        quality sees the prompt's features only, since a profile's perplexity on a prompt does not depend on
-        the machine's load. Not decomposed: one head learns the whole reward from the whole state."""
+    def reward_heads(self, mode: str = "linear", decompose: bool = True) -> dict[str, Head]:
+        """The controller's heads, one per term of the reward (``REWARD_TERMS``). Quality sees the prompt's
+        features only, since a profile's perplexity on a prompt does not depend on the machine's load. Speed
+        (linear) sees the telemetry and the prompt's length, factored (see ``Head``). The objective's penalty
+        (slo) sees the telemetry, the length, the objective and the slowdown, and per profile its predicted
+        latency over the objective (``PerActionQNetwork``). Not decomposed: one head, the whole reward."""
         if not decompose:
             return {"reward": Head()}
-        telemetry, length = len(TELEMETRY_FEATURES), len(TELEMETRY_FEATURES) + PROMPT_FEATURES.index("length")
-        return {"speed": Head((*range(telemetry), length), factored=True),
-                "quality": Head(tuple(range(telemetry, self.state_size)))}
+        telemetry = tuple(range(len(TELEMETRY_FEATURES)))
+        prompt_start = len(telemetry)
+        length = prompt_start + PROMPT_FEATURES.index("length")
+        objective_start = prompt_start + len(PROMPT_FEATURES)
+        quality = Head(tuple(range(prompt_start, objective_start)))
+        if mode == "linear":
+            return {"speed": Head((*telemetry, length), factored=True), "quality": quality}
+        predicted = objective_start + len(OBJECTIVE_FEATURES)
+        return {"quality": quality,
+                "objective": Head((*telemetry, length, *range(objective_start, predicted)),
+                                  per_action=tuple(range(predicted, self.state_size)))}
 
-    def observe(self, prompt: Prompt) -> list[float]:
-        return self.telemetry.vector() + self.featurizer(prompt.text)
+    def observe(self, prompt: Prompt, objective_ms: float | None = None, new_tokens: int | None = None) -> list[float]:
+        """The state: telemetry, prompt features, the objective and every profile's predicted latency."""
+        tokens = self.ids(prompt).shape[1]
+        return (self.telemetry.vector() + self.featurizer(prompt.text)
+                + self.speeds.features(tokens, new_tokens or self.max_new_tokens, objective_ms))
 
     def ids(self, prompt: Prompt) -> torch.Tensor:
         ids = self.loaded.tokenizer(prompt.text, return_tensors="pt")["input_ids"]
@@ -129,23 +205,35 @@ Policy = Callable[[list[float]], int]
 
 
 def run_request(env: RuntimeEnvironment, prompt: Prompt, state: list[float], decide: Policy, policy: str,
-                condition: str, reward: RewardSettings, observe_ms: float) -> tuple[int, RequestRecord]:
-    """Pick a profile for ``state`` and serve ``prompt`` with it."""
+                condition: str, reward: RewardSettings, observe_ms: float,
+                objective_ms: float | None = None) -> tuple[int, RequestRecord, list[float]]:
+    """Pick a profile for ``state`` and serve ``prompt`` with it; the reward's terms come back too."""
     start = time.perf_counter()
     action = decide(state)
     decide_ms = observe_ms + 1000 * (time.perf_counter() - start)
     profile = env.profiles.names[action]
     generation, switch_ms = env.serve(prompt, profile)
-    earned = reward.reward(generation.tokens_per_s, generation.perplexity)
+    latency_ms = 1000 * (generation.prefill_s + generation.decode_s)
+    env.speeds.observe(profile, generation.prompt_length, len(generation.new_tokens), latency_ms)
+    outcome = Outcome(generation.tokens_per_s, generation.perplexity, generation.nll, latency_ms, objective_ms)
+    terms = reward.terms(outcome)
     return action, RequestRecord(condition, prompt.source, policy, profile, generation.tokens_per_s,
-                                 generation.perplexity, earned, switch_ms, decide_ms,
-                                 1000 * (generation.prefill_s + generation.decode_s))
+                                 generation.perplexity, sum(terms), switch_ms, decide_ms, latency_ms,
+                                 nll=generation.nll, seed_reward=reward.seed_reward(outcome),
+                                 prompt_tokens=generation.prompt_length, objective_ms=objective_ms,
+                                 met=outcome.met), terms
 
 
-def timed_observe(env: RuntimeEnvironment, prompt: Prompt) -> tuple[list[float], float]:
+def timed_observe(env: RuntimeEnvironment, prompt: Prompt, objective_ms: float | None = None) -> tuple[list[float], float]:
     start = time.perf_counter()
-    state = env.observe(prompt)
+    state = env.observe(prompt, objective_ms)
     return state, 1000 * (time.perf_counter() - start)
+
+
+def draw_objectives(objectives: ObjectiveRange | None, count: int, seed: int) -> list[float | None]:
+    """One objective per request, reproducible from ``seed`` (None everywhere without a range)."""
+    rng = random.Random(seed)
+    return [objectives.draw(rng) if objectives is not None else None for _ in range(count)]
 
 
 def settle(env: RuntimeEnvironment, seconds: float) -> None:
@@ -157,7 +245,7 @@ def settle(env: RuntimeEnvironment, seconds: float) -> None:
 def calibrate_speed(env: RuntimeEnvironment, prompts: list[Prompt], reward: RewardSettings) -> None:
     """Set ``tps_scale`` to the dense model's idle tokens/s on a few prompts when it is 0."""
     if not reward.tps_scale:
-        speeds = [env.serve(p, "none")[0].tokens_per_s for p in prompts[:3]]
+        speeds = [env.serve(p, env.profiles.names[0])[0].tokens_per_s for p in prompts[:3]]
         reward.tps_scale = sorted(speeds)[len(speeds) // 2]
 
 
@@ -167,7 +255,9 @@ class TrainSettings:
     steps_per_episode: int = 10
     conditions: list[LoadCondition] = field(default_factory=list)
     settle_s: float = 1.0  # wait after starting a load so the telemetry sees it
-    reward_heads: bool = True  # learn speed and quality by separate heads (see RuntimeEnvironment.reward_heads)
+    reward_heads: bool = True  # learn the reward's terms by separate heads (see RuntimeEnvironment.reward_heads)
+    objectives: ObjectiveRange | None = None  # latency objectives drawn per request (needed by the slo reward)
+    seed: int = 0
 
 
 def train(env: RuntimeEnvironment, prompts: list[Prompt], settings: TrainSettings, reward: RewardSettings,
@@ -181,32 +271,37 @@ def train(env: RuntimeEnvironment, prompts: list[Prompt], settings: TrainSetting
         reward = RewardSettings(**extra["reward"])
     else:
         controller = Controller(env.state_size, env.profiles.names, dqn or DqnSettings(),
-                                env.reward_heads(settings.reward_heads))
+                                env.reward_heads(reward.mode, settings.reward_heads))
         calibrate_speed(env, prompts, reward)
     if resume and checkpoint.is_file():
         check_checkpoint_model(extra, env.loaded, checkpoint)
     if controller.actions != env.profiles.names:
         raise LayerwiseError("The checkpoint's profiles differ from this model's profiles.")
+    if reward.mode == "slo" and settings.objectives is None:
+        raise LayerwiseError("The slo reward needs latency objectives: give --slo-ms LOW:HIGH.")
+    total = settings.episodes * settings.steps_per_episode
+    objectives = draw_objectives(settings.objectives, total + 1, settings.seed)
     cursor = start_episode * settings.steps_per_episode
     for episode in tqdm(range(start_episode, settings.episodes), desc="runtime train", unit="episode", disable=None):
         condition = settings.conditions[episode % len(settings.conditions)]
         with MachineLoad(condition):
             settle(env, settings.settle_s)
-            state, observe_ms = timed_observe(env, prompts[cursor % len(prompts)])
+            state, observe_ms = timed_observe(env, prompts[cursor % len(prompts)], objectives[cursor])
             for step in range(settings.steps_per_episode):
                 prompt = prompts[cursor % len(prompts)]
                 epsilon = controller.epsilon
-                action, record = run_request(env, prompt, state, controller.act, "controller", condition.name,
-                                             reward, observe_ms)
+                action, record, terms = run_request(env, prompt, state, controller.act, "controller",
+                                                    condition.name, reward, observe_ms, objectives[cursor])
                 cursor += 1
-                next_state, observe_ms = timed_observe(env, prompts[cursor % len(prompts)])
-                terms = reward.terms(record.tokens_per_s, record.ppl) if len(controller.heads) > 1 else None
+                next_state, observe_ms = timed_observe(env, prompts[cursor % len(prompts)], objectives[cursor])
                 controller.observe(Transition(state, action, record.reward, next_state,
-                                              step == settings.steps_per_episode - 1, terms))
+                                              step == settings.steps_per_episode - 1,
+                                              terms if len(controller.heads) > 1 else None))
                 records.append({**asdict(record), "episode": episode, "epsilon": epsilon})
                 state = next_state
         controller.save(checkpoint, {"episode": episode + 1, "records": records, "reward": asdict(reward),
-                                     "model": model_identity(env.loaded)})
+                                     "model": model_identity(env.loaded),
+                                     "objectives": str(settings.objectives) if settings.objectives else None})
     return controller, records
 
 
@@ -225,27 +320,54 @@ def check_checkpoint_model(extra: dict, loaded, path) -> None:
                              f"({trained['architecture']}), not on {loaded.spec}; train one for this model.")
 
 
-def test(env: RuntimeEnvironment, controller: Controller, prompts: list[Prompt], conditions: list[LoadCondition],
-         reward: RewardSettings, fixed: list[str] | None = None, settle_s: float = 1.0) -> list[dict]:
-    """Serve every test prompt under every load condition with the learned controller (greedy) and with each
-    fixed profile in ``fixed`` (default: all)."""
-    policies: dict[str, Policy] = {"controller": lambda state: controller.act(state, explore=False)}
-    for name in fixed if fixed is not None else env.profiles.names:
-        index = env.profiles.names.index(name)
-        policies[f"fixed:{name}"] = lambda state, index=index: index
+def fixed_policies(env: RuntimeEnvironment, names: list[str] | None = None) -> dict[str, Policy]:
+    """``fixed:<profile>`` for each profile in ``names`` (default: all): always that profile."""
+    return {f"fixed:{name}": (lambda state, index=env.profiles.names.index(name): index)
+            for name in (names if names is not None else env.profiles.names)}
+
+
+def compare(env: RuntimeEnvironment, policies: dict[str, Policy], prompts: list[Prompt],
+            conditions: list[LoadCondition], reward: RewardSettings, objectives: ObjectiveRange | None = None,
+            seed: int = 0, settle_s: float = 1.0, desc: str = "runtime test") -> list[dict]:
+    """Serve every prompt under every load condition with every policy, back to back: the same prompt gets the
+    same objective under every load and policy, so the records pair up (condition, prompt index)."""
+    drawn = draw_objectives(objectives, len(prompts), seed + 1)  # not the training draw
     records = []
     total = len(conditions) * len(policies) * len(prompts)
-    with tqdm(total=total, desc="runtime test", unit="request", disable=None) as bar:
+    with tqdm(total=total, desc=desc, unit="request", disable=None) as bar:
         for condition in conditions:
             with MachineLoad(condition):
                 settle(env, settle_s)
-                for prompt in prompts:
+                for index, (prompt, objective) in enumerate(zip(prompts, drawn)):
                     for policy, decide in policies.items():
-                        state, observe_ms = timed_observe(env, prompt)
-                        _, record = run_request(env, prompt, state, decide, policy, condition.name, reward, observe_ms)
-                        records.append(asdict(record))
+                        state, observe_ms = timed_observe(env, prompt, objective)
+                        _, record, _ = run_request(env, prompt, state, decide, policy, condition.name, reward,
+                                                   observe_ms, objective)
+                        records.append({**asdict(record), "prompt": index})
                         bar.update()
     return records
+
+
+def test(env: RuntimeEnvironment, controller: Controller, prompts: list[Prompt], conditions: list[LoadCondition],
+         reward: RewardSettings, fixed: list[str] | None = None, settle_s: float = 1.0,
+         objectives: ObjectiveRange | None = None, seed: int = 0) -> list[dict]:
+    """Serve every test prompt under every load condition with the learned controller (greedy) and with each
+    fixed profile in ``fixed`` (default: all)."""
+    policies: dict[str, Policy] = {"controller": lambda state: controller.act(state, explore=False)}
+    policies.update(fixed_policies(env, fixed))
+    return compare(env, policies, prompts, conditions, reward, objectives, seed, settle_s)
+
+
+def oracle_table(records: list[dict]) -> list[dict]:
+    """Per condition, the fixed profiles ranked by mean reward: which single profile an oracle would pin there."""
+    rows = [row for row in summarize(records) if row["policy"].startswith("fixed:")]
+    table = []
+    for condition in dict.fromkeys(row["condition"] for row in rows):
+        ranked = sorted((row for row in rows if row["condition"] == condition), key=lambda row: -row["reward"])
+        table.append({"condition": condition, "best": ranked[0]["policy"].removeprefix("fixed:"),
+                      "ranking": [(row["policy"].removeprefix("fixed:"), row["reward"], row["attainment"])
+                                  for row in ranked]})
+    return table
 
 
 def summarize(records: list[dict]) -> list[dict]:
@@ -261,8 +383,11 @@ def summarize(records: list[dict]) -> list[dict]:
         def mean(key: str, items: list[dict] = items) -> float:
             return sum(i[key] for i in items) / len(items)
 
+        judged = [item["met"] for item in items if item.get("met") is not None]
         rows.append({"condition": condition, "policy": policy, "requests": len(items),
                      "tokens_per_s": mean("tokens_per_s"), "ppl": mean("ppl"), "reward": mean("reward"),
                      "switch_ms": mean("switch_ms"), "decide_ms": mean("decide_ms"), "decode_ms": mean("decode_ms"),
-                     "profiles": mix})
+                     "nll": mean("nll") if all("nll" in i for i in items) else float("nan"),
+                     "seed_reward": mean("seed_reward") if all("seed_reward" in i for i in items) else float("nan"),
+                     "attainment": sum(judged) / len(judged) if judged else None, "profiles": mix})
     return rows

@@ -1,0 +1,147 @@
+"""Per-request latency objectives: how they are drawn, and what the controller knows about meeting them.
+
+A server operator's target is "answer within N ms at the best quality possible". Whether a profile meets it
+depends on the prompt's length (prefill grows with it), on the machine's load (contention slows every profile)
+and on the profile itself. ``SpeedEstimates`` turns that into a few cheap numbers for the controller's state:
+each profile's idle latency as a function of the prompt's length (two timed points per profile, fitted once at
+start-up) times a running *slowdown* factor (observed / predicted latency of the requests just served, an
+exponential average), so every profile's current latency is estimated from whichever profile ran last.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import LayerwiseError
+
+OBJECTIVE_FEATURES = ("objective", "slowdown")  # then one "predicted latency / objective" per profile
+NOMINAL_OBJECTIVE_MS = 1000.0  # what the state assumes when a request states no objective
+RATIO_CLIP = 2.0  # log-ratios beyond e^±2 say "far too slow" / "far faster" and no more
+
+
+class ObjectiveError(LayerwiseError):
+    """An objective range that cannot be parsed or drawn from."""
+
+
+@dataclass(frozen=True)
+class ObjectiveRange:
+    """Latency objectives drawn log-uniformly from [low_ms, high_ms] (one value: every request gets it)."""
+
+    low_ms: float
+    high_ms: float
+
+    def __post_init__(self) -> None:
+        if not 0 < self.low_ms <= self.high_ms:
+            raise ObjectiveError(f"A latency objective range needs 0 < low ≤ high (got {self.low_ms}:{self.high_ms} ms).")
+
+    @classmethod
+    def parse(cls, text: str) -> "ObjectiveRange":
+        """``LOW:HIGH`` or ``MS``, in milliseconds."""
+        low, _, high = text.partition(":")
+        try:
+            return cls(float(low), float(high or low))
+        except ValueError:
+            raise ObjectiveError(f"--slo-ms takes LOW:HIGH or one value in milliseconds (got '{text}').") from None
+
+    def draw(self, rng: random.Random) -> float:
+        return math.exp(rng.uniform(math.log(self.low_ms), math.log(self.high_ms)))
+
+    def __str__(self) -> str:
+        return f"{self.low_ms:g}:{self.high_ms:g}"
+
+
+@dataclass(frozen=True)
+class LatencyLine:
+    """Idle latency of one profile: prefill ``a + b·L`` ms and ``c + d·L`` ms per further decoded token, for a
+    prompt of ``L`` tokens."""
+
+    prefill_ms: float
+    prefill_ms_per_token: float
+    step_ms: float
+    step_ms_per_token: float
+
+    def predict(self, prompt_tokens: int, new_tokens: int) -> float:
+        prefill = self.prefill_ms + self.prefill_ms_per_token * prompt_tokens
+        return prefill + max(0, new_tokens - 1) * (self.step_ms + self.step_ms_per_token * prompt_tokens)
+
+    @classmethod
+    def through(cls, short: tuple[int, float, float], long: tuple[int, float, float]) -> "LatencyLine":
+        """The line through two timings (prompt tokens, prefill ms, ms per decoded token); slopes never negative."""
+        span = max(1, long[0] - short[0])
+        prefill_slope = max(0.0, (long[1] - short[1]) / span) if long[0] > short[0] else 0.0
+        step_slope = max(0.0, (long[2] - short[2]) / span) if long[0] > short[0] else 0.0
+        return cls(short[1] - prefill_slope * short[0], prefill_slope, short[2] - step_slope * short[0], step_slope)
+
+
+@dataclass
+class SpeedEstimates:
+    """Each profile's predicted latency now: its idle line times the running slowdown of the machine."""
+
+    lines: dict[str, LatencyLine]
+    slowdown: float = 1.0
+    smoothing: float = 0.5  # weight of the newest request in the running slowdown
+
+    def predict(self, profile: str, prompt_tokens: int, new_tokens: int) -> float:
+        return self.slowdown * self.lines[profile].predict(prompt_tokens, new_tokens)
+
+    def fastest(self, prompt_tokens: int, new_tokens: int) -> tuple[str, float]:
+        """The profile predicted fastest for this request, and its predicted latency in ms."""
+        return min(((name, self.predict(name, prompt_tokens, new_tokens)) for name in self.lines),
+                   key=lambda item: item[1])
+
+    def observe(self, profile: str, prompt_tokens: int, new_tokens: int, latency_ms: float) -> None:
+        """Fold one served request's measured latency into the slowdown."""
+        expected = self.lines[profile].predict(prompt_tokens, new_tokens)
+        if expected > 0 and latency_ms > 0:
+            self.slowdown += self.smoothing * (latency_ms / expected - self.slowdown)
+
+    def features(self, prompt_tokens: int, new_tokens: int, objective_ms: float | None) -> list[float]:
+        """``OBJECTIVE_FEATURES`` then log(predicted / objective) per profile, clipped to ±``RATIO_CLIP``."""
+        objective = objective_ms or NOMINAL_OBJECTIVE_MS
+        ratios = [math.log(max(self.predict(name, prompt_tokens, new_tokens), 1e-3) / objective)
+                  for name in self.lines]
+        return [math.log(objective / NOMINAL_OBJECTIVE_MS), math.log(max(self.slowdown, 1e-3)),
+                *(min(RATIO_CLIP, max(-RATIO_CLIP, r)) for r in ratios)]
+
+
+@dataclass
+class SpeedCalibration:
+    """How the idle lines are measured: prompts of ``short`` and ``long`` tokens, ``new_tokens`` decoded, the
+    fastest of ``repeats`` runs per point (after one warm-up)."""
+
+    short: int = 16
+    long: int = 512
+    new_tokens: int = 8
+    repeats: int = 2
+
+    def prompt(self, length: int, vocab_size: int) -> torch.Tensor:
+        """A fixed prompt of ``length`` tokens (content does not change the time a dense forward takes)."""
+        return (torch.arange(length) * 7919 % max(2, vocab_size - 1) + 1).unsqueeze(0)
+
+
+def calibrate_speeds(profiles, model: torch.nn.Module, vocab_size: int, context: int | None,
+                     calibration: SpeedCalibration | None = None) -> SpeedEstimates:
+    """Time every profile of ``profiles`` (a ``ProfileSet``) at a short and a long prompt; the dense model is
+    back afterwards."""
+    from .generate import generate
+
+    settings = calibration or SpeedCalibration()
+    long = min(settings.long, (context or settings.long) // 2)
+    lines: dict[str, LatencyLine] = {}
+    for name in profiles.names:
+        points = []
+        with profiles.using(name):
+            for length in (settings.short, long):
+                ids = settings.prompt(length, vocab_size)
+                generate(model, ids, 2, profiles.kv_eviction())  # warm-up
+                runs = [generate(model, ids, settings.new_tokens, profiles.kv_eviction())
+                        for _ in range(settings.repeats)]
+                prefill = min(1000 * run.prefill_s for run in runs)
+                step = min(1000 * run.decode_s / max(1, len(run.new_tokens) - 1) for run in runs)
+                points.append((length, prefill, step))
+        lines[name] = LatencyLine.through(*points)
+    return SpeedEstimates(lines)

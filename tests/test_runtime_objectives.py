@@ -1,0 +1,242 @@
+"""Latency objectives for the runtime controller: the slo reward, the speed estimates in the state, the
+per-action head, cached profile switches, and the server's objectives and OpenAI-compatible endpoints."""
+
+from __future__ import annotations
+
+import math
+import random
+import socket
+import threading
+import time
+
+import pytest
+import torch
+
+from layerwise.errors import LayerwiseError
+from layerwise.runtime.controller import Controller, DqnSettings, Head, PerActionQNetwork, Transition
+from layerwise.runtime.objectives import LatencyLine, ObjectiveError, ObjectiveRange, SpeedCalibration, SpeedEstimates
+from layerwise.runtime.session import Outcome, RewardSettings
+
+FAST_CALIBRATION = SpeedCalibration(short=8, long=64, new_tokens=3, repeats=1)
+
+
+def test_slo_reward_pays_quality_within_the_objective_and_a_scaled_penalty_beyond_it():
+    reward = RewardSettings(mode="slo", slo_penalty=2.0, slo_overrun=3.0)
+    met = Outcome(tokens_per_s=20.0, ppl=math.exp(0.5), nll=0.5, latency_ms=900.0, objective_ms=1000.0)
+    assert met.met and reward.terms(met) == [-0.5, 0.0]
+    late = Outcome(20.0, math.exp(0.5), 0.5, latency_ms=1500.0, objective_ms=1000.0)
+    assert not late.met and reward.terms(late) == pytest.approx([-0.5, -(2.0 + 3.0 * 0.5)])
+    assert reward.reward(late) == pytest.approx(-4.0)
+    # the seed's reward is reported beside it, whatever the mode
+    assert reward.seed_reward(late) == pytest.approx(0.6 * 20.0 - 0.4 * math.exp(0.5) / 10)
+    assert RewardSettings().reward(late) == pytest.approx(reward.seed_reward(late))
+    with pytest.raises(LayerwiseError, match="--slo-ms"):
+        reward.terms(Outcome(20.0, 2.0, 0.7, 900.0, None))
+
+
+def test_objective_ranges_parse_and_draw_log_uniformly_and_reproducibly():
+    span = ObjectiveRange.parse("200:3200")
+    draws = [span.draw(random.Random(7)) for _ in range(2)]
+    assert draws[0] == draws[1]
+    values = [span.draw(random.Random(seed)) for seed in range(400)]
+    assert 200 <= min(values) and max(values) <= 3200
+    below = sum(v < 800 for v in values) / len(values)  # log-uniform: half the mass below the geometric mean
+    assert 0.4 < below < 0.6
+    assert ObjectiveRange.parse("750") == ObjectiveRange(750, 750)
+    for bad in ("fast", "900:300", "0:10"):
+        with pytest.raises(ObjectiveError):
+            ObjectiveRange.parse(bad)
+
+
+def test_speed_estimates_fit_two_points_and_follow_the_slowdown():
+    line = LatencyLine.through((16, 60.0, 40.0), (1016, 1460.0, 45.0))
+    assert line.prefill_ms_per_token == pytest.approx(1.4) and line.step_ms_per_token == pytest.approx(0.005)
+    assert line.predict(16, 1) == pytest.approx(60.0) and line.predict(516, 11) == pytest.approx(760 + 10 * 42.5)
+    estimates = SpeedEstimates({"none": line, "fast": LatencyLine(30.0, 0.7, 25.0, 0.0)}, smoothing=0.5)
+    assert estimates.fastest(100, 10)[0] == "fast"
+    dense = line.predict(100, 10)
+    estimates.observe("none", 100, 10, 3 * dense)  # a loaded machine: three times slower than idle
+    assert estimates.slowdown == pytest.approx(2.0)
+    assert estimates.predict("fast", 100, 10) == pytest.approx(2.0 * (30 + 70 + 9 * 25))
+    objective, slowdown, *ratios = estimates.features(100, 10, 500.0)
+    assert objective == pytest.approx(math.log(0.5)) and slowdown == pytest.approx(math.log(2.0))
+    assert ratios == pytest.approx([math.log(2 * dense / 500), math.log(2 * 325 / 500)])
+    assert estimates.features(100, 10, 1.0)[2:] == [2.0, 2.0]  # clipped
+
+
+def test_per_action_head_learns_which_profiles_meet_the_objective_from_their_own_feature():
+    """Three actions: 0 is the most accurate and slowest. The state holds each action's log(predicted latency /
+    objective); missing costs 3. The learned greedy choice is the most accurate action that meets it (or, when none
+    does, the most accurate one)."""
+    quality = [-0.5, -1.0, -2.0]
+    speed = [1.0, 0.6, 0.3]
+    heads = {"quality": Head((0,)), "objective": Head((0,), per_action=(1, 2, 3))}
+    controller = Controller(4, ["a", "b", "c"], DqnSettings(seed=0, gamma=0.0, warmup=32, epsilon_decay_steps=300,
+                                                           learning_rate=3e-3), heads)
+    rng = random.Random(0)
+
+    def state() -> list[float]:
+        objective = math.exp(rng.uniform(math.log(0.2), math.log(1.5)))
+        return [0.0, *(math.log(s / objective) for s in speed)]
+
+    current = state()
+    for _ in range(900):
+        action = controller.act(current)
+        terms = [quality[action], 0.0 if current[1 + action] <= 0 else -3.0]
+        following = state()
+        controller.observe(Transition(current, action, sum(terms), following, False, terms))
+        current = following
+    right = 0
+    for _ in range(200):
+        probe = state()
+        earned = [quality[a] + (0.0 if probe[1 + a] <= 0 else -3.0) for a in range(3)]
+        right += controller.act(probe, explore=False) == max(range(3), key=earned.__getitem__)
+    assert right >= 170, right
+    network = controller.online.heads[1]
+    assert isinstance(network, PerActionQNetwork) and network(torch.zeros(5, 4)).shape == (5, 3)
+
+
+def test_profiles_switch_by_replaying_built_swaps_and_restore_the_dense_model(tiny, calibration):
+    from layerwise.models.adapter import get_adapter
+    from layerwise.runtime.profiles import Importance, ProfileSet, parse_profiles
+
+    tokens = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        dense = tiny.model(tokens).logits
+    specs = parse_profiles("ffn_neurons@0.5,transformer_layers@0.5,attention_heads@0.5")
+    assert [s.name for s in specs] == ["none", "ffn_neurons@0.5", "transformer_layers@0.5", "attention_heads@0.5"]
+    profiles = ProfileSet(tiny.model, Importance.from_calibration(tiny.model, calibration), specs)
+    adapter = get_adapter(tiny.model)
+    with torch.no_grad():
+        ordered = tiny.model(tokens).logits  # reordered by importance: the same function
+        outputs = {}
+        for name in profiles.names[1:]:
+            with profiles.using(name):
+                first = [m for m in tiny.model.modules()]
+                outputs[name] = tiny.model(tokens).logits
+            with profiles.using(name):
+                assert [m for m in tiny.model.modules()] == first  # the very same modules: built once
+                assert torch.equal(tiny.model(tokens).logits, outputs[name])
+        assert torch.equal(tiny.model(tokens).logits, ordered)
+    assert torch.allclose(ordered, dense, atol=1e-5)
+    assert not any(adapter.attention(b).removed for b in range(adapter.num_blocks))
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture
+def served(tiny, calibration):
+    """The app over tiny-llama (with a chat template) on a real port, for the openai client."""
+    import uvicorn
+
+    from layerwise.runtime.server import create_app
+    from layerwise.runtime.session import RuntimeEnvironment
+
+    tiny.tokenizer.chat_template = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
+                                    "{% if add_generation_prompt %}<assistant>{% endif %}")
+    env = RuntimeEnvironment(tiny, calibration, 0, speed_calibration=FAST_CALIBRATION)
+    controller = Controller(env.state_size, env.profiles.names, DqnSettings(seed=3),
+                            env.reward_heads("slo"))
+    port = _free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(env, controller), host="127.0.0.1", port=port,
+                                           log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 30
+    while not server.started and time.time() < deadline:
+        time.sleep(0.05)
+    yield env, f"http://127.0.0.1:{port}"
+    server.should_exit = True
+    thread.join(timeout=10)
+    del tiny.tokenizer.chat_template
+
+
+def test_openai_client_completes_chats_and_streams_with_objectives_and_metrics(served):
+    import httpx
+    import openai
+
+    env, url = served
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused")
+    assert [m.id for m in client.models.list().data] == ["tiny-llama"]
+    completion = client.completions.create(model="tiny-llama", prompt="Plants absorb", max_tokens=6,
+                                           extra_body={"max_latency_ms": 60000})
+    choice = completion.choices[0]
+    assert completion.usage.completion_tokens <= 6 and choice.finish_reason in ("stop", "length")
+    extra = completion.model_extra["layerwise"]
+    assert extra["profile"] in env.profiles.names and extra["objective_ms"] == 60000 and extra["met"] is True
+    chat = client.chat.completions.create(model="tiny-llama", max_tokens=5,
+                                          messages=[{"role": "user", "content": "Which gas do plants absorb?"}])
+    assert chat.choices[0].message.role == "assistant" and chat.usage.completion_tokens <= 5
+    prompt_tokens = len(env.loaded.tokenizer("<user>Which gas do plants absorb?\n<assistant>")["input_ids"])
+    assert chat.usage.prompt_tokens == prompt_tokens  # the tokenizer's chat template, applied by the server
+    pieces = list(client.chat.completions.create(model="tiny-llama", max_tokens=5, stream=True,
+                                                 messages=[{"role": "user", "content": "Name a gas."}]))
+    assert pieces[0].choices[0].delta.role == "assistant" and pieces[-1].choices[0].finish_reason in ("stop", "length")
+    streamed = "".join(p.choices[0].delta.content or "" for p in pieces)
+    whole = client.chat.completions.create(model="tiny-llama", max_tokens=5,
+                                           messages=[{"role": "user", "content": "Name a gas."}])
+    # the same greedy text, streamed or not (when the controller picks the same profile for the same state)
+    if pieces[-1].model_extra["layerwise"]["profile"] == whole.model_extra["layerwise"]["profile"]:
+        assert streamed == whole.choices[0].message.content
+    text_stream = list(client.completions.create(model="tiny-llama", prompt="Hello", max_tokens=4, stream=True))
+    assert text_stream[-1].choices[0].finish_reason in ("stop", "length")
+    with pytest.raises(openai.UnprocessableEntityError, match="cannot be met"):
+        client.completions.create(model="tiny-llama", prompt="Hello", max_tokens=4, extra_body={"max_latency_ms": 0.01})
+    native = httpx.post(f"{url}/generate", json={"prompt": "Hello there", "max_new_tokens": 4,
+                                                 "min_tokens_per_s": 0.01}, timeout=60).json()
+    assert native["objective_ms"] == pytest.approx(4 / 0.01 * 1000) and native["met"] is True
+    assert native["latency_ms"] == pytest.approx(native["prefill_ms"] + native["decode_ms"])
+    metrics = httpx.get(f"{url}/metrics").json()
+    assert metrics["requests"] == 6 and metrics["rejected_objectives"] == 1 and metrics["errors"] == 0
+    assert metrics["objectives"] == {"requests": 2, "met": 2, "attainment": 1.0}
+    assert sum(level["requests"] for level in metrics["by_load"].values()) == 6
+    assert sum(sum(level["profiles"].values()) for level in metrics["by_load"].values()) == 6
+    assert metrics["active_profile"] == "none"
+
+
+def test_slo_training_oracle_and_test_through_the_cli(tmp_path):
+    """On tiny-llama: the slo reward needs objectives; the oracle ranks the fixed profiles per load; a trained
+    controller is tested on paired requests that carry their objectives and the seed's reward."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from layerwise.cli import app
+
+    common = ["--model", "tiny-llama", "--nsamples", "4", "--max-new-tokens", "3", "--train-samples", "12",
+              "--profiles", "ffn_neurons@0.5,transformer_layers@0.5"]
+    refused = CliRunner().invoke(app, ["runtime", "train", *common, "--reward", "slo"])
+    assert refused.exit_code == 2 and "--slo-ms" in refused.output
+    unknown = CliRunner().invoke(app, ["runtime", "train", *common, "--reward", "fast", "--slo-ms", "10:100"])
+    assert unknown.exit_code == 2 and "reward mode" in unknown.output
+    oracle = CliRunner().invoke(app, ["runtime", "oracle", *common, "--out", str(tmp_path / "oracle"), "--samples",
+                                      "3", "--load-profile", "idle,spin1", "--slo-ms", "5:200"])
+    assert oracle.exit_code == 0, oracle.output
+    table = json.loads((tmp_path / "oracle" / "oracle.json").read_text())["table"]
+    assert [row["condition"] for row in table] == ["idle", "spin1"]
+    assert all(len(row["ranking"]) == 3 and row["best"] == row["ranking"][0][0] for row in table)
+    checkpoint = tmp_path / "rt" / "ckpt.pt"
+    trained = CliRunner().invoke(app, ["runtime", "train", *common, "--checkpoint", str(checkpoint), "--episodes",
+                                       "2", "--steps-per-episode", "3", "--load-profile", "idle", "--reward", "slo",
+                                       "--slo-ms", "5:200"])
+    assert trained.exit_code == 0, trained.output
+    tested = CliRunner().invoke(app, ["runtime", "test", "--model", "tiny-llama", "--nsamples", "4",
+                                      "--max-new-tokens", "3", "--train-samples", "12", "--checkpoint",
+                                      str(checkpoint), "--ppl-samples", "3", "--load-profile", "idle"])
+    assert tested.exit_code == 0, tested.output
+    records = json.loads((checkpoint.parent / "test.json").read_text())
+    assert {r["policy"] for r in records} == {"controller", "fixed:none", "fixed:ffn_neurons@0.5",
+                                              "fixed:transformer_layers@0.5"}
+    for record in records:
+        assert 5 <= record["objective_ms"] <= 200 and record["met"] == (record["decode_ms"] <= record["objective_ms"])
+        assert record["reward"] == pytest.approx(-record["nll"] if record["met"] else
+                                                 -record["nll"] - 2.0 - 2.0 * (record["decode_ms"] / record["objective_ms"] - 1))
+        assert math.isfinite(record["seed_reward"])
+    by_prompt = {}
+    for record in records:  # paired: every policy saw the same objective for the same prompt
+        by_prompt.setdefault(record["prompt"], set()).add(record["objective_ms"])
+    assert len(by_prompt) == 3 and all(len(values) == 1 for values in by_prompt.values())
