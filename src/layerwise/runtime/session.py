@@ -322,7 +322,10 @@ def check_checkpoint_model(extra: dict, loaded, path) -> None:
 
 def fixed_policies(env: RuntimeEnvironment, names: list[str] | None = None) -> dict[str, Policy]:
     """``fixed:<profile>`` for each profile in ``names`` (default: all): always that profile."""
-    return {f"fixed:{name}": (lambda state, index=env.profiles.names.index(name): index)
+    def always(index: int) -> Policy:
+        return lambda state: index
+
+    return {f"fixed:{name}": always(env.profiles.names.index(name))
             for name in (names if names is not None else env.profiles.names)}
 
 
