@@ -1,18 +1,28 @@
-"""Runtime-adaptive pruning benchmark: train the Double DQN controller on smollm2-135m under the tool's own
-machine loads, then serve disjoint test prompts with it and with every fixed profile under each load.
+"""Runtime-adaptive pruning benchmark: on smollm2-135m, under the tool's own machine loads, with a latency
+objective drawn per request (``--reward slo``, the default) or the seed's linear reward (``--reward linear``).
 
-Run: `.venv/bin/python benchmarks/runtime.py --out DIR [--episodes 50 --train-samples 200 --test-samples 10]
-[--resume [--retest]]` on an otherwise idle machine (speeds are measured; the loads are the tool's own). It calls the real
-CLI (`layerwise runtime train`, then `layerwise runtime test`) and writes the `runtime` section of
-benchmarks/RESULTS.md and results/runtime.json from DIR/test.json and the checkpoint's training records.
+1. ``layerwise runtime oracle``: before training, every fixed profile under every load: which is best where;
+2. ``layerwise runtime train``: the Double DQN controller;
+3. ``layerwise runtime test``: disjoint test prompts, each served by the controller and by every fixed profile
+   back to back under each load, with the same objective (paired);
+4. a loopback load test of ``layerwise serve`` (OpenAI ``/v1/completions``, concurrency 4, 200 requests, bounded
+   time), a quarter of the requests under each load.
+
+Run: `.venv/bin/python benchmarks/runtime.py --out DIR` on an otherwise idle machine (speeds are measured; the
+loads are the tool's own). Writes the `runtime` section of benchmarks/RESULTS.md and results/runtime.json.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import random
+import socket
 import statistics
 import subprocess
 import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -31,116 +41,252 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--episodes", type=int, default=50)
+    parser.add_argument("--reward", default="slo", choices=["slo", "linear"])
+    parser.add_argument("--slo-ms", default="250:2500")
+    parser.add_argument("--profiles", default="ffn_neurons@0.25,ffn_neurons@0.5,ffn_neurons@0.7,"
+                                              "transformer_layers@0.3,transformer_layers@0.45")
+    parser.add_argument("--load-profile", default="idle,spin1,spin2,memory")
+    parser.add_argument("--episodes", type=int, default=80)
     parser.add_argument("--steps-per-episode", type=int, default=10)
-    parser.add_argument("--exploration-steps", type=int, default=400)
-    parser.add_argument("--train-samples", type=int, default=200)
-    parser.add_argument("--test-samples", type=int, default=10)
-    parser.add_argument("--max-new-tokens", type=int, default=20)
-    parser.add_argument("--load-profile", default="idle,cpu,memory,mixed")
-    parser.add_argument("--resume", action="store_true", help="continue training; skip a finished test")
-    parser.add_argument("--retest", action="store_true", help="run the test again even when DIR/test.json exists")
+    parser.add_argument("--exploration-steps", type=int, default=500)
+    parser.add_argument("--train-samples", type=int, default=300)
+    parser.add_argument("--test-samples", type=int, default=64)
+    parser.add_argument("--oracle-samples", type=int, default=12)
+    parser.add_argument("--max-new-tokens", type=int, default=8)
+    parser.add_argument("--load-test-requests", type=int, default=200)
+    parser.add_argument("--load-test-concurrency", type=int, default=4)
+    parser.add_argument("--load-test-timeout", type=float, default=900.0, help="seconds for the whole load test")
+    parser.add_argument("--skip", default="", help="steps already done in DIR: oracle,train,test,serve")
     parser.add_argument("--remark", default="")
     args = parser.parse_args()
 
+    skip = set(filter(None, args.skip.split(",")))
     checkpoint = args.out / "ckpt.pt"
-    common = ["--model", args.model, "--checkpoint", str(checkpoint), "--max-new-tokens", str(args.max_new_tokens),
+    shared = ["--model", args.model, "--max-new-tokens", str(args.max_new_tokens),
               "--train-samples", str(args.train_samples), "--load-profile", args.load_profile]
-    cli("runtime", "train", *common, "--episodes", str(args.episodes), "--steps-per-episode",
-        str(args.steps_per_episode), "--exploration-steps", str(args.exploration_steps),
-        *(["--resume"] if args.resume else []))
-    if args.retest or not (args.resume and (args.out / "test.json").is_file()):
-        cli("runtime", "test", *common, "--ppl-samples", str(args.test_samples), "--out", str(args.out))
+    objective = ["--slo-ms", args.slo_ms] if args.reward == "slo" else []
+    if "oracle" not in skip:
+        cli("runtime", "oracle", *shared, "--out", str(args.out), "--samples", str(args.oracle_samples),
+            "--reward", args.reward, *objective, "--profiles", args.profiles)
+    if "train" not in skip:
+        cli("runtime", "train", *shared, "--checkpoint", str(checkpoint), "--episodes", str(args.episodes),
+            "--steps-per-episode", str(args.steps_per_episode), "--exploration-steps", str(args.exploration_steps),
+            "--reward", args.reward, *objective, "--profiles", args.profiles)
+    if "test" not in skip:
+        cli("runtime", "test", *shared, "--checkpoint", str(checkpoint), "--ppl-samples", str(args.test_samples),
+            "--out", str(args.out))
+    if "serve" not in skip:
+        load_test(args, checkpoint)
     write_results(args)
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def load_test(args: argparse.Namespace, checkpoint: Path) -> None:
+    """``layerwise serve`` with the trained controller on a loopback port; ``--load-test-requests`` OpenAI
+    completions from ``--load-test-concurrency`` clients, a quarter under each load condition, every request
+    with an objective from ``--slo-ms``; stops at ``--load-test-timeout`` seconds whatever is left."""
+    import httpx
+
+    from layerwise.runtime.load import MachineLoad, parse_load_profile
+    from layerwise.runtime.objectives import ObjectiveRange
+    from layerwise.runtime.prompts import split_prompts
+
+    port = _free_port()
+    command = [str(Path(sys.executable).parent / "layerwise"), "serve", "--model", args.model, "--checkpoint",
+               str(checkpoint), "--port", str(port)]
+    print("$", " ".join(command), flush=True)
+    server = subprocess.Popen(command)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 600
+        while time.time() < deadline:
+            try:
+                if httpx.get(f"{url}/v1/models", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(2)
+        _, prompts = split_prompts(args.train_samples, args.test_samples, 0)
+        span = ObjectiveRange.parse(args.slo_ms)
+        rng = random.Random(11)
+        conditions = parse_load_profile(args.load_profile)
+        per_condition = args.load_test_requests // len(conditions)
+        stop_at = time.time() + args.load_test_timeout
+        outcomes: list[dict] = []
+
+        def one(index: int, condition: str) -> dict:
+            prompt = prompts[index % len(prompts)].text
+            objective = span.draw(random.Random(index))
+            if time.time() > stop_at:
+                return {"condition": condition, "status": "not sent (time bound)"}
+            start = time.perf_counter()
+            try:
+                response = httpx.post(f"{url}/v1/completions", timeout=max(1.0, stop_at - time.time()), json={
+                    "model": args.model, "prompt": prompt, "max_tokens": args.max_new_tokens,
+                    "max_latency_ms": objective})
+            except httpx.TimeoutException:
+                return {"condition": condition, "status": "timed out (time bound)"}
+            body = response.json()
+            return {"condition": condition, "status": response.status_code, "client_ms": 1000 * (time.perf_counter() - start),
+                    "objective_ms": objective, **(body.get("layerwise") or {})}
+
+        rng.shuffle(prompts)
+        for number, condition in enumerate(conditions):
+            with MachineLoad(condition):
+                time.sleep(1.0)
+                with ThreadPoolExecutor(args.load_test_concurrency) as pool:
+                    indices = range(number * per_condition, (number + 1) * per_condition)
+                    outcomes += list(pool.map(lambda i, c=condition.name: one(i, c), indices))
+        metrics = httpx.get(f"{url}/metrics", timeout=10).json()
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    (args.out / "load_test.json").write_text(json.dumps({"outcomes": outcomes, "metrics": metrics}, indent=1))
 
 
 def verdict(gap: float, se: float) -> str:
     """How a paired difference reads against two standard errors."""
     if gap > 2 * se:
-        return "the controller is better"
+        return "better"
     if gap < -2 * se:
-        return "the controller is worse"
-    return "within two standard errors, no demonstrated difference"
+        return "worse"
+    return "no difference (within 2 SE)"
 
 
 def mean(values: list[float]) -> float:
     return sum(values) / len(values) if values else float("nan")
 
 
-def write_results(args: argparse.Namespace) -> None:
-    import json
+def paired(records: list[dict], condition: str, ours: str, theirs: str, key: str = "reward") -> tuple[float, float, int]:
+    """Mean and standard error of ``ours − theirs`` over the prompts both served under ``condition``."""
+    mine = {r["prompt"]: r[key] for r in records if r["condition"] == condition and r["policy"] == ours}
+    other = {r["prompt"]: r[key] for r in records if r["condition"] == condition and r["policy"] == theirs}
+    gaps = [mine[p] - other[p] for p in mine if p in other]
+    se = statistics.stdev(gaps) / len(gaps) ** 0.5 if len(gaps) > 1 else float("nan")
+    return mean(gaps), se, len(gaps)
 
+
+def write_results(args: argparse.Namespace) -> None:
     import torch
 
     from layerwise.runtime.session import summarize
 
     tests = json.loads((args.out / "test.json").read_text())
+    oracle = json.loads((args.out / "oracle.json").read_text())["table"]
     extra = torch.load(args.out / "ckpt.pt", weights_only=False)["extra"]
     training = extra["records"]
+    slo = args.reward == "slo"
     groups = {(row["condition"], row["policy"]): row for row in summarize(tests)}
     conditions = list(dict.fromkeys(c for c, _ in groups))
     policies = list(dict.fromkeys(p for _, p in groups))
+    fixed = [p for p in policies if p != "controller"]
 
-    def cell(condition: str | None, policy: str, key: str) -> float:
-        """Mean of ``key`` under one load, or over all loads (each load serves the same prompts)."""
-        if condition is None:
-            return mean([groups[(c, policy)][key] for c in conditions])
-        return groups[(condition, policy)][key]
+    def pct(value: float | None) -> str:
+        return "–" if value is None else f"{100 * value:.0f}%"
 
-    def mix(condition: str) -> str:
-        chosen = groups[(condition, "controller")]["profiles"]
-        return ", ".join(f"{p} ×{n}" for p, n in sorted(chosen.items(), key=lambda kv: -kv[1]))
+    oracle_rows = [[row["condition"], row["best"], "; ".join(
+        f"{name} {value:.2f}" + (f" ({pct(met)} met)" if met is not None else "") for name, value, met in row["ranking"])]
+        for row in oracle]
+    oracle_differs = len({row["best"] for row in oracle}) > 1
 
-    overall = {p: cell(None, p, "reward") for p in policies}
-    ranked = sorted(policies, key=lambda p: -overall[p])
-    rows = [[p.removeprefix("fixed:"), *(f"{cell(c, p, 'tokens_per_s'):.1f} / {cell(c, p, 'ppl'):.2f} / "
-                                         f"{cell(c, p, 'reward'):.2f}" for c in conditions), f"{overall[p]:.3f}"]
-            for p in ranked]
-    table = markdown_table(["policy", *(f"{c}: tok/s / PPL / reward" for c in conditions), "mean reward"], rows)
+    sections, verdicts, attain_ok = [], {}, {}
+    for condition in conditions:
+        best = max(fixed, key=lambda p: groups[(condition, p)]["reward"])
+        rows = []
+        for policy in sorted(policies, key=lambda p: -groups[(condition, p)]["reward"]):
+            row = groups[(condition, policy)]
+            gap = "" if policy == "controller" else "{:+.3f} ± {:.3f} ({})".format(
+                *paired(tests, condition, "controller", policy)[:2],
+                verdict(*paired(tests, condition, "controller", policy)[:2]))
+            rows.append([policy.removeprefix("fixed:"), f"{row['reward']:.3f}", pct(row["attainment"]),
+                         f"{row['nll']:.3f}", f"{row['decode_ms']:.0f}", f"{row['seed_reward']:.2f}", gap])
+        margins = {p: paired(tests, condition, "controller", p) for p in fixed}
+        verdicts[condition] = {p.removeprefix("fixed:"): {"gap": g, "se": se, "n": n, "beats": g > 2 * se}
+                               for p, (g, se, n) in margins.items()}
+        ours, theirs = groups[(condition, "controller")], groups[(condition, best)]
+        attain_ok[condition] = {
+            "best_fixed": best.removeprefix("fixed:"), "controller_attainment": ours["attainment"],
+            "best_fixed_attainment": theirs["attainment"], "controller_nll": ours["nll"], "best_fixed_nll": theirs["nll"],
+            "met": (not slo) or (ours["attainment"] >= theirs["attainment"] and ours["nll"] <= theirs["nll"])}
+        mix = ", ".join(f"{p} ×{n}" for p, n in sorted(ours["profiles"].items(), key=lambda kv: -kv[1]))
+        n = min(m[2] for m in margins.values())
+        table = markdown_table(["policy", "reward", "objective met", "NLL of reference", "latency (ms)",
+                                "seed reward", "controller − this policy (paired ± SE)"], rows)
+        sections.append(f"**{condition}** ({n} paired requests; controller chose {mix}):\n\n{table}\n")
 
-    best_fixed = max((p for p in policies if p != "controller"), key=overall.get)
-    beats = overall["controller"] > overall[best_fixed]
-    # paired by request: every test prompt was served by every policy back to back under the same load
-    ours = [r["reward"] for r in tests if r["policy"] == "controller"]
-    theirs = [r["reward"] for r in tests if r["policy"] == best_fixed]
-    gaps = [a - b for a, b in zip(ours, theirs)]
-    gap = mean(gaps)
-    gap_se = statistics.stdev(gaps) / len(gaps) ** 0.5 if len(gaps) > 1 else float("nan")
-    best_by_condition = {c: max((p for p in policies if p != "controller"), key=lambda p: cell(c, p, "reward"))
-                         for c in conditions}
-    mixes = {c: mix(c) for c in conditions}
-    loaded = [c for c in conditions if c != "idle"]
-    differs = [c for c in loaded if mixes[c] != mixes.get("idle")]
-    switch = {p.removeprefix("fixed:"): cell(None, p, "switch_ms") for p in policies if p.startswith("fixed:")}
-    controller_decide = cell(None, "controller", "decide_ms")
-    overhead = 100 * mean([r["decide_ms"] / r["decode_ms"] for r in tests if r["policy"] == "controller"])
+    beats_all = {c: all(v["beats"] for v in verdicts[c].values()) for c in conditions}
+    controller = [r for r in tests if r["policy"] == "controller"]
+    overhead = 100 * mean([r["decide_ms"] / r["decode_ms"] for r in controller])
+    overhead_by = {c: 100 * mean([r["decide_ms"] / r["decode_ms"] for r in controller if r["condition"] == c])
+                   for c in conditions}
+    switches: dict[str, list[float]] = {}
+    for r in tests:
+        if r["policy"].startswith("fixed:"):
+            switches.setdefault(r["profile"], []).append(r["switch_ms"])
+    switch_rows = [[p, f"{mean(v):.2f}", f"{max(v):.2f}"] for p, v in switches.items()]
+    switch_max = max(max(v) for v in switches.values())
     episodes = sorted({r["episode"] for r in training})
-    first, last = episodes[:10], episodes[-10:]
-    early = mean([r["reward"] for r in training if r["episode"] in first])
-    late = mean([r["reward"] for r in training if r["episode"] in last])
-    switch_rows = [[name, f"{ms:.2f}"] for name, ms in switch.items()]
+    early = mean([r["reward"] for r in training if r["episode"] in episodes[:10]])
+    late = mean([r["reward"] for r in training if r["episode"] in episodes[-10:]])
 
+    load_text, load_summary = "", {}
+    load_file = args.out / "load_test.json"
+    if load_file.is_file():
+        load = json.loads(load_file.read_text())
+        done = [o for o in load["outcomes"] if o["status"] == 200]
+        refused = [o for o in load["outcomes"] if o["status"] == 422]
+        other = [o for o in load["outcomes"] if o["status"] not in (200, 422)]
+        client = sorted(o["client_ms"] for o in done)
+        metrics = load["metrics"]
+        per_load = "; ".join(
+            f"{name}: {level['requests']} requests, {pct(level['attainment'])} met, "
+            + ", ".join(f"{p} ×{k}" for p, k in sorted(level["profiles"].items(), key=lambda kv: -kv[1]))
+            for name, level in metrics["by_load"].items())
+        by_condition = "; ".join(
+            f"{c}: {pct(mean([float(o['met']) for o in done if o['condition'] == c]))} met"
+            for c in dict.fromkeys(o["condition"] for o in done))
+        load_summary = {"completed": len(done), "refused_422": len(refused), "other": len(other),
+                        "client_p50_ms": client[len(client) // 2] if client else None,
+                        "client_p95_ms": client[int(0.95 * (len(client) - 1))] if client else None,
+                        "metrics": metrics}
+        load_text = f"""
+Load test (`layerwise serve` with this controller, OpenAI `/v1/completions` over loopback, {args.load_test_concurrency} concurrent clients, {args.load_test_requests} requests, a quarter under each load, objectives from the same range, bounded at {args.load_test_timeout:.0f} s): {len(done)} completed, {len(refused)} refused with 422 (objective impossible even for the fastest profile), {len(other)} other ({', '.join(sorted({str(o['status']) for o in other})) or 'none'}). End-to-end client latency p50 {load_summary['client_p50_ms'] or float('nan'):.0f} ms, p95 {load_summary['client_p95_ms'] or float('nan'):.0f} ms (one model serves one request at a time, so with 4 clients most of it is queueing, which the objective counts). Objective attainment by the tool's load: {by_condition}. `GET /metrics` by the server's own load reading: {per_load}; overall attainment {pct(metrics['objectives']['attainment'])}, mean queue {metrics['mean_queue_ms']:.0f} ms.
+"""
+
+    goal = lambda ok: "**met**" if ok else "**not met**"  # noqa: E731
+    reward_text = ("`--reward slo`: the served profile's log-likelihood of the dense model's greedy continuation "
+                   "(−NLL, teacher-forced) when the request finishes within its objective, otherwise that minus "
+                   "2 − 2·overrun/objective nats; objectives drawn log-uniformly from "
+                   f"{args.slo_ms} ms per request" if slo else "the seed's `0.6·tokens/s − 0.4·PPL/10`")
     markdown = f"""## Runtime-adaptive pruning (Double DQN controller, {args.model})
 
-Command: `.venv/bin/python benchmarks/runtime.py --out DIR --episodes {args.episodes} --exploration-steps {args.exploration_steps} --train-samples {args.train_samples} --test-samples {args.test_samples} --max-new-tokens {args.max_new_tokens}` (runs `layerwise runtime train`, then `layerwise runtime test`). Reward: the seed's `0.6·tokens/s − 0.4·PPL/10`; tokens/s of the whole request (prefill + {args.max_new_tokens} decoded tokens, batch 1, 2 CPU cores, fp32), PPL of the dense model's greedy continuation under the served profile (teacher-forced). Loads are the tool's own: `cpu` = 2 spinning workers at 90% duty, `memory` = a 4 GiB ballast, `mixed` = 1 worker at 70% + 30% ballast. Training: {len(training)} requests over {len(episodes)} episodes ({args.steps_per_episode} a episode, one load each, cycled), {args.train_samples} training prompts; ε 1 → 0.05 over {args.exploration_steps} requests. Test: {args.test_samples} disjoint prompts (questions of ARC-e/c, BoolQ, CSQA, SIQA, SciQ, NQ-open and wiki passages), each served by every policy under every load. Profiles are sliced views of the dense weights (act importance, 32 calibration windows).
+Command: `.venv/bin/python benchmarks/runtime.py --out DIR --reward {args.reward} --slo-ms {args.slo_ms} --episodes {args.episodes} --exploration-steps {args.exploration_steps} --train-samples {args.train_samples} --test-samples {args.test_samples} --max-new-tokens {args.max_new_tokens}` (runs `layerwise runtime oracle`, `train`, `test`, then a load test of `layerwise serve`). Reward: {reward_text}. The seed's reward (`0.6·tokens/s − 0.4·PPL/10`) is recorded for the same requests. Latency is the whole request (prefill + {args.max_new_tokens} tokens, batch 1, 2 CPU cores, fp32). Loads are the tool's own: `spin1` = 1 process spinning all the time, `spin2` = 2 processes spinning half the time each (at full duty they slowed requests 3-15×, erratically), `memory` = a 4 GiB ballast. Prompts: questions of ARC-e/c, BoolQ, CSQA, SIQA, SciQ, NQ-open, wiki paragraphs and wiki passages up to 1,024 tokens. Profiles: `none` and `{args.profiles}` (sliced views, act importance). State: telemetry, prompt features, the objective, the running slowdown and each profile's predicted latency over the objective. Training: {len(training)} requests over {len(episodes)} episodes (one load each, cycled), ε 1 → 0.05 over {args.exploration_steps}.
 
-{table}
+Oracle table (before training, {args.oracle_samples} training prompts per load, every fixed profile; mean reward and objective attainment, best first):
 
-- Controller mean reward {overall['controller']:.3f} vs the best fixed profile ({best_fixed.removeprefix('fixed:')}) {overall[best_fixed]:.3f}: {'beats every fixed profile' if beats else 'does NOT beat every fixed profile'}.
-- Paired over the {len(gaps)} test requests (same prompt, same load, back to back), controller − {best_fixed.removeprefix('fixed:')}: {gap:+.3f} ± {gap_se:.3f} (standard error): {verdict(gap, gap_se)}.
-- Best fixed profile per load: {'; '.join(f"{c}: {best_by_condition[c].removeprefix('fixed:')} {cell(c, best_by_condition[c], 'reward'):.2f} (controller {cell(c, 'controller', 'reward'):.2f})" for c in conditions)}.
-- Controller's choices by load: {'; '.join(f'{c}: {mixes[c]}' for c in conditions)}. They {'differ between idle and ' + ', '.join(differs) if differs else 'do NOT differ between idle and the loaded conditions'}.
-- Controller overhead: {controller_decide:.2f} ms a request (telemetry + prompt features + Q-network), {overhead:.2f}% of the request's decode time.
-- Training reward, mean of the first 10 episodes → last 10: {early:.2f} → {late:.2f}.
+{markdown_table(['load', 'best fixed profile', 'every fixed profile'], oracle_rows)}
 
-Switching cost (activate the profile + restore the dense model, mean over the test requests, ms):
+The best fixed profile {'differs between conditions' if oracle_differs else 'is the same under every condition'}.
 
-{markdown_table(['profile', 'switch (ms)'], switch_rows)}
-"""
-    summary = {"overall_reward": overall, "best_fixed": best_fixed, "controller_beats_every_fixed": beats,
-               "paired_gap": gap, "paired_gap_se": gap_se, "best_fixed_by_condition": best_by_condition,
-               "controller_mix": mixes, "switch_ms": switch, "controller_decide_ms": controller_decide,
-               "controller_overhead_percent": overhead, "training_reward_first_last": [early, late],
+Test: {args.test_samples} disjoint prompts per load, each served by the controller and by every fixed profile back to back with the same objective.
+
+{chr(10).join(sections)}
+Goals:
+- Controller beats every fixed profile by more than 2 paired standard errors: {'; '.join(f"{c} {goal(beats_all[c])} (smallest margin {min(v['gap'] / v['se'] for v in verdicts[c].values()):.1f} SE)" for c in conditions)}.
+- Objective attainment ≥ the best fixed profile's at no worse mean quality (NLL): {'; '.join(f"{c} {goal(a['met'])} ({pct(a['controller_attainment'])} vs {a['best_fixed']} {pct(a['best_fixed_attainment'])}, NLL {a['controller_nll']:.3f} vs {a['best_fixed_nll']:.3f})" for c, a in attain_ok.items())}.
+- Controller overhead ≤ 1% of request time: {goal(overhead <= 1.0)} ({overhead:.2f}% mean of decide/latency; by load {', '.join(f'{c} {v:.2f}%' for c, v in overhead_by.items())}).
+- Profile switch ≤ 10 ms: {goal(switch_max <= 10.0)} (max {switch_max:.2f} ms over every test request; mean per profile below).
+- Training reward, mean of the first 10 episodes → last 10: {early:.3f} → {late:.3f}.
+
+{markdown_table(['profile', 'switch mean (ms)', 'switch max (ms)'], switch_rows)}
+{load_text}"""
+    summary = {"oracle": oracle, "verdicts": verdicts, "attainment": attain_ok, "beats_every_fixed": beats_all,
+               "overhead_percent": overhead, "overhead_by_condition": overhead_by, "switch_max_ms": switch_max,
+               "training_reward_first_last": [early, late], "load_test": load_summary,
                "settings": {k: str(v) for k, v in vars(args).items()}, "test_records": tests}
     write_section("runtime", markdown, summary, args.remark)
     print(markdown)

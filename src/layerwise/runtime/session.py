@@ -169,8 +169,9 @@ class RuntimeEnvironment:
 
     def observe(self, prompt: Prompt, objective_ms: float | None = None, new_tokens: int | None = None) -> list[float]:
         """The state: telemetry, prompt features, the objective and every profile's predicted latency."""
-        tokens = self.ids(prompt).shape[1]
-        return (self.telemetry.vector() + self.featurizer(prompt.text)
+        full = len(self.loaded.tokenizer(prompt.text)["input_ids"])
+        tokens = min(full, MAX_PROMPT_TOKENS)  # what is served: the prompt's last MAX_PROMPT_TOKENS tokens
+        return (self.telemetry.vector() + self.featurizer(prompt.text, full)
                 + self.speeds.features(tokens, new_tokens or self.max_new_tokens, objective_ms))
 
     def ids(self, prompt: Prompt) -> torch.Tensor:
