@@ -157,6 +157,13 @@ def verdict(gap: float, se: float) -> str:
     return "no difference (within 2 SE)"
 
 
+def in_se(gap: float, se: float) -> float:
+    """A paired gap in standard errors (±inf when the pairs never differ in spread but do in mean)."""
+    if se > 0:
+        return gap / se
+    return 0.0 if gap == 0 else float("inf") if gap > 0 else float("-inf")
+
+
 def mean(values: list[float]) -> float:
     return sum(values) / len(values) if values else float("nan")
 
@@ -254,7 +261,7 @@ def write_results(args: argparse.Namespace) -> None:
                         "client_p95_ms": client[int(0.95 * (len(client) - 1))] if client else None,
                         "metrics": metrics}
         load_text = f"""
-Load test (`layerwise serve` with this controller, OpenAI `/v1/completions` over loopback, {args.load_test_concurrency} concurrent clients, {args.load_test_requests} requests, a quarter under each load, objectives from the same range, bounded at {args.load_test_timeout:.0f} s): {len(done)} completed, {len(refused)} refused with 422 (objective impossible even for the fastest profile), {len(other)} other ({', '.join(sorted({str(o['status']) for o in other})) or 'none'}). End-to-end client latency p50 {load_summary['client_p50_ms'] or float('nan'):.0f} ms, p95 {load_summary['client_p95_ms'] or float('nan'):.0f} ms (one model serves one request at a time, so with 4 clients most of it is queueing, which the objective counts). Objective attainment by the tool's load: {by_condition}. `GET /metrics` by the server's own load reading: {per_load}; overall attainment {pct(metrics['objectives']['attainment'])}, mean queue {metrics['mean_queue_ms']:.0f} ms.
+Load test (`layerwise serve` with this controller, OpenAI `/v1/completions` over loopback, {args.load_test_concurrency} concurrent clients, {args.load_test_requests} requests, an equal share under each load, objectives from the same range, bounded at {args.load_test_timeout:.0f} s): {len(done)} completed, {len(refused)} refused with 422 (objective impossible even for the fastest profile), {len(other)} other ({', '.join(sorted({str(o['status']) for o in other})) or 'none'}). End-to-end client latency p50 {load_summary['client_p50_ms'] or float('nan'):.0f} ms, p95 {load_summary['client_p95_ms'] or float('nan'):.0f} ms (one model serves one request at a time, so with 4 clients most of it is queueing, which the objective counts). Objective attainment by the tool's load: {by_condition}. `GET /metrics` by the server's own load reading: {per_load}; overall attainment {pct(metrics['objectives']['attainment'])}, mean queue {metrics['mean_queue_ms']:.0f} ms.
 """
 
     goal = lambda ok: "**met**" if ok else "**not met**"  # noqa: E731
@@ -276,7 +283,7 @@ Test: {args.test_samples} disjoint prompts per load, each served by the controll
 
 {chr(10).join(sections)}
 Goals:
-- Controller beats every fixed profile by more than 2 paired standard errors: {'; '.join(f"{c} {goal(beats_all[c])} (smallest margin {min(v['gap'] / v['se'] for v in verdicts[c].values()):.1f} SE)" for c in conditions)}.
+- Controller beats every fixed profile by more than 2 paired standard errors: {'; '.join(f"{c} {goal(beats_all[c])} (smallest margin {min(in_se(v['gap'], v['se']) for v in verdicts[c].values()):.1f} SE)" for c in conditions)}.
 - Objective attainment ≥ the best fixed profile's at no worse mean quality (NLL): {'; '.join(f"{c} {goal(a['met'])} ({pct(a['controller_attainment'])} vs {a['best_fixed']} {pct(a['best_fixed_attainment'])}, NLL {a['controller_nll']:.3f} vs {a['best_fixed_nll']:.3f})" for c, a in attain_ok.items())}.
 - Controller overhead ≤ 1% of request time: {goal(overhead <= 1.0)} ({overhead:.2f}% mean of decide/latency; by load {', '.join(f'{c} {v:.2f}%' for c, v in overhead_by.items())}).
 - Profile switch ≤ 10 ms: {goal(switch_max <= 10.0)} (max {switch_max:.2f} ms over every test request; mean per profile below).
