@@ -71,7 +71,7 @@ class RewardSettings:
     slo_overrun: float = 2.0  # further nats per objective's worth of overrun
 
     def terms(self, outcome: Outcome) -> list[float]:
-        """The reward's terms in the order of ``REWARD_TERMS[mode]``; the reward is their sum."""
+        """The reward's terms, in the order of ``RuntimeEnvironment.reward_heads(mode)``; the reward is their sum."""
         return REWARD_MODES.get(self.mode)(self, outcome)
 
     def reward(self, outcome: Outcome) -> float:
@@ -99,7 +99,6 @@ def _slo_terms(reward: RewardSettings, outcome: Outcome) -> list[float]:
 REWARD_MODES: Registry[Callable[[RewardSettings, Outcome], list[float]]] = Registry("reward mode")
 REWARD_MODES.add("linear", _linear_terms)
 REWARD_MODES.add("slo", _slo_terms)
-REWARD_TERMS = {"linear": ("speed", "quality"), "slo": ("quality", "objective")}
 
 
 @dataclass
@@ -148,7 +147,7 @@ class RuntimeEnvironment:
         return len(TELEMETRY_FEATURES) + len(PROMPT_FEATURES) + len(OBJECTIVE_FEATURES) + len(self.profiles.names)
 
     def reward_heads(self, mode: str = "linear", decompose: bool = True) -> dict[str, Head]:
-        """The controller's heads, one per term of the reward (``REWARD_TERMS``). Quality sees the prompt's
+        """The controller's heads, one per term of the reward (``RewardSettings.terms``). Quality sees the prompt's
         features only, since a profile's perplexity on a prompt does not depend on the machine's load. Speed
         (linear) sees the telemetry and the prompt's length, factored (see ``Head``). The objective's penalty
         (slo) sees the telemetry, the length, the objective and the slowdown, and per profile its predicted
