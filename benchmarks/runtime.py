@@ -43,6 +43,7 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--reward", default="slo", choices=["slo", "linear"])
     parser.add_argument("--slo-ms", default="250:2500")
+    parser.add_argument("--slo-penalty", type=float, default=8.0)
     parser.add_argument("--profiles", default="ffn_neurons@0.25,ffn_neurons@0.5,ffn_neurons@0.7,"
                                               "transformer_layers@0.3,transformer_layers@0.45")
     parser.add_argument("--load-profile", default="idle,spin1,spin2,memory")
@@ -64,7 +65,7 @@ def main() -> None:
     checkpoint = args.out / "ckpt.pt"
     shared = ["--model", args.model, "--max-new-tokens", str(args.max_new_tokens),
               "--train-samples", str(args.train_samples), "--load-profile", args.load_profile]
-    objective = ["--slo-ms", args.slo_ms] if args.reward == "slo" else []
+    objective = ["--slo-ms", args.slo_ms, "--slo-penalty", str(args.slo_penalty)] if args.reward == "slo" else []
     if "oracle" not in skip:
         cli("runtime", "oracle", *shared, "--out", str(args.out), "--samples", str(args.oracle_samples),
             "--reward", args.reward, *objective, "--profiles", args.profiles)
@@ -267,11 +268,11 @@ Load test (`layerwise serve` with this controller, OpenAI `/v1/completions` over
     goal = lambda ok: "**met**" if ok else "**not met**"  # noqa: E731
     reward_text = ("`--reward slo`: the served profile's log-likelihood of the dense model's greedy continuation "
                    "(−NLL, teacher-forced) when the request finishes within its objective, otherwise that minus "
-                   "2 − 2·overrun/objective nats; objectives drawn log-uniformly from "
+                   f"{args.slo_penalty:g} + 2·overrun/objective nats; objectives drawn log-uniformly from "
                    f"{args.slo_ms} ms per request" if slo else "the seed's `0.6·tokens/s − 0.4·PPL/10`")
     markdown = f"""## Runtime-adaptive pruning (Double DQN controller, {args.model})
 
-Command: `.venv/bin/python benchmarks/runtime.py --out DIR --reward {args.reward} --slo-ms {args.slo_ms} --episodes {args.episodes} --exploration-steps {args.exploration_steps} --train-samples {args.train_samples} --test-samples {args.test_samples} --max-new-tokens {args.max_new_tokens}` (runs `layerwise runtime oracle`, `train`, `test`, then a load test of `layerwise serve`). Reward: {reward_text}. The seed's reward (`0.6·tokens/s − 0.4·PPL/10`) is recorded for the same requests. Latency is the whole request (prefill + {args.max_new_tokens} tokens, batch 1, 2 CPU cores, fp32). Loads are the tool's own: `spin1` = 1 process spinning all the time, `spin2` = 2 processes spinning half the time each (at full duty they slowed requests 3-15×, erratically), `memory` = a 4 GiB ballast. Prompts: questions of ARC-e/c, BoolQ, CSQA, SIQA, SciQ, NQ-open, wiki paragraphs and wiki passages up to 1,024 tokens. Profiles: `none` and `{args.profiles}` (sliced views, act importance). State: telemetry, prompt features, the objective, the running slowdown and each profile's predicted latency over the objective. Training: {len(training)} requests over {len(episodes)} episodes (one load each, cycled), ε 1 → 0.05 over {args.exploration_steps}.
+Command: `.venv/bin/python benchmarks/runtime.py --out DIR --reward {args.reward} --slo-ms {args.slo_ms} --slo-penalty {args.slo_penalty:g} --episodes {args.episodes} --exploration-steps {args.exploration_steps} --train-samples {args.train_samples} --test-samples {args.test_samples} --max-new-tokens {args.max_new_tokens}` (runs `layerwise runtime oracle`, `train`, `test`, then a load test of `layerwise serve`). Reward: {reward_text}. The seed's reward (`0.6·tokens/s − 0.4·PPL/10`) is recorded for the same requests. Latency is the whole request (prefill + {args.max_new_tokens} tokens, batch 1, 2 CPU cores, fp32). Loads are the tool's own: `spin1` = 1 process spinning all the time, `spin2` = 2 processes spinning half the time each (at full duty they slowed requests 3-15×, erratically), `memory` = a 4 GiB ballast. Prompts: questions of ARC-e/c, BoolQ, CSQA, SIQA, SciQ, NQ-open, wiki paragraphs and wiki passages up to 1,024 tokens. Profiles: `none` and `{args.profiles}` (sliced views, act importance). State: telemetry, prompt features, the objective, the running slowdown and each profile's predicted latency over the objective. Training: {len(training)} requests over {len(episodes)} episodes (one load each, cycled), ε 1 → 0.05 over {args.exploration_steps}.
 
 Oracle table (before training, {args.oracle_samples} training prompts per load, every fixed profile; mean reward and objective attainment, best first):
 

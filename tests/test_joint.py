@@ -218,3 +218,34 @@ def test_bytes_only_plan_with_forced_removals_reports_cleanly(tiny, tmp_path):
     record = json.loads((out / "result.json").read_text())
     assert record["metrics"]["removed_sublayers"] and record["metrics"]["predicted_speedup"] is None
     assert sum(int(t.n_bytes) for t in GGUFReader(str(out / "model.gguf")).tensors) == record["metrics"]["predicted_bytes"] <= budget
+
+
+def test_speed_guard_tightens_the_budget_until_the_plan_measures_within_five_percent(tmp_path, monkeypatch):
+    """A machine where removing work pays less than the tables predict: time grows with the square root of the
+    parameters, so a plan predicted at 1.3x measures short. The guard raises the predicted budget by the error
+    and repairs the plan until it measures within 5% of the target (or says what it measured)."""
+    from types import SimpleNamespace
+
+    def sublinear(model, setting=None):
+        return SimpleNamespace(total_ms=sum(p.numel() for p in model.parameters()) ** 0.5)
+
+    monkeypatch.setattr("layerwise.cost.measure_latency", sublinear)
+    out = tmp_path / "plan.json"
+    result = CliRunner().invoke(app, ["plan", "--model", "tiny-llama", "--structure", "joint", "--allocator", "greedy",
+                                      "--target-speedup", "1.3", "--candidates", "20", "--joint-attention-widths",
+                                      "1,0.5", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    plan = json.loads(out.read_text())
+    rounds = plan["details"]["speed_guard"]
+    assert rounds[0]["budget"] == 1.3 and rounds[0]["measured"] < 0.95 * 1.3  # predicted 1.3x, measured short
+    for before, after in zip(rounds, rounds[1:]):
+        assert after["budget"] == pytest.approx(before["budget"] * before["predicted"] / before["measured"], rel=1e-3)
+        assert after["predicted"] >= before["budget"] * before["predicted"] / before["measured"] - 1e-3
+    assert rounds[-1]["measured"] >= 0.95 * 1.3 or len(rounds) == 3
+    assert plan["prediction"]["predicted_speedup"] == pytest.approx(rounds[-1]["predicted"], rel=1e-3)
+    unguarded = CliRunner().invoke(app, ["plan", "--model", "tiny-llama", "--structure", "joint", "--allocator",
+                                         "greedy", "--target-speedup", "1.3", "--candidates", "20",
+                                         "--joint-attention-widths", "1,0.5", "--no-speed-guard", "--out",
+                                         str(tmp_path / "plain.json")])
+    assert unguarded.exit_code == 0, unguarded.output
+    assert json.loads((tmp_path / "plain.json").read_text())["details"]["speed_guard"] == []

@@ -234,7 +234,7 @@ def test_slo_training_oracle_and_test_through_the_cli(tmp_path):
     for record in records:
         assert 5 <= record["objective_ms"] <= 200 and record["met"] == (record["decode_ms"] <= record["objective_ms"])
         assert record["reward"] == pytest.approx(-record["nll"] if record["met"] else
-                                                 -record["nll"] - 2.0 - 2.0 * (record["decode_ms"] / record["objective_ms"] - 1))
+                                                 -record["nll"] - 8.0 - 2.0 * (record["decode_ms"] / record["objective_ms"] - 1))
         assert math.isfinite(record["seed_reward"])
     by_prompt = {}
     for record in records:  # paired: every policy saw the same objective for the same prompt

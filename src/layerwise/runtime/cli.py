@@ -69,7 +69,7 @@ def train(
     reward_heads: Annotated[bool, typer.Option("--reward-heads/--one-head", help="Learn the reward's terms by separate heads (quality from the prompt alone), or the whole reward by one.")] = True,
     reward: RewardMode = "linear",
     slo_ms: SloMs = None,
-    slo_penalty: SloPenalty = 2.0,
+    slo_penalty: SloPenalty = 8.0,
     slo_overrun: SloOverrun = 2.0,
     profiles: Profiles = "",
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the checkpoint.")] = False,
@@ -176,7 +176,7 @@ def oracle(
     seed: Seed = 0,
     reward: RewardMode = "slo",
     slo_ms: SloMs = None,
-    slo_penalty: SloPenalty = 2.0,
+    slo_penalty: SloPenalty = 8.0,
     slo_overrun: SloOverrun = 2.0,
     profiles: Profiles = "",
 ) -> None:

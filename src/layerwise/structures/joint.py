@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import statistics
 import time
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import torch
 
 from ..allocate.joint import JOINT_SEARCHERS
+from ..allocate.joint.space import Budgets, Genome, JointSpace
 from ..config import Budget, LatencySetting
 from ..errors import BudgetError, LayerwiseError
 from ..formatting import fmt, fmt_bytes
@@ -49,6 +50,9 @@ class JointOptions(StructureOptions):
     candidates: Optional[int] = option("joint: candidate evaluations the search may spend (default 200).")
     first_stage_windows: Optional[int] = option("joint: calibration windows of the first, cheap scoring step "
                                                 "(default 1; the second uses all).")
+    speed_guard: Optional[bool] = option("joint: measure the chosen plan's speedup and, when it falls more than 5% "
+                                         "short of --target-speedup, tighten the predicted budget by the error and "
+                                         "repair the plan (default on).", "--speed-guard/--no-speed-guard")
     workers: Optional[int] = option("joint: score candidates on this many Ray workers (0: in this process).")
     ray_address: Optional[str] = option("joint: join the Ray cluster at this address instead of starting one.")
 
@@ -94,7 +98,7 @@ class Joint(Structure):
     def plan(self, request: PlanRequest) -> Plan:
         """Build the space and its cost tables, score the dense model once, search, and write the genome as
         removals, slices (kept units in importance order) and one GGUF type per kept linear."""
-        from ..allocate.joint import Budgets, ModelBySpec, ScoringSetup, build_space, dense_logprobs, make_evaluator
+        from ..allocate.joint import ModelBySpec, ScoringSetup, build_space, dense_logprobs, make_evaluator
 
         if request.calibration is None:
             raise LayerwiseError("The joint search scores candidates on calibration windows; give it some.")
@@ -142,6 +146,14 @@ class Joint(Structure):
         genome = outcome.genome
         if not space.fits(genome):  # the searchers only keep fitting genomes; this guards the contract
             raise BudgetError(f"The {request.allocator} search returned a plan over the budget.")
+        guard: list[dict[str, float]] = []
+        if request.budget.target_speedup is not None and options.get("speed_guard", True):
+            def structure(genome: Genome) -> list:
+                return [a for a in _actions(model, space, genome, groups, channels, request.method, seq_len)
+                        if isinstance(a, (RemoveAction, SliceAction))]
+
+            genome, guard = guard_speed(request, space, genome, structure,
+                                        calibration.settings.latency or LatencySetting())
         actions = _actions(model, space, genome, groups, channels, request.method, seq_len)
         # a candidate's cost: the median full-stage candidate (the first use of a level also builds it in the bank)
         per_candidate = statistics.median(evaluator.per_candidate) if evaluator.per_candidate else float("nan")
@@ -153,6 +165,7 @@ class Joint(Structure):
             prediction["latency_table"] = latency.model_dump()
             prediction["width_latency_table"] = width_latency.model_dump()
         details = {**outcome.details, "levels": space.describe(genome), "search_s": round(search_s, 2),
+                   "speed_guard": guard,
                    "evaluations": evaluator.evaluations, "tokens_scored": evaluator.tokens,
                    "curve": outcome.curve, "space_log10": round(space.size(), 2),
                    "workers": int(options.get("workers") or 0)}
@@ -179,6 +192,45 @@ class Joint(Structure):
                          f"{fmt(metrics.get('predicted_speedup'), '.2f')}x / {fmt(speedup.get('total'), '.2f')}x"))
         return rows + [("candidates evaluated (cost vs a dense pass)", "",
                         f"{metrics['evaluations']} ({fmt(metrics.get('candidate_cost_ratio'), '.2f')}x)")]
+
+
+SPEED_TOLERANCE = 0.05  # a plan may measure this far below --target-speedup
+GUARD_ROUNDS = 3  # measurements of the plan, at most
+
+
+def guard_speed(request: PlanRequest, space: JointSpace, genome: Genome, structure: Callable[[Genome], list],
+                setting: LatencySetting, rounds: int = GUARD_ROUNDS) -> tuple[Genome, list[dict[str, float]]]:
+    """Measure the plan's speedup the way the result is measured (its removals and slices applied to a copy of
+    the model, PyTorch, ``setting``). The tables predict each level alone; together they can overlap or
+    interact, so when the plan measures more than ``SPEED_TOLERANCE`` short, the space's speed budget is raised
+    by the prediction's error (predicted / measured) and the genome repaired with the searchers' own cheaper
+    moves, then measured again. Returns the genome and each round's predicted / measured / target speedup."""
+    import copy
+    import random
+
+    from ..backends import ApplyContext, apply_plan
+    from ..cost import measure_latency
+
+    target = space.budgets.target_speedup
+    dense_ms = measure_latency(request.loaded.model, setting).total_ms
+    history: list[dict[str, float]] = []
+    for attempt in range(rounds):
+        trial = copy.deepcopy(request.loaded.model)
+        apply_plan(trial, request.plan(structure(genome), {}, {}), ApplyContext(request.calibration))
+        measured = dense_ms / measure_latency(trial, setting).total_ms
+        del trial
+        predicted = space.costs(genome)["predicted_speedup"]
+        history.append({"predicted": round(predicted, 4), "measured": round(measured, 4),
+                        "budget": round(space.budgets.target_speedup, 4)})
+        if measured >= target * (1 - SPEED_TOLERANCE) or attempt == rounds - 1:
+            break
+        space.budgets = Budgets(space.budgets.max_bytes, space.budgets.target_speedup * predicted / measured)
+        repaired = space.repair(genome, random.Random(request.seed))
+        if repaired is None:
+            raise BudgetError(f"The plan measures {measured:.2f}x against a {target:g}x target, and no level can "
+                              "get cheaper; lower --target-speedup or allow more levels.")
+        genome = repaired
+    return genome, history
 
 
 def _latency_tables(loaded: LoadedModel, settings, space) -> tuple:
