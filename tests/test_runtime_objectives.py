@@ -240,3 +240,18 @@ def test_slo_training_oracle_and_test_through_the_cli(tmp_path):
     for record in records:  # paired: every policy saw the same objective for the same prompt
         by_prompt.setdefault(record["prompt"], set()).add(record["objective_ms"])
     assert len(by_prompt) == 3 and all(len(values) == 1 for values in by_prompt.values())
+
+
+def test_prompts_reach_long_passages_and_the_loads_include_spinning_workers():
+    from layerwise.runtime.load import LOAD_CONDITIONS, parse_load_profile
+    from layerwise.runtime.prompts import LONG_PASSAGE_WORDS, long_passage_prompts, split_prompts
+
+    passages = long_passage_prompts()
+    assert len(passages) >= 20
+    assert all(LONG_PASSAGE_WORDS[0] <= len(p.text.split()) <= LONG_PASSAGE_WORDS[1] for p in passages)
+    train, test = split_prompts(90, 90)
+    assert {p.source for p in test} >= {"wiki", "wiki_long", "arc_easy"} and not set(train) & set(test)
+    assert [c.cpu_workers for c in parse_load_profile("idle,spin1,spin2")] == [0, 1, 2]
+    with pytest.raises(LayerwiseError, match="spin1"):
+        parse_load_profile(" , ")
+    assert "spin2" in LOAD_CONDITIONS
