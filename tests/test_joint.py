@@ -223,7 +223,7 @@ def test_bytes_only_plan_with_forced_removals_reports_cleanly(tiny, tmp_path):
 def test_speed_guard_tightens_the_budget_until_the_plan_measures_within_five_percent(tmp_path, monkeypatch):
     """A machine where removing work pays less than the tables predict: time is a fixed cost (three times the dense
     model's parameters) plus the parameters left, so a plan predicted at 1.3x measures short. The guard raises
-    the predicted budget by the error and repairs the plan until it measures within 5% of the target."""
+    the predicted budget by the error and repairs the plan until it measures the target."""
     from types import SimpleNamespace
 
     fixed: list[int] = []
@@ -241,11 +241,11 @@ def test_speed_guard_tightens_the_budget_until_the_plan_measures_within_five_per
     assert result.exit_code == 0, result.output
     plan = json.loads(out.read_text())
     rounds = plan["details"]["speed_guard"]
-    assert rounds[0]["budget"] == 1.3 and rounds[0]["measured"] < 0.95 * 1.3  # predicted 1.3x, measured short
+    assert rounds[0]["budget"] == 1.3 and rounds[0]["measured"] < 1.3  # predicted 1.3x, measured short
     for before, after in zip(rounds, rounds[1:]):
         assert after["budget"] == pytest.approx(before["budget"] * before["predicted"] / before["measured"], rel=1e-3)
         assert after["predicted"] >= before["budget"] * before["predicted"] / before["measured"] - 1e-3
-    assert rounds[-1]["measured"] >= 0.95 * 1.3 or len(rounds) == 3
+    assert len(rounds) >= 2 and (rounds[-1]["measured"] >= 1.3 or len(rounds) == 3)
     assert plan["prediction"]["predicted_speedup"] == pytest.approx(rounds[-1]["predicted"], rel=1e-3)
     unguarded = CliRunner().invoke(app, ["plan", "--model", "tiny-llama", "--structure", "joint", "--allocator",
                                          "greedy", "--target-speedup", "1.3", "--candidates", "20",

@@ -50,9 +50,9 @@ class JointOptions(StructureOptions):
     candidates: Optional[int] = option("joint: candidate evaluations the search may spend (default 200).")
     first_stage_windows: Optional[int] = option("joint: calibration windows of the first, cheap scoring step "
                                                 "(default 1; the second uses all).")
-    speed_guard: Optional[bool] = option("joint: measure the chosen plan's speedup and, when it falls more than 5% "
-                                         "short of --target-speedup, tighten the predicted budget by the error and "
-                                         "repair the plan (default on).", "--speed-guard/--no-speed-guard")
+    speed_guard: Optional[bool] = option("joint: measure the chosen plan's speedup and, when it falls short of "
+                                         "--target-speedup, tighten the predicted budget by the error and repair "
+                                         "the plan, up to 3 measurements (default on).", "--speed-guard/--no-speed-guard")
     workers: Optional[int] = option("joint: score candidates on this many Ray workers (0: in this process).")
     ray_address: Optional[str] = option("joint: join the Ray cluster at this address instead of starting one.")
 
@@ -194,7 +194,6 @@ class Joint(Structure):
                         f"{metrics['evaluations']} ({fmt(metrics.get('candidate_cost_ratio'), '.2f')}x)")]
 
 
-SPEED_TOLERANCE = 0.05  # a plan may measure this far below --target-speedup
 GUARD_ROUNDS = 3  # measurements of the plan, at most
 
 
@@ -202,9 +201,11 @@ def guard_speed(request: PlanRequest, space: JointSpace, genome: Genome, structu
                 setting: LatencySetting, rounds: int = GUARD_ROUNDS) -> tuple[Genome, list[dict[str, float]]]:
     """Measure the plan's speedup the way the result is measured (its removals and slices applied to a copy of
     the model, PyTorch, ``setting``). The tables predict each level alone; together they can overlap or
-    interact, so when the plan measures more than ``SPEED_TOLERANCE`` short, the space's speed budget is raised
-    by the prediction's error (predicted / measured) and the genome repaired with the searchers' own cheaper
-    moves, then measured again. Returns the genome and each round's predicted / measured / target speedup."""
+    interact, so when the plan measures short of the target, the space's speed budget is raised by the
+    prediction's error (predicted / measured) and the genome repaired with the searchers' own cheaper moves,
+    then measured again. It aims at the target itself, not 5% below it: two measurements of one plan differ by
+    a few percent on a busy CPU (1.43x here, 1.37x in the result's own measurement). Returns the genome and
+    each round's predicted / measured speedup and the budget it was searched under."""
     import copy
     import random
 
@@ -222,7 +223,7 @@ def guard_speed(request: PlanRequest, space: JointSpace, genome: Genome, structu
         predicted = space.costs(genome)["predicted_speedup"]
         history.append({"predicted": round(predicted, 4), "measured": round(measured, 4),
                         "budget": round(space.budgets.target_speedup, 4)})
-        if measured >= target * (1 - SPEED_TOLERANCE) or attempt == rounds - 1:
+        if measured >= target or attempt == rounds - 1:
             break
         space.budgets = Budgets(space.budgets.max_bytes, space.budgets.target_speedup * predicted / measured)
         repaired = space.repair(genome, random.Random(request.seed))
