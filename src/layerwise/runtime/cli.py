@@ -50,6 +50,20 @@ def _objectives(text: str | None):
     return ObjectiveRange.parse(text) if text else None
 
 
+def _reward(mode: str, slo_ms: str | None, slo_penalty: float, slo_overrun: float, **scales: float):
+    """The reward settings and the objective range, refusing the slo reward without objectives before any
+    model is loaded."""
+    from ..errors import LayerwiseError
+    from .session import REWARD_MODES, RewardSettings
+
+    rewards = RewardSettings(mode=REWARD_MODES.canonical(mode), slo_penalty=slo_penalty, slo_overrun=slo_overrun,
+                             **scales)
+    objectives = _objectives(slo_ms)
+    if rewards.mode == "slo" and objectives is None:
+        raise LayerwiseError("--reward slo needs latency objectives: give --slo-ms LOW:HIGH.")
+    return rewards, objectives
+
+
 @runtime_app.command()
 def train(
     model: ModelOpt = "smollm2-135m",
@@ -79,18 +93,14 @@ def train(
     from .load import parse_load_profile
     from .prompts import split_prompts
     from .report import text_report, training_plots
-    from ..errors import LayerwiseError
-    from .session import REWARD_MODES, RewardSettings, TrainSettings
+    from .session import TrainSettings
     from .session import train as run_train
 
     @cli_errors
     def run() -> None:
         conditions = parse_load_profile(load_profile)
-        rewards = RewardSettings(tps_scale=tps_scale, ppl_scale=ppl_scale, mode=REWARD_MODES.canonical(reward),
-                                 slo_penalty=slo_penalty, slo_overrun=slo_overrun)
-        objectives = _objectives(slo_ms)
-        if rewards.mode == "slo" and objectives is None:
-            raise LayerwiseError("--reward slo needs latency objectives: give --slo-ms LOW:HIGH.")
+        rewards, objectives = _reward(reward, slo_ms, slo_penalty, slo_overrun, tps_scale=tps_scale,
+                                      ppl_scale=ppl_scale)
         prompts, _ = split_prompts(train_samples, 0, seed)
         env = _environment(model, nsamples, seed, max_new_tokens, mechanism, importance, profiles)
         settings = TrainSettings(episodes, steps_per_episode, conditions, reward_heads=reward_heads,
@@ -184,19 +194,15 @@ def oracle(
     where. A controller can only win where that answer changes; if one profile wins everywhere, widen the
     conditions (objectives, loads, prompt lengths)."""
     from ..cache import atomic_write_json
-    from ..errors import LayerwiseError
     from ..report.tables import markdown_table
     from .load import parse_load_profile
     from .prompts import split_prompts
-    from .session import REWARD_MODES, RewardSettings, compare, fixed_policies, oracle_table
+    from .session import compare, fixed_policies, oracle_table
 
     @cli_errors
     def run() -> None:
         conditions = parse_load_profile(load_profile)
-        rewards = RewardSettings(mode=REWARD_MODES.canonical(reward), slo_penalty=slo_penalty, slo_overrun=slo_overrun)
-        objectives = _objectives(slo_ms)
-        if rewards.mode == "slo" and objectives is None:
-            raise LayerwiseError("--reward slo needs latency objectives: give --slo-ms LOW:HIGH.")
+        rewards, objectives = _reward(reward, slo_ms, slo_penalty, slo_overrun)
         prompts, _ = split_prompts(train_samples, 0, seed)
         env = _environment(model, nsamples, seed, max_new_tokens, mechanism, importance, profiles)
         records = compare(env, fixed_policies(env), prompts[:samples], conditions, rewards, objectives, seed + 7,
