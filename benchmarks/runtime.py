@@ -295,7 +295,8 @@ Goals:
     summary = {"oracle": oracle, "verdicts": verdicts, "attainment": attain_ok, "beats_every_fixed": beats_all,
                "overhead_percent": overhead, "overhead_by_condition": overhead_by, "switch_max_ms": switch_max,
                "training_reward_first_last": [early, late], "load_test": load_summary,
-               "settings": {k: str(v) for k, v in vars(args).items()}, "test_records": tests}
+               "settings": {k: str(v) for k, v in vars(args).items()},
+               "per_condition_policy": list(groups.values())}  # the request records stay in DIR/test.json
     write_section("runtime", markdown, summary, args.remark)
     print(markdown)
 
