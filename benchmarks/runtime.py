@@ -204,15 +204,14 @@ def write_results(args: argparse.Namespace) -> None:
     sections, verdicts, attain_ok = [], {}, {}
     for condition in conditions:
         best = max(fixed, key=lambda p: groups[(condition, p)]["reward"])
+        margins = {p: paired(tests, condition, "controller", p) for p in fixed}
         rows = []
         for policy in sorted(policies, key=lambda p: -groups[(condition, p)]["reward"]):
             row = groups[(condition, policy)]
             gap = "" if policy == "controller" else "{:+.3f} ± {:.3f} ({})".format(
-                *paired(tests, condition, "controller", policy)[:2],
-                verdict(*paired(tests, condition, "controller", policy)[:2]))
+                *margins[policy][:2], verdict(*margins[policy][:2]))
             rows.append([policy.removeprefix("fixed:"), f"{row['reward']:.3f}", pct(row["attainment"]),
                          f"{row['nll']:.3f}", f"{row['decode_ms']:.0f}", f"{row['seed_reward']:.2f}", gap])
-        margins = {p: paired(tests, condition, "controller", p) for p in fixed}
         verdicts[condition] = {p.removeprefix("fixed:"): {"gap": g, "se": se, "n": n, "beats": g > 2 * se}
                                for p, (g, se, n) in margins.items()}
         ours, theirs = groups[(condition, "controller")], groups[(condition, best)]

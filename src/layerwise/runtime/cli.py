@@ -53,14 +53,12 @@ def _objectives(text: str | None):
 def _reward(mode: str, slo_ms: str | None, slo_penalty: float, slo_overrun: float, **scales: float):
     """The reward settings and the objective range, refusing the slo reward without objectives before any
     model is loaded."""
-    from ..errors import LayerwiseError
-    from .session import REWARD_MODES, RewardSettings
+    from .session import REWARD_MODES, RewardSettings, require_objectives
 
     rewards = RewardSettings(mode=REWARD_MODES.canonical(mode), slo_penalty=slo_penalty, slo_overrun=slo_overrun,
                              **scales)
     objectives = _objectives(slo_ms)
-    if rewards.mode == "slo" and objectives is None:
-        raise LayerwiseError("--reward slo needs latency objectives: give --slo-ms LOW:HIGH.")
+    require_objectives(rewards, objectives)
     return rewards, objectives
 
 

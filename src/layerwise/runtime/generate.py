@@ -35,9 +35,14 @@ class Generation:
         return math.exp(self.nll) if self.nll is not None else float("nan")
 
     @property
+    def latency_ms(self) -> float:
+        """The whole request: prefill and decoding."""
+        return 1000 * (self.prefill_s + self.decode_s)
+
+    @property
     def tokens_per_s(self) -> float:
         """Generated tokens per second of the whole request (prefill included)."""
-        return len(self.new_tokens) / max(self.prefill_s + self.decode_s, 1e-9)
+        return len(self.new_tokens) / max(self.latency_ms / 1000, 1e-9)
 
 
 def evict(cache, policy: KvEviction, seen: int) -> None:

@@ -59,14 +59,14 @@ def long_passage_prompts(seed: int = 0) -> list[Prompt]:
     prompts = []
     for document in load_corpus("wiki").evaluation:
         paragraphs = [p.strip() for p in document.split("\n") if p.strip()]
-        target, chunk = rng.randint(*LONG_PASSAGE_WORDS), []
+        target, chunk, words = rng.randint(*LONG_PASSAGE_WORDS), [], 0
         for paragraph in paragraphs:
             chunk.append(paragraph)
-            words = sum(len(p.split()) for p in chunk)
+            words += len(paragraph.split())
             if words >= target:
                 if words <= LONG_PASSAGE_WORDS[1]:
                     prompts.append(Prompt("wiki_long", "\n".join(chunk)))
-                target, chunk = rng.randint(*LONG_PASSAGE_WORDS), []
+                target, chunk, words = rng.randint(*LONG_PASSAGE_WORDS), [], 0
     return prompts
 
 

@@ -95,6 +95,19 @@ class ChatRequest(Objective):
     stream: bool = False
 
 
+@dataclass(frozen=True)
+class Admission:
+    """A request that passed the checks: its text, the ids served, its whole length in tokens, how many new
+    tokens it asks for, its objective and when it arrived (``time.perf_counter``)."""
+
+    text: str
+    ids: Any
+    prompt_tokens: int
+    new_tokens: int
+    objective_ms: float | None
+    arrived: float
+
+
 @dataclass
 class Served:
     """One request in flight: what was decided, and (once done) what it measured."""
@@ -103,6 +116,7 @@ class Served:
     state: list[float]
     decide_ms: float
     objective_ms: float | None
+    prompt_tokens: int
     queue_ms: float = 0.0  # waited for the model before this request was decided
     switch_ms: float = 0.0
     tokens: list[int] = field(default_factory=list)
@@ -180,10 +194,10 @@ def create_app(env: RuntimeEnvironment, controller: Controller | None, default_o
     tokenizer = env.loaded.tokenizer
     name = model_name or env.loaded.spec
 
-    def admit(text: str, new_tokens: int, objective: Objective) -> tuple[Any, float | None, float]:
-        """The prompt's ids and its objective in ms; 422 when it cannot be served, 503 when the queue is full."""
-        ids = env.ids(Prompt("request", text))
-        prompt_tokens = len(tokenizer(text)["input_ids"])
+    def admit(text: str, new_tokens: int, objective: Objective) -> Admission:
+        """The request tokenized once, with its objective in ms; 422 when it cannot be served, 503 when the queue
+        is full."""
+        ids, prompt_tokens = env.tokenize(Prompt("request", text))
         if env.context is not None and prompt_tokens + new_tokens > env.context:
             raise HTTPException(status_code=422, detail=f"The prompt has {prompt_tokens} tokens; with "
                                 f"{new_tokens} new tokens it exceeds the model's context of {env.context}.")
@@ -199,33 +213,34 @@ def create_app(env: RuntimeEnvironment, controller: Controller | None, default_o
             if queue["waiting"] >= MAX_WAITING:
                 raise HTTPException(status_code=503, detail="The server is busy; retry shortly.")
             queue["waiting"] += 1
-        return ids, objective_ms, time.perf_counter()
+        return Admission(text, ids, prompt_tokens, new_tokens, objective_ms, time.perf_counter())
 
-    def decode(text: str, ids: Any, new_tokens: int, objective_ms: float | None, arrived: float,
-               served: list[Served]) -> Iterator[int]:
+    def decode(request: Admission, served: list[Served]) -> Iterator[int]:
         """Decide, switch, decode (yielding each token), switch back and count; holds the model throughout.
         The controller sees what is left of the objective after the queue. ``served`` receives the request's
         record as soon as the profile is chosen."""
+        objective_ms = request.objective_ms
         with lock:
             try:
                 start = time.perf_counter()
-                waited = 1000 * (start - arrived)
+                waited = 1000 * (start - request.arrived)
                 left = None if objective_ms is None else max(1.0, objective_ms - waited)
-                state = env.observe(Prompt("request", text), left, new_tokens)
+                state = env.observe(Prompt("request", request.text), left, request.new_tokens, request.prompt_tokens)
                 profile = env.profiles.names[controller.act(state, explore=False)] if controller else "none"
-                record = Served(profile, state, 1000 * (time.perf_counter() - start), objective_ms, waited)
+                record = Served(profile, state, 1000 * (time.perf_counter() - start), objective_ms,
+                                request.prompt_tokens, waited)
                 served.append(record)
                 start = time.perf_counter()
                 env.profiles.activate(profile)
                 record.switch_ms = 1000 * (time.perf_counter() - start)
-                stream = TokenStream(env.loaded.model, ids, new_tokens, env.profiles.kv_eviction(),
+                stream = TokenStream(env.loaded.model, request.ids, request.new_tokens, env.profiles.kv_eviction(),
                                      eos_token_id=tokenizer.eos_token_id)
                 for token in stream:
                     record.tokens.append(token)
                     yield token
                 result = stream.result
                 record.prefill_ms, record.decode_ms = 1000 * result.prefill_s, 1000 * result.decode_s
-                record.latency_ms = record.prefill_ms + record.decode_ms
+                record.latency_ms = result.latency_ms
                 record.finished = bool(record.tokens) and record.tokens[-1] == tokenizer.eos_token_id
             except Exception:
                 metrics.errors += 1
@@ -234,14 +249,14 @@ def create_app(env: RuntimeEnvironment, controller: Controller | None, default_o
                 env.profiles.restore()
                 with queue_lock:
                     queue["waiting"] -= 1
-            env.speeds.observe(profile, ids.shape[1], len(record.tokens), record.latency_ms)
+            env.speeds.observe(profile, request.ids.shape[1], len(record.tokens), record.latency_ms)
             metrics.record(record)
 
     def run(text: str, new_tokens: int, objective: Objective) -> Served:
-        ids, objective_ms, arrived = admit(text, new_tokens, objective)
+        admitted = admit(text, new_tokens, objective)
         served: list[Served] = []
         try:
-            for _ in decode(text, ids, new_tokens, objective_ms, arrived, served):
+            for _ in decode(admitted, served):
                 pass
         except Exception as exc:
             raise HTTPException(status_code=500, detail=f"generation failed: {exc}") from exc
@@ -255,19 +270,19 @@ def create_app(env: RuntimeEnvironment, controller: Controller | None, default_o
                 "objective_ms": served.objective_ms, "met": served.met, "decide_ms": served.decide_ms,
                 "switch_ms": served.switch_ms}
 
-    def usage(prompt_tokens: int, served: Served) -> dict[str, int]:
-        return {"prompt_tokens": prompt_tokens, "completion_tokens": len(served.tokens),
-                "total_tokens": prompt_tokens + len(served.tokens)}
+    def usage(served: Served) -> dict[str, int]:
+        return {"prompt_tokens": served.prompt_tokens, "completion_tokens": len(served.tokens),
+                "total_tokens": served.prompt_tokens + len(served.tokens)}
 
     def events(text: str, new_tokens: int, objective: Objective, chunk: Any) -> StreamingResponse:
         """Server-sent events: ``chunk(piece, finish_reason)`` per piece of text, then ``[DONE]``."""
-        ids, objective_ms, arrived = admit(text, new_tokens, objective)
+        admitted = admit(text, new_tokens, objective)
         served: list[Served] = []
 
         def body() -> Iterator[str]:
             sent, tokens = "", []
             try:
-                for token in decode(text, ids, new_tokens, objective_ms, arrived, served):
+                for token in decode(admitted, served):
                     tokens.append(token)
                     decoded = text_of(tokens)
                     if decoded.startswith(sent) and not decoded.endswith("\ufffd") and len(decoded) > len(sent):
@@ -305,7 +320,7 @@ def create_app(env: RuntimeEnvironment, controller: Controller | None, default_o
         served = run(prompts[0], request.max_tokens, request)
         return {**identity, "choices": [{"index": 0, "text": text_of(served.tokens), "logprobs": None,
                                          "finish_reason": "stop" if served.finished else "length"}],
-                "usage": usage(len(tokenizer(prompts[0])["input_ids"]), served), "layerwise": layerwise_fields(served)}
+                "usage": usage(served), "layerwise": layerwise_fields(served)}
 
     @app.post("/v1/chat/completions")
     def chat_completions(request: ChatRequest) -> Any:
@@ -330,7 +345,7 @@ def create_app(env: RuntimeEnvironment, controller: Controller | None, default_o
         return {**identity, "object": "chat.completion",
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": text_of(served.tokens)},
                              "finish_reason": "stop" if served.finished else "length"}],
-                "usage": usage(len(tokenizer(text)["input_ids"]), served), "layerwise": layerwise_fields(served)}
+                "usage": usage(served), "layerwise": layerwise_fields(served)}
 
     @app.get("/v1/models")
     def models() -> dict[str, Any]:

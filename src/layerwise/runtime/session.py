@@ -99,6 +99,12 @@ def _slo_terms(reward: RewardSettings, outcome: Outcome) -> list[float]:
     return [-outcome.nll, 0.0 if outcome.met else -(reward.slo_penalty + reward.slo_overrun * overrun)]
 
 
+def require_objectives(reward: RewardSettings, objectives: ObjectiveRange | None) -> None:
+    """The slo reward scores every request against its objective: refuse it without a range to draw them from."""
+    if reward.mode == "slo" and objectives is None:
+        raise LayerwiseError("--reward slo needs latency objectives: give --slo-ms LOW:HIGH.")
+
+
 REWARD_MODES: Registry[Callable[[RewardSettings, Outcome], list[float]]] = Registry("reward mode")
 REWARD_MODES.add("linear", _linear_terms)
 REWARD_MODES.add("slo", _slo_terms)
@@ -169,16 +175,22 @@ class RuntimeEnvironment:
                 "objective": Head((*telemetry, length, *range(objective_start, predicted)),
                                   per_action=tuple(range(predicted, self.state_size)))}
 
-    def observe(self, prompt: Prompt, objective_ms: float | None = None, new_tokens: int | None = None) -> list[float]:
-        """The state: telemetry, prompt features, the objective and every profile's predicted latency."""
-        full = len(self.loaded.tokenizer(prompt.text)["input_ids"])
+    def observe(self, prompt: Prompt, objective_ms: float | None = None, new_tokens: int | None = None,
+                prompt_tokens: int | None = None) -> list[float]:
+        """The state: telemetry, prompt features, the objective and every profile's predicted latency.
+        ``prompt_tokens``: the prompt's length when the caller has tokenized it already (``tokenize``)."""
+        full = prompt_tokens if prompt_tokens is not None else self.tokenize(prompt)[1]
         tokens = min(full, MAX_PROMPT_TOKENS)  # what is served: the prompt's last MAX_PROMPT_TOKENS tokens
         return (self.telemetry.vector() + self.featurizer(prompt.text, full)
                 + self.speeds.features(tokens, new_tokens or self.max_new_tokens, objective_ms))
 
-    def ids(self, prompt: Prompt) -> torch.Tensor:
+    def tokenize(self, prompt: Prompt) -> tuple[torch.Tensor, int]:
+        """The ids served (the prompt's last ``MAX_PROMPT_TOKENS`` tokens) and the prompt's whole length."""
         ids = self.loaded.tokenizer(prompt.text, return_tensors="pt")["input_ids"]
-        return ids[:, -MAX_PROMPT_TOKENS:]
+        return ids[:, -MAX_PROMPT_TOKENS:], ids.shape[1]
+
+    def ids(self, prompt: Prompt) -> torch.Tensor:
+        return self.tokenize(prompt)[0]
 
     def reference(self, prompt: Prompt) -> list[int]:
         """The dense model's greedy continuation of ``prompt`` (computed once)."""
@@ -216,7 +228,7 @@ def run_request(env: RuntimeEnvironment, prompt: Prompt, state: list[float], dec
     decide_ms = observe_ms + 1000 * (time.perf_counter() - start)
     profile = env.profiles.names[action]
     generation, switch_ms = env.serve(prompt, profile)
-    latency_ms = 1000 * (generation.prefill_s + generation.decode_s)
+    latency_ms = generation.latency_ms
     env.speeds.observe(profile, generation.prompt_length, len(generation.new_tokens), latency_ms)
     outcome = Outcome(generation.tokens_per_s, generation.perplexity, generation.nll, latency_ms, objective_ms)
     terms = reward.terms(outcome)
@@ -280,8 +292,7 @@ def train(env: RuntimeEnvironment, prompts: list[Prompt], settings: TrainSetting
         check_checkpoint_model(extra, env.loaded, checkpoint)
     if controller.actions != env.profiles.names:
         raise LayerwiseError("The checkpoint's profiles differ from this model's profiles.")
-    if reward.mode == "slo" and settings.objectives is None:
-        raise LayerwiseError("The slo reward needs latency objectives: give --slo-ms LOW:HIGH.")
+    require_objectives(reward, settings.objectives)
     total = settings.episodes * settings.steps_per_episode
     objectives = draw_objectives(settings.objectives, total + 1, settings.seed)
     cursor = start_episode * settings.steps_per_episode
