@@ -255,3 +255,49 @@ def test_prompts_reach_long_passages_and_the_loads_include_spinning_workers():
     with pytest.raises(LayerwiseError, match="spin1"):
         parse_load_profile(" , ")
     assert "spin2" in LOAD_CONDITIONS
+
+
+def test_counterfactual_training_learns_every_profile_from_each_request(tiny, calibration, tmp_path):
+    """``counterfactual``: each training request is served under every profile, and each outcome is a transition
+    from the request's one state; the records keep what the controller itself chose."""
+    from layerwise.runtime.load import parse_load_profile
+    from layerwise.runtime.profiles import parse_profiles
+    from layerwise.runtime.prompts import split_prompts
+    from layerwise.runtime.session import RuntimeEnvironment, TrainSettings, train
+
+    env = RuntimeEnvironment(tiny, calibration, 3, specs=parse_profiles("ffn_neurons@0.5,transformer_layers@0.5"),
+                             speed_calibration=FAST_CALIBRATION)
+    prompts, _ = split_prompts(8, 0)
+    settings = TrainSettings(episodes=2, steps_per_episode=3, conditions=parse_load_profile("idle"), settle_s=0.0,
+                             objectives=ObjectiveRange(5, 200), counterfactual=True)
+    controller, records = train(env, prompts, settings, RewardSettings(mode="slo"), tmp_path / "ckpt.pt",
+                                DqnSettings(gamma=0.0, warmup=4, batch_size=4))
+    assert len(records) == 6 and {r["policy"] for r in records} == {"controller"}
+    transitions = list(controller.buffer.items)
+    assert len(transitions) == 18 and controller.updates > 0
+    by_state: dict[tuple, list] = {}
+    for transition in transitions:
+        by_state.setdefault(tuple(transition.state), []).append(transition)
+    assert len(by_state) == 6
+    for served, record in zip(by_state.values(), records):
+        assert sorted(t.action for t in served) == [0, 1, 2]  # every profile, once, from the same state
+        chosen = next(t for t in served if controller.actions[t.action] == record["profile"])
+        assert chosen.reward == pytest.approx(record["reward"])
+        for transition in served:  # each outcome scored by the slo reward against the request's objective
+            assert transition.reward == pytest.approx(sum(transition.terms))
+            assert transition.terms[1] == 0.0 or transition.terms[1] <= -8.0
+    reloaded, _ = Controller.load(tmp_path / "ckpt.pt")
+    assert reloaded.settings.gamma == 0.0 and len(reloaded.buffer) == 18
+
+
+def test_prompt_features_read_a_fixed_opening_of_long_prompts():
+    """The reading ease and the tags are estimated on the prompt's opening, so a passage's cost is bounded: what
+    follows the opening does not change them."""
+    from layerwise.runtime.features import PARSED_WORDS, READ_WORDS, PromptFeaturizer
+
+    featurizer = PromptFeaturizer()
+    opening = " ".join(["The cat sat on the mat."] * (READ_WORDS // 6 + 1))
+    tail = " Notwithstanding extraordinarily incomprehensible considerations, " * 200
+    plain, padded = featurizer(opening, 100), featurizer(opening + tail, 100)
+    assert plain == padded and READ_WORDS >= PARSED_WORDS
+    assert featurizer(tail, 100) != plain  # the tail alone reads differently: the opening is what decided

@@ -84,6 +84,8 @@ def train(
     slo_penalty: SloPenalty = 8.0,
     slo_overrun: SloOverrun = 2.0,
     profiles: Profiles = "",
+    gamma: Annotated[float, typer.Option("--gamma", min=0.0, max=1.0, help="Discount of the next request's value (0: each request on its own, a contextual bandit).")] = 0.3,
+    counterfactual: Annotated[bool, typer.Option("--counterfactual/--on-policy", help="Also serve each training request under every other profile and learn from every outcome (6 profiles: 6x the serving time per request).")] = False,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the checkpoint.")] = False,
 ) -> None:
     """Train the Double DQN controller; writes the checkpoint, a text report and plots beside it."""
@@ -102,9 +104,9 @@ def train(
         prompts, _ = split_prompts(train_samples, 0, seed)
         env = _environment(model, nsamples, seed, max_new_tokens, mechanism, importance, profiles)
         settings = TrainSettings(episodes, steps_per_episode, conditions, reward_heads=reward_heads,
-                                 objectives=objectives, seed=seed)
-        controller, records = run_train(env, prompts, settings, rewards, checkpoint,
-                                        DqnSettings(seed=seed, epsilon_decay_steps=exploration_steps), resume)
+                                 objectives=objectives, counterfactual=counterfactual, seed=seed)
+        dqn = DqnSettings(seed=seed, gamma=gamma, epsilon_decay_steps=exploration_steps)
+        controller, records = run_train(env, prompts, settings, rewards, checkpoint, dqn, resume)
         folder = checkpoint.parent
         (folder / "train_report.md").write_text(text_report(records, f"Runtime controller training ({model})"))
         plots = training_plots(records, folder / "plots")

@@ -4,12 +4,12 @@ The vector (``PROMPT_FEATURES``, in order):
 
 ==================  ==========================================================================
 ``length``          log(1 + tokens) / log(1 + 2048), tokens of the served model's tokenizer
-``noun``…``num``    share of words tagged NOUN/PROPN, VERB/AUX, ADJ, ADV, PRON, NUM (spaCy, first 40 words)
+``noun``…``num``    share of words tagged NOUN/PROPN, VERB/AUX, ADJ, ADV, PRON, NUM (spaCy, first 24 words)
 ``noun_chunks``     noun chunks per word (spaCy's dependency parse)
 ``depth``           deepest dependency path / 20 (capped at 1)
 ``question``        1 for a question (ends in '?', or opens with a wh-word or an auxiliary)
-``difficulty``      (100 − Flesch reading ease) / 100, capped to [0, 1.5]; syllables from pyphen
-``word_length``     mean characters per word / 10
+``difficulty``      (100 − Flesch reading ease) / 100, capped to [0, 1.5]; syllables from pyphen (first 120 words)
+``word_length``     mean characters per word / 10 (first 120 words)
 ``parsed``          1 when spaCy's English pipeline was available, 0 for the fallback
 ==================  ==========================================================================
 
@@ -32,7 +32,11 @@ PROMPT_FEATURES = ("length", *POS_GROUPS, "noun_chunks", "depth", "question", "d
 QUESTION_OPENERS = {"who", "what", "when", "where", "why", "how", "which", "whose", "whom", "is", "are", "was",
                     "were", "do", "does", "did", "can", "could", "should", "would", "will", "has", "have"}
 WORD = re.compile(r"[A-Za-z0-9']+")
-PARSED_WORDS = 40  # spaCy parses at most this many words of a prompt
+# The tags and the reading ease are rates, estimated on the prompt's opening at a fixed cost: the decision is
+# allowed 1% of a request (a few ms), and spaCy's tok2vec alone takes ~2 ms for 24 words right after a decode
+# has evicted its weights from the caches; pyphen hyphenates each new word (~10 µs), 700 of them in a passage.
+PARSED_WORDS = 24  # spaCy parses at most this many words of a prompt
+READ_WORDS = 120  # the reading ease counts the syllables of at most this many
 
 
 @lru_cache(maxsize=1)
@@ -96,15 +100,18 @@ class PromptFeaturizer:
         self.tokenizer = tokenizer
         self.nlp = _spacy_pipeline() if use_spacy else None
         self.backend = "spacy" if self.nlp is not None else "fallback"
+        self("Warm up the pipeline, once.", 8)  # loading pyphen's patterns takes ~0.1 s: not in the first request
 
     def __call__(self, text: str, tokens: int | None = None) -> list[float]:
         """The features of ``text``; ``tokens``: its length in tokens when the caller has tokenized it already."""
-        words = WORD.findall(text)
         if tokens is None:
-            tokens = len(self.tokenizer(text)["input_ids"]) if self.tokenizer is not None else len(words)
+            tokens = (len(self.tokenizer(text)["input_ids"]) if self.tokenizer is not None
+                      else len(WORD.findall(text)))
+        opening = _opening(text, READ_WORDS)
+        words = WORD.findall(opening)
         features = {name: 0.0 for name in PROMPT_FEATURES}
         features["length"] = min(1.0, math.log1p(tokens) / math.log1p(2048))
-        features["difficulty"] = min(1.5, max(0.0, (100.0 - flesch_reading_ease(text)) / 100.0))
+        features["difficulty"] = min(1.5, max(0.0, (100.0 - flesch_reading_ease(opening)) / 100.0))
         features["word_length"] = sum(len(w) for w in words) / max(1, len(words)) / 10.0
         first = words[0].lower() if words else ""
         features["question"] = float(text.rstrip().endswith("?") or first in QUESTION_OPENERS)

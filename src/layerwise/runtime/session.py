@@ -240,8 +240,11 @@ def run_request(env: RuntimeEnvironment, prompt: Prompt, state: list[float], dec
 
 
 def timed_observe(env: RuntimeEnvironment, prompt: Prompt, objective_ms: float | None = None) -> tuple[list[float], float]:
+    """The state and the milliseconds it took. Tokenizing is serving's, not the controller's: every policy, a
+    fixed profile too, needs the ids (the server tokenizes once on admission), so it is left out of the time."""
+    prompt_tokens = env.tokenize(prompt)[1]
     start = time.perf_counter()
-    state = env.observe(prompt, objective_ms)
+    state = env.observe(prompt, objective_ms, prompt_tokens=prompt_tokens)
     return state, 1000 * (time.perf_counter() - start)
 
 
@@ -272,6 +275,10 @@ class TrainSettings:
     settle_s: float = 1.0  # wait after starting a load so the telemetry sees it
     reward_heads: bool = True  # learn the reward's terms by separate heads (see RuntimeEnvironment.reward_heads)
     objectives: ObjectiveRange | None = None  # latency objectives drawn per request (needed by the slo reward)
+    # serve every training request under every profile too, each outcome one transition from the same state:
+    # a request's state does not depend on which profile served the one before, so each is a true sample of
+    # its action, and every state teaches every action (full-information feedback, no exploration needed)
+    counterfactual: bool = False
     seed: int = 0
 
 
@@ -306,17 +313,34 @@ def train(env: RuntimeEnvironment, prompts: list[Prompt], settings: TrainSetting
                 epsilon = controller.epsilon
                 action, record, terms = run_request(env, prompt, state, controller.act, "controller",
                                                     condition.name, reward, observe_ms, objectives[cursor])
+                outcomes = [(action, record.reward, terms)]
+                if settings.counterfactual:
+                    outcomes += [(other, sum(other_terms), other_terms) for other, other_terms in
+                                 _other_profiles(env, prompt, state, action, condition.name, reward, objectives[cursor])]
                 cursor += 1
                 next_state, observe_ms = timed_observe(env, prompts[cursor % len(prompts)], objectives[cursor])
-                controller.observe(Transition(state, action, record.reward, next_state,
-                                              step == settings.steps_per_episode - 1,
-                                              terms if len(controller.heads) > 1 else None))
+                for served, value, served_terms in outcomes:
+                    controller.observe(Transition(state, served, value, next_state,
+                                                  step == settings.steps_per_episode - 1,
+                                                  served_terms if len(controller.heads) > 1 else None))
                 records.append({**asdict(record), "episode": episode, "epsilon": epsilon})
                 state = next_state
         controller.save(checkpoint, {"episode": episode + 1, "records": records, "reward": asdict(reward),
                                      "model": model_identity(env.loaded),
                                      "objectives": str(settings.objectives) if settings.objectives else None})
     return controller, records
+
+
+def _other_profiles(env: RuntimeEnvironment, prompt: Prompt, state: list[float], chosen: int, condition: str,
+                    reward: RewardSettings, objective_ms: float | None) -> list[tuple[int, list[float]]]:
+    """Serve ``prompt`` under every profile but ``chosen``; (action, reward terms) of each."""
+    served = []
+    for other in range(len(env.profiles.names)):
+        if other != chosen:
+            _, _, terms = run_request(env, prompt, state, lambda _state, index=other: index, "counterfactual",
+                                      condition, reward, 0.0, objective_ms)
+            served.append((other, terms))
+    return served
 
 
 def model_identity(loaded) -> dict:
