@@ -128,7 +128,8 @@ def write_results(records: dict, max_bytes: int, args: argparse.Namespace) -> No
                  "measured_speedup": speedup, "predicted_speedup": predicted, "evaluations": evaluations,
                  "plan_s": record["timings"]["plan_s"], "calibration_kl": plan["prediction"].get("calibration_kl"),
                  "candidate_cost_ratio": plan["prediction"].get("candidate_cost_ratio"),
-                 "curve": details.get("curve"), "levels": details.get("levels")}
+                 "curve": details.get("curve"), "levels": details.get("levels"),
+                 "speed_guard": details.get("speed_guard"), "repair_evaluations": details.get("repair_evaluations")}
         data.append(entry)
         rows.append([budget, label, f"{metrics['ppl']:.2f}",
                      f"{record['file_bytes']:,}" if record.get("file_bytes") else "-",
@@ -179,6 +180,14 @@ def write_results(records: dict, max_bytes: int, args: argparse.Namespace) -> No
                                 f"budget ({off:+.1%}); honoured within 5% (at least {0.95 * args.speedup:.3g}x): "
                                 f"**{'yes' if off >= -0.05 else 'no'}**"
                                 + ("; it measures more than 5% faster than asked" if off > 0.05 else "") + ".")
+    for e in data:
+        if e["speed_guard"]:
+            rounds = " → ".join(f"{r['measured']:.2f}x (predicted {r['predicted']:.2f}x under a {r['budget']:.2f}x budget)"
+                                for r in e["speed_guard"])
+            repairs = len(e["speed_guard"]) - 1
+            repaired = (f"; repaired {repairs}x, least damaging steps first ({e['repair_evaluations']} evaluations "
+                        "beyond the search's)" if repairs else "; not repaired")
+            findings.append(f"- speed guard of {e['plan']}: measured {rounds}{repaired}.")
     costs = [(e["budget"], e["plan"], e["candidate_cost_ratio"]) for e in data if e["candidate_cost_ratio"] is not None]
     findings.append("- Candidate cost against a warm dense pass over the same tokens (median full-stage candidate, swap "
                     "and first-use quantization of its levels included): "

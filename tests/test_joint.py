@@ -253,3 +253,34 @@ def test_speed_guard_tightens_the_budget_until_the_plan_measures_within_five_per
                                          str(tmp_path / "plain.json")])
     assert unguarded.exit_code == 0, unguarded.output
     assert json.loads((tmp_path / "plain.json").read_text())["details"]["speed_guard"] == []
+
+
+def test_least_damaging_repair_takes_the_cheap_steps_before_the_harmful_ones(tiny):
+    """The guard's repair steps the units whose gentle step costs least damage per budget saved, as the
+    evaluator measures it: here every unit of block 0 is fragile, so its units stay as they were while the
+    others get cheaper; a random repair of the same genome touches them."""
+    from layerwise.allocate.joint.scoring import CountingEvaluator
+    from layerwise.allocate.joint.searchers import least_damaging_repair
+
+    loose = _space(tiny, max_bytes=10**9)
+    dense = loose.dense()
+    budget = int(0.8 * loose.bytes(dense))
+    space = _space(tiny, max_bytes=budget)
+    fragile = {u for u, unit in enumerate(space.units) if unit.block == 0}
+
+    class Damage(CountingEvaluator):
+        """KL = 100 per step a fragile unit took from dense, 1 per step of any other unit."""
+
+        def _score(self, genomes, stage):
+            return [sum((100.0 if u in fragile else 1.0) * level for u, level in enumerate(genome))
+                    for genome in genomes]
+
+    evaluator = Damage(ScoringSetup(space, {}, {}, torch.zeros(2, 8, dtype=torch.long), torch.zeros(1), (1, 2)))
+    repaired = least_damaging_repair(space, evaluator, dense)
+    assert repaired is not None and space.fits(repaired)
+    assert all(repaired[u] == dense[u] for u in fragile)
+    assert any(repaired[u] != dense[u] for u in range(len(dense)) if u not in fragile)
+    assert evaluator.evaluations >= len(dense)  # every unit's step scored at least once
+    randomly = space.repair(dense, random.Random(0))
+    assert any(randomly[u] != dense[u] for u in fragile)  # what the guard used to do
+    assert least_damaging_repair(_space(tiny, max_bytes=1), evaluator, dense) is None  # nothing fits

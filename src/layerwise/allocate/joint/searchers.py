@@ -237,3 +237,28 @@ def greedy(space: JointSpace, evaluator: CountingEvaluator, candidates: int, see
     outcome = tracker.outcome({}, {"probes": len(chosen)})
     outcome.genome, outcome.score = genome, score  # its own construction, not the best probe seen
     return outcome
+
+
+def least_damaging_repair(space: JointSpace, evaluator: CountingEvaluator, genome: Genome) -> Genome | None:
+    """Make ``genome`` fit the space's (tightened) budget one gentle step at a time (``cheaper_move``), each time
+    taking the step that costs the least calibration KL per unit of budget saved, as measured on all windows.
+    Every unit's step is scored once, from the genome as it was when that step was first offered, and rescored
+    only when its unit moves (greedy's approximation: the damages of steps in other units add up). None when no
+    unit can get cheaper any more."""
+    full = len(evaluator.setup.stage_windows) - 1
+    genes = list(genome)
+    current = evaluator.score([genome], full)[0]
+    damage: dict[tuple[int, int], float] = {}
+    while (before := space.violation(tuple(genes))) > 0:
+        steps = {u: step for u in range(len(genes)) for step in [space.cheaper_move(u, genes[u])] if step is not None}
+        if not steps:
+            return None
+        trials = {u: tuple(genes[:u] + [step] + genes[u + 1 :]) for u, step in steps.items()}
+        fresh = [u for u, step in steps.items() if (u, step) not in damage]
+        for u, score in zip(fresh, evaluator.score([trials[u] for u in fresh], full)):
+            damage[(u, steps[u])] = score - current
+        saved = {u: before - space.violation(trial) for u, trial in trials.items()}
+        unit = min(steps, key=lambda u: damage[(u, steps[u])] / saved[u] if saved[u] > 0 else math.inf)
+        genes[unit] = steps[unit]
+        current = evaluator.score([tuple(genes)], full)[0]
+    return tuple(genes)
