@@ -247,6 +247,7 @@ def test_speed_guard_tightens_the_budget_until_the_plan_measures_within_five_per
         assert after["predicted"] >= before["budget"] * before["predicted"] / before["measured"] - 1e-3
     assert len(rounds) >= 2 and (rounds[-1]["measured"] >= 1.3 or len(rounds) == 3)
     assert plan["prediction"]["predicted_speedup"] == pytest.approx(rounds[-1]["predicted"], rel=1e-3)
+    assert plan["details"]["repair_evaluations"] > 0  # the repair scored its steps
     unguarded = CliRunner().invoke(app, ["plan", "--model", "tiny-llama", "--structure", "joint", "--allocator",
                                          "greedy", "--target-speedup", "1.3", "--candidates", "20",
                                          "--joint-attention-widths", "1,0.5", "--no-speed-guard", "--out",
