@@ -236,6 +236,11 @@ def test_slo_training_oracle_and_test_through_the_cli(tmp_path):
         assert record["reward"] == pytest.approx(-record["nll"] if record["met"] else
                                                  -record["nll"] - 8.0 - 2.0 * (record["decode_ms"] / record["objective_ms"] - 1))
         assert math.isfinite(record["seed_reward"])
+    controller, _ = Controller.load(checkpoint)
+    for record in records:  # each record keeps the state its policy saw: the controller's choices replay offline
+        assert len(record["state"]) == controller.state_size
+        if record["policy"] == "controller":
+            assert controller.actions[controller.act(record["state"], explore=False)] == record["profile"]
     by_prompt = {}
     for record in records:  # paired: every policy saw the same objective for the same prompt
         by_prompt.setdefault(record["prompt"], set()).add(record["objective_ms"])

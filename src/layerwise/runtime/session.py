@@ -130,6 +130,7 @@ class RequestRecord:
     prompt_tokens: int = 0
     objective_ms: float | None = None
     met: bool | None = None
+    state: list[float] | None = None  # what the policy saw: a test can be replayed through another controller
 
 
 class RuntimeEnvironment:
@@ -236,7 +237,7 @@ def run_request(env: RuntimeEnvironment, prompt: Prompt, state: list[float], dec
                                  generation.perplexity, sum(terms), switch_ms, decide_ms, latency_ms,
                                  nll=generation.nll, seed_reward=reward.seed_reward(outcome),
                                  prompt_tokens=generation.prompt_length, objective_ms=objective_ms,
-                                 met=outcome.met), terms
+                                 met=outcome.met, state=state), terms
 
 
 def timed_observe(env: RuntimeEnvironment, prompt: Prompt, objective_ms: float | None = None) -> tuple[list[float], float]:
