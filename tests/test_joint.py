@@ -233,7 +233,23 @@ def test_speed_guard_tightens_the_budget_until_the_plan_measures_within_five_per
         fixed.append(fixed[0] if fixed else 3 * parameters)  # the first call times the dense model
         return SimpleNamespace(total_ms=float(fixed[0] + parameters))
 
+    def proportional_tables(loaded, settings, space):
+        """Tables that predict time as the parameters alone (no fixed cost): deterministic, unlike timing
+        tiny-llama, whose per-call overheads make a measured table say anything from run to run."""
+        from layerwise.config import LatencySetting
+        from layerwise.cost.latency_table import LatencyTable, LevelLatencyTable
+
+        first = {kind: next(u for u in space.units if u.kind == kind) for kind in ("attention", "mlp")}
+        params = {kind: unit.level_bytes(unit.levels[0]) / 2 for kind, unit in first.items()}  # f16: 2 bytes each
+        total = float(sum(p.numel() for p in loaded.model.parameters()))
+        saved = {kind: {level.kept: params[kind] - unit.level_bytes(level) / 2 for level in unit.levels
+                        if 0 < level.kept < unit.total} for kind, unit in first.items()}
+        return (LatencyTable(setting=LatencySetting(), total_ms=total, sublayer_ms=params,
+                             probe_removed={kind: 1 for kind in params}),
+                LevelLatencyTable(setting=LatencySetting(), total_ms=total, saved_ms=saved))
+
     monkeypatch.setattr("layerwise.cost.measure_latency", sublinear)
+    monkeypatch.setattr("layerwise.structures.joint._latency_tables", proportional_tables)
     out = tmp_path / "plan.json"
     result = CliRunner().invoke(app, ["plan", "--model", "tiny-llama", "--structure", "joint", "--allocator", "greedy",
                                       "--target-speedup", "1.3", "--candidates", "20", "--joint-attention-widths",
