@@ -272,7 +272,7 @@ Load test (`layerwise serve` with this controller, OpenAI `/v1/completions` over
     goal = lambda ok: "**met**" if ok else "**not met**"  # noqa: E731
     training_feedback = (
         f"; every request also served under every other profile (`--counterfactual`), each outcome a transition "
-        f"from the same state, so {len(training) * len(switches)} transitions and no exploration needed"
+        f"from the same state, so {len(training) * len(fixed)} transitions and no exploration needed"
         if args.counterfactual else f", ε 1 → 0.05 over {args.exploration_steps} requests")
     reward_text = ("`--reward slo`: the served profile's log-likelihood of the dense model's greedy continuation "
                    "(−NLL, teacher-forced) when the request finishes within its objective, otherwise that minus "

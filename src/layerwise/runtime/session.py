@@ -314,14 +314,13 @@ def train(env: RuntimeEnvironment, prompts: list[Prompt], settings: TrainSetting
                 epsilon = controller.epsilon
                 action, record, terms = run_request(env, prompt, state, controller.act, "controller",
                                                     condition.name, reward, observe_ms, objectives[cursor])
-                outcomes = [(action, record.reward, terms)]
+                outcomes = [(action, terms)]
                 if settings.counterfactual:
-                    outcomes += [(other, sum(other_terms), other_terms) for other, other_terms in
-                                 _other_profiles(env, prompt, state, action, condition.name, reward, objectives[cursor])]
+                    outcomes += _other_profiles(env, prompt, state, action, condition.name, reward, objectives[cursor])
                 cursor += 1
                 next_state, observe_ms = timed_observe(env, prompts[cursor % len(prompts)], objectives[cursor])
-                for served, value, served_terms in outcomes:
-                    controller.observe(Transition(state, served, value, next_state,
+                for served, served_terms in outcomes:  # the reward is its terms' sum (run_request)
+                    controller.observe(Transition(state, served, sum(served_terms), next_state,
                                                   step == settings.steps_per_episode - 1,
                                                   served_terms if len(controller.heads) > 1 else None))
                 records.append({**asdict(record), "episode": episode, "epsilon": epsilon})
