@@ -66,31 +66,37 @@ def main() -> None:
     parser.add_argument("--long-candidates", type=int, default=0, help="also run evo and rl with this many "
                         "evaluations at both budgets (a scaling check beside the equal-count comparison)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--latency-repeats", type=int, default=10, help="paired runs (dense and plan alternating) "
+                        "behind each measured speedup, the speed guard's included")
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--remark", default="")
     args = parser.parse_args()
 
-    from layerwise import Budget, RunSettings
+    from layerwise import Budget, LatencySetting, RunSettings
     from layerwise.pipeline import compress
 
+    def settings(**fields) -> RunSettings:
+        """Every row measures its speedup the same way."""
+        return RunSettings(latency=LatencySetting(repeats=args.latency_repeats), **fields)
+
     max_bytes = q4_k_bytes(args.model)
-    joint = RunSettings(max_windows=args.windows, nsamples=args.joint_windows, calib_seqlen=128, seed=args.seed)
+    joint = settings(max_windows=args.windows, nsamples=args.joint_windows, calib_seqlen=128, seed=args.seed)
     runs = {
         ("speed", "sprint (removal only)"): dict(budget=Budget.for_depth(args.speedup), structure="depth",
-                                                 allocator="sprint", settings=RunSettings(
+                                                 allocator="sprint", settings=settings(
                                                      max_windows=args.windows, nsamples=8, calib_seqlen=256,
                                                      seed=args.seed)),
         ("speed", f"rl (width only, ratio {args.width_ratio:g})"): dict(
             budget=Budget.for_width(args.width_ratio), structure="width", allocator="rl",
-            settings=RunSettings(max_windows=args.windows, nsamples=32, seed=args.seed)),
+            settings=settings(max_windows=args.windows, nsamples=32, seed=args.seed)),
         **{("speed", f"joint {s}"): dict(budget=Budget.for_joint(None, args.speedup), structure="joint", allocator=s,
                                          candidates=args.speed_candidates, settings=joint) for s in SEARCHERS},
         ("bytes", "uniform q4_k (quant only)"): dict(budget=Budget.for_bits(16.0), structure="quant",
                                                      allocator="uniform", bits="q4_k",
-                                                     settings=RunSettings(max_windows=args.windows, seed=args.seed)),
+                                                     settings=settings(max_windows=args.windows, seed=args.seed)),
         ("bytes", "greedy (quant only)"): dict(budget=Budget.for_bits(None, max_bytes), structure="quant",
                                                allocator="greedy", bits=TYPES, sensitivity="error",
-                                               settings=RunSettings(max_windows=args.windows, nsamples=32, seed=args.seed)),
+                                               settings=settings(max_windows=args.windows, nsamples=32, seed=args.seed)),
         **{("bytes", f"joint {s}"): dict(budget=Budget.for_joint(max_bytes, None), structure="joint", allocator=s,
                                          candidates=args.bytes_candidates, settings=joint) for s in SEARCHERS},
     }
@@ -201,7 +207,8 @@ def write_results(records: dict, max_bytes: int, args: argparse.Namespace) -> No
         f"Budgets: **bytes** = {max_bytes:,} GGUF tensor bytes (every decoder linear asked q4_k with llama.cpp's "
         "fallbacks, q8_0 embedding: a Q4_K-sized file); **speed** = "
         f"{args.speedup}x predicted speedup (prompt 128 + 32 generated, PyTorch latency tables measured at the start "
-        "of each run). Joint space per block: attention keeps 3/2/1 KV groups or goes, MLP keeps 1536/1024/512 "
+        f"of each run); measured speedup: the median ratio of {args.latency_repeats} paired runs, dense and plan "
+        "alternating, in the speed guard and in the result. Joint space per block: attention keeps 3/2/1 KV groups or goes, MLP keeps 1536/1024/512 "
         f"channels or goes, each kept sublayer one of {TYPES} (speed budget: f16 only, narrower types save no "
         f"PyTorch time). Joint objective: KL to the dense model on {args.joint_windows} x 128 calibration tokens (evo's "
         f"first step: 1 window); every joint searcher gets the same evaluations ({args.bytes_candidates} at the byte budget, "

@@ -226,12 +226,9 @@ def test_speed_guard_tightens_the_budget_until_the_plan_measures_within_five_per
     the predicted budget by the error and repairs the plan until it measures the target."""
     from types import SimpleNamespace
 
-    fixed: list[int] = []
-
-    def sublinear(model, setting=None):
-        parameters = sum(p.numel() for p in model.parameters())
-        fixed.append(fixed[0] if fixed else 3 * parameters)  # the first call times the dense model
-        return SimpleNamespace(total_ms=float(fixed[0] + parameters))
+    def sublinear(reference, model, setting=None):
+        dense, kept = (sum(p.numel() for p in m.parameters()) for m in (reference, model))
+        return SimpleNamespace(speedup={"total": (3 * dense + dense) / (3 * dense + kept)})
 
     def proportional_tables(loaded, settings, space):
         """Tables that predict time as the parameters alone (no fixed cost): deterministic, unlike timing
@@ -248,7 +245,7 @@ def test_speed_guard_tightens_the_budget_until_the_plan_measures_within_five_per
                              probe_removed={kind: 1 for kind in params}),
                 LevelLatencyTable(setting=LatencySetting(), total_ms=total, saved_ms=saved))
 
-    monkeypatch.setattr("layerwise.cost.measure_latency", sublinear)
+    monkeypatch.setattr("layerwise.cost.measure_paired_latency", sublinear)
     monkeypatch.setattr("layerwise.structures.joint._latency_tables", proportional_tables)
     out = tmp_path / "plan.json"
     result = CliRunner().invoke(app, ["plan", "--model", "tiny-llama", "--structure", "joint", "--allocator", "greedy",

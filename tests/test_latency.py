@@ -29,3 +29,43 @@ def test_sublayer_times_cover_every_sublayer_and_fit_inside_the_forward(tiny):
 def test_no_generation_means_no_decode_figures(tiny):
     report = measure_latency(tiny.model, LatencySetting(prompt_length=8, generation_length=0, repeats=1))
     assert report.prefill_ms > 0 and report.decode_ms_per_token is None and report.decode_tokens_per_s is None
+
+
+def test_paired_latency_alternates_runs_and_cancels_the_machines_drift(tiny, monkeypatch):
+    """The machine slows by half with every run of either model: timed apart, the reference (twice the work) would
+    look anything from 2x slower to 0.2x; in alternating pairs each ratio is the true 2x, and the order of runs
+    is AB, BA, AB, ... so neither model always runs first."""
+    import itertools
+
+    import layerwise.cost.latency as latency
+    from layerwise.cost import measure_paired_latency
+
+    reference, model = tiny.model, type(tiny.model)(tiny.model.config)
+    clock, order = itertools.count(), []
+
+    def drifting_runs(which, setting, device):
+        work = 2.0 if which is reference else 1.0
+        while True:
+            order.append("A" if which is reference else "B")
+            slow = 1.5 ** (next(clock) // 2)  # the same for both runs of a pair
+            yield 0.25 * work * slow, 0.75 * work * slow
+
+    monkeypatch.setattr(latency, "_runs", drifting_runs)
+    model.train()
+    pair = measure_paired_latency(reference, model, LatencySetting(warmup=1, repeats=4, generation_length=2))
+    assert pair.speedup == {"total": 2.0, "prefill": 2.0, "decode": 2.0}
+    assert "".join(order) == "ABBAABBAAB"
+    assert pair.reference.total_ms == pytest.approx(2 * pair.model.total_ms)
+    assert pair.model.setting.repeats == 4 and model.training and not reference.training  # modes restored
+
+
+def test_paired_latency_of_a_model_against_its_copy_is_about_one(tiny):
+    import copy
+
+    from layerwise.cost import measure_paired_latency
+
+    setting = LatencySetting(prompt_length=16, generation_length=0, repeats=5)
+    pair = measure_paired_latency(tiny.model, copy.deepcopy(tiny.model), setting)
+    assert 0.5 < pair.speedup["total"] < 2 and pair.speedup["decode"] is None
+    assert pair.speedup["total"] == pytest.approx(pair.speedup["prefill"], rel=0.02)  # no decode: about all prefill
+    assert pair.reference.prefill_ms > 0 and pair.model.decode_ms_per_token is None

@@ -19,7 +19,8 @@ from layerwise.options import PlanOptions, collect, flag_of
 ROOT = Path(__file__).resolve().parents[1]
 # compress options that evaluate, recover or export the compressed model; they do not change the plan
 EVALUATION_ONLY = {"--eval-text", "--max-windows", "--batch-size", "--tasks", "--limit", "--latency", "--no-latency",
-                   "--eval-speedups", "--recover-steps", "--recover-lr", "--export", "--export-type"}
+                   "--eval-speedups", "--recover-steps", "--recover-lr", "--export", "--export-type",
+                   "--paired-latency", "--separate-latency"}
 runner = CliRunner()
 
 

@@ -36,7 +36,7 @@ def runs(tmp_path_factory) -> list[Path]:
         "dense": ["eval", "--model", "tiny-llama"],
         "magnitude50": ["compress", "--model", "tiny-llama", "--sparsity", "0.5"],
         "wanda-owl60": ["compress", "--model", "tiny-llama", "--method", "wanda", "--allocator", "owl",
-                        "--sparsity", "0.6", "--nsamples", "4"],
+                        "--sparsity", "0.6", "--nsamples", "4", "--separate-latency"],
     }
     for name, command in commands.items():
         result = invoke(*command, "--out", str(root / name), *QUICK, *TASKS)
@@ -50,9 +50,12 @@ def test_runs_record_zero_shot_latency_and_speedup(runs):
     assert set(metrics["zeroshot"]["scores"]) == {"arc_easy", "winogrande"}
     assert metrics["zeroshot"]["protocol"]["limit"] == 4
     assert metrics["latency"]["prefill_ms"] > 0 and metrics["dense"]["latency"]["prefill_ms"] > 0
-    assert metrics["speedup"]["prefill"] == pytest.approx(
-        metrics["dense"]["latency"]["prefill_ms"] / metrics["latency"]["prefill_ms"], rel=1e-3)
-    assert metrics["latency"]["setting"]["prompt_length"] == 16
+    assert metrics["latency"]["setting"]["prompt_length"] == 16 and record["settings"]["latency"]["paired"]
+    assert set(metrics["speedup"]) == {"total", "prefill", "decode"} and metrics["speedup"]["total"] > 0
+    assert record["timings"]["latency_s"] > 0 and record["timings"]["dense_latency_s"] < 0.01  # timed in pairs
+    separate = json.loads((runs[2] / "result.json").read_text())["metrics"]  # --separate-latency: before / after
+    assert separate["speedup"]["prefill"] == pytest.approx(
+        separate["dense"]["latency"]["prefill_ms"] / separate["latency"]["prefill_ms"], rel=1e-3)
 
 
 def test_markdown_report_has_one_row_per_run(runs, tmp_path):

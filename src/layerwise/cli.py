@@ -37,6 +37,7 @@ EvalSpeedups = Annotated[Optional[str], typer.Option("--eval-speedups", help="de
 Generation = Annotated[bool, typer.Option("--generation/--no-generation", help="Latency objective: prompt + generated tokens (default), or prefill only.")]
 SpeedupBatch = Annotated[int, typer.Option("--speedup-batch-size", help="Latency: batch size.")]
 SpeedupIterations = Annotated[int, typer.Option("--speedup-iterations", help="Latency: timed repeats (median reported).")]
+PairedLatency = Annotated[bool, typer.Option("--paired-latency/--separate-latency", help="Latency: time the dense and the compressed model in alternating runs (default; keeps a copy of the dense model in memory), or each alone before and after.")]
 Tasks = Annotated[Optional[str], typer.Option(help="Zero-shot tasks through lm-eval, e.g. arc_easy,piqa ('default': the standard set).")]
 Limit = Annotated[Optional[int], typer.Option(help="Zero-shot items per task, a seeded random subset (default 500; 0 = all).")]
 PromptLength = Annotated[int, typer.Option("--prompt-length", help="Latency: prompt tokens for prefill.")]
@@ -52,10 +53,11 @@ Threads = Annotated[Optional[int], typer.Option("--threads", help="llama.cpp thr
 
 
 def _measurement(tasks: Optional[str], limit: Optional[int], prompt_length: int, generation_length: int,
-                 latency: bool, generation: bool = True, batch: int = 1, iterations: int = 5) -> dict[str, Any]:
+                 latency: bool, generation: bool = True, batch: int = 1, iterations: int = 5,
+                 paired: bool = True) -> dict[str, Any]:
     """RunSettings fields for zero-shot scoring and latency measurement."""
     setting = {"prompt_length": prompt_length, "generation_length": generation_length, "generation": generation,
-               "batch_size": batch, "repeats": iterations} if latency else None
+               "batch_size": batch, "repeats": iterations, "paired": paired} if latency else None
     measurement = {"tasks": tasks.split(",") if tasks else [], "latency": setting}
     if limit is not None:
         measurement["task_limit"] = limit or None  # 0: every item
@@ -100,7 +102,7 @@ EVALUATION_PARAMETERS = [
     _keyword("tasks", Tasks, None), _keyword("limit", Limit, None), _keyword("prompt_length", PromptLength, 128),
     _keyword("generation_length", GenerationLength, 32), _keyword("latency", Latency, True),
     _keyword("generation", Generation, True), _keyword("speedup_batch_size", SpeedupBatch, 1),
-    _keyword("speedup_iterations", SpeedupIterations, 5),
+    _keyword("speedup_iterations", SpeedupIterations, 5), _keyword("paired_latency", PairedLatency, True),
 ]
 
 
@@ -109,7 +111,8 @@ def _evaluation(values: dict[str, Any]) -> dict[str, Any]:
     given = {p.name: values.pop(p.name) for p in EVALUATION_PARAMETERS}
     measurement = _measurement(given.pop("tasks"), given.pop("limit"), given.pop("prompt_length"),
                                given.pop("generation_length"), given.pop("latency"), given.pop("generation"),
-                               given.pop("speedup_batch_size"), given.pop("speedup_iterations"))
+                               given.pop("speedup_batch_size"), given.pop("speedup_iterations"),
+                               given.pop("paired_latency"))
     return {**given, **measurement}
 
 
@@ -125,7 +128,8 @@ calibration_command = option_group(
 # RunSettings fields whose option name is not the field name with dashes
 OPTION_NAMES = {"task_limit": "--limit", "latency.prompt_length": "--prompt-length",
                 "latency.generation_length": "--generation-length", "latency.repeats": "--speedup-iterations",
-                "latency.batch_size": "--speedup-batch-size"}
+                "latency.batch_size": "--speedup-batch-size",
+                "latency.paired": "--paired-latency"}
 
 
 def _settings(**values: Any) -> RunSettings:

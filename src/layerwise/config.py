@@ -89,6 +89,9 @@ class LatencySetting(BaseModel):
     batch_size: int = Field(1, ge=1)
     warmup: int = Field(1, ge=0)
     repeats: int = Field(5, ge=1)
+    paired: bool = Field(True, description="time the dense and the compressed model in alternating runs and take "
+                                           "the median of each pair's ratio (keeps a copy of the dense model while "
+                                           "the plan is applied and measured); off: time each alone, before and after")
 
     @property
     def decode_steps(self) -> int:

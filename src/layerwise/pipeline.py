@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import time
 from pathlib import Path
 from typing import Any
@@ -10,7 +11,7 @@ from .version import __version__
 from .backends import ApplyContext, apply_plan
 from .cache import atomic_write_json, staged_directory
 from .config import Budget, LatencySetting, RunSettings
-from .cost import measure_size
+from .cost import measure_paired_latency, measure_size
 from .cost.analytic import model_costs
 from .deploy import deploy_run, dense_reference
 from .export import check_exportable
@@ -67,7 +68,10 @@ def run_plan(
     dense_fingerprint = model_fingerprint(loaded.model)
     dense_size = measure_size(loaded.model)
     dense_costs = _costs(loaded, settings)
-    dense = measure_model(loaded, settings.model_copy(update={"tasks": []}), timings, "dense_", cached=True)
+    paired = settings.latency is not None and settings.latency.paired
+    alone = settings.model_copy(update={"latency": None}) if paired else settings  # latency is timed in pairs below
+    dense = measure_model(loaded, alone.model_copy(update={"tasks": []}), timings, "dense_", cached=True)
+    reference = copy.deepcopy(loaded.model) if paired else None
     dense_deployed = dense_reference(loaded, settings, timings) if settings.deploy else None
     calibration = calibration or CalibrationSource(loaded, settings)
     with timed(timings, "apply_s"):
@@ -77,7 +81,15 @@ def run_plan(
     if calibration.profile_from_cache is not None:
         timings["profile_s"] = round(calibration.profile_seconds, 3)
     recovery = _recover(loaded, settings, calibration, timings) if settings.recover_steps else None
-    compressed = measure_model(loaded, settings, timings, "", cached=False)
+    compressed = measure_model(loaded, alone, timings, "", cached=False)
+    if reference is not None:
+        with timed(timings, "latency_s"):
+            pair = measure_paired_latency(reference, loaded.model, settings.latency)
+        del reference
+        dense["latency"], compressed["latency"] = pair.reference.model_dump(), pair.model.model_dump()
+        speedup = pair.speedup
+    else:
+        speedup = measured_speedup(dense["latency"], compressed["latency"])
     size = measure_size(loaded.model)
     record = _record(
         command,
@@ -96,7 +108,7 @@ def run_plan(
             "weight_bytes": size.weight_bytes,
             "zeroshot": compressed["zeroshot"],
             "latency": compressed["latency"],
-            "speedup": measured_speedup(dense["latency"], compressed["latency"]),
+            "speedup": speedup,
             "dense": {
                 **dense_size.as_dict(),
                 "fingerprint": dense_fingerprint,

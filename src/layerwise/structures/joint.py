@@ -205,26 +205,24 @@ GUARD_ROUNDS = 3  # measurements of the plan, at most
 def guard_speed(request: PlanRequest, space: JointSpace, genome: Genome, structure: Callable[[Genome], list],
                 setting: LatencySetting, repair: Callable[[Genome], Genome | None],
                 rounds: int = GUARD_ROUNDS) -> tuple[Genome, list[dict[str, float]]]:
-    """Measure the plan's speedup the way the result is measured (its removals and slices applied to a copy of
-    the model, PyTorch, ``setting``). The tables predict each level alone; together they can overlap or
-    interact, so when the plan measures short of the target, the space's speed budget is raised by the
-    prediction's error (predicted / measured) and the genome repaired by ``repair`` (the searchers' own
-    cheaper moves, least damaging first: ``least_damaging_repair``), then measured again. It aims at the target
-    itself, not 5% below it: two measurements of one plan differ by several percent on a busy CPU (1.66x in
-    the guard, 1.41x in the result's own measurement, in one run). Returns the genome and each round's
-    predicted / measured speedup and the budget it was searched under."""
+    """Measure the plan's speedup the way the result is measured: its removals and slices applied to a copy of
+    the model, timed in alternating runs with the dense model (``measure_paired_latency``). The tables predict
+    each level alone; together they can overlap or interact, so when the plan measures short of the target, the
+    space's speed budget is raised by the prediction's error (predicted / measured) and the genome repaired by
+    ``repair`` (the searchers' own cheaper moves, least damaging first: ``least_damaging_repair``), then measured
+    again. It aims at the target itself, not 5% below it, since paired measurements still differ by a percent or
+    two. Returns the genome and each round's predicted / measured speedup and the budget it was searched under."""
     import copy
 
     from ..backends import ApplyContext, apply_plan
-    from ..cost import measure_latency
+    from ..cost import measure_paired_latency
 
     target = space.budgets.target_speedup
-    dense_ms = measure_latency(request.loaded.model, setting).total_ms
     history: list[dict[str, float]] = []
     for attempt in range(rounds):
         trial = copy.deepcopy(request.loaded.model)
         apply_plan(trial, request.plan(structure(genome), {}, {}), ApplyContext(request.calibration))
-        measured = dense_ms / measure_latency(trial, setting).total_ms
+        measured = measure_paired_latency(request.loaded.model, trial, setting).speedup["total"]
         del trial
         predicted = space.costs(genome)["predicted_speedup"]
         history.append({"predicted": round(predicted, 4), "measured": round(measured, 4),
