@@ -182,6 +182,44 @@ def paired(records: list[dict], condition: str, ours: str, theirs: str, key: str
     return mean(gaps), se, len(gaps)
 
 
+def _line(points: list[tuple[float, float]]) -> tuple[float, float]:
+    """Least-squares intercept and slope of y on x."""
+    xs, ys = [x for x, _ in points], [y for _, y in points]
+    mx, my = mean(xs), mean(ys)
+    spread = sum((x - mx) ** 2 for x in xs)
+    slope = sum((x - mx) * (y - my) for x, y in points) / spread if spread else 0.0
+    return my - slope * mx, slope
+
+
+def latency_rule(records: list[dict], condition: str, fixed: list[str], penalty: float,
+                 overrun: float = 2.0) -> dict[int, float]:
+    """The reward per test prompt of a state-dependent reference rule that knows each profile's latency under
+    this load: each fixed profile's request latency fitted as a + b·prompt tokens on one half of the prompts
+    (2 folds by parity), applied to the other half, where it takes the profile with the lowest mean NLL (on the
+    fitting half) predicted to meet the objective, else the one with the least predicted penalty. Its reward is
+    what that profile got on the request. It sees the load through the test itself, which no controller does:
+    a reference for how much a state-dependent choice can gain here, not a policy."""
+    served = {}
+    for r in records:
+        if r["condition"] == condition and r["policy"] in fixed:
+            served.setdefault(r["prompt"], {})[r["policy"]] = r
+    prompts = sorted(p for p, by in served.items() if len(by) == len(fixed))
+    rewards = {}
+    for fold in (0, 1):
+        fitting = [served[p] for i, p in enumerate(prompts) if i % 2 == fold]
+        lines = {f: _line([(by[f]["prompt_tokens"], by[f]["decode_ms"]) for by in fitting]) for f in fixed}
+        nll = {f: mean([by[f]["nll"] for by in fitting]) for f in fixed}
+        for prompt in (p for i, p in enumerate(prompts) if i % 2 != fold):
+            first = served[prompt][fixed[0]]
+            limit, tokens = first["objective_ms"], first["prompt_tokens"]
+            predicted = {f: lines[f][0] + lines[f][1] * tokens for f in fixed}
+            meeting = [f for f in fixed if predicted[f] <= limit]
+            choice = (min(meeting, key=nll.get) if meeting else
+                      min(fixed, key=lambda f: nll[f] + penalty + overrun * (predicted[f] - limit) / limit))
+            rewards[prompt] = served[prompt][choice]["reward"]
+    return rewards
+
+
 def write_results(args: argparse.Namespace) -> None:
     import torch
 
@@ -230,6 +268,34 @@ def write_results(args: argparse.Namespace) -> None:
         sections.append(f"**{condition}** ({n} paired requests; controller chose {mix}):\n\n{table}\n")
 
     beats_all = {c: all(v["beats"] for v in verdicts[c].values()) for c in conditions}
+    reference, reference_text = {}, ""
+    if slo:  # what a state-dependent choice can gain here, beside what the controller gained
+        for condition in conditions:
+            rule = latency_rule(tests, condition, fixed, args.slo_penalty)
+            hindsight = []
+            for prompt in rule:
+                outcomes = [r["reward"] for r in tests if r["condition"] == condition and r["prompt"] == prompt
+                            and r["policy"] in fixed]
+                hindsight.append(max(outcomes))
+            tagged = tests + [{"condition": condition, "policy": "rule", "prompt": p, "reward": v} for p, v in rule.items()]
+            margins = {p: paired(tagged, condition, "rule", p) for p in fixed}
+            smallest = min(margins, key=lambda p: in_se(*margins[p][:2]))
+            reference[condition] = {"rule_reward": mean(list(rule.values())), "per_request_oracle": mean(hindsight),
+                                    "smallest_margin": {"against": smallest.removeprefix("fixed:"),
+                                                        "gap": margins[smallest][0], "se": margins[smallest][1]},
+                                    "beats_every_fixed": all(g > 2 * se for g, se, _ in margins.values())}
+        reference_text = (
+            "- For reference, what a state-dependent choice can gain here (not a policy: it sees the test's own "
+            "latencies): a rule that fits each fixed profile's latency under the load as a + b·prompt tokens on "
+            "half of the test prompts and, on the other half, serves the best-quality profile predicted to meet "
+            "the objective (2 folds): "
+            + "; ".join(f"{c} {v['rule_reward']:.3f}, {v['smallest_margin']['gap']:+.3f} ± "
+                        f"{v['smallest_margin']['se']:.3f} against {v['smallest_margin']['against']} "
+                        f"({in_se(v['smallest_margin']['gap'], v['smallest_margin']['se']):.1f} SE)"
+                        for c, v in reference.items())
+            + f". Beats every fixed profile by > 2 SE: {', '.join(c for c, v in reference.items() if v['beats_every_fixed']) or 'under no load'}. "
+            "A per-request oracle (it knows every outcome, the latency noise included): "
+            + ", ".join(f"{c} {v['per_request_oracle']:.3f}" for c, v in reference.items()) + ".\n")
     controller = [r for r in tests if r["policy"] == "controller"]
     overhead = 100 * mean([r["decide_ms"] / r["decode_ms"] for r in controller])
     share = 100 * sum(r["decide_ms"] for r in controller) / sum(r["decode_ms"] for r in controller)
@@ -293,7 +359,7 @@ Test: {args.test_samples} disjoint prompts per load, each served by the controll
 {chr(10).join(sections)}
 Goals:
 - Controller beats every fixed profile by more than 2 paired standard errors: {'; '.join(f"{c} {goal(beats_all[c])} (smallest margin {min(in_se(v['gap'], v['se']) for v in verdicts[c].values()):.1f} SE)" for c in conditions)}.
-- Objective attainment ≥ the best fixed profile's at no worse mean quality (NLL): {'; '.join(f"{c} {goal(a['met'])} ({pct(a['controller_attainment'])} vs {a['best_fixed']} {pct(a['best_fixed_attainment'])}, NLL {a['controller_nll']:.3f} vs {a['best_fixed_nll']:.3f})" for c, a in attain_ok.items())}.
+{reference_text}- Objective attainment ≥ the best fixed profile's at no worse mean quality (NLL): {'; '.join(f"{c} {goal(a['met'])} ({pct(a['controller_attainment'])} vs {a['best_fixed']} {pct(a['best_fixed_attainment'])}, NLL {a['controller_nll']:.3f} vs {a['best_fixed_nll']:.3f})" for c, a in attain_ok.items())}.
 - Controller overhead ≤ 1% of request time: {goal(overhead <= 1.0)} ({overhead:.2f}% mean of decide/latency per request; by load {', '.join(f'{c} {v:.2f}%' for c, v in overhead_by.items())}; {share:.2f}% of the controller's total request time). The decision (telemetry, prompt features, the Q-networks; tokenizing is serving's and left out) runs right after a decode has streamed the model through the caches, and is about 5× slower then than in a warm loop.
 - Profile switch ≤ 10 ms: {goal(switch_max <= 10.0)} (max {switch_max:.2f} ms over every test request; mean per profile below).
 - Training reward, mean of the first 10 episodes → last 10: {early:.3f} → {late:.3f}.
@@ -302,7 +368,7 @@ Goals:
 {load_text}"""
     summary = {"oracle": oracle, "verdicts": verdicts, "attainment": attain_ok, "beats_every_fixed": beats_all,
                "overhead_percent": overhead, "overhead_share_of_time_percent": share, "overhead_by_condition": overhead_by, "switch_max_ms": switch_max,
-               "training_reward_first_last": [early, late], "load_test": load_summary,
+               "training_reward_first_last": [early, late], "state_dependent_reference": reference, "load_test": load_summary,
                "settings": {k: str(v) for k, v in vars(args).items()},
                "per_condition_policy": list(groups.values())}  # the request records stay in DIR/test.json
     write_section("runtime", markdown, summary, args.remark)
