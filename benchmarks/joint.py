@@ -122,6 +122,21 @@ def main() -> None:
     write_results(records, max_bytes, args)
 
 
+SPEED_TOLERANCE = 0.05  # a speed budget is honoured when the plan measures at least 95% of it
+
+
+def honours(entry: dict, budget: str, max_bytes: int, speedup: float) -> bool:
+    """Whether a row keeps its budget: exported bytes at most the byte budget, or a measured speedup at least 95%
+    of the target. The goal compares plans at the same budget, so a plan short of it is no fair best."""
+    if budget == "bytes":
+        return entry["file_bytes"] is not None and entry["file_bytes"] <= max_bytes
+    return entry["measured_speedup"] is not None and entry["measured_speedup"] >= (1 - SPEED_TOLERANCE) * speedup
+
+
+def measured_note(entry: dict, budget: str) -> str:
+    return f", measured {entry['measured_speedup']:.2f}x" if budget == "speed" and entry["measured_speedup"] else ""
+
+
 def write_results(records: dict, max_bytes: int, args: argparse.Namespace) -> None:
     rows, data = [], []
     for (budget, label), record in records.items():
@@ -150,14 +165,20 @@ def write_results(records: dict, max_bytes: int, args: argparse.Namespace) -> No
         singles = [e for e in data if e["budget"] == budget and not e["plan"].startswith("joint")]
         joints = [e for e in data if e["budget"] == budget and e["plan"].startswith("joint") and "×" not in e["plan"]]
         longer = [e for e in data if e["budget"] == budget and "×" in e["plan"]]
-        best_single, best_joint = min(singles, key=lambda e: e["ppl"]), min(joints, key=lambda e: e["ppl"])
-        gain = 1 - best_joint["ppl"] / best_single["ppl"]
-        findings.append(f"- {budget}: best joint ({best_joint['plan']}, {best_joint['ppl']:.2f}) vs best single-action "
-                        f"({best_single['plan']}, {best_single['ppl']:.2f}): perplexity {abs(gain):.1%} "
-                        f"{'lower' if gain >= 0 else 'higher'}; goal ≥ 10% lower: "
-                        f"**{'met' if gain >= 0.10 else 'not met'}**"
-                        + (f" (out of reach here: 10% below {best_single['ppl']:.2f} is below the dense model's {dense:.2f})."
-                           if 0.9 * best_single["ppl"] < dense else "."))
+        best_joint = min(joints, key=lambda e: e["ppl"])
+        honouring = [e for e in singles if honours(e, budget, max_bytes, args.speedup)]
+        for against, pool in (("the best single-action plan within the budget", honouring),
+                              ("the best single-action row, within the budget or not", singles)):
+            if not pool or (pool is singles and len(honouring) == len(singles)):
+                continue
+            best_single = min(pool, key=lambda e: e["ppl"])
+            gain = 1 - best_joint["ppl"] / best_single["ppl"]
+            findings.append(f"- {budget}: best joint ({best_joint['plan']}, {best_joint['ppl']:.2f}) vs {against} "
+                            f"({best_single['plan']}, {best_single['ppl']:.2f}{measured_note(best_single, budget)}): "
+                            f"perplexity {abs(gain):.1%} {'lower' if gain >= 0 else 'higher'}; goal ≥ 10% lower: "
+                            f"**{'met' if gain >= 0.10 else 'not met'}**"
+                            + (f" (out of reach here: 10% below {best_single['ppl']:.2f} is below the dense model's "
+                               f"{dense:.2f})." if 0.9 * best_single["ppl"] < dense else "."))
         if longer:
             best_long = min(longer, key=lambda e: e["ppl"])
             findings.append(f"- {budget}, longer searches: {best_long['plan']} {best_long['ppl']:.2f} "
@@ -179,13 +200,13 @@ def write_results(records: dict, max_bytes: int, args: argparse.Namespace) -> No
         for e in joints + longer + singles:
             if budget == "bytes" and e["file_bytes"] is not None:
                 findings.append(f"- {budget}: {e['plan']}: {e['file_bytes']:,} tensor bytes in the exported file "
-                                f"(budget {max_bytes:,}): **{'honoured' if e['file_bytes'] <= max_bytes else 'over'}**.")
+                                f"(budget {max_bytes:,}): **{'honoured' if honours(e, budget, max_bytes, args.speedup) else 'over'}**.")
             if budget == "speed" and e["measured_speedup"]:
                 off = e["measured_speedup"] / args.speedup - 1
                 findings.append(f"- {budget}: {e['plan']}: measured {e['measured_speedup']:.2f}x for the {args.speedup}x "
                                 f"budget ({off:+.1%}); honoured within 5% (at least {0.95 * args.speedup:.3g}x): "
-                                f"**{'yes' if off >= -0.05 else 'no'}**"
-                                + ("; it measures more than 5% faster than asked" if off > 0.05 else "") + ".")
+                                f"**{'yes' if honours(e, budget, max_bytes, args.speedup) else 'no'}**"
+                                + ("; it measures more than 5% faster than asked" if off > SPEED_TOLERANCE else "") + ".")
     for e in data:
         if e["speed_guard"]:
             rounds = " → ".join(f"{r['measured']:.2f}x (predicted {r['predicted']:.2f}x under a {r['budget']:.2f}x budget)"
