@@ -218,7 +218,7 @@ def write_results(records: dict, max_bytes: int, args: argparse.Namespace) -> No
     costs = [(e["budget"], e["plan"], e["candidate_cost_ratio"]) for e in data if e["candidate_cost_ratio"] is not None]
     findings.append("- Candidate cost against a warm dense pass over the same tokens (median full-stage candidate, swap "
                     "and first-use quantization of its levels included): "
-                    + ", ".join(f"{b} {p.removeprefix('joint ')} {r:.2f}x" for b, p, r in costs)
+                    + ", ".join(f"{b} {p.removeprefix('joint ')} {r:.3f}x" for b, p, r in costs)
                     + f"; goal ≤ 1.2x: **{'met' if max(r for *_, r in costs) <= 1.2 else 'not met'}** "
                     "(a narrower candidate is cheaper than the dense pass; greedy's probes each build a new level).")
     first = next(iter(records.values()))
