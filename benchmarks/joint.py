@@ -261,7 +261,7 @@ def write_results(records: dict, max_bytes: int, args: argparse.Namespace) -> No
         f"the same predicted speedup; RL-Allocator width pruning at ratio {args.width_ratio:g} (about 1.5x "
         f"measured in the width section); a single-action speed row that measures more than 5% off the budget is "
         "run once more with its budget corrected by its own error (the target × predicted / measured for SPRINT, the "
-        "ratio scaled so the time saved matches for width), since these searches have no guard. Wiki PPL on all {args.windows} windows (dense "
+        f"ratio scaled so the time saved matches for width), since these searches have no guard. Wiki PPL on all {args.windows} windows (dense "
         f"{first['metrics']['dense_ppl']:.2f}); bytes read back from each plan's exported GGUF file.\n\n"
         + markdown_table(["budget", "plan", "wiki PPL", "GGUF tensor bytes", "speedup pred. / meas.",
                           "candidates", "calib. KL", "plan (s)"], rows)
