@@ -3,20 +3,17 @@ holds them, and every headline benchmark row's command survives the round trip t
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shlex
-import sys
-from pathlib import Path
 
 import pytest
 import typer
 from typer.testing import CliRunner
 
 from layerwise.cli import app
+from benchmark_scripts import benchmark_module
 from layerwise.options import PlanOptions, collect, flag_of
 
-ROOT = Path(__file__).resolve().parents[1]
 # compress options that evaluate, recover or export the compressed model; they do not change the plan
 EVALUATION_ONLY = {"--eval-text", "--max-windows", "--batch-size", "--tasks", "--limit", "--latency", "--no-latency",
                    "--eval-speedups", "--recover-steps", "--recover-lr", "--export", "--export-type",
@@ -44,14 +41,7 @@ def test_the_renamed_options_no_longer_collide():
 
 
 def _headline_rows() -> list[str]:
-    spec = importlib.util.spec_from_file_location("headline", ROOT / "benchmarks" / "headline.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
-    return [row for rows in module.SECTIONS.values() for row in rows]
+    return [row for rows in benchmark_module("headline").SECTIONS.values() for row in rows]
 
 
 def _parse(command: str, arguments: list[str]) -> PlanOptions:

@@ -2,22 +2,7 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _benchmark():
-    spec = importlib.util.spec_from_file_location("runtime_benchmark", ROOT / "benchmarks" / "runtime.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
-    return module
+from benchmark_scripts import benchmark_module
 
 
 def test_latency_rule_serves_the_best_profile_predicted_to_meet_the_objective():
@@ -25,7 +10,7 @@ def test_latency_rule_serves_the_best_profile_predicted_to_meet_the_objective():
     one half of the prompts and, on the other, serves slow where the objective allows it, fast where only fast
     fits, and where neither does, the smaller predicted NLL + penalty. The lines are exact, so each choice is
     the better outcome of the two, and its reward is the served profile's own."""
-    module = _benchmark()
+    module = benchmark_module("runtime")
     records = []
     for prompt in range(40):
         tokens = 10 * prompt
