@@ -152,9 +152,9 @@ def measure_paired_latency(
     reference: torch.nn.Module, model: torch.nn.Module, setting: LatencySetting | None = None
 ) -> PairedLatency:
     """Time ``reference`` and ``model`` in alternating runs (AB, BA, AB, ...) and report the speedup as the median
-    of each pair's ratio. The machine drifts between two separate measurements (other load, clocks): on the 2-core
-    CI machine one plan measured 1.50-1.73x in four separate before/after measurements and 1.575-1.587x in three
-    paired ones, so a speed budget can only be checked to a few percent this way."""
+    of each pair's ratio. The machine drifts between two separate measurements (other load, clocks), and a pair's
+    two runs drift alike: on the 2-core CI machine one plan measured 1.50-1.73x in four separate before/after
+    measurements and 1.575-1.587x in three paired ones, so only paired timing can check a speed budget to 5%."""
     setting = setting or LatencySetting()
     device = next(model.parameters()).device
     models = (reference, model)
