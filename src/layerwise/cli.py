@@ -37,7 +37,7 @@ EvalSpeedups = Annotated[Optional[str], typer.Option("--eval-speedups", help="de
 Generation = Annotated[bool, typer.Option("--generation/--no-generation", help="Latency objective: prompt + generated tokens (default), or prefill only.")]
 SpeedupBatch = Annotated[int, typer.Option("--speedup-batch-size", help="Latency: batch size.")]
 SpeedupIterations = Annotated[int, typer.Option("--speedup-iterations", help="Latency: timed repeats (median reported).")]
-PairedLatency = Annotated[bool, typer.Option("--paired-latency/--separate-latency", help="Latency: time the dense and the compressed model in alternating runs (default; keeps a copy of the dense model in memory), or each alone before and after.")]
+PairedLatency = Annotated[bool, typer.Option("--paired-latency/--separate-latency", help="Latency of compress and apply: time the dense and the compressed model in alternating runs (default; keeps a copy of the dense model in memory), or each alone before and after (eval times one model).")]
 Tasks = Annotated[Optional[str], typer.Option(help="Zero-shot tasks through lm-eval, e.g. arc_easy,piqa ('default': the standard set).")]
 Limit = Annotated[Optional[int], typer.Option(help="Zero-shot items per task, a seeded random subset (default 500; 0 = all).")]
 PromptLength = Annotated[int, typer.Option("--prompt-length", help="Latency: prompt tokens for prefill.")]
