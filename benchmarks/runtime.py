@@ -191,6 +191,15 @@ def _line(points: list[tuple[float, float]]) -> tuple[float, float]:
     return my - slope * mx, slope
 
 
+def fixed_outcomes(records: list[dict], condition: str, fixed: list[str]) -> dict[int, dict[str, dict]]:
+    """Each test prompt's record under every fixed profile, for the prompts every one of them served."""
+    served: dict[int, dict[str, dict]] = {}
+    for r in records:
+        if r["condition"] == condition and r["policy"] in fixed:
+            served.setdefault(r["prompt"], {})[r["policy"]] = r
+    return {prompt: by for prompt, by in served.items() if len(by) == len(fixed)}
+
+
 def latency_rule(records: list[dict], condition: str, fixed: list[str], penalty: float,
                  overrun: float = 2.0) -> dict[int, float]:
     """The reward per test prompt of a state-dependent reference rule that knows each profile's latency under
@@ -199,11 +208,8 @@ def latency_rule(records: list[dict], condition: str, fixed: list[str], penalty:
     fitting half) predicted to meet the objective, else the one with the least predicted penalty. Its reward is
     what that profile got on the request. It sees the load through the test itself, which no controller does:
     a reference for how much a state-dependent choice can gain here, not a policy."""
-    served = {}
-    for r in records:
-        if r["condition"] == condition and r["policy"] in fixed:
-            served.setdefault(r["prompt"], {})[r["policy"]] = r
-    prompts = sorted(p for p, by in served.items() if len(by) == len(fixed))
+    served = fixed_outcomes(records, condition, fixed)
+    prompts = sorted(served)
     rewards = {}
     for fold in (0, 1):
         fitting = [served[p] for i, p in enumerate(prompts) if i % 2 == fold]
@@ -272,11 +278,7 @@ def write_results(args: argparse.Namespace) -> None:
     if slo:  # what a state-dependent choice can gain here, beside what the controller gained
         for condition in conditions:
             rule = latency_rule(tests, condition, fixed, args.slo_penalty)
-            hindsight = []
-            for prompt in rule:
-                outcomes = [r["reward"] for r in tests if r["condition"] == condition and r["prompt"] == prompt
-                            and r["policy"] in fixed]
-                hindsight.append(max(outcomes))
+            hindsight = [max(r["reward"] for r in by.values()) for by in fixed_outcomes(tests, condition, fixed).values()]
             tagged = tests + [{"condition": condition, "policy": "rule", "prompt": p, "reward": v} for p, v in rule.items()]
             margins = {p: paired(tagged, condition, "rule", p) for p in fixed}
             smallest = min(margins, key=lambda p: in_se(*margins[p][:2]))
