@@ -53,6 +53,7 @@ def main() -> None:
     parser.add_argument("--counterfactual", action=argparse.BooleanOptionalAction, default=True,
                         help="serve each training request under every profile (see `layerwise runtime train --help`)")
     parser.add_argument("--exploration-steps", type=int, default=500)
+    parser.add_argument("--heads", default="lean", help="what each reward term's head reads (layerwise runtime train --heads)")
     parser.add_argument("--train-samples", type=int, default=300)
     parser.add_argument("--test-samples", type=int, default=64)
     parser.add_argument("--oracle-samples", type=int, default=12)
@@ -75,7 +76,7 @@ def main() -> None:
     if "train" not in skip:
         cli("runtime", "train", *shared, "--checkpoint", str(checkpoint), "--episodes", str(args.episodes),
             "--steps-per-episode", str(args.steps_per_episode), "--exploration-steps", str(args.exploration_steps),
-            "--reward", args.reward, *objective, "--profiles", args.profiles, "--gamma", str(args.gamma),
+            "--reward", args.reward, *objective, "--profiles", args.profiles, "--gamma", str(args.gamma), "--heads", args.heads,
             "--counterfactual" if args.counterfactual else "--on-policy")
     if "test" not in skip:
         cli("runtime", "test", *shared, "--checkpoint", str(checkpoint), "--ppl-samples", str(args.test_samples),
@@ -346,9 +347,12 @@ Load test (`layerwise serve` with this controller, OpenAI `/v1/completions` over
                    "(−NLL, teacher-forced) when the request finishes within its objective, otherwise that minus "
                    f"{args.slo_penalty:g} + 2·overrun/objective nats; objectives drawn log-uniformly from "
                    f"{args.slo_ms} ms per request" if slo else "the seed's `0.6·tokens/s − 0.4·PPL/10`")
+    from layerwise.runtime.heads import HEAD_LAYOUTS
+
+    head_text = " ".join((HEAD_LAYOUTS.get(args.heads).__doc__ or "").split())
     markdown = f"""## Runtime-adaptive pruning (Double DQN controller, {args.model})
 
-Command: `.venv/bin/python benchmarks/runtime.py --out DIR --reward {args.reward} --slo-ms {args.slo_ms} --slo-penalty {args.slo_penalty:g} --episodes {args.episodes} --steps-per-episode {args.steps_per_episode} --gamma {args.gamma:g} {'--counterfactual' if args.counterfactual else '--on-policy'} --exploration-steps {args.exploration_steps} --train-samples {args.train_samples} --test-samples {args.test_samples} --max-new-tokens {args.max_new_tokens}` (runs `layerwise runtime oracle`, `train`, `test`, then a load test of `layerwise serve`). Reward: {reward_text}. The seed's reward (`0.6·tokens/s − 0.4·PPL/10`) is recorded for the same requests. Latency is the whole request (prefill + {args.max_new_tokens} tokens, batch 1, 2 CPU cores, fp32). Loads are the tool's own: `spin1` = 1 process spinning all the time, `spin2` = 2 processes spinning half the time each (at full duty they slowed requests 3-15×, erratically), `memory` = a 4 GiB ballast. Prompts: questions of ARC-e/c, BoolQ, CSQA, SIQA, SciQ, NQ-open, wiki paragraphs and wiki passages up to 1,024 tokens. Profiles: `none` and `{args.profiles}` (sliced views, act importance). State: telemetry, prompt features, the objective, the running slowdown and each profile's predicted latency over the objective. Training: {len(training)} requests over {len(episodes)} episodes (one load each, cycled), γ = {args.gamma:g}{training_feedback}.
+Command: `.venv/bin/python benchmarks/runtime.py --out DIR --reward {args.reward} --slo-ms {args.slo_ms} --slo-penalty {args.slo_penalty:g} --episodes {args.episodes} --steps-per-episode {args.steps_per_episode} --gamma {args.gamma:g} --heads {args.heads} {'--counterfactual' if args.counterfactual else '--on-policy'} --exploration-steps {args.exploration_steps} --train-samples {args.train_samples} --test-samples {args.test_samples} --max-new-tokens {args.max_new_tokens}` (runs `layerwise runtime oracle`, `train`, `test`, then a load test of `layerwise serve`). Reward: {reward_text}. The seed's reward (`0.6·tokens/s − 0.4·PPL/10`) is recorded for the same requests. Latency is the whole request (prefill + {args.max_new_tokens} tokens, batch 1, 2 CPU cores, fp32). Loads are the tool's own: `spin1` = 1 process spinning all the time, `spin2` = 2 processes spinning half the time each (at full duty they slowed requests 3-15×, erratically), `memory` = a 4 GiB ballast. Prompts: questions of ARC-e/c, BoolQ, CSQA, SIQA, SciQ, NQ-open, wiki paragraphs and wiki passages up to 1,024 tokens. Profiles: `none` and `{args.profiles}` (sliced views, act importance). State: telemetry, prompt features, the objective, the running slowdown and each profile's predicted latency over the objective. Heads (`--heads {args.heads}`): {head_text} Training: {len(training)} requests over {len(episodes)} episodes (one load each, cycled), γ = {args.gamma:g}{training_feedback}.
 
 Oracle table (before training, {args.oracle_samples} training prompts per load, every fixed profile; mean reward and objective attainment, best first):
 

@@ -14,6 +14,7 @@ import torch
 
 from layerwise.errors import LayerwiseError
 from layerwise.runtime.controller import Controller, DqnSettings, Head, PerActionQNetwork, Transition
+from layerwise.runtime.heads import StateLayout
 from layerwise.runtime.objectives import LatencyLine, ObjectiveError, ObjectiveRange, SpeedCalibration, SpeedEstimates
 from layerwise.runtime.session import Outcome, RewardSettings
 
@@ -213,6 +214,9 @@ def test_slo_training_oracle_and_test_through_the_cli(tmp_path):
     assert refused.exit_code == 2 and "--slo-ms" in refused.output
     unknown = CliRunner().invoke(app, ["runtime", "train", *common, "--reward", "fast", "--slo-ms", "10:100"])
     assert unknown.exit_code == 2 and "reward mode" in unknown.output
+    layout = CliRunner().invoke(app, ["runtime", "train", *common, "--reward", "slo", "--slo-ms", "10:100",
+                                      "--heads", "wide"])
+    assert layout.exit_code == 2 and "head layout 'wide'" in layout.output
     oracle = CliRunner().invoke(app, ["runtime", "oracle", *common, "--out", str(tmp_path / "oracle"), "--samples",
                                       "3", "--load-profile", "idle,spin1", "--slo-ms", "5:200"])
     assert oracle.exit_code == 0, oracle.output
@@ -222,7 +226,7 @@ def test_slo_training_oracle_and_test_through_the_cli(tmp_path):
     checkpoint = tmp_path / "rt" / "ckpt.pt"
     trained = CliRunner().invoke(app, ["runtime", "train", *common, "--checkpoint", str(checkpoint), "--episodes",
                                        "2", "--steps-per-episode", "3", "--load-profile", "idle", "--reward", "slo",
-                                       "--slo-ms", "5:200"])
+                                       "--slo-ms", "5:200", "--heads", "lean"])
     assert trained.exit_code == 0, trained.output
     tested = CliRunner().invoke(app, ["runtime", "test", "--model", "tiny-llama", "--nsamples", "4",
                                       "--max-new-tokens", "3", "--train-samples", "12", "--checkpoint",
@@ -237,6 +241,7 @@ def test_slo_training_oracle_and_test_through_the_cli(tmp_path):
                                                  -record["nll"] - 8.0 - 2.0 * (record["decode_ms"] / record["objective_ms"] - 1))
         assert math.isfinite(record["seed_reward"])
     controller, _ = Controller.load(checkpoint)
+    assert controller.heads["quality"].inputs == (StateLayout(3).length,)  # the layout travels in the checkpoint
     for record in records:  # each record keeps the state its policy saw: the controller's choices replay offline
         assert len(record["state"]) == controller.state_size
         if record["policy"] == "controller":

