@@ -22,7 +22,7 @@ def test_state_layout_locates_every_feature_group_in_an_observed_state(tiny, cal
 
     env = RuntimeEnvironment(tiny, calibration, 3, specs=parse_profiles("ffn_neurons@0.5,transformer_layers@0.5"),
                              speed_calibration=FAST_CALIBRATION)
-    env.speeds.slowdown = 1.7
+    env.speeds.prefill_slowdown, env.speeds.decode_slowdown = 1.7, 1.2
     prompt = Prompt("arc_easy", "Which gas do plants absorb from the air?")
     state = env.observe(prompt, 300.0)
     layout = StateLayout(len(env.profiles.names))
@@ -30,7 +30,7 @@ def test_state_layout_locates_every_feature_group_in_an_observed_state(tiny, cal
     tokens = env.tokenize(prompt)[1]
     assert state[layout.length] == pytest.approx(env.featurizer(prompt.text, tokens)[PROMPT_FEATURES.index("length")])
     assert state[layout.objective[0]] == pytest.approx(math.log(300.0 / 1000.0))
-    assert state[layout.slowdown] == pytest.approx(math.log(1.7))
+    assert [state[i] for i in layout.slowdowns] == pytest.approx([math.log(1.7), math.log(1.2)])
     expected = [math.log(env.speeds.predict(name, tokens, 3) / 300.0) for name in env.profiles.names]
     assert [state[i] for i in layout.predicted] == pytest.approx([max(-2.0, min(2.0, r)) for r in expected])
 
@@ -39,7 +39,7 @@ def test_lean_heads_read_the_length_and_the_predicted_latencies_only():
     layout = StateLayout(3)
     heads = HEAD_LAYOUTS.get("lean")(layout, "slo")
     assert heads["quality"].inputs == (layout.length,)
-    assert heads["objective"].inputs == (layout.length, layout.slowdown)
+    assert heads["objective"].inputs == (layout.length, *layout.slowdowns)
     assert heads["objective"].per_action == layout.predicted
     assert set(HEAD_LAYOUTS.get("lean")(layout, "linear")) == {"speed", "quality"}
     assert set(HEAD_LAYOUTS.get("one")(layout, "slo")) == {"reward"}
@@ -47,7 +47,7 @@ def test_lean_heads_read_the_length_and_the_predicted_latencies_only():
     network = DecomposedQ(layout.size, 3, 16, list(heads.values()))
     states = torch.randn(4, layout.size)
     unread = states.clone()
-    unread[:, list(layout.telemetry)] += 5.0  # the load reaches the lean heads through the slowdown only
+    unread[:, list(layout.telemetry)] += 5.0  # the load reaches the lean heads through the slowdowns only
     unread[:, [i for i in layout.prompt if i != layout.length]] += 5.0
     assert torch.equal(network.total(states), network.total(unread))
     read = states.clone()

@@ -49,20 +49,27 @@ def test_objective_ranges_parse_and_draw_log_uniformly_and_reproducibly():
             ObjectiveRange.parse(bad)
 
 
-def test_speed_estimates_fit_two_points_and_follow_the_slowdown():
+def test_speed_estimates_fit_two_points_and_follow_the_prefill_and_decoding_slowdowns_apart():
     line = LatencyLine.through((16, 60.0, 40.0), (1016, 1460.0, 45.0))
     assert line.prefill_ms_per_token == pytest.approx(1.4) and line.step_ms_per_token == pytest.approx(0.005)
     assert line.predict(16, 1) == pytest.approx(60.0) and line.predict(516, 11) == pytest.approx(760 + 10 * 42.5)
     estimates = SpeedEstimates({"none": line, "fast": LatencyLine(30.0, 0.7, 25.0, 0.0)}, smoothing=0.5)
     assert estimates.fastest(100, 10)[0] == "fast"
-    dense = line.predict(100, 10)
-    estimates.observe("none", 100, 10, 3 * dense)  # a loaded machine: three times slower than idle
-    assert estimates.slowdown == pytest.approx(2.0)
-    assert estimates.predict("fast", 100, 10) == pytest.approx(2.0 * (30 + 70 + 9 * 25))
-    objective, slowdown, *ratios = estimates.features(100, 10, 500.0)
-    assert objective == pytest.approx(math.log(0.5)) and slowdown == pytest.approx(math.log(2.0))
-    assert ratios == pytest.approx([math.log(2 * dense / 500), math.log(2 * 325 / 500)])
-    assert estimates.features(100, 10, 1.0)[2:] == [2.0, 2.0]  # clipped
+    # a loaded machine: prefill five times slower than idle, decoding twice
+    estimates.observe("none", 100, 10, 5 * line.prefill(100), 2 * line.decoding(100, 10))
+    assert (estimates.prefill_slowdown, estimates.decode_slowdown) == pytest.approx((3.0, 1.5))
+    assert estimates.predict("fast", 100, 10) == pytest.approx(3.0 * (30 + 70) + 1.5 * 9 * 25)
+    # a long passage is mostly prefill, a short question mostly decoding: each follows its own phase's slowdown
+    long_ratio = estimates.predict("none", 1000, 10) / line.predict(1000, 10)
+    short_ratio = estimates.predict("none", 16, 10) / line.predict(16, 10)
+    assert 2.5 < long_ratio < 3.0 and 1.5 < short_ratio < 1.8
+    estimates.observe("fast", 100, 1, 2 * 100.0, 0.0)  # one token: no decoding step to learn from
+    assert (estimates.prefill_slowdown, estimates.decode_slowdown) == pytest.approx((2.5, 1.5))
+    objective, prefill, decode, *ratios = estimates.features(100, 10, 500.0)
+    assert objective == pytest.approx(math.log(0.5))
+    assert (prefill, decode) == pytest.approx((math.log(2.5), math.log(1.5)))
+    assert ratios == pytest.approx([math.log(estimates.predict(p, 100, 10) / 500) for p in ("none", "fast")])
+    assert estimates.features(100, 10, 1.0)[3:] == [2.0, 2.0]  # clipped
 
 
 def test_per_action_head_learns_which_profiles_meet_the_objective_from_their_own_feature():
@@ -237,6 +244,7 @@ def test_slo_training_oracle_and_test_through_the_cli(tmp_path):
                                               "fixed:transformer_layers@0.5"}
     for record in records:
         assert 5 <= record["objective_ms"] <= 200 and record["met"] == (record["decode_ms"] <= record["objective_ms"])
+        assert 0 < record["prefill_ms"] < record["decode_ms"]  # the whole request's first part
         assert record["reward"] == pytest.approx(-record["nll"] if record["met"] else
                                                  -record["nll"] - 8.0 - 2.0 * (record["decode_ms"] / record["objective_ms"] - 1))
         assert math.isfinite(record["seed_reward"])

@@ -78,7 +78,7 @@ def train(
     tps_scale: TpsScale = 1.0,
     ppl_scale: PplScale = 10.0,
     exploration_steps: Annotated[int, typer.Option("--exploration-steps", help="Requests over which ε decays from 1 to 0.05.")] = 400,
-    heads: Annotated[str, typer.Option("--heads", help="What each reward term's head reads: prompt (quality from every prompt feature, the penalty from the telemetry and the predicted latencies), lean (quality from the prompt's length, the penalty from the predicted latencies and the slowdown), or one (one head, the whole reward from the whole state).")] = "prompt",
+    heads: Annotated[str, typer.Option("--heads", help="What each reward term's head reads: prompt (quality from every prompt feature, the penalty from the telemetry and the predicted latencies), lean (quality from the prompt's length, the penalty from the predicted latencies and the slowdowns), or one (one head, the whole reward from the whole state).")] = "prompt",
     reward: RewardMode = "linear",
     slo_ms: SloMs = None,
     slo_penalty: SloPenalty = 8.0,

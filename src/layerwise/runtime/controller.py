@@ -26,7 +26,7 @@ from torch import nn
 from ..errors import LayerwiseError
 
 
-FORMAT = "layerwise.controller/3"
+FORMAT = "layerwise.controller/4"  # 4: prefill and decoding slowdowns in the state
 
 
 @dataclass

@@ -48,8 +48,10 @@ class StateLayout:
         return tuple(range(start, start + len(OBJECTIVE_FEATURES)))
 
     @property
-    def slowdown(self) -> int:
-        return self.objective[OBJECTIVE_FEATURES.index("slowdown")]
+    def slowdowns(self) -> tuple[int, ...]:
+        """The running prefill and decoding slowdowns."""
+        return tuple(self.objective[OBJECTIVE_FEATURES.index(name)]
+                     for name in ("prefill_slowdown", "decode_slowdown"))
 
     @property
     def predicted(self) -> tuple[int, ...]:
@@ -69,7 +71,7 @@ HEAD_LAYOUTS: Registry[HeadLayout] = Registry("head layout")
 @HEAD_LAYOUTS.register("prompt")
 def prompt_heads(state: StateLayout, mode: str) -> dict[str, Head]:
     """Quality reads every prompt feature. Speed (linear) reads the telemetry and the length, factored (see
-    ``Head``); the objective's penalty (slo) reads the telemetry, the length, the objective and the slowdown,
+    ``Head``); the objective's penalty (slo) reads the telemetry, the length, the objective and the slowdowns,
     and per profile its predicted latency over the objective (``PerActionQNetwork``)."""
     quality = Head(state.prompt)
     if mode == "linear":
@@ -81,13 +83,13 @@ def prompt_heads(state: StateLayout, mode: str) -> dict[str, Head]:
 @HEAD_LAYOUTS.register("lean")
 def lean_heads(state: StateLayout, mode: str) -> dict[str, Head]:
     """Quality reads the prompt's length only. The objective's penalty reads each profile's predicted latency
-    over the objective, with the length and the slowdown (how far the idle line's shape may be off under load),
-    and nothing of the telemetry: the slowdown already carries what the load does to latency. Speed (linear)
-    as in ``prompt``."""
+    over the objective, with the length and the slowdowns (how far the idle lines' shape may be off under load),
+    and nothing of the telemetry: the slowdowns already carry what the load does to latency. Speed (linear) as
+    in ``prompt``."""
     quality = Head((state.length,))
     if mode == "linear":
         return {"speed": Head((*state.telemetry, state.length), factored=True), "quality": quality}
-    return {"quality": quality, "objective": Head((state.length, state.slowdown), per_action=state.predicted)}
+    return {"quality": quality, "objective": Head((state.length, *state.slowdowns), per_action=state.predicted)}
 
 
 @HEAD_LAYOUTS.register("one")

@@ -4,8 +4,10 @@ A server operator's target is "answer within N ms at the best quality possible".
 depends on the prompt's length (prefill grows with it), on the machine's load (contention slows every profile)
 and on the profile itself. ``SpeedEstimates`` turns that into a few cheap numbers for the controller's state:
 each profile's idle latency as a function of the prompt's length (two timed points per profile, fitted once at
-start-up) times a running *slowdown* factor (observed / predicted latency of the requests just served, an
-exponential average), so every profile's current latency is estimated from whichever profile ran last.
+start-up), its prefill and its decoding each times a running *slowdown* (observed / predicted time of the
+requests just served, an exponential average), so every profile's current latency is estimated from whichever
+profile ran last. Prefill and decoding need not slow alike (one pass over many tokens against a chain of small
+steps), and one factor for both would mispredict long passages from short questions or the reverse.
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ import torch
 
 from ..errors import LayerwiseError
 
-OBJECTIVE_FEATURES = ("objective", "slowdown")  # then one "predicted latency / objective" per profile
+OBJECTIVE_FEATURES = ("objective", "prefill_slowdown", "decode_slowdown")  # then one "predicted latency /
+# objective" per profile
 NOMINAL_OBJECTIVE_MS = 1000.0  # what the state assumes when a request states no objective
 RATIO_CLIP = 2.0  # log-ratios beyond e^±2 say "far too slow" / "far faster" and no more
 
@@ -64,9 +67,15 @@ class LatencyLine:
     step_ms: float
     step_ms_per_token: float
 
+    def prefill(self, prompt_tokens: int) -> float:
+        return self.prefill_ms + self.prefill_ms_per_token * prompt_tokens
+
+    def decoding(self, prompt_tokens: int, new_tokens: int) -> float:
+        """The ``new_tokens − 1`` steps after the prefill (which gives the first token)."""
+        return max(0, new_tokens - 1) * (self.step_ms + self.step_ms_per_token * prompt_tokens)
+
     def predict(self, prompt_tokens: int, new_tokens: int) -> float:
-        prefill = self.prefill_ms + self.prefill_ms_per_token * prompt_tokens
-        return prefill + max(0, new_tokens - 1) * (self.step_ms + self.step_ms_per_token * prompt_tokens)
+        return self.prefill(prompt_tokens) + self.decoding(prompt_tokens, new_tokens)
 
     @classmethod
     def through(cls, short: tuple[int, float, float], long: tuple[int, float, float]) -> "LatencyLine":
@@ -79,33 +88,44 @@ class LatencyLine:
 
 @dataclass
 class SpeedEstimates:
-    """Each profile's predicted latency now: its idle line times the running slowdown of the machine."""
+    """Each profile's predicted latency now: its idle prefill and decoding lines, each times the running slowdown
+    the machine showed for that phase."""
 
     lines: dict[str, LatencyLine]
-    slowdown: float = 1.0
-    smoothing: float = 0.5  # weight of the newest request in the running slowdown
+    prefill_slowdown: float = 1.0
+    decode_slowdown: float = 1.0
+    smoothing: float = 0.5  # weight of the newest request in the running slowdowns
 
     def predict(self, profile: str, prompt_tokens: int, new_tokens: int) -> float:
-        return self.slowdown * self.lines[profile].predict(prompt_tokens, new_tokens)
+        line = self.lines[profile]
+        return (self.prefill_slowdown * line.prefill(prompt_tokens)
+                + self.decode_slowdown * line.decoding(prompt_tokens, new_tokens))
 
     def fastest(self, prompt_tokens: int, new_tokens: int) -> tuple[str, float]:
         """The profile predicted fastest for this request, and its predicted latency in ms."""
         return min(((name, self.predict(name, prompt_tokens, new_tokens)) for name in self.lines),
                    key=lambda item: item[1])
 
-    def observe(self, profile: str, prompt_tokens: int, new_tokens: int, latency_ms: float) -> None:
-        """Fold one served request's measured latency into the slowdown."""
-        expected = self.lines[profile].predict(prompt_tokens, new_tokens)
-        if expected > 0 and latency_ms > 0:
-            self.slowdown += self.smoothing * (latency_ms / expected - self.slowdown)
+    def observe(self, profile: str, prompt_tokens: int, new_tokens: int, prefill_ms: float, decode_ms: float) -> None:
+        """Fold one served request's measured prefill and decoding times into the slowdowns (decoding only when
+        more than one token was decoded: the prefill gives the first)."""
+        line = self.lines[profile]
+        self.prefill_slowdown = self._fold(self.prefill_slowdown, prefill_ms, line.prefill(prompt_tokens))
+        if new_tokens > 1:
+            self.decode_slowdown = self._fold(self.decode_slowdown, decode_ms, line.decoding(prompt_tokens, new_tokens))
+
+    def _fold(self, current: float, observed: float, expected: float) -> float:
+        if expected > 0 and observed > 0:
+            return current + self.smoothing * (observed / expected - current)
+        return current
 
     def features(self, prompt_tokens: int, new_tokens: int, objective_ms: float | None) -> list[float]:
-        """``OBJECTIVE_FEATURES`` then log(predicted / objective) per profile, clipped to ±``RATIO_CLIP``."""
+        """``OBJECTIVE_FEATURES`` (logs) then log(predicted / objective) per profile, clipped to ±``RATIO_CLIP``."""
         objective = objective_ms or NOMINAL_OBJECTIVE_MS
         ratios = [math.log(max(self.predict(name, prompt_tokens, new_tokens), 1e-3) / objective)
                   for name in self.lines]
-        return [math.log(objective / NOMINAL_OBJECTIVE_MS), math.log(max(self.slowdown, 1e-3)),
-                *(min(RATIO_CLIP, max(-RATIO_CLIP, r)) for r in ratios)]
+        return [math.log(objective / NOMINAL_OBJECTIVE_MS), math.log(max(self.prefill_slowdown, 1e-3)),
+                math.log(max(self.decode_slowdown, 1e-3)), *(min(RATIO_CLIP, max(-RATIO_CLIP, r)) for r in ratios)]
 
 
 @dataclass

@@ -251,7 +251,7 @@ def create_app(env: RuntimeEnvironment, controller: Controller | None, default_o
                 env.profiles.restore()
                 with queue_lock:
                     queue["waiting"] -= 1
-            env.speeds.observe(profile, request.ids.shape[1], len(record.tokens), record.latency_ms)
+            env.speeds.observe(profile, request.ids.shape[1], len(record.tokens), record.prefill_ms, record.decode_ms)
             metrics.record(record)
 
     def run(text: str, new_tokens: int, objective: Objective) -> Served:
@@ -357,6 +357,6 @@ def create_app(env: RuntimeEnvironment, controller: Controller | None, default_o
     def metrics_endpoint() -> dict[str, Any]:
         return {**metrics.report(), "active_profile": env.profiles.active.name,
                 "available_profiles": env.profiles.names, "controller": controller is not None,
-                "slowdown": env.speeds.slowdown}
+                "slowdown": {"prefill": env.speeds.prefill_slowdown, "decode": env.speeds.decode_slowdown}}
 
     return app

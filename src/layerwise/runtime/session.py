@@ -132,6 +132,7 @@ class RequestRecord:
     objective_ms: float | None = None
     met: bool | None = None
     state: list[float] | None = None  # what the policy saw: a test can be replayed through another controller
+    prefill_ms: float = float("nan")  # the part of decode_ms (the whole request) before the first token
 
 
 class RuntimeEnvironment:
@@ -225,14 +226,15 @@ def run_request(env: RuntimeEnvironment, prompt: Prompt, state: list[float], dec
     profile = env.profiles.names[action]
     generation, switch_ms = env.serve(prompt, profile)
     latency_ms = generation.latency_ms
-    env.speeds.observe(profile, generation.prompt_length, len(generation.new_tokens), latency_ms)
+    env.speeds.observe(profile, generation.prompt_length, len(generation.new_tokens), 1000 * generation.prefill_s,
+                       1000 * generation.decode_s)
     outcome = Outcome(generation.tokens_per_s, generation.perplexity, generation.nll, latency_ms, objective_ms)
     terms = reward.terms(outcome)
     return action, RequestRecord(condition, prompt.source, policy, profile, generation.tokens_per_s,
                                  generation.perplexity, sum(terms), switch_ms, decide_ms, latency_ms,
                                  nll=generation.nll, seed_reward=reward.seed_reward(outcome),
                                  prompt_tokens=generation.prompt_length, objective_ms=objective_ms,
-                                 met=outcome.met, state=state), terms
+                                 met=outcome.met, state=state, prefill_ms=1000 * generation.prefill_s), terms
 
 
 def timed_observe(env: RuntimeEnvironment, prompt: Prompt, objective_ms: float | None = None) -> tuple[list[float], float]:
