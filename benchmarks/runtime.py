@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import random
 import socket
 import statistics
@@ -201,30 +202,67 @@ def fixed_outcomes(records: list[dict], condition: str, fixed: list[str]) -> dic
     return {prompt: by for prompt, by in served.items() if len(by) == len(fixed)}
 
 
-def latency_rule(records: list[dict], condition: str, fixed: list[str], penalty: float,
-                 overrun: float = 2.0) -> dict[int, float]:
-    """The reward per test prompt of a state-dependent reference rule that knows each profile's latency under
-    this load: each fixed profile's request latency fitted as a + b·prompt tokens on one half of the prompts
-    (2 folds by parity), applied to the other half, where it takes the profile with the lowest mean NLL (on the
-    fitting half) predicted to meet the objective, else the one with the least predicted penalty. Its reward is
-    what that profile got on the request. It sees the load through the test itself, which no controller does:
-    a reference for how much a state-dependent choice can gain here, not a policy."""
-    served = fixed_outcomes(records, condition, fixed)
+def cross_fitted(served: dict[int, dict[str, dict]], fixed: list[str]) -> dict[int, tuple[dict, dict]]:
+    """Per prompt, each fixed profile's request latency predicted by a line a + b·prompt tokens, and its mean NLL,
+    both fitted on the other half of the prompts (2 folds by parity)."""
     prompts = sorted(served)
-    rewards = {}
+    out = {}
     for fold in (0, 1):
         fitting = [served[p] for i, p in enumerate(prompts) if i % 2 == fold]
         lines = {f: _line([(by[f]["prompt_tokens"], by[f]["decode_ms"]) for by in fitting]) for f in fixed}
         nll = {f: mean([by[f]["nll"] for by in fitting]) for f in fixed}
         for prompt in (p for i, p in enumerate(prompts) if i % 2 != fold):
-            first = served[prompt][fixed[0]]
-            limit, tokens = first["objective_ms"], first["prompt_tokens"]
-            predicted = {f: lines[f][0] + lines[f][1] * tokens for f in fixed}
-            meeting = [f for f in fixed if predicted[f] <= limit]
-            choice = (min(meeting, key=nll.get) if meeting else
-                      min(fixed, key=lambda f: nll[f] + penalty + overrun * (predicted[f] - limit) / limit))
-            rewards[prompt] = served[prompt][choice]["reward"]
+            tokens = served[prompt][fixed[0]]["prompt_tokens"]
+            out[prompt] = ({f: lines[f][0] + lines[f][1] * tokens for f in fixed}, nll)
+    return out
+
+
+def latency_rule(records: list[dict], condition: str, fixed: list[str], penalty: float,
+                 overrun: float = 2.0) -> dict[int, float]:
+    """The reward per test prompt of a state-dependent reference rule that knows each profile's latency under
+    this load (``cross_fitted`` lines, fitted on the test's other half): it takes the profile with the lowest
+    mean NLL predicted to meet the objective, else the one with the least predicted penalty. Its reward is what
+    that profile got on the request. It sees the load through the test itself, which no controller does: a
+    reference for how much a state-dependent choice can gain here, not a policy."""
+    served = fixed_outcomes(records, condition, fixed)
+    rewards = {}
+    for prompt, (predicted, nll) in cross_fitted(served, fixed).items():
+        limit = served[prompt][fixed[0]]["objective_ms"]
+        meeting = [f for f in fixed if predicted[f] <= limit]
+        choice = (min(meeting, key=nll.get) if meeting else
+                  min(fixed, key=lambda f: nll[f] + penalty + overrun * (predicted[f] - limit) / limit))
+        rewards[prompt] = served[prompt][choice]["reward"]
     return rewards
+
+
+PASSAGE_TOKENS = 256  # prompts at least this long are mostly prefill; shorter ones mostly decoding steps
+
+
+def estimate_errors(records: list[dict], condition: str, fixed: list[str], actions: list[str]) -> dict[str, dict]:
+    """How well request latency was known beforehand, on the fixed profiles' test requests under ``condition``:
+    log(measured / predicted) for the controller's state (each profile's idle lines times the running slowdowns,
+    read back from the recorded state; ratios at the clip are left out) and for the reference rule's lines.
+    Per prompt group (questions below ``PASSAGE_TOKENS`` tokens, passages from it): the median (bias, + slower
+    than predicted) and the median absolute error."""
+    from layerwise.runtime.heads import StateLayout
+    from layerwise.runtime.objectives import RATIO_CLIP
+
+    predicted_at = StateLayout(len(actions)).predicted
+    served = fixed_outcomes(records, condition, fixed)
+    rule = cross_fitted(served, fixed)
+    errors: dict[str, dict[str, list[float]]] = {"state": {}, "rule": {}}
+    for prompt, by in served.items():
+        for policy, record in by.items():
+            group = "passages" if record["prompt_tokens"] >= PASSAGE_TOKENS else "questions"
+            ratio = record["state"][predicted_at[actions.index(record["profile"])]] if record.get("state") else None
+            if ratio is not None and abs(ratio) < RATIO_CLIP:
+                estimate = record["objective_ms"] * math.exp(ratio)
+                errors["state"].setdefault(group, []).append(math.log(record["decode_ms"] / estimate))
+            if prompt in rule and rule[prompt][0][policy] > 0:
+                errors["rule"].setdefault(group, []).append(math.log(record["decode_ms"] / rule[prompt][0][policy]))
+    return {source: {group: {"bias": statistics.median(values), "error": statistics.median(abs(v) for v in values),
+                             "n": len(values)} for group, values in groups.items()}
+            for source, groups in errors.items()}
 
 
 def write_results(args: argparse.Namespace) -> None:
@@ -299,6 +337,24 @@ def write_results(args: argparse.Namespace) -> None:
             + f". Beats every fixed profile by > 2 SE: {', '.join(c for c, v in reference.items() if v['beats_every_fixed']) or 'under no load'}. "
             "A per-request oracle (it knows every outcome, the latency noise included): "
             + ", ".join(f"{c} {v['per_request_oracle']:.3f}" for c, v in reference.items()) + ".\n")
+    estimates_text, estimates = "", {}
+    if all(r.get("state") for r in tests):
+        actions = torch.load(args.out / "ckpt.pt", weights_only=False)["actions"]
+        estimates = {c: estimate_errors(tests, c, fixed, actions) for c in conditions}
+        rows = [[c, group, *(f"{100 * (math.exp(v[source][group][k]) - 1):+.0f}%" if k == "bias" else
+                             f"{100 * (math.exp(v[source][group][k]) - 1):.0f}%"
+                             for source in ("state", "rule") for k in ("bias", "error")),
+                 str(v["state"][group]["n"])]
+                for c, v in estimates.items() for group in sorted(v["state"])]
+        estimates_text = (
+            "\nHow well each request's latency was known beforehand, on the fixed profiles' test requests: the "
+            "controller's estimate (each profile's idle prefill and decoding lines, times the running prefill "
+            "and decoding slowdowns; read back from the recorded states) and the reference rule's per-load lines "
+            "(fitted on the test itself). Bias: median measured/predicted − 1 (+: slower than predicted); error: "
+            f"the median absolute. Questions: prompts under {PASSAGE_TOKENS} tokens; passages: from "
+            f"{PASSAGE_TOKENS}.\n\n"
+            + markdown_table(["load", "prompts", "state bias", "state error", "rule bias", "rule error", "requests"],
+                             rows) + "\n")
     controller = [r for r in tests if r["policy"] == "controller"]
     overhead = 100 * mean([r["decide_ms"] / r["decode_ms"] for r in controller])
     share = 100 * sum(r["decide_ms"] for r in controller) / sum(r["decode_ms"] for r in controller)
@@ -371,10 +427,11 @@ Goals:
 - Training reward, mean of the first 10 episodes → last 10: {early:.3f} → {late:.3f}.
 
 {markdown_table(['profile', 'switch mean (ms)', 'switch max (ms)'], switch_rows)}
-{load_text}"""
+{estimates_text}{load_text}"""
     summary = {"oracle": oracle, "verdicts": verdicts, "attainment": attain_ok, "beats_every_fixed": beats_all,
                "overhead_percent": overhead, "overhead_share_of_time_percent": share, "overhead_by_condition": overhead_by, "switch_max_ms": switch_max,
-               "training_reward_first_last": [early, late], "state_dependent_reference": reference, "load_test": load_summary,
+               "training_reward_first_last": [early, late], "state_dependent_reference": reference,
+               "latency_estimates": estimates, "load_test": load_summary,
                "settings": {k: str(v) for k, v in vars(args).items()},
                "per_condition_policy": list(groups.values())}  # the request records stay in DIR/test.json
     write_section("runtime", markdown, summary, args.remark)

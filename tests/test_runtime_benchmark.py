@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 from benchmark_scripts import benchmark_module
 
 
@@ -30,3 +31,33 @@ def test_latency_rule_serves_the_best_profile_predicted_to_meet_the_objective():
         assert reward == max(slow, fast), prompt
         chosen[prompt] = "slow" if reward == slow else "fast"
     assert chosen[0] == "fast" and chosen[1] == "slow"  # only fast fits; both fit
+
+
+def test_estimate_errors_read_the_controllers_prediction_back_from_the_state_and_compare_the_rule():
+    """Latencies on exact lines in the prompt's length: the rule's cross-fitted lines are exact (error 0). The
+    state predicted questions exactly and passages 20% too fast (bias +25%); a ratio at the clip is left out."""
+    import math
+
+    from layerwise.runtime.heads import StateLayout
+
+    module = benchmark_module("runtime")
+    layout, actions = StateLayout(2), ["none", "fast"]
+    records = []
+    for prompt in range(40):
+        tokens = 20 * prompt
+        for profile, base in (("none", 300), ("fast", 100)):
+            latency, objective = base + tokens, 400.0
+            predicted = latency if tokens < module.PASSAGE_TOKENS else 0.8 * latency
+            state = [0.0] * layout.size
+            state[layout.predicted[actions.index(profile)]] = (2.0 if prompt == 39 else
+                                                                math.log(predicted / objective))
+            records.append({"condition": "idle", "policy": f"fixed:{profile}", "profile": profile, "prompt": prompt,
+                            "prompt_tokens": tokens, "decode_ms": latency, "objective_ms": objective, "nll": 1.0,
+                            "state": state})
+    errors = module.estimate_errors(records, "idle", ["fixed:none", "fixed:fast"], actions)
+    assert errors["state"]["questions"]["bias"] == pytest.approx(0.0, abs=1e-12)
+    assert errors["state"]["passages"]["bias"] == pytest.approx(math.log(1.25))
+    assert errors["state"]["passages"]["error"] == pytest.approx(math.log(1.25))
+    assert errors["state"]["questions"]["n"] == 2 * 13 and errors["state"]["passages"]["n"] == 2 * 27 - 2
+    assert errors["rule"]["passages"]["error"] == pytest.approx(0.0, abs=1e-9)
+    assert errors["rule"]["questions"]["n"] + errors["rule"]["passages"]["n"] == 80
