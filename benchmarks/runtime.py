@@ -43,7 +43,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--reward", default="slo", choices=["slo", "linear"])
-    parser.add_argument("--slo-ms", default="250:2500")
+    parser.add_argument("--slo-ms", default="0.7x:3x", help="objectives in ms, or factors of each request's idle "
+                        "dense latency (0.7x:3x): factors bind alike on a faster or a slower machine")
     parser.add_argument("--slo-penalty", type=float, default=8.0)
     parser.add_argument("--profiles", default="ffn_neurons@0.25,ffn_neurons@0.5,ffn_neurons@0.7,"
                                               "transformer_layers@0.3,transformer_layers@0.45")
@@ -119,15 +120,21 @@ def load_test(args: argparse.Namespace, checkpoint: Path) -> None:
                 time.sleep(2)
         _, prompts = split_prompts(args.train_samples, args.test_samples, 0)
         span = ObjectiveRange.parse(args.slo_ms)
-        rng = random.Random(11)
+        idle_dense = {}  # a relative range's factors apply to each test prompt's idle dense latency, as measured
+        if span.relative:
+            idle_dense = {r["prompt"]: r["decode_ms"] for r in json.loads((args.out / "test.json").read_text())
+                          if r["condition"] == "idle" and r["policy"] == "fixed:none"}
+        order = list(range(len(prompts)))
+        random.Random(11).shuffle(order)
         conditions = parse_load_profile(args.load_profile)
         per_condition = args.load_test_requests // len(conditions)
         stop_at = time.time() + args.load_test_timeout
         outcomes: list[dict] = []
 
         def one(index: int, condition: str) -> dict:
-            prompt = prompts[index % len(prompts)].text
-            objective = span.draw(random.Random(index))
+            number = order[index % len(order)]
+            prompt = prompts[number].text
+            objective = span.draw(random.Random(index)) * (idle_dense[number] if span.relative else 1.0)
             if time.time() > stop_at:
                 return {"condition": condition, "status": "not sent (time bound)"}
             start = time.perf_counter()
@@ -141,7 +148,6 @@ def load_test(args: argparse.Namespace, checkpoint: Path) -> None:
             return {"condition": condition, "status": response.status_code, "client_ms": 1000 * (time.perf_counter() - start),
                     "objective_ms": objective, **(body.get("layerwise") or {})}
 
-        rng.shuffle(prompts)
         for number, condition in enumerate(conditions):
             with MachineLoad(condition):
                 time.sleep(1.0)
@@ -268,6 +274,7 @@ def estimate_errors(records: list[dict], condition: str, fixed: list[str], actio
 def write_results(args: argparse.Namespace) -> None:
     import torch
 
+    from layerwise.runtime.objectives import ObjectiveRange
     from layerwise.runtime.session import summarize
 
     tests = json.loads((args.out / "test.json").read_text())
@@ -402,13 +409,16 @@ Load test (`layerwise serve` with this controller, OpenAI `/v1/completions` over
     reward_text = ("`--reward slo`: the served profile's log-likelihood of the dense model's greedy continuation "
                    "(−NLL, teacher-forced) when the request finishes within its objective, otherwise that minus "
                    f"{args.slo_penalty:g} + 2·overrun/objective nats; objectives drawn log-uniformly from "
-                   f"{args.slo_ms} ms per request" if slo else "the seed's `0.6·tokens/s − 0.4·PPL/10`")
+                   + (f"{args.slo_ms} per request: factors of the dense model's idle latency for that request (its "
+                      "prefill and decoding lines timed at start-up), given to the controller in ms"
+                      if ObjectiveRange.parse(args.slo_ms).relative else f"{args.slo_ms} ms per request")
+                   if slo else "the seed's `0.6·tokens/s − 0.4·PPL/10`")
     from layerwise.runtime.heads import HEAD_LAYOUTS
 
     head_text = " ".join((HEAD_LAYOUTS.get(args.heads).__doc__ or "").split())
     markdown = f"""## Runtime-adaptive pruning (Double DQN controller, {args.model})
 
-Command: `.venv/bin/python benchmarks/runtime.py --out DIR --reward {args.reward} --slo-ms {args.slo_ms} --slo-penalty {args.slo_penalty:g} --episodes {args.episodes} --steps-per-episode {args.steps_per_episode} --gamma {args.gamma:g} --heads {args.heads} {'--counterfactual' if args.counterfactual else '--on-policy'} --exploration-steps {args.exploration_steps} --train-samples {args.train_samples} --test-samples {args.test_samples} --max-new-tokens {args.max_new_tokens}` (runs `layerwise runtime oracle`, `train`, `test`, then a load test of `layerwise serve`). Reward: {reward_text}. The seed's reward (`0.6·tokens/s − 0.4·PPL/10`) is recorded for the same requests. Latency is the whole request (prefill + {args.max_new_tokens} tokens, batch 1, 2 CPU cores, fp32). Loads are the tool's own: `spin1` = 1 process spinning all the time, `spin2` = 2 processes spinning half the time each (at full duty they slowed requests 3-15×, erratically), `memory` = a 4 GiB ballast. Prompts: questions of ARC-e/c, BoolQ, CSQA, SIQA, SciQ, NQ-open, wiki paragraphs and wiki passages up to 1,024 tokens. Profiles: `none` and `{args.profiles}` (sliced views, act importance). State: telemetry, prompt features, the objective, the running slowdown and each profile's predicted latency over the objective. Heads (`--heads {args.heads}`): {head_text} Training: {len(training)} requests over {len(episodes)} episodes (one load each, cycled), γ = {args.gamma:g}{training_feedback}.
+Command: `.venv/bin/python benchmarks/runtime.py --out DIR --reward {args.reward} --slo-ms {args.slo_ms} --slo-penalty {args.slo_penalty:g} --episodes {args.episodes} --steps-per-episode {args.steps_per_episode} --gamma {args.gamma:g} --heads {args.heads} {'--counterfactual' if args.counterfactual else '--on-policy'} --exploration-steps {args.exploration_steps} --train-samples {args.train_samples} --test-samples {args.test_samples} --max-new-tokens {args.max_new_tokens}` (runs `layerwise runtime oracle`, `train`, `test`, then a load test of `layerwise serve`). Reward: {reward_text}. The seed's reward (`0.6·tokens/s − 0.4·PPL/10`) is recorded for the same requests. Latency is the whole request (prefill + {args.max_new_tokens} tokens, batch 1, 2 CPU cores, fp32). Loads are the tool's own: `spin1` = 1 process spinning all the time, `spin2` = 2 processes spinning half the time each (at full duty they slowed requests 3-15×, erratically), `memory` = a 4 GiB ballast. Prompts: questions of ARC-e/c, BoolQ, CSQA, SIQA, SciQ, NQ-open, wiki paragraphs and wiki passages up to 1,024 tokens. Profiles: `none` and `{args.profiles}` (sliced views, act importance). State: telemetry, prompt features, the objective, the running prefill and decoding slowdowns and each profile's predicted latency over the objective. Heads (`--heads {args.heads}`): {head_text} Training: {len(training)} requests over {len(episodes)} episodes (one load each, cycled), γ = {args.gamma:g}{training_feedback}.
 
 Oracle table (before training, {args.oracle_samples} training prompts per load, every fixed profile; mean reward and objective attainment, best first):
 

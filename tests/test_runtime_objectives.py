@@ -44,9 +44,32 @@ def test_objective_ranges_parse_and_draw_log_uniformly_and_reproducibly():
     below = sum(v < 800 for v in values) / len(values)  # log-uniform: half the mass below the geometric mean
     assert 0.4 < below < 0.6
     assert ObjectiveRange.parse("750") == ObjectiveRange(750, 750)
-    for bad in ("fast", "900:300", "0:10"):
+    relative = ObjectiveRange.parse("0.5x:4x")
+    assert relative == ObjectiveRange(0.5, 4.0, relative=True) and ObjectiveRange.parse(str(relative)) == relative
+    assert ObjectiveRange.parse("2x") == ObjectiveRange(2.0, 2.0, relative=True) and str(span) == "200:3200"
+    for bad in ("fast", "900:300", "0:10", "x:2x"):
         with pytest.raises(ObjectiveError):
             ObjectiveRange.parse(bad)
+
+
+def test_relative_objectives_scale_with_each_prompts_idle_dense_latency(tiny, calibration):
+    """A relative range draws the same factors an absolute one draws milliseconds, times the dense model's idle
+    latency for that prompt (its line timed at start-up): a passage gets a longer objective than a question."""
+    from layerwise.runtime.profiles import parse_profiles
+    from layerwise.runtime.prompts import Prompt
+    from layerwise.runtime.session import RuntimeEnvironment, draw_objectives
+
+    env = RuntimeEnvironment(tiny, calibration, 3, specs=parse_profiles("ffn_neurons@0.5"),
+                             speed_calibration=FAST_CALIBRATION)
+    env.speeds.lines["none"] = LatencyLine(20.0, 0.5, 10.0, 0.0)  # exact numbers: 20 + 0.5·tokens + 2·10 ms
+    prompts = [Prompt("q", "Why is the sky blue?"), Prompt("wiki", " ".join(["word"] * 300))]
+    factors = draw_objectives(env, ObjectiveRange(0.5, 4.0), prompts, seed=3)
+    objectives = draw_objectives(env, ObjectiveRange(0.5, 4.0, relative=True), prompts, seed=3)
+    for factor, objective, prompt in zip(factors, objectives, prompts):
+        assert 0.5 <= factor <= 4.0
+        assert objective == pytest.approx(factor * (40 + 0.5 * min(1024, env.tokenize(prompt)[1])))  # served: the last 1024
+    assert env.idle_latency_ms(prompts[1]) > 2 * env.idle_latency_ms(prompts[0])
+    assert draw_objectives(env, None, prompts, seed=3) == [None, None]
 
 
 def test_speed_estimates_fit_two_points_and_follow_the_prefill_and_decoding_slowdowns_apart():

@@ -23,7 +23,7 @@ Seed = Annotated[int, typer.Option("--seed", help="Prompt split and controller s
 TpsScale = Annotated[float, typer.Option("--tps-scale", help="tokens/s normaliser of the reward (1: the seed's 0.6·tokens/s − 0.4·PPL/10; 0: the dense model's idle tokens/s).")]
 PplScale = Annotated[float, typer.Option("--ppl-scale", help="PPL normaliser of the reward (0.6·tps/tps_scale − 0.4·PPL/ppl_scale).")]
 RewardMode = Annotated[str, typer.Option("--reward", help="linear: the seed's 0.6·tokens/s − 0.4·PPL/10; slo: log-likelihood when the request meets its latency objective, a penalty scaled by the overrun when not.")]
-SloMs = Annotated[Optional[str], typer.Option("--slo-ms", help="Latency objectives in ms, LOW:HIGH (drawn log-uniformly per request) or one value.")]
+SloMs = Annotated[Optional[str], typer.Option("--slo-ms", help="Latency objectives in ms, LOW:HIGH (drawn log-uniformly per request) or one value; 0.5x:4x draws factors of the dense model's idle latency for each request instead.")]
 SloPenalty = Annotated[float, typer.Option("--slo-penalty", help="slo reward: nats lost by a missed objective (plus --slo-overrun per objective's worth of overrun).")]
 SloOverrun = Annotated[float, typer.Option("--slo-overrun", help="slo reward: nats lost per objective's worth of overrun.")]
 Profiles = Annotated[str, typer.Option("--profiles", help="Profiles the controller chooses from, e.g. none,ffn_neurons@0.5,transformer_layers@0.3 (empty: every kind at 3 intensities).")]
@@ -134,7 +134,7 @@ def test(
     lm_eval: Annotated[bool, typer.Option("--lm-eval", help="Also score zero-shot accuracy of the dense model and of every profile the controller chose.")] = False,
     tasks: Annotated[str, typer.Option("--tasks", help="Zero-shot tasks for --lm-eval.")] = "arc_easy,boolq",
     limit: Annotated[Optional[int], typer.Option("--limit", min=0, help="Zero-shot items per task for --lm-eval (0 = all).")] = 200,
-    slo_ms: Annotated[Optional[str], typer.Option("--slo-ms", help="Latency objectives in ms, LOW:HIGH or one value (default: the training's).")] = None,
+    slo_ms: Annotated[Optional[str], typer.Option("--slo-ms", help="Latency objectives in ms, LOW:HIGH or one value, or factors of the dense idle latency such as 0.5x:4x (default: the training's).")] = None,
 ) -> None:
     """Serve the test prompts with the learned controller and with every fixed profile, under each load."""
     from .controller import Controller

@@ -32,29 +32,38 @@ class ObjectiveError(LayerwiseError):
 
 @dataclass(frozen=True)
 class ObjectiveRange:
-    """Latency objectives drawn log-uniformly from [low_ms, high_ms] (one value: every request gets it)."""
+    """Latency objectives drawn log-uniformly from [low_ms, high_ms] (one value: every request gets it). A
+    ``relative`` range holds factors instead: a request's objective is the factor times the dense model's idle
+    latency for that request (``RuntimeEnvironment.idle_latency_ms``). Milliseconds are what a server's clients
+    state; factors make the same experiment bind alike on a faster or a slower machine."""
 
     low_ms: float
     high_ms: float
+    relative: bool = False
 
     def __post_init__(self) -> None:
         if not 0 < self.low_ms <= self.high_ms:
-            raise ObjectiveError(f"A latency objective range needs 0 < low ≤ high (got {self.low_ms}:{self.high_ms} ms).")
+            raise ObjectiveError(f"A latency objective range needs 0 < low ≤ high (got {self}).")
 
     @classmethod
     def parse(cls, text: str) -> "ObjectiveRange":
-        """``LOW:HIGH`` or ``MS``, in milliseconds."""
-        low, _, high = text.partition(":")
+        """``LOW:HIGH`` or ``MS``, in milliseconds; ``0.5x:4x`` (or ``2x``): factors of the dense idle latency."""
+        low, _, high = text.strip().partition(":")
+        relative = low.endswith("x") or high.endswith("x")
         try:
-            return cls(float(low), float(high or low))
+            low_value = float(low.removesuffix("x"))
+            return cls(low_value, float(high.removesuffix("x") or low_value), relative)
         except ValueError:
-            raise ObjectiveError(f"--slo-ms takes LOW:HIGH or one value in milliseconds (got '{text}').") from None
+            raise ObjectiveError("--slo-ms takes LOW:HIGH or one value in milliseconds, or factors of the dense "
+                                 f"model's idle latency such as 0.5x:4x (got '{text}').") from None
 
     def draw(self, rng: random.Random) -> float:
+        """Milliseconds, or for a relative range the factor."""
         return math.exp(rng.uniform(math.log(self.low_ms), math.log(self.high_ms)))
 
     def __str__(self) -> str:
-        return f"{self.low_ms:g}:{self.high_ms:g}"
+        unit = "x" if self.relative else ""
+        return f"{self.low_ms:g}{unit}:{self.high_ms:g}{unit}"
 
 
 @dataclass(frozen=True)

@@ -181,6 +181,11 @@ class RuntimeEnvironment:
         return (self.telemetry.vector() + self.featurizer(prompt.text, full)
                 + self.speeds.features(tokens, new_tokens or self.max_new_tokens, objective_ms))
 
+    def idle_latency_ms(self, prompt: Prompt, new_tokens: int | None = None) -> float:
+        """The dense model's latency for ``prompt`` on an idle machine, from its line timed at start-up."""
+        tokens = min(self.tokenize(prompt)[1], MAX_PROMPT_TOKENS)
+        return self.speeds.lines["none"].predict(tokens, new_tokens or self.max_new_tokens)
+
     def tokenize(self, prompt: Prompt) -> tuple[torch.Tensor, int]:
         """The ids served (the prompt's last ``MAX_PROMPT_TOKENS`` tokens) and the prompt's whole length."""
         ids = self.loaded.tokenizer(prompt.text, return_tensors="pt")["input_ids"]
@@ -246,10 +251,17 @@ def timed_observe(env: RuntimeEnvironment, prompt: Prompt, objective_ms: float |
     return state, 1000 * (time.perf_counter() - start)
 
 
-def draw_objectives(objectives: ObjectiveRange | None, count: int, seed: int) -> list[float | None]:
-    """One objective per request, reproducible from ``seed`` (None everywhere without a range)."""
+def draw_objectives(env: RuntimeEnvironment, objectives: ObjectiveRange | None, prompts: list[Prompt],
+                    seed: int) -> list[float | None]:
+    """One objective in ms per request of ``prompts``, reproducible from ``seed`` (None everywhere without a
+    range); a relative range's factor times the dense model's idle latency for that prompt."""
     rng = random.Random(seed)
-    return [objectives.draw(rng) if objectives is not None else None for _ in range(count)]
+    if objectives is None:
+        return [None] * len(prompts)
+    drawn = [objectives.draw(rng) for _ in prompts]
+    if objectives.relative:
+        return [factor * env.idle_latency_ms(prompt) for factor, prompt in zip(drawn, prompts)]
+    return drawn
 
 
 def settle(env: RuntimeEnvironment, seconds: float) -> None:
@@ -300,7 +312,8 @@ def train(env: RuntimeEnvironment, prompts: list[Prompt], settings: TrainSetting
     env.featurize_for(controller)
     require_objectives(reward, settings.objectives)
     total = settings.episodes * settings.steps_per_episode
-    objectives = draw_objectives(settings.objectives, total + 1, settings.seed)
+    objectives = draw_objectives(env, settings.objectives, [prompts[i % len(prompts)] for i in range(total + 1)],
+                                 settings.seed)
     cursor = start_episode * settings.steps_per_episode
     for episode in tqdm(range(start_episode, settings.episodes), desc="runtime train", unit="episode", disable=None):
         condition = settings.conditions[episode % len(settings.conditions)]
@@ -370,7 +383,7 @@ def compare(env: RuntimeEnvironment, policies: dict[str, Policy], prompts: list[
             seed: int = 0, settle_s: float = 1.0, desc: str = "runtime test") -> list[dict]:
     """Serve every prompt under every load condition with every policy, back to back: the same prompt gets the
     same objective under every load and policy, so the records pair up (condition, prompt index)."""
-    drawn = draw_objectives(objectives, len(prompts), seed + 1)  # not the training draw
+    drawn = draw_objectives(env, objectives, prompts, seed + 1)  # not the training draw
     records = []
     total = len(conditions) * len(policies) * len(prompts)
     with tqdm(total=total, desc=desc, unit="request", disable=None) as bar:
