@@ -295,9 +295,10 @@ def write_results(args: argparse.Namespace) -> None:
         for row in oracle]
     oracle_differs = len({row["best"] for row in oracle}) > 1
 
-    sections, verdicts, attain_ok = [], {}, {}
+    sections, verdicts, attain_ok, test_best = [], {}, {}, {}
     for condition in conditions:
         best = max(fixed, key=lambda p: groups[(condition, p)]["reward"])
+        test_best[condition] = best.removeprefix("fixed:")
         margins = {p: paired(tests, condition, "controller", p) for p in fixed}
         rows = []
         for policy in sorted(policies, key=lambda p: -groups[(condition, p)]["reward"]):
@@ -415,7 +416,7 @@ Load test (`layerwise serve` with this controller, OpenAI `/v1/completions` over
                    if slo else "the seed's `0.6·tokens/s − 0.4·PPL/10`")
     from layerwise.runtime.heads import HEAD_LAYOUTS
 
-    head_text = " ".join((HEAD_LAYOUTS.get(args.heads).__doc__ or "").split())
+    head_text = " ".join((HEAD_LAYOUTS.get(args.heads).__doc__ or "").replace("``", "`").split())
     markdown = f"""## Runtime-adaptive pruning (Double DQN controller, {args.model})
 
 Command: `.venv/bin/python benchmarks/runtime.py --out DIR --reward {args.reward} --slo-ms {args.slo_ms} --slo-penalty {args.slo_penalty:g} --episodes {args.episodes} --steps-per-episode {args.steps_per_episode} --gamma {args.gamma:g} --heads {args.heads} {'--counterfactual' if args.counterfactual else '--on-policy'} --exploration-steps {args.exploration_steps} --train-samples {args.train_samples} --test-samples {args.test_samples} --max-new-tokens {args.max_new_tokens}` (runs `layerwise runtime oracle`, `train`, `test`, then a load test of `layerwise serve`). Reward: {reward_text}. The seed's reward (`0.6·tokens/s − 0.4·PPL/10`) is recorded for the same requests. Latency is the whole request (prefill + {args.max_new_tokens} tokens, batch 1, 2 CPU cores, fp32). Loads are the tool's own: `spin1` = 1 process spinning all the time, `spin2` = 2 processes spinning half the time each (at full duty they slowed requests 3-15×, erratically), `memory` = a 4 GiB ballast. Prompts: questions of ARC-e/c, BoolQ, CSQA, SIQA, SciQ, NQ-open, wiki paragraphs and wiki passages up to 1,024 tokens. Profiles: `none` and `{args.profiles}` (sliced views, act importance). State: telemetry, prompt features, the objective, the running prefill and decoding slowdowns and each profile's predicted latency over the objective. Heads (`--heads {args.heads}`): {head_text} Training: {len(training)} requests over {len(episodes)} episodes (one load each, cycled), γ = {args.gamma:g}{training_feedback}.
@@ -424,7 +425,7 @@ Oracle table (before training, {args.oracle_samples} training prompts per load, 
 
 {markdown_table(['load', 'best fixed profile', 'every fixed profile'], oracle_rows)}
 
-The best fixed profile {'differs between conditions' if oracle_differs else 'is the same under every condition'}.
+The best fixed profile {'differs between conditions' if oracle_differs else 'is the same under every condition'} in this table. On the test's {args.test_samples} prompts per load (below; fixed profiles do not depend on the controller) it is {', '.join(f'{c} {p}' for c, p in test_best.items())}: {'different between loads' if len(set(test_best.values())) > 1 else 'the same under every load'}.
 
 Test: {args.test_samples} disjoint prompts per load, each served by the controller and by every fixed profile back to back with the same objective.
 
@@ -438,7 +439,7 @@ Goals:
 
 {markdown_table(['profile', 'switch mean (ms)', 'switch max (ms)'], switch_rows)}
 {estimates_text}{load_text}"""
-    summary = {"oracle": oracle, "verdicts": verdicts, "attainment": attain_ok, "beats_every_fixed": beats_all,
+    summary = {"oracle": oracle, "test_best_fixed": test_best, "verdicts": verdicts, "attainment": attain_ok, "beats_every_fixed": beats_all,
                "overhead_percent": overhead, "overhead_share_of_time_percent": share, "overhead_by_condition": overhead_by, "switch_max_ms": switch_max,
                "training_reward_first_last": [early, late], "state_dependent_reference": reference,
                "latency_estimates": estimates, "load_test": load_summary,
