@@ -342,3 +342,21 @@ def test_prompt_features_read_a_fixed_opening_of_long_prompts():
     plain, padded = featurizer(opening, 100), featurizer(opening + tail, 100)
     assert plain == padded and READ_WORDS >= PARSED_WORDS
     assert featurizer(tail, 100) != plain  # the tail alone reads differently: the opening is what decided
+
+
+def test_paired_comparison_rotates_which_policy_serves_a_prompt_first(tiny, calibration):
+    from layerwise.runtime.load import parse_load_profile
+    from layerwise.runtime.profiles import parse_profiles
+    from layerwise.runtime.prompts import split_prompts
+    from layerwise.runtime.session import RuntimeEnvironment, compare, fixed_policies
+
+    env = RuntimeEnvironment(tiny, calibration, 2, specs=parse_profiles("ffn_neurons@0.5,transformer_layers@0.5"),
+                             speed_calibration=FAST_CALIBRATION)
+    policies = fixed_policies(env)
+    prompts, _ = split_prompts(4, 0)
+    records = compare(env, policies, prompts, parse_load_profile("idle"), RewardSettings(), settle_s=0.0)
+    names = list(policies)
+    for index in range(4):
+        served = [r["policy"] for r in records if r["prompt"] == index]
+        assert served == names[index % 3:] + names[: index % 3]  # each policy goes first in turn
+    assert all(p.text in env.references for p in prompts)
