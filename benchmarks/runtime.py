@@ -279,7 +279,8 @@ def write_results(args: argparse.Namespace) -> None:
 
     tests = json.loads((args.out / "test.json").read_text())
     oracle = json.loads((args.out / "oracle.json").read_text())["table"]
-    extra = torch.load(args.out / "ckpt.pt", weights_only=False)["extra"]
+    checkpoint = torch.load(args.out / "ckpt.pt", weights_only=False)  # with its replay buffer: load it once
+    extra = checkpoint["extra"]
     training = extra["records"]
     slo = args.reward == "slo"
     groups = {(row["condition"], row["policy"]): row for row in summarize(tests)}
@@ -347,8 +348,7 @@ def write_results(args: argparse.Namespace) -> None:
             + ", ".join(f"{c} {v['per_request_oracle']:.3f}" for c, v in reference.items()) + ".\n")
     estimates_text, estimates = "", {}
     if all(r.get("state") for r in tests):
-        actions = torch.load(args.out / "ckpt.pt", weights_only=False)["actions"]
-        estimates = {c: estimate_errors(tests, c, fixed, actions) for c in conditions}
+        estimates = {c: estimate_errors(tests, c, fixed, checkpoint["actions"]) for c in conditions}
         rows = [[c, group, *(f"{100 * (math.exp(v[source][group][k]) - 1):+.0f}%" if k == "bias" else
                              f"{100 * (math.exp(v[source][group][k]) - 1):.0f}%"
                              for source in ("state", "rule") for k in ("bias", "error")),

@@ -61,7 +61,7 @@ class StateLayout:
 
     @property
     def size(self) -> int:
-        return self.predicted[-1] + 1 if self.profiles else self.objective[-1] + 1
+        return self.objective[-1] + 1 + self.profiles
 
 
 HeadLayout = Callable[[StateLayout, str], dict[str, Head]]
@@ -75,7 +75,7 @@ def prompt_heads(state: StateLayout, mode: str) -> dict[str, Head]:
     and per profile its predicted latency over the objective (``PerActionQNetwork``)."""
     quality = Head(state.prompt)
     if mode == "linear":
-        return {"speed": Head((*state.telemetry, state.length), factored=True), "quality": quality}
+        return _linear_heads(state, quality)
     return {"quality": quality,
             "objective": Head((*state.telemetry, state.length, *state.objective), per_action=state.predicted)}
 
@@ -88,8 +88,13 @@ def lean_heads(state: StateLayout, mode: str) -> dict[str, Head]:
     in ``prompt``."""
     quality = Head((state.length,))
     if mode == "linear":
-        return {"speed": Head((*state.telemetry, state.length), factored=True), "quality": quality}
+        return _linear_heads(state, quality)
     return {"quality": quality, "objective": Head((state.length, *state.slowdowns), per_action=state.predicted)}
+
+
+def _linear_heads(state: StateLayout, quality: Head) -> dict[str, Head]:
+    """The seed's reward: speed from the telemetry and the length, factored (see ``Head``), beside ``quality``."""
+    return {"speed": Head((*state.telemetry, state.length), factored=True), "quality": quality}
 
 
 @HEAD_LAYOUTS.register("one")

@@ -155,13 +155,17 @@ class RuntimeEnvironment:
                                        speed_calibration)
 
     @property
+    def layout(self) -> StateLayout:
+        return StateLayout(len(self.profiles.names))
+
+    @property
     def state_size(self) -> int:
-        return StateLayout(len(self.profiles.names)).size
+        return self.layout.size
 
     def reward_heads(self, mode: str = "linear", layout: str = "prompt") -> dict[str, Head]:
         """The controller's heads, one per term of the reward (``RewardSettings.terms``), reading the parts of the
         state that ``layout`` (a ``HEAD_LAYOUTS`` name) gives them."""
-        return HEAD_LAYOUTS.get(layout)(StateLayout(len(self.profiles.names)), mode)
+        return HEAD_LAYOUTS.get(layout)(self.layout, mode)
 
     def featurize_for(self, controller: Controller) -> None:
         """Run spaCy only for a controller that reads its features: when no head reads the tags (POS shares, noun
@@ -169,7 +173,7 @@ class RuntimeEnvironment:
         (the controller may take 1% of a request)."""
         read = set().union(*(head.inputs if head.inputs is not None else range(self.state_size)
                              for head in controller.heads.values()))
-        if not read & set(StateLayout(len(self.profiles.names)).tags) and self.featurizer.backend != "fallback":
+        if not read & set(self.layout.tags) and self.featurizer.backend != "fallback":
             self.featurizer = PromptFeaturizer(self.loaded.tokenizer, use_spacy=False)
 
     def observe(self, prompt: Prompt, objective_ms: float | None = None, new_tokens: int | None = None,
