@@ -275,7 +275,7 @@ def write_results(args: argparse.Namespace) -> None:
     import torch
 
     from layerwise.runtime.objectives import ObjectiveRange
-    from layerwise.runtime.session import summarize
+    from layerwise.runtime.session import WARM_REQUESTS, summarize
 
     tests = json.loads((args.out / "test.json").read_text())
     oracle = json.loads((args.out / "oracle.json").read_text())["table"]
@@ -407,6 +407,9 @@ Load test (`layerwise serve` with this controller, OpenAI `/v1/completions` over
         f"; every request also served under every other profile (`--counterfactual`), each outcome a transition "
         f"from the same state, so {len(training) * len(fixed)} transitions and no exploration needed"
         if args.counterfactual else f", ε 1 → 0.05 over {args.exploration_steps} requests")
+    warm = extra.get("warm_requests", 0)  # absent from checkpoints trained before it existed: none were served
+    warm_text = (f" After each episode's load starts, {warm} dense requests, unrecorded, move the running slowdowns "
+                 f"to it (the oracle and the test serve {WARM_REQUESTS} after each load starts)." if warm else "")
     reward_text = ("`--reward slo`: the served profile's log-likelihood of the dense model's greedy continuation "
                    "(−NLL, teacher-forced) when the request finishes within its objective, otherwise that minus "
                    f"{args.slo_penalty:g} + 2·overrun/objective nats; objectives drawn log-uniformly from "
@@ -419,7 +422,7 @@ Load test (`layerwise serve` with this controller, OpenAI `/v1/completions` over
     head_text = " ".join((HEAD_LAYOUTS.get(args.heads).__doc__ or "").replace("``", "`").split())
     markdown = f"""## Runtime-adaptive pruning (Double DQN controller, {args.model})
 
-Command: `.venv/bin/python benchmarks/runtime.py --out DIR --reward {args.reward} --slo-ms {args.slo_ms} --slo-penalty {args.slo_penalty:g} --episodes {args.episodes} --steps-per-episode {args.steps_per_episode} --gamma {args.gamma:g} --heads {args.heads} {'--counterfactual' if args.counterfactual else '--on-policy'} --exploration-steps {args.exploration_steps} --train-samples {args.train_samples} --test-samples {args.test_samples} --max-new-tokens {args.max_new_tokens}` (runs `layerwise runtime oracle`, `train`, `test`, then a load test of `layerwise serve`). Reward: {reward_text}. The seed's reward (`0.6·tokens/s − 0.4·PPL/10`) is recorded for the same requests. Latency is the whole request (prefill + {args.max_new_tokens} tokens, batch 1, 2 CPU cores, fp32). Loads are the tool's own: `spin1` = 1 process spinning all the time, `spin2` = 2 processes spinning half the time each (at full duty they slowed requests 3-15×, erratically), `memory` = a 4 GiB ballast. Prompts: questions of ARC-e/c, BoolQ, CSQA, SIQA, SciQ, NQ-open, wiki paragraphs and wiki passages up to 1,024 tokens. Profiles: `none` and `{args.profiles}` (sliced views, act importance). State: telemetry, prompt features, the objective, the running prefill and decoding slowdowns and each profile's predicted latency over the objective. Heads (`--heads {args.heads}`): {head_text} Training: {len(training)} requests over {len(episodes)} episodes (one load each, cycled), γ = {args.gamma:g}{training_feedback}.
+Command: `.venv/bin/python benchmarks/runtime.py --out DIR --reward {args.reward} --slo-ms {args.slo_ms} --slo-penalty {args.slo_penalty:g} --episodes {args.episodes} --steps-per-episode {args.steps_per_episode} --gamma {args.gamma:g} --heads {args.heads} {'--counterfactual' if args.counterfactual else '--on-policy'} --exploration-steps {args.exploration_steps} --train-samples {args.train_samples} --test-samples {args.test_samples} --max-new-tokens {args.max_new_tokens}` (runs `layerwise runtime oracle`, `train`, `test`, then a load test of `layerwise serve`). Reward: {reward_text}. The seed's reward (`0.6·tokens/s − 0.4·PPL/10`) is recorded for the same requests. Latency is the whole request (prefill + {args.max_new_tokens} tokens, batch 1, 2 CPU cores, fp32). Loads are the tool's own: `spin1` = 1 process spinning all the time, `spin2` = 2 processes spinning half the time each (at full duty they slowed requests 3-15×, erratically), `memory` = a 4 GiB ballast. Prompts: questions of ARC-e/c, BoolQ, CSQA, SIQA, SciQ, NQ-open, wiki paragraphs and wiki passages up to 1,024 tokens. Profiles: `none` and `{args.profiles}` (sliced views, act importance). State: telemetry, prompt features, the objective, the running prefill and decoding slowdowns and each profile's predicted latency over the objective. Heads (`--heads {args.heads}`): {head_text} Training: {len(training)} requests over {len(episodes)} episodes (one load each, cycled), γ = {args.gamma:g}{training_feedback}.{warm_text}
 
 Oracle table (before training, {args.oracle_samples} training prompts per load, every fixed profile; mean reward and objective attainment, best first):
 

@@ -331,6 +331,54 @@ def test_counterfactual_training_learns_every_profile_from_each_request(tiny, ca
     assert reloaded.settings.gamma == 0.0 and len(reloaded.buffer) == 18
 
 
+def _spy_on_serving(env) -> tuple[list[str], list[list[float]]]:
+    """Record each profile ``env`` serves and its running (prefill, decoding) slowdowns after each fold."""
+    served, folded = [], []
+    serve, observe = env.serve, env.speeds.observe
+
+    def serving(prompt, profile):
+        served.append(profile)
+        return serve(prompt, profile)
+
+    def observing(*args):
+        observe(*args)
+        folded.append([env.speeds.prefill_slowdown, env.speeds.decode_slowdown])
+
+    env.serve, env.speeds.observe = serving, observing
+    return served, folded
+
+
+def test_training_warms_the_slowdowns_to_each_new_load_before_its_first_state(tiny, calibration, tmp_path):
+    """After each episode's load starts, ``warm_requests`` dense requests, unrecorded, move the running slowdowns
+    to the load now: the first state no longer carries the last load's slowdown, and nothing of the warm-up is
+    recorded or learned from."""
+    from layerwise.runtime.load import parse_load_profile
+    from layerwise.runtime.profiles import parse_profiles
+    from layerwise.runtime.prompts import split_prompts
+    from layerwise.runtime.session import RuntimeEnvironment, TrainSettings, train
+
+    prompts, _ = split_prompts(8, 0)
+    first_states = {}
+    for warm in (0, 3):
+        env = RuntimeEnvironment(tiny, calibration, 3, specs=parse_profiles("ffn_neurons@0.5"),
+                                 speed_calibration=FAST_CALIBRATION)
+        served, folded = _spy_on_serving(env)
+        env.speeds.prefill_slowdown = env.speeds.decode_slowdown = 50.0  # as if the last load were far slower
+        settings = TrainSettings(episodes=1, steps_per_episode=2, conditions=parse_load_profile("idle"),
+                                 settle_s=0.0, objectives=ObjectiveRange(5, 200), counterfactual=True,
+                                 warm_requests=warm)
+        controller, records = train(env, prompts, settings, RewardSettings(mode="slo"), tmp_path / f"{warm}.pt",
+                                    DqnSettings(gamma=0.0, warmup=2, batch_size=2))
+        assert len(records) == 2 and len(controller.buffer) == 4  # 2 requests under both profiles; no warm-up
+        assert len(served) == warm + 4 and served[:warm] == ["none"] * warm
+        first_states[warm] = [records[0]["state"][i] for i in env.layout.slowdowns]
+        if warm:  # the first state is observed after the warm-up's last fold, before any request it records
+            assert first_states[warm] == pytest.approx([math.log(v) for v in folded[warm - 1]])
+        assert Controller.load(tmp_path / f"{warm}.pt")[1]["warm_requests"] == warm
+    assert first_states[0] == pytest.approx([math.log(50.0)] * 2)  # the stale slowdowns, untouched
+    assert first_states[3] != pytest.approx(first_states[0])
+
+
 def test_prompt_features_read_a_fixed_opening_of_long_prompts():
     """The reading ease and the tags are estimated on the prompt's opening, so a passage's cost is bounded: what
     follows the opening does not change them."""

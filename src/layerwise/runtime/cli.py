@@ -86,6 +86,7 @@ def train(
     profiles: Profiles = "",
     gamma: Annotated[float, typer.Option("--gamma", min=0.0, max=1.0, help="Discount of the next request's value (0: each request on its own, a contextual bandit).")] = 0.3,
     counterfactual: Annotated[bool, typer.Option("--counterfactual/--on-policy", help="Also serve each training request under every other profile and learn from every outcome (6 profiles: 6x the serving time per request).")] = False,
+    warm_requests: Annotated[int, typer.Option("--warm-requests", min=0, help="Dense requests served, unrecorded, after each episode's load starts, so the running slowdowns in the first state describe that load and not the last one.")] = 3,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the checkpoint.")] = False,
 ) -> None:
     """Train the Double DQN controller; writes the checkpoint, a text report and plots beside it."""
@@ -106,7 +107,8 @@ def train(
         prompts, _ = split_prompts(train_samples, 0, seed)
         env = _environment(model, nsamples, seed, max_new_tokens, mechanism, importance, profiles)
         settings = TrainSettings(episodes, steps_per_episode, conditions, heads=layout,
-                                 objectives=objectives, counterfactual=counterfactual, seed=seed)
+                                 objectives=objectives, counterfactual=counterfactual,
+                                 warm_requests=warm_requests, seed=seed)
         dqn = DqnSettings(seed=seed, gamma=gamma, epsilon_decay_steps=exploration_steps)
         controller, records = run_train(env, prompts, settings, rewards, checkpoint, dqn, resume)
         folder = checkpoint.parent

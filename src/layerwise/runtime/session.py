@@ -205,6 +205,13 @@ class RuntimeEnvironment:
             self.references[prompt.text] = generate(self.loaded.model, self.ids(prompt), self.max_new_tokens).new_tokens
         return self.references[prompt.text]
 
+    def serve_observed(self, prompt: Prompt, profile: str) -> tuple[Generation, float]:
+        """``serve``, then fold the measured prefill and decoding times into the running slowdowns."""
+        generation, switch_ms = self.serve(prompt, profile)
+        self.speeds.observe(profile, generation.prompt_length, len(generation.new_tokens),
+                            1000 * generation.prefill_s, 1000 * generation.decode_s)
+        return generation, switch_ms
+
     def serve(self, prompt: Prompt, profile: str) -> tuple[Generation, float]:
         """Decode under ``profile`` teacher-forced on the reference; (generation, switching time in ms: into the
         profile and back to dense)."""
@@ -233,10 +240,8 @@ def run_request(env: RuntimeEnvironment, prompt: Prompt, state: list[float], dec
     action = decide(state)
     decide_ms = observe_ms + 1000 * (time.perf_counter() - start)
     profile = env.profiles.names[action]
-    generation, switch_ms = env.serve(prompt, profile)
+    generation, switch_ms = env.serve_observed(prompt, profile)
     latency_ms = generation.latency_ms
-    env.speeds.observe(profile, generation.prompt_length, len(generation.new_tokens), 1000 * generation.prefill_s,
-                       1000 * generation.decode_s)
     outcome = Outcome(generation.tokens_per_s, generation.perplexity, generation.nll, latency_ms, objective_ms)
     terms = reward.terms(outcome)
     return action, RequestRecord(condition, prompt.source, policy, profile, generation.tokens_per_s,
@@ -274,6 +279,21 @@ def settle(env: RuntimeEnvironment, seconds: float) -> None:
     env.telemetry.external_cpu()
 
 
+# Dense requests served, unrecorded, after each load starts, so that the running slowdowns (each request moves
+# them halfway) describe the new load before any state is learned from or compared: 3 leave 1/8 of the old one.
+# Training used to change the load every few requests with the last load's slowdowns in the first state, and
+# 24% of those first requests missed an objective their state predicted to meet with room (1% of the others):
+# the objective's head learned that a comfortable prediction still misses, and overrated every slow profile's
+# penalty by ~2 nats idle.
+WARM_REQUESTS = 3
+
+
+def warm_speeds(env: RuntimeEnvironment, prompt: Prompt, requests: int = WARM_REQUESTS) -> None:
+    """Serve ``prompt`` densely ``requests`` times, unrecorded, to move the running slowdowns to the load now."""
+    for _ in range(requests):
+        env.serve_observed(prompt, env.profiles.names[0])
+
+
 def calibrate_speed(env: RuntimeEnvironment, prompts: list[Prompt], reward: RewardSettings) -> None:
     """Set ``tps_scale`` to the dense model's idle tokens/s on a few prompts when it is 0."""
     if not reward.tps_scale:
@@ -293,6 +313,7 @@ class TrainSettings:
     # a request's state does not depend on which profile served the one before, so each is a true sample of
     # its action, and every state teaches every action (full-information feedback, no exploration needed)
     counterfactual: bool = False
+    warm_requests: int = WARM_REQUESTS  # dense, unrecorded, after each load starts (``warm_speeds``)
     seed: int = 0
 
 
@@ -323,6 +344,7 @@ def train(env: RuntimeEnvironment, prompts: list[Prompt], settings: TrainSetting
         condition = settings.conditions[episode % len(settings.conditions)]
         with MachineLoad(condition):
             settle(env, settings.settle_s)
+            warm_speeds(env, prompts[cursor % len(prompts)], settings.warm_requests)
             state, observe_ms = timed_observe(env, prompts[cursor % len(prompts)], objectives[cursor])
             for step in range(settings.steps_per_episode):
                 prompt = prompts[cursor % len(prompts)]
@@ -342,7 +364,8 @@ def train(env: RuntimeEnvironment, prompts: list[Prompt], settings: TrainSetting
                 state = next_state
         controller.save(checkpoint, {"episode": episode + 1, "records": records, "reward": asdict(reward),
                                      "model": model_identity(env.loaded),
-                                     "objectives": str(settings.objectives) if settings.objectives else None})
+                                     "objectives": str(settings.objectives) if settings.objectives else None,
+                                     "warm_requests": settings.warm_requests})
     return controller, records
 
 
@@ -384,7 +407,8 @@ def fixed_policies(env: RuntimeEnvironment, names: list[str] | None = None) -> d
 
 def compare(env: RuntimeEnvironment, policies: dict[str, Policy], prompts: list[Prompt],
             conditions: list[LoadCondition], reward: RewardSettings, objectives: ObjectiveRange | None = None,
-            seed: int = 0, settle_s: float = 1.0, desc: str = "runtime test") -> list[dict]:
+            seed: int = 0, settle_s: float = 1.0, desc: str = "runtime test",
+            warm_requests: int = WARM_REQUESTS) -> list[dict]:
     """Serve every prompt under every load condition with every policy, back to back: the same prompt gets the
     same objective under every load and policy, so the records pair up (condition, prompt index). The order of
     the policies rotates from prompt to prompt, and the dense reference is computed before any of them: in one
@@ -398,6 +422,7 @@ def compare(env: RuntimeEnvironment, policies: dict[str, Policy], prompts: list[
         for condition in conditions:
             with MachineLoad(condition):
                 settle(env, settle_s)
+                warm_speeds(env, prompts[0], warm_requests)
                 for index, (prompt, objective) in enumerate(zip(prompts, drawn)):
                     env.reference(prompt)
                     shift = index % len(names)
