@@ -283,8 +283,8 @@ def settle(env: RuntimeEnvironment, seconds: float) -> None:
 # them halfway) describe the new load before any state is learned from or compared: 3 leave 1/8 of the old one.
 # Training used to change the load every few requests with the last load's slowdowns in the first state, and
 # 24% of those first requests missed an objective their state predicted to meet with room (1% of the others):
-# the objective's head learned that a comfortable prediction still misses, and overrated every slow profile's
-# penalty by ~2 nats idle.
+# the objective's head learned that a comfortable prediction still misses. It overrated the slow profiles'
+# penalty by ~2 nats idle; retrained from the same buffer without those requests, by about half as much.
 WARM_REQUESTS = 3
 
 
