@@ -83,4 +83,3 @@ def test_spacy_runs_only_for_a_controller_whose_heads_read_its_tags(tiny, calibr
     lean = env.observe(prompt, 300.0)
     assert [lean[i] for i in layout.tags] == [0.0] * len(layout.tags)
     assert lean[layout.length] == parsed[layout.length]  # what the lean heads read is unchanged
-
