@@ -196,8 +196,12 @@ def test_telemetry_cpu_counts_other_processes_not_our_own_work():
     while time.perf_counter() - start < 0.5:  # this process busy: not "other load"
         pass
     own = telemetry.external_cpu()
-    with MachineLoad(LoadCondition("busy", cpu_workers=1, duty=1.0)):
-        time.sleep(1.0)  # let the worker start
+    with MachineLoad(LoadCondition("busy", cpu_workers=1, duty=1.0)) as load:
+        worker = psutil.Process(load.workers[0].pid)
+        deadline = time.monotonic() + 60.0
+        while sum(worker.cpu_times()[:2]) < 0.2:  # a busy test session can start the worker late
+            assert time.monotonic() < deadline, "the load worker never started spinning"
+            time.sleep(0.1)
         telemetry.external_cpu()
         time.sleep(1.0)
         loaded = telemetry.external_cpu()
