@@ -95,6 +95,49 @@ def test_speed_estimates_fit_two_points_and_follow_the_prefill_and_decoding_slow
     assert estimates.features(100, 10, 1.0)[3:] == [2.0, 2.0]  # clipped
 
 
+def test_idle_lines_time_the_profiles_round_by_round_and_keep_each_points_fastest_run(monkeypatch):
+    """A drift during start-up must not land on whichever profile happened to be timed then."""
+    import contextlib
+
+    from layerwise.runtime import generate as generate_module
+    from layerwise.runtime.generate import Generation
+    from layerwise.runtime.objectives import calibrate_speeds
+
+    class Profiles:
+        names = ["none", "fast"]
+        active = "none"
+
+        @contextlib.contextmanager
+        def using(self, name):
+            self.active = name
+            yield
+            self.active = "none"
+
+        def kv_eviction(self):
+            return None
+
+    profiles, timed = Profiles(), []
+
+    def fake_generate(model, ids, new_tokens, eviction=None, forced=None):
+        length = ids.shape[1]
+        timed.append((profiles.active, length, new_tokens))
+        speed = 1.0 if profiles.active == "none" else 0.5
+        interrupted = 5.0 if len([t for t in timed if t[2] == 4]) == 3 else 1.0  # one run was preempted
+        return Generation(length, list(range(new_tokens)), interrupted * speed * (0.010 + 0.001 * length),
+                          interrupted * speed * 0.002 * (new_tokens - 1), length + new_tokens)
+
+    monkeypatch.setattr(generate_module, "generate", fake_generate)
+    calibration = SpeedCalibration(short=10, long=110, new_tokens=4, repeats=3)
+    estimates = calibrate_speeds(profiles, None, 100, 1000, calibration)
+    warm_ups, runs = timed[:4], [(name, length) for name, length, _ in timed[4:]]
+    assert all(new_tokens == 2 for *_, new_tokens in warm_ups) and len(runs) == 12
+    assert runs == [(name, length) for _ in range(3) for name in ("none", "fast") for length in (10, 110)]
+    # the preempted run (the 3rd timed: fast at 10 tokens) is not the point's time; the fastest of 3 is
+    assert estimates.lines["fast"].prefill(10) == pytest.approx(0.5 * (10 + 1 * 10))
+    assert estimates.lines["none"].prefill_ms_per_token == pytest.approx(1.0)
+    assert estimates.lines["fast"].step_ms == pytest.approx(1.0) and estimates.lines["none"].step_ms == pytest.approx(2.0)
+
+
 def test_per_action_head_learns_which_profiles_meet_the_objective_from_their_own_feature():
     """Three actions: 0 is the most accurate and slowest. The state holds each action's log(predicted latency /
     objective); missing costs 3. The learned greedy choice is the most accurate action that meets it (or, when none
