@@ -98,11 +98,14 @@ def test_runtime_profiles_restore_exactly_and_head_pruning_stays_usable_on_the_r
     """Every runtime profile switches in and back to bit-identical logits; 20% of the heads, ranked by their share
     of their block, leave the reference continuation usable (ranking raw scores across depth made it ~2000)."""
     from layerwise.profile import CalibrationSource
+    from layerwise.runtime.objectives import SpeedCalibration
     from layerwise.runtime.prompts import split_prompts
     from layerwise.runtime.session import RuntimeEnvironment
 
     fresh = layerwise.load("smollm2-135m")  # the profiles reorder units in place: keep the shared fixture intact
-    env = RuntimeEnvironment(fresh, CalibrationSource(fresh, layerwise.RunSettings(nsamples=4, seed=0)), 8)
+    untimed = SpeedCalibration(short=8, long=64, new_tokens=3, repeats=1)  # this test reads no latency estimate
+    env = RuntimeEnvironment(fresh, CalibrationSource(fresh, layerwise.RunSettings(nsamples=4, seed=0)), 8,
+                             speed_calibration=untimed)
     tokens = torch.tensor([[19556, 905, 28, 253, 1345]])
     with torch.no_grad():
         dense = fresh.model(tokens).logits
