@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import random
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -172,7 +173,34 @@ def test_ray_workers_give_the_serial_plan(tiny):
     assert plans[1].details["workers"] == 2 and plans[0].details["evaluations"] == plans[1].details["evaluations"]
 
 
-def test_cli_joint_compress_and_errors(tmp_path):
+def _parameters(model) -> float:
+    return float(sum(p.numel() for p in model.parameters()))
+
+
+def _proportional_tables(loaded, settings, space):
+    """Tables that predict time as the parameters alone (no fixed cost): deterministic, unlike timing
+    tiny-llama, whose per-call overheads make a measured table say anything from run to run."""
+    from layerwise.config import LatencySetting
+    from layerwise.cost.latency_table import LatencyTable, LevelLatencyTable
+
+    first = {kind: next(u for u in space.units if u.kind == kind) for kind in ("attention", "mlp")}
+    params = {kind: unit.level_bytes(unit.levels[0]) / 2 for kind, unit in first.items()}  # f16: 2 bytes each
+    saved = {kind: {level.kept: params[kind] - unit.level_bytes(level) / 2 for level in unit.levels
+                    if 0 < level.kept < unit.total} for kind, unit in first.items()}
+    total = _parameters(loaded.model)
+    return (LatencyTable(setting=LatencySetting(), total_ms=total, sublayer_ms=params,
+                         probe_removed={kind: 1 for kind in params}),
+            LevelLatencyTable(setting=LatencySetting(), total_ms=total, saved_ms=saved))
+
+
+def _proportional_speedup(reference, model, setting=None):
+    """A machine whose time is the parameters alone: it measures exactly what the proportional tables predict."""
+    return SimpleNamespace(speedup={"total": _parameters(reference) / _parameters(model)})
+
+
+def test_cli_joint_compress_and_errors(tmp_path, monkeypatch):
+    monkeypatch.setattr("layerwise.cost.measure_paired_latency", _proportional_speedup)
+    monkeypatch.setattr("layerwise.structures.joint._latency_tables", _proportional_tables)
     runner = CliRunner()
     out = tmp_path / "run"
     result = runner.invoke(app, ["compress", "--model", "tiny-llama", "--structure", "joint", "--allocator", "greedy",
@@ -224,29 +252,12 @@ def test_speed_guard_tightens_the_budget_until_the_plan_measures_within_five_per
     """A machine where removing work pays less than the tables predict: time is a fixed cost (three times the dense
     model's parameters) plus the parameters left, so a plan predicted at 1.3x measures short. The guard raises
     the predicted budget by the error and repairs the plan until it measures the target."""
-    from types import SimpleNamespace
-
     def sublinear(reference, model, setting=None):
-        dense, kept = (sum(p.numel() for p in m.parameters()) for m in (reference, model))
+        dense, kept = (_parameters(m) for m in (reference, model))
         return SimpleNamespace(speedup={"total": (3 * dense + dense) / (3 * dense + kept)})
 
-    def proportional_tables(loaded, settings, space):
-        """Tables that predict time as the parameters alone (no fixed cost): deterministic, unlike timing
-        tiny-llama, whose per-call overheads make a measured table say anything from run to run."""
-        from layerwise.config import LatencySetting
-        from layerwise.cost.latency_table import LatencyTable, LevelLatencyTable
-
-        first = {kind: next(u for u in space.units if u.kind == kind) for kind in ("attention", "mlp")}
-        params = {kind: unit.level_bytes(unit.levels[0]) / 2 for kind, unit in first.items()}  # f16: 2 bytes each
-        total = float(sum(p.numel() for p in loaded.model.parameters()))
-        saved = {kind: {level.kept: params[kind] - unit.level_bytes(level) / 2 for level in unit.levels
-                        if 0 < level.kept < unit.total} for kind, unit in first.items()}
-        return (LatencyTable(setting=LatencySetting(), total_ms=total, sublayer_ms=params,
-                             probe_removed={kind: 1 for kind in params}),
-                LevelLatencyTable(setting=LatencySetting(), total_ms=total, saved_ms=saved))
-
     monkeypatch.setattr("layerwise.cost.measure_paired_latency", sublinear)
-    monkeypatch.setattr("layerwise.structures.joint._latency_tables", proportional_tables)
+    monkeypatch.setattr("layerwise.structures.joint._latency_tables", _proportional_tables)
     out = tmp_path / "plan.json"
     result = CliRunner().invoke(app, ["plan", "--model", "tiny-llama", "--structure", "joint", "--allocator", "greedy",
                                       "--target-speedup", "1.3", "--candidates", "20", "--joint-attention-widths",
