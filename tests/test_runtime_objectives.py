@@ -136,6 +136,9 @@ def test_idle_lines_time_the_profiles_round_by_round_and_keep_each_points_fastes
     assert estimates.lines["fast"].prefill(10) == pytest.approx(0.5 * (10 + 1 * 10))
     assert estimates.lines["none"].prefill_ms_per_token == pytest.approx(1.0)
     assert estimates.lines["fast"].step_ms == pytest.approx(1.0) and estimates.lines["none"].step_ms == pytest.approx(2.0)
+    # a context of 20 tokens leaves both points at 10 tokens: a flat line through their fastest times
+    flat = calibrate_speeds(profiles, None, 100, 20, calibration).lines["fast"]
+    assert flat.prefill_ms_per_token == 0 and flat.prefill(10) == pytest.approx(0.5 * (10 + 1 * 10))
 
 
 def test_per_action_head_learns_which_profiles_meet_the_objective_from_their_own_feature():

@@ -172,16 +172,13 @@ def calibrate_speeds(profiles, model: torch.nn.Module, vocab_size: int, context:
         with profiles.using(name):
             for length in lengths:
                 generate(model, prompts[length], 2, profiles.kv_eviction())  # warm-up
-    timings: dict[str, dict[int, list[tuple[float, float]]]] = {name: {length: [] for length in lengths}
-                                                                for name in profiles.names}
+    fastest = {name: [[math.inf, math.inf] for _ in lengths] for name in profiles.names}  # per point: prefill, step
     for _ in range(settings.repeats):
         for name in profiles.names:
             with profiles.using(name):
-                for length in lengths:
+                for point, length in zip(fastest[name], lengths):
                     run = generate(model, prompts[length], settings.new_tokens, profiles.kv_eviction())
-                    timings[name][length].append((1000 * run.prefill_s,
-                                                  1000 * run.decode_s / max(1, len(run.new_tokens) - 1)))
-    lines = {name: LatencyLine.through(*((length, min(prefill for prefill, _ in runs), min(step for _, step in runs))
-                                         for length, runs in by_length.items()))
-             for name, by_length in timings.items()}
-    return SpeedEstimates(lines)
+                    point[0] = min(point[0], 1000 * run.prefill_s)
+                    point[1] = min(point[1], 1000 * run.decode_s / max(1, len(run.new_tokens) - 1))
+    return SpeedEstimates({name: LatencyLine.through(*((length, *point) for length, point in zip(lengths, points)))
+                           for name, points in fastest.items()})
