@@ -196,15 +196,14 @@ def test_telemetry_cpu_counts_other_processes_not_our_own_work():
     while time.perf_counter() - start < 0.5:  # this process busy: not "other load"
         pass
     own = telemetry.external_cpu()
-    with MachineLoad(LoadCondition("busy", cpu_workers=1, duty=1.0)) as load:
+    with MachineLoad(LoadCondition("busy", cpu_workers=1, duty=1.0)) as load:  # returns once it spins
         worker = psutil.Process(load.workers[0].pid)
-        deadline = time.monotonic() + 60.0
-        while sum(worker.cpu_times()[:2]) < 0.2:  # a busy test session can start the worker late
-            assert time.monotonic() < deadline, "the load worker never started spinning"
-            time.sleep(0.1)
+        spun = sum(worker.cpu_times()[:2])
         telemetry.external_cpu()
         time.sleep(1.0)
         loaded = telemetry.external_cpu()
+        spun = sum(worker.cpu_times()[:2]) - spun
+    assert spun > 0.5, f"the load worker ran {spun:.2f} s of the 1 s window"
     # one more core spinning than during our own busy loop (other work on the machine shows in both)
     assert loaded - own >= 0.3 / psutil.cpu_count()
 
@@ -222,6 +221,15 @@ def test_machine_load_workers_run_and_always_stop():
             assert len(pids) == 2 and all(psutil.pid_exists(p) for p in pids)
             raise KeyboardInterrupt
     assert not any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE for p in pids)
+
+
+def test_machine_load_says_when_a_worker_cannot_put_its_load_on():
+    from layerwise.runtime.load import LoadCondition, MachineLoad
+
+    impossible = LoadCondition("test", memory_fraction=1.0, memory_cap_gib=-1.0)  # a negative ballast size
+    with pytest.raises(LayerwiseError, match="A hold load worker exited with code 1 before its load was on"):
+        with MachineLoad(impossible):
+            pass
 
 
 def test_runtime_train_resumes_and_test_compares_policies(tmp_path):

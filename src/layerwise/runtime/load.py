@@ -6,10 +6,12 @@ also after an error or Ctrl-C, and that stops itself when its parent is killed o
 
 from __future__ import annotations
 
-import multiprocessing
 import os
-import time
+import select
+import subprocess
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 import psutil
 
@@ -48,51 +50,43 @@ def parse_load_profile(text: str) -> list[LoadCondition]:
     return [LOAD_CONDITIONS.get(name) for name in names]
 
 
-def _orphaned(parent: int) -> bool:
-    """True once the process that started this worker is gone (killed without a chance to stop us)."""
-    return os.getppid() != parent
+_WORKER = Path(__file__).with_name("load_worker.py")
+READY_TIMEOUT_S = 60.0
 
 
-def _spin(duty: float, parent: int) -> None:
-    """Busy for ``duty`` of every 100 ms until terminated or orphaned."""
-    while not _orphaned(parent):
-        start = time.perf_counter()
-        while time.perf_counter() - start < 0.1 * duty:
-            pass
-        time.sleep(0.1 * (1 - duty))
-
-
-def _hold(size: int, ready, parent: int) -> None:
-    ballast = bytearray(size)
-    for offset in range(0, size, 4096):  # touch every page so it is resident
-        ballast[offset] = 1
-    ready.set()
-    while not _orphaned(parent):
-        time.sleep(0.5)
+def _start_worker(kind: str, argument: float | int) -> subprocess.Popen:
+    """Start one worker and return once its load is on (it printed ``ready``)."""
+    worker = subprocess.Popen([sys.executable, "-I", str(_WORKER), kind, str(argument), str(os.getpid())],
+                              stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, text=True)
+    ready, _, _ = select.select([worker.stdout], [], [], READY_TIMEOUT_S)
+    line = worker.stdout.readline() if ready else ""
+    if line.strip() != "ready":
+        exited = worker.poll()
+        worker.kill()
+        worker.wait()
+        worker.stdout.close()
+        raise LayerwiseError(f"A {kind} load worker exited with code {exited} before its load was on."
+                             if exited is not None else
+                             f"A {kind} load worker did not put its load on within {READY_TIMEOUT_S:.0f} s.")
+    return worker
 
 
 class MachineLoad:
-    """Context manager that starts a load condition's workers and always stops them."""
+    """Context manager that starts a load condition's workers, returns once their load is on, and always stops
+    them."""
 
     def __init__(self, condition: LoadCondition) -> None:
         self.condition = condition
-        self.workers: list[multiprocessing.Process] = []
+        self.workers: list[subprocess.Popen] = []
 
     def __enter__(self) -> "MachineLoad":
-        context = multiprocessing.get_context("spawn")
         try:
             for _ in range(self.condition.cpu_workers):
-                worker = context.Process(target=_spin, args=(self.condition.duty, os.getpid()), daemon=True)
-                worker.start()
-                self.workers.append(worker)
+                self.workers.append(_start_worker("spin", self.condition.duty))
             if self.condition.memory_fraction > 0:
                 size = int(min(psutil.virtual_memory().available * self.condition.memory_fraction,
                                self.condition.memory_cap_gib * 2**30))
-                ready = context.Event()
-                worker = context.Process(target=_hold, args=(size, ready, os.getpid()), daemon=True)
-                worker.start()
-                self.workers.append(worker)
-                ready.wait(timeout=60)
+                self.workers.append(_start_worker("hold", size))
         except BaseException:
             self.stop()
             raise
@@ -103,11 +97,13 @@ class MachineLoad:
 
     def stop(self) -> None:
         for worker in self.workers:
-            if worker.is_alive():
+            if worker.poll() is None:
                 worker.terminate()
         for worker in self.workers:
-            worker.join(timeout=5)
-            if worker.is_alive():
+            try:
+                worker.wait(timeout=5)
+            except subprocess.TimeoutExpired:
                 worker.kill()
-                worker.join(timeout=5)
+                worker.wait(timeout=5)
+            worker.stdout.close()
         self.workers = []
