@@ -61,3 +61,41 @@ def test_estimate_errors_read_the_controllers_prediction_back_from_the_state_and
     assert errors["state"]["questions"]["n"] == 2 * 13 and errors["state"]["passages"]["n"] == 2 * 27 - 2
     assert errors["rule"]["passages"]["error"] == pytest.approx(0.0, abs=1e-9)
     assert errors["rule"]["questions"]["n"] + errors["rule"]["passages"]["n"] == 80
+
+
+@pytest.mark.parametrize("learner", ["linear", "boosted trees"])
+def test_learned_policy_picks_by_state_where_no_fixed_profile_can(learner):
+    """Which profile pays depends on the sign of one state feature (``a`` when it is positive, ``b`` otherwise,
+    each 1 nat better there and 1 worse elsewhere): each fixed profile averages -1, the learned choice, fitted on
+    other folds, gets ~0 and beats both by far more than 2 SE, reading the controller's state, not the fixed
+    serves'. A reference whose choice is only as good as the best fixed profile does not beat it."""
+    import random
+
+    module = benchmark_module("runtime")
+    rng = random.Random(0)
+    records = []
+    for prompt in range(64):
+        signal = rng.uniform(-1, 1)
+        noise = [rng.uniform(-1, 1) for _ in range(3)]
+        records.append({"condition": "spin", "policy": "controller", "prompt": prompt, "reward": 0.0,
+                        "state": [signal, *noise]})
+        for name, good in (("fixed:a", signal > 0), ("fixed:b", signal <= 0)):
+            records.append({"condition": "spin", "policy": name, "prompt": prompt,
+                            "reward": (0.0 if good else -2.0) + 0.1 * rng.uniform(-1, 1),
+                            "state": [rng.uniform(-1, 1) for _ in range(4)]})  # a fixed serve's own: not read
+    rewards = module.learned_policy(records, "spin", ["fixed:a", "fixed:b"], learner)
+    assert sorted(rewards) == list(range(64))
+    margins = module.reference_margins(records, "spin", ["fixed:a", "fixed:b"], rewards)
+    assert margins["reward"] > -0.3 and margins["beats_every_fixed"]
+    assert margins["smallest_margin"]["gap"] > 0.6
+    same_as_a = {r["prompt"]: r["reward"] for r in records if r["policy"] == "fixed:a"}
+    assert not module.reference_margins(records, "spin", ["fixed:a", "fixed:b"], same_as_a)["beats_every_fixed"]
+
+
+def test_a_fixed_profile_dominates_only_when_better_or_equal_on_both_counts():
+    module = benchmark_module("runtime")
+    ours = {"attainment": 0.5, "nll": 2.0}
+    assert module.dominates({"attainment": 0.6, "nll": 2.0}, ours)
+    assert module.dominates({"attainment": 0.5, "nll": 1.9}, ours)
+    assert not module.dominates({"attainment": 0.5, "nll": 2.0}, ours)  # equal on both: not better
+    assert not module.dominates({"attainment": 0.9, "nll": 2.1}, ours)  # more met at worse quality
