@@ -61,7 +61,12 @@ def _start_worker(kind: str, argument: float | int) -> subprocess.Popen:
     ready, _, _ = select.select([worker.stdout], [], [], READY_TIMEOUT_S)
     line = worker.stdout.readline() if ready else ""
     if line.strip() != "ready":
-        exited = worker.poll()
+        exited = None
+        if ready:  # end of its output: it is exiting, so wait for its exit code (a moment after the pipe closed)
+            try:
+                exited = worker.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                pass
         worker.kill()
         worker.wait()
         worker.stdout.close()
