@@ -98,11 +98,19 @@ def test_layer_profile_skips_the_most_redundant_blocks(tiny, importance):
 
     profiles = ProfileSet(tiny.model, importance)
     adapter = get_adapter(tiny.model)
-    profiles.activate("transformer_layers@0.45")  # 4 blocks: round(1.8) = 2 skipped
-    removed = [b for b in range(adapter.num_blocks) if all(s.removed for s in adapter.sublayers(b))]
-    assert removed == sorted(importance.blocks[:2])
+    attentions = [adapter.attention(b).module for b in range(adapter.num_blocks)]
+    for _ in range(2):  # the first activation resolves the cached swaps, the second replays them
+        profiles.activate("transformer_layers@0.45")  # 4 blocks: round(1.8) = 2 skipped
+        removed = [b for b in range(adapter.num_blocks) if not adapter.sublayers(b)]
+        assert removed == sorted(importance.blocks[:2])
+        kept = [b for b in range(adapter.num_blocks) if b not in removed]
+        assert [attentions[b].layer_idx for b in kept] == [0, 1]  # the KV cache's layers are the blocks left
+        profiles.activate("ffn_neurons@0.5")  # from another profile: the blocks and their numbers come back
+        assert [a.layer_idx for a in attentions] == [0, 1, 2, 3]
+        assert not any(s.removed for b in range(adapter.num_blocks) for s in adapter.sublayers(b))
     profiles.restore()
     assert not any(s.removed for b in range(adapter.num_blocks) for s in adapter.sublayers(b))
+    assert [a.layer_idx for a in attentions] == [0, 1, 2, 3]
 
 
 def test_kv_eviction_keeps_the_sink_and_the_recent_window():

@@ -208,15 +208,18 @@ class ModelAdapter:
         self.renumber_attention()
 
     def renumber_attention(self) -> None:
-        """Consecutive ``layer_idx`` for the attention layers left, so the KV cache's first layer is a real one.
-        Families whose cache layers have per-layer types (Gemma's sliding and global layers) keep their numbers:
-        renumbering would hand a layer another type's cache."""
+        """Consecutive ``layer_idx`` for the attention layers left, so the KV cache's first layer is a real one."""
+        for attention, index in self.attention_numbering():
+            attention.layer_idx = index
+
+    def attention_numbering(self) -> list[tuple[nn.Module, int]]:
+        """(attention module, consecutive ``layer_idx``) for the attention layers present: what
+        ``renumber_attention`` sets. Empty for families whose cache layers have per-layer types (Gemma's sliding
+        and global layers): they keep their numbers, as renumbering would hand a layer another type's cache."""
         if not self.renumber_kv_layers:
-            return
+            return []
         present = [s.module for index in range(self.num_blocks) for s in [self.attention(index)] if not s.removed]
-        for new_index, attention in enumerate(present):
-            if hasattr(attention, "layer_idx"):
-                attention.layer_idx = new_index
+        return [(attention, index) for index, attention in enumerate(present) if hasattr(attention, "layer_idx")]
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Next-token logits from the last block's output: the final norm, the output embedding, and the

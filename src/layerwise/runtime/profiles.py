@@ -178,31 +178,46 @@ class Switch:
 @dataclass
 class Swaps:
     """A profile as module replacements — (parent module, attribute path, replacement) — and head counts to set,
-    built once and replayed on every activation: switching then only re-links modules (well under 10 ms),
-    instead of rebuilding views and stand-ins each time. The replacements are views of the dense weights, so a
-    cached profile stays exact as long as the dense tensors are not replaced."""
+    built once and replayed on every activation from the dense model: switching then only re-links modules and
+    sets numbers, instead of rebuilding views and stand-ins each time. The replacements are views of the dense
+    weights, so a cached profile stays exact as long as the dense tensors are not replaced."""
 
     modules: list[tuple[nn.Module, str, nn.Module]] = field(default_factory=list)
     head_counts: list[tuple[nn.Module, int, int]] = field(default_factory=list)
     renumber: ModelAdapter | None = None  # blocks were removed: renumber the KV-cache layers after each switch
+    # resolved on the first activation, so later ones do no lookups: (owning module, attribute, replacement) and
+    # the KV-cache layer numbers the profile needs (a switch is in each request's latency, under any load)
+    _links: list[tuple[nn.Module, str, nn.Module]] | None = field(default=None, repr=False)
+    _numbering: list[tuple[nn.Module, int]] | None = field(default=None, repr=False)
 
     def apply(self) -> Switch:
-        taken = [(parent, name, parent.get_submodule(name)) for parent, name, _ in self.modules]
-        for parent, name, new in self.modules:
-            parent.set_submodule(name, new)
+        if self._links is None:
+            self._links = [(*_owner(parent, name), new) for parent, name, new in self.modules]
+        taken = [(owner, attr, getattr(owner, attr)) for owner, attr, _ in self._links]
+        for owner, attr, new in self._links:
+            setattr(owner, attr, new)
         previous = [(module, set_head_counts(module, heads, kv)) for module, heads, kv in self.head_counts]
-        if self.renumber is not None:
-            self.renumber.renumber_attention()
+        if self._numbering is None:
+            self._numbering = self.renumber.attention_numbering() if self.renumber is not None else []
+        numbered = [(attention, attention.layer_idx) for attention, _ in self._numbering]
+        for attention, index in self._numbering:
+            attention.layer_idx = index
 
         def undo() -> None:
+            for attention, index in numbered:
+                attention.layer_idx = index
             for module, counts in reversed(previous):
                 restore_head_counts(module, counts)
-            for parent, name, old in reversed(taken):
-                parent.set_submodule(name, old)
-            if self.renumber is not None:
-                self.renumber.renumber_attention()
+            for owner, attr, old in reversed(taken):
+                setattr(owner, attr, old)
 
         return Switch(undo)
+
+
+def _owner(parent: nn.Module, path: str) -> tuple[nn.Module, str]:
+    """The module that holds the last attribute of a dotted ``path`` under ``parent``, and that attribute."""
+    prefix, _, attr = path.rpartition(".")
+    return (parent.get_submodule(prefix) if prefix else parent), attr
 
 
 Engage = Callable[["ModelAdapter", "Importance", float], "Switch | Swaps"]
