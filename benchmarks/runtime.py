@@ -316,6 +316,7 @@ def estimate_errors(records: list[dict], condition: str, fixed: list[str], actio
     served = fixed_outcomes(records, condition, fixed)
     rule = cross_fitted(served, fixed)
     errors: dict[str, dict[str, list[float]]] = {"state": {}, "rule": {}}
+    by_profile: dict[str, list[float]] = {}
     for prompt, by in served.items():
         for policy, record in by.items():
             group = "passages" if record["prompt_tokens"] >= PASSAGE_TOKENS else "questions"
@@ -323,11 +324,13 @@ def estimate_errors(records: list[dict], condition: str, fixed: list[str], actio
             if ratio is not None and abs(ratio) < RATIO_CLIP:
                 estimate = record["objective_ms"] * math.exp(ratio)
                 errors["state"].setdefault(group, []).append(math.log(record["decode_ms"] / estimate))
+                by_profile.setdefault(record["profile"], []).append(math.log(record["decode_ms"] / estimate))
             if prompt in rule and rule[prompt][0][policy] > 0:
                 errors["rule"].setdefault(group, []).append(math.log(record["decode_ms"] / rule[prompt][0][policy]))
-    return {source: {group: {"bias": statistics.median(values), "error": statistics.median(abs(v) for v in values),
-                             "n": len(values)} for group, values in groups.items()}
-            for source, groups in errors.items()}
+    return {**{source: {group: {"bias": statistics.median(values), "error": statistics.median(abs(v) for v in values),
+                                "n": len(values)} for group, values in groups.items()}
+               for source, groups in errors.items()},
+            "profiles": {profile: statistics.median(values) for profile, values in by_profile.items()}}
 
 
 def write_results(args: argparse.Namespace) -> None:
@@ -421,15 +424,24 @@ def write_results(args: argparse.Namespace) -> None:
                              for source in ("state", "rule") for k in ("bias", "error")),
                  str(v["state"][group]["n"])]
                 for c, v in estimates.items() for group in sorted(v["state"])]
+        profiles = [p.removeprefix("fixed:") for p in fixed]
+        profile_rows = [[c, *(f"{100 * (math.exp(v['profiles'][p]) - 1):+.0f}%" if p in v["profiles"] else "–"
+                              for p in profiles),
+                         f"{max(v['profiles'].values()) - min(v['profiles'].values()):.2f}"]
+                        for c, v in estimates.items() if v["profiles"]]
         estimates_text = (
             "\nHow well each request's latency was known beforehand, on the fixed profiles' test requests: the "
             "controller's estimate (each profile's idle prefill and decoding lines, times the running prefill "
-            "and decoding slowdowns; read back from the recorded states) and the reference rule's per-load lines "
+            "and decoding slowdowns and the profile's running factor; read back from the recorded states) and the reference rule's per-load lines "
             "(fitted on the test itself). Bias: median measured/predicted − 1 (+: slower than predicted); error: "
             f"the median absolute. Questions: prompts under {PASSAGE_TOKENS} tokens; passages: from "
             f"{PASSAGE_TOKENS}.\n\n"
             + markdown_table(["load", "prompts", "state bias", "state error", "rule bias", "rule error", "requests"],
-                             rows) + "\n")
+                             rows)
+            + "\nThe controller's estimate per profile (bias as above, over every prompt; spread: the largest less the "
+            "smallest, in log). Start-up timing puts each profile off by its own amount, the same under every load; "
+            "each profile's running factor (`SpeedEstimates.factors`) is there to learn it from served requests.\n\n"
+            + markdown_table(["load", *profiles, "spread (log)"], profile_rows) + "\n")
     controller = [r for r in tests if r["policy"] == "controller"]
     overhead = 100 * mean([r["decide_ms"] / r["decode_ms"] for r in controller])
     share = 100 * sum(r["decide_ms"] for r in controller) / sum(r["decode_ms"] for r in controller)
@@ -489,7 +501,7 @@ Load test (`layerwise serve` with this controller, OpenAI `/v1/completions` over
     head_text = " ".join((HEAD_LAYOUTS.get(args.heads).__doc__ or "").replace("``", "`").split())
     markdown = f"""## Runtime-adaptive pruning (Double DQN controller, {args.model})
 
-Command: `.venv/bin/python benchmarks/runtime.py --out DIR --reward {args.reward} --slo-ms {args.slo_ms} --slo-penalty {args.slo_penalty:g} --episodes {args.episodes} --steps-per-episode {args.steps_per_episode} --gamma {args.gamma:g} --heads {args.heads} {'--counterfactual' if args.counterfactual else '--on-policy'} --exploration-steps {args.exploration_steps} --train-samples {args.train_samples} --test-samples {args.test_samples} --max-new-tokens {args.max_new_tokens}` (runs `layerwise runtime oracle`, `train`, `test`, then a load test of `layerwise serve`). Reward: {reward_text}. The seed's reward (`0.6·tokens/s − 0.4·PPL/10`) is recorded for the same requests. Latency is the whole request (prefill + {args.max_new_tokens} tokens, batch 1, 2 CPU cores, fp32). Loads are the tool's own: `spin1` = 1 process spinning all the time, `spin2` = 2 processes spinning half the time each (at full duty they slowed requests 3-15×, erratically), `memory` = a 4 GiB ballast. Prompts: questions of ARC-e/c, BoolQ, CSQA, SIQA, SciQ, NQ-open, wiki paragraphs and wiki passages up to 1,024 tokens. Profiles: `none` and `{args.profiles}` (sliced views, act importance). State: telemetry, prompt features, the objective, the running prefill and decoding slowdowns and each profile's predicted latency over the objective. Heads (`--heads {args.heads}`): {head_text} Training: {len(training)} requests over {len(episodes)} episodes (one load each, cycled), γ = {args.gamma:g}{training_feedback}.{warm_text}
+Command: `.venv/bin/python benchmarks/runtime.py --out DIR --reward {args.reward} --slo-ms {args.slo_ms} --slo-penalty {args.slo_penalty:g} --episodes {args.episodes} --steps-per-episode {args.steps_per_episode} --gamma {args.gamma:g} --heads {args.heads} {'--counterfactual' if args.counterfactual else '--on-policy'} --exploration-steps {args.exploration_steps} --train-samples {args.train_samples} --test-samples {args.test_samples} --max-new-tokens {args.max_new_tokens}` (runs `layerwise runtime oracle`, `train`, `test`, then a load test of `layerwise serve`). Reward: {reward_text}. The seed's reward (`0.6·tokens/s − 0.4·PPL/10`) is recorded for the same requests. Latency is the whole request (prefill + {args.max_new_tokens} tokens, batch 1, 2 CPU cores, fp32). Loads are the tool's own: `spin1` = 1 process spinning all the time, `spin2` = 2 processes spinning half the time each (at full duty they slowed requests 3-15×, erratically), `memory` = a 4 GiB ballast. Prompts: questions of ARC-e/c, BoolQ, CSQA, SIQA, SciQ, NQ-open, wiki paragraphs and wiki passages up to 1,024 tokens. Profiles: `none` and `{args.profiles}` (sliced views, act importance). State: telemetry, prompt features, the objective, the running prefill and decoding slowdowns and each profile's predicted latency over the objective (its idle lines times the slowdowns and its own running factor, which learns from served requests what start-up timing got wrong about that profile). Heads (`--heads {args.heads}`): {head_text} Training: {len(training)} requests over {len(episodes)} episodes (one load each, cycled), γ = {args.gamma:g}{training_feedback}.{warm_text}
 
 Oracle table (before training, {args.oracle_samples} training prompts per load, every fixed profile; mean reward and objective attainment, best first):
 

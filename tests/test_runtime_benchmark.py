@@ -61,6 +61,12 @@ def test_estimate_errors_read_the_controllers_prediction_back_from_the_state_and
     assert errors["state"]["questions"]["n"] == 2 * 13 and errors["state"]["passages"]["n"] == 2 * 27 - 2
     assert errors["rule"]["passages"]["error"] == pytest.approx(0.0, abs=1e-9)
     assert errors["rule"]["questions"]["n"] + errors["rule"]["passages"]["n"] == 80
+    assert errors["profiles"] == pytest.approx({"none": math.log(1.25), "fast": math.log(1.25)})
+    for record in records:  # start-up timing that put "fast" 10% too fast: its own median, not "none"'s
+        if record["profile"] == "fast" and abs(record["state"][layout.predicted[1]]) < 2.0:
+            record["state"][layout.predicted[1]] -= math.log(1.1)
+    shifted = module.estimate_errors(records, "idle", ["fixed:none", "fixed:fast"], actions)["profiles"]
+    assert shifted == pytest.approx({"none": math.log(1.25), "fast": math.log(1.25 * 1.1)})
 
 
 @pytest.mark.parametrize("learner", ["linear", "boosted trees"])

@@ -3,6 +3,7 @@ target, checkpoint resume, learning a contextual choice; feature vectors; load w
 
 from __future__ import annotations
 
+import math
 import random
 
 import psutil
@@ -290,6 +291,9 @@ def test_server_generates_reports_metrics_and_rejects_bad_requests(tiny, calibra
     metrics = client.get("/metrics").json()
     assert metrics["requests"] == 1 and metrics["profiles"] == {body["profile"]: 1}
     assert metrics["active_profile"] == "none"
+    factors = metrics["profile_factors"]  # the served profile's timing error learned, the rest renormalised
+    assert set(factors) == set(env.profiles.names) and math.prod(factors.values()) == pytest.approx(1.0)
+    assert factors[body["profile"]] != pytest.approx(1.0, abs=1e-6)
     with torch.no_grad():
         assert torch.equal(tiny.model(torch.tensor([[5, 6, 7]])).logits, dense)  # never left pruned
     # a failing generation under a pruned profile: 500, counted, model dense again

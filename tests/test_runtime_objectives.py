@@ -76,7 +76,8 @@ def test_speed_estimates_fit_two_points_and_follow_the_prefill_and_decoding_slow
     line = LatencyLine.through((16, 60.0, 40.0), (1016, 1460.0, 45.0))
     assert line.prefill_ms_per_token == pytest.approx(1.4) and line.step_ms_per_token == pytest.approx(0.005)
     assert line.predict(16, 1) == pytest.approx(60.0) and line.predict(516, 11) == pytest.approx(760 + 10 * 42.5)
-    estimates = SpeedEstimates({"none": line, "fast": LatencyLine(30.0, 0.7, 25.0, 0.0)}, smoothing=0.5)
+    estimates = SpeedEstimates({"none": line, "fast": LatencyLine(30.0, 0.7, 25.0, 0.0)}, smoothing=0.5,
+                               factor_smoothing=0.0)  # the slowdowns alone; the profiles' factors below
     assert estimates.fastest(100, 10)[0] == "fast"
     # a loaded machine: prefill five times slower than idle, decoding twice
     estimates.observe("none", 100, 10, 5 * line.prefill(100), 2 * line.decoding(100, 10))
@@ -93,6 +94,41 @@ def test_speed_estimates_fit_two_points_and_follow_the_prefill_and_decoding_slow
     assert (prefill, decode) == pytest.approx((math.log(2.5), math.log(1.5)))
     assert ratios == pytest.approx([math.log(estimates.predict(p, 100, 10) / 500) for p in ("none", "fast")])
     assert estimates.features(100, 10, 1.0)[3:] == [2.0, 2.0]  # clipped
+
+
+def test_profile_factors_learn_what_start_up_timing_got_wrong_and_leave_load_changes_to_the_slowdowns():
+    lines = {"none": LatencyLine(40.0, 0.5, 30.0, 0.0), "fast": LatencyLine(30.0, 0.3, 20.0, 0.0),
+             "faster": LatencyLine(20.0, 0.2, 15.0, 0.0)}
+    truth = {"none": 1.0, "fast": 1.15, "faster": 0.9}  # served / idle line, whatever the load
+
+    def serve(estimates: SpeedEstimates, profile: str, load: float, tokens: int = 100) -> float:
+        """Observe one request; its relative prediction error before it was folded in."""
+        line, scale = lines[profile], truth[profile] * load
+        predicted = estimates.predict(profile, tokens, 8)
+        estimates.observe(profile, tokens, 8, scale * line.prefill(tokens), scale * line.decoding(tokens, 8))
+        return scale * line.predict(tokens, 8) / predicted - 1
+
+    estimates = SpeedEstimates(dict(lines))
+    errors = [serve(estimates, name, load) for load in (1.0, 2.0, 1.0) for _ in range(40) for name in lines]
+    assert max(abs(e) for e in errors[:3]) > 0.1  # the start-up lines were 10-15% off for two profiles
+    assert max(abs(e) for e in errors[-30:]) < 0.02  # learned: every profile within 2%, back at idle
+    assert math.prod(estimates.factors.values()) == pytest.approx(1.0)
+    geometric = math.prod(truth.values()) ** (1 / 3)
+    assert estimates.factors["fast"] / estimates.factors["none"] == pytest.approx(1.15, rel=0.02)
+    assert estimates.prefill_slowdown == pytest.approx(geometric, rel=0.02)  # the machine, not a profile
+
+    # a load change seen through one profile only: the slowdowns take it; the factor moves by at most
+    # smoothing × clip per request, and the profiles not served keep their predictions but for the slowdowns
+    steady = SpeedEstimates(dict(lines), factors=dict(estimates.factors), prefill_slowdown=geometric,
+                            decode_slowdown=geometric)
+    before = dict(steady.factors)
+    for _ in range(6):
+        serve(steady, "none", 3.0)
+    relative = steady.factors["fast"] / steady.factors["faster"]
+    assert relative == pytest.approx(before["fast"] / before["faster"])
+    moved = math.log(steady.factors["none"] / before["none"]) - math.log(steady.factors["fast"] / before["fast"])
+    assert 0 < moved <= 6 * 0.1 * 0.2 + 1e-9
+    assert steady.predict("fast", 100, 8) / (3.0 * 1.15 * lines["fast"].predict(100, 8)) > 0.94
 
 
 def test_idle_lines_time_the_profiles_round_by_round_and_keep_each_points_fastest_run(monkeypatch):

@@ -357,6 +357,7 @@ def create_app(env: RuntimeEnvironment, controller: Controller | None, default_o
     def metrics_endpoint() -> dict[str, Any]:
         return {**metrics.report(), "active_profile": env.profiles.active.name,
                 "available_profiles": env.profiles.names, "controller": controller is not None,
-                "slowdown": {"prefill": env.speeds.prefill_slowdown, "decode": env.speeds.decode_slowdown}}
+                "slowdown": {"prefill": env.speeds.prefill_slowdown, "decode": env.speeds.decode_slowdown},
+                "profile_factors": {name: env.speeds.factor(name) for name in env.speeds.lines}}
 
     return app
