@@ -322,9 +322,9 @@ def estimate_errors(records: list[dict], condition: str, fixed: list[str], actio
             group = "passages" if record["prompt_tokens"] >= PASSAGE_TOKENS else "questions"
             ratio = record["state"][predicted_at[actions.index(record["profile"])]] if record.get("state") else None
             if ratio is not None and abs(ratio) < RATIO_CLIP:
-                estimate = record["objective_ms"] * math.exp(ratio)
-                errors["state"].setdefault(group, []).append(math.log(record["decode_ms"] / estimate))
-                by_profile.setdefault(record["profile"], []).append(math.log(record["decode_ms"] / estimate))
+                error = math.log(record["decode_ms"] / (record["objective_ms"] * math.exp(ratio)))
+                errors["state"].setdefault(group, []).append(error)
+                by_profile.setdefault(record["profile"], []).append(error)
             if prompt in rule and rule[prompt][0][policy] > 0:
                 errors["rule"].setdefault(group, []).append(math.log(record["decode_ms"] / rule[prompt][0][policy]))
     return {**{source: {group: {"bias": statistics.median(values), "error": statistics.median(abs(v) for v in values),
@@ -432,8 +432,8 @@ def write_results(args: argparse.Namespace) -> None:
         estimates_text = (
             "\nHow well each request's latency was known beforehand, on the fixed profiles' test requests: the "
             "controller's estimate (each profile's idle prefill and decoding lines, times the running prefill "
-            "and decoding slowdowns and the profile's running factor; read back from the recorded states) and the reference rule's per-load lines "
-            "(fitted on the test itself). Bias: median measured/predicted − 1 (+: slower than predicted); error: "
+            "and decoding slowdowns and the profile's running factor; read back from the recorded states) and the "
+            "reference rule's per-load lines (fitted on the test itself). Bias: median measured/predicted − 1 (+: slower than predicted); error: "
             f"the median absolute. Questions: prompts under {PASSAGE_TOKENS} tokens; passages: from "
             f"{PASSAGE_TOKENS}.\n\n"
             + markdown_table(["load", "prompts", "state bias", "state error", "rule bias", "rule error", "requests"],
