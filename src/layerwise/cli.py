@@ -15,6 +15,7 @@ from rich.table import Table
 from .cache import atomic_write_text
 from .config import RunSettings
 from .cli_common import cli_errors, console
+from .cli_heal import gather_heal, heal_parameters
 from .errors import SettingsError
 from .formatting import fmt, fmt_bytes
 from .options import PlanOptions, cli_parameters, collect, option_parameters
@@ -118,6 +119,12 @@ def _evaluation(values: dict[str, Any]) -> dict[str, Any]:
 
 evaluation_command = option_group(EVALUATION_PARAMETERS, _evaluation, "evaluation")
 
+# healing's options (HealSetting's fields): compress heals when --heal is given; `heal` always does
+healing_command = option_group(heal_parameters(), lambda values: gather_heal(values, required=False), "healing")
+heal_options = option_group(heal_parameters(), lambda values: gather_heal(values, required=True), "healing")
+Resume = Annotated[bool, typer.Option("--resume", help="Continue healing from the checkpoint an interrupted run "
+                                                       "of the same command left beside --out.")]
+
 # apply's calibration options, the planning options of the same names: a plan's record must agree with them
 CALIBRATION_OPTIONS = ("nsamples", "calib_seqlen", "calib_text")
 calibration_command = option_group(
@@ -197,6 +204,12 @@ def _print_compression_table(record: dict, out: Path) -> None:
     for name in STRUCTURES:  # each structure's own rows (removals, widths, bits), when its metrics are there
         for row in STRUCTURES.get(name).table_rows(record):
             table.add_row(*row)
+    if metrics.get("healing"):
+        healing = metrics["healing"]
+        table.add_row("healing", "", f"{healing['method']}, {healing['tokens']:,} tokens, "
+                                     f"{healing['tokens_per_s']:.0f} tok/s")
+        table.add_row("PPL before / after healing", "",
+                      f"{fmt(healing.get('ppl_before'), '.3f')} / {fmt(healing.get('ppl_after'), '.3f')}")
     if metrics.get("recovery"):
         recovery = metrics["recovery"]
         table.add_row(f"PPL before / after LoRA ({recovery['steps']} steps)", "",
@@ -232,6 +245,7 @@ def _print_deployment(deployment: dict, out: Path) -> None:
 @cli_errors
 @planning_command
 @evaluation_command
+@healing_command
 def compress(
     model: ModelOpt = "smollm2-135m",
     out: OutDir = Path("layerwise-out"),
@@ -242,19 +256,57 @@ def compress(
     export: Export = None,
     export_type: ExportType = "f16",
     threads: Threads = None,
+    resume: Resume = False,
+    iterative_steps: Annotated[int, typer.Option("--iterative-steps", min=1, help="width/depth: reach the budget in K pruning stages, re-scoring and re-allocating on the current model each time, with --heal's tokens split between the stages (Adapt-Pruner's Adapt-Accel).")] = 1,
     *,
     options: PlanOptions,
     evaluation: dict[str, Any],
+    healing: Any,
 ) -> None:
-    """Load, plan, apply, evaluate and save; print dense vs compressed metrics. Planning options (the same as
-    `plan`'s) may come from --recipe."""
+    """Load, plan, apply, [heal,] evaluate and save; print dense vs compressed metrics. Planning options (the
+    same as `plan`'s) may come from --recipe."""
     from .pipeline import compress as run_compress
 
     budget = options.budget()
     settings = _settings(**evaluation, **options.calibration(), recover_steps=recover_steps, recover_lr=recover_lr,
-                         threads=threads, deploy=_deploy(export, export_type, options.embedding_type))
+                         threads=threads, deploy=_deploy(export, export_type, options.embedding_type),
+                         heal=healing.model_dump() if healing else None)
     record = run_compress(model, budget, options.method, options.chosen_allocator, settings, out, overwrite,
-                          options.nm, options.chosen_structure, _speedups(eval_speedups), **options.allocator_params())
+                          options.nm, options.chosen_structure, _speedups(eval_speedups), resume, iterative_steps,
+                          **options.allocator_params())
+    _print_compression_table(record, out)
+
+
+@app.command("heal")
+@cli_errors
+@heal_options
+def heal_command(
+    run_dir: Annotated[Path, typer.Argument(help="A run directory written by compress or apply.")],
+    out: OutDir,
+    overwrite: Overwrite = False,
+    resume: Resume = False,
+    max_windows: MaxWindows = None,
+    tasks: Tasks = None,
+    limit: Limit = None,
+    latency: Annotated[Optional[bool], typer.Option("--latency/--no-latency", help="Measure latency (default: as the run did).")] = None,
+    device: Annotated[Optional[str], typer.Option(help="cpu, cuda, ... (default: the run's).")] = None,
+    export: Export = None,
+    export_type: ExportType = "f16",
+    *,
+    healing: Any,
+) -> None:
+    """Train a compressed run toward the dense model it came from (logit distillation by default), evaluate it
+    under the run's own evaluation settings and save it as a new run directory."""
+    from .healing import heal_run
+
+    given = {"max_windows": max_windows, "device": device, "tasks": None if tasks is None else tasks.split(","),
+             "task_limit": None if limit is None else limit or None, "deploy": _deploy(export, export_type, None)}
+    overrides = {name: value for name, value in given.items() if value is not None}
+    if limit == 0:
+        overrides["task_limit"] = None  # every item
+    if latency is False:
+        overrides["latency"] = None
+    record = heal_run(run_dir, out, healing, overrides, overwrite, resume)
     _print_compression_table(record, out)
 
 

@@ -8,7 +8,7 @@ from typing import Any, Callable
 import typer
 from rich.console import Console
 
-from .errors import LayerwiseError
+from .errors import HealInterrupted, LayerwiseError
 
 console = Console()
 err_console = Console(stderr=True)
@@ -21,6 +21,9 @@ def cli_errors(func: Callable[..., Any]) -> Callable[..., Any]:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return func(*args, **kwargs)
+        except HealInterrupted as exc:  # a checkpoint was kept: say where, as an interrupt
+            err_console.print(f"[bold red]interrupted:[/] {exc}", highlight=False, soft_wrap=True)
+            raise typer.Exit(code=130) from None
         except LayerwiseError as exc:
             err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
             raise typer.Exit(code=2) from None

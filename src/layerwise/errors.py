@@ -43,3 +43,7 @@ class EngineError(LayerwiseError):
 
 class ExportError(LayerwiseError):
     """A model or plan cannot be expressed in the requested deployment format."""
+
+
+class HealInterrupted(LayerwiseError):
+    """Healing was interrupted (Ctrl-C); a checkpoint was kept and ``--resume`` continues from it."""

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from .version import __version__
+from .adapt_accel import AdaptAccel
 from .backends import ApplyContext, apply_plan
 from .cache import atomic_write_json, staged_directory
 from .config import Budget, LatencySetting, RunSettings
@@ -16,6 +17,7 @@ from .cost.analytic import model_costs
 from .deploy import deploy_run, dense_reference
 from .export import check_exportable
 from .environment import machine, versions
+from .healing import heal_loaded
 from .errors import OutputExistsError, PlanError, UnsupportedArchitectureError
 from .measure import Timings, measure_model, measured_speedup, timed
 from .models import LoadedModel, decoder_linears, load, model_fingerprint, save
@@ -57,10 +59,13 @@ def run_plan(
     started: float | None = None,
     calibration: CalibrationSource | None = None,
     extra: dict[str, Any] | None = None,
+    resume: bool = False,
+    accel: "AdaptAccel | None" = None,
 ) -> dict:
     """Apply ``plan`` for real, measure dense and compressed perplexity and size, save model + result.json.
 
-    ``started`` (a ``time.perf_counter`` value) lets callers include their load/plan time in ``total_s``.
+    ``started`` (a ``time.perf_counter`` value) lets callers include their load/plan time in ``total_s``. With
+    ``accel`` the plan is made in stages interleaved with healing (``plan`` may then be None).
     """
     started = time.perf_counter() if started is None else started
     timings = dict(timings or {})
@@ -71,18 +76,25 @@ def run_plan(
     paired = settings.latency is not None and settings.latency.paired
     alone = settings.model_copy(update={"latency": None}) if paired else settings  # latency is timed in pairs below
     dense = measure_model(loaded, alone.model_copy(update={"tasks": []}), timings, "dense_", cached=True)
-    reference = copy.deepcopy(loaded.model) if paired else None
+    reference = copy.deepcopy(loaded.model) if paired or settings.heal else None  # healing's teacher too
     dense_deployed = dense_reference(loaded, settings, timings) if settings.deploy else None
     calibration = calibration or CalibrationSource(loaded, settings)
-    with timed(timings, "apply_s"):
-        apply_plan(loaded.model, plan, ApplyContext(calibration))
+    healing = None
+    if accel is None:
+        with timed(timings, "apply_s"):
+            apply_plan(loaded.model, plan, ApplyContext(calibration))
+    else:  # Adapt-Accel: the plan is made stage by stage on the healed model
+        with timed(timings, "stages_s"):
+            plan, healing = accel.run(loaded, reference, settings, out, resume)
     if settings.deploy:  # before any measuring: a plan the deployment format cannot express fails now
         check_exportable(loaded.model)
     if calibration.profile_from_cache is not None:
         timings["profile_s"] = round(calibration.profile_seconds, 3)
     recovery = _recover(loaded, settings, calibration, timings) if settings.recover_steps else None
+    if settings.heal and accel is None:
+        healing = _heal(loaded, reference, settings, timings, out, resume)
     compressed = measure_model(loaded, alone, timings, "", cached=False)
-    if reference is not None:
+    if paired:
         with timed(timings, "latency_s"):
             pair = measure_paired_latency(reference, loaded.model, settings.latency)
         del reference
@@ -118,6 +130,7 @@ def run_plan(
             "per_unit_sparsity": _per_unit_sparsity(loaded),
             "costs": _costs(loaded, settings),
             "recovery": {**recovery, "ppl_after": compressed.get("ppl")} if recovery else None,
+            "healing": {**healing, "ppl_after": compressed.get("ppl")} if healing else None,
             "dense_costs": dense_costs,
             "pruning_s": plan.details.get("search_s"),
             **_structure_metrics(plan, loaded, dense["latency"], extra or {}),
@@ -135,6 +148,14 @@ def run_plan(
         record = Result.from_record(record).to_record()
         atomic_write_json(staging / "result.json", record)
     return record
+
+
+def _heal(loaded: LoadedModel, teacher, settings: RunSettings, timings: Timings, out: str | Path,
+          resume: bool) -> dict:
+    """Perplexity of the compressed model, then healing toward the dense teacher (a copy taken before apply)."""
+    before = measure_model(loaded, settings.model_copy(update={"tasks": [], "latency": None}), timings,
+                           "pre_heal_", cached=False)
+    return {**heal_loaded(loaded, teacher, settings.heal, timings, out, resume), "ppl_before": before.get("ppl")}
 
 
 def _recover(loaded: LoadedModel, settings: RunSettings, calibration: CalibrationSource, timings: Timings) -> dict:
@@ -183,15 +204,22 @@ def compress(
     nm: str | None = None,
     structure: str = "unstructured",
     eval_speedups: list[float] | None = None,
+    resume: bool = False,
+    iterative_steps: int = 1,
     **allocator_params: Any,
 ) -> dict:
-    """load -> plan -> apply -> evaluate -> save; returns the result record also written to out/result.json.
+    """load -> plan -> apply -> [heal] -> evaluate -> save; returns the result record also written to
+    out/result.json. ``resume`` continues healing from the checkpoint an interrupted run left beside ``out``;
+    ``iterative_steps`` K > 1 reaches the budget in K pruning stages, each healed (Adapt-Accel).
 
     For depth pruning, ``eval_speedups`` are intermediate predicted speedups at which the search's current
     model is evaluated too (perplexity, measured speed, search time so far).
     """
     settings = settings or RunSettings()
     method, allocator, _ = validate_request(method, allocator, budget, nm, allocator_params, structure)
+    if iterative_steps > 1:  # the stage budgets are checked before any model loads
+        for stage in range(1, iterative_steps + 1):
+            STRUCTURES.get(structure).stage_budget(budget, stage, iterative_steps)
     ensure_output_free(out, overwrite)
     started = time.perf_counter()
     timings: Timings = {}
@@ -200,13 +228,17 @@ def compress(
     if settings.deploy:
         check_exportable(loaded.model)
     calibration = CalibrationSource(loaded, settings)
+    if iterative_steps > 1:
+        accel = AdaptAccel(budget, method, allocator, structure, iterative_steps, allocator_params)
+        return run_plan(loaded, None, settings, out, overwrite, "compress", timings, started, calibration,
+                        resume=resume, accel=accel)
     records = STRUCTURES.get(structure).records_milestones
     milestones = MilestoneRecorder(loaded, settings, eval_speedups or []) if records else None
     with timed(timings, "plan_s"):
         plan = make_plan(loaded, budget, method, allocator, settings.seed, calibration, nm, structure,
                          milestones, **allocator_params)
     extra = {"milestones": milestones.records} if milestones is not None else {}
-    return run_plan(loaded, plan, settings, out, overwrite, "compress", timings, started, calibration, extra)
+    return run_plan(loaded, plan, settings, out, overwrite, "compress", timings, started, calibration, extra, resume)
 
 
 class MilestoneRecorder:

@@ -10,7 +10,7 @@ from pydantic import BaseModel
 from torch import nn
 from tqdm.auto import tqdm
 
-from .models.adapter import get_adapter
+from .heal.lora import lora_targets
 
 LORA_RANK = 8
 LORA_ALPHA = 16
@@ -24,14 +24,6 @@ class RecoveryReport(BaseModel):
     seqlen: int
     losses: list[float]
     seconds: float
-
-
-def lora_targets(model: nn.Module) -> list[str]:
-    """Leaf names of the decoder linears still present (q_proj, ..., down_proj) for peft's ``target_modules``."""
-    adapter = get_adapter(model)
-    present = {role for sublayer in adapter.all_sublayers() for role in sublayer.linears}
-    roles = {**adapter.attention_roles, **adapter.mlp_roles}
-    return sorted(roles[role] for role in present)
 
 
 def recover_with_lora(model: nn.Module, tokens: torch.Tensor, steps: int, learning_rate: float = 1e-4,

@@ -40,7 +40,7 @@ class Result(BaseModel):
     model_config = ConfigDict(extra="forbid")
     format: Literal["layerwise.result/2", "layerwise.result/1"] = RESULT_FORMAT
     layerwise_version: str
-    command: Literal["compress", "apply", "eval"]
+    command: Literal["compress", "apply", "eval", "heal"]
     model: dict[str, Any]
     method: Optional[str] = None
     allocator: Optional[str] = None

@@ -268,6 +268,25 @@ def rl_curve_plot(runs: list[RunSummary]) -> Optional[bytes]:
                    "RL training: episode objective (thin) and best plan seen (thick)")
 
 
+def healing_plot(runs: list[RunSummary]) -> Optional[bytes]:
+    """Healing's training loss (thin) and held-out next-token NLL (markers) against training tokens."""
+    traced = [run for run in runs if run.record["metrics"].get("healing")]
+    if not traced:
+        return None
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for index, run in enumerate(traced):
+        healing = run.record["metrics"]["healing"]
+        color = f"C{index % 10}"
+        curve = healing["curve"]
+        ax.plot([p["tokens"] for p in curve], [p["loss"] for p in curve], color=color, alpha=0.4, lw=1,
+                label=f"{run.name}: {healing['objective']} loss")
+        heldout = [p for p in healing["heldout"] if p.get("nll") is not None]
+        ax.plot([p["tokens"] for p in heldout], [p["nll"] for p in heldout], color=color, marker="o", lw=2,
+                label=f"{run.name}: held-out NLL")
+    return _finish(fig, ax, "training tokens", "loss (nats)", "healing: training loss and held-out NLL")
+
+
 def trajectory_plot(runs: list[RunSummary]) -> Optional[bytes]:
     """Perplexity against measured speedup at each evaluated step of depth searches (milestones, then final)."""
     traced = [run for run in runs if run.record["metrics"].get("milestones") is not None]

@@ -12,7 +12,8 @@ from ..cache import atomic_write_text
 from ..errors import DataError
 from ..registry import Registry
 from .allocation import plot_allocation
-from .figures import (allocation_maps, bits_search_plot, layer_map_plot, pareto_plot, quant_statistics_plot,
+from .figures import (allocation_maps, bits_search_plot, healing_plot, layer_map_plot, pareto_plot,
+                      quant_statistics_plot,
                       rl_curve_plot, seeds_box_plot, trajectory_plot, value_range)
 from .tables import RunSummary, comparison_table, markdown_table, summarize
 
@@ -64,6 +65,7 @@ FIGURES: list[tuple[str, str, Callable[[list[RunSummary]], Optional[bytes]]]] = 
     ("Perplexity vs cost", "Pareto plot of perplexity vs cost", pareto_plot),
     ("Speedup vs perplexity per step", "speedup vs perplexity per step", trajectory_plot),
     ("RL training curve", "RL training curve", rl_curve_plot),
+    ("Healing loss", "healing training and held-out loss", healing_plot),
     ("Bit-allocation search", "bit-allocation search per episode", bits_search_plot),
     ("Final perplexity across seeds", "box plot of final perplexity across seeds", seeds_box_plot),
     ("Per-layer weight and activation statistics", "per-layer statistics", quant_statistics_plot),

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Callable, ClassVar
 from ..backends import architecture_signature
 from ..component_options import ComponentOptions, option  # noqa: F401  (option: for the structures)
 from ..config import Budget
-from ..errors import LayerwiseError
+from ..errors import BudgetError, LayerwiseError
 from ..models import LoadedModel
 from ..plan import Plan
 from ..profile import CalibrationSource
@@ -80,6 +80,16 @@ class Structure:
     def plan(self, request: PlanRequest) -> Plan:
         """Ask the allocator and turn its answer into plan actions (weights untouched)."""
         raise NotImplementedError
+
+    def stage_budget(self, budget: Budget, stage: int, stages: int) -> Budget:
+        """The budget of stage ``stage`` (1-based) of ``stages`` when pruning is interleaved with healing
+        (Adapt-Accel), measured against the model as the earlier stages left it."""
+        raise BudgetError(f"--iterative-steps applies to width and depth pruning, not to {self.name}.")
+
+    def compose(self, plans: list[Plan], model: Any) -> Plan:
+        """One plan equal to applying ``plans`` in order to the original model (what a saved model replays);
+        ``model`` is the model after the last stage."""
+        raise BudgetError(f"--iterative-steps applies to width and depth pruning, not to {self.name}.")
 
     def metrics(self, plan: Plan, loaded: LoadedModel, dense_latency: dict | None,
                 extra: dict[str, Any]) -> dict[str, Any]:

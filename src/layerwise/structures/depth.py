@@ -71,6 +71,31 @@ class Depth(Structure):
                    "steps": [asdict(step) for step in allocation.steps]}
         return request.plan(actions, allocation.params, details, prediction)
 
+    def stage_budget(self, budget: Budget, stage: int, stages: int) -> Budget:
+        """An equal share per stage: the K-th root of the target speedup (each stage's latency table is timed
+        on the model the earlier stages left, so the stages' speedups multiply), or of the removal count."""
+        if budget.target_speedup is not None:
+            return Budget.for_depth(target_speedup=budget.target_speedup ** (1.0 / stages))
+        count = budget.remove_sublayers * stage // stages - budget.remove_sublayers * (stage - 1) // stages
+        if count < 1:
+            raise BudgetError(f"--num-remove-sublayers {budget.remove_sublayers} cannot be split into "
+                              f"{stages} stages of at least one removal each.")
+        return Budget.for_depth(remove_sublayers=count)
+
+    def compose(self, plans: list[Plan], model: Any) -> Plan:
+        """The stages' removals in order (sublayer names do not change when others go); the predicted speedup
+        is the product of the stages' predictions."""
+        speedup = 1.0
+        for plan in plans:
+            speedup *= plan.prediction.get("speedup") or 1.0
+        first = plans[0]
+        details = {"search_s": round(sum(p.details.get("search_s") or 0.0 for p in plans), 3),
+                   "steps": [step for p in plans for step in p.details.get("steps", [])],
+                   "stages": [{"budget": p.budget.model_dump(exclude_none=True), "removed": len(p.actions),
+                               "predicted_speedup": p.prediction.get("speedup")} for p in plans]}
+        return first.model_copy(update={"actions": [a for p in plans for a in p.actions],
+                                        "prediction": {"speedup": round(speedup, 4)}, "details": details})
+
     def metrics(self, plan: Plan, loaded: LoadedModel, dense_latency: dict | None,
                 extra: dict[str, Any]) -> dict[str, Any]:
         """The removals in order, the predicted speedup and the intermediate points evaluated on the way."""

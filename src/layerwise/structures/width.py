@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any, Optional
 
 from ..allocate import WIDTH_ALLOCATORS, WidthContext, WidthSpace
 from ..config import Budget, LatencySetting, RunSettings
-from ..cost.analytic import ModelDims, estimate_costs, predicted_speedups
+from ..cost.analytic import CostReport, ModelDims, estimate_costs, predicted_speedups
 from ..errors import BudgetError
 from ..formatting import fmt, fmt_bytes
 from ..models import LoadedModel, get_adapter
@@ -101,7 +101,7 @@ class Width(Structure):
         dims = ModelDims.from_model(model)
         dense = estimate_costs(dims, **cost_setting)
         compressed = estimate_costs(dims.with_widths(widths.groups, widths.channels), **cost_setting)
-        prediction = {"costs": compressed.model_dump(), "dense_costs": dense.model_dump(),
+        prediction = {"costs": compressed.model_dump(), "dense_costs": dense.model_dump(), "cost_setting": cost_setting,
                       "normalised": {k: round(v, 6) for k, v in compressed.normalised(dense).items()},
                       "flop_speedup": predicted_speedups(dense, compressed),
                       "removed_parameters": removed, "target_removed": space.target_removed,
@@ -119,6 +119,36 @@ class Width(Structure):
                    "group_size": next(iter(space.group_size.values()), None),
                    "calibration": calibration.describe()}  # the importance scores (which units go) depend on it
         return request.plan(actions, {**allocation.params, **options}, details, prediction)
+
+    def stage_budget(self, budget: Budget, stage: int, stages: int) -> Budget:
+        """Adapt-Pruner's linear schedule: after stage k, k/K of the target's parameters are gone; each stage's
+        ratio is of the parameters the earlier stages left eligible."""
+        before, after = budget.pruning_ratio * (stage - 1) / stages, budget.pruning_ratio * stage / stages
+        return Budget.for_width((after - before) / (1.0 - before))
+
+    def compose(self, plans: list[Plan], model: Any) -> Plan:
+        """Each unit's slice with its kept units as indices of the original model (a later stage's indices
+        count the units an earlier one kept), the last stage's widths, and costs against the dense model."""
+        kept: dict[str, SliceAction] = {}
+        for plan in plans:
+            for action in plan.actions:
+                earlier = kept.get(action.unit)
+                indices = action.kept if earlier is None else [earlier.kept[i] for i in action.kept]
+                kept[action.unit] = action.model_copy(update={"kept": sorted(indices)})
+        first, last = plans[0], plans[-1]
+        dense = CostReport.model_validate(first.prediction["dense_costs"])
+        setting = first.prediction.get("cost_setting") or {}
+        final = estimate_costs(ModelDims.from_model(model), **setting)
+        prediction = {"costs": final.model_dump(), "dense_costs": dense.model_dump(),
+                      "normalised": {k: round(v, 6) for k, v in final.normalised(dense).items()},
+                      "flop_speedup": predicted_speedups(dense, final)}
+        details = {key: last.details.get(key) for key in ("widths", "group_size")}
+        details.update(dense_widths=first.details.get("dense_widths"), calibration=first.details.get("calibration"),
+                       search_s=round(sum(p.details.get("search_s") or 0.0 for p in plans), 3),
+                       stages=[{"budget": p.budget.model_dump(exclude_none=True), "widths": p.details.get("widths"),
+                                "search_s": p.details.get("search_s")} for p in plans])
+        return first.model_copy(update={"actions": list(kept.values()), "prediction": prediction,
+                                        "details": details})
 
     def metrics(self, plan: Plan, loaded: LoadedModel, dense_latency: dict | None,
                 extra: dict[str, Any]) -> dict[str, Any]:
