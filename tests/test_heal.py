@@ -337,3 +337,14 @@ def test_iterative_steps_are_refused_for_structures_without_stages(tmp_path):
                                       "2", "--out", str(tmp_path / "o"), *QUICK])
     assert result.exit_code == 2 and "applies to width and depth pruning, not to unstructured" in result.output
     assert not (tmp_path / "o").exists()
+
+
+def test_autocast_follows_the_setting_and_is_recorded(tiny):
+    from layerwise.environment import native_bf16
+    from layerwise.heal.trainer import autocast_enabled
+
+    cpu = torch.device("cpu")
+    assert autocast_enabled(HealSetting(autocast="bf16"), cpu) and not autocast_enabled(HealSetting(autocast="none"), cpu)
+    assert autocast_enabled(HealSetting(), cpu) == native_bf16(cpu)  # auto: bf16 only where it is native
+    setting = HealSetting(method="lm", tokens=64, autocast="bf16", **SMALL)
+    assert heal(_damaged(tiny), None, _stream(tiny, setting), setting).bf16_autocast is True

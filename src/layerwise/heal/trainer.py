@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 from ..cache import atomic_torch_save, stable_hash, torch_load_or_none
 from ..config import HealSetting
 from ..data.training import TrainingStream
+from ..environment import native_bf16
 from ..errors import HealInterrupted, SettingsError
 from .losses import LOSSES, NEEDS_TEACHER, Outputs, forward, logit_kl
 from .lora import lora_adapters
@@ -46,10 +47,16 @@ class HealReport(BaseModel):
     peak_rss_bytes: int
     peak_gpu_bytes: Optional[int] = None
     resumed_at_step: Optional[int] = None
+    bf16_autocast: bool = False
+
+
+def autocast_enabled(setting: HealSetting, device: torch.device) -> bool:
+    """Whether healing computes under bfloat16 autocast on ``device`` (``auto``: where bf16 is native)."""
+    return setting.autocast == "bf16" or (setting.autocast == "auto" and native_bf16(device))
 
 
 def _autocast(setting: HealSetting, device: torch.device) -> contextlib.AbstractContextManager:
-    if setting.autocast == "none":
+    if not autocast_enabled(setting, device):
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
@@ -169,6 +176,7 @@ def heal(
         peak_rss_bytes=_peak_rss_bytes(),
         peak_gpu_bytes=int(torch.cuda.max_memory_allocated()) if device.type == "cuda" else None,
         resumed_at_step=None if state is None else int(state["step"]),
+        bf16_autocast=autocast_enabled(setting, device),
     )
 
 
