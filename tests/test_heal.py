@@ -348,3 +348,67 @@ def test_autocast_follows_the_setting_and_is_recorded(tiny):
     assert autocast_enabled(HealSetting(), cpu) == native_bf16(cpu)  # auto: bf16 only where it is native
     setting = HealSetting(method="lm", tokens=64, autocast="bf16", **SMALL)
     assert heal(_damaged(tiny), None, _stream(tiny, setting), setting).bf16_autocast is True
+
+
+STAGED = """format: layerwise.recipe/1
+stages:
+  - prune: {structure: width, allocator: uniform, pruning_ratio: 0.3, nsamples: 8}
+  - heal: {method: kd, tokens: 256, batch_size: 2, seqlen: 32, corpus: wiki, lr: 0.003}
+  - quantize: {method: gguf, allocator: uniform, bits: q8_0, nsamples: 8}
+export: gguf
+"""
+
+
+def test_a_staged_recipe_prunes_heals_quantizes_and_exports(tmp_path):
+    from gguf import GGUFReader
+
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(STAGED)
+    out = tmp_path / "staged"
+    result = CliRunner().invoke(app, ["compress", "--model", "tiny-llama", "--recipe", str(recipe), "--out", str(out),
+                                      "--seqlen", "64", "--max-windows", "2", "--generation-length", "4"])
+    assert result.exit_code == 0, result.output
+    record = json.loads((out / "result.json").read_text())
+    plan = record["plan"]
+    assert [stage["allocator"] for stage in plan["details"]["stages"]] == ["uniform", "uniform"]
+    ops = [action["op"] for action in plan["actions"]]
+    assert "slice" in ops and "quantize" in ops and ops.index("quantize") > max(
+        i for i, op in enumerate(ops) if op == "slice")  # prune's actions first, as they ran
+    assert plan["budget"]["pruning_ratio"] == 0.3
+    healing = record["metrics"]["healing"]
+    assert healing["tokens"] == 256 and healing["ppl_before"] is not None
+    assert record["settings"]["heal"]["tokens"] == 256
+    types = {t.tensor_type.name for t in GGUFReader(str(out / "model.gguf")).tensors}
+    assert "Q8_0" in types
+    reloaded = layerwise.load(str(out))
+    again = layerwise.evaluate(reloaded, layerwise.RunSettings(seqlen=64, max_windows=2))
+    assert again.ppl == pytest.approx(record["metrics"]["ppl"], rel=1e-5)
+
+
+@pytest.mark.parametrize("stages, message", [
+    ("  - heal: {tokens: 64}\n", "a heal stage needs a prune stage before it"),
+    ("  - quantize: {bits: q8_0, method: gguf}\n  - prune: {structure: width, pruning_ratio: 0.3}\n",
+     "stages run in the order prune → heal → quantize"),
+    ("  - prune: {structure: quant, bits: '4'}\n", "structure 'quant' does not belong in a prune stage"),
+    ("  - prune: {structure: width}\n", "Width pruning needs --pruning-ratio"),
+    ("  - prune: {structure: width, pruning_ratio: 0.3}\n  - heal: {method: sft}\n",
+     "stage 2 (heal): invalid method"),
+    ("  - distil: {}\n", "stage 1 must be one of prune, heal, quantize"),
+])
+def test_staged_recipes_are_checked_before_any_model_loads(tmp_path, stages, message):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("stages:\n" + stages)
+    result = CliRunner().invoke(app, ["compress", "--model", "no-such-model", "--recipe", str(recipe),
+                                      "--out", str(tmp_path / "o")])
+    assert result.exit_code == 2, result.output
+    assert message in result.output
+
+
+def test_a_staged_recipe_refuses_planning_flags_and_the_plan_command(tmp_path):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(STAGED)
+    result = CliRunner().invoke(app, ["compress", "--recipe", str(recipe), "--pruning-ratio", "0.5",
+                                      "--out", str(tmp_path / "o")])
+    assert result.exit_code == 2 and "drop --pruning-ratio from the command line" in result.output
+    result = CliRunner().invoke(app, ["plan", "--recipe", str(recipe), "--out", str(tmp_path / "p.json")])
+    assert result.exit_code == 2 and "run end to end with `layerwise compress --recipe`" in result.output

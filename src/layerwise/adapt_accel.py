@@ -20,6 +20,7 @@ from .data.training import training_stream
 from .errors import SettingsError
 from .heal import Schedule, heal
 from .healing import checkpoint_dir
+from .measure import Timings
 from .models import LoadedModel
 from .plan import Plan
 from .planning import make_plan
@@ -39,7 +40,7 @@ class AdaptAccel:
     params: dict[str, Any] = field(default_factory=dict)
 
     def run(self, loaded: LoadedModel, teacher: Optional[nn.Module], settings: RunSettings, out: str | Path,
-            resume: bool = False) -> tuple[Plan, Optional[dict[str, Any]]]:
+            resume: bool, timings: Timings) -> tuple[Plan, Optional[dict[str, Any]]]:
         """Prune and heal ``loaded`` in place, stage by stage; the composed plan (the original model to the
         final shapes) and the merged healing record (None without --heal)."""
         if resume:

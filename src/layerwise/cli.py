@@ -19,6 +19,7 @@ from .cli_heal import gather_heal, heal_parameters
 from .errors import SettingsError
 from .formatting import fmt, fmt_bytes
 from .options import PlanOptions, cli_parameters, collect, option_parameters
+from .stages import StagedRecipe
 from .structures import STRUCTURES
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Find, apply and measure per-layer compression plans for language models.")
@@ -87,8 +88,24 @@ def option_group(parameters: list[inspect.Parameter], gather: Callable[[dict[str
     return decorate
 
 
+def _planning(values: dict[str, Any]) -> "PlanOptions | StagedRecipe":
+    """The planning options of one call, or the staged recipe --recipe names (then no planning flag may be given:
+    each stage holds its own)."""
+    recipe = values.get("recipe")
+    staged = StagedRecipe.read(recipe) if recipe is not None else None
+    if staged is None:
+        return collect(values)
+    values.pop("recipe")
+    given = PlanOptions.parse({name: values.pop(name) for name in PlanOptions.model_fields if name in values})
+    if given.model_dump(exclude_none=True):
+        flag = "--" + next(iter(given.model_dump(exclude_none=True))).replace("_", "-")
+        raise SettingsError(f"{staged.source} has stages, and each stage holds its own planning options; drop {flag} "
+                            "from the command line or put it into a stage.")
+    return staged
+
+
 # every planning option (PlanOptions' fields and --recipe), collected into ``options``: plan and compress
-planning_command = option_group(cli_parameters(), collect, "options")
+planning_command = option_group(cli_parameters(), _planning, "options")
 
 
 def _keyword(name: str, annotation: Any, default: Any) -> inspect.Parameter:
@@ -265,8 +282,17 @@ def compress(
 ) -> None:
     """Load, plan, apply, [heal,] evaluate and save; print dense vs compressed metrics. Planning options (the
     same as `plan`'s) may come from --recipe."""
-    from .pipeline import compress as run_compress
+    from .pipeline import compress as run_compress, compress_staged
 
+    if isinstance(options, StagedRecipe):
+        if healing is not None:
+            raise SettingsError(f"{options.source} has stages; put healing into a heal stage instead of --heal.")
+        settings = _settings(**evaluation, recover_steps=recover_steps, recover_lr=recover_lr, threads=threads,
+                             deploy=_deploy(export or options.export, export_type, None),
+                             heal=options.healing.model_dump() if options.healing else None)
+        record = compress_staged(model, options, settings, out, overwrite, resume)
+        _print_compression_table(record, out)
+        return
     budget = options.budget()
     settings = _settings(**evaluation, **options.calibration(), recover_steps=recover_steps, recover_lr=recover_lr,
                          threads=threads, deploy=_deploy(export, export_type, options.embedding_type),
@@ -416,6 +442,9 @@ def plan(
     `compress` takes (or a --recipe); the plan records its calibration, so `apply` rebuilds `compress`'s model."""
     from .pipeline import ensure_output_free, plan_to_file
 
+    if isinstance(options, StagedRecipe):
+        raise SettingsError(f"{options.source} has stages, which run end to end with `layerwise compress --recipe`; "
+                            "`plan` computes one stage's plan.")
     if recipe_out is not None:
         ensure_output_free(recipe_out, overwrite, "Recipe file")
     settings = _settings(corpus=corpus, seqlen=seqlen, dtype=dtype, device=device, seed=seed, threads=threads,

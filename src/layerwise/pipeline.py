@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from .version import __version__
 from .adapt_accel import AdaptAccel
@@ -26,6 +26,7 @@ from .planning import make_plan, validate_request
 from .structures import STRUCTURES
 from .profile import CalibrationSource
 from .result import Result
+from .stages import StagedRecipe
 
 
 def ensure_output_free(out: str | Path, overwrite: bool, what: str = "Output directory") -> None:
@@ -60,12 +61,13 @@ def run_plan(
     calibration: CalibrationSource | None = None,
     extra: dict[str, Any] | None = None,
     resume: bool = False,
-    accel: "AdaptAccel | None" = None,
+    stages: "StageRunner | None" = None,
 ) -> dict:
     """Apply ``plan`` for real, measure dense and compressed perplexity and size, save model + result.json.
 
     ``started`` (a ``time.perf_counter`` value) lets callers include their load/plan time in ``total_s``. With
-    ``accel`` the plan is made in stages interleaved with healing (``plan`` may then be None).
+    ``stages`` (Adapt-Accel, a staged recipe) the plan is made and applied stage by stage, healing included
+    (``plan`` is then None).
     """
     started = time.perf_counter() if started is None else started
     timings = dict(timings or {})
@@ -80,18 +82,18 @@ def run_plan(
     dense_deployed = dense_reference(loaded, settings, timings) if settings.deploy else None
     calibration = calibration or CalibrationSource(loaded, settings)
     healing = None
-    if accel is None:
+    if stages is None:
         with timed(timings, "apply_s"):
             apply_plan(loaded.model, plan, ApplyContext(calibration))
-    else:  # Adapt-Accel: the plan is made stage by stage on the healed model
+    else:  # each stage plans on the model the earlier ones left (healed, for Adapt-Accel)
         with timed(timings, "stages_s"):
-            plan, healing = accel.run(loaded, reference, settings, out, resume)
+            plan, healing = stages.run(loaded, reference, settings, out, resume, timings)
     if settings.deploy:  # before any measuring: a plan the deployment format cannot express fails now
         check_exportable(loaded.model)
     if calibration.profile_from_cache is not None:
         timings["profile_s"] = round(calibration.profile_seconds, 3)
     recovery = _recover(loaded, settings, calibration, timings) if settings.recover_steps else None
-    if settings.heal and accel is None:
+    if settings.heal and stages is None:
         healing = _heal(loaded, reference, settings, timings, out, resume)
     compressed = measure_model(loaded, alone, timings, "", cached=False)
     if paired:
@@ -231,7 +233,7 @@ def compress(
     if iterative_steps > 1:
         accel = AdaptAccel(budget, method, allocator, structure, iterative_steps, allocator_params)
         return run_plan(loaded, None, settings, out, overwrite, "compress", timings, started, calibration,
-                        resume=resume, accel=accel)
+                        resume=resume, stages=accel)
     records = STRUCTURES.get(structure).records_milestones
     milestones = MilestoneRecorder(loaded, settings, eval_speedups or []) if records else None
     with timed(timings, "plan_s"):
@@ -239,6 +241,26 @@ def compress(
                          milestones, **allocator_params)
     extra = {"milestones": milestones.records} if milestones is not None else {}
     return run_plan(loaded, plan, settings, out, overwrite, "compress", timings, started, calibration, extra, resume)
+
+
+class StageRunner(Protocol):
+    """Plans and applies in stages on the model as it goes (Adapt-Accel, a staged recipe)."""
+
+    def run(self, loaded: LoadedModel, teacher: Any, settings: RunSettings, out: str | Path, resume: bool,
+            timings: Timings) -> tuple[Plan, dict | None]: ...
+
+
+def compress_staged(model: str, recipe: StagedRecipe, settings: RunSettings | None = None,
+                    out: str | Path = "layerwise-out", overwrite: bool = False, resume: bool = False) -> dict:
+    """load -> the recipe's stages (prune -> heal -> quantize) -> evaluate -> [export] -> save, like ``compress``."""
+    settings = settings or RunSettings()
+    ensure_output_free(out, overwrite)
+    started = time.perf_counter()
+    timings: Timings = {}
+    with timed(timings, "load_s"):
+        loaded = load(model, dtype=settings.dtype, device=settings.device)
+    return run_plan(loaded, None, settings, out, overwrite, "compress", timings, started,
+                    CalibrationSource(loaded, settings), resume=resume, stages=recipe)
 
 
 class MilestoneRecorder:
