@@ -4,6 +4,7 @@ guarantee, and the `heal` / `compress --heal` commands on the tiny model."""
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 import json
 import math
 
@@ -412,3 +413,17 @@ def test_a_staged_recipe_refuses_planning_flags_and_the_plan_command(tmp_path):
     assert result.exit_code == 2 and "drop --pruning-ratio from the command line" in result.output
     result = CliRunner().invoke(app, ["plan", "--recipe", str(recipe), "--out", str(tmp_path / "p.json")])
     assert result.exit_code == 2 and "run end to end with `layerwise compress --recipe`" in result.output
+
+
+def test_the_readme_staged_recipe_is_valid():
+    import re
+
+    import yaml
+
+    from layerwise.stages import StagedRecipe
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    block = re.search(r"```yaml\n(format: layerwise.recipe/1\nstages:.*?)```", readme, re.S).group(1)
+    recipe = StagedRecipe.parse(yaml.safe_load(block), "README")
+    assert [stage.kind for stage in recipe.stages] == ["prune", "heal", "quantize"] and recipe.export == "gguf"
+    assert recipe.healing.tokens == 262144 and recipe.stages[2].options.chosen_structure == "quant"
