@@ -14,6 +14,7 @@ def benchmark_module(name: str) -> ModuleType:
     """``benchmarks/<name>.py`` as a module (its sibling helpers importable while it loads)."""
     spec = importlib.util.spec_from_file_location(f"benchmark_{name}", BENCHMARKS / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the class is made
     sys.path.insert(0, str(BENCHMARKS))
     try:
         spec.loader.exec_module(module)

@@ -427,3 +427,23 @@ def test_the_readme_staged_recipe_is_valid():
     recipe = StagedRecipe.parse(yaml.safe_load(block), "README")
     assert [stage.kind for stage in recipe.stages] == ["prune", "heal", "quantize"] and recipe.export == "gguf"
     assert recipe.healing.tokens == 262144 and recipe.stages[2].options.chosen_structure == "quant"
+
+
+def test_the_healing_benchmark_reports_each_goal_from_its_rows():
+    from benchmark_scripts import benchmark_module
+
+    bench = benchmark_module("healing")
+    assert bench.gap_closed(100.0, 10.0, 1.0) == pytest.approx(0.5)
+    unhealed = {"ppl": 93.82, "dense_ppl": 25.73}
+    entries = {"width-rl-unhealed": unhealed, "width-rl-kd-262144": {"ppl": 43.0, "dense_ppl": 25.73},
+               "width-rl-lm-262144": {"ppl": 50.0}, "width-rl-lora-262144": {"ppl": 42.0}}
+    lines = bench.goal_lines(entries)
+    assert any("width 30% rl's log-PPL gap at 262,144 tokens: 93.82 → 43.00" in line and "**met**" in line
+               for line in lines)  # 60.3% of the gap: the 43.2 threshold
+    assert any("at 1,048,576 tokens: **not measured yet**" in line for line in lines)
+    assert any("kd beats lm and lora on width 30% rl" in line and "**not met**" in line for line in lines)
+    entries["width-rl-kd-262144"]["ppl"] = 43.5
+    assert any("width 30% rl's log-PPL gap at 262,144" in line and "**not met**" in line
+               for line in bench.goal_lines(entries))
+    names = [row.name for row in bench.rows()]
+    assert len(names) == len(set(names)) == 17 and "width-rl-kd-262144-accel4" in names

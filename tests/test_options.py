@@ -11,13 +11,18 @@ import typer
 from typer.testing import CliRunner
 
 from layerwise.cli import app
+from layerwise.cli_heal import heal_flag
+from layerwise.config import HealSetting
 from benchmark_scripts import benchmark_module
 from layerwise.options import PlanOptions, collect, flag_of
 
 # compress options that evaluate, recover or export the compressed model; they do not change the plan
 EVALUATION_ONLY = {"--eval-text", "--max-windows", "--batch-size", "--tasks", "--limit", "--latency", "--no-latency",
                    "--eval-speedups", "--recover-steps", "--recover-lr", "--export", "--export-type",
-                   "--paired-latency", "--separate-latency"}
+                   "--paired-latency", "--separate-latency", "--resume", "--iterative-steps"}
+# healing's options: compress's, and exactly the `heal` command's
+HEALING = {flag for name in HealSetting.model_fields for flag in (
+    heal_flag(name), *((f"--no-{heal_flag(name)[2:]}",) if HealSetting.model_fields[name].annotation is bool else ()))}
 runner = CliRunner()
 
 
@@ -30,8 +35,9 @@ def test_plan_and_compress_take_the_same_planning_options():
     planning = {flag_of(name) for name in PlanOptions.model_fields} | {"--recipe"}
     plan, compress = _options("plan"), _options("compress")
     assert planning <= plan and planning <= compress
-    assert compress - plan == EVALUATION_ONLY
+    assert compress - plan == EVALUATION_ONLY | HEALING
     assert plan - compress == {"--recipe-out"}
+    assert HEALING <= _options("heal")
 
 
 def test_the_renamed_options_no_longer_collide():
@@ -84,7 +90,7 @@ def test_a_recipe_plans_what_its_flags_plan_and_the_command_line_overrides_it(tm
     ("- 0.5\n", "must be a mapping of option names to values"),
     ("sparsity: [\n", "is not valid YAML"),
     ("format: layerwise.recipe/9\n", "this version reads layerwise.recipe/1"),
-    ("stages:\n  - sparsity: 0.5\n", "this version plans one stage per recipe"),
+    ("stages:\n  - sparsity: 0.5\n", "stage 1 must be one of prune, heal, quantize with its options"),
 ])
 def test_a_bad_recipe_is_one_sentence_and_exit_2(tmp_path, content, message):
     recipe = tmp_path / "bad.yaml"

@@ -108,8 +108,8 @@ class CommonOptions(BaseModel):
         if not isinstance(data, dict):
             raise SettingsError(f"Recipe file {file} must be a mapping of option names to values.")
         if "stages" in data:
-            raise SettingsError(f"Recipe file {file} has stages; this version plans one stage per recipe (its "
-                                "options at the top level).")
+            raise SettingsError(f"Recipe file {file} has stages; they run end to end with `layerwise compress "
+                                "--recipe` (layerwise.stages.StagedRecipe), not as one stage's options.")
         recipe_format = data.pop("format", RECIPE_FORMAT)
         if recipe_format != RECIPE_FORMAT:
             raise SettingsError(f"Recipe file {file} has format '{recipe_format}'; this version reads {RECIPE_FORMAT}.")
