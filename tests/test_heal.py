@@ -381,6 +381,8 @@ def test_a_staged_recipe_prunes_heals_quantizes_and_exports(tmp_path):
     assert record["settings"]["heal"]["tokens"] == 256
     types = {t.tensor_type.name for t in GGUFReader(str(out / "model.gguf")).tensors}
     assert "Q8_0" in types
+    deployed = record["deployment"]["compressed"]  # the healed, sliced, quantized file runs in llama.cpp
+    assert deployed["ppl"] == pytest.approx(record["metrics"]["ppl"], rel=0.02)
     reloaded = layerwise.load(str(out))
     again = layerwise.evaluate(reloaded, layerwise.RunSettings(seqlen=64, max_windows=2))
     assert again.ppl == pytest.approx(record["metrics"]["ppl"], rel=1e-5)
@@ -447,3 +449,15 @@ def test_the_healing_benchmark_reports_each_goal_from_its_rows():
                for line in bench.goal_lines(entries))
     names = [row.name for row in bench.rows()]
     assert len(names) == len(set(names)) == 17 and "width-rl-kd-262144-accel4" in names
+
+
+def test_gradient_checkpointing_and_the_hidden_state_term_train_the_same_way(tiny):
+    """Activation checkpointing recomputes blocks: the same losses to float tolerance; the hidden-state term adds
+    a positive amount to the kd loss of a damaged student."""
+    setting = HealSetting(tokens=4 * 64, **SMALL)
+    stream = _stream(tiny, setting)
+    plain = heal(_damaged(tiny), tiny.model, stream, setting)
+    checkpointed = heal(_damaged(tiny), tiny.model, stream, setting.model_copy(update={"gradient_checkpointing": True}))
+    assert [p["loss"] for p in checkpointed.curve] == pytest.approx([p["loss"] for p in plain.curve], rel=1e-4)
+    hidden = heal(_damaged(tiny), tiny.model, stream, setting.model_copy(update={"hidden_weight": 1.0}))
+    assert hidden.curve[0]["loss"] > plain.curve[0]["loss"]
