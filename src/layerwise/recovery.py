@@ -10,7 +10,8 @@ from pydantic import BaseModel
 from torch import nn
 from tqdm.auto import tqdm
 
-from .heal.lora import lora_targets
+from .config import HealSetting
+from .heal.lora import lora_adapters
 
 LORA_RANK = 8
 LORA_ALPHA = 16
@@ -30,19 +31,13 @@ def recover_with_lora(model: nn.Module, tokens: torch.Tensor, steps: int, learni
                       batch_size: int = 4, seed: int = 0) -> RecoveryReport:
     """Fine-tune rank-8 LoRA adapters for ``steps`` steps on windows drawn (seeded) from ``tokens`` [n, seqlen],
     then merge them into the base weights in place."""
-    from peft import LoraConfig, get_peft_model
-
     device = next(model.parameters()).device
-    flags = {p: p.requires_grad for p in model.parameters()}
-    config = LoraConfig(r=LORA_RANK, lora_alpha=LORA_ALPHA, lora_dropout=0.0, target_modules=lora_targets(model),
-                        bias="none")
-    wrapped = get_peft_model(model, config)
-    optimizer = torch.optim.AdamW([p for p in wrapped.parameters() if p.requires_grad], lr=learning_rate)
     generator = torch.Generator().manual_seed(seed)
     losses = []
     start = time.perf_counter()
-    wrapped.train()
-    try:
+    with lora_adapters(model, HealSetting(method="lora", lora_rank=LORA_RANK, lora_alpha=LORA_ALPHA)) as wrapped:
+        optimizer = torch.optim.AdamW([p for p in wrapped.parameters() if p.requires_grad], lr=learning_rate)
+        wrapped.train()
         for _ in tqdm(range(steps), desc="LoRA recovery", unit="step", disable=None, leave=False):
             rows = torch.randint(0, tokens.shape[0], (min(batch_size, tokens.shape[0]),), generator=generator)
             batch = tokens[rows].to(device)
@@ -51,10 +46,5 @@ def recover_with_lora(model: nn.Module, tokens: torch.Tensor, steps: int, learni
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             losses.append(round(float(loss.detach()), 5))
-    finally:
-        wrapped.eval()
-        wrapped.merge_and_unload()
-        for parameter, flag in flags.items():
-            parameter.requires_grad_(flag)
     return RecoveryReport(steps=steps, learning_rate=learning_rate, rank=LORA_RANK, batch_size=batch_size,
                           seqlen=tokens.shape[1], losses=losses, seconds=round(time.perf_counter() - start, 3))
