@@ -461,3 +461,17 @@ def test_gradient_checkpointing_and_the_hidden_state_term_train_the_same_way(tin
     assert [p["loss"] for p in checkpointed.curve] == pytest.approx([p["loss"] for p in plain.curve], rel=1e-4)
     hidden = heal(_damaged(tiny), tiny.model, stream, setting.model_copy(update={"hidden_weight": 1.0}))
     assert hidden.curve[0]["loss"] > plain.curve[0]["loss"]
+
+
+def test_a_healed_model_saves_and_reloads_with_identical_logits(tiny, tokens, tmp_path):
+    from layerwise.healing import heal_loaded
+
+    setting = HealSetting(tokens=4 * 64, **SMALL)
+    student = layerwise.LoadedModel(_damaged(tiny), tiny.tokenizer, "tiny-llama", "test")
+    record = heal_loaded(student, tiny.model, setting, {}, tmp_path / "out")
+    assert record["steps"] == 4 and not (tmp_path / ".out.heal-checkpoint").exists()
+    layerwise.save(student, tmp_path / "saved")
+    with torch.no_grad():
+        expected = student.model(tokens).logits
+        reloaded = layerwise.load(str(tmp_path / "saved")).model(tokens).logits
+    assert torch.equal(expected, reloaded)
