@@ -124,7 +124,7 @@ class HealSetting(BaseModel):
     lr: float = Field(1e-4, gt=0.0, description="peak AdamW learning rate (after the warm-up)")
     min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0, description="the cosine schedule ends at lr x this")
     warmup: float = Field(0.05, ge=0.0, lt=1.0, description="fraction of the tokens spent warming the lr up")
-    weight_decay: float = Field(0.0, ge=0.0)
+    weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay")
     max_grad_norm: float = Field(1.0, gt=0.0, description="gradients are clipped to this global norm")
     batch_size: int = Field(4, ge=1, description="windows per optimiser step")
     seqlen: int = Field(512, ge=2, description="tokens per training window (packed)")
