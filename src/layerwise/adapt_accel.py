@@ -15,11 +15,9 @@ from tqdm.auto import tqdm
 
 from .backends import ApplyContext, apply_plan
 from .config import Budget, RunSettings
-from .data import window_bos
-from .data.training import training_stream
 from .errors import SettingsError
 from .heal import Schedule, heal
-from .healing import checkpoint_dir
+from .healing import checkpoint_dir, stream_for
 from .measure import Timings
 from .models import LoadedModel
 from .plan import Plan
@@ -51,8 +49,7 @@ class AdaptAccel:
         setting = settings.heal
         stage_setting = setting.model_copy(update={"tokens": max(1, setting.tokens // self.stages)}) if setting else None
         schedule = Schedule.for_setting(stage_setting, stage_setting.steps * self.stages) if setting else None
-        stream = (training_stream(loaded.tokenizer, setting.seqlen, setting.seed, setting.corpus, setting.train_text,
-                                  setting.heldout_windows, bos=window_bos(loaded.tokenizer)) if setting else None)
+        stream = stream_for(loaded.tokenizer, setting) if setting else None
         plans, reports = [], []
         for stage, budget in enumerate(tqdm(budgets, desc="Adapt-Accel stages", unit="stage", disable=None), start=1):
             calibration = CalibrationSource(loaded, settings)  # importance of the model as it is now

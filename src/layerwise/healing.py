@@ -9,12 +9,13 @@ from pathlib import Path
 from typing import Any, Optional
 
 from torch import nn
+from transformers import PreTrainedTokenizerBase
 
 from .cache import atomic_write_json, staged_directory
 from .config import HealSetting, RunSettings
 from .cost import measure_size
 from .data import window_bos
-from .data.training import training_stream
+from .data.training import TrainingStream, training_stream
 from .deploy import deploy_run
 from .environment import machine, versions
 from .errors import DataError
@@ -34,12 +35,25 @@ def checkpoint_dir(out: str | Path) -> Path:
     return out.parent / f".{out.name}.heal-checkpoint"
 
 
+def stream_for(tokenizer: PreTrainedTokenizerBase, setting: HealSetting) -> TrainingStream:
+    """The training text ``setting`` names, packed with ``tokenizer`` and its BOS convention."""
+    return training_stream(tokenizer, setting.seqlen, setting.seed, setting.corpus, setting.train_text,
+                           setting.heldout_windows, bos=window_bos(tokenizer))
+
+
+def heal_measured(loaded: LoadedModel, teacher: Optional[nn.Module], setting: HealSetting, settings: RunSettings,
+                  timings: Timings, out: str | Path, resume: bool = False) -> dict[str, Any]:
+    """The compressed model's perplexity under ``settings``, then healing: the report with ``ppl_before``."""
+    before = measure_model(loaded, settings.model_copy(update={"tasks": [], "latency": None}), timings,
+                           "pre_heal_", cached=False)
+    return {**heal_loaded(loaded, teacher, setting, timings, out, resume), "ppl_before": before.get("ppl")}
+
+
 def heal_loaded(student: LoadedModel, teacher: Optional[nn.Module], setting: HealSetting, timings: Timings,
                 out: str | Path, resume: bool = False) -> dict[str, Any]:
     """Heal ``student`` in place on the training text (packed with its tokenizer and BOS convention); the
     report's fields as a dict. The checkpoint lives beside ``out`` until healing completes."""
-    stream = training_stream(student.tokenizer, setting.seqlen, setting.seed, setting.corpus, setting.train_text,
-                             setting.heldout_windows, bos=window_bos(student.tokenizer))
+    stream = stream_for(student.tokenizer, setting)
     directory = checkpoint_dir(out)
     with timed(timings, "heal_s"):
         report = heal(student.model, teacher, stream, setting, directory, resume,

@@ -95,16 +95,7 @@ class CommonOptions(BaseModel):
     @classmethod
     def from_recipe(cls, path: str | Path) -> "CommonOptions":
         """Options from a YAML recipe: a mapping of option names (``target_speedup`` or ``target-speedup``)."""
-        import yaml
-
-        file = Path(path).expanduser()
-        if not file.is_file():
-            raise SettingsError(f"Recipe file {file} does not exist.")
-        try:
-            data = yaml.safe_load(file.read_text(encoding="utf-8"))
-        except (yaml.YAMLError, UnicodeDecodeError) as exc:
-            raise SettingsError(f"Recipe file {file} is not valid YAML ({str(exc).splitlines()[0]}).") from None
-        data = data or {}
+        file, data = read_recipe_file(path)
         if not isinstance(data, dict):
             raise SettingsError(f"Recipe file {file} must be a mapping of option names to values.")
         if "stages" in data:
@@ -138,6 +129,19 @@ class CommonOptions(BaseModel):
 
         return yaml.safe_dump({"format": RECIPE_FORMAT, **self.model_dump(mode="json", exclude_none=True)},
                               sort_keys=False)
+
+
+def read_recipe_file(path: str | Path) -> tuple[Path, Any]:
+    """A recipe file's path and its parsed YAML ({} when empty), or one sentence on why it cannot be read."""
+    import yaml
+
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise SettingsError(f"Recipe file {file} does not exist.")
+    try:
+        return file, yaml.safe_load(file.read_text(encoding="utf-8")) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise SettingsError(f"Recipe file {file} is not valid YAML ({str(exc).splitlines()[0]}).") from None
 
 
 def _same(first: Any, second: Any) -> bool:

@@ -17,7 +17,7 @@ from .cost.analytic import model_costs
 from .deploy import deploy_run, dense_reference
 from .export import check_exportable
 from .environment import machine, versions
-from .healing import heal_loaded
+from .healing import heal_measured
 from .errors import OutputExistsError, PlanError, UnsupportedArchitectureError
 from .measure import Timings, measure_model, measured_speedup, timed
 from .models import LoadedModel, decoder_linears, load, model_fingerprint, save
@@ -94,7 +94,7 @@ def run_plan(
         timings["profile_s"] = round(calibration.profile_seconds, 3)
     recovery = _recover(loaded, settings, calibration, timings) if settings.recover_steps else None
     if settings.heal and stages is None:
-        healing = _heal(loaded, reference, settings, timings, out, resume)
+        healing = heal_measured(loaded, reference, settings.heal, settings, timings, out, resume)
     compressed = measure_model(loaded, alone, timings, "", cached=False)
     if paired:
         with timed(timings, "latency_s"):
@@ -150,14 +150,6 @@ def run_plan(
         record = Result.from_record(record).to_record()
         atomic_write_json(staging / "result.json", record)
     return record
-
-
-def _heal(loaded: LoadedModel, teacher, settings: RunSettings, timings: Timings, out: str | Path,
-          resume: bool) -> dict:
-    """Perplexity of the compressed model, then healing toward the dense teacher (a copy taken before apply)."""
-    before = measure_model(loaded, settings.model_copy(update={"tasks": [], "latency": None}), timings,
-                           "pre_heal_", cached=False)
-    return {**heal_loaded(loaded, teacher, settings.heal, timings, out, resume), "ppl_before": before.get("ppl")}
 
 
 def _recover(loaded: LoadedModel, settings: RunSettings, calibration: CalibrationSource, timings: Timings) -> dict:

@@ -8,16 +8,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-import yaml
 from torch import nn
 
 from .backends import ApplyContext, apply_plan
 from .config import Budget, HealSetting, RunSettings
 from .errors import SettingsError
-from .healing import heal_loaded
-from .measure import Timings, measure_model
+from .healing import heal_measured
+from .measure import Timings
 from .models import LoadedModel
-from .options import RECIPE_FORMAT, PlanOptions
+from .options import RECIPE_FORMAT, PlanOptions, read_recipe_file
 from .plan import Plan
 from .planning import make_plan, validate_request
 from .profile import CalibrationSource
@@ -45,13 +44,7 @@ class StagedRecipe:
     @classmethod
     def read(cls, path: str | Path) -> Optional["StagedRecipe"]:
         """The staged recipe in ``path``, or None when the file is a one-stage recipe (options at top level)."""
-        file = Path(path).expanduser()
-        if not file.is_file():
-            raise SettingsError(f"Recipe file {file} does not exist.")
-        try:
-            data = yaml.safe_load(file.read_text(encoding="utf-8")) or {}
-        except (yaml.YAMLError, UnicodeDecodeError) as exc:
-            raise SettingsError(f"Recipe file {file} is not valid YAML ({str(exc).splitlines()[0]}).") from None
+        file, data = read_recipe_file(path)
         if not isinstance(data, dict) or "stages" not in data:
             return None
         return cls.parse(data, f"Recipe file {file}")
@@ -91,10 +84,7 @@ class StagedRecipe:
         healing = None
         for stage in self.stages:
             if stage.kind == "heal":
-                before = measure_model(loaded, settings.model_copy(update={"tasks": [], "latency": None}), timings,
-                                       "pre_heal_", cached=False)
-                healing = {**heal_loaded(loaded, teacher, stage.options, timings, out, resume),
-                           "ppl_before": before.get("ppl")}
+                healing = heal_measured(loaded, teacher, stage.options, settings, timings, out, resume)
                 continue
             options: PlanOptions = stage.options
             calibration = CalibrationSource(loaded, settings.model_copy(update=options.calibration()))
