@@ -43,9 +43,13 @@ class Base:
     params: dict[str, Any] = field(default_factory=dict)
 
 
+# FFN widths in multiples of 32, the row block of llama.cpp's legacy types (q4_0, q5_0, q8_0): with the default
+# multiple of 8, three ffn_down tensors in four could not be quantized and llama.cpp would keep them f16
+WIDTH_PARAMS = {"channel_multiple": 32}
 BASES = {
-    "width-rl": Base("width 30% rl", "width", "rl", {"pruning_ratio": 0.3}, {"nsamples": 32}),
-    "width-uniform": Base("width 30% uniform", "width", "uniform", {"pruning_ratio": 0.3}, {"nsamples": 32}),
+    "width-rl": Base("width 30% rl", "width", "rl", {"pruning_ratio": 0.3}, {"nsamples": 32}, WIDTH_PARAMS),
+    "width-uniform": Base("width 30% uniform", "width", "uniform", {"pruning_ratio": 0.3}, {"nsamples": 32},
+                          WIDTH_PARAMS),
     "sprint": Base("SPRINT 1.4x", "depth", "sprint", {"target_speedup": 1.4}, {"nsamples": 8, "calib_seqlen": 256}),
     "joint": Base("joint evo 1.5x", "joint", "evo", {"target_speedup": 1.5},
                   {"nsamples": 2, "calib_seqlen": 128, "latency": {"repeats": 10}}, {"candidates": 181}),
@@ -166,7 +170,10 @@ def goal_lines(entries: dict[str, dict]) -> list[str]:
     return lines
 
 
-def write_results(entries: dict[str, dict], args: argparse.Namespace, planned: list[Row]) -> None:
+def write_results(entries: dict[str, dict], args: argparse.Namespace, planned: list[Row],
+                  deployed: dict[str, Any]) -> None:
+    from healing_deploy import deploy_markdown, plot, points
+
     table = []
     for row in planned:
         entry = entries.get(row.name)
@@ -181,6 +188,11 @@ def write_results(entries: dict[str, dict], args: argparse.Namespace, planned: l
                       f"{entry['peak_rss_bytes'] / 2**30:.1f}" if entry["peak_rss_bytes"] else "-"])
     done, total = sum(row.name in entries for row in planned), len(planned)
     dense = next((e["dense_ppl"] for e in entries.values() if e.get("dense_ppl")), None)
+    found = points(deployed)
+    figure = None
+    if found:
+        plot(found, Path(__file__).resolve().parent / "results" / "healing_deploy.png")
+        figure = "results/healing_deploy.png"
     markdown = (
         "## Healing: distillation, LM loss and LoRA after structural pruning (smollm2-135m)\n\n"
         f"Command: `.venv/bin/python benchmarks/healing.py --out DIR --resume` ({done} of {total} rows finished)\n\n"
@@ -197,9 +209,9 @@ def write_results(entries: dict[str, dict], args: argparse.Namespace, planned: l
         "peak = the process's peak RSS.\n\n"
         + markdown_table(["pruned", "healing", "tokens", "wiki PPL", " / ".join(TASKS) + " (%)", "train tok/s",
                           "time (min)", "peak RSS (GiB)"], table)
-        + "\n" + "\n".join(goal_lines(entries)) + "\n"
+        + "\n" + "\n".join(goal_lines(entries)) + "\n\n" + deploy_markdown(found, dense, figure)
     )
-    write_section("healing", markdown, entries, args.remark)
+    write_section("healing", markdown, {"rows": entries, "deployment": deployed}, args.remark)
     print(markdown)
 
 
@@ -215,6 +227,8 @@ def main() -> None:
     parser.add_argument("--rows", default="", help="comma-separated row names to run (default: every row)")
     parser.add_argument("--report", action="store_true", help="only write the section from finished rows")
     parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--skip-deploy", action="store_true", help="do not quantize and deploy the healed models")
+    parser.add_argument("--deploy-nsamples", type=int, default=32, help="calibration windows of the quantize stage")
     parser.add_argument("--remark", default="")
     args = parser.parse_args()
     args.tasks = [t for t in args.tasks.split(",") if t]
@@ -227,7 +241,14 @@ def main() -> None:
                 run_row(row, args)
     entries = {row.name: summarize(row, json.loads((args.out / row.name / "result.json").read_text()))
                for row in planned if (args.out / row.name / "result.json").is_file()}
-    write_results(entries, args, planned)
+    state_file = args.out / "deploy" / "state.json"
+    if args.report or args.skip_deploy:
+        deployed = json.loads(state_file.read_text()) if state_file.is_file() else {}
+    else:
+        from healing_deploy import deploy_rows
+
+        deployed = deploy_rows(args, entries, {base: BASES[base].label for base in ("width-rl", "sprint", "joint")})
+    write_results(entries, args, planned, deployed)
 
 
 if __name__ == "__main__":

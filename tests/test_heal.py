@@ -388,6 +388,49 @@ def test_a_staged_recipe_prunes_heals_quantizes_and_exports(tmp_path):
     assert again.ppl == pytest.approx(record["metrics"]["ppl"], rel=1e-5)
 
 
+def test_a_joint_stage_planned_for_llamacpp_decode_heals_before_its_types_apply(tmp_path, monkeypatch):
+    """joint (for a llama.cpp decode speed, types included) → heal → export: the structure is applied, the model
+    heals in float, then the joint plan's GGUF types are applied; the plan lists them last, as they ran, and the
+    exported file holds them."""
+    from gguf import GGUFReader
+
+    from layerwise.cost import typed_latency
+
+    def stored_bytes_decode(loaded, setting, outtype="f16", embedding_type=None):  # a memory-bound machine
+        return sum(m.qdata.numel() for m in loaded.model.modules() if hasattr(m, "qdata")) / 1000.0
+
+    import layerwise.engines  # noqa: F401  (registers the real engine first, so the patch replaces it)
+
+    monkeypatch.setitem(typed_latency.DECODE_LATENCY._items, "llama.cpp", stored_bytes_decode)
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("stages:\n  - prune: {structure: joint, allocator: greedy, target_speedup: 2.0, candidates: 12, "
+                      "joint_types: 'f16,q8_0,q4_0', nsamples: 2, latency_engine: llama.cpp}\n"
+                      "  - heal: {method: kd, tokens: 128, batch_size: 2, seqlen: 32, corpus: wiki}\nexport: gguf\n")
+    out = tmp_path / "staged"
+    result = CliRunner().invoke(app, ["compress", "--model", "tiny-llama", "--recipe", str(recipe), "--out", str(out),
+                                      "--seqlen", "64", "--max-windows", "2", "--generation-length", "4"])
+    assert result.exit_code == 0, result.output
+    record = json.loads((out / "result.json").read_text())
+    actions = record["plan"]["actions"]
+    ops = [a["op"] for a in actions]
+    first_quantize = ops.index("quantize")
+    assert all(op == "quantize" for op in ops[first_quantize:])  # the types last, as they ran
+    planned = {a["unit"]: a["format"] for a in actions if a["op"] == "quantize"}
+    assert set(planned.values()) - {"f16"}  # the decode budget bought narrower types
+    assert record["metrics"]["healing"]["tokens"] == 128
+    stages = record["plan"]["details"]["stages"]  # the joint plan split: structure, then (after healing) types
+    assert [s["allocator"] for s in stages] == ["greedy", "greedy"] and stages[1]["actions"] == len(planned)
+    stored = {t.name: t.tensor_type.name.lower() for t in GGUFReader(str(out / "model.gguf")).tensors}
+    assert stored["blk.0.attn_q.weight"] == planned["model.layers.0.self_attn.q_proj"]
+    reloaded = layerwise.load(str(out))
+    again = layerwise.evaluate(reloaded, layerwise.RunSettings(seqlen=64, max_windows=2))
+    assert again.ppl == pytest.approx(record["metrics"]["ppl"], rel=1e-5)
+    # healing trained the typed linears while they were float (typed first, they would hold no parameters)
+    typed = [m for m in reloaded.model.modules() if hasattr(m, "qdata")]
+    assert len(typed) == len(planned)
+    assert record["metrics"]["healing"]["trainable_parameters"] > sum(m.in_features * m.out_features for m in typed)
+
+
 @pytest.mark.parametrize("stages, message", [
     ("  - heal: {tokens: 64}\n", "a heal stage needs a prune stage before it"),
     ("  - quantize: {bits: q8_0, method: gguf}\n  - prune: {structure: width, pruning_ratio: 0.3}\n",
@@ -449,6 +492,39 @@ def test_the_healing_benchmark_reports_each_goal_from_its_rows():
                for line in bench.goal_lines(entries))
     names = [row.name for row in bench.rows()]
     assert len(names) == len(set(names)) == 17 and "width-rl-kd-262144-accel4" in names
+
+
+def test_the_healed_deployment_goal_needs_both_the_speed_and_the_perplexity(tmp_path):
+    """Goal 3: a prune → heal → quant file must decode ≥ 1.2× the dense Q4_0 + imatrix recipe and stay within
+    1.5× dense perplexity; the best healed row is the lowest-PPL single-pass one; the plot is written."""
+    from benchmark_scripts import benchmark_module
+
+    deploy = benchmark_module("healing_deploy")
+    entries = {"width-rl-unhealed": {"ppl": 90.0, "method": "unhealed", "stages": 1},
+               "width-rl-kd-262144": {"ppl": 40.0, "method": "kd", "stages": 1},
+               "width-rl-lm-262144": {"ppl": 45.0, "method": "lm", "stages": 1},
+               "width-rl-kd-262144-accel4": {"ppl": 30.0, "method": "kd", "stages": 4}}
+    assert deploy.best_healed("width-rl", entries) == "width-rl-kd-262144"
+    assert deploy.best_healed("sprint", entries) is None
+
+    def file(ppl: float, decode: float, group: str) -> dict:
+        return {"ppl": ppl, "latency": {"decode_tokens_per_s": decode, "prefill_ms": 80.0}, "file_bytes": 2**20,
+                "group": group}
+
+    heal_group = "width 30% rl → heal → quant"
+    state = {"dense Q4_0 imatrix": file(28.5, 200.0, "llama.cpp recipe + imatrix (dense)"),
+             "width-rl-kd-262144 Q4_0 imatrix": file(39.0, 250.0, heal_group),
+             "width-rl-kd-262144 greedy @ Q4_0": {"deploy": file(38.0, 239.0, heal_group), "group": heal_group}}
+    found = deploy.points(state)
+    assert len(found) == 3 and {p["group"] for p in found} == {heal_group, "llama.cpp recipe + imatrix (dense)"}
+    line = deploy.goal_line(found, 25.73)  # 38.0 ≤ 38.6 but 239 < 240; 250 ≥ 240 but 39.0 > 38.6
+    assert "**not met**" in line and "239.0 tok/s (1.195×) at PPL 38.00" in line
+    state["width-rl-kd-262144 greedy @ Q4_0"]["deploy"]["latency"]["decode_tokens_per_s"] = 241.0
+    line = deploy.goal_line(deploy.points(state), 25.73)
+    assert "**met**" in line and "241.0 tok/s (1.205×) at PPL 38.00" in line
+    assert "not measured yet" in deploy.goal_line(found[:1], 25.73)
+    assert deploy.plot(found, tmp_path / "plot.png").stat().st_size > 10_000
+    assert "| width-rl-kd-262144 Q4_0 imatrix |" in deploy.deploy_markdown(found, 25.73, None)
 
 
 def test_gradient_checkpointing_and_the_hidden_state_term_train_the_same_way(tiny):

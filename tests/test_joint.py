@@ -177,7 +177,7 @@ def _parameters(model) -> float:
     return float(sum(p.numel() for p in model.parameters()))
 
 
-def _proportional_tables(loaded, settings, space):
+def _proportional_tables(loaded, setting, space, engine="pytorch", embedding_type=None):
     """Tables that predict time as the parameters alone (no fixed cost): deterministic, unlike timing
     tiny-llama, whose per-call overheads make a measured table say anything from run to run."""
     from layerwise.config import LatencySetting
@@ -188,9 +188,9 @@ def _proportional_tables(loaded, settings, space):
     saved = {kind: {level.kept: params[kind] - unit.level_bytes(level) / 2 for level in unit.levels
                     if 0 < level.kept < unit.total} for kind, unit in first.items()}
     total = _parameters(loaded.model)
-    return (LatencyTable(setting=LatencySetting(), total_ms=total, sublayer_ms=params,
-                         probe_removed={kind: 1 for kind in params}),
-            LevelLatencyTable(setting=LatencySetting(), total_ms=total, saved_ms=saved))
+    space.latency = LatencyTable(setting=LatencySetting(), total_ms=total, sublayer_ms=params,
+                                 probe_removed={kind: 1 for kind in params})
+    space.width_latency = LevelLatencyTable(setting=LatencySetting(), total_ms=total, saved_ms=saved)
 
 
 def _proportional_speedup(reference, model, setting=None):
@@ -200,7 +200,7 @@ def _proportional_speedup(reference, model, setting=None):
 
 def test_cli_joint_compress_and_errors(tmp_path, monkeypatch):
     monkeypatch.setattr("layerwise.cost.measure_paired_latency", _proportional_speedup)
-    monkeypatch.setattr("layerwise.structures.joint._latency_tables", _proportional_tables)
+    monkeypatch.setattr("layerwise.structures.joint._attach_latency_tables", _proportional_tables)
     runner = CliRunner()
     out = tmp_path / "run"
     result = runner.invoke(app, ["compress", "--model", "tiny-llama", "--structure", "joint", "--allocator", "greedy",
@@ -257,7 +257,7 @@ def test_speed_guard_tightens_the_budget_until_the_plan_measures_within_five_per
         return SimpleNamespace(speedup={"total": (3 * dense + dense) / (3 * dense + kept)})
 
     monkeypatch.setattr("layerwise.cost.measure_paired_latency", sublinear)
-    monkeypatch.setattr("layerwise.structures.joint._latency_tables", _proportional_tables)
+    monkeypatch.setattr("layerwise.structures.joint._attach_latency_tables", _proportional_tables)
     out = tmp_path / "plan.json"
     result = CliRunner().invoke(app, ["plan", "--model", "tiny-llama", "--structure", "joint", "--allocator", "greedy",
                                       "--target-speedup", "1.3", "--candidates", "20", "--joint-attention-widths",
@@ -309,3 +309,58 @@ def test_least_damaging_repair_takes_the_cheap_steps_before_the_harmful_ones(tin
     randomly = space.repair(dense, random.Random(0))
     assert any(randomly[u] != dense[u] for u in fragile)  # what the guard used to do
     assert least_damaging_repair(_space(tiny, max_bytes=1), evaluator, dense) is None  # nothing fits
+
+
+def _stored_bytes_decode(loaded, setting, outtype="f16", embedding_type=None):
+    """A memory-bound machine: decode time is the stored bytes of the decoder linears (every linear of a typed
+    probe is a GGUF linear), so a typed table measures exactly what it predicts."""
+    from layerwise.backends.gguf_quant import GGUFLinear
+
+    return sum(m.qdata.numel() for m in loaded.model.modules() if isinstance(m, GGUFLinear)) / 1000.0
+
+
+def test_typed_latency_table_prices_each_width_and_type(tiny, monkeypatch):
+    """The llama.cpp decode table: a level is (kept, GGUF type) or removal; the dense level saves nothing; a
+    narrower type saves what its bytes save on a bytes-bound machine; types the rows cannot hold fall back."""
+    from layerwise.cost import typed_latency
+    from layerwise.cost.typed_latency import measure_typed_level_latency_table, typed_copy
+
+    import layerwise.engines  # noqa: F401  (registers the real engine first, so the patch replaces it)
+
+    monkeypatch.setitem(typed_latency.DECODE_LATENCY._items, "llama.cpp", _stored_bytes_decode)
+    levels = {"attention": [(2, "f16"), (2, "q8_0"), (1, "f16"), (0, "f16")], "mlp": [(160, "f16"), (64, "q4_0")]}
+    table = measure_typed_level_latency_table(tiny, levels, "f16", "q8_0")
+    assert table.saved_ms["attention"]["2@f16"] == 0.0 and table.saved_ms["mlp"]["160@f16"] == 0.0
+    q_rows = 4 * 16 + 2 * 2 * 16  # q, k, v rows of one block (64 wide), and o's 64 rows of 64
+    attention_weights = (q_rows + 64) * 64
+    assert table.saved_ms["attention"]["2@q8_0"] == pytest.approx(attention_weights * (2 - 34 / 32) / 1000)
+    assert table.saved_ms["attention"]["removed"] == pytest.approx(attention_weights * 2 / 1000)
+    assert table.saved_ms["mlp"]["64@q4_0"] == pytest.approx((3 * 160 * 64 * 2 - 3 * 64 * 64 * 18 / 32) / 1000)
+    with pytest.raises(BudgetError, match="no mlp level 96@q8_0"):
+        table.saved("mlp", 96, "q8_0")
+    probe = typed_copy(tiny, lambda model: None, lambda name: "q4_k")  # 64-wide rows: llama.cpp stores q5_0
+    assert {m.kind.name for m in probe.model.modules() if hasattr(m, "qdata")} == {"q5_0"}
+    assert not any(hasattr(m, "qdata") for m in tiny.model.modules())  # the model itself is untouched
+
+
+def test_joint_plans_for_llamacpp_decode_speed_with_types(tmp_path, monkeypatch):
+    """Under a llama.cpp speed budget alone the GGUF types stay in the space (they change decode speed there),
+    the typed table predicts, and the guard measures the plan's removals, slices and types the same way."""
+    from layerwise.cost import typed_latency
+
+    import layerwise.engines  # noqa: F401  (registers the real engine first, so the patch replaces it)
+
+    monkeypatch.setitem(typed_latency.DECODE_LATENCY._items, "llama.cpp", _stored_bytes_decode)
+    out = tmp_path / "plan.json"
+    result = CliRunner().invoke(app, ["plan", "--model", "tiny-llama", "--structure", "joint", "--allocator", "greedy",
+                                      "--target-speedup", "2.0", "--latency-engine", "llama.cpp", "--candidates",
+                                      "20", "--joint-attention-widths", "1,0.5", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    plan = json.loads(out.read_text())
+    assert plan["prediction"]["typed_latency_table"]["engine"] == "llama.cpp"
+    assert "latency_table" not in plan["prediction"]
+    types = {a["format"] for a in plan["actions"] if a.get("format")}
+    assert types - {"f16"}, types  # narrower types bought the speed
+    guard = plan["details"]["speed_guard"]
+    assert guard[0]["measured"] == pytest.approx(guard[0]["predicted"], rel=1e-4) and guard[0]["measured"] >= 2.0
+    assert len(guard) == 1 and plan["prediction"]["predicted_speedup"] >= 2.0

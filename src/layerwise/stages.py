@@ -1,6 +1,9 @@
 """Recipes with stages, the way llm-compressor composes modifiers: prune (width, depth or joint) → heal →
 quantize (GGUF types) → export, run end to end by ``layerwise compress --recipe``. Every stage's options are
-checked before the model loads; the saved plan holds every stage's actions in order, so the model reloads."""
+checked before the model loads; the saved plan holds every stage's actions in the order they were applied, so
+the model reloads. A joint prune stage plans widths, removals and GGUF types together (for a llama.cpp decode
+speed, types change speed); before a heal stage its types wait until healing is done, unless a quantize stage
+allocates them anew."""
 
 from __future__ import annotations
 
@@ -17,7 +20,7 @@ from .healing import heal_measured
 from .measure import Timings
 from .models import LoadedModel
 from .options import RECIPE_FORMAT, PlanOptions, read_recipe_file
-from .plan import Plan
+from .plan import Plan, QuantizeAction
 from .planning import make_plan, validate_request
 from .profile import CalibrationSource
 
@@ -82,16 +85,24 @@ class StagedRecipe:
         """Run the stages on ``loaded`` in place: the combined plan and the healing record (None without heal)."""
         plans: list[Plan] = []
         healing = None
+        deferred: Optional[Plan] = None  # a joint prune stage's GGUF types, applied once healing is done
         for stage in self.stages:
             if stage.kind == "heal":
                 healing = heal_measured(loaded, teacher, stage.options, settings, timings, out, resume)
                 continue
+            if stage.kind == "quantize":
+                deferred = None  # the quantize stage allocates the types itself, on the healed weights
             options: PlanOptions = stage.options
             calibration = CalibrationSource(loaded, settings.model_copy(update=options.calibration()))
             plan = make_plan(loaded, options.budget(), options.method, options.chosen_allocator, settings.seed,
                              calibration, options.nm, options.chosen_structure, **options.allocator_params())
+            if stage.kind == "prune" and self.healing is not None:
+                plan, deferred = split_types(plan)
             apply_plan(loaded.model, plan, ApplyContext(calibration))
             plans.append(plan)
+        if deferred is not None:
+            apply_plan(loaded.model, deferred, ApplyContext(CalibrationSource(loaded, settings)))
+            plans.append(deferred)
         return combine_plans(plans), healing
 
 
@@ -118,6 +129,16 @@ def _stage(entry: Any, index: int, origin: str) -> Stage:
     validate_request(options.method, options.chosen_allocator, options.budget(), options.nm,
                      options.allocator_params(), options.chosen_structure)
     return Stage(kind, options)
+
+
+def split_types(plan: Plan) -> tuple[Plan, Optional[Plan]]:
+    """A prune plan that also chose storage types (the joint search) as its structure now and its quantization
+    later: healing trains float weights, so the types are applied after it (None: the plan chose none)."""
+    quantized = [a for a in plan.actions if isinstance(a, QuantizeAction)]
+    if not quantized:
+        return plan, None
+    structure = [a for a in plan.actions if not isinstance(a, QuantizeAction)]
+    return plan.model_copy(update={"actions": structure}), plan.model_copy(update={"actions": quantized})
 
 
 def combine_plans(plans: list[Plan]) -> Plan:

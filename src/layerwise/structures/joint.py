@@ -9,6 +9,7 @@ import time
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import torch
+from torch import nn
 
 from ..allocate.joint import JOINT_SEARCHERS
 from ..allocate.joint.searchers import least_damaging_repair
@@ -17,7 +18,9 @@ from ..config import Budget, LatencySetting
 from ..errors import BudgetError, LayerwiseError
 from ..formatting import fmt, fmt_bytes
 from ..models import LoadedModel, decoder_linears, get_adapter
-from ..plan import Plan, RemoveAction, SliceAction
+from ..cost.latency_table import MODEL_LATENCY
+from ..cost.typed_latency import DECODE_LATENCY
+from ..plan import Plan, QuantizeAction, RemoveAction, SliceAction
 from .base import PlanRequest, Structure, StructureOptions, check_params, option, register
 from .depth import DepthOptions
 from .quant import QuantOptions
@@ -111,14 +114,15 @@ class Joint(Structure):
 
         fixed = embedding_bytes(model, embedding_type) + 4 * int(model.config.hidden_size)  # and the output norm
         budgets = Budgets(request.budget.max_bytes, request.budget.target_speedup)
+        engine = MODEL_LATENCY.canonical(calibration.settings.latency_engine or "pytorch")
+        typed = request.budget.target_speedup is not None and engine in DECODE_LATENCY
         space = build_space(model, (options.get("joint_types") or DEFAULT_TYPES).split(","),
                             _fractions(options.get("joint_attention_widths", "1,0.67,0.33"), "--joint-attention-widths"),
                             _fractions(options.get("joint_mlp_widths", "1,0.67,0.33"), "--joint-mlp-widths"),
-                            bool(options.get("joint_remove", True)), budgets, fixed)
-        latency = width_latency = None
+                            bool(options.get("joint_remove", True)), budgets, fixed, types_change_speed=typed)
+        setting = calibration.settings.latency or LatencySetting()
         if request.budget.target_speedup is not None:
-            latency, width_latency = _latency_tables(loaded, calibration.settings, space)
-            space.latency, space.width_latency = latency, width_latency
+            _attach_latency_tables(loaded, setting, space, engine, embedding_type)
         space.uniform()  # a clear BudgetError now when nothing fits
         seq_len = 64 if request.method == "taylor" else None
         scores = calibration.width_scores(request.method, **({"seq_len": seq_len} if seq_len else {}))
@@ -148,12 +152,12 @@ class Joint(Structure):
             if not space.fits(genome):  # the searchers only keep fitting genomes; this guards the contract
                 raise BudgetError(f"The {request.allocator} search returned a plan over the budget.")
             if request.budget.target_speedup is not None and options.get("speed_guard", True):
-                def structure(genome: Genome) -> list:
-                    return [a for a in _actions(model, space, genome, groups, channels, request.method, seq_len)
-                            if isinstance(a, (RemoveAction, SliceAction))]
+                def actions(genome: Genome) -> list:
+                    return _actions(model, space, genome, groups, channels, request.method, seq_len)
 
-                genome, guard = guard_speed(request, space, genome, structure,
-                                            calibration.settings.latency or LatencySetting(),
+                measure = (typed_speedup(request, space, actions, setting, engine, embedding_type) if typed
+                           else paired_speedup(request, actions, setting))
+                genome, guard = guard_speed(space, genome, measure,
                                             lambda genome: least_damaging_repair(space, evaluator, genome))
             score = evaluator.score([genome], len(setup.stage_windows) - 1)[0]  # memoised unless repaired
         finally:
@@ -165,9 +169,10 @@ class Joint(Structure):
         prediction = {**costs, "gguf_tensor_bytes": costs["bytes"], "speedup": costs.get("predicted_speedup"),
                       "embedding_type": embedding_type, "calibration_kl": round(score, 6),
                       "candidate_cost_ratio": round(per_candidate / max(dense_seconds, 1e-9), 4)}
-        if latency is not None:
-            prediction["latency_table"] = latency.model_dump()
-            prediction["width_latency_table"] = width_latency.model_dump()
+        for key, table in (("latency_table", space.latency), ("width_latency_table", space.width_latency),
+                           ("typed_latency_table", space.typed_latency)):
+            if table is not None:
+                prediction[key] = table.model_dump()
         details = {**outcome.details, "levels": space.describe(genome), "search_s": round(search_s, 2),
                    "speed_guard": guard,
                    "evaluations": searched, "repair_evaluations": evaluator.evaluations - searched,
@@ -202,28 +207,64 @@ class Joint(Structure):
 GUARD_ROUNDS = 3  # measurements of the plan, at most
 
 
-def guard_speed(request: PlanRequest, space: JointSpace, genome: Genome, structure: Callable[[Genome], list],
-                setting: LatencySetting, repair: Callable[[Genome], Genome | None],
-                rounds: int = GUARD_ROUNDS) -> tuple[Genome, list[dict[str, float]]]:
-    """Measure the plan's speedup the way the result is measured: its removals and slices applied to a copy of
-    the model, timed in alternating runs with the dense model (``measure_paired_latency``). The tables predict
-    each level alone; together they can overlap or interact, so when the plan measures short of the target, the
-    space's speed budget is raised by the prediction's error (predicted / measured) and the genome repaired by
-    ``repair`` (the searchers' own cheaper moves, least damaging first: ``least_damaging_repair``), then measured
-    again. It aims at the target itself, not 5% below it, since paired measurements still differ by a percent or
-    two. Returns the genome and each round's predicted / measured speedup and the budget it was searched under."""
+def paired_speedup(request: PlanRequest, actions: Callable[[Genome], list], setting: LatencySetting
+                   ) -> Callable[[Genome], float]:
+    """PyTorch: the genome's removals and slices applied to a copy of the model, timed in alternating runs with the
+    dense model (``measure_paired_latency``), the way the result is measured (types do not change its speed)."""
     import copy
 
     from ..backends import ApplyContext, apply_plan
     from ..cost import measure_paired_latency
 
+    def measure(genome: Genome) -> float:
+        structure = [a for a in actions(genome) if isinstance(a, (RemoveAction, SliceAction))]
+        trial = copy.deepcopy(request.loaded.model)
+        apply_plan(trial, request.plan(structure, {}, {}), ApplyContext(request.calibration))
+        return measure_paired_latency(request.loaded.model, trial, setting).speedup["total"]
+    return measure
+
+
+def typed_speedup(request: PlanRequest, space: JointSpace, actions: Callable[[Genome], list],
+                  setting: LatencySetting, engine: str, embedding_type: str) -> Callable[[Genome], float]:
+    """llama.cpp decode: the dense model at the table's reference type against the genome's removals and slices
+    with each kept linear at its planned type (empty GGUF linears: speed does not depend on the values),
+    exported and timed the way the table was."""
+    from ..backends import ApplyContext, apply_plan
+    from ..cost.typed_latency import typed_copy
+
+    decode = DECODE_LATENCY.get(engine)
+    reference = space.typed_latency.reference_type
+
+    def measure(genome: Genome) -> float:
+        planned = actions(genome)
+        structure = [a for a in planned if isinstance(a, (RemoveAction, SliceAction))]
+        types = {a.unit: a.format for a in planned if isinstance(a, QuantizeAction)}
+
+        def change(model: nn.Module) -> None:
+            apply_plan(model, request.plan(structure, {}, {}), ApplyContext(request.calibration))
+
+        dense = decode(typed_copy(request.loaded, lambda model: None, lambda name: reference), setting, "f16",
+                       embedding_type)
+        trial = decode(typed_copy(request.loaded, change, lambda name: types.get(name, reference)), setting, "f16",
+                       embedding_type)
+        return dense / max(trial, 1e-9)
+    return measure
+
+
+def guard_speed(space: JointSpace, genome: Genome, measure: Callable[[Genome], float],
+                repair: Callable[[Genome], Genome | None], rounds: int = GUARD_ROUNDS
+                ) -> tuple[Genome, list[dict[str, float]]]:
+    """Measure the plan's speedup the way the result is measured (``measure``: ``paired_speedup`` in PyTorch,
+    ``typed_speedup`` in llama.cpp). The tables predict each level alone; together they can overlap or interact,
+    so when the plan measures short of the target, the space's speed budget is raised by the prediction's error
+    (predicted / measured) and the genome repaired by ``repair`` (the searchers' own cheaper moves, least
+    damaging first: ``least_damaging_repair``), then measured again. It aims at the target itself, not 5% below
+    it, since paired measurements still differ by a percent or two. Returns the genome and each round's
+    predicted / measured speedup and the budget it was searched under."""
     target = space.budgets.target_speedup
     history: list[dict[str, float]] = []
     for attempt in range(rounds):
-        trial = copy.deepcopy(request.loaded.model)
-        apply_plan(trial, request.plan(structure(genome), {}, {}), ApplyContext(request.calibration))
-        measured = measure_paired_latency(request.loaded.model, trial, setting).speedup["total"]
-        del trial
+        measured = measure(genome)
         predicted = space.costs(genome)["predicted_speedup"]
         history.append({"predicted": round(predicted, 4), "measured": round(measured, 4),
                         "budget": round(space.budgets.target_speedup, 4)})
@@ -238,21 +279,27 @@ def guard_speed(request: PlanRequest, space: JointSpace, genome: Genome, structu
     return genome, history
 
 
-def _latency_tables(loaded: LoadedModel, settings, space) -> tuple:
-    """The removal table (SPRINT's) and the per-level width table for the space's narrower levels."""
+def _attach_latency_tables(loaded: LoadedModel, setting: LatencySetting, space: JointSpace, engine: str,
+                           embedding_type: str) -> None:
+    """The tables the speed budget predicts with: in an engine whose speed depends on the GGUF types
+    (llama.cpp's decode), one typed table over every (width, type) level and removal; in PyTorch, the removal
+    table (SPRINT's) and the per-level width table."""
     from ..cost import measure_latency_table
     from ..cost.latency_table import measure_level_latency_table
+    from ..cost.typed_latency import measure_typed_level_latency_table
 
-    from ..cost.latency_table import MODEL_LATENCY
-
-    if MODEL_LATENCY.canonical(settings.latency_engine or "pytorch") != "pytorch":
-        raise BudgetError("The joint search's speed budget uses PyTorch latency tables (GGUF types change "
-                          "llama.cpp's speed, which its tables do not model yet); drop --latency-engine.")
-    setting = settings.latency or LatencySetting()
+    if engine in DECODE_LATENCY:
+        levels = {kind: sorted({(level.kept, level.kind) for unit in space.units if unit.kind == kind
+                                for level in unit.levels}) for kind in ("attention", "mlp")}
+        space.typed_latency = measure_typed_level_latency_table(loaded, levels, space.kinds[0], embedding_type,
+                                                                setting, engine)
+        return
+    if engine != "pytorch":
+        raise BudgetError(f"The joint search's speed budget has no latency tables for the {engine} engine.")
     levels = {kind: sorted({level.kept for unit in space.units if unit.kind == kind for level in unit.levels
                             if 0 < level.kept < unit.total}) for kind in ("attention", "mlp")}
-    return (measure_latency_table(loaded, setting, "pytorch"),
-            measure_level_latency_table(loaded, levels, setting, "pytorch"))
+    space.latency = measure_latency_table(loaded, setting, "pytorch")
+    space.width_latency = measure_level_latency_table(loaded, levels, setting, "pytorch")
 
 
 def _actions(model, space, genome, groups, channels, method, seq_len) -> list:

@@ -13,6 +13,7 @@ from typing import Callable, Optional, Sequence
 from torch import nn
 
 from ...cost.latency_table import LatencyTable, LevelLatencyTable
+from ...cost.typed_latency import TypedLevelLatencyTable
 from ...errors import BudgetError
 from ...export.gguf_export import BlockShape
 from ...gguf import gguf_type, stored_type
@@ -85,6 +86,8 @@ class JointSpace:
     latency: Optional[LatencyTable] = None
     width_latency: Optional[LevelLatencyTable] = None
     kinds: list[str] = field(default_factory=list)
+    # an engine whose speed depends on the GGUF types (llama.cpp decode): replaces the two tables above
+    typed_latency: Optional[TypedLevelLatencyTable] = None
 
     # --- costs ---------------------------------------------------------------------------------------------
     def bytes(self, genome: Genome) -> int:
@@ -97,22 +100,37 @@ class JointSpace:
             total += 4 * self.hidden * shape.norms + shape.stub_bytes(self.hidden, self.head_dim)
         return total
 
-    def milliseconds(self, genome: Genome) -> float:
-        """Predicted latency in the tables' setting: the dense time less what each removal and each narrower
-        level saves, per the measured per-level table (GGUF types do not change the PyTorch engine's time)."""
-        if self.latency is None or self.width_latency is None:
+    @property
+    def timed(self) -> bool:
+        return self.typed_latency is not None or (self.latency is not None and self.width_latency is not None)
+
+    @property
+    def dense_ms(self) -> float:
+        """The dense model's time in the tables' setting (the speedup's numerator)."""
+        if not self.timed:
             raise BudgetError("This joint space has no latency tables: a speed budget needs them.")
-        saved = 0.0
-        for unit, index in zip(self.units, genome):
-            level = unit.levels[index]
-            if level.removed:
-                saved += self.latency.sublayer_ms[unit.kind]
-            elif level.kept < unit.total:
-                saved += self.width_latency.saved_ms[unit.kind][level.kept]
-        return self.latency.total_ms - saved
+        return self.typed_latency.dense_ms if self.typed_latency is not None else self.latency.total_ms
+
+    def level_saved_ms(self, unit: Unit, level: Level) -> float:
+        """What ``unit`` at ``level`` saves against its dense level, per the measured tables (GGUF types change
+        only a typed table's engine, llama.cpp; PyTorch computes every type dequantized)."""
+        if self.typed_latency is not None:
+            return self.typed_latency.saved(unit.kind, level.kept, level.kind)
+        if level.removed:
+            return self.latency.sublayer_ms[unit.kind]
+        return self.width_latency.saved_ms[unit.kind][level.kept] if level.kept < unit.total else 0.0
+
+    def milliseconds(self, genome: Genome) -> float:
+        """Predicted latency in the tables' setting: the dense time less what each unit's level saves."""
+        dense = self.dense_ms
+        return dense - sum(self.level_saved_ms(u, u.levels[i]) for u, i in zip(self.units, genome))
 
     def speedup(self, genome: Genome) -> float:
-        return self.latency.total_ms / max(self.milliseconds(genome), 1e-9)
+        return self.dense_ms / max(self.milliseconds(genome), 1e-9)
+
+    def _unit_ms(self, unit: Unit, level: Level) -> float:
+        """The unit's own time at ``level``: what removing it saves, less what ``level`` saves."""
+        return self.level_saved_ms(unit, Level(0)) - self.level_saved_ms(unit, level)
 
     def violation(self, genome: Genome) -> float:
         """How far over its budgets the genome is, each in units of its limit (0: fits)."""
@@ -120,7 +138,7 @@ class JointSpace:
         if self.budgets.max_bytes is not None:
             over += max(0.0, self.bytes(genome) / self.budgets.max_bytes - 1)
         if self.budgets.target_speedup is not None:
-            limit = self.latency.total_ms / self.budgets.target_speedup
+            limit = self.dense_ms / self.budgets.target_speedup
             over += max(0.0, self.milliseconds(genome) / limit - 1)
         return over
 
@@ -129,7 +147,7 @@ class JointSpace:
 
     def costs(self, genome: Genome) -> dict[str, float]:
         out: dict[str, float] = {"bytes": self.bytes(genome)}
-        if self.latency is not None and self.width_latency is not None:
+        if self.timed:
             out["predicted_ms"] = round(self.milliseconds(genome), 4)
             out["predicted_speedup"] = round(self.speedup(genome), 4)
         return out
@@ -185,7 +203,10 @@ class JointSpace:
         if self.budgets.max_bytes is not None:
             values.append(unit.level_bytes(level) / max(1, unit.level_bytes(unit.levels[0])))
         if self.budgets.target_speedup is not None:
-            values.append(0.0 if level.removed else level.kept / unit.total)
+            if self.typed_latency is not None:
+                values.append(max(0.0, self._unit_ms(unit, level)) / max(1e-9, self._unit_ms(unit, unit.levels[0])))
+            else:
+                values.append(0.0 if level.removed else level.kept / unit.total)
         return max(values) if values else 1.0
 
     def moves(self, index: int, level_index: int) -> list[int]:
@@ -237,7 +258,8 @@ class JointSpace:
         if self.budgets.max_bytes is not None:
             cheaper |= unit.level_bytes(level) < unit.level_bytes(than)
         if self.budgets.target_speedup is not None:
-            cheaper |= level.kept < than.kept
+            cheaper |= (self._unit_ms(unit, level) < self._unit_ms(unit, than) if self.typed_latency is not None
+                        else level.kept < than.kept)
         return cheaper
 
     def describe(self, genome: Genome) -> dict[str, str]:
@@ -264,15 +286,17 @@ def width_levels(total: int, fractions: Sequence[float], multiple: int) -> list[
 
 def build_space(model: nn.Module, kinds: Sequence[str], attention_fractions: Sequence[float],
                 mlp_fractions: Sequence[float], removal: bool, budgets: Budgets, fixed_bytes: int,
-                latency: LatencyTable | None = None, width_latency: LevelLatencyTable | None = None) -> JointSpace:
+                latency: LatencyTable | None = None, width_latency: LevelLatencyTable | None = None,
+                types_change_speed: bool = False) -> JointSpace:
     """Every block's attention and MLP with their levels, best-first: full width at the widest type first.
     FFN widths are multiples of the largest block of the chosen types that fits the dense width (256 for
     k-quants), so a narrower ``ffn_down`` keeps the type, and its quantized rows are a prefix of the dense
-    ones (the level bank relies on it)."""
+    ones (the level bank relies on it). Under a speed budget alone every type but the widest is dropped, unless
+    ``types_change_speed`` (llama.cpp's decode: each type has its own kernels)."""
     if not kinds:
         raise BudgetError("The joint search needs at least one GGUF type (--joint-types).")
     types = GGUFLevels(kinds).choices[::-1]  # validated, distinct, widest first
-    if budgets.max_bytes is None:  # narrower types save nothing under a speed budget alone: keep the widest
+    if budgets.max_bytes is None and not types_change_speed:  # narrower types would save nothing: keep the widest
         types = types[:1]
     adapter = get_adapter(model)
     units: list[Unit] = []
