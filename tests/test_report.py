@@ -63,8 +63,11 @@ def test_markdown_report_has_one_row_per_run(runs, tmp_path):
     result = invoke("report", *map(str, runs), "--out", str(out))
     assert result.exit_code == 0, result.output
     lines = out.read_text().splitlines()
-    assert lines[0].startswith("| run | plan | PPL | arc_easy (acc_norm, %) | winogrande (acc, %) |")
+    assert lines[0].startswith("| run | plan | PPL | mean KLD | 99.9% KLD | same top (%) | arc_easy (acc_norm, %) | "
+                               "winogrande (acc, %) |")
     assert [line.split(" | ")[0] for line in lines[2:]] == ["| dense", "| magnitude50", "| wanda-owl60"]
+    # the compressed runs carry their KL divergence to the dense model; the eval run has no reference
+    assert lines[2].split(" | ")[3] == "–" and float(lines[3].split(" | ")[3]) > 0
     assert "magnitude / uniform (sparsity 0.5)" in lines[3] and "as loaded (eval)" in lines[2]
 
 
@@ -99,7 +102,7 @@ def test_html_report_renders_in_headless_chromium(runs, tmp_path):
     ).stdout
     body = re.search(r"<body([^>]*)>", dom).group(1)
     assert 'data-images="3/3"' in body and 'data-rows="3"' in body
-    assert 'data-cells="36"' in body  # 3 runs x 12 columns
+    assert 'data-cells="45"' in body  # 3 runs x 15 columns
 
 
 def test_single_run_report_defaults_into_its_directory_and_png_draws_allocation(runs):

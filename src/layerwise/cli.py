@@ -47,6 +47,8 @@ GenerationLength = Annotated[int, typer.Option("--generation-length", help="Late
 RecoverSteps = Annotated[int, typer.Option("--recover-steps", help="LoRA (peft) fine-tune steps on the calibration windows after pruning (0 = none).")]
 RecoverLr = Annotated[float, typer.Option("--recover-lr", help="Learning rate of the LoRA recovery.")]
 Latency = Annotated[bool, typer.Option("--latency/--no-latency", help="Measure prefill/decode latency.")]
+Kld = Annotated[bool, typer.Option("--kld/--no-kld", help="KL divergence to the reference on the perplexity windows: mean, median, 99% and 99.9% KLD and the same-top-token rate (compress/apply: against the dense model; eval: needs --reference).")]
+Reference = Annotated[Optional[str], typer.Option("--reference", help="The KL divergence's reference model: a name, a directory, or a .gguf file (run in llama.cpp); default for compress/apply: the dense model the run started from.")]
 EmbeddingType = Annotated[Optional[str], typer.Option("--embedding-type", help="GGUF type of the token embedding in the export and in --max-bytes (default q8_0 for quantized plans).")]
 Export = Annotated[Optional[str], typer.Option("--export", help="Also write the compressed model for deployment: gguf (RUN/model.gguf, measured in llama.cpp beside the dense model).")]
 ExportType = Annotated[str, typer.Option("--export-type", help="GGUF type of linears that stay float in the export: f32, f16 (default) or bf16.")]
@@ -121,6 +123,7 @@ EVALUATION_PARAMETERS = [
     _keyword("generation_length", GenerationLength, 32), _keyword("latency", Latency, True),
     _keyword("generation", Generation, True), _keyword("speedup_batch_size", SpeedupBatch, 1),
     _keyword("speedup_iterations", SpeedupIterations, 5), _keyword("paired_latency", PairedLatency, True),
+    _keyword("kld", Kld, True), _keyword("reference", Reference, None),
 ]
 
 
@@ -182,6 +185,11 @@ def _measured_rows(metrics: dict) -> list[tuple[str, str]]:
     rows = []
     if metrics.get("ppl") is not None:
         rows.append(("perplexity", f"{metrics['ppl']:.3f}"))
+    kld = metrics.get("kld")
+    if kld:
+        rows.append((f"KLD to {kld['reference']}: mean / median / 99% / 99.9%",
+                     f"{kld['mean']:.4f} / {kld['median']:.4f} / {kld['p99']:.4f} / {kld['p999']:.4f}"))
+        rows.append(("same top token", f"{kld['same_top']:.2%}"))
     for name, score in ((metrics.get("zeroshot") or {}).get("scores") or {}).items():
         label = headline_metric(score)
         stderr = score.get(f"{label}_stderr")

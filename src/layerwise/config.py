@@ -203,6 +203,9 @@ class RunSettings(BaseModel):
     calib_batch_size: int = Field(8, ge=1)
     seed: int = 0
     perplexity: bool = Field(True, description="measure perplexity (off: zero-shot/latency only)")
+    kld: bool = Field(True, description="KL divergence to the reference model on the perplexity windows")
+    reference: Optional[str] = Field(None, description="the KL divergence's reference model (default: the dense "
+                                                       "model a compress or apply run started from; eval needs one)")
     tasks: list[str] = Field(default_factory=list, description="zero-shot tasks scored through lm-eval")
     task_limit: Optional[int] = Field(
         DEFAULT_TASK_LIMIT, ge=1, description="items per task, a seeded random subset; None = every item"

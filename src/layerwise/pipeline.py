@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import time
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Optional, Protocol
+
+import torch
 
 from .version import __version__
 from .adapt_accel import AdaptAccel
@@ -78,7 +81,9 @@ def run_plan(
     paired = settings.latency is not None and settings.latency.paired
     alone = settings.model_copy(update={"latency": None}) if paired else settings  # latency is timed in pairs below
     dense = measure_model(loaded, alone.model_copy(update={"tasks": []}), timings, "dense_", cached=True)
-    reference = copy.deepcopy(loaded.model) if paired or settings.heal else None  # healing's teacher too
+    dense_kld = settings.kld and settings.perplexity and not settings.reference  # KLD against the dense model
+    # the dense model beside the compressed one: paired latency, healing's teacher, the KLD's reference
+    reference = copy.deepcopy(loaded.model) if paired or settings.heal or dense_kld else None
     dense_deployed = dense_reference(loaded, settings, timings) if settings.deploy else None
     calibration = calibration or CalibrationSource(loaded, settings)
     healing = None
@@ -96,6 +101,7 @@ def run_plan(
     if settings.heal and stages is None:
         healing = heal_measured(loaded, reference, settings.heal, settings, timings, out, resume)
     compressed = measure_model(loaded, alone, timings, "", cached=False)
+    kld = _kld(loaded, reference, settings, timings) if settings.kld and settings.perplexity else None
     if paired:
         with timed(timings, "latency_s"):
             pair = measure_paired_latency(reference, loaded.model, settings.latency)
@@ -120,6 +126,7 @@ def run_plan(
             "parameters": size.parameters,
             "nonzero_parameters": size.nonzero_parameters,
             "weight_bytes": size.weight_bytes,
+            "kld": kld,
             "zeroshot": compressed["zeroshot"],
             "latency": compressed["latency"],
             "speedup": speedup,
@@ -150,6 +157,20 @@ def run_plan(
         record = Result.from_record(record).to_record()
         atomic_write_json(staging / "result.json", record)
     return record
+
+
+def _kld(loaded: LoadedModel, dense: Optional[torch.nn.Module], settings: RunSettings, timings: Timings) -> dict:
+    """KL divergence of the compressed model to ``settings.reference``, or to the dense model it came from."""
+    from .engines.reference import reference_logits
+    from .evaluate.kld import pytorch_logits, settings_kld
+
+    with timed(timings, "kld_s"), contextlib.ExitStack() as stack:
+        if settings.reference:
+            reference, name = stack.enter_context(reference_logits(settings.reference, settings)), settings.reference
+        else:
+            reference, name = pytorch_logits(dense), "dense"
+        return settings_kld(pytorch_logits(loaded.model), reference, loaded.tokenizer, settings, name,
+                            settings.dtype).model_dump()
 
 
 def _recover(loaded: LoadedModel, settings: RunSettings, calibration: CalibrationSource, timings: Timings) -> dict:

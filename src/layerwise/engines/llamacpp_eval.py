@@ -17,6 +17,8 @@ from ..measure import Timings, timed
 from .base import ENGINES, Evaluation
 from ..gguf.files import check_gguf_file
 from .llamacpp import LlamaCppModel, llamacpp_latency
+from .reference import llamacpp_logits, reference_logits
+from ..evaluate.kld import settings_kld
 
 
 def gguf_size(path: Path) -> dict:
@@ -37,7 +39,7 @@ def evaluate_llamacpp(spec: str, settings: RunSettings, timings: Timings) -> Eva
     if settings.tasks:
         raise SettingsError("Zero-shot tasks run in the PyTorch engine only; drop --tasks or use --engine pytorch.")
     path = check_gguf_file(spec)
-    metrics: dict = {**gguf_size(path), "ppl": None, "latency": None, "zeroshot": None}
+    metrics: dict = {**gguf_size(path), "ppl": None, "latency": None, "zeroshot": None, "kld": None}
     protocol = None
     if settings.perplexity:
         with timed(timings, "eval_s"):
@@ -45,6 +47,11 @@ def evaluate_llamacpp(spec: str, settings: RunSettings, timings: Timings) -> Eva
             corpus = load_corpus(settings.corpus, settings.eval_text, settings.calib_text)
             result = gguf_perplexity(path, tokenizer, corpus, settings)
         metrics["ppl"], protocol = result.ppl, result.protocol.model_dump()
+        if settings.kld and settings.reference:
+            with timed(timings, "kld_s"), LlamaCppModel(path, settings.seqlen, settings.threads) as model, \
+                    reference_logits(settings.reference, settings) as reference:
+                metrics["kld"] = settings_kld(llamacpp_logits(model), reference, tokenizer, settings,
+                                              settings.reference, "gguf", "llama.cpp").model_dump()
     if settings.latency:
         with timed(timings, "latency_s"):
             metrics["latency"] = llamacpp_latency(path, settings.latency, settings.threads).model_dump()

@@ -33,6 +33,7 @@ class RunSummary:
     predicted_speedup: Optional[float]
     measured_speedup: Optional[float]
     scores: dict[str, dict] = field(default_factory=dict)
+    kld: Optional[dict] = None  # KL divergence to the run's reference (mean, median, p99, p999, same_top)
 
 
 def summarize(run_dir: str | Path) -> RunSummary:
@@ -55,6 +56,7 @@ def summarize(run_dir: str | Path) -> RunSummary:
         predicted_speedup=(plan.get("prediction") or {}).get("speedup"),
         measured_speedup=speedup.get("total", speedup.get("prefill")),
         scores=(metrics.get("zeroshot") or {}).get("scores") or {},
+        kld=metrics.get("kld"),
     )
 
 
@@ -85,15 +87,18 @@ def task_columns(runs: list[RunSummary]) -> list[str]:
 
 
 def comparison_table(runs: list[RunSummary]) -> tuple[list[str], list[list[str]]]:
-    """Headers and text rows: perplexity, task accuracies (acc_norm where defined, in %), size and speed."""
+    """Headers and text rows: perplexity, KL divergence to each run's reference (mean and 99.9th percentile,
+    same top token in %), task accuracies (acc_norm where defined, in %), size and speed."""
     tasks = task_columns(runs)
-    headers = ["run", "plan", "PPL"]
+    headers = ["run", "plan", "PPL", "mean KLD", "99.9% KLD", "same top (%)"]
     headers += [f"{task} ({_metric_name(runs, task)}, %)" for task in tasks]
     headers += ["parameters", "non-zero", "weight bytes", "predicted speedup", "prefill (ms)", "decode (tok/s)",
                 "measured speedup"]
     rows = []
     for run in runs:
-        row = [run.name, run.label, _cell(run.ppl, ".2f")]
+        kld = run.kld or {}
+        row = [run.name, run.label, _cell(run.ppl, ".2f"), _cell(kld.get("mean"), ".4f"), _cell(kld.get("p999"), ".4f"),
+               _cell(kld.get("same_top") and 100 * kld["same_top"], ".1f")]
         row += [score_cell(run.scores.get(task)) for task in tasks]
         row += [
             f"{run.parameters:,}",
