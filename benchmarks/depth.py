@@ -16,7 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from results_table import markdown_table, write_section  # noqa: E402
+from results_table import markdown_table, read_results, write_section  # noqa: E402
 
 METHODS = ["sprint", "sleb", "shortgpt", "drop-last"]
 
@@ -42,7 +42,7 @@ def main() -> None:
 
     targets = [float(t) for t in args.targets.split(",")]
     if args.report_only:
-        saved = json.loads((Path(__file__).resolve().parent / "results" / "depth.json").read_text())
+        saved = read_results("depth")
         write_results(saved, targets, args)
         return
 
@@ -62,7 +62,7 @@ def main() -> None:
         print(f"{method}: done", flush=True)
     records = {m: json.loads((args.out / m / "result.json").read_text()) for m in args.methods.split(",")}
     if args.merge:
-        saved = json.loads((Path(__file__).resolve().parent / "results" / "depth.json").read_text())
+        saved = read_results("depth")
         merged = {}
         for method, record in saved.items():
             if method in records:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from results_table import HERE, markdown_table, write_section  # noqa: E402
+from results_table import HERE, markdown_table, read_results, write_section  # noqa: E402
 
 STATE = HERE / "results" / "headline.json"
 UNSTRUCTURED = [f"--method {m} --allocator {a} --sparsity 0.7 --nsamples 128"
@@ -58,7 +58,7 @@ def main() -> None:
                                                       "globs, in the order of the globs")
     parser.add_argument("--remark", default="")
     args = parser.parse_args()
-    state = json.loads(STATE.read_text()) if args.resume and STATE.exists() else {"rows": {}}
+    state = read_results("headline") if args.resume and STATE.exists() else {"rows": {}}
     layerwise = Path(sys.executable).parent / "layerwise"
     wanted = [options for section in args.only.split(",") for options in SECTIONS[section]]
     ordered = [o for pattern in args.match.split("|") for o in wanted if fnmatch.fnmatch(o, pattern)]

@@ -1,10 +1,13 @@
-"""Write one benchmark's section of benchmarks/RESULTS.md (between markers) and its JSON beside it."""
+"""Write one benchmark's section of benchmarks/RESULTS.md (between markers) and its JSON beside it, each with
+its provenance: the commit measured, whether the tree differed from it, the machine and the library versions."""
 
 from __future__ import annotations
 
 import json
 import re
+import subprocess
 from pathlib import Path
+from typing import Any
 
 from layerwise.report.tables import markdown_table  # noqa: F401  (re-exported for the benchmark scripts)
 
@@ -15,15 +18,53 @@ ORDER = ["foundation", "headline", "calibration_cost", "deployment", "unstructur
          "runtime", "zeroshot"]
 
 
+def _git(*args: str) -> str:
+    try:
+        return subprocess.run(["git", *args], cwd=Path(__file__).resolve().parent, capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return ""
+
+
+def provenance() -> dict[str, Any]:
+    """Commit, dirty tree (changes beyond the results themselves), machine and versions, as of now."""
+    from layerwise.environment import machine, versions
+
+    changed = [line for line in _git("status", "--porcelain").splitlines()
+               if not line[3:].startswith(("benchmarks/RESULTS.md", "benchmarks/results/"))]
+    found = versions()
+    return {"commit": _git("rev-parse", "HEAD") or "unknown", "dirty": bool(changed), "machine": machine(),
+            "versions": {k: found.get(k) for k in ("torch", "transformers", "llama_cpp_python", "layerwise")}}
+
+
+def provenance_line(facts: dict[str, Any]) -> str:
+    """One sentence of provenance for a results section."""
+    host, found = facts["machine"], facts["versions"]
+    return (f"Measured at commit {facts['commit'][:10]}{' with uncommitted changes' if facts['dirty'] else ''} "
+            f"on {host.get('cpu_model')} ({host.get('cpu_count')} CPUs, {host.get('torch_threads')} torch threads); "
+            f"torch {found['torch']}, transformers {found['transformers']}, "
+            f"llama-cpp-python {found['llama_cpp_python']}.")
+
+
+def read_results(name: str) -> Any:
+    """What ``write_section`` stored for ``name`` (files written before provenance hold the data alone)."""
+    stored = json.loads((HERE / "results" / f"{name}.json").read_text())
+    return stored["results"] if isinstance(stored, dict) and set(stored) == {"provenance", "results"} else stored
+
+
 def write_section(name: str, markdown: str, data: object, remark: str = "") -> None:
-    """Replace (or add, in the fixed section order) the section ``name`` and write ``results/name.json``.
+    """Replace (or add, in the fixed section order) the section ``name`` and write ``results/name.json``, both
+    with this run's provenance.
 
     ``remark`` is a sentence about this particular run (e.g. other load on the machine), printed last.
     """
+    facts = provenance()
+    markdown = markdown.rstrip() + f"\n\n{provenance_line(facts)}\n"
     if remark:
         markdown = markdown.rstrip() + f"\n\n{remark}\n"
     (HERE / "results").mkdir(exist_ok=True)
-    (HERE / "results" / f"{name}.json").write_text(json.dumps(data, indent=2, default=str) + "\n")
+    (HERE / "results" / f"{name}.json").write_text(
+        json.dumps({"provenance": facts, "results": data}, indent=2, default=str) + "\n")
     text = RESULTS_MD.read_text() if RESULTS_MD.exists() else HEADER
     sections = dict(re.findall(r"<!-- section:(\w+) -->\n(.*?)<!-- /section:\1 -->\n", text, flags=re.S))
     sections[name] = markdown.rstrip() + "\n"

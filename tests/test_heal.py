@@ -551,3 +551,4 @@ def test_a_healed_model_saves_and_reloads_with_identical_logits(tiny, tokens, tm
         expected = student.model(tokens).logits
         reloaded = layerwise.load(str(tmp_path / "saved")).model(tokens).logits
     assert torch.equal(expected, reloaded)
+

@@ -10,7 +10,19 @@ from importlib import metadata
 
 import torch
 
-PACKAGES = ("layerwise", "torch", "transformers", "tokenizers", "safetensors", "numpy", "gensim", "pydantic")
+PACKAGES = ("layerwise", "torch", "transformers", "tokenizers", "safetensors", "numpy", "gensim", "pydantic",
+            "llama_cpp_python")
+
+
+def cpu_model() -> str:
+    """The CPU's model name (Linux: /proc/cpuinfo; elsewhere what the platform module knows)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def versions() -> dict[str, str]:
@@ -27,6 +39,7 @@ def machine(device: str = "cpu") -> dict[str, object]:
     info: dict[str, object] = {
         "platform": platform.platform(),
         "processor": platform.processor() or platform.machine(),
+        "cpu_model": cpu_model(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "device": device,
