@@ -59,13 +59,19 @@ def test_paired_latency_alternates_runs_and_cancels_the_machines_drift(tiny, mon
     assert pair.model.setting.repeats == 4 and model.training and not reference.training  # modes restored
 
 
-def test_paired_latency_of_a_model_against_its_copy_is_about_one(tiny):
+def test_paired_latency_sees_a_model_that_is_slower_by_a_known_amount(tiny):
+    """The copy waits 40 ms more per forward pass than the model (a few ms here): the pair must find it slower by
+    at least that, prefill only (no decode steps)."""
     import copy
+    import time
 
     from layerwise.cost import measure_paired_latency
 
+    slower = copy.deepcopy(tiny.model)
+    slower.register_forward_pre_hook(lambda module, args: time.sleep(0.04))
     setting = LatencySetting(prompt_length=16, generation_length=0, repeats=5)
-    pair = measure_paired_latency(tiny.model, copy.deepcopy(tiny.model), setting)
-    assert 0.5 < pair.speedup["total"] < 2 and pair.speedup["decode"] is None
+    pair = measure_paired_latency(tiny.model, slower, setting)
+    assert pair.model.prefill_ms - pair.reference.prefill_ms >= 38  # a sleep never ends early; it may end late
+    assert pair.speedup["total"] < 0.7 and pair.speedup["decode"] is None
     assert pair.speedup["total"] == pytest.approx(pair.speedup["prefill"], rel=0.02)  # no decode: about all prefill
     assert pair.reference.prefill_ms > 0 and pair.model.decode_ms_per_token is None

@@ -53,7 +53,7 @@ def even_mlp():
     del STRUCTURES._items["even-mlp"]
 
 
-def test_a_new_structure_is_one_class_and_its_registration(even_mlp, tmp_path, tokens):
+def test_a_new_structure_is_one_class_and_its_registration(even_mlp, tmp_path):
     out = tmp_path / "run"
     result = CliRunner().invoke(app, ["compress", "--model", "tiny-llama", "--structure", "even-mlp",
                                       "--pruning-ratio", "0.5", "--out", str(out), "--seqlen", "64", "--max-windows",
@@ -62,9 +62,11 @@ def test_a_new_structure_is_one_class_and_its_registration(even_mlp, tmp_path, t
     record = json.loads((out / "result.json").read_text())
     widths = record["metrics"]["mlp_widths"]
     assert len(set(widths)) == 1 and widths[0] < get_adapter(layerwise.load("tiny-llama").model).ffn_width(0)
-    reloaded = layerwise.load(str(out))
-    with torch.no_grad():
-        assert reloaded.model(input_ids=tokens).logits.shape[-1] == reloaded.model.config.vocab_size
+    reloaded = layerwise.load(str(out))  # the reloaded model has the plan's widths and the run's perplexity
+    adapter = get_adapter(reloaded.model)
+    assert [adapter.ffn_width(b) for b in range(adapter.num_blocks)] == widths
+    again = layerwise.evaluate(reloaded, layerwise.RunSettings(seqlen=64, max_windows=1))
+    assert again.ppl == pytest.approx(record["metrics"]["ppl"], rel=1e-5)
     refused = CliRunner().invoke(app, ["plan", "--model", "tiny-llama", "--structure", "even-mlp", "--pruning-ratio",
                                        "0.5", "--attn-layers", "0:2", "--out", str(tmp_path / "p.json")])
     assert refused.exit_code == 2 and "even-mlp takes no options (got attn_layers)" in " ".join(refused.stderr.split())
