@@ -11,7 +11,6 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-import layerwise
 from layerwise.cli import app
 from layerwise.data import load_corpus
 from layerwise.evaluate import perplexity

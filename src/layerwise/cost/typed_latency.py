@@ -121,10 +121,10 @@ def measure_typed_level_latency_table(loaded: LoadedModel, levels: dict[str, Ite
                 continue
             changed: list[str] = []
 
-            def change(model: nn.Module, kind: str = kind, kept: int = kept) -> None:
+            def change(model: nn.Module, kind: str = kind, kept: int = kept, changed: list[str] = changed) -> None:
                 changed[:] = _set_level(model, kind, kept)
 
-            def types(name: str, gguf_type: str = gguf_type) -> str:
+            def types(name: str, gguf_type: str = gguf_type, changed: list[str] = changed) -> str:
                 return gguf_type if any(name.startswith(unit + ".") for unit in changed) else reference_type
 
             ms = timed(change, types)
