@@ -48,8 +48,10 @@ def deploy_rows(args: argparse.Namespace, entries: dict[str, dict], bases: dict[
         return state[key]
 
     def bench(model: str, name: str) -> Bench:
-        return Bench(argparse.Namespace(model=model, out=folder / name, windows=args.windows,
+        made = Bench(argparse.Namespace(model=model, out=folder / name, windows=args.windows,
                                         nsamples=args.deploy_nsamples, episodes=0))
+        made.settings = made.settings.model_copy(update={"kld": False})  # the files are compared in llama.cpp
+        return made
 
     dense = bench(args.model, "dense")
     (folder / "dense").mkdir(exist_ok=True)
