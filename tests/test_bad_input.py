@@ -49,6 +49,43 @@ def _plan_edit(tmp_path: Path, edit) -> list[str]:
     return ["apply", "--model", "tiny-llama", "--plan", str(plan_file)]
 
 
+def _other_weights(plan: dict) -> None:
+    plan["weights"] = "0" * 20
+
+
+def _empty_directory(tmp_path: Path) -> list[str]:
+    (tmp_path / "empty").mkdir()
+    return ["eval", "--model", str(tmp_path / "empty")]
+
+
+def _bare_gguf(tmp_path: Path, architecture: str | None) -> list[str]:
+    """A GGUF holding metadata only: of an architecture nobody supports, or without general.architecture."""
+    import gguf
+
+    path = tmp_path / "bare.gguf"
+    writer = gguf.GGUFWriter(str(path), architecture or "llama")
+    if architecture is None:
+        writer.kv_data[0].pop("general.architecture")
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return ["eval", "--model", str(path)]
+
+
+def _unadapted_family(tmp_path: Path, structure: list[str]) -> list[str]:
+    """A tiny OPT directory (a family without a structural adapter), with the tiny model's tokenizer."""
+    import layerwise
+    from transformers import OPTConfig, OPTForCausalLM
+
+    path = tmp_path / "opt"
+    config = OPTConfig(vocab_size=258, hidden_size=32, num_hidden_layers=2, ffn_dim=64, num_attention_heads=2,
+                       max_position_embeddings=128, word_embed_proj_dim=32)
+    OPTForCausalLM(config).save_pretrained(path)
+    layerwise.load("tiny-llama").tokenizer.save_pretrained(path)
+    return ["compress", "--model", str(path), *structure]
+
+
 def _other_size(plan: dict) -> None:
     plan["architecture"]["hidden_size"] = 128
 
@@ -73,6 +110,15 @@ CASES = {
     "corrupt gguf": (lambda p: _gguf(p, False), "truncated or corrupt"),
     "plan for other sizes": (lambda p: _plan_edit(p, _other_size), "hidden_size=128"),
     "plan without architecture": (lambda p: _plan_edit(p, _no_architecture), "records no architecture"),
+    "plan for other weights": (lambda p: _plan_edit(p, _other_weights), "The plan was computed on other weights"),
+    "directory without config.json": (_empty_directory, "neither a directory with config.json"),
+    "gguf of an unsupported architecture": (lambda p: _bare_gguf(p, "foo"), "architecture foo is not supported"),
+    "gguf without general.architecture": (lambda p: _bare_gguf(p, None), "has no general.architecture"),
+    "width on an unadapted family": (lambda p: _unadapted_family(p, ["--structure", "width", "--pruning-ratio", "0.2"]),
+                                     "Structural compression does not support model type 'opt'"),
+    "depth on an unadapted family": (lambda p: _unadapted_family(p, ["--structure", "depth", "--allocator", "sleb",
+                                                                     "--num-remove-sublayers", "1"]),
+                                     "Structural compression does not support model type 'opt'"),
     "non-UTF-8 text": (lambda p: _text(p, b"caf\xe9 \xff\xfe plain"), "is not UTF-8 text"),
     "empty text": (lambda p: _text(p, b""), "is empty"),
     "text shorter than a window": (lambda p: _text(p, b"a few words only"), "fewer than one window"),

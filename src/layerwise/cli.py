@@ -475,18 +475,22 @@ def apply(
     model: ModelOpt = "smollm2-135m",
     out: OutDir = Path("layerwise-out"),
     overwrite: Overwrite = False,
+    other_weights: Annotated[bool, typer.Option("--other-weights", help="Apply a plan computed on other weights "
+                                                "(a fine-tune, another dtype) of the same architecture.")] = False,
     *,
     calibration: PlanOptions,
     evaluation: dict[str, Any],
 ) -> None:
     """Apply a saved plan to a fresh copy of the model, evaluate it and save it. A plan records the calibration
     windows it was computed on and is applied on exactly those (so the weights equal `compress`'s); --corpus
-    and --seed then choose the evaluation only, and calibration options must agree with the plan's."""
+    and --seed then choose the evaluation only, and calibration options must agree with the plan's. A plan also
+    records the weights it was computed on; other weights are refused unless --other-weights."""
     from .pipeline import apply_plan_file
 
     settings = _settings(**evaluation, **calibration.calibration())
     record = apply_plan_file(model, plan_file, settings, out, overwrite,
-                             calibration=calibration.model_dump(mode="json", exclude_none=True))
+                             calibration=calibration.model_dump(mode="json", exclude_none=True),
+                             other_weights=other_weights)
     _print_compression_table(record, out)
 
 

@@ -24,6 +24,7 @@ from .healing import heal_measured
 from .errors import OutputExistsError, PlanError, UnsupportedArchitectureError
 from .measure import Timings, measure_model, measured_speedup, timed
 from .models import LoadedModel, decoder_linears, load, model_fingerprint, save
+from .models.adapter import adapter_class
 from .plan import CalibrationRecord, Plan
 from .planning import make_plan, validate_request
 from .structures import STRUCTURES
@@ -232,6 +233,8 @@ def compress(
     """
     settings = settings or RunSettings()
     method, allocator, _ = validate_request(method, allocator, budget, nm, allocator_params, structure)
+    if STRUCTURES.get(structure).needs_adapter:
+        check_adaptable(model)
     if iterative_steps > 1:  # the stage budgets are checked before any model loads
         for stage in range(1, iterative_steps + 1):
             STRUCTURES.get(structure).stage_budget(budget, stage, iterative_steps)
@@ -254,6 +257,20 @@ def compress(
                          milestones, **allocator_params)
     extra = {"milestones": milestones.records} if milestones is not None else {}
     return run_plan(loaded, plan, settings, out, overwrite, "compress", timings, started, calibration, extra, resume)
+
+
+def check_adaptable(spec: str) -> None:
+    """Before any weights load: a model directory whose config.json names a family without a structural
+    adapter is refused now (named models and GGUF files are checked once loaded)."""
+    import json
+
+    config = Path(spec) / "config.json"
+    try:
+        model_type = json.loads(config.read_text()).get("model_type") if config.is_file() else None
+    except (OSError, ValueError, AttributeError):  # unreadable: loading the model says what is wrong with it
+        return
+    if model_type:
+        adapter_class(model_type)
 
 
 class StageRunner(Protocol):
@@ -341,7 +358,7 @@ def check_calibration_options(plan: Plan, given: dict[str, Any]) -> None:
 
 def apply_plan_file(
     model: str, plan_path: str | Path, settings: RunSettings | None = None, out: str | Path = "layerwise-out",
-    overwrite: bool = False, calibration: dict[str, Any] | None = None,
+    overwrite: bool = False, calibration: dict[str, Any] | None = None, other_weights: bool = False,
 ) -> dict:
     """Apply a saved plan to a fresh copy of ``model``, then evaluate and save like ``compress``.
 
@@ -356,6 +373,10 @@ def apply_plan_file(
     timings: Timings = {}
     with timed(timings, "load_s"):
         loaded = load(model, dtype=settings.dtype, device=settings.device)
+    if plan.weights is not None and not other_weights and plan.weights != model_fingerprint(loaded.model):
+        raise PlanError(f"The plan was computed on other weights (fingerprint {plan.weights}) than {model}'s "
+                        f"({model_fingerprint(loaded.model)}) at --dtype {settings.dtype}; its per-layer choices "
+                        "belong to those weights. Make a plan for this model, or pass --other-weights to apply it.")
     source = (CalibrationSource.for_plan(loaded, settings, plan.calibration) if plan.calibration is not None
               else CalibrationSource(loaded, settings))
     return run_plan(loaded, plan, settings, out, overwrite, "apply", timings, started, source)

@@ -140,6 +140,8 @@ class Plan(BaseModel):
     format: Literal["layerwise.plan/1"] = PLAN_FORMAT
     model: str
     architecture: dict[str, Any]
+    weights: Optional[str] = Field(None, description="fingerprint of the weights (and dtype) the plan was computed "
+                                                     "on; apply refuses other weights unless told")
     budget: Budget
     allocator: str
     method: str

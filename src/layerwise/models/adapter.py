@@ -361,10 +361,16 @@ def _has_linear(block: nn.Module, path: str) -> bool:
 def get_adapter(model: nn.Module) -> ModelAdapter:
     """The registered adapter for ``model``'s family, or a clear error naming what is unsupported."""
     model_type = getattr(getattr(model, "config", None), "model_type", None) or type(model).__name__
+    return adapter_class(model_type)(model)
+
+
+def adapter_class(model_type: str) -> type[ModelAdapter]:
+    """The adapter class for a ``config.model_type``, or ``UnsupportedArchitectureError`` (checkable from a
+    config.json before any weights load)."""
     for name in ADAPTERS:
         adapter_cls = ADAPTERS.get(name)
         if model_type in adapter_cls.model_types:
-            return adapter_cls(model)
+            return adapter_cls
     supported = sorted(t for name in ADAPTERS for t in ADAPTERS.get(name).model_types)
     raise UnsupportedArchitectureError(
         f"Structural compression does not support model type '{model_type}' (supported: {', '.join(supported)}); "

@@ -15,7 +15,7 @@ from ..backends import architecture_signature
 from ..component_options import ComponentOptions, option  # noqa: F401  (option: for the structures)
 from ..config import Budget
 from ..errors import BudgetError, LayerwiseError
-from ..models import LoadedModel
+from ..models import LoadedModel, model_fingerprint
 from ..plan import Plan
 from ..profile import CalibrationSource
 from ..registry import Registry
@@ -47,6 +47,7 @@ class PlanRequest:
         return Plan(
             model=self.loaded.spec,
             architecture=architecture_signature(self.loaded.model),
+            weights=model_fingerprint(self.loaded.model),
             budget=self.budget,
             allocator=self.allocator,
             method=self.method,
@@ -67,6 +68,7 @@ class Structure:
     allocators: ClassVar[Registry | None] = None  # its allocators, each with the options it ``declares``
     calibration_defaults: ClassVar[dict[str, int]] = {}  # calibration when the user names none
     records_milestones: ClassVar[bool] = False  # the search reports steps that compress may evaluate
+    needs_adapter: ClassVar[bool] = False  # changes shapes or removes modules: the family needs a model adapter
 
     def budget(self, options: "PlanOptions") -> Budget:
         """The budget from the planning options, each value validated in one sentence."""

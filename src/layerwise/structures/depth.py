@@ -30,6 +30,7 @@ class DepthOptions(StructureOptions):
 @register
 class Depth(Structure):
     name = "depth"
+    needs_adapter = True
     options = DepthOptions
     allocators = DEPTH_ALLOCATORS
     # SPRINT's and SLEB's searches cost a forward pass per candidate and step, so the 128 x 512 default of the

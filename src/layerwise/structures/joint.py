@@ -64,6 +64,7 @@ class JointOptions(StructureOptions):
 @register
 class Joint(Structure):
     name = "joint"
+    needs_adapter = True
     options = JointOptions
     allocators = JOINT_SEARCHERS
     # every candidate is one forward pass over these windows: 4 x 128 tokens keep a candidate under a second

@@ -46,6 +46,7 @@ class WidthOptions(StructureOptions):
 @register
 class Width(Structure):
     name = "width"
+    needs_adapter = True
     options = WidthOptions
     allocators = WIDTH_ALLOCATORS
 
