@@ -12,7 +12,7 @@ import torch
 
 from .version import __version__
 from .adapt_accel import AdaptAccel
-from .backends import ApplyContext, apply_plan
+from .backends import ApplyContext, apply_plan, architecture_signature
 from .cache import atomic_write_json, staged_directory
 from .config import Budget, LatencySetting, RunSettings
 from .cost import measure_paired_latency, measure_size
@@ -373,7 +373,9 @@ def apply_plan_file(
     timings: Timings = {}
     with timed(timings, "load_s"):
         loaded = load(model, dtype=settings.dtype, device=settings.device)
-    if plan.weights is not None and not other_weights and plan.weights != model_fingerprint(loaded.model):
+    same_architecture = plan.architecture == architecture_signature(loaded.model)  # else apply says how they differ
+    if (plan.weights is not None and same_architecture and not other_weights
+            and plan.weights != model_fingerprint(loaded.model)):
         raise PlanError(f"The plan was computed on other weights (fingerprint {plan.weights}) than {model}'s "
                         f"({model_fingerprint(loaded.model)}) at --dtype {settings.dtype}; its per-layer choices "
                         "belong to those weights. Make a plan for this model, or pass --other-weights to apply it.")
