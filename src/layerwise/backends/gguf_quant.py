@@ -38,6 +38,13 @@ class GGUFLinear(nn.Module):
         self._register_load_state_dict_pre_hook(self._forget_weight)
 
     @classmethod
+    def empty(cls, linear: nn.Linear, kind: str) -> "GGUFLinear":
+        """A zero-filled GGUF linear shaped like ``linear``, stored as llama.cpp would store ``kind`` for its rows
+        (the fallback applied): the shell a saved model's data loads into, or a timing probe."""
+        return cls(linear.in_features, linear.out_features, stored_type(kind, linear.in_features).name,
+                   linear.bias is not None, linear.weight.dtype, linear.weight.device)
+
+    @classmethod
     def quantize(cls, linear: nn.Linear, kind: str, imatrix: np.ndarray | None = None) -> "GGUFLinear":
         stored = stored_type(kind, linear.in_features)
         module = cls(linear.in_features, linear.out_features, stored.name, linear.bias is not None,
@@ -101,9 +108,7 @@ def gguf_quantize(model: nn.Module, actions: list[Action], context: ApplyContext
 
 
 def _empty(linear: nn.Linear, action: Action) -> GGUFLinear:
-    kind = stored_type(action.format, linear.in_features).name
-    return GGUFLinear(linear.in_features, linear.out_features, kind, linear.bias is not None,
-                      linear.weight.dtype, linear.weight.device)
+    return GGUFLinear.empty(linear, action.format)
 
 
 QUANTIZED_MODULES.add("gguf", _empty)

@@ -51,13 +51,9 @@ def typed_probe(model: nn.Module, types: dict[str, str]) -> None:
     """Replace each named linear by an empty GGUF linear of its type (llama.cpp's fallback applied): a model for
     timing only, whose values are zeros."""
     from ..backends.gguf_quant import GGUFLinear
-    from ..gguf import stored_type
 
     for name, kind in types.items():
-        linear = model.get_submodule(name)
-        model.set_submodule(name, GGUFLinear(linear.in_features, linear.out_features,
-                                             stored_type(kind, linear.in_features).name, linear.bias is not None,
-                                             linear.weight.dtype, linear.weight.device))
+        model.set_submodule(name, GGUFLinear.empty(model.get_submodule(name), kind))
 
 
 def typed_copy(loaded: LoadedModel, change: Callable[[nn.Module], None], types: Callable[[str], str]) -> LoadedModel:
