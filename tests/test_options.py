@@ -19,7 +19,8 @@ from layerwise.options import PlanOptions, collect, flag_of
 # compress options that evaluate, recover or export the compressed model; they do not change the plan
 EVALUATION_ONLY = {"--eval-text", "--max-windows", "--batch-size", "--tasks", "--limit", "--latency", "--no-latency",
                    "--eval-speedups", "--recover-steps", "--recover-lr", "--export", "--export-type",
-                   "--paired-latency", "--separate-latency", "--resume", "--iterative-steps"}
+                   "--paired-latency", "--separate-latency", "--resume", "--iterative-steps", "--kld", "--no-kld",
+                   "--reference"}
 # healing's options: compress's, and exactly the `heal` command's
 HEALING = {flag for name in HealSetting.model_fields for flag in (
     heal_flag(name), *((f"--no-{heal_flag(name)[2:]}",) if HealSetting.model_fields[name].annotation is bool else ()))}
