@@ -86,6 +86,13 @@ def _unadapted_family(tmp_path: Path, structure: list[str]) -> list[str]:
     return ["compress", "--model", str(path), *structure]
 
 
+def _unencodable(tokenizer_json: bytes) -> bytes:
+    """A tokenizer that loads but cannot encode: a word-level vocabulary whose unknown token is missing."""
+    definition = json.loads(tokenizer_json)
+    definition["model"] = {"type": "WordLevel", "vocab": {"a": 0}, "unk_token": "[UNK]"}
+    return json.dumps(definition).encode()
+
+
 def _other_size(plan: dict) -> None:
     plan["architecture"]["hidden_size"] = 128
 
@@ -106,6 +113,10 @@ CASES = {
                                     "Cannot load the model directory"),
     "corrupt layerwise.json": (lambda p: _damaged(p, "layerwise.json", lambda b: b"{not json"),
                                "layerwise.json is not valid JSON"),
+    "corrupt tokenizer.json": (lambda p: _damaged(p, "tokenizer.json", lambda b: b"{not json"),
+                               "Cannot load the tokenizer of"),
+    "tokenizer that cannot encode": (lambda p: _damaged(p, "tokenizer.json", _unencodable),
+                                     "cannot encode the text: WordLevel error: Missing [UNK] token"),
     "truncated gguf": (lambda p: _gguf(p, True), "truncated or corrupt"),
     "corrupt gguf": (lambda p: _gguf(p, False), "truncated or corrupt"),
     "plan for other sizes": (lambda p: _plan_edit(p, _other_size), "hidden_size=128"),
@@ -163,6 +174,89 @@ def test_bad_input_is_one_sentence_exit_2_and_nothing_written(tmp_path, case):
     stderr = " ".join(result.stderr.split())
     assert message in stderr, stderr
     assert result.stderr.strip().count("\n") == 0 and "Traceback" not in result.output
+    assert not out.exists() and leftovers(tmp_path) == []
+
+
+def _one_sentence(result, message: str) -> None:
+    assert result.exit_code == 2, result.output
+    assert message in " ".join(result.stderr.split()), result.stderr
+    assert result.stderr.strip().count("\n") == 0 and "Traceback" not in result.output
+
+
+def test_a_disk_that_refuses_a_write_is_one_sentence_and_leaves_nothing(tmp_path):
+    """A real refusal from the kernel: a file-size limit (EFBIG, as a full disk's ENOSPC) far below the GGUF
+    file's size, in a process of its own."""
+    import resource
+    import signal
+    import subprocess
+    import sys
+
+    def limited() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails with EFBIG instead of killing us
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 16, 1 << 16))
+
+    out = tmp_path / "tiny.gguf"
+    script = "import sys; from layerwise.cli import app; sys.exit(app())"
+    done = subprocess.run([sys.executable, "-c", script, "export", "tiny-llama", "--out", str(out)],
+                          capture_output=True, text=True, preexec_fn=limited, timeout=300)
+    assert done.returncode == 2, done.stderr
+    stderr = " ".join(done.stderr.split())
+    # (the GGUF writer's numpy drops the errno of a short write; the sentence says what happened instead)
+    assert f"Could not write {out}: the disk took only part of a write" in stderr, stderr
+    assert "nothing was left there" in stderr
+    assert "Traceback" not in done.stderr and done.stderr.strip().count("\n") == 0
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_full_disk_while_saving_a_run_leaves_no_directory(tmp_path, monkeypatch):
+    import errno
+    import os
+
+    import layerwise.pipeline as pipeline
+
+    def disk_full(loaded, directory, plan):
+        (Path(directory) / "model.safetensors").write_bytes(b"half a model")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(Path(directory) / "model.safetensors"))
+
+    monkeypatch.setattr(pipeline, "save", disk_full)
+    out = tmp_path / "out"
+    _one_sentence(invoke("compress", "--model", "tiny-llama", "--out", str(out), *QUICK),
+                  f"Could not write {out}: No space left on device")
+    assert not out.exists() and leftovers(tmp_path) == []
+
+
+def test_an_output_folder_without_write_permission_is_refused_before_any_work(tmp_path, monkeypatch):
+    """(Tests run as root here, which may write anywhere: the permission answer is the one a user would get.)"""
+    import os
+
+    import layerwise.cache as cache
+    import layerwise.pipeline as pipeline
+
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    monkeypatch.setattr(cache.os, "access", lambda path, mode: Path(path) != locked and os.access(path, mode))
+    monkeypatch.setattr(pipeline, "load", lambda *a, **k: pytest.fail("the model was loaded before the refusal"))
+    out = locked / "new" / "run"
+    _one_sentence(invoke("compress", "--model", "tiny-llama", "--out", str(out), *QUICK),
+                  f"Cannot write {out}: {locked} is not a folder this user may write into")
+    assert list(locked.iterdir()) == []
+
+
+@pytest.mark.parametrize("device", ["RAM", "GPU"])
+def test_running_out_of_memory_is_one_sentence_and_writes_nothing(tmp_path, monkeypatch, device):
+    import torch
+
+    import layerwise.pipeline as pipeline
+
+    def out_of_memory(*args, **kwargs):
+        if device == "GPU":
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        torch.empty(1 << 50, dtype=torch.uint8)  # a real allocation failure of PyTorch's CPU allocator (1 PiB)
+
+    monkeypatch.setattr(pipeline, "apply_plan", out_of_memory)
+    out = tmp_path / "out"
+    _one_sentence(invoke("compress", "--model", "tiny-llama", "--out", str(out), *QUICK),
+                  f"Out of {device} memory; nothing was written. Try a smaller --batch-size")
     assert not out.exists() and leftovers(tmp_path) == []
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -13,6 +14,8 @@ from typing import Any, Callable, Iterator, TypeVar
 
 import platformdirs
 from pydantic import BaseModel
+
+from .errors import OutputWriteError
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -41,19 +44,49 @@ def stable_hash(obj: Any, length: int = 16) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:length]
 
 
+# what the disk answers when it refuses a write: full, over quota, file too large, read-only, no permission
+WRITE_REFUSALS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM}
+
+
+@contextlib.contextmanager
+def write_errors(target: Path) -> Iterator[None]:
+    """Turn the disk refusing a write while ``target`` is being written into one typed sentence; the
+    atomic writers below have already removed what they started."""
+    try:
+        yield
+    except OSError as exc:
+        short_write = exc.errno is None and " written" in str(exc)  # numpy's tofile drops the errno
+        if exc.errno not in WRITE_REFUSALS and not short_write:
+            raise
+        reason = "the disk took only part of a write (full, or over a file size limit)" if short_write else (
+            exc.strerror or str(exc))
+        where = f" ({exc.filename})" if exc.filename and str(exc.filename) != str(target) else ""
+        raise OutputWriteError(f"Could not write {target}: {reason}{where}; nothing was left there.") from None
+
+
+def writable_or_raise(path: Path) -> None:
+    """Refuse before any work an output whose nearest existing folder cannot be written into."""
+    folder = Path(path).expanduser().absolute().parent
+    while not folder.exists():
+        folder = folder.parent
+    if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
+        raise OutputWriteError(f"Cannot write {path}: {folder} is not a folder this user may write into.")
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     """Write ``text`` to a temporary file beside ``path``, then rename it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        os.chmod(tmp, _FILE_MODE)  # mkstemp makes 0600 files; outputs should read like any other
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    with write_errors(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as handle:
+                handle.write(text)
+            os.chmod(tmp, _FILE_MODE)  # mkstemp makes 0600 files; outputs should read like any other
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
 
 
 @contextlib.contextmanager
@@ -61,16 +94,17 @@ def atomic_path(path: Path) -> Iterator[Path]:
     """A temporary file name beside ``path`` for a writer that needs a path (a GGUF writer, llama.cpp's
     quantizer); renamed into place when the block succeeds, removed when it fails."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        os.chmod(tmp, _FILE_MODE)
-        os.replace(tmp, path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
+    with write_errors(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
+        os.close(fd)
+        try:
+            yield Path(tmp)
+            os.chmod(tmp, _FILE_MODE)
+            os.replace(tmp, path)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
 
 
 def atomic_write_json(path: Path, obj: Any) -> None:
@@ -81,13 +115,14 @@ def atomic_torch_save(obj: Any, path: Path) -> None:
     """``torch.save`` to a temporary file beside ``path``, then rename it into place."""
     import torch
 
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+    with write_errors(path):
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(fd)
+        try:
+            torch.save(obj, tmp)
+            os.replace(tmp, path)
+        finally:
+            Path(tmp).unlink(missing_ok=True)
 
 
 def torch_load_or_none(path: Path) -> Any | None:
@@ -129,19 +164,20 @@ def staged_directory(final: Path, overwrite: bool = False) -> Iterator[Path]:
     this only guarantees that no half-written directory is ever left at ``final``.
     """
     final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.", suffix=".partial"))
-    try:
-        yield staging
-        if final.exists():
-            if not overwrite:
-                raise FileExistsError(final)
-            backup = final.with_name(f".{final.name}.old-{os.getpid()}")
-            os.replace(final, backup)
-            os.replace(staging, final)
-            shutil.rmtree(backup, ignore_errors=True)
-        else:
-            os.replace(staging, final)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
+    with write_errors(final):
+        final.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.", suffix=".partial"))
+        try:
+            yield staging
+            if final.exists():
+                if not overwrite:
+                    raise FileExistsError(final)
+                backup = final.with_name(f".{final.name}.old-{os.getpid()}")
+                os.replace(final, backup)
+                os.replace(staging, final)
+                shutil.rmtree(backup, ignore_errors=True)
+            else:
+                os.replace(staging, final)
+        finally:
+            if staging.exists():
+                shutil.rmtree(staging, ignore_errors=True)

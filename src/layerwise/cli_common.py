@@ -1,10 +1,12 @@
-"""What every command module shares: the consoles and the error boundary (one sentence, exit 2; Ctrl-C 130)."""
+"""What every command module shares: the consoles and the error boundary (one sentence, exit 2 — typed errors and
+running out of memory; Ctrl-C 130)."""
 
 from __future__ import annotations
 
 import functools
 from typing import Any, Callable
 
+import torch
 import typer
 from rich.console import Console
 
@@ -12,6 +14,16 @@ from .errors import HealInterrupted, LayerwiseError
 
 console = Console()
 err_console = Console(stderr=True)
+
+
+def out_of_memory(exc: BaseException) -> str | None:
+    """Which memory ran out ("GPU" or "RAM") when ``exc`` says so; None for any other error. PyTorch's CPU
+    allocator raises a plain RuntimeError, its CUDA allocator ``torch.OutOfMemoryError``."""
+    if isinstance(exc, torch.OutOfMemoryError):
+        return "GPU"
+    if isinstance(exc, MemoryError) or "DefaultCPUAllocator: can't allocate memory" in str(exc):
+        return "RAM"
+    return None
 
 
 def cli_errors(func: Callable[..., Any]) -> Callable[..., Any]:
@@ -26,6 +38,14 @@ def cli_errors(func: Callable[..., Any]) -> Callable[..., Any]:
             raise typer.Exit(code=130) from None
         except LayerwiseError as exc:
             err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            raise typer.Exit(code=2) from None
+        except (MemoryError, RuntimeError) as exc:  # nothing was written: outputs are staged
+            device = out_of_memory(exc)
+            if device is None:
+                raise
+            err_console.print(f"[bold red]error:[/] Out of {device} memory; nothing was written. Try a smaller "
+                              "--batch-size, --nsamples or --heal-batch-size, or a machine with more memory.",
+                              highlight=False, soft_wrap=True)
             raise typer.Exit(code=2) from None
         except KeyboardInterrupt:
             err_console.print("[bold red]interrupted[/]: no output was written.")

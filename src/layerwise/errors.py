@@ -45,5 +45,13 @@ class ExportError(LayerwiseError):
     """A model or plan cannot be expressed in the requested deployment format."""
 
 
+class TokenizerError(LayerwiseError):
+    """A model's tokenizer cannot be loaded, or fails to encode the text it is given."""
+
+
+class OutputWriteError(LayerwiseError):
+    """The disk refused a write (full, read-only, no permission); nothing half-written was left behind."""
+
+
 class HealInterrupted(LayerwiseError):
     """Healing was interrupted (Ctrl-C); a checkpoint was kept and ``--resume`` continues from it."""

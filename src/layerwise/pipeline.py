@@ -13,7 +13,7 @@ import torch
 from .version import __version__
 from .adapt_accel import AdaptAccel
 from .backends import ApplyContext, apply_plan, architecture_signature
-from .cache import atomic_write_json, staged_directory
+from .cache import atomic_write_json, staged_directory, writable_or_raise
 from .config import Budget, LatencySetting, RunSettings
 from .cost import measure_paired_latency, measure_size
 from .cost.analytic import model_costs
@@ -37,6 +37,7 @@ def ensure_output_free(out: str | Path, overwrite: bool, what: str = "Output dir
     """Fail before any work when the output (a directory, or a file named by ``what``) may not be replaced."""
     if Path(out).exists() and not overwrite:
         raise OutputExistsError(f"{what} {out} already exists; pass --overwrite to replace it.")
+    writable_or_raise(Path(out))
 
 
 def _record(command: str, model: dict[str, Any], settings: RunSettings, timings: Timings, **fields: Any) -> dict:

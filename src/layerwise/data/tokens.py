@@ -8,7 +8,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from ..cache import atomic_torch_save, cache_dir, torch_load_or_none
-from ..errors import DataError
+from ..errors import DataError, TokenizerError
 
 DOCUMENT_SEPARATOR = "\n\n"
 
@@ -20,13 +20,23 @@ def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+def encode(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
+    """The ids of ``text``; a tokenizer that cannot encode it (tokenizers raises a bare Exception) is a typed error."""
+    try:
+        return list(tokenizer(text)["input_ids"])
+    except Exception as exc:  # noqa: BLE001 - the tokenizers library raises plain Exception
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise TokenizerError(f"The tokenizer of {tokenizer.name_or_path or 'the model'} cannot encode the text: "
+                             f"{first}.") from exc
+
+
 def window_bos(tokenizer: PreTrainedTokenizerBase | None) -> int | None:
     """The BOS id every window must start with, when the tokenizer prepends one to a text (as Llama 2/3,
     Gemma, Mistral do); None when it adds none (SmolLM2, GPT-2, Qwen)."""
     bos = getattr(tokenizer, "bos_token_id", None)
     if tokenizer is None or bos is None:
         return None
-    ids = tokenizer("a")["input_ids"]
+    ids = encode(tokenizer, "a")
     return int(bos) if ids and ids[0] == bos else None
 
 
@@ -47,6 +57,6 @@ def tokenize_documents(tokenizer: PreTrainedTokenizerBase, documents: tuple[str,
     cached = torch_load_or_none(path)
     if isinstance(cached, torch.Tensor):
         return cached
-    ids = torch.tensor(tokenizer(text)["input_ids"], dtype=torch.long)
+    ids = torch.tensor(encode(tokenizer, text), dtype=torch.long)
     atomic_torch_save(ids, path)
     return ids

@@ -15,7 +15,8 @@ from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from ..cache import cache_dir, stable_hash, staged_directory
-from ..errors import LayerwiseError, ModelNotFoundError
+from ..data.tokens import encode
+from ..errors import LayerwiseError, ModelNotFoundError, TokenizerError
 from ..registry import Registry
 from .tiny import tiny_llama
 
@@ -99,7 +100,8 @@ def _load_layerwise_dir(spec: str) -> tuple[PreTrainedModel, PreTrainedTokenizer
         return model, tokenizer, f"layerwise directory {path}", meta
     from .restructure import load_restructured
 
-    model, tokenizer = load_restructured(path, structural), AutoTokenizer.from_pretrained(path)
+    tokenizer = load_tokenizer(path)
+    model = load_restructured(path, structural)
     return model, tokenizer, f"layerwise directory {path} (structure replayed from plan.json)", meta
 
 
@@ -132,12 +134,23 @@ PATH_KINDS = [
 
 
 def _from_pretrained_dir(path: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    tokenizer = load_tokenizer(path)  # first: it is quick, and a broken one fails before the weights load
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-        tokenizer = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError, SafetensorError) as exc:
         raise ModelNotFoundError(f"Cannot load the model directory {path}: {_first_line(exc)}") from exc
     return model, tokenizer
+
+
+def load_tokenizer(path: Path, **kwargs) -> PreTrainedTokenizerBase:
+    """The tokenizer stored at ``path``; one that does not load (a missing or corrupt tokenizer file) or cannot
+    encode plain text is a typed error naming the directory."""
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
+    except Exception as exc:  # noqa: BLE001 - tokenizers and transformers raise plain Exception and ValueError
+        raise TokenizerError(f"Cannot load the tokenizer of {path}: {_first_line(exc)}") from exc
+    encode(tokenizer, "Probe: one sentence, 2 numbers.")  # one that cannot encode plain text fails here, not later
+    return tokenizer
 
 
 def load_gguf_cached(path: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
