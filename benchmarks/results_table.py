@@ -71,3 +71,17 @@ def write_section(name: str, markdown: str, data: object, remark: str = "") -> N
     names = [n for n in ORDER if n in sections] + sorted(n for n in sections if n not in ORDER)
     body = "".join(f"\n<!-- section:{n} -->\n{sections[n]}<!-- /section:{n} -->\n" for n in names)
     RESULTS_MD.write_text(HEADER + body)
+
+
+def goal_verdict(ok: bool, target: float | None = None, spread: tuple[float, float] | None = None) -> str:
+    """'met' / 'not met', or 'within noise' when the target lies inside the measured spread (min–max over the
+    runs): a timing goal decided there is decided by chance, not by the plan."""
+    if spread is not None and target is not None and min(spread) <= target <= max(spread):
+        return "within noise"
+    return "met" if ok else "not met"
+
+
+def with_spread(value: float, spread: tuple[float, float] | None, spec: str) -> str:
+    """``value`` with its min–max spread, e.g. '91.0 (89.2–92.5)'."""
+    text = format(value, spec)
+    return f"{text} ({format(min(spread), spec)}–{format(max(spread), spec)})" if spread else text

@@ -13,6 +13,11 @@ def test_whole_model_latency_is_positive_and_consistent(tiny):
     assert report.prefill_ms > 0 and report.decode_ms_per_token > 0
     assert report.decode_tokens_per_s == pytest.approx(1000 / report.decode_ms_per_token, rel=1e-3)
     assert report.sublayers is None and report.setting.repeats == 3 and report.device == "cpu"
+    # the spread over the runs brackets the medians (goals inside it are reported as within noise)
+    low, high = report.prefill_ms_range
+    assert low <= report.prefill_ms <= high
+    low, high = report.decode_tokens_per_s_range
+    assert low <= report.decode_tokens_per_s <= high
 
 
 def test_sublayer_times_cover_every_sublayer_and_fit_inside_the_forward(tiny):
@@ -29,6 +34,7 @@ def test_sublayer_times_cover_every_sublayer_and_fit_inside_the_forward(tiny):
 def test_no_generation_means_no_decode_figures(tiny):
     report = measure_latency(tiny.model, LatencySetting(prompt_length=8, generation_length=0, repeats=1))
     assert report.prefill_ms > 0 and report.decode_ms_per_token is None and report.decode_tokens_per_s is None
+    assert report.decode_tokens_per_s_range is None and report.prefill_ms_range == (report.prefill_ms,) * 2
 
 
 def test_paired_latency_alternates_runs_and_cancels_the_machines_drift(tiny, monkeypatch):

@@ -20,7 +20,7 @@ from layerwise.options import PlanOptions, collect, flag_of
 EVALUATION_ONLY = {"--eval-text", "--max-windows", "--batch-size", "--tasks", "--limit", "--latency", "--no-latency",
                    "--eval-speedups", "--recover-steps", "--recover-lr", "--export", "--export-type",
                    "--paired-latency", "--separate-latency", "--resume", "--iterative-steps", "--kld", "--no-kld",
-                   "--reference"}
+                   "--reference", "--deploy-controls"}
 # healing's options: compress's, and exactly the `heal` command's
 HEALING = {flag for name in HealSetting.model_fields for flag in (
     heal_flag(name), *((f"--no-{heal_flag(name)[2:]}",) if HealSetting.model_fields[name].annotation is bool else ()))}

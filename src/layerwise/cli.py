@@ -51,6 +51,7 @@ Kld = Annotated[bool, typer.Option("--kld/--no-kld", help="KL divergence to the 
 Reference = Annotated[Optional[str], typer.Option("--reference", help="The KL divergence's reference model: a name, a directory, or a .gguf file (run in llama.cpp); default for compress/apply: the dense model the run started from.")]
 EmbeddingType = Annotated[Optional[str], typer.Option("--embedding-type", help="GGUF type of the token embedding in the export and in --max-bytes (default q8_0 for quantized plans).")]
 Export = Annotated[Optional[str], typer.Option("--export", help="Also write the compressed model for deployment: gguf (RUN/model.gguf, measured in llama.cpp beside the dense model).")]
+DeployControls = Annotated[Optional[str], typer.Option("--deploy-controls", help="With --export: also measure, beside the plan's file and on the same windows, recipe (llama.cpp's own recipe nearest in size, same importance matrix) and/or source (the GGUF file the model was loaded from, as distributed), comma-separated.")]
 ExportType = Annotated[str, typer.Option("--export-type", help="GGUF type of linears that stay float in the export: f32, f16 (default) or bf16.")]
 Engine = Annotated[str, typer.Option("--engine", help="pytorch (any model) or llama.cpp (a .gguf file).")]
 Threads = Annotated[Optional[int], typer.Option("--threads", help="llama.cpp threads (default: as many as PyTorch uses).")]
@@ -250,20 +251,31 @@ def _print_compression_table(record: dict, out: Path) -> None:
 
 
 def _print_deployment(deployment: dict, out: Path) -> None:
-    """Dense and compressed GGUF files as llama.cpp runs them: size, perplexity, prefill and decode speed."""
+    """Dense and compressed GGUF files as llama.cpp runs them, beside the controls when measured: size, KL
+    divergence to the dense export, perplexity, prefill and decode speed."""
     dense, compressed = deployment.get("dense") or {}, deployment["compressed"]
+    columns = {f"dense ({dense.get('outtype', 'float')})" if dense else "dense": dense, "compressed": compressed}
+    for name, control in (deployment.get("controls") or {}).items():
+        columns[_control_label(name, control)] = control
     table = Table(title=f"deployed in llama.cpp: {out / compressed['file']}")
     table.add_column("metric")
-    table.add_column(f"dense ({dense.get('outtype', 'float')})" if dense else "dense", justify="right")
-    table.add_column("compressed", justify="right")
-    table.add_row("GGUF file", fmt_bytes(dense["file_bytes"]) if dense else "",
-                  fmt_bytes(compressed["file_bytes"]))
-    dense_rows = dict(_measured_rows(dense)) if dense else {}
-    for label, value in _measured_rows(compressed):
-        table.add_row(f"{label} (llama.cpp)", dense_rows.get(label, ""), value)
+    for label in columns:
+        table.add_column(label, justify="right")
+    rows = {label: dict(_measured_rows(measured)) if measured else {} for label, measured in columns.items()}
+    table.add_row("GGUF file", *(fmt_bytes(m["file_bytes"]) if m else "" for m in columns.values()))
+    for metric in dict.fromkeys(metric for measured in rows.values() for metric in measured):
+        table.add_row(f"{metric} (llama.cpp)", *(rows[label].get(metric, "") for label in columns))
     console.print(table)
     for note in compressed["export"]["notes"]:
         console.print(f"note: {note}")
+
+
+def _control_label(name: str, control: dict) -> str:
+    if name == "recipe":
+        return f"llama.cpp {control['recipe']}{' + imatrix' if control.get('imatrix') else ''}"
+    if name == "source":
+        return f"as distributed ({control['file']})"
+    return name
 
 
 @app.command()
@@ -280,6 +292,7 @@ def compress(
     recover_lr: RecoverLr = 1e-4,
     export: Export = None,
     export_type: ExportType = "f16",
+    deploy_controls: DeployControls = None,
     threads: Threads = None,
     resume: Resume = False,
     iterative_steps: Annotated[int, typer.Option("--iterative-steps", min=1, help="width/depth: reach the budget in K pruning stages, re-scoring and re-allocating on the current model each time, with --heal's tokens split between the stages (Adapt-Pruner's Adapt-Accel).")] = 1,
@@ -296,14 +309,15 @@ def compress(
         if healing is not None:
             raise SettingsError(f"{options.source} has stages; put healing into a heal stage instead of --heal.")
         settings = _settings(**evaluation, recover_steps=recover_steps, recover_lr=recover_lr, threads=threads,
-                             deploy=_deploy(export or options.export, export_type, None),
+                             deploy=_deploy(export or options.export, export_type, None, deploy_controls),
                              heal=options.healing.model_dump() if options.healing else None)
         record = compress_staged(model, options, settings, out, overwrite, resume)
         _print_compression_table(record, out)
         return
     budget = options.budget()
     settings = _settings(**evaluation, **options.calibration(), recover_steps=recover_steps, recover_lr=recover_lr,
-                         threads=threads, deploy=_deploy(export, export_type, options.embedding_type),
+                         threads=threads, deploy=_deploy(export, export_type, options.embedding_type,
+                                                         deploy_controls),
                          heal=healing.model_dump() if healing else None)
     record = run_compress(model, budget, options.method, options.chosen_allocator, settings, out, overwrite,
                           options.nm, options.chosen_structure, _speedups(eval_speedups), resume, iterative_steps,
@@ -410,9 +424,12 @@ def export_command(
         console.print(f"note: {note}")
 
 
-def _deploy(export: Optional[str], export_type: str, embedding_type: Optional[str]) -> Optional[dict]:
-    """RunSettings.deploy from --export/--export-type/--embedding-type (None: no export)."""
+def _deploy(export: Optional[str], export_type: str, embedding_type: Optional[str],
+            controls: Optional[str] = None) -> Optional[dict]:
+    """RunSettings.deploy from --export/--export-type/--embedding-type/--deploy-controls (None: no export)."""
     if export is None:
+        if controls:
+            raise SettingsError("--deploy-controls measures files beside the exported one; add --export gguf.")
         return None
     if export != "gguf":
         raise SettingsError(f"Unknown --export format '{export}'; the supported one is gguf.")
@@ -421,7 +438,12 @@ def _deploy(export: Optional[str], export_type: str, embedding_type: Optional[st
     gguf_type(export_type)
     if embedding_type is not None:
         gguf_type(embedding_type)
-    return {"format": export, "outtype": export_type, "embedding_type": embedding_type}
+    from .deploy_controls import CONTROLS
+
+    chosen = [name.strip() for name in (controls or "").split(",") if name.strip()]
+    for name in chosen:
+        CONTROLS.get(name)  # an unknown one is one sentence naming the known
+    return {"format": export, "outtype": export_type, "embedding_type": embedding_type, "controls": chosen}
 
 
 @app.command()

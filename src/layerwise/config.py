@@ -107,6 +107,9 @@ class DeploySetting(BaseModel):
     embedding_type: Optional[str] = Field(None, description="GGUF type of the token embedding (default: q8_0 when "
                                                              "linears are quantized, else outtype)")
     measure: bool = Field(True, description="measure perplexity and latency of the file in llama.cpp")
+    controls: list[str] = Field(default_factory=list, description="files measured beside the plan's: recipe "
+                                "(llama.cpp's recipe nearest in size, same importance matrix), source (the GGUF "
+                                "file the model was loaded from)")
 
 
 HEAL_METHODS = ("kd", "lm", "lora")

@@ -4,10 +4,12 @@ so the run reports what the plan buys where the model will be served."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator, Optional
 
 from .cache import atomic_write_json, cache_dir, read_json, stable_hash
 from .config import RunSettings
@@ -20,14 +22,23 @@ from .models.fingerprint import model_fingerprint
 GGUF_FILE = "model.gguf"
 
 
-def measure_gguf(path: Path, loaded: LoadedModel, settings: RunSettings) -> dict[str, Any]:
+def measure_gguf(path: Path, loaded: LoadedModel, settings: RunSettings, reference: Path | None = None) -> dict[str, Any]:
     """Perplexity (the model's own tokenizer makes the protocol's ids) and latency of a GGUF file in llama.cpp,
-    each when ``settings`` asks for it."""
-    from .engines.llamacpp import llamacpp_latency
+    each when ``settings`` asks for it; with a ``reference`` GGUF file also the KL divergence to it on the same
+    windows (as ``llama-perplexity --kl-divergence``; that pass yields the perplexity too)."""
+    from .engines.llamacpp import LlamaCppModel, llamacpp_latency
     from .engines.llamacpp_eval import gguf_perplexity, gguf_size
+    from .engines.reference import llamacpp_logits
+    from .evaluate.kld import settings_kld
 
-    measured: dict[str, Any] = {**gguf_size(path), "ppl": None, "protocol": None, "latency": None}
-    if settings.perplexity:
+    measured: dict[str, Any] = {**gguf_size(path), "ppl": None, "protocol": None, "latency": None, "kld": None}
+    if settings.perplexity and reference is not None and settings.kld:
+        with LlamaCppModel(path, settings.seqlen, settings.threads) as model, \
+                LlamaCppModel(reference, settings.seqlen, settings.threads) as dense:
+            kld = settings_kld(llamacpp_logits(model), llamacpp_logits(dense), loaded.tokenizer, settings,
+                               f"dense export ({reference.name})", "gguf", "llama.cpp")
+        measured.update(ppl=kld.ppl, protocol=kld.protocol.model_dump(), kld=kld.model_dump(exclude={"protocol"}))
+    elif settings.perplexity:
         corpus = load_corpus(settings.corpus, settings.eval_text, settings.calib_text)
         result = gguf_perplexity(path, loaded.tokenizer, corpus, settings)
         measured.update(ppl=result.ppl, protocol=result.protocol.model_dump())
@@ -36,38 +47,53 @@ def measure_gguf(path: Path, loaded: LoadedModel, settings: RunSettings) -> dict
     return measured
 
 
-def dense_reference(loaded: LoadedModel, settings: RunSettings, timings: Timings) -> dict[str, Any]:
-    """The dense model exported as ``settings.deploy`` says and measured in llama.cpp; file facts and perplexity
-    are cached per weights and protocol, latency is measured anew (it belongs to this machine, now)."""
+@dataclass
+class DenseDeployment:
+    """The dense model exported as the run's deploy setting says, on disk while the run lasts: measured in
+    llama.cpp (``record``), the reference of every deployed file's KL divergence, and what the controls start
+    from (``imatrix``: the dense calibration profile's importance matrix, for llama.cpp's recipes)."""
+
+    path: Path
+    record: dict[str, Any]
+    imatrix: Optional[dict] = None
+
+
+@contextlib.contextmanager
+def dense_deployment(loaded: LoadedModel, settings: RunSettings, timings: Timings,
+                     imatrix: Optional[dict] = None) -> Iterator[DenseDeployment]:
+    """Export the dense model into a scratch folder removed when the block ends; file facts and perplexity are
+    cached per weights and protocol, latency is measured anew (it belongs to this machine, now)."""
     deploy = settings.deploy
-    if not deploy.measure:
-        return {}
-    key = stable_hash({"model": model_fingerprint(loaded.model), "deploy": deploy.model_dump(),
+    key = stable_hash({"model": model_fingerprint(loaded.model), "deploy": deploy.model_dump(exclude={"controls"}),
                        "protocol": [settings.corpus, settings.eval_text, settings.seqlen, settings.max_windows,
                                     settings.perplexity]})
-    path = cache_dir("deploy") / f"{key}.json"
-    cached = read_json(path)
-    if cached is not None and not settings.latency:
-        return {**cached, "latency": None, "outtype": deploy.outtype}
-    with timed(timings, "dense_deploy_s"), tempfile.TemporaryDirectory() as directory:
-        gguf = Path(directory) / GGUF_FILE
-        export_gguf(loaded, gguf, deploy.outtype, deploy.embedding_type)
-        if cached is None:
-            cached = measure_gguf(gguf, loaded, settings.model_copy(update={"latency": None}))
-            atomic_write_json(path, cached)
-        latency = measure_gguf(gguf, loaded, settings.model_copy(update={"perplexity": False}))["latency"] \
-            if settings.latency else None
-    return {**cached, "latency": latency, "outtype": deploy.outtype}
+    with tempfile.TemporaryDirectory(prefix="layerwise-dense-") as directory:
+        path = Path(directory) / GGUF_FILE
+        record: dict[str, Any] = {}
+        with timed(timings, "dense_deploy_s"):
+            export_gguf(loaded, path, deploy.outtype, deploy.embedding_type)
+            if deploy.measure:
+                cache = cache_dir("deploy") / f"{key}.json"
+                record = read_json(cache) or {}
+                if not record:
+                    record = measure_gguf(path, loaded, settings.model_copy(update={"latency": None}))
+                    atomic_write_json(cache, record)
+                latency = measure_gguf(path, loaded, settings.model_copy(update={"perplexity": False}))["latency"] \
+                    if settings.latency else None
+                record = {**record, "latency": latency, "outtype": deploy.outtype}
+        yield DenseDeployment(path, record, imatrix)
 
 
-def deploy_run(loaded: LoadedModel, settings: RunSettings, directory: Path, timings: Timings) -> dict[str, Any]:
-    """Export the (compressed) model into ``directory`` and measure the file in llama.cpp when asked."""
+def deploy_run(loaded: LoadedModel, settings: RunSettings, directory: Path, timings: Timings,
+               dense: DenseDeployment | None = None) -> dict[str, Any]:
+    """Export the (compressed) model into ``directory`` and measure the file in llama.cpp when asked, with its KL
+    divergence to the ``dense`` export when there is one."""
     deploy = settings.deploy
     path = directory / GGUF_FILE
     with timed(timings, "export_s"):
         report = export_gguf(loaded, path, deploy.outtype, deploy.embedding_type, overwrite=True)
     with timed(timings, "deploy_eval_s"):
-        measured = measure_gguf(path, loaded, settings) if deploy.measure else {}
+        measured = measure_gguf(path, loaded, settings, dense.path if dense else None) if deploy.measure else {}
     return {"file": GGUF_FILE, "sha256": _sha256(path), "export": report.model_dump(exclude={"path"}), **measured}
 
 

@@ -17,7 +17,8 @@ from .cache import atomic_write_json, staged_directory, writable_or_raise
 from .config import Budget, LatencySetting, RunSettings
 from .cost import measure_paired_latency, measure_size
 from .cost.analytic import model_costs
-from .deploy import deploy_run, dense_reference
+from .deploy import deploy_run, dense_deployment
+from .deploy_controls import measure_controls
 from .export import check_exportable
 from .environment import machine, versions
 from .healing import heal_measured
@@ -74,91 +75,107 @@ def run_plan(
     ``stages`` (Adapt-Accel, a staged recipe) the plan is made and applied stage by stage, healing included
     (``plan`` is then None).
     """
-    started = time.perf_counter() if started is None else started
-    timings = dict(timings or {})
-    ensure_output_free(out, overwrite)
-    dense_fingerprint = model_fingerprint(loaded.model)
-    dense_size = measure_size(loaded.model)
-    dense_costs = _costs(loaded, settings)
-    paired = settings.latency is not None and settings.latency.paired
-    alone = settings.model_copy(update={"latency": None}) if paired else settings  # latency is timed in pairs below
-    dense = measure_model(loaded, alone.model_copy(update={"tasks": []}), timings, "dense_", cached=True)
-    dense_kld = settings.kld and settings.perplexity and not settings.reference  # KLD against the dense model
-    # the dense model beside the compressed one: paired latency, healing's teacher, the KLD's reference
-    reference = copy.deepcopy(loaded.model) if paired or settings.heal or dense_kld else None
-    dense_deployed = dense_reference(loaded, settings, timings) if settings.deploy else None
-    calibration = calibration or CalibrationSource(loaded, settings)
-    healing = None
-    if stages is None:
-        with timed(timings, "apply_s"):
-            apply_plan(loaded.model, plan, ApplyContext(calibration))
-    else:  # each stage plans on the model the earlier ones left (healed, for Adapt-Accel)
-        with timed(timings, "stages_s"):
-            plan, healing = stages.run(loaded, reference, settings, out, resume, timings)
-    if settings.deploy:  # before any measuring: a plan the deployment format cannot express fails now
-        check_exportable(loaded.model)
-    if calibration.profile_from_cache is not None:
-        timings["profile_s"] = round(calibration.profile_seconds, 3)
-    recovery = _recover(loaded, settings, calibration, timings) if settings.recover_steps else None
-    if settings.heal and stages is None:
-        healing = heal_measured(loaded, reference, settings.heal, settings, timings, out, resume)
-    compressed = measure_model(loaded, alone, timings, "", cached=False)
-    kld = _kld(loaded, reference, settings, timings) if settings.kld and settings.perplexity else None
-    if paired:
-        with timed(timings, "latency_s"):
-            pair = measure_paired_latency(reference, loaded.model, settings.latency)
-        del reference
-        dense["latency"], compressed["latency"] = pair.reference.model_dump(), pair.model.model_dump()
-        speedup = pair.speedup
-    else:
-        speedup = measured_speedup(dense["latency"], compressed["latency"])
-    size = measure_size(loaded.model)
-    record = _record(
-        command,
-        {"spec": loaded.spec, "source": loaded.source},
-        settings,
-        timings,
-        method=plan.method,
-        allocator=plan.allocator,
-        budget=plan.budget.model_dump(exclude_none=True),
-        metrics={
-            "dense_ppl": dense.get("ppl"),
-            "ppl": compressed.get("ppl"),
-            "sparsity": size.sparsity,
-            "parameters": size.parameters,
-            "nonzero_parameters": size.nonzero_parameters,
-            "weight_bytes": size.weight_bytes,
-            "kld": kld,
-            "zeroshot": compressed["zeroshot"],
-            "latency": compressed["latency"],
-            "speedup": speedup,
-            "dense": {
-                **dense_size.as_dict(),
-                "fingerprint": dense_fingerprint,
-                "ppl_from_cache": dense.get("ppl_from_cache"),
-                "latency": dense["latency"],
+    with contextlib.ExitStack() as scope:  # the dense export (KLD reference, controls) lives while the run does
+        started = time.perf_counter() if started is None else started
+        timings = dict(timings or {})
+        ensure_output_free(out, overwrite)
+        dense_fingerprint = model_fingerprint(loaded.model)
+        dense_size = measure_size(loaded.model)
+        dense_costs = _costs(loaded, settings)
+        paired = settings.latency is not None and settings.latency.paired
+        alone = settings.model_copy(update={"latency": None}) if paired else settings  # latency is timed in pairs below
+        dense = measure_model(loaded, alone.model_copy(update={"tasks": []}), timings, "dense_", cached=True)
+        dense_kld = settings.kld and settings.perplexity and not settings.reference  # KLD against the dense model
+        # the dense model beside the compressed one: paired latency, healing's teacher, the KLD's reference
+        reference = copy.deepcopy(loaded.model) if paired or settings.heal or dense_kld else None
+        calibration = calibration or CalibrationSource(loaded, settings)
+        dense_deployed = scope.enter_context(dense_deployment(loaded, settings, timings, _control_imatrix(
+            loaded, settings, calibration))) if settings.deploy else None
+        healing = None
+        if stages is None:
+            with timed(timings, "apply_s"):
+                apply_plan(loaded.model, plan, ApplyContext(calibration))
+        else:  # each stage plans on the model the earlier ones left (healed, for Adapt-Accel)
+            with timed(timings, "stages_s"):
+                plan, healing = stages.run(loaded, reference, settings, out, resume, timings)
+        if settings.deploy:  # before any measuring: a plan the deployment format cannot express fails now
+            check_exportable(loaded.model)
+        if calibration.profile_from_cache is not None:
+            timings["profile_s"] = round(calibration.profile_seconds, 3)
+        recovery = _recover(loaded, settings, calibration, timings) if settings.recover_steps else None
+        if settings.heal and stages is None:
+            healing = heal_measured(loaded, reference, settings.heal, settings, timings, out, resume)
+        compressed = measure_model(loaded, alone, timings, "", cached=False)
+        kld = _kld(loaded, reference, settings, timings) if settings.kld and settings.perplexity else None
+        if paired:
+            with timed(timings, "latency_s"):
+                pair = measure_paired_latency(reference, loaded.model, settings.latency)
+            del reference
+            dense["latency"], compressed["latency"] = pair.reference.model_dump(), pair.model.model_dump()
+            speedup = pair.speedup
+        else:
+            speedup = measured_speedup(dense["latency"], compressed["latency"])
+        size = measure_size(loaded.model)
+        record = _record(
+            command,
+            {"spec": loaded.spec, "source": loaded.source},
+            settings,
+            timings,
+            method=plan.method,
+            allocator=plan.allocator,
+            budget=plan.budget.model_dump(exclude_none=True),
+            metrics={
+                "dense_ppl": dense.get("ppl"),
+                "ppl": compressed.get("ppl"),
+                "sparsity": size.sparsity,
+                "parameters": size.parameters,
+                "nonzero_parameters": size.nonzero_parameters,
+                "weight_bytes": size.weight_bytes,
+                "kld": kld,
+                "zeroshot": compressed["zeroshot"],
+                "latency": compressed["latency"],
+                "speedup": speedup,
+                "dense": {
+                    **dense_size.as_dict(),
+                    "fingerprint": dense_fingerprint,
+                    "ppl_from_cache": dense.get("ppl_from_cache"),
+                    "latency": dense["latency"],
+                },
+                "per_unit_sparsity": _per_unit_sparsity(loaded),
+                "costs": _costs(loaded, settings),
+                "recovery": {**recovery, "ppl_after": compressed.get("ppl")} if recovery else None,
+                "healing": {**healing, "ppl_after": compressed.get("ppl")} if healing else None,
+                "dense_costs": dense_costs,
+                "pruning_s": plan.details.get("search_s"),
+                **_structure_metrics(plan, loaded, dense["latency"], extra or {}),
             },
-            "per_unit_sparsity": _per_unit_sparsity(loaded),
-            "costs": _costs(loaded, settings),
-            "recovery": {**recovery, "ppl_after": compressed.get("ppl")} if recovery else None,
-            "healing": {**healing, "ppl_after": compressed.get("ppl")} if healing else None,
-            "dense_costs": dense_costs,
-            "pruning_s": plan.details.get("search_s"),
-            **_structure_metrics(plan, loaded, dense["latency"], extra or {}),
-        },
-        protocol=compressed.get("protocol"),
-        calibration={**calibration.describe(), "profile_from_cache": calibration.profile_from_cache},
-        plan=plan.model_dump(exclude_none=True),
-    )
-    with staged_directory(Path(out), overwrite) as staging:
-        with timed(timings, "save_s"):
-            save(loaded, staging, plan)
-        if settings.deploy:
-            record["deployment"] = {"dense": dense_deployed, "compressed": deploy_run(loaded, settings, staging, timings)}
-        timings["total_s"] = round(time.perf_counter() - started, 3)
-        record = Result.from_record(record).to_record()
-        atomic_write_json(staging / "result.json", record)
-    return record
+            protocol=compressed.get("protocol"),
+            calibration={**calibration.describe(), "profile_from_cache": calibration.profile_from_cache},
+            plan=plan.model_dump(exclude_none=True),
+        )
+        with staged_directory(Path(out), overwrite) as staging:
+            with timed(timings, "save_s"):
+                save(loaded, staging, plan)
+            if settings.deploy:
+                deployed = deploy_run(loaded, settings, staging, timings, dense_deployed)
+                record["deployment"] = {"dense": dense_deployed.record, "compressed": deployed}
+                if settings.deploy.controls and settings.deploy.measure:
+                    record["deployment"]["controls"] = measure_controls(loaded, settings, dense_deployed,
+                                                                        deployed["weight_bytes"], timings)
+            timings["total_s"] = round(time.perf_counter() - started, 3)
+            record = Result.from_record(record).to_record()
+            atomic_write_json(staging / "result.json", record)
+        return record
+
+
+def _control_imatrix(loaded: LoadedModel, settings: RunSettings, calibration: CalibrationSource) -> Optional[dict]:
+    """The dense model's importance matrix for llama.cpp's recipe control (taken before the plan changes the
+    model; None when no recipe control is asked for)."""
+    if "recipe" not in settings.deploy.controls or not settings.deploy.measure:
+        return None
+    from .export.gguf_export import profile_imatrix
+
+    return profile_imatrix(loaded.model, calibration.profile())
 
 
 def _kld(loaded: LoadedModel, dense: Optional[torch.nn.Module], settings: RunSettings, timings: Timings) -> dict:

@@ -31,6 +31,9 @@ class LatencyReport(BaseModel):
     device: str
     threads: int
     sublayers: Optional[dict[str, SublayerLatency]] = None
+    # the spread over the runs (min, max), so a reader can tell a difference from noise
+    prefill_ms_range: Optional[tuple[float, float]] = None
+    decode_tokens_per_s_range: Optional[tuple[float, float]] = None
 
 
 class _SublayerClock:
@@ -197,6 +200,10 @@ def latency_report(setting: LatencySetting, prefill: list[float], decode: list[f
         device=device,
         threads=threads,
         sublayers=sublayers,
+        prefill_ms_range=(round(1000 * min(prefill), 3), round(1000 * max(prefill), 3)),
+        decode_tokens_per_s_range=(round(setting.batch_size * steps / max(decode), 2),
+                                   round(setting.batch_size * steps / min(decode), 2)) if steps and min(decode) > 0
+        else None,
     )
 
 

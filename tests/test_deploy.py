@@ -1,0 +1,104 @@
+"""compress --export gguf measures the file the way GGUF users compare files: KL divergence to the dense export on
+the same windows, beside the controls they would otherwise pick (llama.cpp's recipe nearest in size with the same
+importance matrix, the GGUF file the model came from)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from test_cli import QUICK, invoke
+from typer.testing import CliRunner
+
+import layerwise
+from layerwise.cli import app
+from layerwise.deploy_controls import CONTROL_RECIPES
+from layerwise.engines.llamacpp_eval import gguf_size
+from layerwise.export import export_gguf
+from layerwise.export.llama_quantize import llama_quantize
+
+QUANT = ["compress", "--model", "tiny-llama", "--structure", "quant", "--allocator", "greedy", "--bits",
+         "f16,q8_0,q4_0", "--avg-bits", "6", "--export", "gguf", *QUICK]
+
+
+@pytest.fixture(scope="module")
+def controlled(tmp_path_factory):
+    """One run with both controls; the source control is the tiny model's own f16 export (tiny-llama is built
+    in code, so it has no GGUF of its own to come from)."""
+    import layerwise.deploy_controls as controls
+
+    directory = tmp_path_factory.mktemp("deploy")
+    source = Path(export_gguf(layerwise.load("tiny-llama"), directory / "distributed.gguf", "f16").path)
+    patch = pytest.MonkeyPatch()
+    patch.setattr(controls, "source_gguf", lambda loaded: source)
+    try:
+        result = CliRunner().invoke(app, [*QUANT, "--deploy-controls", "recipe,source", "--out", str(directory / "run")],
+                                    env={"COLUMNS": "240"})  # the table's five columns unwrapped
+    finally:
+        patch.undo()
+    assert result.exit_code == 0, result.output
+    return directory, result, json.loads((directory / "run" / "result.json").read_text())
+
+
+def test_the_deployed_file_carries_its_kld_to_the_dense_export(controlled):
+    _, _, record = controlled
+    compressed = record["deployment"]["compressed"]
+    kld = compressed["kld"]
+    assert kld["reference"] == "dense export (model.gguf)"
+    assert 0 < kld["mean"] <= kld["max"] and kld["median"] <= kld["p99"] <= kld["p999"] <= kld["max"]
+    assert 0.5 < kld["same_top"] <= 1.0 and kld["tokens"] == compressed["protocol"]["predicted_tokens"]
+    assert compressed["ppl"] == pytest.approx(kld["ppl"], rel=1e-9)  # one llama.cpp pass gives both
+    assert kld["reference_ppl"] == pytest.approx(record["deployment"]["dense"]["ppl"], rel=1e-6)
+
+
+def test_the_kld_pass_gives_the_same_perplexity_as_the_perplexity_pass(controlled, tmp_path):
+    _, _, record = controlled
+    result = invoke(*QUANT, "--no-kld", "--out", str(tmp_path / "plain"))
+    assert result.exit_code == 0, result.output
+    plain = json.loads((tmp_path / "plain" / "result.json").read_text())["deployment"]["compressed"]
+    assert plain["kld"] is None
+    assert plain["ppl"] == pytest.approx(record["deployment"]["compressed"]["ppl"], rel=1e-6)
+
+
+def test_the_recipe_control_is_llamacpps_recipe_nearest_in_size(controlled, tmp_path):
+    directory, result, record = controlled
+    ours = record["deployment"]["compressed"]["weight_bytes"]
+    control = record["deployment"]["controls"]["recipe"]
+    assert control["recipe"] in CONTROL_RECIPES and control["imatrix"] is True
+    dense = tmp_path / "dense.gguf"
+    export_gguf(layerwise.load("tiny-llama"), dense, "f16")
+    sizes = {}
+    for recipe in CONTROL_RECIPES:
+        sizes[recipe] = gguf_size(llama_quantize(dense, tmp_path / f"{recipe}.gguf", recipe))["weight_bytes"]
+    assert control["weight_bytes"] == sizes[control["recipe"]]
+    assert abs(sizes[control["recipe"]] - ours) == min(abs(size - ours) for size in sizes.values())
+    assert 0 < control["kld"]["mean"] and control["kld"]["reference"] == "dense export (model.gguf)"
+    assert f"llama.cpp {control['recipe']} + imatrix" in result.stdout  # a column of the deployment table
+
+
+def test_the_source_control_is_the_file_as_distributed(controlled):
+    _, result, record = controlled
+    source = record["deployment"]["controls"]["source"]
+    assert source["file"] == "distributed.gguf"
+    # the tiny model's own f16 file is what the dense export writes again: nothing differs
+    assert source["kld"]["mean"] == pytest.approx(0.0, abs=1e-9) and source["kld"]["same_top"] == 1.0
+    assert "as distributed (distributed.gguf)" in result.stdout
+
+
+def test_a_model_without_a_source_file_has_no_source_control(tmp_path):
+    result = invoke(*QUANT, "--deploy-controls", "source", "--out", str(tmp_path / "run"))
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "run" / "result.json").read_text())["deployment"]["controls"] == {}
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    (["--deploy-controls", "recipe"], "--deploy-controls measures files beside the exported one; add --export gguf"),
+    (["--export", "gguf", "--deploy-controls", "nearest"],
+     "Unknown deployment control 'nearest'; choose one of: recipe, source"),
+])
+def test_deploy_control_errors_are_one_sentence(tmp_path, extra, message):
+    result = invoke("compress", "--model", "tiny-llama", *extra, "--out", str(tmp_path / "o"), *QUICK)
+    assert result.exit_code == 2, result.output
+    assert message in " ".join(result.stderr.split())
+    assert not (tmp_path / "o").exists()
