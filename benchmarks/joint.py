@@ -83,15 +83,11 @@ def main() -> None:
     joint = settings(max_windows=args.windows, nsamples=args.joint_windows, calib_seqlen=128, seed=args.seed)
     runs = {
         ("speed", "sprint (removal only)"): dict(budget=Budget.for_depth(args.speedup), structure="depth",
-                                                 retarget=lambda measured, predicted: Budget.for_depth(
-                                                     args.speedup * predicted / measured),
                                                  allocator="sprint", settings=settings(
                                                      max_windows=args.windows, nsamples=8, calib_seqlen=256,
                                                      seed=args.seed)),
         ("speed", f"rl (width only, ratio {args.width_ratio:g})"): dict(
-            budget=Budget.for_width(args.width_ratio), structure="width", allocator="rl",
-            retarget=lambda measured, predicted: Budget.for_width(
-                args.width_ratio * (1 - 1 / args.speedup) / (1 - 1 / measured)),
+            budget=Budget.for_width(args.width_ratio), structure="width", allocator="rl", guarded_ratio=True,
             settings=settings(max_windows=args.windows, nsamples=32, seed=args.seed)),
         **{("speed", f"joint {s}"): dict(budget=Budget.for_joint(None, args.speedup), structure="joint", allocator=s,
                                          candidates=args.speed_candidates, settings=joint) for s in SEARCHERS},
@@ -113,22 +109,35 @@ def main() -> None:
     records = {}
     for (budget, label), run in runs.items():
         run = dict(run)
-        retarget = run.pop("retarget", None)
-        records[(budget, label)] = record = run_row(args, budget, label, run, max_bytes)
-        measured = (record["metrics"].get("speedup") or {}).get("total")
-        if retarget is not None and measured and abs(measured / args.speedup - 1) > SPEED_TOLERANCE:
-            # a single-action search has no guard: one correction of its budget by its own measured error, so
-            # the comparison also has a row near the budget (the first stays, as the search gave it)
-            predicted = record["plan"]["prediction"].get("speedup") or args.speedup
-            again = {**run, "budget": retarget(measured, predicted)}
-            shown = ", ".join(f"{key.replace('_', ' ')} {value:.3g}"
-                              for key, value in again["budget"].model_dump(exclude_none=True).items())
-            name = f"{label.split(' (')[0]} ({label.split(' (')[1].rstrip(')')}, retargeted: {shown})"
-            records[(budget, name)] = run_row(args, budget, name, again, max_bytes, suffix="-retargeted")
+        if run.pop("guarded_ratio", False):
+            records[(budget, label)] = guarded_width(args, budget, label, run, max_bytes)
+        else:
+            records[(budget, label)] = run_row(args, budget, label, run, max_bytes)
     write_results(records, max_bytes, args)
 
 
 SPEED_TOLERANCE = 0.05  # a speed budget is honoured when the plan measures at least 95% of it
+
+
+def guarded_width(args: argparse.Namespace, budget: str, label: str, run: dict, max_bytes: int) -> dict:
+    """Width pruning's rows get the speed guard the library gives depth and the joint search (its budget is a
+    ratio, not a speedup, so the guard runs here): the same rounds and the same paired measurement, and when the
+    plan measures short of the target the ratio is raised so that the time saved grows by the error. The row is
+    the last round's; its plan records every round like the others' guards."""
+    from layerwise import Budget
+    from layerwise.structures.speed_guard import GUARD_ROUNDS
+
+    ratio, history, record = args.width_ratio, [], {}
+    for attempt in range(GUARD_ROUNDS):
+        suffix = "" if attempt == 0 else f"-guard{attempt + 1}"
+        record = run_row(args, budget, label, {**run, "budget": Budget.for_width(ratio)}, max_bytes, suffix)
+        measured = record["metrics"]["speedup"]["total"]
+        history.append({"ratio": round(ratio, 4), "measured": round(measured, 4), "budget": args.speedup})
+        if measured >= args.speedup or attempt == GUARD_ROUNDS - 1:
+            break
+        ratio = min(0.95, ratio * (1 - 1 / args.speedup) / (1 - 1 / measured))
+    record["plan"].setdefault("details", {})["speed_guard"] = history
+    return record
 
 
 def honours(entry: dict, budget: str, max_bytes: int, speedup: float) -> bool:
@@ -160,6 +169,19 @@ def run_row(args: argparse.Namespace, budget: str, label: str, run: dict, max_by
     return record
 
 
+def guard_line(rounds: list[dict], repair_evaluations: int | None) -> str:
+    """One guard's rounds in words: each measurement, what it was planned under, how it was planned again."""
+    def one(r: dict) -> str:
+        planned = (f"width ratio {r['ratio']:.3f}" if "ratio" in r
+                   else f"predicted {r['predicted']:.2f}x under a {r['budget']:.2f}x budget")
+        return f"{r['measured']:.2f}x ({planned})"
+
+    again = len(rounds) - 1
+    how = (f"; planned again {again}x" + (f", {repair_evaluations} repair evaluations counted as candidates"
+                                          if repair_evaluations else "") if again else "; not planned again")
+    return "measured " + " → ".join(one(r) for r in rounds) + how
+
+
 def write_results(records: dict, max_bytes: int, args: argparse.Namespace) -> None:
     rows, data = [], []
     for (budget, label), record in records.items():
@@ -167,7 +189,9 @@ def write_results(records: dict, max_bytes: int, args: argparse.Namespace) -> No
         details = plan.get("details", {})
         speedup = (metrics.get("speedup") or {}).get("total")
         predicted = plan["prediction"].get("predicted_speedup") or plan["prediction"].get("speedup")
-        evaluations = details.get("evaluations")
+        # every scored candidate counts, the speed guard's repair steps included
+        evaluations = (None if details.get("evaluations") is None
+                       else details["evaluations"] + (details.get("repair_evaluations") or 0))
         entry = {"budget": budget, "plan": label, "ppl": metrics["ppl"], "file_bytes": record.get("file_bytes"),
                  "measured_speedup": speedup, "predicted_speedup": predicted, "evaluations": evaluations,
                  "plan_s": record["timings"]["plan_s"], "calibration_kl": plan["prediction"].get("calibration_kl"),
@@ -232,12 +256,7 @@ def write_results(records: dict, max_bytes: int, args: argparse.Namespace) -> No
                                 + ("; it measures more than 5% faster than asked" if off > SPEED_TOLERANCE else "") + ".")
     for e in data:
         if e["speed_guard"]:
-            rounds = " → ".join(f"{r['measured']:.2f}x (predicted {r['predicted']:.2f}x under a {r['budget']:.2f}x budget)"
-                                for r in e["speed_guard"])
-            repairs = len(e["speed_guard"]) - 1
-            repaired = (f"; repaired {repairs}x, least damaging steps first ({e['repair_evaluations']} evaluations "
-                        "beyond the search's)" if repairs else "; not repaired")
-            findings.append(f"- speed guard of {e['plan']}: measured {rounds}{repaired}.")
+            findings.append(f"- speed guard of {e['plan']}: {guard_line(e['speed_guard'], e['repair_evaluations'])}.")
     costs = [(e["budget"], e["plan"], e["candidate_cost_ratio"]) for e in data if e["candidate_cost_ratio"] is not None]
     findings.append("- Candidate cost against a warm dense pass over the same tokens (median full-stage candidate, swap "
                     "and first-use quantization of its levels included): "
@@ -258,10 +277,11 @@ def write_results(records: dict, max_bytes: int, args: argparse.Namespace) -> No
         f"first step: 1 window); every joint searcher gets the same evaluations ({args.bytes_candidates} at the byte budget, "
         f"{args.speed_candidates} at the speed budget: greedy's probes plus one). Single-action rows: uniform q4_k "
         "and the greedy GGUF-type allocator (error sensitivity, 32 x 512 calibration) at the same bytes; SPRINT at "
-        f"the same predicted speedup; RL-Allocator width pruning at ratio {args.width_ratio:g} (about 1.5x "
-        f"measured in the width section); a single-action speed row that measures more than 5% off the budget is "
-        "run once more with its budget corrected by its own error (the target × predicted / measured for SPRINT, the "
-        f"ratio scaled so the time saved matches for width), since these searches have no guard. Wiki PPL on all {args.windows} windows (dense "
+        f"the same predicted speedup; RL-Allocator width pruning starting at ratio {args.width_ratio:g}. Every "
+        "speed row goes through the same measured guard: up to 3 paired measurements of the plan, and after one "
+        "short of the target a plan for a budget raised by the error (SPRINT and the joint searches: the predicted "
+        "speedup × predicted / measured; width: the ratio scaled so the time saved grows by the error); the "
+        "candidates column counts the guard's repair evaluations too. Wiki PPL on all {args.windows} windows (dense "
         f"{first['metrics']['dense_ppl']:.2f}); bytes read back from each plan's exported GGUF file.\n\n"
         + markdown_table(["budget", "plan", "wiki PPL", "GGUF tensor bytes", "speedup pred. / meas.",
                           "candidates", "calib. KL", "plan (s)"], rows)

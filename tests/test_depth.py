@@ -307,3 +307,44 @@ def test_depth_input_errors_are_one_sentence(tmp_path, args, message):
     assert result.exit_code == 2, result.output
     assert message in " ".join(result.stderr.split())
     assert not (tmp_path / "o").exists()
+
+
+def test_depth_speed_guard_plans_again_until_the_removals_measure_the_target(tmp_path, monkeypatch):
+    """The same guard as the joint search's: a machine where removals pay less than the table says (time is a
+    fixed cost of three times the dense parameters plus the parameters left) measures the 1.1x plan short; the
+    guard raises the predicted budget by the error and plans again, up to three measurements."""
+    from types import SimpleNamespace
+
+    def parameters(model) -> float:
+        return float(sum(p.numel() for p in model.parameters()))
+
+    def sublinear(reference, model, setting=None):
+        dense, kept = parameters(reference), parameters(model)
+        return SimpleNamespace(speedup={"total": (3 * dense + dense) / (3 * dense + kept)})
+
+    # the table: every sublayer's share of the time its parameters' share (no fixed cost)
+    tiny = layerwise.load("tiny-llama")
+    adapter = get_adapter(tiny.model)
+    share = {kind: parameters(next(s.module for s in adapter.all_sublayers() if s.kind == kind))
+             for kind in ("attention", "mlp")}
+    table = fake_table(share["attention"], share["mlp"], parameters(tiny.model))
+    monkeypatch.setattr("layerwise.structures.depth.measure_latency_table", lambda *a, **k: table)
+    monkeypatch.setattr("layerwise.cost.measure_paired_latency", sublinear)
+    out = tmp_path / "plan.json"
+    result = CliRunner().invoke(app, ["plan", "--model", "tiny-llama", "--structure", "depth", "--allocator",
+                                      "drop-last", "--target-speedup", "1.1", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    plan = json.loads(out.read_text())
+    rounds = plan["details"]["speed_guard"]
+    assert rounds[0]["budget"] == 1.1 and rounds[0]["predicted"] >= 1.1 > rounds[0]["measured"]
+    for before, after in zip(rounds, rounds[1:]):
+        assert after["budget"] == pytest.approx(before["budget"] * before["predicted"] / before["measured"], rel=1e-3)
+        assert after["predicted"] >= after["budget"] - 1e-4  # planned again for the raised budget
+    assert len(rounds) >= 2 and (rounds[-1]["measured"] >= 1.1 or len(rounds) == 3)
+    assert len(plan["actions"]) > 1 and plan["prediction"]["speedup"] == pytest.approx(rounds[-1]["predicted"])
+    unguarded = CliRunner().invoke(app, ["plan", "--model", "tiny-llama", "--structure", "depth", "--allocator",
+                                         "drop-last", "--target-speedup", "1.1", "--no-speed-guard", "--out",
+                                         str(tmp_path / "plain.json")])
+    assert unguarded.exit_code == 0, unguarded.output
+    plain = json.loads((tmp_path / "plain.json").read_text())
+    assert plain["details"]["speed_guard"] == [] and len(plain["actions"]) < len(plan["actions"])

@@ -81,3 +81,19 @@ def test_paired_latency_sees_a_model_that_is_slower_by_a_known_amount(tiny):
     assert pair.speedup["total"] < 0.7 and pair.speedup["decode"] is None
     assert pair.speedup["total"] == pytest.approx(pair.speedup["prefill"], rel=0.02)  # no decode: about all prefill
     assert pair.reference.prefill_ms > 0 and pair.model.decode_ms_per_token is None
+
+
+def test_a_latency_table_never_saves_more_than_the_sublayers_take(tiny):
+    """Removing every sublayer cannot save more than the model takes less its embedding, norms and head (the
+    floor, timed with every sublayer gone); noisy timings that claim more are scaled down and say so."""
+    from layerwise.cost.latency_table import consistent_scale, measure_latency_table
+    from layerwise.models import get_adapter
+
+    assert consistent_scale(30.0, 60.0) == 1.0 and consistent_scale(0.0, 10.0) == 1.0
+    assert consistent_scale(120.0, 90.0) == pytest.approx(0.75) and consistent_scale(50.0, -5.0) == 0.0
+    table = measure_latency_table(tiny, LatencySetting(prompt_length=8, generation_length=2, repeats=1))
+    kinds = [s.kind for s in get_adapter(tiny.model).all_sublayers()]
+    assert table.floor_ms is not None and 0 < table.floor_ms and 0 <= table.scaled <= 1.0
+    # (on a busy machine the floor can even time above the whole model: then nothing is predicted to save time)
+    assert table.saved_ms(kinds) <= max(table.total_ms - table.floor_ms, 0.0) + 1e-3
+    assert table.predicted_speedup(kinds) <= max(table.total_ms / table.floor_ms, 1.0) * (1 + 1e-3)  # (rounding)

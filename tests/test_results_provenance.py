@@ -103,3 +103,17 @@ def test_the_deployment_goals_need_both_controls_beaten_by_the_margin():
     assert q4_verdict(deployment._goals(state(0.0160, 0.0190, size=101), args)) == "not met"  # over the bytes
     q3 = next(g for g in deployment._goals(state(0.0160, 0.0190), args) if g.startswith("greedy at ≤ Q3_K_M"))
     assert q3.endswith("not met")  # -20% is short of Q3_K_M's 25%
+
+
+def test_every_speed_rows_guard_reads_the_same_way():
+    """The joint benchmark reports SPRINT's, width's and the joint searches' guards in one form."""
+    from benchmark_scripts import benchmark_module
+
+    joint = benchmark_module("joint")
+    searched = [{"predicted": 1.5, "measured": 1.38, "budget": 1.5}, {"predicted": 1.63, "measured": 1.52,
+                                                                      "budget": 1.6304}]
+    assert joint.guard_line(searched, 12) == ("measured 1.38x (predicted 1.50x under a 1.50x budget) → 1.52x "
+                                              "(predicted 1.63x under a 1.63x budget); planned again 1x, 12 repair "
+                                              "evaluations counted as candidates")
+    width = [{"ratio": 0.4, "measured": 1.55, "budget": 1.5}]
+    assert joint.guard_line(width, None) == "measured 1.55x (width ratio 0.400); not planned again"

@@ -10,6 +10,7 @@ from pydantic import BaseModel
 from torch import nn
 
 from ..config import LatencySetting
+from ..errors import LayerwiseError
 from ..models.adapter import ModelAdapter, get_adapter
 from ..models.loading import LoadedModel
 from ..registry import Registry
@@ -26,6 +27,11 @@ class LatencyTable(BaseModel):
     sublayer_ms: dict[str, float]
     probe_removed: dict[str, int]
     engine: str = "pytorch"
+    # the model with every sublayer removed (embedding, norms, head): what no removal can save
+    floor_ms: float | None = None
+    # the factor the per-sublayer times were scaled by so that removing every sublayer saves no more than
+    # total_ms - floor_ms (1.0: the timings were consistent as measured; below 1: noise had inflated them)
+    scaled: float = 1.0
 
     def saved_ms(self, kinds: list[str]) -> float:
         return sum(self.sublayer_ms[kind] for kind in kinds)
@@ -67,11 +73,37 @@ def measure_latency_table(loaded: LoadedModel | nn.Module, setting: LatencySetti
         with temporarily_removed(model, probe):
             reduced[kind] = total_ms(loaded, setting)
         probes[kind] = probe
+    counts = {kind: sum(1 for s in adapter.all_sublayers() if s.kind == kind) for kind in KINDS}
+    floor = _floor_ms(loaded, setting, total_ms)
     full = (before + total_ms(loaded, setting)) / 2  # timed before and after the probes: drift cancels
-    per_kind = {kind: round(max(full - reduced[kind], 0.0) / len(probes[kind]), 4) for kind in KINDS}
-    return LatencyTable(setting=setting, total_ms=round(full, 3), sublayer_ms=per_kind,
+    per_kind = {kind: max(full - reduced[kind], 0.0) / len(probes[kind]) for kind in KINDS}
+    scale = consistent_scale(sum(per_kind[kind] * counts[kind] for kind in KINDS), full - (floor or 0.0))
+    return LatencyTable(setting=setting, total_ms=round(full, 3),
+                        sublayer_ms={kind: round(ms * scale, 4) for kind, ms in per_kind.items()},
                         probe_removed={kind: len(probe) for kind, probe in probes.items()},
-                        engine=MODEL_LATENCY.canonical(engine))
+                        engine=MODEL_LATENCY.canonical(engine), floor_ms=None if floor is None else round(floor, 3),
+                        scaled=round(scale, 4))
+
+
+def _floor_ms(loaded: LoadedModel, setting: LatencySetting, total_ms: ModelLatency) -> float | None:
+    """The model timed with every sublayer removed; None where the engine cannot run such a model (llama.cpp's
+    GGUF files need a decoder block with weights), and then the whole model is the bound."""
+    from ..backends.depth import temporarily_removed
+
+    with temporarily_removed(loaded.model, [s.name for s in get_adapter(loaded.model).all_sublayers()]):
+        try:
+            return total_ms(loaded, setting)
+        except LayerwiseError:
+            return None
+
+
+def consistent_scale(saved_by_everything: float, removable: float) -> float:
+    """The factor that keeps a table honest: removing every sublayer cannot save more than the time they take
+    (the whole model less what stays: embedding, norms, head). Timings of a small or busy model can claim
+    more; then every entry shrinks by the same factor, and the table records it."""
+    if saved_by_everything <= 0.0 or saved_by_everything <= removable:
+        return 1.0
+    return max(removable, 0.0) / saved_by_everything
 
 
 class WidthLatencyTable(BaseModel):

@@ -11,9 +11,11 @@ from ..cost import measure_latency_table
 from ..errors import BudgetError, LayerwiseError
 from ..formatting import fmt
 from ..measure import measured_speedup
+from ..backends import remove_sublayers
 from ..models import LoadedModel, get_adapter
 from ..plan import Plan, RemoveAction, TuneSpec
 from .base import PlanRequest, Structure, StructureOptions, check_params, option, register
+from .speed_guard import guard_speed, speedup_of
 
 if TYPE_CHECKING:
     from ..options import PlanOptions
@@ -25,6 +27,10 @@ class DepthOptions(StructureOptions):
     target_speedup: Optional[float] = option("depth: remove sublayers until this predicted speedup; joint: at "
                                              "least this predicted speedup.", budget=True)
     num_remove_sublayers: Optional[int] = option("depth: remove exactly this many sublayers.", budget=True)
+    speed_guard: Optional[bool] = option("depth, joint: measure the chosen plan's speedup as results are measured "
+                                         "and, when it falls short of --target-speedup, raise the predicted budget "
+                                         "by the error and plan again, up to 3 measurements (default on).",
+                                         "--speed-guard/--no-speed-guard")
 
 
 @register
@@ -50,7 +56,7 @@ class Depth(Structure):
             raise BudgetError("Depth pruning needs --target-speedup or --num-remove-sublayers.")
         if nm is not None:
             raise BudgetError("--nm applies to unstructured sparsity, not to depth pruning.")
-        check_params(DEPTH_ALLOCATORS.get(allocator), allocator, params)
+        check_params(DEPTH_ALLOCATORS.get(allocator), allocator, self.own(params)[1])
         return "remove", allocator, None
 
     def plan(self, request: PlanRequest) -> Plan:
@@ -59,18 +65,36 @@ class Depth(Structure):
         settings = request.calibration.settings if request.calibration is not None else None
         setting = (settings.latency if settings is not None else None) or LatencySetting()
         engine = (settings.latency_engine if settings is not None else None) or "pytorch"
+        options, params = self.own(request.params)
         table = measure_latency_table(request.loaded, setting, engine)
         context = DepthContext(model=model, latency=table, calibration=request.calibration, seed=request.seed,
                                batch_size=settings.calib_batch_size if settings else 8, on_step=request.on_step)
-        allocation = DEPTH_ALLOCATORS.get(request.allocator)(context, request.budget, **request.params)
+        allocate = DEPTH_ALLOCATORS.get(request.allocator)
+        allocation = allocate(context, request.budget, **params)
+        guard: list[dict[str, float]] = []
+        if request.budget.target_speedup is not None and options.get("speed_guard", True):
+            def kinds_of(removed: list[str]) -> list[str]:
+                return [get_adapter(model).sublayer(name).kind for name in removed]
+
+            def replan(_, budget: float):
+                try:
+                    return allocate(context, Budget.for_depth(target_speedup=budget), **params)
+                except BudgetError:  # nothing left to remove for the raised budget
+                    return None
+
+            allocation, guard = guard_speed(
+                request.budget.target_speedup, allocation,
+                lambda found: speedup_of(request.loaded, lambda trial: remove_sublayers(trial, found.removed),
+                                         setting, engine),
+                lambda found: table.predicted_speedup(kinds_of(found.removed)), replan)
         tuning = allocation.tuning
         actions = [RemoveAction(unit=name, tune=TuneSpec(**tuning[name]) if name in tuning else None)
                    for name in allocation.removed]
         kinds = [get_adapter(model).sublayer(name).kind for name in allocation.removed]
         prediction = {"speedup": round(table.predicted_speedup(kinds), 4), "latency_table": table.model_dump()}
         details = {**allocation.details, "search_s": allocation.seconds,
-                   "steps": [asdict(step) for step in allocation.steps]}
-        return request.plan(actions, allocation.params, details, prediction)
+                   "steps": [asdict(step) for step in allocation.steps], "speed_guard": guard}
+        return request.plan(actions, {**allocation.params, **options}, details, prediction)
 
     def stage_budget(self, budget: Budget, stage: int, stages: int) -> Budget:
         """An equal share per stage: the K-th root of the target speedup (each stage's latency table is timed

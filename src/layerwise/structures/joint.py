@@ -23,6 +23,7 @@ from ..cost.typed_latency import DECODE_LATENCY
 from ..plan import Plan, QuantizeAction, RemoveAction, SliceAction
 from .base import PlanRequest, Structure, StructureOptions, check_params, option, register
 from .depth import DepthOptions
+from .speed_guard import guard_speed, speedup_of
 from .quant import QuantOptions
 
 if TYPE_CHECKING:
@@ -54,9 +55,7 @@ class JointOptions(StructureOptions):
     candidates: Optional[int] = option("joint: candidate evaluations the search may spend (default 200).")
     first_stage_windows: Optional[int] = option("joint: calibration windows of the first, cheap scoring step "
                                                 "(default 1; the second uses all).")
-    speed_guard: Optional[bool] = option("joint: measure the chosen plan's speedup and, when it falls short of "
-                                         "--target-speedup, tighten the predicted budget by the error and repair "
-                                         "the plan, up to 3 measurements (default on).", "--speed-guard/--no-speed-guard")
+    speed_guard: Optional[bool] = DepthOptions.model_fields["speed_guard"]
     workers: Optional[int] = option("joint: score candidates on this many Ray workers (0: in this process).")
     ray_address: Optional[str] = option("joint: join the Ray cluster at this address instead of starting one.")
 
@@ -158,8 +157,9 @@ class Joint(Structure):
 
                 measure = (typed_speedup(request, space, actions, setting, engine, embedding_type) if typed
                            else paired_speedup(request, actions, setting))
-                genome, guard = guard_speed(space, genome, measure,
-                                            lambda genome: least_damaging_repair(space, evaluator, genome))
+                genome, guard = guard_speed(request.budget.target_speedup, genome, measure,
+                                            lambda genome: space.costs(genome)["predicted_speedup"],
+                                            lambda genome, budget: repaired_for(space, evaluator, genome, budget))
             score = evaluator.score([genome], len(setup.stage_windows) - 1)[0]  # memoised unless repaired
         finally:
             evaluator.close()
@@ -205,24 +205,25 @@ class Joint(Structure):
                         f"{metrics['evaluations']} ({fmt(metrics.get('candidate_cost_ratio'), '.2f')}x)")]
 
 
-GUARD_ROUNDS = 3  # measurements of the plan, at most
-
-
 def paired_speedup(request: PlanRequest, actions: Callable[[Genome], list], setting: LatencySetting
                    ) -> Callable[[Genome], float]:
     """PyTorch: the genome's removals and slices applied to a copy of the model, timed in alternating runs with the
-    dense model (``measure_paired_latency``), the way the result is measured (types do not change its speed)."""
-    import copy
-
+    dense model, the way the result is measured (types do not change its speed)."""
     from ..backends import ApplyContext, apply_plan
-    from ..cost import measure_paired_latency
 
     def measure(genome: Genome) -> float:
         structure = [a for a in actions(genome) if isinstance(a, (RemoveAction, SliceAction))]
-        trial = copy.deepcopy(request.loaded.model)
-        apply_plan(trial, request.plan(structure, {}, {}), ApplyContext(request.calibration))
-        return measure_paired_latency(request.loaded.model, trial, setting).speedup["total"]
+        return speedup_of(request.loaded, lambda trial: apply_plan(trial, request.plan(structure, {}, {}),
+                                                                    ApplyContext(request.calibration)),
+                          setting, "pytorch")
     return measure
+
+
+def repaired_for(space: JointSpace, evaluator, genome: Genome, budget: float) -> Genome | None:
+    """The guard's re-plan for the joint search: the space's speed budget raised to ``budget``, the genome
+    repaired by its least damaging cheaper moves."""
+    space.budgets = Budgets(space.budgets.max_bytes, budget)
+    return least_damaging_repair(space, evaluator, genome)
 
 
 def typed_speedup(request: PlanRequest, space: JointSpace, actions: Callable[[Genome], list],
@@ -250,34 +251,6 @@ def typed_speedup(request: PlanRequest, space: JointSpace, actions: Callable[[Ge
                        embedding_type)
         return dense / max(trial, 1e-9)
     return measure
-
-
-def guard_speed(space: JointSpace, genome: Genome, measure: Callable[[Genome], float],
-                repair: Callable[[Genome], Genome | None], rounds: int = GUARD_ROUNDS
-                ) -> tuple[Genome, list[dict[str, float]]]:
-    """Measure the plan's speedup the way the result is measured (``measure``: ``paired_speedup`` in PyTorch,
-    ``typed_speedup`` in llama.cpp). The tables predict each level alone; together they can overlap or interact,
-    so when the plan measures short of the target, the space's speed budget is raised by the prediction's error
-    (predicted / measured) and the genome repaired by ``repair`` (the searchers' own cheaper moves, least
-    damaging first: ``least_damaging_repair``), then measured again. It aims at the target itself, not 5% below
-    it, since paired measurements still differ by a percent or two. Returns the genome and each round's
-    predicted / measured speedup and the budget it was searched under."""
-    target = space.budgets.target_speedup
-    history: list[dict[str, float]] = []
-    for attempt in range(rounds):
-        measured = measure(genome)
-        predicted = space.costs(genome)["predicted_speedup"]
-        history.append({"predicted": round(predicted, 4), "measured": round(measured, 4),
-                        "budget": round(space.budgets.target_speedup, 4)})
-        if measured >= target or attempt == rounds - 1:
-            break
-        space.budgets = Budgets(space.budgets.max_bytes, space.budgets.target_speedup * predicted / measured)
-        repaired = repair(genome)
-        if repaired is None:
-            raise BudgetError(f"The plan measures {measured:.2f}x against a {target:g}x target, and no level can "
-                              "get cheaper; lower --target-speedup or allow more levels.")
-        genome = repaired
-    return genome, history
 
 
 def _attach_latency_tables(loaded: LoadedModel, setting: LatencySetting, space: JointSpace, engine: str,
