@@ -1,6 +1,7 @@
 """Deployment of a run: export the compressed model as a GGUF file and measure it in llama.cpp under the same
-perplexity protocol and latency setting, beside the dense model exported the same way (a cached reference),
-so the run reports what the plan buys where the model will be served."""
+perplexity protocol and latency setting, beside the dense model exported the same way (its perplexity cached;
+the file itself the reference of the KL divergence), so the run reports what the plan buys where the model will
+be served."""
 
 from __future__ import annotations
 
@@ -53,7 +54,7 @@ class DenseDeployment:
     llama.cpp (``record``), the reference of every deployed file's KL divergence, and what the controls start
     from (``imatrix``: the dense calibration profile's importance matrix, for llama.cpp's recipes)."""
 
-    path: Path
+    path: Optional[Path]  # None when the deploy setting measures nothing (then nothing was exported)
     record: dict[str, Any]
     imatrix: Optional[dict] = None
 
@@ -64,23 +65,24 @@ def dense_deployment(loaded: LoadedModel, settings: RunSettings, timings: Timing
     """Export the dense model into a scratch folder removed when the block ends; file facts and perplexity are
     cached per weights and protocol, latency is measured anew (it belongs to this machine, now)."""
     deploy = settings.deploy
+    if not deploy.measure:
+        yield DenseDeployment(None, {}, imatrix)
+        return
     key = stable_hash({"model": model_fingerprint(loaded.model), "deploy": deploy.model_dump(exclude={"controls"}),
                        "protocol": [settings.corpus, settings.eval_text, settings.seqlen, settings.max_windows,
                                     settings.perplexity]})
     with tempfile.TemporaryDirectory(prefix="layerwise-dense-") as directory:
         path = Path(directory) / GGUF_FILE
-        record: dict[str, Any] = {}
         with timed(timings, "dense_deploy_s"):
             export_gguf(loaded, path, deploy.outtype, deploy.embedding_type)
-            if deploy.measure:
-                cache = cache_dir("deploy") / f"{key}.json"
-                record = read_json(cache) or {}
-                if not record:
-                    record = measure_gguf(path, loaded, settings.model_copy(update={"latency": None}))
-                    atomic_write_json(cache, record)
-                latency = measure_gguf(path, loaded, settings.model_copy(update={"perplexity": False}))["latency"] \
-                    if settings.latency else None
-                record = {**record, "latency": latency, "outtype": deploy.outtype}
+            cache = cache_dir("deploy") / f"{key}.json"
+            record = read_json(cache) or {}
+            if not record:
+                record = measure_gguf(path, loaded, settings.model_copy(update={"latency": None}))
+                atomic_write_json(cache, record)
+            latency = measure_gguf(path, loaded, settings.model_copy(update={"perplexity": False}))["latency"] \
+                if settings.latency else None
+            record = {**record, "latency": latency, "outtype": deploy.outtype}
         yield DenseDeployment(path, record, imatrix)
 
 
@@ -93,7 +95,7 @@ def deploy_run(loaded: LoadedModel, settings: RunSettings, directory: Path, timi
     with timed(timings, "export_s"):
         report = export_gguf(loaded, path, deploy.outtype, deploy.embedding_type, overwrite=True)
     with timed(timings, "deploy_eval_s"):
-        measured = measure_gguf(path, loaded, settings, dense.path if dense else None) if deploy.measure else {}
+        measured = measure_gguf(path, loaded, settings, dense and dense.path) if deploy.measure else {}
     return {"file": GGUF_FILE, "sha256": _sha256(path), "export": report.model_dump(exclude={"path"}), **measured}
 
 
