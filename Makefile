@@ -30,7 +30,7 @@ $(STAMP): pyproject.toml Makefile setup/spacy-model.txt setup/llama-cpp-cmake-ar
 demo: $(STAMP)
 	$(BIN)/layerwise compress --model smollm2-135m --structure quant --allocator greedy \
 		--bits f16,q8_0,q5_0,q4_k,q4_0 --avg-bits 5.0 --imatrix --sensitivity error --nsamples 32 \
-		--export gguf --deploy-controls recipe,source --out $(DEMO_OUT) --overwrite
+		--export gguf --deploy-controls recipe,source --max-windows 24 --out $(DEMO_OUT) --overwrite
 
 test: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks
