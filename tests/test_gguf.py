@@ -390,3 +390,19 @@ def test_searches_can_score_with_llama_cpp_activation_rounding(calibration):
     assert not any(m._forward_pre_hooks for m in calibration.loaded.model.modules())  # hooks removed again
     with pytest.raises(layerwise.BudgetError, match="GGUF types"):
         context(False).__class__(calibration.loaded.model, {}, [4], 32, False, calibration, activation_rounding=True)
+
+
+def test_a_gguf_file_layerwise_wrote_loads_back_in_pytorch(tmp_path, isolated_cache):
+    """Its tokenizer is read from the definition the export stored (transformers' own conversion panics on the
+    tiny byte-level vocabulary), and its f16 weights give the model's logits back to f16 rounding."""
+    tiny = layerwise.load("tiny-llama")
+    path = export_gguf(tiny, tmp_path / "tiny.gguf", "f16").path
+    again = layerwise.load(str(path))
+    text = "Every file comes back."
+    assert again.tokenizer(text)["input_ids"] == tiny.tokenizer(text)["input_ids"]
+    ids = torch.tensor([tiny.tokenizer(text)["input_ids"]])
+    with torch.no_grad():
+        expected, got = tiny.model(ids).logits, again.model(ids).logits
+    assert got.shape == expected.shape
+    assert (got - expected).abs().max() < 0.05 * expected.abs().max()
+    assert (got.argmax(-1) == expected.argmax(-1)).float().mean() > 0.9

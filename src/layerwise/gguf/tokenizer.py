@@ -13,6 +13,14 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from ..errors import ModelNotFoundError
 
 
+def carries_hf_tokenizer(path: str | Path) -> bool:
+    """Whether the GGUF file holds a Hugging Face tokenizer definition beside its ``tokenizer.ggml.*`` keys (as
+    layerwise's exports do)."""
+    from ..export.gguf_export import HF_TOKENIZER_KEY
+
+    return HF_TOKENIZER_KEY in GGUFReader(Path(path)).fields
+
+
 def tokenizer_from_gguf(path: str | Path) -> PreTrainedTokenizerBase:
     """The tokenizer stored in the GGUF file at ``path`` (its tensors are never read)."""
     from ..export.gguf_export import HF_TOKENIZER_KEY

@@ -166,11 +166,20 @@ def load_gguf_cached(path: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBa
 
 
 def _convert_gguf(path: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    from ..gguf.tokenizer import carries_hf_tokenizer, tokenizer_from_gguf
+
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        # a file layerwise wrote carries its source tokenizer whole: read that, not transformers' conversion
+        tokenizer = (tokenizer_from_gguf(path) if carries_hf_tokenizer(path)
+                     else AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name))
         model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
     except (OSError, ValueError, ImportError) as exc:
         raise ModelNotFoundError(f"Cannot read the GGUF file {path}: {_first_line(exc)}") from exc
+    except BaseException as exc:  # the tokenizers library panics (pyo3 PanicException) on some vocabularies
+        if type(exc).__name__ != "PanicException":
+            raise
+        raise ModelNotFoundError(f"Cannot read the GGUF file {path}: transformers could not convert its "
+                                 f"tokenizer ({_first_line(exc)}).") from None
     drop_quantization_config(model)
     return model, tokenizer
 
