@@ -308,7 +308,7 @@ def _fmt(value: float | None, spec: str) -> str:
 def write_results(state: dict, args: argparse.Namespace) -> None:
     dense = state["dense_pytorch"]
     dense_decode, dense_prefill = dense["latency"]["decode_tokens_per_s"], dense["latency"]["prefill_ms"]
-    rows = [["dense fp32 (PyTorch, in memory)", "-", "-", "-", "-", f"{dense['ppl']:.3f}", "-", "-",
+    rows = [["dense fp32 (PyTorch, in memory)", "-", "-", "-", "-", f"{dense['ppl']:.3f}", "-", "-", "-",
              f"{dense_prefill:.0f}", f"{dense_decode:.1f}"]]
 
     def file_row(label: str, entry: dict, pytorch: dict | None = None) -> list[str]:
@@ -317,6 +317,7 @@ def write_results(state: dict, args: argparse.Namespace) -> None:
                 _fmt(kld.get("same_top") and 100 * kld["same_top"], ".2f"), f"{entry['ppl']:.3f}",
                 with_spread(latency["prefill_ms"], latency.get("prefill_ms_range"), ".0f"),
                 with_spread(latency["decode_tokens_per_s"], latency.get("decode_tokens_per_s_range"), ".1f"),
+                _fmt((entry.get("speedup") or {}).get("decode"), ".2f"),
                 _fmt(pytorch and pytorch["prefill_ms"], ".0f"), _fmt(pytorch and pytorch["decode_tokens_per_s"], ".1f")]
 
     rows.append(file_row("dense f16 export (the KLD reference)", state["dense_f16"]))
@@ -341,7 +342,7 @@ def write_results(state: dict, args: argparse.Namespace) -> None:
         rows.append(file_row(label, entry["deploy"], entry["pytorch_latency"]))
     table = markdown_table(["model", "file MiB", "mean KLD", "99.9% KLD", "same top %", "wiki PPL",
                             "llama.cpp prefill ms (min–max)", "llama.cpp decode tok/s (min–max)",
-                            "PyTorch prefill ms", "PyTorch decode tok/s"], rows)
+                            "decode × dense f16 (paired)", "PyTorch prefill ms", "PyTorch decode tok/s"], rows)
 
     goals = _goals(state, args)
     checks = _checks(state)
@@ -353,7 +354,8 @@ def write_results(state: dict, args: argparse.Namespace) -> None:
         f"Protocol: wiki, {windows} windows of 512 tokens (the full split), the same windows for every row and "
         "engine; llama.cpp is fed the protocol's own token ids one window at a time (logits for every position), "
         "PyTorch computes in fp32. Speed: prompt 128 tokens + 32 greedy tokens, batch 1, median of 5 after a "
-        "warm-up (min–max over the 5 beside each), 2 threads, in llama.cpp (llama-cpp-python built here with this "
+        "warm-up (min–max over the 5 beside each; every file but the dense f16 export is timed in alternating "
+        "runs with it, and the 'decode × dense f16' column is the median of those pairs' ratios), 2 threads, in llama.cpp (llama-cpp-python built here with this "
         "CPU's features, AMX off; the machine is named in the provenance line) and in PyTorch fp32 (torch 2.13 CPU). Recipes are llama.cpp's own `llama_model_quantize` from "
         "our f32 export; the importance matrix is our calibration profile's mean squared input per column "
         f"({args.nsamples} × 512 wiki calibration tokens), the same for the recipes and for our allocations. "
@@ -485,9 +487,11 @@ def _goals(state: dict, args: argparse.Namespace) -> list[str]:
     for key, label in (("width", "width"), ("sprint", "SPRINT")):
         entry = state[key]
         dense_ms, ours_ms = entry["dense_deploy"]["latency"], entry["deploy"]["latency"]
-        measured = {"total": dense_ms["total_ms"] / ours_ms["total_ms"],
-                    "decode": dense_ms["decode_ms_per_token"] / ours_ms["decode_ms_per_token"],
-                    "prefill": dense_ms["prefill_ms"] / ours_ms["prefill_ms"]}
+        # paired with the dense f16 export in alternating runs; a run measured before pairing: two medians' ratio
+        measured = entry["deploy"].get("speedup") or {
+            "total": dense_ms["total_ms"] / ours_ms["total_ms"],
+            "decode": dense_ms["decode_ms_per_token"] / ours_ms["decode_ms_per_token"],
+            "prefill": dense_ms["prefill_ms"] / ours_ms["prefill_ms"]}
         table = "predicted from the llama.cpp latency table"
         if key == "width":
             flops = entry["prediction"]["flop_speedup"]

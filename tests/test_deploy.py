@@ -102,3 +102,40 @@ def test_deploy_control_errors_are_one_sentence(tmp_path, extra, message):
     assert result.exit_code == 2, result.output
     assert message in " ".join(result.stderr.split())
     assert not (tmp_path / "o").exists()
+
+
+def test_llamacpp_files_are_timed_in_pairs_with_the_dense_export(tmp_path, monkeypatch):
+    """Like PyTorch models, two GGUF files are timed AB, BA, AB, ...; the machine slowing by half with every pair
+    cancels out of each pair's ratio."""
+    import itertools
+
+    from layerwise.config import LatencySetting
+    from layerwise.engines import llamacpp
+
+    dense = Path(export_gguf(layerwise.load("tiny-llama"), tmp_path / "dense.gguf", "f16").path)
+    half = Path(llama_quantize(dense, tmp_path / "q8.gguf", "Q8_0"))
+    clock, order = itertools.count(), []
+
+    def drifting_runs(self, setting):
+        work = 2.0 if Path(self.path) == dense else 1.0
+        while True:
+            order.append("A" if work == 2.0 else "B")
+            slow = 1.5 ** (next(clock) // 2)
+            yield 0.25 * work * slow, 0.75 * work * slow
+
+    monkeypatch.setattr(llamacpp.LlamaCppModel, "timed_runs", drifting_runs)
+    pair = llamacpp.llamacpp_paired_latency(dense, half, LatencySetting(warmup=1, repeats=4, generation_length=2))
+    assert pair.speedup == {"total": 2.0, "prefill": 2.0, "decode": 2.0}
+    assert "".join(order) == "ABBAABBAAB" and pair.reference.device == "llama.cpp (cpu)"
+
+
+def test_the_deployed_file_is_timed_beside_the_dense_export(tmp_path):
+    args = [a for a in QUANT if a != "--no-latency"]
+    result = invoke(*args, "--prompt-length", "8", "--generation-length", "2", "--speedup-iterations", "2",
+                    "--out", str(tmp_path / "run"))
+    assert result.exit_code == 0, result.output
+    compressed = json.loads((tmp_path / "run" / "result.json").read_text())["deployment"]["compressed"]
+    assert set(compressed["speedup"]) == {"total", "prefill", "decode"} and compressed["speedup"]["total"] > 0
+    for latency in (compressed["latency"], compressed["reference_latency"]):
+        low, high = latency["prefill_ms_range"]
+        assert low <= latency["prefill_ms"] <= high and latency["setting"]["repeats"] == 2

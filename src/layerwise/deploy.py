@@ -26,8 +26,9 @@ GGUF_FILE = "model.gguf"
 def measure_gguf(path: Path, loaded: LoadedModel, settings: RunSettings, reference: Path | None = None) -> dict[str, Any]:
     """Perplexity (the model's own tokenizer makes the protocol's ids) and latency of a GGUF file in llama.cpp,
     each when ``settings`` asks for it; with a ``reference`` GGUF file also the KL divergence to it on the same
-    windows (as ``llama-perplexity --kl-divergence``; that pass yields the perplexity too)."""
-    from .engines.llamacpp import LlamaCppModel, llamacpp_latency
+    windows (as ``llama-perplexity --kl-divergence``; that pass yields the perplexity too) and, under paired
+    latency, the latency timed in alternating runs with the reference's (``speedup``: reference time / this)."""
+    from .engines.llamacpp import LlamaCppModel, llamacpp_latency, llamacpp_paired_latency
     from .engines.llamacpp_eval import gguf_perplexity, gguf_size
     from .engines.reference import llamacpp_logits
     from .evaluate.kld import settings_kld
@@ -43,7 +44,11 @@ def measure_gguf(path: Path, loaded: LoadedModel, settings: RunSettings, referen
         corpus = load_corpus(settings.corpus, settings.eval_text, settings.calib_text)
         result = gguf_perplexity(path, loaded.tokenizer, corpus, settings)
         measured.update(ppl=result.ppl, protocol=result.protocol.model_dump())
-    if settings.latency:
+    if settings.latency and reference is not None and settings.latency.paired:
+        pair = llamacpp_paired_latency(reference, path, settings.latency, settings.threads)
+        measured.update(latency=pair.model.model_dump(), reference_latency=pair.reference.model_dump(),
+                        speedup=pair.speedup)
+    elif settings.latency:
         measured["latency"] = llamacpp_latency(path, settings.latency, settings.threads).model_dump()
     return measured
 

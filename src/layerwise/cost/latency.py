@@ -162,21 +162,36 @@ def measure_paired_latency(
     device = next(model.parameters()).device
     models = (reference, model)
     modes = [m.training for m in models]
-    timed: tuple[list[tuple[float, float]], list[tuple[float, float]]] = ([], [])
     try:
         for m in models:
             m.eval()
-        runs = [_runs(m, setting, device) for m in models]
-        for index in range(setting.warmup + setting.repeats):
-            pair = {which: next(runs[which]) for which in ((0, 1) if index % 2 == 0 else (1, 0))}
-            if index >= setting.warmup:
-                for which in (0, 1):
-                    timed[which].append(pair[which])
+        timed = alternate((_runs(reference, setting, device), _runs(model, setting, device)), setting)
     finally:
         for m, mode in zip(models, modes):
             m.train(mode)
-    reports = [latency_report(setting, [p for p, _ in runs_], [d for _, d in runs_], str(device),
-                              torch.get_num_threads()) for runs_ in timed]
+    return paired_report(setting, timed, str(device), torch.get_num_threads())
+
+
+Run = tuple[float, float]  # (prefill seconds, decode seconds) of one timed run
+
+
+def alternate(runs: tuple[Iterator[Run], Iterator[Run]], setting: LatencySetting) -> tuple[list[Run], list[Run]]:
+    """Draw from two run generators in alternating order (AB, BA, AB, ...), ``setting.warmup`` pairs untimed, then
+    ``setting.repeats`` pairs kept: any engine's paired timing."""
+    timed: tuple[list[Run], list[Run]] = ([], [])
+    for index in range(setting.warmup + setting.repeats):
+        pair = {which: next(runs[which]) for which in ((0, 1) if index % 2 == 0 else (1, 0))}
+        if index >= setting.warmup:
+            for which in (0, 1):
+                timed[which].append(pair[which])
+    return timed
+
+
+def paired_report(setting: LatencySetting, timed: tuple[list[Run], list[Run]], device: str, threads: int
+                  ) -> PairedLatency:
+    """Each side's medians, and the speedup as the median of the pairs' ratios."""
+    reports = [latency_report(setting, [p for p, _ in runs_], [d for _, d in runs_], device, threads)
+               for runs_ in timed]
 
     def ratio(part) -> float:
         return round(statistics.median(part(a) / part(b) for a, b in zip(*timed)), 4)

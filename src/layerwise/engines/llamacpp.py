@@ -14,7 +14,8 @@ import numpy as np
 import torch
 
 from ..config import LatencySetting
-from ..cost.latency import LatencyReport, latency_prompt, latency_report
+from ..cost.latency import (LatencyReport, PairedLatency, alternate, latency_prompt, latency_report,
+                            paired_report)
 from ..errors import EngineError
 from ..gguf.files import check_gguf_file
 from ..gguf.native import llama_cpp
@@ -104,6 +105,18 @@ def llamacpp_latency(path: str | Path, setting: LatencySetting | None = None, th
         timed = [next(runs) for _ in range(setting.repeats)]
         return latency_report(setting, [p for p, _ in timed], [d for _, d in timed], "llama.cpp (cpu)",
                               model.threads)
+
+
+def llamacpp_paired_latency(reference: str | Path, path: str | Path, setting: LatencySetting | None = None,
+                            threads: int | None = None) -> PairedLatency:
+    """Two GGUF files timed in alternating runs in llama.cpp (both loaded at once), as PyTorch models are: the
+    machine drifts between separate measurements, a pair's two runs drift alike."""
+    setting = setting or LatencySetting()
+    context = setting.prompt_length + setting.decode_steps + 1
+    with LlamaCppModel(reference, context, threads, logits_all=False, batch=setting.prompt_length) as dense, \
+            LlamaCppModel(path, context, threads, logits_all=False, batch=setting.prompt_length) as model:
+        timed = alternate((dense.timed_runs(setting), model.timed_runs(setting)), setting)
+        return paired_report(setting, timed, "llama.cpp (cpu)", model.threads)
 
 
 @contextlib.contextmanager
