@@ -30,9 +30,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from layerwise.deploy_controls import CONTROL_RECIPES  # noqa: E402
 from results_table import goal_verdict, markdown_table, with_spread, write_section  # noqa: E402
 
-RECIPES = ["Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q4_0", "Q3_K_M"]
+RECIPES = list(CONTROL_RECIPES)  # the recipes `compress --deploy-controls recipe` chooses among
 LEVELS = "f16,q8_0,q6_k,q5_k,q5_0,q4_k,q4_0,q3_k,q2_k"
 # the types llama.cpp computes with fast x86 kernels (repacked or llamafile sgemm): q5_1 (q5_k's fallback on
 # 576-wide rows), q6_k and q3_k run through its generic dot products and slow prefill down

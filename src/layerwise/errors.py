@@ -1,6 +1,12 @@
 """Typed errors for bad input. Library code raises these; only the CLI prints them and exits."""
 
 
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (its type's name when it has none), for one-sentence errors."""
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
 class LayerwiseError(Exception):
     """Base class: the message is one complete sentence a user can act on."""
 

@@ -8,7 +8,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from ..cache import atomic_torch_save, cache_dir, torch_load_or_none
-from ..errors import DataError, TokenizerError
+from ..errors import DataError, TokenizerError, first_line
 
 DOCUMENT_SEPARATOR = "\n\n"
 
@@ -25,9 +25,8 @@ def encode(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
     try:
         return list(tokenizer(text)["input_ids"])
     except Exception as exc:  # noqa: BLE001 - the tokenizers library raises plain Exception
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise TokenizerError(f"The tokenizer of {tokenizer.name_or_path or 'the model'} cannot encode the text: "
-                             f"{first}.") from exc
+                             f"{first_line(exc)}.") from exc
 
 
 def window_bos(tokenizer: PreTrainedTokenizerBase | None) -> int | None:

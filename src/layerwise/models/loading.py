@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 
 from ..cache import cache_dir, stable_hash, staged_directory
 from ..data.tokens import encode
-from ..errors import LayerwiseError, ModelNotFoundError, TokenizerError
+from ..errors import LayerwiseError, ModelNotFoundError, TokenizerError, first_line
 from ..registry import Registry
 from .tiny import tiny_llama
 
@@ -138,7 +138,7 @@ def _from_pretrained_dir(path: Path) -> tuple[PreTrainedModel, PreTrainedTokeniz
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     except (OSError, ValueError, SafetensorError) as exc:
-        raise ModelNotFoundError(f"Cannot load the model directory {path}: {_first_line(exc)}") from exc
+        raise ModelNotFoundError(f"Cannot load the model directory {path}: {first_line(exc)}") from exc
     return model, tokenizer
 
 
@@ -148,7 +148,7 @@ def load_tokenizer(path: Path, **kwargs) -> PreTrainedTokenizerBase:
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
     except Exception as exc:  # noqa: BLE001 - tokenizers and transformers raise plain Exception and ValueError
-        raise TokenizerError(f"Cannot load the tokenizer of {path}: {_first_line(exc)}") from exc
+        raise TokenizerError(f"Cannot load the tokenizer of {path}: {first_line(exc)}") from exc
     encode(tokenizer, "Probe: one sentence, 2 numbers.")  # one that cannot encode plain text fails here, not later
     return tokenizer
 
@@ -174,12 +174,12 @@ def _convert_gguf(path: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]
                      else AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name))
         model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
     except (OSError, ValueError, ImportError) as exc:
-        raise ModelNotFoundError(f"Cannot read the GGUF file {path}: {_first_line(exc)}") from exc
+        raise ModelNotFoundError(f"Cannot read the GGUF file {path}: {first_line(exc)}") from exc
     except BaseException as exc:  # the tokenizers library panics (pyo3 PanicException) on some vocabularies
         if type(exc).__name__ != "PanicException":
             raise
         raise ModelNotFoundError(f"Cannot read the GGUF file {path}: transformers could not convert its "
-                                 f"tokenizer ({_first_line(exc)}).") from None
+                                 f"tokenizer ({first_line(exc)}).") from None
     drop_quantization_config(model)
     return model, tokenizer
 
@@ -223,6 +223,3 @@ def _load_tiny(spec: str) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, str
     return model, tokenizer, "randomly initialised tiny Llama (seed 0)", {}
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
