@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from layerwise.cli import app
 from layerwise.data import load_corpus
 from layerwise.evaluate import perplexity
-from layerwise.evaluate.kld import protocol_kld, pytorch_logits, token_kl
+from layerwise.evaluate.kld import protocol_kld, pytorch_logits, stored_logits, token_kl
 
 
 def test_token_kl_is_the_reference_weighted_log_ratio_and_flags_the_top_token():
@@ -49,6 +49,27 @@ def test_protocol_kld_summarises_every_predicted_token(tiny):
     assert 0 < result.same_top < 1
     assert result.ppl == pytest.approx(perplexity(damaged, tiny.tokenizer, corpus, 64, 3).ppl, rel=1e-5)
     assert result.reference_ppl == pytest.approx(perplexity(tiny.model, tiny.tokenizer, corpus, 64, 3).ppl, rel=1e-5)
+
+
+def test_stored_reference_logits_run_the_reference_once_and_give_the_same_kld(tiny, tmp_path):
+    other = _damaged(tiny)
+    corpus = load_corpus("wiki")
+    calls = []
+
+    def reference(batch):
+        calls.append(batch.shape[0])
+        return pytorch_logits(tiny.model)(batch)
+
+    direct = protocol_kld(pytorch_logits(other), pytorch_logits(tiny.model), tiny.tokenizer, corpus, 64, 3, 2,
+                          "dense", "float32")
+    store = tmp_path / "reference"
+    first, second = (protocol_kld(pytorch_logits(other), stored_logits(reference, store), tiny.tokenizer, corpus,
+                                  64, 3, 2, "dense", "float32") for _ in range(2))
+    assert calls == [1, 1, 1]  # three windows computed once, the second pass read them back
+    assert len(list(store.glob("*.npy"))) == 3
+    for measured in (first, second):
+        assert measured.mean == pytest.approx(direct.mean, rel=1e-6)
+        assert measured.same_top == direct.same_top and measured.tokens == direct.tokens
 
 
 def test_compress_reports_kld_to_dense_and_eval_reference_gives_the_same_number(tmp_path):

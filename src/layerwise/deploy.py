@@ -23,7 +23,8 @@ from .models.fingerprint import model_fingerprint
 GGUF_FILE = "model.gguf"
 
 
-def measure_gguf(path: Path, loaded: LoadedModel, settings: RunSettings, reference: Path | None = None) -> dict[str, Any]:
+def measure_gguf(path: Path, loaded: LoadedModel, settings: RunSettings, reference: Path | None = None,
+                 reference_store: Path | None = None) -> dict[str, Any]:
     """Perplexity (the model's own tokenizer makes the protocol's ids) and latency of a GGUF file in llama.cpp,
     each when ``settings`` asks for it; with a ``reference`` GGUF file also the KL divergence to it on the same
     windows (as ``llama-perplexity --kl-divergence``; that pass yields the perplexity too) and, under paired
@@ -31,13 +32,16 @@ def measure_gguf(path: Path, loaded: LoadedModel, settings: RunSettings, referen
     from .engines.llamacpp import LlamaCppModel, llamacpp_latency, llamacpp_paired_latency
     from .engines.llamacpp_eval import gguf_perplexity, gguf_size
     from .engines.reference import llamacpp_logits
-    from .evaluate.kld import settings_kld
+    from .evaluate.kld import settings_kld, stored_logits
 
     measured: dict[str, Any] = {**gguf_size(path), "ppl": None, "protocol": None, "latency": None, "kld": None}
     if settings.perplexity and reference is not None and settings.kld:
         with LlamaCppModel(path, settings.seqlen, settings.threads) as model, \
                 LlamaCppModel(reference, settings.seqlen, settings.threads) as dense:
-            kld = settings_kld(llamacpp_logits(model), llamacpp_logits(dense), loaded.tokenizer, settings,
+            reference_logits = llamacpp_logits(dense)
+            if reference_store is not None:
+                reference_logits = stored_logits(reference_logits, reference_store / _sha256(reference)[:16])
+            kld = settings_kld(llamacpp_logits(model), reference_logits, loaded.tokenizer, settings,
                                f"dense export ({reference.name})", "gguf", "llama.cpp")
         measured.update(ppl=kld.ppl, protocol=kld.protocol.model_dump(), kld=kld.model_dump(exclude={"protocol"}))
     elif settings.perplexity:

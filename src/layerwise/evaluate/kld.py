@@ -7,7 +7,9 @@ predicts a token, as our perplexity does.)"""
 
 from __future__ import annotations
 
+import hashlib
 import math
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -92,6 +94,29 @@ def pytorch_logits(model: torch.nn.Module) -> WindowLogits:
         return model(input_ids=batch.to(device), use_cache=False).logits
 
     return logits
+
+
+def stored_logits(logits: WindowLogits, directory: Path) -> WindowLogits:
+    """``logits`` kept on disk window by window (float32, keyed by the window's ids), so a reference that many
+    files are compared with runs once (as ``llama-perplexity --kl-divergence-base`` saves it); at 512 tokens and
+    SmolLM2's 49,152-token vocabulary a window takes 100 MB."""
+    from ..cache import atomic_path
+
+    def cached(batch: torch.Tensor) -> torch.Tensor:
+        rows = []
+        for window in batch:
+            key = hashlib.sha256(window.cpu().numpy().astype(np.int64).tobytes()).hexdigest()[:32]
+            path = Path(directory) / f"{key}.npy"
+            if path.is_file():
+                rows.append(torch.from_numpy(np.load(path)))
+                continue
+            row = logits(window[None])[0].float().cpu()
+            with atomic_path(path) as partial, partial.open("wb") as handle:
+                np.save(handle, row.numpy())
+            rows.append(row)
+        return torch.stack(rows)
+
+    return cached
 
 
 def settings_kld(model: WindowLogits, reference: WindowLogits, tokenizer: PreTrainedTokenizerBase, settings,
