@@ -27,6 +27,28 @@ def tiny() -> layerwise.LoadedModel:
 
 
 @pytest.fixture
+def memory_bound_llamacpp(monkeypatch):
+    """llama.cpp on a memory-bound machine: a decode step takes the stored bytes of the decoder's GGUF linears
+    (every linear of a typed probe is one) in microseconds, the same in every run, so a typed table measures
+    exactly what it predicts; the paired timing is the library's own report of those runs."""
+    from layerwise.backends.gguf_quant import GGUFLinear
+    from layerwise.cost import latency_table
+    from layerwise.cost.latency import paired_report
+
+    import layerwise.engines  # noqa: F401  (registers the real engine first, so the patch replaces it)
+
+    def decode_seconds(loaded) -> float:
+        return sum(m.qdata.numel() for m in loaded.model.modules() if isinstance(m, GGUFLinear)) / 1e6
+
+    def paired(reference, model, setting, outtype="f16", embedding_type=None):
+        runs = tuple([(1e-3, decode_seconds(m) * setting.decode_steps)] * setting.repeats for m in (reference, model))
+        return paired_report(setting, runs, "memory-bound llama.cpp", 1)
+
+    monkeypatch.setitem(latency_table.PAIRED_LATENCY._items, "llama.cpp", paired)
+    return decode_seconds
+
+
+@pytest.fixture
 def tokens() -> torch.Tensor:
     """A fixed batch of byte tokens for logit comparisons."""
     generator = torch.Generator().manual_seed(0)

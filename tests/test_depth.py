@@ -315,11 +315,13 @@ def test_depth_speed_guard_plans_again_until_the_removals_measure_the_target(tmp
     guard raises the predicted budget by the error and plans again, up to three measurements."""
     from types import SimpleNamespace
 
+    from layerwise.cost import latency_table
+
     def parameters(model) -> float:
         return float(sum(p.numel() for p in model.parameters()))
 
-    def sublinear(reference, model, setting=None):
-        dense, kept = parameters(reference), parameters(model)
+    def sublinear(reference, model, setting=None, outtype="f16", embedding_type=None):
+        dense, kept = parameters(reference.model), parameters(model.model)
         return SimpleNamespace(speedup={"total": (3 * dense + dense) / (3 * dense + kept)})
 
     # the table: every sublayer's share of the time its parameters' share (no fixed cost)
@@ -329,7 +331,7 @@ def test_depth_speed_guard_plans_again_until_the_removals_measure_the_target(tmp
              for kind in ("attention", "mlp")}
     table = fake_table(share["attention"], share["mlp"], parameters(tiny.model))
     monkeypatch.setattr("layerwise.structures.depth.measure_latency_table", lambda *a, **k: table)
-    monkeypatch.setattr("layerwise.cost.measure_paired_latency", sublinear)
+    monkeypatch.setitem(latency_table.PAIRED_LATENCY._items, "pytorch", sublinear)
     out = tmp_path / "plan.json"
     result = CliRunner().invoke(app, ["plan", "--model", "tiny-llama", "--structure", "depth", "--allocator",
                                       "drop-last", "--target-speedup", "1.1", "--out", str(out)])

@@ -388,20 +388,12 @@ def test_a_staged_recipe_prunes_heals_quantizes_and_exports(tmp_path):
     assert again.ppl == pytest.approx(record["metrics"]["ppl"], rel=1e-5)
 
 
-def test_a_joint_stage_planned_for_llamacpp_decode_heals_before_its_types_apply(tmp_path, monkeypatch):
+def test_a_joint_stage_planned_for_llamacpp_decode_heals_before_its_types_apply(tmp_path, memory_bound_llamacpp):
     """joint (for a llama.cpp decode speed, types included) → heal → export: the structure is applied, the model
     heals in float, then the joint plan's GGUF types are applied; the plan lists them last, as they ran, and the
     exported file holds them."""
     from gguf import GGUFReader
 
-    from layerwise.cost import typed_latency
-
-    def stored_bytes_decode(loaded, setting, outtype="f16", embedding_type=None):  # a memory-bound machine
-        return sum(m.qdata.numel() for m in loaded.model.modules() if hasattr(m, "qdata")) / 1000.0
-
-    import layerwise.engines  # noqa: F401  (registers the real engine first, so the patch replaces it)
-
-    monkeypatch.setitem(typed_latency.DECODE_LATENCY._items, "llama.cpp", stored_bytes_decode)
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text("stages:\n  - prune: {structure: joint, allocator: greedy, target_speedup: 2.0, candidates: 12, "
                       "joint_types: 'f16,q8_0,q4_0', nsamples: 2, latency_engine: llama.cpp}\n"

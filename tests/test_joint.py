@@ -198,8 +198,17 @@ def _proportional_speedup(reference, model, setting=None):
     return SimpleNamespace(speedup={"total": _parameters(reference) / _parameters(model)})
 
 
+def _machine(monkeypatch, speedup) -> None:
+    """The speed guard's paired PyTorch timings on a machine whose speedup is ``speedup``."""
+    from layerwise.cost import latency_table
+
+    monkeypatch.setitem(latency_table.PAIRED_LATENCY._items, "pytorch",
+                        lambda reference, model, setting, outtype="f16", embedding_type=None:
+                        speedup(reference.model, model.model, setting))
+
+
 def test_cli_joint_compress_and_errors(tmp_path, monkeypatch):
-    monkeypatch.setattr("layerwise.cost.measure_paired_latency", _proportional_speedup)
+    _machine(monkeypatch, _proportional_speedup)
     monkeypatch.setattr("layerwise.structures.joint._attach_latency_tables", _proportional_tables)
     runner = CliRunner()
     out = tmp_path / "run"
@@ -256,7 +265,7 @@ def test_speed_guard_tightens_the_budget_until_the_plan_measures_within_five_per
         dense, kept = (_parameters(m) for m in (reference, model))
         return SimpleNamespace(speedup={"total": (3 * dense + dense) / (3 * dense + kept)})
 
-    monkeypatch.setattr("layerwise.cost.measure_paired_latency", sublinear)
+    _machine(monkeypatch, sublinear)
     monkeypatch.setattr("layerwise.structures.joint._attach_latency_tables", _proportional_tables)
     out = tmp_path / "plan.json"
     result = CliRunner().invoke(app, ["plan", "--model", "tiny-llama", "--structure", "joint", "--allocator", "greedy",
@@ -311,23 +320,11 @@ def test_least_damaging_repair_takes_the_cheap_steps_before_the_harmful_ones(tin
     assert least_damaging_repair(_space(tiny, max_bytes=1), evaluator, dense) is None  # nothing fits
 
 
-def _stored_bytes_decode(loaded, setting, outtype="f16", embedding_type=None):
-    """A memory-bound machine: decode time is the stored bytes of the decoder linears (every linear of a typed
-    probe is a GGUF linear), so a typed table measures exactly what it predicts."""
-    from layerwise.backends.gguf_quant import GGUFLinear
-
-    return sum(m.qdata.numel() for m in loaded.model.modules() if isinstance(m, GGUFLinear)) / 1000.0
-
-
-def test_typed_latency_table_prices_each_width_and_type(tiny, monkeypatch):
+def test_typed_latency_table_prices_each_width_and_type(tiny, memory_bound_llamacpp):
     """The llama.cpp decode table: a level is (kept, GGUF type) or removal; the dense level saves nothing; a
     narrower type saves what its bytes save on a bytes-bound machine; types the rows cannot hold fall back."""
-    from layerwise.cost import typed_latency
     from layerwise.cost.typed_latency import measure_typed_level_latency_table, typed_copy
 
-    import layerwise.engines  # noqa: F401  (registers the real engine first, so the patch replaces it)
-
-    monkeypatch.setitem(typed_latency.DECODE_LATENCY._items, "llama.cpp", _stored_bytes_decode)
     levels = {"attention": [(2, "f16"), (2, "q8_0"), (1, "f16"), (0, "f16")], "mlp": [(160, "f16"), (64, "q4_0")]}
     table = measure_typed_level_latency_table(tiny, levels, "f16", "q8_0")
     assert table.saved_ms["attention"]["2@f16"] == 0.0 and table.saved_ms["mlp"]["160@f16"] == 0.0
@@ -343,14 +340,9 @@ def test_typed_latency_table_prices_each_width_and_type(tiny, monkeypatch):
     assert not any(hasattr(m, "qdata") for m in tiny.model.modules())  # the model itself is untouched
 
 
-def test_joint_plans_for_llamacpp_decode_speed_with_types(tmp_path, monkeypatch):
+def test_joint_plans_for_llamacpp_decode_speed_with_types(tmp_path, memory_bound_llamacpp):
     """Under a llama.cpp speed budget alone the GGUF types stay in the space (they change decode speed there),
     the typed table predicts, and the guard measures the plan's removals, slices and types the same way."""
-    from layerwise.cost import typed_latency
-
-    import layerwise.engines  # noqa: F401  (registers the real engine first, so the patch replaces it)
-
-    monkeypatch.setitem(typed_latency.DECODE_LATENCY._items, "llama.cpp", _stored_bytes_decode)
     out = tmp_path / "plan.json"
     result = CliRunner().invoke(app, ["plan", "--model", "tiny-llama", "--structure", "joint", "--allocator", "greedy",
                                       "--target-speedup", "2.0", "--latency-engine", "llama.cpp", "--candidates",

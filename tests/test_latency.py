@@ -96,7 +96,54 @@ def test_a_latency_table_never_saves_more_than_the_sublayers_take(tiny):
     assert consistent_scale(120.0, 90.0) == pytest.approx(0.75) and consistent_scale(50.0, -5.0) == 0.0
     table = measure_latency_table(tiny, LatencySetting(prompt_length=8, generation_length=2, repeats=1))
     kinds = [s.kind for s in get_adapter(tiny.model).all_sublayers()]
-    assert table.floor_ms is not None and 0 < table.floor_ms and 0 <= table.scaled <= 1.0
+    assert table.floor_ms is not None and 0 <= table.floor_ms and 0 <= table.scaled <= 1.0
     # (on a busy machine the floor can even time above the whole model: then nothing is predicted to save time)
     assert table.saved_ms(kinds) <= max(table.total_ms - table.floor_ms, 0.0) + 1e-3
-    assert table.predicted_speedup(kinds) <= max(table.total_ms / table.floor_ms, 1.0) * (1 + 1e-3)  # (rounding)
+    if table.floor_ms > 0:  # (0: the pair removing everything saved all the dense side's time)
+        assert table.predicted_speedup(kinds) <= max(table.total_ms / table.floor_ms, 1.0) * (1 + 1e-3)  # rounding
+
+
+def test_latency_tables_time_each_probe_in_pairs_so_drift_cancels(tiny, monkeypatch):
+    """A machine whose runs take the model's parameters in microseconds plus a drift that grows by 10 ms with
+    every pair: timed apart, a probe measured later would look slower than it is; paired with the model in each
+    run, every table entry is the parameters the probe removed, exactly."""
+    import copy
+    import itertools
+
+    from layerwise.backends.depth import remove_sublayers
+    from layerwise.cost import latency_table
+    from layerwise.cost.latency import paired_report
+    from layerwise.cost.latency_table import measure_latency_table, measure_level_latency_table
+    from layerwise.models import get_adapter
+
+    clock = itertools.count()
+
+    def seconds(model) -> float:
+        return sum(p.numel() for p in model.parameters()) / 1e6
+
+    def drifting_pairs(reference, model, setting, outtype="f16", embedding_type=None):
+        runs: tuple[list, list] = ([], [])
+        for _ in range(setting.repeats):
+            drift = 0.01 * next(clock)
+            for side, timed in zip(runs, (reference, model)):
+                total = seconds(timed.model) + drift
+                side.append((total / 2, total / 2))
+        return paired_report(setting, runs, "drifting machine", 1)
+
+    monkeypatch.setitem(latency_table.PAIRED_LATENCY._items, "pytorch", drifting_pairs)
+    adapter = get_adapter(tiny.model)
+
+    def removed_ms(names: list[str]) -> float:  # what the machine saves without them (their norms go too)
+        probe = copy.deepcopy(tiny.model)
+        remove_sublayers(probe, names)
+        return 1000 * (seconds(tiny.model) - seconds(probe))
+
+    params = {s.kind: removed_ms([s.name]) for s in adapter.all_sublayers()}  # every block alike
+    table = measure_latency_table(tiny, LatencySetting(repeats=3))
+    assert table.sublayer_ms == pytest.approx(params, rel=1e-4) and table.scaled == 1.0
+    everything = removed_ms([s.name for s in adapter.all_sublayers()])
+    assert table.total_ms - table.floor_ms == pytest.approx(everything, rel=1e-4)  # the floor's pairs drift alike
+    levels = measure_level_latency_table(tiny, {"mlp": [80]}, LatencySetting(repeats=3))
+    mlp = adapter.mlp(0).module
+    narrowed = 1000 * 3 * (mlp.gate_proj.in_features * 80) / 1e6  # gate, up and down each lose 80 of 160
+    assert levels.saved_ms["mlp"][80] == pytest.approx(narrowed, rel=1e-4)

@@ -1,10 +1,13 @@
 """Measured latency of attention and MLP sublayers in one deployment setting, and the speedup a set of
 removals is predicted to give. As SPRINT does, a kind's latency is measured by removing a quarter of
-its sublayers and timing the whole model, so per-call overheads that hooks would hide are counted."""
+its sublayers and timing the whole model, so per-call overheads that hooks would hide are counted; each probe
+is timed in alternating runs with the model itself, so the machine's drift cancels."""
 
 from __future__ import annotations
 
-from typing import Callable
+import copy
+import statistics
+from typing import Callable, Optional
 
 from pydantic import BaseModel
 from torch import nn
@@ -14,7 +17,7 @@ from ..errors import LayerwiseError
 from ..models.adapter import ModelAdapter, get_adapter
 from ..models.loading import LoadedModel
 from ..registry import Registry
-from .latency import measure_latency
+from .latency import PairedLatency, measure_paired_latency
 
 KINDS = ("attention", "mlp")
 
@@ -42,59 +45,83 @@ class LatencyTable(BaseModel):
         return self.total_ms / remaining
 
 
-# engine -> the whole-model latency (ms, prompt + generation) of a loaded model as it is now
-ModelLatency = Callable[[LoadedModel, LatencySetting], float]
-MODEL_LATENCY: Registry[ModelLatency] = Registry("latency engine")
-MODEL_LATENCY.add("pytorch", lambda loaded, setting: measure_latency(loaded.model, setting).total_ms, "torch")
+# engine -> two models timed in alternating runs, the reference first (a pair's two runs drift alike, separate
+# measurements do not); an engine that runs files exports both with float linears at ``outtype`` and the token
+# embedding at ``embedding_type`` (GGUF linears keep their own types)
+PairedTiming = Callable[[LoadedModel, LoadedModel, LatencySetting, str, Optional[str]], PairedLatency]
+PAIRED_LATENCY: Registry[PairedTiming] = Registry("latency engine")
+PAIRED_LATENCY.add("pytorch", lambda reference, model, setting, outtype="f16", embedding_type=None:
+                   measure_paired_latency(reference.model, model.model, setting), "torch")
+
+
+def latency_engine(name: str) -> str:
+    """The registered name of the engine ``name`` times in (with the engines' timings registered)."""
+    from .. import engines  # noqa: F401  (registers the engines' paired timings)
+
+    return PAIRED_LATENCY.canonical(name)
+
+
+def paired_latency(reference: LoadedModel, model: LoadedModel, setting: LatencySetting, engine: str = "pytorch",
+                   outtype: str = "f16", embedding_type: str | None = None) -> PairedLatency:
+    """``reference`` and ``model`` timed in alternating runs in ``engine``: every table and speed guard times so."""
+    return PAIRED_LATENCY.get(latency_engine(engine))(reference, model, setting, outtype, embedding_type)
+
+
+def changed_copy(loaded: LoadedModel, change: Callable[[nn.Module], object]) -> LoadedModel:
+    """A deep copy of ``loaded`` with ``change`` applied to its model (the probe a table or guard times)."""
+    probe = copy.copy(loaded)
+    probe.model = copy.deepcopy(loaded.model)
+    change(probe.model)
+    return probe
+
+
+def _as_loaded(loaded: LoadedModel | nn.Module) -> LoadedModel:
+    if isinstance(loaded, nn.Module):
+        return LoadedModel(model=loaded, tokenizer=None, spec="in-memory model", source="in memory")
+    return loaded
 
 
 def measure_latency_table(loaded: LoadedModel | nn.Module, setting: LatencySetting | None = None,
                           engine: str = "pytorch") -> LatencyTable:
-    """Time the model whole, then without a quarter of its attention (and of its MLP) sublayers, in ``engine``
-    (``llama.cpp`` times GGUF exports of the very same models)."""
-    from ..backends.depth import temporarily_removed
-
-    from .. import engines  # noqa: F401  (registers the engines' latency functions)
+    """Time the model against copies without a quarter of its attention (and of its MLP) sublayers, and without
+    every sublayer (the floor), each pair of runs alternating, in ``engine`` (``llama.cpp`` times GGUF exports of
+    the very same models)."""
+    from ..backends.depth import remove_sublayers
 
     setting = setting or LatencySetting()
-    if isinstance(loaded, nn.Module):
-        loaded = LoadedModel(model=loaded, tokenizer=None, spec="in-memory model", source="in memory")
-    total_ms = MODEL_LATENCY.get(engine)
-    model = loaded.model
-    adapter = get_adapter(model)
-    before = total_ms(loaded, setting)
-    reduced: dict[str, float] = {}
+    loaded = _as_loaded(loaded)
+    adapter = get_adapter(loaded.model)
+    dense_ms: list[float] = []
+
+    def without(names: list[str]) -> PairedLatency:
+        pair = paired_latency(loaded, changed_copy(loaded, lambda model: remove_sublayers(model, names)), setting,
+                              engine)
+        dense_ms.append(pair.reference.total_ms)
+        return pair
+
+    per_kind: dict[str, float] = {}
     probes: dict[str, list[str]] = {}
+    counts: dict[str, int] = {}
     for kind in KINDS:
         names = [s.name for s in adapter.all_sublayers() if s.kind == kind]
         count = max(1, len(names) // 4)
         # the last sublayers but one, like SPRINT's probe; any equal-shape sublayers would do
-        probe = names[-count - 1 : -1] if len(names) > count else names[:count]
-        with temporarily_removed(model, probe):
-            reduced[kind] = total_ms(loaded, setting)
-        probes[kind] = probe
-    counts = {kind: sum(1 for s in adapter.all_sublayers() if s.kind == kind) for kind in KINDS}
-    floor = _floor_ms(loaded, setting, total_ms)
-    full = (before + total_ms(loaded, setting)) / 2  # timed before and after the probes: drift cancels
-    per_kind = {kind: max(full - reduced[kind], 0.0) / len(probes[kind]) for kind in KINDS}
+        probes[kind] = names[-count - 1 : -1] if len(names) > count else names[:count]
+        per_kind[kind] = max(without(probes[kind]).saved_ms["total"], 0.0) / len(probes[kind])
+        counts[kind] = len(names)
+    try:  # llama.cpp's GGUF files need a decoder block with weights: then the whole model is the bound
+        everything = without([s.name for s in adapter.all_sublayers()]).saved_ms["total"]
+    except LayerwiseError:
+        everything = None
+    full = statistics.median(dense_ms)
+    # what stays (embedding, norms, head), from the pairs' own difference: drift between pairs cancels
+    floor = None if everything is None else full - min(max(everything, 0.0), full)
     scale = consistent_scale(sum(per_kind[kind] * counts[kind] for kind in KINDS), full - (floor or 0.0))
     return LatencyTable(setting=setting, total_ms=round(full, 3),
                         sublayer_ms={kind: round(ms * scale, 4) for kind, ms in per_kind.items()},
                         probe_removed={kind: len(probe) for kind, probe in probes.items()},
-                        engine=MODEL_LATENCY.canonical(engine), floor_ms=None if floor is None else round(floor, 3),
+                        engine=latency_engine(engine), floor_ms=None if floor is None else round(floor, 3),
                         scaled=round(scale, 4))
-
-
-def _floor_ms(loaded: LoadedModel, setting: LatencySetting, total_ms: ModelLatency) -> float | None:
-    """The model timed with every sublayer removed; None where the engine cannot run such a model (llama.cpp's
-    GGUF files need a decoder block with weights), and then the whole model is the bound."""
-    from ..backends.depth import temporarily_removed
-
-    with temporarily_removed(loaded.model, [s.name for s in get_adapter(loaded.model).all_sublayers()]):
-        try:
-            return total_ms(loaded, setting)
-        except LayerwiseError:
-            return None
 
 
 def consistent_scale(saved_by_everything: float, removable: float) -> float:
@@ -125,15 +152,11 @@ class WidthLatencyTable(BaseModel):
 
 def measure_width_latency_table(loaded: LoadedModel, setting: LatencySetting | None = None,
                                 engine: str = "pytorch") -> WidthLatencyTable:
-    """Time the model whole, then copies with one KV group fewer in every attention block and with every FFN
-    at half width."""
+    """Time the model against copies with one KV group fewer in every attention block and with every FFN at half
+    width, each pair of runs alternating."""
     from ..backends.structured import slice_attention, slice_mlp
 
-    from .. import engines  # noqa: F401  (registers the engines' latency functions)
-
     setting = setting or LatencySetting()
-    total_ms = MODEL_LATENCY.get(engine)
-    full = total_ms(loaded, setting)
 
     def one_group_fewer(adapter: ModelAdapter, block: int) -> int:
         groups = adapter.head_geometry(block).num_kv_heads
@@ -146,29 +169,40 @@ def measure_width_latency_table(loaded: LoadedModel, setting: LatencySetting | N
         slice_mlp(adapter, block, list(range(width - width // 2)))
         return width // 2
 
-    deltas, removed = {}, {}
+    deltas, removed, dense_ms = {}, {}, []
     for kind, cut, sublayer in (("groups", one_group_fewer, "attention"), ("channels", half_width, "mlp")):
-        deltas[kind], removed[kind] = _saved_when_sliced(loaded, setting, total_ms, full, sublayer, cut)
-    return WidthLatencyTable(setting=setting, total_ms=full,
+        deltas[kind], removed[kind] = _saved_when_sliced(loaded, setting, engine, sublayer, cut, dense_ms)
+    return WidthLatencyTable(setting=setting, total_ms=_dense_ms(loaded, setting, engine, dense_ms),
                              ms_per_group=round(deltas["groups"] / max(1, removed["groups"]), 6),
                              ms_per_channel=round(deltas["channels"] / max(1, removed["channels"]), 8),
-                             probe_removed=removed, engine=MODEL_LATENCY.canonical(engine))
+                             probe_removed=removed, engine=latency_engine(engine))
 
 
-def _saved_when_sliced(loaded: LoadedModel, setting: LatencySetting, total_ms: ModelLatency, full: float,
-                       kind: str, cut: Callable[[ModelAdapter, int], int]) -> tuple[float, int]:
+def _saved_when_sliced(loaded: LoadedModel, setting: LatencySetting, engine: str, kind: str,
+                       cut: Callable[[ModelAdapter, int], int], dense_ms: list[float]) -> tuple[float, int]:
     """Time a copy of the model with ``cut(adapter, block)`` applied to every block whose ``kind`` sublayer is
-    present; ``cut`` returns what it counts as removed there. Returns (ms saved, total counted), (0, 0) when
-    nothing was cut."""
-    import copy
+    present against the model, in alternating runs; ``cut`` returns what it counts as removed there, and the
+    dense side's median goes to ``dense_ms``. Returns (ms saved, total counted), (0, 0) when nothing was cut."""
+    counted = [0]
 
-    probe = copy.copy(loaded)
-    probe.model = copy.deepcopy(loaded.model)
-    adapter = get_adapter(probe.model)
-    counted = sum(cut(adapter, block) for block in range(adapter.num_blocks)
-                  if not (adapter.attention(block) if kind == "attention" else adapter.mlp(block)).removed)
-    saved = max(full - total_ms(probe, setting), 0.0) if counted else 0.0
-    return saved, counted
+    def change(model: nn.Module) -> None:
+        adapter = get_adapter(model)
+        counted[0] = sum(cut(adapter, block) for block in range(adapter.num_blocks)
+                         if not (adapter.attention(block) if kind == "attention" else adapter.mlp(block)).removed)
+
+    probe = changed_copy(loaded, change)
+    if not counted[0]:
+        return 0.0, 0
+    pair = paired_latency(loaded, probe, setting, engine)
+    dense_ms.append(pair.reference.total_ms)
+    return max(pair.saved_ms["total"], 0.0), counted[0]
+
+
+def _dense_ms(loaded: LoadedModel, setting: LatencySetting, engine: str, dense_ms: list[float]) -> float:
+    """The dense side's median over a table's pairs (timed alone when no probe changed anything)."""
+    if not dense_ms:
+        dense_ms.append(paired_latency(loaded, loaded, setting, engine).reference.total_ms)
+    return round(statistics.median(dense_ms), 3)
 
 
 class LevelLatencyTable(BaseModel):
@@ -184,15 +218,12 @@ class LevelLatencyTable(BaseModel):
 
 def measure_level_latency_table(loaded: LoadedModel, levels: dict[str, list[int]], setting: LatencySetting | None = None,
                                 engine: str = "pytorch") -> LevelLatencyTable:
-    """Time the model whole, then a copy per (kind, kept) with every block's attention keeping ``kept`` KV groups or
-    every MLP ``kept`` channels (``levels``: kind -> the kept counts to time; the dense width is skipped)."""
+    """Time the model against a copy per (kind, kept) with every block's attention keeping ``kept`` KV groups or
+    every MLP ``kept`` channels, in alternating runs (``levels``: kind -> the kept counts to time; the dense width
+    is skipped)."""
     from ..backends.structured import slice_attention, slice_mlp
 
-    from .. import engines  # noqa: F401  (registers the engines' latency functions)
-
     setting = setting or LatencySetting()
-    total_ms = MODEL_LATENCY.get(engine)
-    full = total_ms(loaded, setting)
 
     def keeping(kind: str, kept: int) -> Callable[[ModelAdapter, int], int]:
         def cut(adapter: ModelAdapter, block: int) -> int:  # counts the sublayers it narrows
@@ -206,9 +237,11 @@ def measure_level_latency_table(loaded: LoadedModel, levels: dict[str, list[int]
         return cut
 
     saved: dict[str, dict[int, float]] = {kind: {} for kind in levels}
+    dense_ms: list[float] = []
     for kind, counts in levels.items():
         for kept in counts:
-            ms, sliced = _saved_when_sliced(loaded, setting, total_ms, full, kind, keeping(kind, kept))
+            ms, sliced = _saved_when_sliced(loaded, setting, engine, kind, keeping(kind, kept), dense_ms)
             if sliced:
                 saved[kind][kept] = round(ms / sliced, 6)
-    return LevelLatencyTable(setting=setting, total_ms=full, saved_ms=saved, engine=MODEL_LATENCY.canonical(engine))
+    return LevelLatencyTable(setting=setting, total_ms=_dense_ms(loaded, setting, engine, dense_ms), saved_ms=saved,
+                             engine=latency_engine(engine))

@@ -1,26 +1,25 @@
 """What one sublayer costs in an engine whose speed depends on how weights are stored (llama.cpp: each GGUF type
 has its own kernels), per level = (kept width, GGUF type) or removal. Measured as SPRINT measures removals:
 every sublayer of one kind set to one level, every other linear at the reference type, the whole exported
-model timed; a sublayer's saving is the difference over their count. Probes hold empty GGUF linears of the
+model timed in alternating runs with the dense one; a sublayer's saving is the difference over their count. Probes hold empty GGUF linears of the
 right types and shapes (speed does not depend on the values), so no quantization work is timed or done."""
 
 from __future__ import annotations
 
-import copy
+import statistics
 from typing import Callable, Iterable, Optional
 
 from pydantic import BaseModel
 from torch import nn
 
 from ..config import LatencySetting
-from ..errors import BudgetError
+from ..errors import BudgetError, EngineError
 from ..models import LoadedModel, decoder_linears, get_adapter
-from ..registry import Registry
+from .latency import PairedLatency
+from .latency_table import changed_copy, latency_engine, paired_latency
 
-# engine -> decode milliseconds per token of a loaded model exported with float linears at ``outtype`` and the
-# token embedding at ``embedding_type`` (GGUF linears keep their own types)
-DecodeLatency = Callable[[LoadedModel, LatencySetting, str, Optional[str]], float]
-DECODE_LATENCY: Registry[DecodeLatency] = Registry("typed latency engine")
+# the engines whose speed depends on how weights are stored: their speed budgets keep GGUF types in the space
+TYPE_DEPENDENT_ENGINES = ("llama.cpp",)
 
 
 class TypedLevelLatencyTable(BaseModel):
@@ -59,11 +58,19 @@ def typed_probe(model: nn.Module, types: dict[str, str]) -> None:
 def typed_copy(loaded: LoadedModel, change: Callable[[nn.Module], None], types: Callable[[str], str]) -> LoadedModel:
     """A probe: a deep copy of ``loaded`` with ``change`` applied (removals, slices), then every decoder linear
     left stored as ``types(name)``."""
-    probe = copy.copy(loaded)
-    probe.model = copy.deepcopy(loaded.model)
-    change(probe.model)
-    typed_probe(probe.model, {name: types(name) for name in decoder_linears(probe.model)})
-    return probe
+    def typed(model: nn.Module) -> None:
+        change(model)
+        typed_probe(model, {name: types(name) for name in decoder_linears(model)})
+
+    return changed_copy(loaded, typed)
+
+
+def typed_paired_latency(reference: LoadedModel, model: LoadedModel, setting: LatencySetting, engine: str,
+                         embedding_type: Optional[str]) -> PairedLatency:
+    """Two typed probes' decode timed in alternating runs, as the typed table and the speed guard time them."""
+    if not setting.decode_steps:
+        raise EngineError("A decode latency needs generated tokens: set the latency setting's generation on.")
+    return paired_latency(reference, model, setting, engine, "f16", embedding_type)
 
 
 def _set_level(model: nn.Module, kind: str, kept: int) -> list[str]:
@@ -93,18 +100,18 @@ def measure_typed_level_latency_table(loaded: LoadedModel, levels: dict[str, Ite
                                       reference_type: str, embedding_type: Optional[str] = None,
                                       setting: LatencySetting | None = None,
                                       engine: str = "llama.cpp") -> TypedLevelLatencyTable:
-    """Time the dense model at ``reference_type``, then one probe per (kind, kept, type) of ``levels`` (kept 0:
-    removed) with every sublayer of that kind at that level."""
-    from .. import engines  # noqa: F401  (registers the engines' latency functions)
-
+    """Time the dense model at ``reference_type`` against one probe per (kind, kept, type) of ``levels`` (kept 0:
+    removed) with every sublayer of that kind at that level, in alternating runs."""
     setting = setting or LatencySetting()
-    decode = DECODE_LATENCY.get(engine)
-    outtype = "f16"
+    dense = typed_copy(loaded, lambda model: None, lambda name: reference_type)
+    dense_ms: list[float] = []
 
     def timed(change: Callable[[nn.Module], None], types: Callable[[str], str]) -> float:
-        return decode(typed_copy(loaded, change, types), setting, outtype, embedding_type)
+        """Decode ms per token the probe saves against the dense model at the reference type."""
+        pair = typed_paired_latency(dense, typed_copy(loaded, change, types), setting, engine, embedding_type)
+        dense_ms.append(pair.reference.decode_ms_per_token)
+        return pair.saved_ms["decode"]
 
-    dense_ms = timed(lambda model: None, lambda name: reference_type)
     adapter = get_adapter(loaded.model)
     widest = {"attention": max(adapter.head_geometry(b).num_kv_heads for b in range(adapter.num_blocks)),
               "mlp": max(adapter.ffn_width(b) for b in range(adapter.num_blocks))}
@@ -124,7 +131,9 @@ def measure_typed_level_latency_table(loaded: LoadedModel, levels: dict[str, Ite
                 return gguf_type if any(name.startswith(unit + ".") for unit in changed) else reference_type
 
             ms = timed(change, types)
-            saved[kind][TypedLevelLatencyTable.key(kept, gguf_type)] = round((dense_ms - ms) / max(1, len(changed)), 6)
+            saved[kind][TypedLevelLatencyTable.key(kept, gguf_type)] = round(ms / max(1, len(changed)), 6)
+    if not dense_ms:  # every level was the dense one
+        dense_ms.append(typed_paired_latency(dense, dense, setting, engine, embedding_type).reference.decode_ms_per_token)
     return TypedLevelLatencyTable(setting=setting, reference_type=reference_type, embedding_type=embedding_type,
-                                  dense_ms=round(dense_ms, 6), saved_ms=saved,
-                                  engine=DECODE_LATENCY.canonical(engine))
+                                  dense_ms=round(statistics.median(dense_ms), 6), saved_ms=saved,
+                                  engine=latency_engine(engine))

@@ -140,39 +140,25 @@ def _quiet_stderr() -> Iterator[None]:
 TABLE_REPEATS = 15  # a llama.cpp run of the default setting takes well under a second: average more of them
 
 
-def exported_latency(loaded, setting: LatencySetting, outtype: str = "f16", embedding_type: str | None = None
-                     ) -> LatencyReport:
-    """Latency of ``loaded`` as llama.cpp runs it: exported to a temporary GGUF, then timed (the median of at
-    least ``TABLE_REPEATS`` runs: latency tables subtract such numbers, so noise matters)."""
+def exported_paired_latency(reference, model, setting: LatencySetting, outtype: str = "f16",
+                            embedding_type: str | None = None) -> PairedLatency:
+    """Two loaded models as llama.cpp runs them: each exported to a temporary GGUF, then timed in alternating runs
+    (at least ``TABLE_REPEATS`` pairs: latency tables subtract such numbers, so noise matters)."""
     import tempfile
 
     from ..export import export_gguf
 
     setting = setting.model_copy(update={"repeats": max(setting.repeats, TABLE_REPEATS)})
     with tempfile.TemporaryDirectory() as directory:
-        path = export_gguf(loaded, Path(directory) / "model.gguf", outtype, embedding_type).path
-        return llamacpp_latency(path, setting)
-
-
-def exported_latency_ms(loaded, setting: LatencySetting, outtype: str = "f16") -> float:
-    """Whole-model latency (ms, prompt and generation) in llama.cpp: what the removal and width tables time."""
-    return exported_latency(loaded, setting, outtype).total_ms
-
-
-def exported_decode_ms(loaded, setting: LatencySetting, outtype: str = "f16", embedding_type: str | None = None
-                       ) -> float:
-    """Decode milliseconds per token in llama.cpp, GGUF linears at their own types: what the typed table times."""
-    if not setting.decode_steps:
-        raise EngineError("A decode latency needs generated tokens: set the latency setting's generation on.")
-    return exported_latency(loaded, setting, outtype, embedding_type).decode_ms_per_token
+        paths = [export_gguf(loaded, Path(directory) / f"{name}.gguf", outtype, embedding_type).path
+                 for name, loaded in (("reference", reference), ("model", model))]
+        return llamacpp_paired_latency(*paths, setting)
 
 
 def _register() -> None:
-    from ..cost.latency_table import MODEL_LATENCY
-    from ..cost.typed_latency import DECODE_LATENCY
+    from ..cost.latency_table import PAIRED_LATENCY
 
-    MODEL_LATENCY.add("llama.cpp", exported_latency_ms, "llamacpp")
-    DECODE_LATENCY.add("llama.cpp", exported_decode_ms, "llamacpp")
+    PAIRED_LATENCY.add("llama.cpp", exported_paired_latency, "llamacpp")
 
 
 _register()

@@ -18,8 +18,8 @@ from ..config import Budget, LatencySetting
 from ..errors import BudgetError, LayerwiseError
 from ..formatting import fmt, fmt_bytes
 from ..models import LoadedModel, decoder_linears, get_adapter
-from ..cost.latency_table import MODEL_LATENCY
-from ..cost.typed_latency import DECODE_LATENCY
+from ..cost.latency_table import latency_engine
+from ..cost.typed_latency import TYPE_DEPENDENT_ENGINES
 from ..plan import Plan, QuantizeAction, RemoveAction, SliceAction
 from .base import PlanRequest, Structure, StructureOptions, check_params, option, register
 from .depth import DepthOptions
@@ -114,8 +114,8 @@ class Joint(Structure):
 
         fixed = embedding_bytes(model, embedding_type) + 4 * int(model.config.hidden_size)  # and the output norm
         budgets = Budgets(request.budget.max_bytes, request.budget.target_speedup)
-        engine = MODEL_LATENCY.canonical(calibration.settings.latency_engine or "pytorch")
-        typed = request.budget.target_speedup is not None and engine in DECODE_LATENCY
+        engine = latency_engine(calibration.settings.latency_engine or "pytorch")
+        typed = request.budget.target_speedup is not None and engine in TYPE_DEPENDENT_ENGINES
         space = build_space(model, (options.get("joint_types") or DEFAULT_TYPES).split(","),
                             _fractions(options.get("joint_attention_widths", "1,0.67,0.33"), "--joint-attention-widths"),
                             _fractions(options.get("joint_mlp_widths", "1,0.67,0.33"), "--joint-mlp-widths"),
@@ -232,10 +232,10 @@ def typed_speedup(request: PlanRequest, space: JointSpace, actions: Callable[[Ge
     with each kept linear at its planned type (empty GGUF linears: speed does not depend on the values),
     exported and timed the way the table was."""
     from ..backends import ApplyContext, apply_plan
-    from ..cost.typed_latency import typed_copy
+    from ..cost.typed_latency import typed_copy, typed_paired_latency
 
-    decode = DECODE_LATENCY.get(engine)
     reference = space.typed_latency.reference_type
+    dense = typed_copy(request.loaded, lambda model: None, lambda name: reference)
 
     def measure(genome: Genome) -> float:
         planned = actions(genome)
@@ -245,11 +245,8 @@ def typed_speedup(request: PlanRequest, space: JointSpace, actions: Callable[[Ge
         def change(model: nn.Module) -> None:
             apply_plan(model, request.plan(structure, {}, {}), ApplyContext(request.calibration))
 
-        dense = decode(typed_copy(request.loaded, lambda model: None, lambda name: reference), setting, "f16",
-                       embedding_type)
-        trial = decode(typed_copy(request.loaded, change, lambda name: types.get(name, reference)), setting, "f16",
-                       embedding_type)
-        return dense / max(trial, 1e-9)
+        trial = typed_copy(request.loaded, change, lambda name: types.get(name, reference))
+        return typed_paired_latency(dense, trial, setting, engine, embedding_type).speedup["decode"]
     return measure
 
 
@@ -262,7 +259,7 @@ def _attach_latency_tables(loaded: LoadedModel, setting: LatencySetting, space: 
     from ..cost.latency_table import measure_level_latency_table
     from ..cost.typed_latency import measure_typed_level_latency_table
 
-    if engine in DECODE_LATENCY:
+    if engine in TYPE_DEPENDENT_ENGINES:
         levels = {kind: sorted({(level.kept, level.kind) for unit in space.units if unit.kind == kind
                                 for level in unit.levels}) for kind in ("attention", "mlp")}
         space.typed_latency = measure_typed_level_latency_table(loaded, levels, space.kinds[0], embedding_type,

@@ -4,11 +4,10 @@ fairly."""
 
 from __future__ import annotations
 
-import copy
 from typing import Callable, TypeVar
 
 from ..config import LatencySetting
-from ..cost.latency_table import MODEL_LATENCY
+from ..cost.latency_table import changed_copy, paired_latency
 from ..errors import BudgetError
 from ..models import LoadedModel
 
@@ -42,15 +41,6 @@ def guard_speed(target: float, plan: P, measure: Callable[[P], float], predicted
 
 
 def speedup_of(loaded: LoadedModel, change: Callable[[object], None], setting: LatencySetting, engine: str) -> float:
-    """The dense model's latency over that of a copy ``change`` was applied to: in PyTorch in alternating runs
-    (``measure_paired_latency``, as results are measured), elsewhere each timed by the engine's model latency."""
-    from ..cost import measure_paired_latency
-
-    trial = copy.deepcopy(loaded.model)
-    change(trial)
-    if MODEL_LATENCY.canonical(engine) == "pytorch":
-        return measure_paired_latency(loaded.model, trial, setting).speedup["total"]
-    timer = MODEL_LATENCY.get(engine)
-    dense = timer(loaded, setting)
-    return dense / max(timer(LoadedModel(trial, loaded.tokenizer, loaded.spec, loaded.source, loaded.meta), setting),
-                       1e-9)
+    """The dense model's latency over that of a copy ``change`` was applied to, timed in alternating runs in
+    ``engine`` (as results and latency tables are measured)."""
+    return paired_latency(loaded, changed_copy(loaded, change), setting, engine).speedup["total"]
