@@ -17,6 +17,7 @@ COMMON = dict(vocab_size=258, hidden_size=64, intermediate_size=96, num_hidden_l
 FAMILIES: dict[str, tuple[str, dict]] = {
     "llama": ("LlamaConfig", {"head_dim": 16}),
     "mistral": ("MistralConfig", {"head_dim": 16, "sliding_window": 64}),
+    "gemma": ("GemmaConfig", {"head_dim": 16}),  # RMSNorm as (1 + w), GELU, embedding scaled by sqrt(hidden)
     "qwen2": ("Qwen2Config", {}),  # q/k/v biases
     "qwen3": ("Qwen3Config", {"head_dim": 16}),  # q/k norms over head_dim
     "olmo2": ("Olmo2Config", {}),  # post-norms only, q/k norms over the whole projection

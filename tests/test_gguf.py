@@ -248,10 +248,10 @@ def test_tokenizer_of_a_deci_file_reads_back(tiny, tmp_path):
     assert tokenizer_fingerprint(restored) is not None
 
 
-def test_inexpressible_models_fail_before_writing(tmp_path, neox_dir, tiny, tokens, calibration):
+def test_inexpressible_models_fail_before_writing(tmp_path, unadapted_dir, tiny, tokens, calibration):
     out = tmp_path / "x.gguf"
-    with pytest.raises(ExportError, match="Llama family"):
-        export_gguf(layerwise.load(neox_dir), out)
+    with pytest.raises(ExportError, match="GGUF export covers the families gemma, gemma2, .*; this model is 'opt'"):
+        export_gguf(layerwise.load(unadapted_dir), out)
     plan = Plan(model="tiny-llama", architecture=architecture_signature(tiny.model), budget=layerwise.Budget(),
                 allocator="uniform", method="rtn",
                 actions=[QuantizeAction(unit="model.layers.0.mlp.up_proj", bits=3, group_size=32)])
@@ -341,11 +341,11 @@ def test_greedy_over_every_gguf_type_fits_the_byte_budget(calibration):
     assert {a.format for a in plan.actions} <= {"f16", "q8_0", "q5_1", "q5_0", "q4_0"}  # 64/160-wide rows: no k-quants
 
 
-def test_compress_export_refuses_what_gguf_cannot_express_before_writing(tmp_path, neox_dir):
+def test_compress_export_refuses_what_gguf_cannot_express_before_writing(tmp_path, unadapted_dir):
     out = tmp_path / "run"
-    result = runner.invoke(app, ["compress", "--model", neox_dir, "--sparsity", "0.5", "--export", "gguf",
+    result = runner.invoke(app, ["compress", "--model", unadapted_dir, "--sparsity", "0.5", "--export", "gguf",
                                  "--max-windows", "1", "--out", str(out)])
-    assert result.exit_code == 2 and "Llama family" in result.output
+    assert result.exit_code == 2 and "this model is 'opt'" in result.output
     result = runner.invoke(app, ["compress", "--model", "tiny-llama", "--structure", "quant", "--bits", "4",
                                  "--export", "gguf", "--nsamples", "2", "--seqlen", "64", "--max-windows", "1",
                                  "--no-latency", "--out", str(out)])

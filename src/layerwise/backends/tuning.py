@@ -160,6 +160,15 @@ def measurement_end(stream: SublayerStream, position: int) -> tuple[int | None, 
     return tuning, (tuning + 1 if tuning is not None else stream.num_positions)
 
 
+def check_tunable(adapter) -> None:
+    """SPRINT's tuning needs each MLP's output to reach the residual stream directly."""
+    if adapter.mlp_post_norm is not None or adapter.parallel_residual:
+        raise UnsupportedArchitectureError(
+            "SPRINT's in-compression tuning refits down_proj against the residual stream, which a post-norm "
+            f"or a parallel residual ({type(adapter).__name__}) puts out of its reach; use "
+            "--num-candidate-sublayers 0 (removal without tuning) for this family.")
+
+
 @torch.no_grad()
 def tune_for_removal(stream: SublayerStream, states: States, position: int, ratio: float, damping: float,
                      direction: str, relative_damping: bool) -> dict | None:
@@ -168,12 +177,7 @@ def tune_for_removal(stream: SublayerStream, states: States, position: int, rati
     Returns the refitted slice (``dim``, ``index``, ``values``) plus the projection error before and after,
     on the calibration tokens: the quantity the least-squares step minimises.
     """
-    adapter = stream.adapter
-    if adapter.mlp_post_norm is not None or adapter.parallel_residual:
-        raise UnsupportedArchitectureError(
-            "SPRINT's in-compression tuning refits down_proj against the residual stream, which a post-norm "
-            f"or a parallel residual ({type(adapter).__name__}) puts out of its reach; use "
-            "--num-candidate-sublayers 0 (removal without tuning) for this family.")
+    check_tunable(stream.adapter)
     tuning, end = measurement_end(stream, position)
     if tuning is None:
         return None

@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 import math
+import re
 import tempfile
 from collections import Counter
 from dataclasses import dataclass
@@ -35,8 +36,8 @@ from ..gguf import GGUFType, gguf_type, stored_type
 from ..gguf.quantize import quantize_matrix
 from ..models.adapter import ModelAdapter, get_adapter
 from ..models.loading import LoadedModel
+from .families import GGUFFamily, gguf_family, rope_dimensions, rotary_rows, tensor_name_map
 
-EXPORTABLE_MODEL_TYPES = ("llama",)
 LINEAR_NAMES = {("attention", "q"): "attn_q", ("attention", "k"): "attn_k", ("attention", "v"): "attn_v",
                 ("attention", "o"): "attn_output", ("mlp", "gate"): "ffn_gate", ("mlp", "up"): "ffn_up",
                 ("mlp", "down"): "ffn_down"}
@@ -108,25 +109,48 @@ def mlp_stub_shapes(hidden: int) -> dict[str, tuple[int, int]]:
 def check_exportable(model: nn.Module) -> ModelAdapter:
     """The model's adapter, or an ``ExportError`` saying why llama.cpp cannot run this model as exported."""
     config = getattr(model, "config", None)
-    model_type = getattr(config, "model_type", type(model).__name__)
-    if model_type not in EXPORTABLE_MODEL_TYPES:
-        raise ExportError(f"GGUF export supports the Llama family (model type {', '.join(EXPORTABLE_MODEL_TYPES)}); "
-                          f"this model is '{model_type}'.")
+    family = gguf_family(config)
     try:
         adapter = get_adapter(model)
     except UnsupportedArchitectureError as exc:
         raise ExportError(f"GGUF export cannot read this model's structure: {exc}") from None
-    if getattr(config, "attention_bias", False) or getattr(config, "mlp_bias", False):
+    if family.architecture == "llama" and (getattr(config, "attention_bias", False) or getattr(config, "mlp_bias", False)):
         raise ExportError("GGUF export does not write linear biases; this Llama model has attention or MLP biases.")
     rope = _rope_scaling(config)
-    if rope and rope.get("rope_type", rope.get("type")) not in (None, "default", "linear", "llama3"):
-        raise ExportError(f"GGUF export supports default, linear and llama3 RoPE; this model uses "
+    allowed = (None, "default", "linear", "llama3") if family.architecture == "llama" else (None, "default", "linear")
+    if rope and rope.get("rope_type", rope.get("type")) not in allowed:
+        raise ExportError(f"GGUF export of the {config.model_type} family supports "
+                          f"{', '.join(str(kind) for kind in allowed[1:])} RoPE; this model uses "
                           f"'{rope.get('rope_type', rope.get('type'))}'.")
     for name, module in model.named_modules():
         if hasattr(module, "qweight"):
             raise ExportError(f"{name} is stored on layerwise's own {module.bits}-bit grid, which GGUF cannot "
                               "express; quantize with GGUF types (e.g. --bits q4_k,q6_k,q8_0) to export.")
+    shapes = block_shapes(adapter)
+    hidden, head_dim = int(config.hidden_size), adapter.head_dim(None)
+    check_structure_exportable(model, removes=any(s.heads == 0 or s.ffn == 0 or s.attention_stub or s.mlp_stub
+                                                  for s in shapes),
+                               per_layer=not _uniform(shapes) and all(s.heads and s.ffn for s in shapes),
+                               narrows_attention=any(s.heads * head_dim != hidden for s in shapes))
     return adapter
+
+
+def check_structure_exportable(model: nn.Module, removes: bool = False, per_layer: bool = False,
+                               narrows_attention: bool = False) -> None:
+    """Refuse what llama.cpp cannot express for this model's family: removed sublayers or per-layer widths
+    outside the Llama family (deci), narrowed attention where its loader shapes q and o as hidden x hidden. Called
+    with a finished model's shapes, or before any work with what the chosen structure will do."""
+    config = model.config
+    family = gguf_family(config)
+    if narrows_attention and family.full_query_width:
+        raise ExportError(f"llama.cpp's {family.architecture} architecture needs query heads x head size = hidden size "
+                          f"({config.hidden_size}), so narrowed attention cannot be exported for the "
+                          f"{config.model_type} family; narrowed MLPs can.")
+    if (removes or per_layer) and not family.per_layer:
+        what = "removed sublayers" if removes else "per-layer widths"
+        raise ExportError(f"llama.cpp's {family.architecture} architecture takes one width for every layer and no "
+                          f"removed sublayers; {what} export for the Llama family only (as deci), so this "
+                          f"{config.model_type} model cannot be exported with them.")
 
 
 def export_gguf(loaded: LoadedModel, out: str | Path, outtype: str = "f16", embedding_type: str | None = None,
@@ -137,30 +161,48 @@ def export_gguf(loaded: LoadedModel, out: str | Path, outtype: str = "f16", embe
         raise OutputExistsError(f"Output file {out} already exists; pass --overwrite to replace it.")
     model = loaded.model
     adapter = check_exportable(model)
+    family = gguf_family(model.config)
     float_type = gguf_type(outtype)
     quantized = any(isinstance(m, GGUFLinear) for m in model.modules())
     embed_type = gguf_type(embedding_type or ("q8_0" if quantized or float_type.quantized else outtype))
     shapes = block_shapes(adapter)
-    architecture = "llama" if _uniform(shapes) else "deci"
+    architecture = family.architecture if _uniform(shapes) else "deci"
     source = source_gguf(loaded)
     with atomic_path(out) as tmp:
         writer = GGUFWriter(tmp, architecture)
-        _write_metadata(writer, model, adapter, shapes, architecture, f"{loaded.spec} (layerwise export)")
+        _write_metadata(writer, model, adapter, shapes, architecture, _model_name(loaded), family)
         tokenizer_from = _write_tokenizer(writer, loaded, source)
-        types, linear_types = _write_tensors(writer, model, adapter, shapes, float_type, embed_type)
+        if architecture == "deci":
+            types, linear_types = _write_tensors(writer, model, adapter, shapes, float_type, embed_type)
+        else:
+            types, linear_types = _write_named_tensors(writer, model, adapter, family, float_type, embed_type)
         writer.add_file_type(_file_type(linear_types))
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
     reader = GGUFReader(out)
-    notes = _notes(model, shapes)
+    notes = [*_notes(model, shapes), *family.notes]
     return ExportReport(path=str(out), architecture=architecture, file_bytes=out.stat().st_size,
                         tensor_bytes=sum(int(t.n_bytes) for t in reader.tensors), tensor_types=dict(types),
                         linear_types=linear_types,
                         layer_dims={"head_count": [s.heads for s in shapes], "head_count_kv": [s.kv_heads for s in shapes],
                                     "feed_forward_length": [s.ffn for s in shapes]},
                         tokenizer_from=tokenizer_from, notes=notes)
+
+
+# llama.cpp gives these tokens Phi-3's attributes whenever general.name contains "phi3" or "phi-3", and aborts when
+# the vocabulary lacks one (llama-vocab.cpp)
+PHI3_NAMED_TOKENS = ("</s>", "<unk>", "<s>", "<|endoftext|>")
+
+
+def _model_name(loaded: LoadedModel) -> str:
+    """general.name: the model's spec, unless that would make llama.cpp look for Phi-3 tokens this vocabulary lacks."""
+    name = f"{loaded.spec} (layerwise export)"
+    vocabulary = loaded.tokenizer.get_vocab() if loaded.tokenizer is not None else {}
+    if any(token not in vocabulary for token in PHI3_NAMED_TOKENS):
+        name = re.sub(r"(phi-?)3", r"\1 3", name, flags=re.IGNORECASE)
+    return name
 
 
 def block_shapes(adapter: ModelAdapter) -> list[BlockShape]:
@@ -195,8 +237,14 @@ def source_gguf(loaded: LoadedModel) -> Path | None:
     return None
 
 
+def _rope_parameters(config) -> dict:
+    """RoPE parameters of the full-attention layers (a config may hold one set per layer type)."""
+    parameters = getattr(config, "rope_scaling", None) or getattr(config, "rope_parameters", None) or {}
+    return dict(parameters.get("full_attention", parameters))
+
+
 def _rope_scaling(config) -> dict | None:
-    scaling = getattr(config, "rope_scaling", None) or getattr(config, "rope_parameters", None)
+    scaling = _rope_parameters(config)
     if not scaling:
         return None
     if scaling.get("rope_type", scaling.get("type")) == "default":
@@ -205,31 +253,33 @@ def _rope_scaling(config) -> dict | None:
 
 
 def _rope_theta(config) -> float:
-    parameters = getattr(config, "rope_parameters", None) or {}
-    return float(parameters.get("rope_theta", getattr(config, "rope_theta", 10000.0)))
+    return float(_rope_parameters(config).get("rope_theta", getattr(config, "rope_theta", 10000.0)))
 
 
 def _write_metadata(writer: GGUFWriter, model: nn.Module, adapter: ModelAdapter, shapes: list[BlockShape],
-                    architecture: str, name: str) -> None:
+                    architecture: str, name: str, family: GGUFFamily) -> None:
     config = model.config
     head_dim = adapter.head_dim(None)
     writer.add_name(name)
     writer.add_context_length(int(config.max_position_embeddings))
     writer.add_embedding_length(int(config.hidden_size))
     writer.add_block_count(len(shapes))
-    if architecture == "llama":
-        writer.add_feed_forward_length(shapes[0].ffn)
-        writer.add_head_count(shapes[0].heads)
-        writer.add_head_count_kv(shapes[0].kv_heads)
-    else:
+    if architecture == "deci":
         writer.add_feed_forward_length([s.ffn for s in shapes])
         writer.add_head_count([s.heads for s in shapes])
         writer.add_head_count_kv([s.kv_heads for s in shapes])
+    else:
+        writer.add_feed_forward_length(shapes[0].ffn)
+        writer.add_head_count(shapes[0].heads)
+        writer.add_head_count_kv(shapes[0].kv_heads)
     writer.add_key_length(head_dim)
     writer.add_value_length(head_dim)
-    writer.add_rope_dimension_count(head_dim)
+    writer.add_rope_dimension_count(rope_dimensions(config, head_dim))
     writer.add_rope_freq_base(_rope_theta(config))
-    writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
+    if family.layer_norm:
+        writer.add_layer_norm_eps(float(config.layer_norm_eps))
+    else:
+        writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
     writer.add_vocab_size(int(model.get_input_embeddings().num_embeddings))
     rope = _rope_scaling(config)
     if rope and rope.get("rope_type", rope.get("type")) == "linear":
@@ -237,6 +287,7 @@ def _write_metadata(writer: GGUFWriter, model: nn.Module, adapter: ModelAdapter,
 
         writer.add_rope_scaling_type(RopeScalingType.LINEAR)
         writer.add_rope_scaling_factor(float(rope["factor"]))
+    family.extra_keys(writer, config)
 
 
 def _write_tokenizer(writer: GGUFWriter, loaded: LoadedModel, source: Path | None) -> str:
@@ -291,9 +342,72 @@ def _write_hf_tokenizer(writer: GGUFWriter, loaded: LoadedModel, vocab_size: int
     return f"written from the Hugging Face tokenizer ({model_name}, pre-tokenizer 'default')"
 
 
-def rotary_rows(rows: int, heads: int) -> np.ndarray:
-    """Row order that turns Hugging Face's half-split rotary layout into llama.cpp's interleaved one."""
-    return np.arange(rows).reshape(heads, 2, rows // heads // 2).swapaxes(1, 2).reshape(-1)
+def _write_named_tensors(writer: GGUFWriter, model: nn.Module, adapter: ModelAdapter, family: GGUFFamily,
+                         float_type: GGUFType, embed_type: GGUFType) -> tuple[Counter, dict[str, str]]:
+    """Every parameter of a uniform model under the name llama.cpp's loader looks for (gguf-py's map of Hugging
+    Face names), transformed as llama.cpp's converter transforms it; a parameter it has no name for is an error,
+    never silently dropped."""
+    names = tensor_name_map(family, adapter.num_blocks)
+    head_dim = adapter.head_dim(None)
+    embedding, output = model.get_input_embeddings(), model.get_output_embeddings()
+    tied = output is not None and output.weight.data_ptr() == embedding.weight.data_ptr()
+    counts: Counter = Counter()
+    linear_types: dict[str, str] = {}
+    for module_name, module in model.named_modules():
+        tensors: dict[str, object] = dict(module.named_parameters(recurse=False))
+        if isinstance(module, GGUFLinear):
+            tensors = {"weight": module, **({"bias": module.bias} if module.bias is not None else {})}
+        if not tensors or (module is output and tied):
+            continue
+        base = names.get_name(module_name)
+        if base is None:
+            raise ExportError(f"llama.cpp's {family.architecture} architecture has no tensor for {module_name}; "
+                              "this model cannot be exported as it is.")
+        for suffix, value in tensors.items():
+            name = f"{base}.{suffix}"
+            if isinstance(value, GGUFLinear) or value.dim() == 2:
+                rows = value.out_features if isinstance(value, GGUFLinear) else value.shape[0]
+                order = family.row_order(base.rsplit(".", 1)[-1], rows, model.config, head_dim)
+                kind = embed_type if module is embedding or module is output else float_type
+                stored = _write_matrix(writer, name, value, kind, order, counts)
+                key = {id(embedding): "token_embd", id(output): "output"}.get(id(module), module_name)
+                linear_types[key] = stored
+            else:
+                vector = value.detach().to(torch.float32).cpu()
+                if suffix == "weight" and "norm" in base:
+                    vector = vector + family.norm_shift
+                order = family.row_order(base.rsplit(".", 1)[-1], vector.shape[0], model.config, head_dim)
+                writer.add_tensor(name, vector.numpy()[order] if order is not None else vector.numpy())
+                counts["f32"] += 1
+    if tied and family.needs_output:
+        linear_types["output"] = _write_matrix(writer, "output.weight", embedding.weight, embed_type, None, counts)
+    _write_rope_factors(writer, model, adapter)
+    return counts, linear_types
+
+
+def _write_rope_factors(writer: GGUFWriter, model: nn.Module, adapter: ModelAdapter) -> None:
+    """llama.cpp's ``rope_freqs`` tensor where the model uses Llama 3 RoPE scaling."""
+    rope = _rope_scaling(model.config)
+    if rope and rope.get("rope_type", rope.get("type")) == "llama3":
+        writer.add_tensor("rope_freqs.weight", _llama3_rope_factors(model.config, adapter.head_dim(None)))
+
+
+def _write_matrix(writer: GGUFWriter, name: str, value, kind: GGUFType, order: np.ndarray | None,
+                  counts: Counter) -> str:
+    """A matrix (a GGUF linear's own bytes, or a float weight stored as ``kind``, llama.cpp's fallback applied)
+    with its rows in ``order``; the type written."""
+    if isinstance(value, GGUFLinear):
+        raw, kind, columns = value.qdata.cpu().numpy(), value.kind, value.in_features
+    else:
+        kind = stored_type(kind.name, value.shape[1])
+        raw, columns = quantize_matrix(value.detach(), kind), value.shape[1]
+    raw = raw[order] if order is not None else raw
+    if kind.quantized or kind.name == "bf16":  # uint8 rows of blocks: gguf derives the shape from the bytes
+        writer.add_tensor(name, np.ascontiguousarray(raw), raw_dtype=kind.ggml)
+    else:
+        writer.add_tensor(name, raw.view(np.float16 if kind.name == "f16" else np.float32).reshape(raw.shape[0], columns))
+    counts[kind.name] += 1
+    return kind.name
 
 
 def _write_tensors(writer: GGUFWriter, model: nn.Module, adapter: ModelAdapter, shapes: list[BlockShape],
@@ -301,30 +415,16 @@ def _write_tensors(writer: GGUFWriter, model: nn.Module, adapter: ModelAdapter, 
     counts: Counter = Counter()
     linear_types: dict[str, str] = {}
 
-    def add(name: str, raw: np.ndarray, kind: GGUFType, columns: int) -> None:
-        rows = raw.shape[0]
-        if kind.quantized or kind.name == "bf16":  # uint8 rows of blocks: gguf derives the shape from the bytes
-            writer.add_tensor(name, np.ascontiguousarray(raw), raw_dtype=kind.ggml)
-        else:
-            writer.add_tensor(name, raw.view(np.float16 if kind.name == "f16" else np.float32).reshape(rows, columns))
-        counts[kind.name] += 1
-
     def add_norm(name: str, weight: torch.Tensor) -> None:
         writer.add_tensor(name, weight.detach().to(torch.float32).cpu().numpy())
         counts["f32"] += 1
 
     def add_matrix(name: str, weight: torch.Tensor, kind: GGUFType, order: np.ndarray | None = None) -> str:
-        kind = stored_type(kind.name, weight.shape[1])
-        raw = quantize_matrix(weight.detach(), kind)
-        add(name, raw[order] if order is not None else raw, kind, weight.shape[1])
-        return kind.name
+        return _write_matrix(writer, name, weight, kind, order, counts)
 
     def add_linear(name: str, linear: nn.Module, order: np.ndarray | None) -> str:
-        if isinstance(linear, GGUFLinear):
-            raw = linear.qdata.cpu().numpy()
-            add(name, raw[order] if order is not None else raw, linear.kind, linear.in_features)
-            return linear.kind.name
-        return add_matrix(name, linear.weight, float_type, order)
+        return _write_matrix(writer, name, linear if isinstance(linear, GGUFLinear) else linear.weight, float_type,
+                             order, counts)
 
     embedding = model.get_input_embeddings().weight
     linear_types["token_embd"] = add_matrix("token_embd.weight", embedding, embed_type)
@@ -332,9 +432,7 @@ def _write_tensors(writer: GGUFWriter, model: nn.Module, adapter: ModelAdapter, 
     output = model.get_output_embeddings()
     if output is not None and output.weight.data_ptr() != embedding.data_ptr():
         linear_types["output"] = add_matrix("output.weight", output.weight, embed_type)
-    rope = _rope_scaling(model.config)
-    if rope and rope.get("rope_type", rope.get("type")) == "llama3":
-        writer.add_tensor("rope_freqs.weight", _llama3_rope_factors(model.config, adapter.head_dim(None)))
+    _write_rope_factors(writer, model, adapter)
     hidden = int(model.config.hidden_size)
     head_dim = adapter.head_dim(None)
     for index, shape in enumerate(shapes):
@@ -446,14 +544,10 @@ def embedding_bytes(model: nn.Module, embedding_type: str = "q8_0") -> int:
 def gguf_tensor_names(model: nn.Module) -> dict[str, str]:
     """Decoder-linear unit name -> its tensor's name in a GGUF export (``model.layers.3.mlp.down_proj`` ->
     ``blk.3.ffn_down.weight``), for every linear still present."""
-    adapter = get_adapter(model)
-    names = {}
-    for index in range(adapter.num_blocks):
-        for sublayer in adapter.sublayers(index):
-            roles = adapter.attention_roles if sublayer.kind == "attention" else adapter.mlp_roles
-            for role in sublayer.linears:
-                names[f"{sublayer.name}.{roles[role]}"] = f"blk.{index}.{LINEAR_NAMES[sublayer.kind, role]}.weight"
-    return names
+    from ..models import decoder_linears
+
+    names = tensor_name_map(gguf_family(model.config), get_adapter(model).num_blocks)
+    return {unit: f"{names.get_name(unit)}.weight" for unit in decoder_linears(model)}
 
 
 def profile_imatrix(model: nn.Module, profile) -> dict[str, np.ndarray]:

@@ -47,6 +47,16 @@ class Depth(Structure):
     def budget(self, options: "PlanOptions") -> Budget:
         return Budget.for_depth(options.target_speedup, options.num_remove_sublayers)
 
+    def check_model(self, model: Any, allocator: str, params: dict[str, Any], deploy: bool) -> None:
+        from ..backends.tuning import check_tunable
+        from ..export import check_structure_exportable
+
+        if allocator == "sprint" and (params.get("num_candidate_sublayers") is None
+                                      or params["num_candidate_sublayers"] > 0):
+            check_tunable(get_adapter(model))
+        if deploy:
+            check_structure_exportable(model, removes=True)
+
     def validate(self, method: str | None, allocator: str, budget: Budget, nm: str | None,
                  params: dict[str, Any]) -> tuple[str, str, str | None]:
         if allocator == "uniform":  # the CLI's default allocator means "not chosen"

@@ -72,6 +72,17 @@ class Joint(Structure):
     def budget(self, options: "PlanOptions") -> Budget:
         return Budget.for_joint(options.max_bytes, options.target_speedup)
 
+    def check_model(self, model: Any, allocator: str, params: dict[str, Any], deploy: bool) -> None:
+        from ..export import check_structure_exportable
+
+        if deploy:  # each sublayer chooses its own width level, or removal
+            attention = any(w < 1 for w in _fractions(params.get("joint_attention_widths") or "1,0.67,0.33",
+                                                      "--joint-attention-widths"))
+            mlp = any(w < 1 for w in _fractions(params.get("joint_mlp_widths") or "1,0.67,0.33",
+                                                "--joint-mlp-widths"))
+            check_structure_exportable(model, removes=params.get("joint_remove") is not False,
+                                       per_layer=attention or mlp, narrows_attention=attention)
+
     def validate(self, method: str | None, allocator: str, budget: Budget, nm: str | None,
                  params: dict[str, Any]) -> tuple[str, str, str | None]:
         from ..allocate.levels import GGUFLevels

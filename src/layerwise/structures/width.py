@@ -53,6 +53,15 @@ class Width(Structure):
     def budget(self, options: "PlanOptions") -> Budget:
         return Budget.for_width(options.pruning_ratio)
 
+    def check_model(self, model: Any, allocator: str, params: dict[str, Any], deploy: bool) -> None:
+        from ..export import check_structure_exportable
+
+        if deploy:
+            blocks = get_adapter(model).num_blocks
+            attention = layer_range(params.get("attn_layers"), blocks, "--attn-layers")
+            check_structure_exportable(model, per_layer=allocator != "uniform",
+                                       narrows_attention=attention is None or len(attention) > 0)
+
     def validate(self, method: str | None, allocator: str, budget: Budget, nm: str | None,
                  params: dict[str, Any]) -> tuple[str, str, str | None]:
         method = WIDTH_SCORERS.canonical(method or "taylor")
