@@ -316,6 +316,14 @@ def test_max_bytes_budget_counts_the_file_as_llama_cpp_stores_it(tmp_path, calib
     report = export_gguf(tiny, tmp_path / "b.gguf", "f16", embedding_type="q8_0")
     assert report.tensor_bytes == plan.prediction["gguf_tensor_bytes"]
     assert sum(int(t.n_bytes) for t in GGUFReader(report.path).tensors) <= budget
+    # below every linear at q4_0 no plan fits, and the error says the smallest budget that does
+    fresh = layerwise.load("tiny-llama")
+    smallest = fixed + sum(stored_type("q4_0", m.in_features).nbytes(m.out_features, m.in_features)
+                           for m in decoder_linears(fresh.model).values())
+    with pytest.raises(layerwise.BudgetError, match=f"below the smallest file these types reach, {smallest:,} bytes.*"
+                                                    f"raise it to at least {smallest:,}"):
+        layerwise.plan(fresh, layerwise.Budget.for_bits(None, smallest - 1), method="gguf", allocator="greedy",
+                       calibration=calibration, structure="quant", bits="q4_0,q5_0,q8_0", sensitivity="error")
 
 
 def test_levels_of_equal_size_keep_only_the_better_one():

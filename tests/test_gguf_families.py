@@ -13,6 +13,8 @@ import torch.nn.functional as F
 from families import FAMILIES, family_model
 from gguf import GGUFReader
 
+import layerwise
+from layerwise.allocate.joint.space import Budgets
 from layerwise.backends import apply_plan, architecture_signature
 from layerwise.backends.structured import record_layer_dims, slice_attention, slice_mlp
 from layerwise.config import Budget
@@ -21,11 +23,15 @@ from layerwise.errors import ExportError
 from layerwise.export import export_gguf
 from layerwise.models import decoder_linears, get_adapter
 from layerwise.plan import Plan, QuantizeAction
+from layerwise.structures.joint import _space
 
 # llama.cpp's architecture for each family (Mistral runs as llama, as llama.cpp's converter writes it)
 ARCHITECTURES = {"llama": "llama", "mistral": "llama", "gemma": "gemma", "qwen2": "qwen2", "qwen3": "qwen3",
                  "olmo2": "olmo2", "gemma2": "gemma2", "gemma3_text": "gemma3", "phi3": "phi3", "gpt_neox": "gptneox"}
 MIXED = ["q8_0", "q4_0", "q5_1", "q4_1", "q5_0"]
+# llama.cpp runs Mistral as llama, without its sliding window (as llama.cpp's own converter writes it): the
+# export computes the original exactly up to the window (64 tokens here), and says so
+EXACT_UP_TO = {"mistral": 64}
 
 
 @pytest.fixture(scope="module")
@@ -36,6 +42,7 @@ def window() -> torch.Tensor:
 
 def _compare(loaded, path, window: torch.Tensor) -> tuple[float, float]:
     """(top-1 agreement, relative perplexity difference) of llama.cpp running ``path`` against PyTorch."""
+    window = window[: EXACT_UP_TO.get(loaded.model.config.model_type, window.numel())]
     with torch.no_grad():
         ours = loaded.model(input_ids=window[None]).logits[0].float()
     with LlamaCppModel(path, window.numel()) as model:
@@ -70,6 +77,7 @@ def test_float_export_computes_what_pytorch_computes(family, window, tmp_path):
     report = export_gguf(loaded, tmp_path / "model.gguf", "f32")
     assert report.architecture == ARCHITECTURES[family]
     assert str(GGUFReader(report.path).fields["general.architecture"].contents()) == ARCHITECTURES[family]
+    assert any("no sliding window" in note for note in report.notes) == (family in EXACT_UP_TO)
     agreement, ppl_error = _compare(loaded, report.path, window)
     assert agreement >= 0.999 and ppl_error <= 0.001, (agreement, ppl_error)
 
@@ -175,3 +183,29 @@ def test_refusals_that_follow_from_the_family_come_before_any_calibration(tmp_pa
                                 "width", "--allocator", "rl", "--pruning-ratio", "0.2", "--export", "gguf", "--out",
                                 str(tmp_path / "llama-out")])
     assert "calibration started before the refusal" in str(llama.exception), llama.output
+
+
+def test_a_joint_byte_budget_no_level_reaches_says_the_smallest_that_does_before_calibrating(tmp_path, monkeypatch):
+    """Below what the embedding, output and final norm take (and every sublayer removed), no plan fits: the
+    refusal names the smallest budget, through the CLI, in seconds, before any calibration."""
+    import re
+    import time
+
+    from typer.testing import CliRunner
+
+    from layerwise.cli import app
+
+    _no_calibration(monkeypatch)
+    started = time.perf_counter()
+    result = CliRunner().invoke(app, ["compress", "--model", "tiny-llama", "--structure", "joint", "--allocator",
+                                      "greedy", "--max-bytes", "1000", "--out", str(tmp_path / "run")])
+    elapsed = time.perf_counter() - started
+    text = " ".join(result.output.split())
+    assert result.exit_code == 2 and elapsed < 5.0, (result.output, elapsed)
+    smallest = re.search(r"raise it to at least ([\d,]+)", text)
+    assert smallest and "the token embedding, output and final norm, which no level shrinks" in text, text
+    floor = int(smallest.group(1).replace(",", ""))
+    model = layerwise.load("tiny-llama").model
+    _space(model, {}, Budgets(floor, None), False).uniform()  # the named floor itself fits
+    with pytest.raises(layerwise.BudgetError):
+        _space(model, {}, Budgets(floor - 1, None), False).uniform()

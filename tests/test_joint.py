@@ -58,8 +58,14 @@ def test_space_levels_and_uniform_start(tiny):
     # uniform: every unit at the same type, full width (the best-first level that fits a common fraction)
     assert len({space.units[u].levels[i] .kind for u, i in enumerate(start)}) == 1
     assert all(space.units[u].levels[i].kept == space.units[u].total for u, i in enumerate(start))
-    with pytest.raises(BudgetError, match="No choice of levels"):
-        _space(tiny, max_bytes=1000).uniform()
+    tight = _space(tiny, max_bytes=1000)
+    smallest = tight.bytes(tuple(len(unit.levels) - 1 for unit in tight.units))  # every sublayer removed
+    assert smallest > tight.fixed_bytes > 1000
+    with pytest.raises(BudgetError, match=f"--max-bytes 1,000 is below the smallest this model and these levels "
+                                          f"reach, {smallest:,} bytes \\({tight.fixed_bytes:,} of them the token "
+                                          f"embedding.*raise it to at least {smallest:,}"):
+        tight.uniform()
+    assert tight.bytes(tight.dense()) > smallest
     speed_only = _space(tiny, target_speedup=1.2, latency=_FakeLatency(), width_latency=_FakeWidth())
     assert {level.kind for unit in speed_only.units for level in unit.levels if not level.removed} == {"f16"}
     # predicted time: dense less the per-level savings and the removals (block 0: attention at 1 group, MLP gone)

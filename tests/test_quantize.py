@@ -205,7 +205,9 @@ def test_uniform_bits_picks_the_widest_width_within_the_budget(tiny, calibration
     assert set(BIT_ALLOCATORS.get("uniform")(context, avg_bits=4.25).bits.values()) == {4}
     with pytest.raises(BudgetError, match="needs one --bits value"):
         BIT_ALLOCATORS.get("uniform")(context)
-    with pytest.raises(BudgetError, match="below the narrowest choice"):
+    narrowest = context.average_bits({name: context.options(name)[0] for name in context.linears})
+    with pytest.raises(BudgetError, match=f"below the smallest average these types reach, {narrowest:.4g} bits .* "
+                                          f"raise it to at least {narrowest:.4g}"):
         BIT_ALLOCATORS.get("greedy")(context, avg_bits=2.5)
 
 

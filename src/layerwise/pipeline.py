@@ -227,13 +227,13 @@ def _per_unit_sparsity(loaded: LoadedModel) -> dict[str, float]:
     return {name: float((m.weight == 0).float().mean()) for name, m in decoder_linears(loaded.model).items()}
 
 
-def check_before_calibration(loaded: LoadedModel, structure: str, allocator: str, params: dict[str, Any],
-                             settings: RunSettings) -> None:
+def check_before_calibration(loaded: LoadedModel, structure: str, allocator: str, budget: Budget,
+                             params: dict[str, Any], settings: RunSettings) -> None:
     """Every refusal that follows from the model's family and the options alone, before any calibration: the
     export target, and what the structure's search or result needs of the family."""
     if settings.deploy:
         check_exportable(loaded.model)
-    STRUCTURES.get(structure).check_model(loaded.model, allocator, params, bool(settings.deploy))
+    STRUCTURES.get(structure).check_model(loaded.model, allocator, budget, params, bool(settings.deploy))
 
 
 def compress(
@@ -270,7 +270,7 @@ def compress(
     timings: Timings = {}
     with timed(timings, "load_s"):
         loaded = load(model, dtype=settings.dtype, device=settings.device)
-    check_before_calibration(loaded, structure, allocator, allocator_params, settings)
+    check_before_calibration(loaded, structure, allocator, budget, allocator_params, settings)
     calibration = CalibrationSource(loaded, settings)
     if iterative_steps > 1:
         accel = AdaptAccel(budget, method, allocator, structure, iterative_steps, allocator_params)
@@ -362,7 +362,7 @@ def plan_to_file(
     _, canonical, _ = validate_request(method, allocator, budget, nm, allocator_params, structure)
     ensure_output_free(out, overwrite, "Plan file")
     loaded = load(model, dtype=settings.dtype, device=settings.device)
-    check_before_calibration(loaded, structure, canonical, allocator_params, settings)
+    check_before_calibration(loaded, structure, canonical, budget, allocator_params, settings)
     calibration = CalibrationSource(loaded, settings)
     plan = make_plan(loaded, budget, method, allocator, settings.seed, calibration, nm, structure,
                      **allocator_params)

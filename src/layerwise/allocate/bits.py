@@ -159,8 +159,9 @@ def check_bit_budget(context: BitContext, avg_bits: float | None) -> None:
         return
     narrowest = context.average_bits({name: context.options(name)[0] for name in context.linears})
     if avg_bits < narrowest - 1e-9:
-        raise BudgetError(f"--avg-bits {avg_bits} is below the narrowest choice ({narrowest:.4g} bits per weight "
-                          "as stored).")
+        raise BudgetError(f"--avg-bits {avg_bits} is below the smallest average these types reach, {narrowest:.4g} "
+                          f"bits per weight as stored (every linear at its narrowest); raise it to at least "
+                          f"{narrowest:.4g}.")
 
 
 @BIT_ALLOCATORS.register("uniform")

@@ -122,8 +122,10 @@ class RemovalSearch:
         if not self.remaining():
             wanted = (f"speedup {self.budget.target_speedup}" if self.budget.target_speedup is not None
                       else f"{self.budget.remove_sublayers} removals")
+            most = self.predicted_speedup()
+            hint = f"; lower --target-speedup to at most {most:.2f}" if self.budget.target_speedup is not None else ""
             raise BudgetError(f"Cannot reach {wanted}: removing every sublayer is predicted to give only "
-                              f"{self.predicted_speedup():.2f}x on this machine.")
+                              f"{most:.2f}x on this machine{hint}.")
         return False
 
     def remaining(self) -> list[str]:

@@ -79,7 +79,7 @@ class Structure:
         """Check names and options before any model loads: canonical (method, allocator, N:M pattern)."""
         raise NotImplementedError
 
-    def check_model(self, model: Any, allocator: str, params: dict[str, Any], deploy: bool) -> None:
+    def check_model(self, model: Any, allocator: str, budget: Budget, params: dict[str, Any], deploy: bool) -> None:
         """Refuse, right after the model loads and before any calibration, what its family and the options alone
         rule out (a search step its layout defeats; with ``deploy``, a structure the GGUF export cannot express)."""
 

@@ -47,7 +47,7 @@ class Depth(Structure):
     def budget(self, options: "PlanOptions") -> Budget:
         return Budget.for_depth(options.target_speedup, options.num_remove_sublayers)
 
-    def check_model(self, model: Any, allocator: str, params: dict[str, Any], deploy: bool) -> None:
+    def check_model(self, model: Any, allocator: str, budget: Budget, params: dict[str, Any], deploy: bool) -> None:
         from ..backends.tuning import check_tunable
         from ..export import check_structure_exportable
 

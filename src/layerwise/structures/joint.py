@@ -60,6 +60,18 @@ class JointOptions(StructureOptions):
     ray_address: Optional[str] = option("joint: join the Ray cluster at this address instead of starting one.")
 
 
+def _space(model: nn.Module, options: dict[str, Any], budgets: Budgets, typed: bool):
+    """The search space the options describe, under ``budgets`` (no latency tables yet)."""
+    from ..allocate.joint import build_space
+    from ..export.gguf_export import embedding_bytes
+
+    fixed = embedding_bytes(model, options.get("embedding_type") or "q8_0") + 4 * int(model.config.hidden_size)
+    return build_space(model, (options.get("joint_types") or DEFAULT_TYPES).split(","),
+                       _fractions(options.get("joint_attention_widths") or "1,0.67,0.33", "--joint-attention-widths"),
+                       _fractions(options.get("joint_mlp_widths") or "1,0.67,0.33", "--joint-mlp-widths"),
+                       options.get("joint_remove") is not False, budgets, fixed, types_change_speed=typed)
+
+
 @register
 class Joint(Structure):
     name = "joint"
@@ -72,9 +84,11 @@ class Joint(Structure):
     def budget(self, options: "PlanOptions") -> Budget:
         return Budget.for_joint(options.max_bytes, options.target_speedup)
 
-    def check_model(self, model: Any, allocator: str, params: dict[str, Any], deploy: bool) -> None:
+    def check_model(self, model: Any, allocator: str, budget: Budget, params: dict[str, Any], deploy: bool) -> None:
         from ..export import check_structure_exportable
 
+        if budget.max_bytes is not None:  # a byte budget no level reaches fails now, saying the smallest that does
+            _space(model, self.own(params)[0], Budgets(budget.max_bytes, None), False).uniform()
         if deploy:  # each sublayer chooses its own width level, or removal
             attention = any(w < 1 for w in _fractions(params.get("joint_attention_widths") or "1,0.67,0.33",
                                                       "--joint-attention-widths"))
@@ -113,7 +127,7 @@ class Joint(Structure):
     def plan(self, request: PlanRequest) -> Plan:
         """Build the space and its cost tables, score the dense model once, search, and write the genome as
         removals, slices (kept units in importance order) and one GGUF type per kept linear."""
-        from ..allocate.joint import ModelBySpec, ScoringSetup, build_space, dense_logprobs, make_evaluator
+        from ..allocate.joint import ModelBySpec, ScoringSetup, dense_logprobs, make_evaluator
 
         if request.calibration is None:
             raise LayerwiseError("The joint search scores candidates on calibration windows; give it some.")
@@ -121,16 +135,10 @@ class Joint(Structure):
         model = loaded.model
         options, params = self.own(request.params)
         embedding_type = options.get("embedding_type", "q8_0")
-        from ..export.gguf_export import embedding_bytes
-
-        fixed = embedding_bytes(model, embedding_type) + 4 * int(model.config.hidden_size)  # and the output norm
         budgets = Budgets(request.budget.max_bytes, request.budget.target_speedup)
         engine = latency_engine(calibration.settings.latency_engine or "pytorch")
         typed = request.budget.target_speedup is not None and engine in TYPE_DEPENDENT_ENGINES
-        space = build_space(model, (options.get("joint_types") or DEFAULT_TYPES).split(","),
-                            _fractions(options.get("joint_attention_widths", "1,0.67,0.33"), "--joint-attention-widths"),
-                            _fractions(options.get("joint_mlp_widths", "1,0.67,0.33"), "--joint-mlp-widths"),
-                            bool(options.get("joint_remove", True)), budgets, fixed, types_change_speed=typed)
+        space = _space(model, options, budgets, typed)
         setting = calibration.settings.latency or LatencySetting()
         if request.budget.target_speedup is not None:
             _attach_latency_tables(loaded, setting, space, engine, embedding_type)

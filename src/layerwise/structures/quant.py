@@ -101,9 +101,12 @@ class Quant(Structure):
             from ..export.gguf_export import non_linear_bytes
 
             fixed_bytes = non_linear_bytes(request.loaded.model, options.get("embedding_type", "q8_0"))
-            if request.budget.max_bytes <= fixed_bytes:
-                raise BudgetError(f"--max-bytes {request.budget.max_bytes:,} does not even hold the embeddings and "
-                                  f"norms ({fixed_bytes:,} bytes).")
+            narrowest = context.total_bits({name: context.options(name)[0] for name in context.linears}) / 8
+            if request.budget.max_bytes < fixed_bytes + narrowest:
+                raise BudgetError(f"--max-bytes {request.budget.max_bytes:,} is below the smallest file these types "
+                                  f"reach, {fixed_bytes + narrowest:,.0f} bytes (every linear at its narrowest type; "
+                                  f"{fixed_bytes:,} of them the embeddings and norms); raise it to at least "
+                                  f"{fixed_bytes + narrowest:,.0f}.")
             params["max_bits"] = 8 * (request.budget.max_bytes - fixed_bytes)
         allocation = BIT_ALLOCATORS.get(request.allocator)(context, avg_bits=request.budget.avg_bits, **params)
         params.pop("max_bits", None)

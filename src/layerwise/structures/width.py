@@ -53,7 +53,7 @@ class Width(Structure):
     def budget(self, options: "PlanOptions") -> Budget:
         return Budget.for_width(options.pruning_ratio)
 
-    def check_model(self, model: Any, allocator: str, params: dict[str, Any], deploy: bool) -> None:
+    def check_model(self, model: Any, allocator: str, budget: Budget, params: dict[str, Any], deploy: bool) -> None:
         from ..export import check_structure_exportable
 
         if deploy:

@@ -184,7 +184,28 @@ class JointSpace:
                     if self.fits(tuple(trial)):
                         genes = trial
                 return tuple(genes)
-        raise BudgetError("No choice of levels meets the budget: even removing every sublayer does not fit.")
+        raise BudgetError(self.unreachable())
+
+    def unreachable(self) -> str:
+        """Why no genome fits, with the budget this space can reach: the smallest file (every sublayer at its
+        cheapest level, what stays outside the sublayers named) and the fastest predicted speedup."""
+        reasons = []
+        if self.budgets.max_bytes is not None:
+            smallest = self.bytes(tuple(min(range(len(u.levels)), key=lambda i, u=u: u.level_bytes(u.levels[i]))
+                                        for u in self.units))
+            if smallest > self.budgets.max_bytes:
+                reasons.append(f"--max-bytes {self.budgets.max_bytes:,} is below the smallest this model and these "
+                               f"levels reach, {smallest:,} bytes ({self.fixed_bytes:,} of them the token embedding, "
+                               f"output and final norm, which no level shrinks); raise it to at least {smallest:,}")
+        if self.budgets.target_speedup is not None:
+            fastest = self.speedup(tuple(max(range(len(u.levels)), key=lambda i, u=u: self.level_saved_ms(u, u.levels[i]))
+                                         for u in self.units))
+            if fastest < self.budgets.target_speedup:
+                reasons.append(f"--target-speedup {self.budgets.target_speedup:g} is above the fastest these levels "
+                               f"are predicted to reach, {fastest:.3f}x; lower it to at most {fastest:.3f}")
+        if not reasons:
+            reasons.append("each budget is reachable alone, not both at once; loosen one of them")
+        return "No choice of levels meets the budget: " + "; ".join(reasons) + "."
 
     def starts(self) -> list[Genome]:
         """Uniform starting points: all units, attention only, MLPs only (those that fit, distinct), so a search
