@@ -156,6 +156,9 @@ def test_refusals_that_follow_from_the_family_come_before_any_calibration(tmp_pa
     runner = CliRunner()
     olmo2, qwen2 = save_family("olmo2", tmp_path / "olmo2"), save_family("qwen2", tmp_path / "qwen2")
     qwen3 = save_family("qwen3", tmp_path / "qwen3")
+    recipe = tmp_path / "recipe.yaml"  # a staged recipe is checked stage by stage before its first calibration
+    recipe.write_text("stages:\n  - prune: {structure: depth, allocator: sprint, target_speedup: 1.2}\n"
+                      "  - heal: {method: kd, tokens: 128}\n")
     cases = [
         (["compress", "--model", olmo2, "--structure", "depth", "--allocator", "sprint", "--target-speedup", "1.2"],
          "SPRINT's in-compression tuning refits down_proj against the residual stream"),
@@ -167,6 +170,7 @@ def test_refusals_that_follow_from_the_family_come_before_any_calibration(tmp_pa
           "--export", "gguf"], "removed sublayers export for the Llama family only"),
         (["plan", "--model", olmo2, "--structure", "depth", "--allocator", "sprint", "--target-speedup", "1.2"],
          "SPRINT's in-compression tuning"),
+        (["compress", "--model", olmo2, "--recipe", str(recipe)], "SPRINT's in-compression tuning"),
     ]
     for index, (command, message) in enumerate(cases):
         out = tmp_path / f"out{index}"

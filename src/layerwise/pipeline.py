@@ -315,6 +315,11 @@ def compress_staged(model: str, recipe: StagedRecipe, settings: RunSettings | No
     timings: Timings = {}
     with timed(timings, "load_s"):
         loaded = load(model, dtype=settings.dtype, device=settings.device)
+    for stage in recipe.stages:
+        if stage.kind != "heal":
+            options = stage.options
+            check_before_calibration(loaded, options.chosen_structure, options.chosen_allocator, options.budget(),
+                                     options.allocator_params(), settings)
     return run_plan(loaded, None, settings, out, overwrite, "compress", timings, started,
                     CalibrationSource(loaded, settings), resume=resume, stages=recipe)
 
