@@ -143,8 +143,8 @@ def _no_calibration(monkeypatch) -> None:
 
 
 def test_refusals_that_follow_from_the_family_come_before_any_calibration(tmp_path, monkeypatch):
-    """SPRINT's default tuning on a post-norm family, and per-layer widths or removals exported from a family
-    llama.cpp runs with one width per layer: one sentence, exit 2, in seconds, with nothing calibrated."""
+    """SPRINT's default tuning and AWQ on a post-norm family, and per-layer widths or removals exported from a
+    family llama.cpp runs with one width per layer: one sentence, exit 2, in seconds, with nothing calibrated."""
     import time
 
     from typer.testing import CliRunner
@@ -171,6 +171,8 @@ def test_refusals_that_follow_from_the_family_come_before_any_calibration(tmp_pa
         (["plan", "--model", olmo2, "--structure", "depth", "--allocator", "sprint", "--target-speedup", "1.2"],
          "SPRINT's in-compression tuning"),
         (["compress", "--model", olmo2, "--recipe", str(recipe)], "SPRINT's in-compression tuning"),
+        (["compress", "--model", olmo2, "--structure", "quant", "--bits", "4", "--awq"],
+         "AWQ folds its scales into pre-norms and separate q/k/v and gate/up projections"),
     ]
     for index, (command, message) in enumerate(cases):
         out = tmp_path / f"out{index}"

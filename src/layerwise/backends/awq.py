@@ -152,6 +152,15 @@ def _groups(adapter, index: int) -> list[ScaleGroup]:
     return groups
 
 
+def check_awq_layout(adapter) -> None:
+    """AWQ folds its scales into the norm or linear before each group: the Llama layout, nothing else."""
+    if not ({"q", "k", "v"} <= set(adapter.attention_roles) and {"gate", "up"} <= set(adapter.mlp_roles)
+            and adapter.attention_norm and adapter.mlp_norm and not adapter.attention_post_norm):
+        raise UnsupportedArchitectureError(
+            f"AWQ folds its scales into pre-norms and separate q/k/v and gate/up projections; "
+            f"{type(adapter).__name__} models have another layout. Quantize them without --awq.")
+
+
 @torch.no_grad()
 def apply_awq(model: nn.Module, actions: list[Action], context: ApplyContext, clip: bool = True
               ) -> dict[str, dict[str, dict[str, float]]]:
@@ -162,11 +171,7 @@ def apply_awq(model: nn.Module, actions: list[Action], context: ApplyContext, cl
 
     by_unit = {a.unit: a for a in actions if a.awq}
     adapter = get_adapter(model)
-    if not ({"q", "k", "v"} <= set(adapter.attention_roles) and {"gate", "up"} <= set(adapter.mlp_roles)
-            and adapter.attention_norm and adapter.mlp_norm and not adapter.attention_post_norm):
-        raise UnsupportedArchitectureError(
-            f"AWQ folds its scales into pre-norms and separate q/k/v and gate/up projections; "
-            f"{type(adapter).__name__} models have another layout. Quantize them without --awq.")
+    check_awq_layout(adapter)
     source = context.require_calibration()
     runner = BlockwiseRunner(model, source.tokens(), source.settings.calib_batch_size)
     report: dict[str, dict[str, dict[str, float]]] = {"scales": {}, "clip": {}}

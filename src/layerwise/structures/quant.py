@@ -80,6 +80,13 @@ class Quant(Structure):
         check_params(BIT_ALLOCATORS.get(allocator), allocator, self.own(params)[1])
         return method, allocator, None
 
+    def check_model(self, model: Any, allocator: str, budget: Budget, params: dict[str, Any], deploy: bool) -> None:
+        if params.get("awq"):  # its layout needs are the family's, known before any calibration
+            from ..backends.awq import check_awq_layout
+            from ..models import get_adapter
+
+            check_awq_layout(get_adapter(model))
+
     def plan(self, request: PlanRequest) -> Plan:
         """Let the bit allocator pick each decoder linear's level; one quantize action per linear."""
         from ..allocate.bits import BitContext, linear_statistics
