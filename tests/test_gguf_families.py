@@ -173,6 +173,10 @@ def test_refusals_that_follow_from_the_family_come_before_any_calibration(tmp_pa
         (["compress", "--model", olmo2, "--recipe", str(recipe)], "SPRINT's in-compression tuning"),
         (["compress", "--model", olmo2, "--structure", "quant", "--bits", "4", "--awq"],
          "AWQ folds its scales into pre-norms and separate q/k/v and gate/up projections"),
+        (["compress", "--model", qwen2, "--structure", "quant", "--method", "gguf", "--allocator", "greedy",
+          "--bits", "q4_0,q8_0", "--max-bytes", "20000"], "below the smallest file these types reach"),
+        (["compress", "--model", qwen2, "--structure", "quant", "--method", "gguf", "--allocator", "greedy",
+          "--bits", "q4_0,q8_0", "--avg-bits", "3"], "below the smallest average these types reach, 4.5 bits"),
     ]
     for index, (command, message) in enumerate(cases):
         out = tmp_path / f"out{index}"

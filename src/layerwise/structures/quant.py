@@ -39,6 +39,28 @@ class QuantOptions(StructureOptions):
                                            "(default q8_0 for quantized and joint plans).")
 
 
+def check_floors(context, budget: Budget, embedding_type: str) -> int | None:
+    """Refuse a budget below what every linear at its narrowest level reaches, naming that smallest value; the
+    bytes outside the linears when the budget is in bytes (None otherwise)."""
+    from ..allocate.bits import check_bit_budget
+    from ..allocate.levels import GGUFLevels
+
+    check_bit_budget(context, budget.avg_bits)
+    if budget.max_bytes is None:
+        return None
+    if not isinstance(context.levels, GGUFLevels):
+        raise BudgetError("--max-bytes counts bytes as llama.cpp stores them; use GGUF types in --bits.")
+    from ..export.gguf_export import non_linear_bytes
+
+    fixed_bytes = non_linear_bytes(context.model, embedding_type)
+    smallest = fixed_bytes + context.total_bits({name: context.options(name)[0] for name in context.linears}) / 8
+    if budget.max_bytes < smallest:
+        raise BudgetError(f"--max-bytes {budget.max_bytes:,} is below the smallest file these types reach, "
+                          f"{smallest:,.0f} bytes (every linear at its narrowest type; {fixed_bytes:,} of them the "
+                          f"embeddings and norms); raise it to at least {smallest:,.0f}.")
+    return fixed_bytes
+
+
 @register
 class Quant(Structure):
     name = "quant"
@@ -81,11 +103,18 @@ class Quant(Structure):
         return method, allocator, None
 
     def check_model(self, model: Any, allocator: str, budget: Budget, params: dict[str, Any], deploy: bool) -> None:
-        if params.get("awq"):  # its layout needs are the family's, known before any calibration
+        from ..allocate.bits import BitContext
+
+        options = self.own(params)[0]
+        if options.get("awq"):  # its layout needs are the family's, known before any calibration
             from ..backends.awq import check_awq_layout
             from ..models import get_adapter
 
             check_awq_layout(get_adapter(model))
+        if budget.max_bytes is not None or budget.avg_bits is not None:  # the floors follow from shapes and types
+            context = BitContext(model, decoder_linears(model), str(options.get("bits", "4")).split(","),
+                                 options.get("group_size", 128) or None, bool(options.get("symmetric", False)))
+            check_floors(context, budget, options.get("embedding_type") or "q8_0")
 
     def plan(self, request: PlanRequest) -> Plan:
         """Let the bit allocator pick each decoder linear's level; one quantize action per linear."""
@@ -101,19 +130,8 @@ class Quant(Structure):
                              symmetric, request.calibration, request.seed, bool(options.get("imatrix", False)),
                              bool(options.get("llamacpp_activations", False)))
         gguf = isinstance(context.levels, GGUFLevels)
-        fixed_bytes = None
-        if request.budget.max_bytes is not None:
-            if not gguf:
-                raise BudgetError("--max-bytes counts bytes as llama.cpp stores them; use GGUF types in --bits.")
-            from ..export.gguf_export import non_linear_bytes
-
-            fixed_bytes = non_linear_bytes(request.loaded.model, options.get("embedding_type", "q8_0"))
-            narrowest = context.total_bits({name: context.options(name)[0] for name in context.linears}) / 8
-            if request.budget.max_bytes < fixed_bytes + narrowest:
-                raise BudgetError(f"--max-bytes {request.budget.max_bytes:,} is below the smallest file these types "
-                                  f"reach, {fixed_bytes + narrowest:,.0f} bytes (every linear at its narrowest type; "
-                                  f"{fixed_bytes:,} of them the embeddings and norms); raise it to at least "
-                                  f"{fixed_bytes + narrowest:,.0f}.")
+        fixed_bytes = check_floors(context, request.budget, options.get("embedding_type", "q8_0"))
+        if fixed_bytes is not None:
             params["max_bits"] = 8 * (request.budget.max_bytes - fixed_bytes)
         allocation = BIT_ALLOCATORS.get(request.allocator)(context, avg_bits=request.budget.avg_bits, **params)
         params.pop("max_bits", None)
