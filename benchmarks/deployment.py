@@ -105,7 +105,8 @@ class Bench:
         self.latency = LatencySetting()
         self.settings = layerwise.RunSettings(max_windows=args.windows, nsamples=args.nsamples,
                                               latency=self.latency)
-        self.deploy = DeploySetting(outtype="f16")
+        # compress's own deployments compare with the same dense f16 export: its logits are kept once, here
+        self.deploy = DeploySetting(outtype="f16", reference_logits=str(args.out / "reference-logits"))
         self._loaded = None
         self._imatrix = None
 
@@ -140,7 +141,7 @@ class Bench:
 
         reference = self.reference
         return measure_gguf(path, self.loaded, self.settings, None if reference == path else reference,
-                            self.args.out / "reference-logits")
+                            Path(self.deploy.reference_logits))
 
     def packaged(self) -> dict:
         from layerwise.models.loading import packaged_gguf_path

@@ -139,3 +139,45 @@ def test_the_deployed_file_is_timed_beside_the_dense_export(tmp_path):
     for latency in (compressed["latency"], compressed["reference_latency"]):
         low, high = latency["prefill_ms_range"]
         assert low <= latency["prefill_ms"] <= high and latency["setting"]["repeats"] == 2
+
+
+def test_a_kept_reference_runs_the_dense_export_once_and_gives_the_same_kld(controlled, tmp_path, monkeypatch):
+    """DeploySetting.reference_logits (what the deployment benchmark keeps for its ~20 files): the dense export's
+    windows are evaluated once for the plan's file and its control together, later runs read them back, and the
+    KL divergences are those of a run that recomputes the reference per file."""
+    from layerwise.config import Budget, DeploySetting, RunSettings
+    from layerwise.engines import reference
+    from layerwise.pipeline import compress
+
+    evaluated: list[str] = []
+    plain = reference.llamacpp_logits
+
+    def counted(model):
+        logits = plain(model)
+
+        def window(batch):
+            evaluated.extend(["dense" if "layerwise-dense-" in str(model.path) else "file"] * len(batch))
+            return logits(batch)
+        return window
+
+    monkeypatch.setattr(reference, "llamacpp_logits", counted)
+    store = tmp_path / "reference"
+    settings = RunSettings(seqlen=64, max_windows=2, latency=None,
+                           deploy=DeploySetting(controls=["recipe"], reference_logits=str(store)))
+
+    def run(name: str) -> dict:
+        evaluated.clear()
+        return compress("tiny-llama", Budget.for_bits(6.0), "gguf", "greedy", settings, tmp_path / name,
+                        structure="quant", bits="f16,q8_0,q4_0")["deployment"]
+
+    first = run("first")
+    assert evaluated.count("dense") == 2 and evaluated.count("file") == 4  # 2 windows; the plan's file, the recipe
+    assert len(list(store.glob("*/*.npy"))) == 2
+    second = run("second")
+    assert evaluated.count("dense") == 0 and evaluated.count("file") == 4
+    _, _, recomputed = controlled
+    for deployment in (first, second):
+        assert deployment["compressed"]["kld"]["mean"] == pytest.approx(
+            recomputed["deployment"]["compressed"]["kld"]["mean"], rel=1e-6)
+        assert deployment["controls"]["recipe"]["kld"]["mean"] == pytest.approx(
+            recomputed["deployment"]["controls"]["recipe"]["kld"]["mean"], rel=1e-6)

@@ -110,6 +110,10 @@ class DeploySetting(BaseModel):
     controls: list[str] = Field(default_factory=list, description="files measured beside the plan's: recipe "
                                 "(llama.cpp's recipe nearest in size, same importance matrix), source (the GGUF "
                                 "file the model was loaded from)")
+    reference_logits: Optional[str] = Field(None, description="keep the dense export's llama.cpp logits in this "
+                                             "folder, window by window, and reuse them for every file compared with "
+                                             "the same export (as llama-perplexity --kl-divergence-base; 100 MB per "
+                                             "512-token window of a 49k vocabulary); default: recompute per file")
 
 
 HEAL_METHODS = ("kd", "lm", "lora")

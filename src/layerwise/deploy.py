@@ -77,7 +77,8 @@ def dense_deployment(loaded: LoadedModel, settings: RunSettings, timings: Timing
     if not deploy.measure:
         yield DenseDeployment(None, {}, imatrix)
         return
-    key = stable_hash({"model": model_fingerprint(loaded.model), "deploy": deploy.model_dump(exclude={"controls"}),
+    key = stable_hash({"model": model_fingerprint(loaded.model),
+                       "deploy": deploy.model_dump(exclude={"controls", "reference_logits"}),
                        "protocol": [settings.corpus, settings.eval_text, settings.seqlen, settings.max_windows,
                                     settings.perplexity]})
     with tempfile.TemporaryDirectory(prefix="layerwise-dense-") as directory:
@@ -104,8 +105,15 @@ def deploy_run(loaded: LoadedModel, settings: RunSettings, directory: Path, timi
     with timed(timings, "export_s"):
         report = export_gguf(loaded, path, deploy.outtype, deploy.embedding_type, overwrite=True)
     with timed(timings, "deploy_eval_s"):
-        measured = measure_gguf(path, loaded, settings, dense and dense.path) if deploy.measure else {}
+        measured = measure_gguf(path, loaded, settings, dense and dense.path, reference_store(settings)) \
+            if deploy.measure else {}
     return {"file": GGUF_FILE, "sha256": _sha256(path), "export": report.model_dump(exclude={"path"}), **measured}
+
+
+def reference_store(settings: RunSettings) -> Optional[Path]:
+    """Where the deploy setting keeps the dense export's logits for reuse (None: each file recomputes them)."""
+    folder = settings.deploy.reference_logits
+    return Path(folder) if folder else None
 
 
 def _sha256(path: Path) -> str:
