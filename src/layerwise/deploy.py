@@ -39,6 +39,8 @@ def measure_gguf(path: Path, loaded: LoadedModel, settings: RunSettings, referen
         with LlamaCppModel(path, settings.seqlen, settings.threads) as model, \
                 LlamaCppModel(reference, settings.seqlen, settings.threads) as dense:
             reference_logits = llamacpp_logits(dense)
+            if reference_store is None and settings.deploy is not None and settings.deploy.reference_logits:
+                reference_store = Path(settings.deploy.reference_logits)  # the run's own kept reference
             if reference_store is not None:
                 reference_logits = stored_logits(reference_logits, reference_store / _sha256(reference)[:16])
             kld = settings_kld(llamacpp_logits(model), reference_logits, loaded.tokenizer, settings,
@@ -105,15 +107,8 @@ def deploy_run(loaded: LoadedModel, settings: RunSettings, directory: Path, timi
     with timed(timings, "export_s"):
         report = export_gguf(loaded, path, deploy.outtype, deploy.embedding_type, overwrite=True)
     with timed(timings, "deploy_eval_s"):
-        measured = measure_gguf(path, loaded, settings, dense and dense.path, reference_store(settings)) \
-            if deploy.measure else {}
+        measured = measure_gguf(path, loaded, settings, dense and dense.path) if deploy.measure else {}
     return {"file": GGUF_FILE, "sha256": _sha256(path), "export": report.model_dump(exclude={"path"}), **measured}
-
-
-def reference_store(settings: RunSettings) -> Optional[Path]:
-    """Where the deploy setting keeps the dense export's logits for reuse (None: each file recomputes them)."""
-    folder = settings.deploy.reference_logits
-    return Path(folder) if folder else None
 
 
 def _sha256(path: Path) -> str:

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from .config import RunSettings
-from .deploy import DenseDeployment, measure_gguf, reference_store
+from .deploy import DenseDeployment, measure_gguf
 from .export.gguf_export import source_gguf
 from .export.llama_quantize import llama_quantize
 from .engines.llamacpp_eval import gguf_size
@@ -73,6 +73,5 @@ def measure_controls(loaded: LoadedModel, settings: RunSettings, dense: DenseDep
             made = CONTROLS.get(name)(context)
             if made is not None:
                 path, what = made
-                measured[name] = {**what, **measure_gguf(path, loaded, settings, dense.path,
-                                                         reference_store(settings))}
+                measured[name] = {**what, **measure_gguf(path, loaded, settings, dense.path)}
     return measured
