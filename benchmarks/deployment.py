@@ -17,7 +17,10 @@
 - the goals, each reported as met or not.
 
 Run: `.venv/bin/python benchmarks/deployment.py --out DIR` alone on the machine (speed is measured); writes the
-`deployment` section of benchmarks/RESULTS.md and results/deployment.json. `--resume` reuses finished steps. The
+`deployment` section of benchmarks/RESULTS.md and results/deployment.json. The run takes about four hours on a
+2-core AVX2 machine, longer than a working session, so its finished steps are also kept in
+results/deployment.partial.json (committed while the run spans sessions; see steps.py): `--resume` continues from
+DIR, or from that file on a machine like the one that measured it, making again the files a lost DIR held. The
 dense f16 export's logits are kept in DIR/reference-logits (14 GB on all 140 windows) so that it runs once for
 every file's KLD, not once per file.
 """
@@ -25,7 +28,6 @@ every file's KLD, not once per file.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -34,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from layerwise.deploy_controls import CONTROL_RECIPES  # noqa: E402
 from results_table import goal_verdict, markdown_table, with_spread, write_section  # noqa: E402
+from steps import Steps  # noqa: E402
 
 RECIPES = list(CONTROL_RECIPES)  # the recipes `compress --deploy-controls recipe` chooses among
 LEVELS = "f16,q8_0,q6_k,q5_k,q5_0,q4_k,q4_0,q3_k,q2_k"
@@ -58,19 +61,8 @@ def main() -> None:
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--remark", default="")
     args = parser.parse_args()
-    args.out.mkdir(parents=True, exist_ok=True)
-    state_file = args.out / "state.json"
-    state = json.loads(state_file.read_text()) if args.resume and state_file.is_file() else {}
-
-    def step(key: str, compute):
-        if key not in state:
-            started = time.perf_counter()
-            state[key] = compute()
-            state[key]["bench_s"] = round(time.perf_counter() - started, 1)
-            state_file.write_text(json.dumps(state, indent=2, default=str))
-            print(f"{key}: done in {state[key]['bench_s']} s", flush=True)
-        return state[key]
-
+    steps = Steps("deployment", args.out, args.resume)
+    step = steps.run
     bench = Bench(args)
     step("dense_pytorch", bench.dense_pytorch)
     step("dense_f16", lambda: bench.export_and_measure("f16"))  # first: every other file's KLD reference
@@ -80,17 +72,18 @@ def main() -> None:
         for imatrix in (False, True):
             step(f"recipe {recipe}{' imatrix' if imatrix else ''}", lambda r=recipe, i=imatrix: bench.recipe(r, i))
     for target in TARGETS:
-        step(f"asymmetric {target} imatrix", lambda t=target: bench.asymmetric(state[f"recipe {t} imatrix"], t))
+        step(f"asymmetric {target} imatrix", lambda t=target: bench.asymmetric(steps[f"recipe {t} imatrix"], t))
     for target in TARGETS:
-        reference = state[f"recipe {target} imatrix"]
+        reference = steps[f"recipe {target} imatrix"]
         for allocator in OURS:
             step(f"{allocator} @ {target}", lambda a=allocator, r=reference, t=target: bench.ours(a, r, t))
-    step("greedy fast @ Q4_K_M", lambda: bench.ours("greedy", state["recipe Q4_K_M imatrix"], "Q4_K_M", FAST_LEVELS))
+    step("greedy fast @ Q4_K_M", lambda: bench.ours("greedy", steps["recipe Q4_K_M imatrix"], "Q4_K_M", FAST_LEVELS))
     step("width", bench.width)
     step("sprint", bench.sprint)
     step("mlp_removed_under_attention", bench.mlp_removed)
-    step("simulated_activation_rounding", lambda: bench.simulated(state))
-    write_results(state, args)
+    step("simulated_activation_rounding", lambda: bench.simulated(steps.state))
+    write_results(steps.state, args, steps.provenance_remark())
+    steps.finish()
 
 
 class Bench:
@@ -107,6 +100,7 @@ class Bench:
                                               latency=self.latency)
         # compress's own deployments compare with the same dense f16 export: its logits are kept once, here
         self.deploy = DeploySetting(outtype="f16", reference_logits=str(args.out / "reference-logits"))
+        self.simulate_rounding = True  # each of our plans also in PyTorch with llama.cpp's activation rounding
         self._loaded = None
         self._imatrix = None
 
@@ -129,17 +123,22 @@ class Bench:
         return {"ppl": result.ppl, "protocol": result.protocol.model_dump(),
                 "latency": measure_latency(self.loaded.model, self.latency).model_dump()}
 
-    @property
-    def reference(self) -> Path | None:
-        """The dense f16 export every file's KLD is measured against (what `compress --export gguf` compares
-        its own file with); None while it is being measured itself."""
-        path = self.args.out / "dense-f16.gguf"
-        return path if path.is_file() else None
+    def dense_file(self, outtype: str) -> Path:
+        """The dense export of ``outtype`` in DIR, exported again when a run resumed elsewhere lacks it (an export
+        of the same weights is the same bytes)."""
+        from layerwise.export import export_gguf
+
+        path = self.args.out / f"dense-{outtype}.gguf"
+        if not path.is_file():
+            export_gguf(self.loaded, path, outtype, overwrite=True)
+        return path
 
     def measure_file(self, path: Path) -> dict:
+        """A file in llama.cpp; with KLD on, against the dense f16 export (what `compress --export gguf` compares
+        its own file with), whose logits are computed once and kept in DIR."""
         from layerwise.deploy import measure_gguf
 
-        reference = self.reference
+        reference = self.dense_file("f16") if self.settings.kld else None
         return measure_gguf(path, self.loaded, self.settings, None if reference == path else reference,
                             Path(self.deploy.reference_logits))
 
@@ -149,10 +148,7 @@ class Bench:
         return self.measure_file(packaged_gguf_path())
 
     def export_and_measure(self, outtype: str) -> dict:
-        from layerwise.export import export_gguf
-
-        path = self.args.out / f"dense-{outtype}.gguf"
-        export_gguf(self.loaded, path, outtype, overwrite=True)
+        path = self.dense_file(outtype)
         return {**self.measure_file(path), "path": str(path), **self.logits_check(self.loaded.model, path)}
 
     def logits_check(self, model, path: Path) -> dict:
@@ -196,10 +192,27 @@ class Bench:
         from gguf import GGUFReader
 
         asymmetric = {"q4_0": "q4_1", "q5_0": "q5_1"}
-        overrides = {t.name: asymmetric[t.tensor_type.name.lower()] for t in GGUFReader(reference["path"]).tensors
-                     if t.tensor_type.name.lower() in asymmetric}
+        overrides = {t.name: asymmetric[t.tensor_type.name.lower()] for t in GGUFReader(self.recipe_file(
+            reference, recipe)).tensors if t.tensor_type.name.lower() in asymmetric}
         path = self.args.out / f"asymmetric-{recipe}-imatrix.gguf"
         return {**self.quantized(path, recipe, self.imatrix(), overrides), "overrides": len(overrides)}
+
+    def recipe_file(self, record: dict, recipe: str) -> Path:
+        """The recipe + imatrix file a finished step measured, quantized again from the dense f32 export when a
+        run resumed elsewhere lacks it (llama.cpp's quantizer is deterministic; the tensor bytes must agree)."""
+        from gguf import GGUFReader
+
+        from layerwise.export.llama_quantize import llama_quantize
+
+        path = Path(record["path"])
+        if not path.is_file():
+            path = self.args.out / path.name
+            llama_quantize(self.dense_file("f32"), path, recipe, self.imatrix())
+            made = sum(int(t.n_bytes) for t in GGUFReader(path).tensors)
+            if made != record["tensor_bytes"]:
+                raise RuntimeError(f"{path.name} quantized again holds {made} tensor bytes, the measured file held "
+                                   f"{record['tensor_bytes']}: the carried steps do not describe this file")
+        return path
 
     def quantized(self, path: Path, recipe: str, imatrix: dict | None, overrides: dict | None = None) -> dict:
         from gguf import GGUFReader
@@ -207,7 +220,7 @@ class Bench:
         from layerwise.export.llama_quantize import llama_quantize
 
         started = time.perf_counter()
-        llama_quantize(self.args.out / "dense-f32.gguf", path, recipe, imatrix, overrides)
+        llama_quantize(self.dense_file("f32"), path, recipe, imatrix, overrides)
         quantize_s = time.perf_counter() - started
         tensors = {t.name: t for t in GGUFReader(path).tensors}
         return {**self.measure_file(path), "path": str(path), "quantize_s": round(quantize_s, 1),
@@ -224,7 +237,10 @@ class Bench:
         settings = self.settings.model_copy(update={"deploy": self.deploy})
         record = compress(self.args.model, self.layerwise.Budget(max_bytes=reference["tensor_bytes"]), "gguf",
                           allocator, settings, run, overwrite=True, structure="quant", **params)
-        return self.summary(record, run)
+        summary = self.summary(record, run)
+        if self.simulate_rounding:  # here, while the run's weights are on disk (a resumed run may lack them)
+            summary["simulated_ppl"] = self.rounded_ppl(self.layerwise.load(str(run)))
+        return summary
 
     def summary(self, record: dict, run: Path) -> dict:
         deployed = record["deployment"]["compressed"]
@@ -266,22 +282,25 @@ class Bench:
         return {"f32_check": check, "architecture": report.architecture, "layer_dims": report.layer_dims,
                 "notes": report.notes}
 
-    def simulated(self, state: dict) -> dict:
-        """PyTorch perplexity with llama.cpp's activation rounding simulated: the packaged Q4_1 model (q4_1
-        re-quantization of its dequantized weights reproduces the file's bytes exactly) and our mixed plans."""
+    def rounded_ppl(self, loaded) -> float:
+        """PyTorch perplexity with llama.cpp's activation rounding simulated."""
         from layerwise.backends.gguf_quant import llamacpp_activations
         from layerwise.evaluate import perplexity
 
-        def ppl(loaded) -> float:
-            with llamacpp_activations(loaded.model):
-                return perplexity(loaded.model, loaded.tokenizer, self.corpus(), 512, self.args.windows).ppl
+        with llamacpp_activations(loaded.model):
+            return perplexity(loaded.model, loaded.tokenizer, self.corpus(), 512, self.args.windows).ppl
 
+    def simulated(self, state: dict) -> dict:
+        """PyTorch perplexity with llama.cpp's activation rounding simulated: the packaged Q4_1 model (q4_1
+        re-quantization of its dequantized weights reproduces the file's bytes exactly) and our mixed plans (each
+        computed in its own step; a step finished before that kept its run directory)."""
         loaded = self.layerwise.load(self.args.model)
         plan = self.layerwise.plan(loaded, self.layerwise.Budget(), method="gguf", structure="quant", bits="q4_1")
         self.layerwise.apply(loaded.model, plan)
-        results = {"packaged_q4_1": ppl(loaded)}
+        results = {"packaged_q4_1": self.rounded_ppl(loaded)}
         for key in _our_keys():
-            results[key] = ppl(self.layerwise.load(state[key]["run"]))
+            entry = state[key]
+            results[key] = entry.get("simulated_ppl") or self.rounded_ppl(self.layerwise.load(entry["run"]))
         return results
 
     def mlp_removed(self) -> dict:
@@ -310,7 +329,8 @@ def _fmt(value: float | None, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
-def write_results(state: dict, args: argparse.Namespace) -> None:
+def write_results(state: dict, args: argparse.Namespace, measured_at: str = "") -> None:
+    """The section and its JSON; ``measured_at`` names the commits when steps were measured at several."""
     dense = state["dense_pytorch"]
     dense_decode, dense_prefill = dense["latency"]["decode_tokens_per_s"], dense["latency"]["prefill_ms"]
     rows = [["dense fp32 (PyTorch, in memory)", "-", "-", "-", "-", f"{dense['ppl']:.3f}", "-", "-", "-",
@@ -381,7 +401,7 @@ def write_results(state: dict, args: argparse.Namespace) -> None:
         + "\n\n**Goals**\n\n" + "\n".join(f"- {g}" for g in goals)
         + "\n\n**Reading**\n\n" + "\n".join(f"- {r}" for r in _reading(state)) + "\n"
     )
-    write_section("deployment", markdown, state, args.remark)
+    write_section("deployment", markdown, state, " ".join(filter(None, [measured_at, args.remark])))
     print(markdown)
 
 

@@ -11,12 +11,11 @@ model is the quantize stage's input as its saved run directory, so the prune and
 from __future__ import annotations
 
 import argparse
-import json
-import time
 from pathlib import Path
 from typing import Any, Callable, Optional
 
 from deployment import FAST_LEVELS, Bench
+from steps import Steps
 
 DENSE_RECIPES = ("Q8_0", "Q4_K_M", "Q4_0")
 BASELINE = "Q4_0"  # llama.cpp's fastest recipe on this model (the deployment table), the speed goal's reference
@@ -36,21 +35,17 @@ def deploy_rows(args: argparse.Namespace, entries: dict[str, dict], bases: dict[
     with its plot group; ``bases`` maps a healing base's name to its label."""
     folder = args.out / "deploy"
     folder.mkdir(parents=True, exist_ok=True)
-    state_file = folder / "state.json"
-    state: dict[str, Any] = json.loads(state_file.read_text()) if state_file.is_file() else {}
+    steps = Steps("healing_deploy", folder, resume=True, carry=False)  # its inputs are DIR's healed runs
+    state = steps.state
 
     def step(key: str, group: str, compute: Callable[[], dict]) -> dict:
-        if key not in state:
-            started = time.perf_counter()
-            state[key] = {**compute(), "group": group, "bench_s": round(time.perf_counter() - started, 1)}
-            state_file.write_text(json.dumps(state, indent=2, default=str))
-            print(f"deploy {key}: done in {state[key]['bench_s']} s", flush=True)
-        return state[key]
+        return steps.run(key, lambda: {**compute(), "group": group})
 
     def bench(model: str, name: str) -> Bench:
         made = Bench(argparse.Namespace(model=model, out=folder / name, windows=args.windows,
                                         nsamples=args.deploy_nsamples, episodes=0))
         made.settings = made.settings.model_copy(update={"kld": False})  # the files are compared in llama.cpp
+        made.simulate_rounding = False
         return made
 
     dense = bench(args.model, "dense")

@@ -23,6 +23,7 @@ def test_results_sections_and_json_carry_their_provenance(tmp_path, monkeypatch)
     stored = json.loads((tmp_path / "results" / "healing.json").read_text())
     assert stored["provenance"]["commit"] == commit and isinstance(stored["provenance"]["dirty"], bool)
     assert stored["provenance"]["machine"]["cpu_model"]
+    assert isinstance(stored["provenance"]["machine"]["cpu_features"], list)  # which kernels llama.cpp can run
     assert table.read_results("healing") == {"rows": {"a": 1}}
     (tmp_path / "results" / "old.json").write_text('{"rows": {}}')
     assert table.read_results("old") == {"rows": {}}
@@ -117,3 +118,65 @@ def test_every_speed_rows_guard_reads_the_same_way():
                                               "evaluations counted as candidates")
     width = [{"ratio": 0.4, "measured": 1.55, "budget": 1.5}]
     assert joint.guard_line(width, None) == "measured 1.55x (width ratio 0.400); not planned again"
+
+
+def test_a_long_benchmarks_steps_carry_to_another_session_only_from_a_like_machine(tmp_path, monkeypatch):
+    """A step runs once and is stamped; a run whose DIR was lost resumes from the committed partial file, but not
+    steps measured on another CPU (their timings could not share a table) and not without --resume."""
+    from benchmark_scripts import benchmark_module
+
+    steps = benchmark_module("steps")
+    monkeypatch.setattr(steps, "HERE", tmp_path)
+    first = steps.Steps("demo", tmp_path / "session-1", resume=False)
+    calls = []
+    record = first.run("one", lambda: calls.append(1) or {"ppl": 25.7})
+    assert first.run("one", lambda: calls.append(2) or {"ppl": 0.0})["ppl"] == 25.7 and calls == [1]
+    assert record["measured"]["commit"] == first.here["commit"] and record["bench_s"] >= 0
+    assert first.provenance_remark() == ""  # one commit: the section's own provenance line names it
+    carried = tmp_path / "results" / "demo.partial.json"
+    assert json.loads(carried.read_text())["steps"]["one"]["ppl"] == 25.7
+
+    again = steps.Steps("demo", tmp_path / "session-2", resume=True)  # a new machine: DIR is gone
+    assert "one" in again and again["one"]["ppl"] == 25.7
+    assert "one" not in steps.Steps("demo", tmp_path / "session-2b", resume=False)
+
+    stored = json.loads(carried.read_text())
+    stored["steps"]["one"]["measured"]["machine"]["cpu_count"] = 999
+    stored["steps"]["one"]["measured"]["commit"] = "0" * 40
+    carried.write_text(json.dumps(stored))
+    assert "one" not in steps.Steps("demo", tmp_path / "session-3", resume=True)
+    stored["steps"]["one"]["measured"]["machine"] = first.here["machine"]
+    carried.write_text(json.dumps(stored))
+    mixed = steps.Steps("demo", tmp_path / "session-4", resume=True)
+    mixed.run("two", lambda: {"ppl": 30.0})
+    remark = mixed.provenance_remark()
+    assert remark.startswith("Steps were measured at commits 0000000000") and "(1 steps)" in remark
+    assert first.here["commit"][:10] in remark and "differs between them is unknown" in remark
+    mixed.finish()
+    assert not carried.exists()
+
+
+def test_a_resumed_deployment_run_makes_again_the_files_its_lost_directory_held(tmp_path):
+    """Carried steps name files a lost DIR held: the dense exports are exported again and a recipe's file is
+    quantized again, and a file that would not be the one measured (other tensor bytes) stops the run."""
+    import argparse
+
+    import pytest
+    from gguf import GGUFReader
+
+    from benchmark_scripts import benchmark_module
+
+    deployment = benchmark_module("deployment")
+    bench = deployment.Bench(argparse.Namespace(model="tiny-llama", out=tmp_path / "new", windows=1, nsamples=2,
+                                                episodes=0))
+    f32 = bench.dense_file("f32")
+    assert f32 == tmp_path / "new" / "dense-f32.gguf" and GGUFReader(f32).tensors[0].tensor_type.name == "F32"
+    made = f32.stat().st_mtime_ns
+    assert bench.dense_file("f32").stat().st_mtime_ns == made  # kept, not exported again
+    lost = tmp_path / "old" / "recipe-Q8_0-imatrix.gguf"
+    with pytest.raises(RuntimeError, match="not describe this file"):
+        bench.recipe_file({"path": str(lost), "tensor_bytes": 1}, "Q8_0")
+    remade = tmp_path / "new" / "recipe-Q8_0-imatrix.gguf"
+    size = sum(int(t.n_bytes) for t in GGUFReader(remade).tensors)
+    remade.unlink()
+    assert bench.recipe_file({"path": str(lost), "tensor_bytes": size}, "Q8_0") == remade

@@ -10,6 +10,9 @@ from importlib import metadata
 
 import torch
 
+# instruction sets that decide which kernels llama.cpp and torch run (and so their speed and rounding)
+CPU_FEATURES = ("avx", "avx2", "fma", "f16c", "avx_vnni", "avx512f", "avx512bw", "avx512vl", "avx512_vnni",
+                "avx512_bf16", "amx_bf16", "amx_int8", "asimd", "sve")
 PACKAGES = ("layerwise", "torch", "transformers", "tokenizers", "safetensors", "numpy", "gensim", "pydantic",
             "llama_cpp_python")
 
@@ -23,6 +26,17 @@ def cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+def cpu_features() -> list[str]:
+    """Which of ``CPU_FEATURES`` this CPU has (Linux: /proc/cpuinfo's flags; elsewhere none are known)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return []
+    flags = {flag for line in text.splitlines() if line.startswith(("flags", "Features"))
+             for flag in line.split(":", 1)[1].split()}
+    return [name for name in CPU_FEATURES if name in flags]
 
 
 def versions() -> dict[str, str]:
@@ -40,6 +54,7 @@ def machine(device: str = "cpu") -> dict[str, object]:
         "platform": platform.platform(),
         "processor": platform.processor() or platform.machine(),
         "cpu_model": cpu_model(),
+        "cpu_features": cpu_features(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "device": device,
