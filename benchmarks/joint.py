@@ -1,13 +1,14 @@
 """Joint search benchmark (issue 19): at a byte budget (the size of the model stored uniformly as q4_k, with
 llama.cpp's fallbacks, embedding q8_0) and at a 1.5x predicted speedup, the best single-action plans against
-the joint searchers (evo, rl, greedy) at an equal number of candidate evaluations. A single-action speed row
-that measures more than 5% off the budget is run once more with its budget corrected by its own error.
+the joint searchers (evo, rl, greedy) at an equal number of candidate evaluations. Every speed row goes through the
+same measured speed guard (SPRINT's and the joint searches' in the library, width's here with the same rounds).
 
 Run: `.venv/bin/python benchmarks/joint.py --out DIR [--resume]` on an otherwise idle machine (speed is
 measured). Every row is a real `compress` run saved under DIR, evaluated on the full wiki split (140 windows);
 byte-budget plans are also exported to GGUF and their tensor bytes read back from the file. Writes the `joint`
-section of benchmarks/RESULTS.md and results/joint.json.
-"""
+section of benchmarks/RESULTS.md and results/joint.json. A finished row's result is also kept in
+results/joint.partial.json while the run spans sessions: `--resume` continues from DIR or, on a like machine, from
+that file (see steps.py)."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from results_table import markdown_table, write_section  # noqa: E402
+from steps import Steps  # noqa: E402
 
 TYPES = "f16,q8_0,q6_k,q5_k,q4_k,q3_k"
 SEARCHERS = ["evo", "rl", "greedy"]
@@ -105,21 +107,23 @@ def main() -> None:
             for s in ("evo", "rl"):
                 runs[(budget, f"joint {s} ×{args.long_candidates}")] = dict(
                     budget=target, structure="joint", allocator=s, candidates=args.long_candidates, settings=joint)
-    args.out.mkdir(parents=True, exist_ok=True)
+    steps = Steps("joint", args.out, args.resume)
     records = {}
     for (budget, label), run in runs.items():
         run = dict(run)
         if run.pop("guarded_ratio", False):
-            records[(budget, label)] = guarded_width(args, budget, label, run, max_bytes)
+            records[(budget, label)] = guarded_width(args, budget, label, run, max_bytes, steps)
         else:
-            records[(budget, label)] = run_row(args, budget, label, run, max_bytes)
-    write_results(records, max_bytes, args)
+            records[(budget, label)] = run_row(args, budget, label, run, max_bytes, steps)
+    write_results(records, max_bytes, args, steps.provenance_remark())
+    steps.finish()
 
 
 SPEED_TOLERANCE = 0.05  # a speed budget is honoured when the plan measures at least 95% of it
 
 
-def guarded_width(args: argparse.Namespace, budget: str, label: str, run: dict, max_bytes: int) -> dict:
+def guarded_width(args: argparse.Namespace, budget: str, label: str, run: dict, max_bytes: int,
+                  steps: Steps) -> dict:
     """Width pruning's rows get the speed guard the library gives depth and the joint search (its budget is a
     ratio, not a speedup, so the guard runs here): the same rounds and the same paired measurement, and when the
     plan measures short of the target the ratio is raised so that the time saved grows by the error. The row is
@@ -130,7 +134,7 @@ def guarded_width(args: argparse.Namespace, budget: str, label: str, run: dict, 
     ratio, history, record = args.width_ratio, [], {}
     for attempt in range(GUARD_ROUNDS):
         suffix = "" if attempt == 0 else f"-guard{attempt + 1}"
-        record = run_row(args, budget, label, {**run, "budget": Budget.for_width(ratio)}, max_bytes, suffix)
+        record = run_row(args, budget, label, {**run, "budget": Budget.for_width(ratio)}, max_bytes, steps, suffix)
         measured = record["metrics"]["speedup"]["total"]
         history.append({"ratio": round(ratio, 4), "measured": round(measured, 4), "budget": args.speedup})
         if measured >= args.speedup or attempt == GUARD_ROUNDS - 1:
@@ -152,21 +156,25 @@ def measured_note(entry: dict, budget: str) -> str:
     return f", measured {entry['measured_speedup']:.2f}x" if budget == "speed" and entry["measured_speedup"] else ""
 
 
-def run_row(args: argparse.Namespace, budget: str, label: str, run: dict, max_bytes: int, suffix: str = "") -> dict:
-    """One row's `compress` run under DIR (kept with --resume), its exported bytes read back at the byte budget."""
+def run_row(args: argparse.Namespace, budget: str, label: str, run: dict, max_bytes: int, steps: Steps,
+            suffix: str = "") -> dict:
+    """One row's `compress` run under DIR, its exported bytes read back at the byte budget; a finished row's
+    result is a step, kept in DIR and carried with the run (see steps.py)."""
     from layerwise.pipeline import compress
 
     run_dir = args.out / f"{budget}-{label.split(' (')[0].replace(' ', '-')}{suffix}"
-    if not (args.resume and (run_dir / "result.json").is_file()):
-        run = dict(run)
-        compress(args.model, run.pop("budget"), allocator=run.pop("allocator"), settings=run.pop("settings"),
-                 out=run_dir, overwrite=True, structure=run.pop("structure"), **run)
-        print(f"{budget} / {label}: done", flush=True)
-    record = json.loads((run_dir / "result.json").read_text())
-    if budget == "bytes" and "file_bytes" not in record:
-        record["file_bytes"] = file_bytes(args.model, record)
-        (run_dir / "result.json").write_text(json.dumps(record, indent=2))
-    return record
+
+    def measure() -> dict:
+        options = dict(run)
+        compress(args.model, options.pop("budget"), allocator=options.pop("allocator"),
+                 settings=options.pop("settings"), out=run_dir, overwrite=True, structure=options.pop("structure"),
+                 **options)
+        record = json.loads((run_dir / "result.json").read_text())
+        if budget == "bytes":
+            record["file_bytes"] = file_bytes(args.model, record)
+        return record
+
+    return steps.run(run_dir.name, measure)
 
 
 def guard_line(rounds: list[dict], repair_evaluations: int | None) -> str:
@@ -182,7 +190,8 @@ def guard_line(rounds: list[dict], repair_evaluations: int | None) -> str:
     return "measured " + " → ".join(one(r) for r in rounds) + how
 
 
-def write_results(records: dict, max_bytes: int, args: argparse.Namespace) -> None:
+def write_results(records: dict, max_bytes: int, args: argparse.Namespace, measured_at: str = "") -> None:
+    """The section and its JSON; ``measured_at`` names the commits when rows were measured at several."""
     rows, data = [], []
     for (budget, label), record in records.items():
         metrics, plan = record["metrics"], record["plan"]
@@ -286,7 +295,7 @@ def write_results(records: dict, max_bytes: int, args: argparse.Namespace) -> No
         + markdown_table(["budget", "plan", "wiki PPL", "GGUF tensor bytes", "speedup pred. / meas.",
                           "candidates", "calib. KL", "plan (s)"], rows)
         + "\n\n" + "\n".join(findings) + "\n")
-    write_section("joint", markdown, data, args.remark)
+    write_section("joint", markdown, data, " ".join(filter(None, [measured_at, args.remark])))
 
 
 if __name__ == "__main__":
