@@ -273,6 +273,8 @@ def write_results(records: dict, max_bytes: int, args: argparse.Namespace, measu
                     + f"; goal ≤ 1.2x: **{'met' if max(r for *_, r in costs) <= 1.2 else 'not met'}** "
                     "(a narrower candidate is cheaper than the dense pass; greedy's probes each build a new level).")
     first = next(iter(records.values()))
+    from layerwise.structures.speed_guard import GUARD_ROUNDS
+
     markdown = (
         "## Joint search: widths, removal and GGUF types under one budget (smollm2-135m)\n\n"
         f"Command: `.venv/bin/python benchmarks/joint.py --out DIR` (seed {args.seed})\n\n"
@@ -287,10 +289,10 @@ def write_results(records: dict, max_bytes: int, args: argparse.Namespace, measu
         f"{args.speed_candidates} at the speed budget: greedy's probes plus one). Single-action rows: uniform q4_k "
         "and the greedy GGUF-type allocator (error sensitivity, 32 x 512 calibration) at the same bytes; SPRINT at "
         f"the same predicted speedup; RL-Allocator width pruning starting at ratio {args.width_ratio:g}. Every "
-        "speed row goes through the same measured guard: up to 3 paired measurements of the plan, and after one "
+        f"speed row goes through the same measured guard: up to {GUARD_ROUNDS} paired measurements of the plan, and after one "
         "short of the target a plan for a budget raised by the error (SPRINT and the joint searches: the predicted "
         "speedup × predicted / measured; width: the ratio scaled so the time saved grows by the error); the "
-        "candidates column counts the guard's repair evaluations too. Wiki PPL on all {args.windows} windows (dense "
+        f"candidates column counts the guard's repair evaluations too. Wiki PPL on all {args.windows} windows (dense "
         f"{first['metrics']['dense_ppl']:.2f}); bytes read back from each plan's exported GGUF file.\n\n"
         + markdown_table(["budget", "plan", "wiki PPL", "GGUF tensor bytes", "speedup pred. / meas.",
                           "candidates", "calib. KL", "plan (s)"], rows)

@@ -180,3 +180,29 @@ def test_a_resumed_deployment_run_makes_again_the_files_its_lost_directory_held(
     size = sum(int(t.n_bytes) for t in GGUFReader(remade).tensors)
     remade.unlink()
     assert bench.recipe_file({"path": str(lost), "tensor_bytes": size}, "Q8_0") == remade
+
+
+def test_the_deployment_reading_computes_every_number_it_states():
+    """The sentences under the deployment table count and compare from the run: how many recipes the importance
+    matrix helped, the k-quant share of each Q3_K_M-sized file, our best there against the stronger control."""
+    from benchmark_scripts import benchmark_module
+
+    deployment = benchmark_module("deployment")
+    state = {"dense_pytorch": {"latency": {"prefill_ms": 600.0}},
+             "simulated_activation_rounding": {key: 30.0 for key in deployment._our_keys()}}
+    for number, recipe in enumerate(deployment.RECIPES):
+        state[f"recipe {recipe}"] = {"ppl": 30.0}
+        state[f"recipe {recipe} imatrix"] = {"ppl": 29.0 if number < 4 else 31.0}
+    state["recipe Q3_K_M imatrix"].update(kld={"mean": 0.100}, bytes_by_type={"q3_k": 25, "q4_0": 75})
+    state["asymmetric Q3_K_M imatrix"] = {"kld": {"mean": 0.080}}
+    for key in deployment._our_keys():
+        state[key] = {"pytorch_ppl": 30.0, "deploy": {"ppl": 30.3, "latency": {"prefill_ms": 100.0},
+                                                      "kld": {"mean": 0.070}, "bytes_by_type": {"q4_0": 100}}}
+    state["automp-rl @ Q3_K_M"]["deploy"].update(kld={"mean": 0.060}, bytes_by_type={"q3_k": 50, "q5_0": 50})
+    reading = deployment._reading(state)
+    assert reading[0].startswith("Our importance matrix (the calibration profile's mean squared inputs) lowers the "
+                                 "perplexity of 4 of llama.cpp's 6 recipes")
+    assert ("k-quant types hold 25% of the recipe's tensor bytes and 0% of greedy's, 50% of automp-rl's; our best "
+            "there (automp-rl, mean KLD 0.0600) is 25.0% below the stronger control's 0.0800 (the other: 0.1000), "
+            "where the goal asks 25%.") in reading[1]
+    assert "off PyTorch" in reading[-1] and "+1.00% to +1.00%" in reading[-1]
