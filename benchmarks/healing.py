@@ -6,7 +6,9 @@ uniform width at the same ratio.
 Every pruned model is one `compress` run directory; every healed row is `layerwise heal RUN` on it, so the
 unhealed and healed rows share the exact pruned weights. Rows are evaluated on the full wiki split (140 windows)
 and on zero-shot subsets. `--resume` skips finished rows and continues a row's healing from its checkpoint, so
-the grid (tens of CPU hours at ~55 training tokens/s on 2 cores) runs over several sessions.
+the grid (tens of CPU hours on 2 cores) runs over several sessions; finished rows are also kept in
+results/healing.partial.json, so a run whose DIR was lost with its machine resumes on a like machine without
+measuring them again (see steps.py; a lost base is pruned again where a healed row needs its weights).
 
 Run: `.venv/bin/python benchmarks/healing.py --out DIR [--resume]` alone on the machine (training speed is
 reported); writes the `healing` section of benchmarks/RESULTS.md and results/healing.json from the rows finished
@@ -25,6 +27,7 @@ from typing import Any, Optional
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from results_table import markdown_table, write_section  # noqa: E402
+from steps import Steps  # noqa: E402
 
 BASE_TOKENS = 2**18
 LONG_TOKENS = 2**20
@@ -171,7 +174,9 @@ def goal_lines(entries: dict[str, dict]) -> list[str]:
 
 
 def write_results(entries: dict[str, dict], args: argparse.Namespace, planned: list[Row],
-                  deployed: dict[str, Any]) -> None:
+                  deployed: dict[str, Any], measured_at: str = "") -> None:
+    """The section from the rows finished so far; ``measured_at`` names the commits when rows were measured at
+    several."""
     from healing_deploy import deploy_markdown, plot, points
 
     table = []
@@ -211,7 +216,8 @@ def write_results(entries: dict[str, dict], args: argparse.Namespace, planned: l
                           "time (min)", "peak RSS (GiB)"], table)
         + "\n" + "\n".join(goal_lines(entries)) + "\n\n" + deploy_markdown(found, dense, figure)
     )
-    write_section("healing", markdown, {"rows": entries, "deployment": deployed}, args.remark)
+    write_section("healing", markdown, {"rows": entries, "deployment": deployed},
+                  " ".join(filter(None, [measured_at, args.remark])))
     print(markdown)
 
 
@@ -235,12 +241,15 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     planned = rows(stages=args.stages)
     chosen = {name for name in args.rows.split(",") if name}
-    if not args.report:
-        for row in planned:
-            if not chosen or row.name in chosen:
-                run_row(row, args)
-    entries = {row.name: summarize(row, json.loads((args.out / row.name / "result.json").read_text()))
-               for row in planned if (args.out / row.name / "result.json").is_file()}
+    steps = Steps("healing", args.out, resume=args.resume or args.report)
+
+    def finished(row: Row) -> dict[str, Any]:
+        return summarize(row, json.loads((run_row(row, args) / "result.json").read_text()))
+
+    for row in planned:
+        if (args.out / row.name / "result.json").is_file() or (not args.report and (not chosen or row.name in chosen)):
+            steps.run(row.name, lambda r=row: finished(r))
+    entries = {row.name: steps[row.name] for row in planned if row.name in steps}
     state_file = args.out / "deploy" / "state.json"
     if args.report or args.skip_deploy:
         deployed = json.loads(state_file.read_text()) if state_file.is_file() else {}
@@ -248,7 +257,9 @@ def main() -> None:
         from healing_deploy import deploy_rows
 
         deployed = deploy_rows(args, entries, {base: BASES[base].label for base in ("width-rl", "sprint", "joint")})
-    write_results(entries, args, planned, deployed)
+    write_results(entries, args, planned, deployed, steps.provenance_remark())
+    if len(entries) == len(planned):
+        steps.finish()
 
 
 if __name__ == "__main__":

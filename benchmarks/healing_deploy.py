@@ -57,6 +57,9 @@ def deploy_rows(args: argparse.Namespace, entries: dict[str, dict], bases: dict[
         source = best_healed(base, entries)
         if source is None:
             continue
+        if not (args.out / source / "result.json").is_file():  # a row carried from a lost DIR: no weights here
+            print(f"deploy {source}: its healed weights are not in {args.out}; run the row again to deploy it")
+            continue
         healed = bench(str(args.out / source), source)
         (folder / source).mkdir(exist_ok=True)
         group = f"{label} → heal → quant"
