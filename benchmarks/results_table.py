@@ -46,6 +46,49 @@ def provenance_line(facts: dict[str, Any]) -> str:
             f"llama-cpp-python {found['llama_cpp_python']}.")
 
 
+def provenance_from_history(name: str) -> dict[str, Any]:
+    """What git knows of a section measured before provenance was recorded: the commit that last wrote its JSON
+    (the numbers were measured at that commit's parent, or in its tree before the commit) and how many commits
+    have changed the library code since; machine and versions were not recorded."""
+    path = HERE / "results" / f"{name}.json"
+    commit = _git("log", "-1", "--format=%H", "--", str(path))
+    return {"commit": commit or "unknown", "dirty": None, "machine": None, "versions": None,
+            "source": f"git history: the commit that last wrote results/{name}.json, before provenance was recorded",
+            "date": _git("log", "-1", "--format=%cs", commit) if commit else None,
+            "src_commits_since": (int(_git("rev-list", "--count", f"{commit}..HEAD", "--", str(HERE.parent / "src"))
+                                      or 0) if commit else None)}
+
+
+def history_line(facts: dict[str, Any]) -> str:
+    """One sentence for a section whose provenance came from git history."""
+    since = facts["src_commits_since"]
+    return (f"Provenance was not recorded when this was measured: the results were committed at "
+            f"{facts['commit'][:10]} ({facts['date']}); the machine and versions are unknown"
+            + (f", and the library code (src/) has changed in {since} commits since, so the numbers may not "
+               "reproduce at HEAD." if since else "."))
+
+
+def backfill_provenance() -> list[str]:
+    """Give every results JSON without provenance the facts git holds, and its section a sentence saying so (run
+    once; a rerun of the benchmark replaces both with what it measured). Returns the names filled."""
+    text = RESULTS_MD.read_text()
+    filled = []
+    for path in sorted((HERE / "results").glob("*.json")):
+        if path.name.endswith(".partial.json"):  # a run in progress: its steps carry their own
+            continue
+        stored = json.loads(path.read_text())
+        if isinstance(stored, dict) and set(stored) == {"provenance", "results"}:
+            continue
+        facts = provenance_from_history(path.stem)
+        path.write_text(json.dumps({"provenance": facts, "results": stored}, indent=2, default=str) + "\n")
+        end = f"<!-- /section:{path.stem} -->\n"
+        if end in text:
+            text = text.replace(end, f"\n{history_line(facts)}\n{end}")
+        filled.append(path.stem)
+    RESULTS_MD.write_text(text)
+    return filled
+
+
 def read_results(name: str) -> Any:
     """What ``write_section`` stored for ``name`` (files written before provenance hold the data alone)."""
     stored = json.loads((HERE / "results" / f"{name}.json").read_text())
@@ -85,3 +128,11 @@ def with_spread(value: float, spread: tuple[float, float] | None, spec: str) -> 
     """``value`` with its min–max spread, e.g. '91.0 (89.2–92.5)'."""
     text = format(value, spec)
     return f"{text} ({format(min(spread), spec)}–{format(max(spread), spec)})" if spread else text
+
+
+if __name__ == "__main__":
+    import sys
+
+    if sys.argv[1:] != ["--backfill-provenance"]:
+        sys.exit("usage: python benchmarks/results_table.py --backfill-provenance")
+    print("filled:", ", ".join(backfill_provenance()) or "none")

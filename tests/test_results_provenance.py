@@ -206,3 +206,31 @@ def test_the_deployment_reading_computes_every_number_it_states():
             "there (automp-rl, mean KLD 0.0600) is 25.0% below the stronger control's 0.0800 (the other: 0.1000), "
             "where the goal asks 25%.") in reading[1]
     assert "off PyTorch" in reading[-1] and "+1.00% to +1.00%" in reading[-1]
+
+
+def test_sections_measured_before_provenance_say_what_git_knows(tmp_path, monkeypatch):
+    """A results JSON without provenance gets the commit that last wrote it and the library commits since; its
+    section says the machine is unknown and the numbers may not reproduce; recorded provenance is left alone."""
+    from benchmark_scripts import benchmark_module
+
+    table = benchmark_module("results_table")
+    monkeypatch.setattr(table, "HERE", tmp_path)
+    monkeypatch.setattr(table, "RESULTS_MD", tmp_path / "RESULTS.md")
+    table.write_section("healing", "## Healing\n\nrows\n", {"rows": {}})
+    (tmp_path / "results" / "width.json").write_text('{"rows": [1, 2]}')
+    (tmp_path / "results" / "joint.partial.json").write_text('{"steps": {}}')
+    markdown = (tmp_path / "RESULTS.md").read_text()
+    (tmp_path / "RESULTS.md").write_text(markdown + "\n<!-- section:width -->\n## Width\n<!-- /section:width -->\n")
+    answers = {("log", "-1", "--format=%H"): "a" * 40, ("log", "-1", "--format=%cs"): "2026-11-30",
+               ("rev-list", "--count"): "52"}
+    monkeypatch.setattr(table, "_git", lambda *args: next(v for k, v in answers.items() if args[:len(k)] == k))
+    assert table.backfill_provenance() == ["width"]
+    stored = json.loads((tmp_path / "results" / "width.json").read_text())
+    assert stored["results"] == {"rows": [1, 2]} and stored["provenance"]["commit"] == "a" * 40
+    assert stored["provenance"]["machine"] is None and stored["provenance"]["src_commits_since"] == 52
+    text = (tmp_path / "RESULTS.md").read_text()
+    assert ("## Width\n\nProvenance was not recorded when this was measured: the results were committed at "
+            "aaaaaaaaaa (2026-11-30); the machine and versions are unknown, and the library code (src/) has changed "
+            "in 52 commits since, so the numbers may not reproduce at HEAD.\n<!-- /section:width -->") in text
+    assert json.loads((tmp_path / "results" / "joint.partial.json").read_text()) == {"steps": {}}
+    assert table.backfill_provenance() == []  # once
