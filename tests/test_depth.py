@@ -87,6 +87,44 @@ def test_temporary_removal_restores_the_same_modules(tiny, tokens):
     assert torch.equal(tiny.model(tokens).logits, before)
 
 
+def test_removals_undone_in_any_order_leave_the_dense_model_and_its_kv_numbering(tiny, tokens):
+    """Each removal is a SwapLog; undoing one while another stays (the joint level bank's case) numbers the
+    attention layers left for the removal that remains, and undoing both gives back the very modules."""
+    from layerwise.models import get_adapter
+
+    adapter = get_adapter(tiny.model)
+    before = tiny.model(tokens).logits
+    attentions = [block.self_attn for block in tiny.model.model.layers]
+    first = adapter.remove(adapter.sublayer("model.layers.0.self_attn"))
+    second = adapter.remove(adapter.sublayer("model.layers.2.self_attn"))
+    assert [attentions[b].layer_idx for b in (1, 3)] == [0, 1]
+    first.undo()  # layer 0 back, layer 2 still removed
+    assert [attentions[b].layer_idx for b in (0, 1, 3)] == [0, 1, 2]
+    assert tiny.model.model.layers[0].self_attn is attentions[0]
+    second.undo()
+    assert [a.layer_idx for a in attentions] == [0, 1, 2, 3]
+    assert all(block.self_attn is a for block, a in zip(tiny.model.model.layers, attentions))
+    assert torch.equal(tiny.model(tokens).logits, before)
+
+
+def test_a_swap_log_puts_back_the_very_objects_it_replaced(tiny):
+    from layerwise.models.swaps import SwapLog
+
+    attention = tiny.model.model.layers[1].self_attn
+    config, weight = attention.config, attention.o_proj.weight.data
+    stand_in = torch.nn.Identity()
+    with SwapLog() as edits:
+        edits.replace(tiny.model, "model.layers.1.mlp.down_proj", stand_in)
+        edits.head_counts(attention, 2, 1)
+        edits.set(attention.o_proj.weight, "data", torch.zeros_like(weight))
+        assert tiny.model.model.layers[1].mlp.down_proj is stand_in
+        assert attention.config is not config and attention.config.num_key_value_heads == 1
+        assert float(attention.o_proj.weight.abs().sum()) == 0.0
+    assert isinstance(tiny.model.model.layers[1].mlp.down_proj, torch.nn.Linear)
+    assert attention.config is config and attention.o_proj.weight.data_ptr() == weight.data_ptr()
+    assert torch.equal(attention.o_proj.weight, weight)
+
+
 def test_sublayer_stream_reproduces_the_model_forward(tiny, source):
     stream = SublayerStream(tiny.model, source.tokens(), batch_size=3, num_checkpoints=3)
     final = stream.run(stream.states_at(0), 0, stream.num_positions)

@@ -66,9 +66,9 @@ def remove_sublayers(model: nn.Module, names: Iterable[str]) -> None:
 def temporarily_removed(model: nn.Module, names: Iterable[str]) -> Iterator[None]:
     """Remove the named sublayers for the duration of the block, then put the very same modules back."""
     adapter = get_adapter(model)
-    taken = [adapter.remove(adapter.sublayer(name)) for name in names]
+    logs = [adapter.remove(adapter.sublayer(name)) for name in names]
     try:
         yield
     finally:
-        for removed in reversed(taken):
-            adapter.restore(removed)
+        for log in reversed(logs):
+            log.undo()

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from ..errors import UnsupportedArchitectureError
+from ..models.swaps import SwapLog
 from ..profile.sublayers import States, SublayerStream
 
 
@@ -135,12 +136,9 @@ def patched(weight: torch.Tensor, dim: int, index: torch.Tensor, values: torch.T
 @contextlib.contextmanager
 def swapped_slice(linear: nn.Linear, dim: int, index: torch.Tensor, values: torch.Tensor) -> Iterator[None]:
     """Use ``values`` for ``linear.weight`` along ``dim`` at ``index`` inside the block, then restore it."""
-    original = linear.weight.data.index_select(dim, index)
-    linear.weight.data.index_copy_(dim, index, values.to(linear.weight.dtype))
-    try:
+    with SwapLog() as edits:
+        edits.set(linear.weight, "data", patched(linear.weight.data, dim, index, values))
         yield
-    finally:
-        linear.weight.data.index_copy_(dim, index, original)
 
 
 @contextlib.contextmanager

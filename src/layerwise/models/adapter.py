@@ -10,7 +10,6 @@ parallel residual). From that description the adapter derives head geometry, wid
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 from typing import Any, ClassVar, Optional
 
@@ -20,6 +19,7 @@ from torch import nn
 from ..errors import UnsupportedArchitectureError
 from ..registry import Registry
 from .discovery import find_blocks, is_linear_like
+from .swaps import SwapLog, set_head_counts
 from .width import Slot, UnitLayout
 
 ADAPTERS: Registry[type["ModelAdapter"]] = Registry("model family")
@@ -49,14 +49,6 @@ class Sublayer:
     module: nn.Module
     linears: dict[str, nn.Linear]
     removed: bool = False
-
-
-@dataclass(frozen=True)
-class RemovedModules:
-    """What ``ModelAdapter.remove`` took out of a block: attribute path -> the module that was there."""
-
-    block: int
-    taken: tuple[tuple[str, nn.Module], ...]
 
 
 class RemovedSublayer(nn.Module):
@@ -182,30 +174,23 @@ class ModelAdapter:
             return self.attention_norm, self.attention_post_norm
         return self.mlp_norm, self.mlp_post_norm
 
-    def remove(self, sublayer: Sublayer) -> RemovedModules:
+    def remove(self, sublayer: Sublayer) -> SwapLog:
         """Delete a sublayer: it and its norms are replaced by parameter-free stand-ins whose output adds nothing
-        to the residual stream. Attention layers left are renumbered for the KV cache. Returns what was taken
-        out, for ``restore``."""
+        to the residual stream. Attention layers left are renumbered for the KV cache. Returns the edits, whose
+        ``undo`` puts the very modules back (and numbers the attention layers again)."""
+        log = SwapLog()
         block = self.blocks[sublayer.block]
-        taken = []
         for attr, stand_in in self.stand_ins(sublayer.kind):
-            taken.append((attr, block.get_submodule(attr)))
-            block.set_submodule(attr, stand_in)
+            log.replace(block, attr, stand_in)
         self.renumber_attention()
-        return RemovedModules(sublayer.block, tuple(taken))
+        log.after_undo(self.renumber_attention)
+        return log
 
     def stand_ins(self, kind: str) -> list[tuple[str, nn.Module]]:
         """What removing a sublayer of ``kind`` puts in its block: (attribute path, parameter-free stand-in) for
         the sublayer and its norms. Callers that switch often (runtime profiles) build these once and reuse them."""
         attr = self.attention_module if kind == "attention" else self.mlp_module
         return [(attr, RemovedSublayer(kind))] + [(norm, SkippedNorm()) for norm in self._norms(kind) if norm is not None]
-
-    def restore(self, removed: RemovedModules) -> None:
-        """Put back the very modules ``remove`` took out."""
-        block = self.blocks[removed.block]
-        for attr, module in removed.taken:
-            block.set_submodule(attr, module)
-        self.renumber_attention()
 
     def renumber_attention(self) -> None:
         """Consecutive ``layer_idx`` for the attention layers left, so the KV cache's first layer is a real one."""
@@ -316,31 +301,6 @@ class ModelAdapter:
             return
         geometry = self.head_geometry(index)
         set_head_counts(attention.module, geometry.num_heads, geometry.num_kv_heads)
-
-
-def set_head_counts(module: nn.Module, heads: int, kv_heads: int) -> dict[str, Any]:
-    """Set an attention module's own head counts (attributes and a private config copy); returns what was
-    there before, for ``restore_head_counts``."""
-    previous: dict[str, Any] = {}
-    for name, value in (("num_heads", heads), ("num_key_value_heads", kv_heads), ("num_attention_heads", heads)):
-        if hasattr(module, name) and isinstance(getattr(module, name), int):
-            previous[name] = getattr(module, name)
-            setattr(module, name, value)
-    config = getattr(module, "config", None)
-    changed = config is not None and (getattr(config, "num_attention_heads", heads),
-                                      getattr(config, "num_key_value_heads", kv_heads)) != (heads, kv_heads)
-    if changed:
-        previous["config"] = config
-        own = copy.copy(config)
-        own.num_attention_heads = heads
-        own.num_key_value_heads = kv_heads
-        module.config = own
-    return previous
-
-
-def restore_head_counts(module: nn.Module, previous: dict[str, Any]) -> None:
-    for name, value in previous.items():
-        setattr(module, name, value)
 
 
 def _row_slots(path: str, linear: nn.Module, segments: tuple[tuple[int, int], ...]) -> list[Slot]:

@@ -33,7 +33,8 @@ import torch
 from torch import nn
 
 from ..errors import LayerwiseError
-from ..models.adapter import ModelAdapter, get_adapter, restore_head_counts, set_head_counts
+from ..models.adapter import ModelAdapter, get_adapter
+from ..models.swaps import SwapLog
 from ..models.width import UnitMask, keep_units, prefix_modules
 from ..registry import Registry
 
@@ -193,25 +194,16 @@ class Swaps:
     def apply(self) -> Switch:
         if self._links is None:
             self._links = [(*_owner(parent, name), new) for parent, name, new in self.modules]
-        taken = [(owner, attr, getattr(owner, attr)) for owner, attr, _ in self._links]
+        edits = SwapLog()
         for owner, attr, new in self._links:
-            setattr(owner, attr, new)
-        previous = [(module, set_head_counts(module, heads, kv)) for module, heads, kv in self.head_counts]
+            edits.set(owner, attr, new)
+        for module, heads, kv in self.head_counts:
+            edits.head_counts(module, heads, kv)
         if self._numbering is None:
             self._numbering = self.renumber.attention_numbering() if self.renumber is not None else []
-        numbered = [(attention, attention.layer_idx) for attention, _ in self._numbering]
         for attention, index in self._numbering:
-            attention.layer_idx = index
-
-        def undo() -> None:
-            for attention, index in numbered:
-                attention.layer_idx = index
-            for module, counts in reversed(previous):
-                restore_head_counts(module, counts)
-            for owner, attr, old in reversed(taken):
-                setattr(owner, attr, old)
-
-        return Switch(undo)
+            edits.set(attention, "layer_idx", index)
+        return Switch(edits.undo)
 
 
 def _owner(parent: nn.Module, path: str) -> tuple[nn.Module, str]:

@@ -12,15 +12,13 @@ rows change the stored type), that variant is quantized on its own, once.
 from __future__ import annotations
 
 import copy
-from typing import Callable
-
 import torch
 from torch import nn
 
 from ...gguf import stored_type
 from ...gguf.quantize import round_trip
 from ...models import get_adapter
-from ...models.adapter import restore_head_counts, set_head_counts
+from ...models.swaps import SwapLog
 from ...models.width import prefix_modules
 from ...runtime.profiles import Importance, order_by_importance
 from .space import Genome, JointSpace, Level
@@ -40,7 +38,7 @@ class LevelBank:
         self.sublayers = [self.adapter.sublayer(unit.name) for unit in space.units]
         self.templates: dict[tuple[int, str, bool], nn.Module] = {}
         self.exact: dict[tuple[int, str, int], dict[str, nn.Module]] = {}
-        self.undo: list[list[Callable[[], None]]] = [[] for _ in space.units]
+        self.edits = [SwapLog() for _ in space.units]  # each unit's current level, undone before the next
         self.current: list[int | None] = [None for _ in space.units]  # None: the float dense sublayer
         self.assemble(space.dense())
 
@@ -98,24 +96,18 @@ class LevelBank:
         """Put unit ``index`` at its level ``level_index`` (undoing its previous level first)."""
         if self.current[index] == level_index:
             return
-        for step in reversed(self.undo[index]):
-            step()
-        self.undo[index] = []
+        self.edits[index].undo()
         level = self.space.units[index].levels[level_index]
         sublayer = self.sublayers[index]
         if level.removed:
-            taken = self.adapter.remove(sublayer)
-            self.undo[index].append(lambda t=taken: self.adapter.restore(t))
+            self.edits[index] = self.adapter.remove(sublayer)
         else:
-            module = sublayer.module
+            edits = self.edits[index] = SwapLog()
             for name, new in self._replacements(index, level).items():
-                old = module.get_submodule(name)
-                module.set_submodule(name, new)
-                self.undo[index].append(lambda m=module, n=name, o=old: m.set_submodule(n, o))
+                edits.replace(sublayer.module, name, new)
             if sublayer.kind == "attention":
                 geometry = self.adapter.head_geometry(sublayer.block)
-                previous = set_head_counts(module, level.kept * geometry.group_size, level.kept)
-                self.undo[index].append(lambda m=module, p=previous: restore_head_counts(m, p))
+                edits.head_counts(sublayer.module, level.kept * geometry.group_size, level.kept)
         self.current[index] = level_index
 
     def assemble(self, genome: Genome) -> nn.Module:
