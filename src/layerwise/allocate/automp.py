@@ -22,6 +22,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..errors import BudgetError
+from ..models.swaps import SwapLog
 from ..evaluate.perplexity import token_set_perplexity
 from ..component_options import declares, option
 from .bits import (ACTIVATION_STATISTICS, BIT_ALLOCATORS, BitAllocation, BitContext, SensitivityOptions, budget_bits,
@@ -55,12 +56,13 @@ def linear_states(context: BitContext) -> torch.Tensor:
     return states
 
 
-class LevelBank:
-    """Per linear and level, the rounded weight, computed once; ``use`` swaps them in."""
+class RoundedWeights:
+    """Per linear and level, the rounded weight, computed once; ``use`` swaps a configuration's in (undoing the
+    previous one), ``restore`` puts the dense weights back."""
 
     def __init__(self, context: BitContext) -> None:
         self.linears = context.linears
-        self.dense = {name: linear.weight.data for name, linear in self.linears.items()}
+        self.edits = SwapLog()
         self.levels: dict[str, dict] = {}
         for name in tqdm(self.linears, desc="level bank", unit="linear", disable=None, leave=False):
             weight = self.linears[name].weight.data
@@ -68,12 +70,12 @@ class LevelBank:
                                  for level in context.options(name)}
 
     def use(self, bits: dict) -> None:
+        self.edits.undo()
         for name, level in bits.items():
-            self.linears[name].weight.data = self.levels[name][level]
+            self.edits.set(self.linears[name].weight, "data", self.levels[name][level])
 
     def restore(self) -> None:
-        for name, weight in self.dense.items():
-            self.linears[name].weight.data = weight
+        self.edits.undo()
 
 
 @dataclass
@@ -91,7 +93,7 @@ class Search:
 
     context: BitContext
     states: torch.Tensor
-    bank: LevelBank
+    bank: RoundedWeights
     tokens: torch.Tensor
     base_ppl: float
     errors: dict[str, dict] | None
@@ -133,7 +135,7 @@ def automp_rl_bits(context: BitContext, avg_bits: float | None = None, episodes:
     base_ppl = token_set_perplexity(context.model, tokens, context.calibration.settings.calib_batch_size)
     budget = budget_bits(context, avg_bits, max_bits)
     errors = sensitivities(context, sensitivity) if budget is not None else None
-    search = Search(context, linear_states(context), LevelBank(context), tokens, base_ppl, errors, budget)
+    search = Search(context, linear_states(context), RoundedWeights(context), tokens, base_ppl, errors, budget)
     runs = []
     try:
         for offset in range(seeds):
