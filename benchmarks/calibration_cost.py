@@ -32,8 +32,8 @@ def main() -> None:
 
     import layerwise
     from layerwise.pipeline import compress
-    from layerwise.profile import CalibrationSource
-    from layerwise.profile.profile import compute_profile
+    from layerwise.calibration import CalibrationSource
+    from layerwise.calibration.profile import compute_profile
     from results_table import markdown_table, write_section
 
     loaded = layerwise.load(args.model)

@@ -175,7 +175,7 @@ class Bench:
     def imatrix(self) -> dict:
         """The importance matrix of our calibration profile, computed once per run of this script."""
         from layerwise.export.gguf_export import profile_imatrix
-        from layerwise.profile import CalibrationSource
+        from layerwise.calibration import CalibrationSource
 
         if self._imatrix is None:
             self._imatrix = profile_imatrix(self.loaded.model, CalibrationSource(self.loaded, self.settings).profile())
@@ -284,7 +284,7 @@ class Bench:
 
     def rounded_ppl(self, loaded) -> float:
         """PyTorch perplexity with llama.cpp's activation rounding simulated."""
-        from layerwise.backends.gguf_quant import llamacpp_activations
+        from layerwise.ops.gguf_quant import llamacpp_activations
         from layerwise.evaluate import perplexity
 
         with llamacpp_activations(loaded.model):
@@ -307,7 +307,7 @@ class Bench:
         """An export whose layers keep attention without an MLP (the deci FFN-length-0 case)."""
         import torch
 
-        from layerwise.backends import remove_sublayers
+        from layerwise.ops import remove_sublayers
         from layerwise.export import export_gguf
 
         loaded = self.layerwise.load(self.args.model)

@@ -8,7 +8,7 @@ def calibration_dataset(loaded, nsamples: int):
     import datasets
 
     import layerwise
-    from layerwise.profile import CalibrationSource
+    from layerwise.calibration import CalibrationSource
 
     tokens = CalibrationSource(loaded, layerwise.RunSettings(nsamples=nsamples)).tokens()
     dataset = datasets.Dataset.from_dict({"input_ids": tokens.tolist(),

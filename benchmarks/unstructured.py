@@ -52,7 +52,7 @@ def main() -> None:
     import layerwise
     from layerwise.data import load_corpus
     from layerwise.evaluate import perplexity
-    from layerwise.profile import CalibrationSource
+    from layerwise.calibration import CalibrationSource
 
     state = json.loads(PARTIAL.read_text()) if args.resume and PARTIAL.exists() else {"runs": {}}
     settings = layerwise.RunSettings(nsamples=args.nsamples, max_windows=args.windows)

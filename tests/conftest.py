@@ -31,7 +31,7 @@ def memory_bound_llamacpp(monkeypatch):
     """llama.cpp on a memory-bound machine: a decode step takes the stored bytes of the decoder's GGUF linears
     (every linear of a typed probe is one) in microseconds, the same in every run, so a typed table measures
     exactly what it predicts; the paired timing is the library's own report of those runs."""
-    from layerwise.backends.gguf_quant import GGUFLinear
+    from layerwise.ops.gguf_quant import GGUFLinear
     from layerwise.cost import latency_table
     from layerwise.cost.latency import paired_report
 
@@ -92,7 +92,7 @@ def unadapted_dir(tmp_path) -> str:
 @pytest.fixture
 def calibration(tiny):
     """A CalibrationSource on the wiki calibration split: 8 windows of 64 tokens."""
-    from layerwise.profile import CalibrationSource
+    from layerwise.calibration import CalibrationSource
 
     return CalibrationSource(tiny, layerwise.RunSettings(nsamples=8, seqlen=64, calib_batch_size=3))
 

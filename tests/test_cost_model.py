@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from layerwise.backends.structured import slice_attention, slice_mlp
+from layerwise.ops.structured import slice_attention, slice_mlp
 from layerwise.cost.analytic import ModelDims, estimate_costs, model_costs, predicted_speedups
 from layerwise.models import get_adapter
 

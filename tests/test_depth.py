@@ -14,17 +14,17 @@ from typer.testing import CliRunner
 import layerwise
 from layerwise.allocate import DEPTH_ALLOCATORS, DepthContext
 from layerwise.allocate.sprint import sensitivity
-from layerwise.backends import remove_sublayers, temporarily_removed
-from layerwise.backends.tuning import (ProjectionStats, measurement_end, projection_error, refit,
+from layerwise.ops import remove_sublayers, temporarily_removed
+from layerwise.ops.tuning import (ProjectionStats, measurement_end, projection_error, refit,
                                        swapped_slice, tune_for_removal)
 from layerwise.cli import app
 from layerwise.config import Budget, LatencySetting, RunSettings
 from layerwise.cost import LatencyTable
 from layerwise.errors import BudgetError
 from layerwise.models import get_adapter
-from layerwise.profile import CalibrationSource
-from layerwise.profile.distance import mean_distance
-from layerwise.profile.sublayers import SublayerStream, checkpoint_positions
+from layerwise.calibration import CalibrationSource
+from layerwise.calibration.distance import mean_distance
+from layerwise.calibration.sublayers import SublayerStream, checkpoint_positions
 
 QUICK = ["--seqlen", "64", "--max-windows", "2", "--nsamples", "8", "--generation-length", "4"]
 
@@ -45,7 +45,7 @@ def _context(tiny, source, table=None) -> DepthContext:
 
 
 def test_removed_sublayers_leave_the_model_and_reload_with_identical_logits(tiny, tokens, tmp_path):
-    from layerwise.backends import architecture_signature
+    from layerwise.ops import architecture_signature
     from layerwise.plan import Plan, RemoveAction
 
     dense_params = sum(p.numel() for p in tiny.model.parameters())

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from layerwise.profile.esd import alpha_mid, alpha_peak, eigenvalues, hill_alpha
+from layerwise.calibration.esd import alpha_mid, alpha_peak, eigenvalues, hill_alpha
 
 
 def pareto(alpha: float, n: int, seed: int = 0, xmin: float = 0.5) -> torch.Tensor:

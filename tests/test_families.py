@@ -12,8 +12,8 @@ from families import FAMILIES, family_model, save_family
 from typer.testing import CliRunner
 
 import layerwise
-from layerwise.backends import apply_plan, architecture_signature
-from layerwise.backends.structured import record_layer_dims, slice_attention, slice_mlp
+from layerwise.ops import apply_plan, architecture_signature
+from layerwise.ops.structured import record_layer_dims, slice_attention, slice_mlp
 from layerwise.cli import app
 from layerwise.models import get_adapter
 from layerwise.models.width import UnitMask

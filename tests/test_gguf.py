@@ -10,7 +10,7 @@ import torch
 from typer.testing import CliRunner
 
 import layerwise
-from layerwise.backends import apply_plan, architecture_signature
+from layerwise.ops import apply_plan, architecture_signature
 from layerwise.cli import app
 from layerwise.errors import ExportError, ModelNotFoundError
 from layerwise.export import export_gguf
@@ -104,7 +104,7 @@ def test_gguf_plan_stores_real_bytes_and_reloads_with_identical_logits(tiny, tok
     apply_plan(tiny.model, plan)
     logits = tiny.model(tokens).logits
     assert 0 < float((logits - dense).abs().max().detach()) < 1.0
-    from layerwise.backends.gguf_quant import GGUFLinear
+    from layerwise.ops.gguf_quant import GGUFLinear
 
     linears = list(decoder_linears(layerwise.load("tiny-llama").model).values())
     expected = sum(GGUF_TYPES[a.format].nbytes(m.out_features, m.in_features) for a, m in zip(plan.actions, linears))
@@ -181,8 +181,8 @@ def test_llama_cpp_quantizer_with_our_overrides_writes_our_bytes(tmp_path):
 
 
 def _shrink(loaded: layerwise.LoadedModel, removals: list[str], keep: dict[str, int] | None = None) -> None:
-    from layerwise.backends import remove_sublayers
-    from layerwise.backends.structured import record_layer_dims, slice_attention, slice_mlp
+    from layerwise.ops import remove_sublayers
+    from layerwise.ops.structured import record_layer_dims, slice_attention, slice_mlp
     from layerwise.models import get_adapter
 
     adapter = get_adapter(loaded.model)
@@ -366,7 +366,7 @@ def test_compress_export_refuses_what_gguf_cannot_express_before_writing(tmp_pat
 def test_activation_rounding_is_llama_cpps_q8_0_and_brings_pytorch_to_llama_cpp(ids, tmp_path):
     from gguf import GGMLQuantizationType, quants
 
-    from layerwise.backends.gguf_quant import llamacpp_activations
+    from layerwise.ops.gguf_quant import llamacpp_activations
     from layerwise.gguf.activations import round_activations
 
     x = torch.randn(6, 256, generator=torch.Generator().manual_seed(0))

@@ -15,8 +15,8 @@ from gguf import GGUFReader
 
 import layerwise
 from layerwise.allocate.joint.space import Budgets
-from layerwise.backends import apply_plan, architecture_signature
-from layerwise.backends.structured import record_layer_dims, slice_attention, slice_mlp
+from layerwise.ops import apply_plan, architecture_signature
+from layerwise.ops.structured import record_layer_dims, slice_attention, slice_mlp
 from layerwise.config import Budget
 from layerwise.engines.llamacpp import LlamaCppModel
 from layerwise.errors import ExportError

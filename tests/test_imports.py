@@ -77,8 +77,8 @@ def test_no_module_level_import_cycle():
 def test_the_layers_once_tied_by_function_level_imports_are_apart():
     graph = _imports(_modules(), lazy=True)
     assert "layerwise.cli" not in graph["layerwise.runtime.cli"]
-    assert "layerwise.backends.quantize" not in graph["layerwise.backends.awq"]
-    assert not any(target.startswith("layerwise.backends") for module, targets in graph.items()
+    assert "layerwise.ops.quantize" not in graph["layerwise.ops.awq"]
+    assert not any(target.startswith("layerwise.ops") for module, targets in graph.items()
                    if module.startswith("layerwise.models") for target in targets)
     assert not any(target.startswith("layerwise.options") for module, targets in graph.items()
                    if module.startswith("layerwise.structures") for target in targets)

@@ -110,7 +110,7 @@ def test_latency_tables_time_each_probe_in_pairs_so_drift_cancels(tiny, monkeypa
     import copy
     import itertools
 
-    from layerwise.backends.depth import remove_sublayers
+    from layerwise.ops.depth import remove_sublayers
     from layerwise.cost import latency_table
     from layerwise.cost.latency import paired_report
     from layerwise.cost.latency_table import measure_latency_table, measure_level_latency_table

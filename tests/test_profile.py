@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from layerwise.profile import CalibrationSource, HessianAccumulator, InputStats, attach_input_stats
+from layerwise.calibration import CalibrationSource, HessianAccumulator, InputStats, attach_input_stats
 from layerwise.models import decoder_linears
 
 

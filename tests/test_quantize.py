@@ -9,13 +9,13 @@ import pytest
 import torch
 
 import layerwise
-from layerwise.backends import architecture_signature
-from layerwise.backends.packing import pack, packed_bytes, unpack
-from layerwise.backends.quantize import QuantizedLinear, group_bounds, gptq_quantize, quantized_storage, rtn_quantize
+from layerwise.ops import architecture_signature
+from layerwise.ops.packing import pack, packed_bytes, unpack
+from layerwise.ops.quantize import QuantizedLinear, group_bounds, gptq_quantize, quantized_storage, rtn_quantize
 from layerwise.config import Budget
 from layerwise.cost import measure_size
 from layerwise.plan import Plan, QuantizeAction
-from layerwise.profile.hessian import HessianAccumulator
+from layerwise.calibration.hessian import HessianAccumulator
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 5, 8])
@@ -170,7 +170,7 @@ def test_sensitivities_measure_what_they_claim(tiny, calibration):
     import math
 
     from layerwise.allocate.bits import sensitivities
-    from layerwise.backends.quantize import rtn_round_trip
+    from layerwise.ops.quantize import rtn_round_trip
     from layerwise.evaluate.perplexity import token_set_perplexity
 
     context = _bit_context(tiny, calibration, [3, 4, 8])
@@ -281,8 +281,8 @@ def _awq_actions(bits: int = 3) -> list[QuantizeAction]:
 
 
 def test_awq_scale_folding_is_an_exact_equivalence(tiny, tokens, calibration):
-    from layerwise.backends.awq import apply_awq
-    from layerwise.backends.base import ApplyContext
+    from layerwise.ops.awq import apply_awq
+    from layerwise.ops.base import ApplyContext
 
     with torch.no_grad():
         before = tiny.model(tokens).logits
@@ -295,7 +295,7 @@ def test_awq_scale_folding_is_an_exact_equivalence(tiny, tokens, calibration):
 
 
 def test_awq_scores_the_inspected_module_and_its_scales_pay_on_skewed_inputs():
-    from layerwise.backends.awq import fake_quantize, search_scales
+    from layerwise.ops.awq import fake_quantize, search_scales
 
     x = torch.randn(256, 64, generator=torch.Generator().manual_seed(0)) * torch.linspace(0.1, 8.0, 64)
     first, second = torch.nn.Linear(64, 32), torch.nn.Linear(32, 16)
@@ -319,8 +319,8 @@ def test_awq_scores_the_inspected_module_and_its_scales_pay_on_skewed_inputs():
 
 
 def test_awq_clip_search_shrinks_outlier_rows_and_lowers_the_output_error():
-    from layerwise.backends.awq import _clip, search_clip
-    from layerwise.backends.quantize import rtn_round_trip
+    from layerwise.ops.awq import _clip, search_clip
+    from layerwise.ops.quantize import rtn_round_trip
 
     generator = torch.Generator().manual_seed(0)
     weight = torch.randn(48, 64, generator=generator)
@@ -348,8 +348,8 @@ def test_awq_clip_search_shrinks_outlier_rows_and_lowers_the_output_error():
 
 def test_awq_then_rtn_beats_plain_rtn_on_held_out_tokens(tiny, calibration):
     """AWQ's searches choose on calibration tokens; this checks they pay on other text, which they need not."""
-    from layerwise.backends.quantize import apply_quantize
-    from layerwise.backends.base import ApplyContext
+    from layerwise.ops.quantize import apply_quantize
+    from layerwise.ops.base import ApplyContext
 
     held_out = torch.randint(0, 256, (4, 64), generator=torch.Generator().manual_seed(7))
     with torch.no_grad():

@@ -97,7 +97,7 @@ def test_width_pruning_slices_for_real_and_reloads_on_the_real_model(tmp_path):
 def test_runtime_profiles_restore_exactly_and_head_pruning_stays_usable_on_the_real_model(smollm):
     """Every runtime profile switches in and back to bit-identical logits; 20% of the heads, ranked by their share
     of their block, leave the reference continuation usable (ranking raw scores across depth made it ~2000)."""
-    from layerwise.profile import CalibrationSource
+    from layerwise.calibration import CalibrationSource
     from layerwise.runtime.objectives import SpeedCalibration
     from layerwise.runtime.prompts import split_prompts
     from layerwise.runtime.session import RuntimeEnvironment
@@ -127,7 +127,7 @@ def few_windows():
 
 
 def _ppl_after(plan_args: tuple, plan_options: dict, settings) -> float:
-    from layerwise.profile import CalibrationSource
+    from layerwise.calibration import CalibrationSource
 
     loaded = layerwise.load("smollm2-135m")
     calibration = CalibrationSource(loaded, settings)
@@ -169,7 +169,7 @@ def test_symmetric_rtn_beats_the_absmax_over_7_5_grid(few_windows):
 def test_owl_and_alpha_move_sparsity_the_way_their_metrics_say(smollm, few_windows):
     """OWL gives blocks with more outliers less sparsity; AlphaPruning gives heavier-tailed blocks (lower alpha)
     less sparsity: each allocation is monotone in its own metric, in the direction its paper states."""
-    from layerwise.profile import CalibrationSource
+    from layerwise.calibration import CalibrationSource
 
     calibration = CalibrationSource(smollm, few_windows)
     for allocator, sign in (("owl", -1), ("alpha", 1)):

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import layerwise
-from layerwise.backends.masks import prune_lowest_per_row
-from layerwise.backends.sparsegpt import sparsegpt_prune
+from layerwise.ops.masks import prune_lowest_per_row
+from layerwise.ops.sparsegpt import sparsegpt_prune
 from layerwise.models import decoder_linears
 
 
@@ -87,7 +87,7 @@ def test_sparsegpt_reconstructs_better_than_wanda():
 def test_wanda_is_sequential_each_block_scored_on_the_pruned_blocks_outputs(calibration):
     """Block 0 sees the unpruned inputs (the one-pass and the sequential masks agree there); block 1's norms come
     from block 0's pruned outputs, as Wanda's own code computes them, so its mask follows those norms."""
-    from layerwise.profile import CalibrationSource
+    from layerwise.calibration import CalibrationSource
 
     masks = {}
     for method in ("wanda", "wanda-one-pass"):

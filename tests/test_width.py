@@ -18,7 +18,7 @@ from layerwise.allocate.rl_allocator import WidthAllocationEnv
 from layerwise.allocate.rl_refine import WidthRefineEnv
 from layerwise.allocate.rl_training import SearchLog, search_objective
 from layerwise.allocate.width_objective import RewardWeights, WidthProxy
-from layerwise.backends import architecture_signature
+from layerwise.ops import architecture_signature
 from layerwise.cli import app
 from layerwise.config import Budget
 from layerwise.errors import BudgetError, PlanError

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from layerwise.data.benchmarks import load_items
+from layerwise.data.zeroshot_tasks import load_items
 from layerwise.evaluate.zeroshot import cached_zeroshot, subsample, zeroshot
 
 

@@ -18,14 +18,14 @@ from .errors import (  # noqa: E402
 )
 from .models import LoadedModel, get_adapter, load, save  # noqa: E402
 from .plan import Plan, SparsifyAction  # noqa: E402
-from .backends import ApplyContext, apply_plan  # noqa: E402
+from .ops import ApplyContext, apply_plan  # noqa: E402
 from .data import load_corpus  # noqa: E402
 from .cost import measure_latency  # noqa: E402
 from .evaluate import ZeroShotResult, perplexity  # noqa: E402
 from .evaluate import zeroshot as _zeroshot  # noqa: E402
 from .pipeline import compress  # noqa: E402
 from .planning import make_plan as plan  # noqa: E402
-from .profile import CalibrationSource, Profile  # noqa: E402
+from .calibration import CalibrationSource, Profile  # noqa: E402
 
 
 def calibration(loaded: LoadedModel, settings: RunSettings | None = None) -> CalibrationSource:

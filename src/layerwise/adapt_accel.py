@@ -13,7 +13,7 @@ from typing import Any, Optional
 from torch import nn
 from tqdm.auto import tqdm
 
-from .backends import ApplyContext, apply_plan
+from .ops import ApplyContext, apply_plan
 from .config import Budget, RunSettings
 from .errors import SettingsError
 from .heal import Schedule, heal
@@ -22,7 +22,7 @@ from .measure import Timings
 from .models import LoadedModel
 from .plan import Plan
 from .planning import make_plan
-from .profile import CalibrationSource
+from .calibration import CalibrationSource
 from .structures import STRUCTURES
 
 

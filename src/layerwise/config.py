@@ -239,6 +239,6 @@ class RunSettings(BaseModel):
     @classmethod
     def _known_tasks(cls, tasks: list[str]) -> list[str]:
         """Canonical task names, so an unknown one fails before any model loads."""
-        from .data.benchmarks import parse_tasks
+        from .data.zeroshot_tasks import parse_tasks
 
         return parse_tasks(tasks) if tasks else []

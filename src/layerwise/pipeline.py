@@ -12,7 +12,7 @@ import torch
 
 from .version import __version__
 from .adapt_accel import AdaptAccel
-from .backends import ApplyContext, apply_plan, architecture_signature
+from .ops import ApplyContext, apply_plan, architecture_signature
 from .cache import atomic_write_json, staged_directory, writable_or_raise
 from .config import Budget, LatencySetting, RunSettings
 from .cost import measure_paired_latency, measure_size
@@ -29,7 +29,7 @@ from .models.adapter import adapter_class
 from .plan import CalibrationRecord, Plan
 from .planning import make_plan, validate_request
 from .structures import STRUCTURES
-from .profile import CalibrationSource
+from .calibration import CalibrationSource
 from .result import Result
 from .stages import StagedRecipe
 

@@ -1,4 +1,4 @@
-"""Plan and Action: the pure-data hand-off from allocators to backends, as readable, diffable JSON."""
+"""Plan and Action: the pure-data hand-off from allocators to ops, as readable, diffable JSON."""
 
 from __future__ import annotations
 

@@ -10,7 +10,7 @@ from typing import Any, Callable
 from .config import Budget
 from .models import LoadedModel
 from .plan import Plan
-from .profile import CalibrationSource
+from .calibration import CalibrationSource
 from .structures import STRUCTURES, PlanRequest
 
 

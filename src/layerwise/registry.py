@@ -1,4 +1,4 @@
-"""One small name -> object registry shared by allocators, backends, corpora, models and adapters."""
+"""One small name -> object registry shared by allocators, ops, corpora, models and adapters."""
 
 from __future__ import annotations
 

@@ -13,7 +13,7 @@ from typing import Any, Optional
 
 from torch import nn
 
-from .backends import ApplyContext, apply_plan
+from .ops import ApplyContext, apply_plan
 from .config import Budget, HealSetting, RunSettings
 from .errors import SettingsError
 from .healing import heal_measured
@@ -22,7 +22,7 @@ from .models import LoadedModel
 from .options import RECIPE_FORMAT, PlanOptions, read_recipe_file
 from .plan import Plan, QuantizeAction
 from .planning import make_plan, validate_request
-from .profile import CalibrationSource
+from .calibration import CalibrationSource
 
 PRUNE_STRUCTURES = ("width", "depth", "joint", "unstructured")
 STAGE_KINDS = ("prune", "heal", "quantize")

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Optional
 
-from ..profile.width import block_similarity
+from ..calibration.width import block_similarity
 from .width import WIDTH_ALLOCATORS, WidthAllocation, WidthContext, fit_budget, timed_allocation
 from ..component_options import ComponentOptions, declares, option
 

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Optional
 
 from ..config import Budget
-from ..profile.esd import spectral_metrics
+from ..calibration.esd import spectral_metrics
 from .base import ALLOCATORS, Allocation, AllocationContext, check_budget, linear_map, per_block_to_units
 from ..component_options import ComponentOptions, declares, option
 

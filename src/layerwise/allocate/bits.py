@@ -266,7 +266,7 @@ def _measured_sensitivity(context: BitContext, metric: str) -> dict[str, dict[Le
 @torch.no_grad()
 def _measure(context: BitContext, tokens: torch.Tensor, missing: dict[str, list[Level]], metric: str,
              result: dict[str, dict[Level, float]]) -> None:
-    from ..profile.sublayers import SublayerStream
+    from ..calibration.sublayers import SublayerStream
 
     batch_size = context.calibration.settings.calib_batch_size
     stream = SublayerStream(context.model, tokens, batch_size, num_checkpoints=2 * len(find_blocks(context.model)[1]))

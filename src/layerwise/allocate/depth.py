@@ -137,7 +137,7 @@ class RemovalSearch:
 
     def record(self, names: list[str], score: float | None = None) -> None:
         """Note a step whose sublayers the caller has already (reversibly) removed."""
-        from ..backends.depth import temporarily_removed
+        from ..ops.depth import temporarily_removed
 
         self.enter(temporarily_removed(self.context.model, names))
         self.removed.extend(names)

@@ -72,7 +72,7 @@ class GridLevels(LevelSet):
         return float(level)
 
     def round_trip(self, linear: nn.Linear, level: Level, importance: np.ndarray | None = None) -> torch.Tensor:
-        from ..backends.quantize import rtn_round_trip
+        from ..ops.quantize import rtn_round_trip
 
         weight = linear.weight.data
         return rtn_round_trip(weight, int(level), self.group_size, self.symmetric).to(weight.dtype)

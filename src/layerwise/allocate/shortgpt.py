@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from ..config import Budget
-from ..profile.blockwise import BlockwiseRunner
+from ..calibration.blockwise import BlockwiseRunner
 from .depth import DEPTH_ALLOCATORS, DepthAllocation, DepthContext, RemovalSearch, remove_blocks_in_order
 
 

@@ -8,7 +8,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..config import Budget
-from ..profile.sublayers import SublayerStream
+from ..calibration.sublayers import SublayerStream
 from .depth import DEPTH_ALLOCATORS, DepthAllocation, DepthContext, RemovalSearch
 from ..component_options import declares
 from .depth import CheckpointOptions

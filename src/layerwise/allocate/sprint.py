@@ -18,11 +18,11 @@ import contextlib
 import torch
 from tqdm.auto import tqdm
 
-from ..backends.tuning import DIRECTIONS, measurement_end, swapped_slice, tune_for_removal
+from ..ops.tuning import DIRECTIONS, measurement_end, swapped_slice, tune_for_removal
 from ..config import Budget
 from ..errors import BudgetError
-from ..profile.distance import DISTANCES, mean_distance
-from ..profile.sublayers import States, SublayerStream
+from ..calibration.distance import DISTANCES, mean_distance
+from ..calibration.sublayers import States, SublayerStream
 from .depth import DEPTH_ALLOCATORS, DepthAllocation, DepthContext, RemovalSearch
 from ..component_options import declares, option
 from .depth import CheckpointOptions

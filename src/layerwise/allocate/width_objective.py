@@ -19,7 +19,7 @@ from ..cost.analytic import PROXIES, ModelDims, estimate_costs
 from ..evaluate.perplexity import token_set_perplexity
 from ..models.adapter import get_adapter
 from ..models.width import UnitMask
-from ..profile.width import WidthScores
+from ..calibration.width import WidthScores
 from .width import Widths, WidthSpace
 
 

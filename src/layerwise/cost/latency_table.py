@@ -86,7 +86,7 @@ def measure_latency_table(loaded: LoadedModel | nn.Module, setting: LatencySetti
     """Time the model against copies without a quarter of its attention (and of its MLP) sublayers, and without
     every sublayer (the floor), each pair of runs alternating, in ``engine`` (``llama.cpp`` times GGUF exports of
     the very same models)."""
-    from ..backends.depth import remove_sublayers
+    from ..ops.depth import remove_sublayers
 
     setting = setting or LatencySetting()
     loaded = _as_loaded(loaded)
@@ -154,7 +154,7 @@ def measure_width_latency_table(loaded: LoadedModel, setting: LatencySetting | N
                                 engine: str = "pytorch") -> WidthLatencyTable:
     """Time the model against copies with one KV group fewer in every attention block and with every FFN at half
     width, each pair of runs alternating."""
-    from ..backends.structured import slice_attention, slice_mlp
+    from ..ops.structured import slice_attention, slice_mlp
 
     setting = setting or LatencySetting()
 
@@ -221,7 +221,7 @@ def measure_level_latency_table(loaded: LoadedModel, levels: dict[str, list[int]
     """Time the model against a copy per (kind, kept) with every block's attention keeping ``kept`` KV groups or
     every MLP ``kept`` channels, in alternating runs (``levels``: kind -> the kept counts to time; the dense width
     is skipped)."""
-    from ..backends.structured import slice_attention, slice_mlp
+    from ..ops.structured import slice_attention, slice_mlp
 
     setting = setting or LatencySetting()
 

@@ -49,7 +49,7 @@ class TypedLevelLatencyTable(BaseModel):
 def typed_probe(model: nn.Module, types: dict[str, str]) -> None:
     """Replace each named linear by an empty GGUF linear of its type (llama.cpp's fallback applied): a model for
     timing only, whose values are zeros."""
-    from ..backends.gguf_quant import GGUFLinear
+    from ..ops.gguf_quant import GGUFLinear
 
     for name, kind in types.items():
         model.set_submodule(name, GGUFLinear.empty(model.get_submodule(name), kind))
@@ -75,8 +75,8 @@ def typed_paired_latency(reference: LoadedModel, model: LoadedModel, setting: La
 
 def _set_level(model: nn.Module, kind: str, kept: int) -> list[str]:
     """Remove or narrow every present ``kind`` sublayer of ``model``; the names of the sublayers changed."""
-    from ..backends.depth import remove_sublayers
-    from ..backends.structured import slice_attention, slice_mlp
+    from ..ops.depth import remove_sublayers
+    from ..ops.structured import slice_attention, slice_mlp
 
     adapter = get_adapter(model)
     changed = []

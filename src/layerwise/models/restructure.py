@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     from ..plan import Action
 
 # op -> how to rebuild a saved model's modules before its weights load (shapes only: no data needed); the
-# backends register theirs, so loading a model never imports them
+# ops register theirs, so loading a model never imports them
 STRUCTURE_REPLAY: Registry[Callable[[torch.nn.Module, list["Action"]], None]] = Registry("structural operation")
 
 

@@ -32,7 +32,7 @@ Profiles = Annotated[str, typer.Option("--profiles", help="Profiles the controll
 def _environment(model: str, nsamples: int, seed: int, max_new_tokens: int, mechanism: str, importance: str,
                  profiles: str | list[str] = ""):
     import layerwise
-    from layerwise.profile import CalibrationSource
+    from layerwise.calibration import CalibrationSource
 
     from .profiles import parse_profiles
     from .session import RuntimeEnvironment
@@ -150,7 +150,7 @@ def test(
     def run() -> None:
         conditions = parse_load_profile(load_profile)
         if lm_eval:
-            from ..data.benchmarks import parse_tasks
+            from ..data.zeroshot_tasks import parse_tasks
 
             parse_tasks(tasks)  # an unknown task fails now, not after the test
         controller, extra = Controller.load(checkpoint)

@@ -137,7 +137,7 @@ class Importance:
     @classmethod
     def from_calibration(cls, model: nn.Module, calibration: Any, method: str = "act") -> "Importance":
         """Width scores (``WIDTH_SCORERS``) and block redundancy (cosine of block input and output)."""
-        from ..profile.width import block_similarity
+        from ..calibration.width import block_similarity
 
         scores = calibration.width_scores(method)
         similarity = block_similarity(model, calibration.tokens(), calibration.settings.calib_batch_size)

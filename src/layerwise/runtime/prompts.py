@@ -26,7 +26,7 @@ class Prompt:
 
 def question_prompts(task: str) -> list[Prompt]:
     """Every distinct prompt of one question set, in the package's order."""
-    from ..data.benchmarks import _requests, package_root
+    from ..data.zeroshot_tasks import _requests, package_root
 
     rows = _requests(package_root(), task, QUESTION_SETS[task])
     seen: dict[int, str] = {}

@@ -383,7 +383,7 @@ def _other_profiles(env: RuntimeEnvironment, prompt: Prompt, state: list[float],
 
 def model_identity(loaded) -> dict:
     """What a checkpoint records of the model it was trained on."""
-    from ..backends import architecture_signature
+    from ..ops import architecture_signature
 
     return {"spec": loaded.spec, "architecture": architecture_signature(loaded.model)}
 

@@ -11,7 +11,7 @@ from ..cost import measure_latency_table
 from ..errors import BudgetError, LayerwiseError
 from ..formatting import fmt
 from ..measure import measured_speedup
-from ..backends import remove_sublayers
+from ..ops import remove_sublayers
 from ..models import LoadedModel, get_adapter
 from ..plan import Plan, RemoveAction, TuneSpec
 from .base import PlanRequest, Structure, StructureOptions, check_params, option, register
@@ -48,7 +48,7 @@ class Depth(Structure):
         return Budget.for_depth(options.target_speedup, options.num_remove_sublayers)
 
     def check_model(self, model: Any, allocator: str, budget: Budget, params: dict[str, Any], deploy: bool) -> None:
-        from ..backends.tuning import check_tunable
+        from ..ops.tuning import check_tunable
         from ..export import check_structure_exportable
 
         if allocator == "sprint" and (params.get("num_candidate_sublayers") is None

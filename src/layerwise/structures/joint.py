@@ -101,7 +101,7 @@ class Joint(Structure):
                  params: dict[str, Any]) -> tuple[str, str, str | None]:
         from ..allocate.levels import GGUFLevels
         from ..gguf import gguf_type
-        from ..profile.width import WIDTH_SCORERS
+        from ..calibration.width import WIDTH_SCORERS
 
         if allocator == "uniform":  # the CLI's default allocator means "not chosen"
             raise LayerwiseError("The joint search needs a searcher: --allocator evo, rl or greedy.")
@@ -228,7 +228,7 @@ def paired_speedup(request: PlanRequest, actions: Callable[[Genome], list], sett
                    ) -> Callable[[Genome], float]:
     """PyTorch: the genome's removals and slices applied to a copy of the model, timed in alternating runs with the
     dense model, the way the result is measured (types do not change its speed)."""
-    from ..backends import ApplyContext, apply_plan
+    from ..ops import ApplyContext, apply_plan
 
     def measure(genome: Genome) -> float:
         structure = [a for a in actions(genome) if isinstance(a, (RemoveAction, SliceAction))]
@@ -250,7 +250,7 @@ def typed_speedup(request: PlanRequest, space: JointSpace, actions: Callable[[Ge
     """llama.cpp decode: the dense model at the table's reference type against the genome's removals and slices
     with each kept linear at its planned type (empty GGUF linears: speed does not depend on the values),
     exported and timed the way the table was."""
-    from ..backends import ApplyContext, apply_plan
+    from ..ops import ApplyContext, apply_plan
     from ..cost.typed_latency import typed_copy, typed_paired_latency
 
     reference = space.typed_latency.reference_type

@@ -73,7 +73,7 @@ class Quant(Structure):
     def validate(self, method: str | None, allocator: str, budget: Budget, nm: str | None,
                  params: dict[str, Any]) -> tuple[str, str, str | None]:
         from ..allocate.levels import GGUFLevels, parse_levels
-        from ..backends.quantize import QUANTIZERS
+        from ..ops.quantize import QUANTIZERS
 
         levels = parse_levels(params.get("bits", "4"), imatrix=bool(params.get("imatrix", False)))
         gguf = isinstance(levels, GGUFLevels)
@@ -107,7 +107,7 @@ class Quant(Structure):
 
         options = self.own(params)[0]
         if options.get("awq"):  # its layout needs are the family's, known before any calibration
-            from ..backends.awq import check_awq_layout
+            from ..ops.awq import check_awq_layout
             from ..models import get_adapter
 
             check_awq_layout(get_adapter(model))
@@ -120,7 +120,7 @@ class Quant(Structure):
         """Let the bit allocator pick each decoder linear's level; one quantize action per linear."""
         from ..allocate.bits import BitContext, linear_statistics
         from ..allocate.levels import GGUFLevels
-        from ..backends.quantize import group_bounds
+        from ..ops.quantize import group_bounds
 
         options, params = self.own(request.params)
         group_size = options.get("group_size", 128) or None
@@ -172,7 +172,7 @@ class Quant(Structure):
                 extra: dict[str, Any]) -> dict[str, Any]:
         """The average bit width, the quantized linears' measured bytes and their reduction against 16-bit
         storage, and, for searches, the per-episode curve."""
-        from ..backends.quantize import quantized_storage
+        from ..ops.quantize import quantized_storage
 
         if not any(action.op == "quantize" for action in plan.actions):
             return {}

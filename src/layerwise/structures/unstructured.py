@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, Optional
 
 from ..allocate import ALLOCATORS, AllocationContext
-from ..backends import SPARSIFIERS
+from ..ops import SPARSIFIERS
 from ..config import Budget
 from ..errors import BudgetError, LayerwiseError
 from ..models import decoder_linears

@@ -12,8 +12,8 @@ from ..errors import BudgetError
 from ..formatting import fmt, fmt_bytes
 from ..models import LoadedModel, get_adapter
 from ..plan import Plan, SliceAction
-from ..profile import CalibrationSource
-from ..profile.width import WIDTH_SCORERS
+from ..calibration import CalibrationSource
+from ..calibration.width import WIDTH_SCORERS
 from .base import PlanRequest, Structure, StructureOptions, check_params, option, register
 
 if TYPE_CHECKING:

@@ -22,7 +22,7 @@ from .profile import Profile, load_or_compute_profile
 class CalibrationSource:
     """Calibration windows ([nsamples, seqlen]) and the Profile of the model *as it was first asked*.
 
-    Allocators and backends share one source per run, so the profile is computed (or read from the
+    Allocators and ops share one source per run, so the profile is computed (or read from the
     cache) once, before any weight changes.
     """
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .memo import per_input_memo
+from .shared_input import per_input_memo
 
 
 @dataclass

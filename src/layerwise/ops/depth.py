@@ -1,4 +1,4 @@
-"""Depth backend: delete whole attention or MLP sublayers (the residual path stays), for real.
+"""Depth op: delete whole attention or MLP sublayers (the residual path stays), for real.
 
 A removed sublayer's module and pre-norm are replaced by parameter-free stand-ins, so its weights
 leave the state dict and its compute leaves the forward pass; ``temporarily_removed`` does the same
@@ -32,7 +32,7 @@ def remove_sublayers_op(model: nn.Module, actions: list[Action], context: ApplyC
     if not any(action.tune for action in actions):
         remove_sublayers(model, [action.unit for action in actions])
         return
-    from ..profile.sublayers import SublayerStream
+    from ..calibration.sublayers import SublayerStream
     from .tuning import tune_for_removal
 
     calibration = context.require_calibration()

@@ -167,7 +167,7 @@ def apply_awq(model: nn.Module, actions: list[Action], context: ApplyContext, cl
     """Search and fold AWQ scales, then (with ``clip``) search and apply clipping, block by block, for every
     linear with an ``awq`` action; returns the searches' output errors with and without their choice, per group
     (``scales``) and per clipped linear (``clip``)."""
-    from ..profile import BlockwiseRunner
+    from ..calibration import BlockwiseRunner
 
     by_unit = {a.unit: a for a in actions if a.awq}
     adapter = get_adapter(model)

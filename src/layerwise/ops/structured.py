@@ -1,4 +1,4 @@
-"""Structured width backend: physically slice q/k/v/o (whole KV groups) and gate/up/down (channels), so
+"""Structured width op: physically slice q/k/v/o (whole KV groups) and gate/up/down (channels), so
 each block keeps its own head count and FFN width. The per-layer widths are written into the config
 (``layerwise_layer_dims``), and a saved model reloads by replaying the slices on shapes alone."""
 
@@ -10,7 +10,7 @@ from ..errors import PlanError
 from ..models.adapter import ModelAdapter, Sublayer, get_adapter
 from ..models.width import keep_units
 from ..plan import Action
-from ..profile.width import WIDTH_SCORERS
+from ..calibration.width import WIDTH_SCORERS
 from .base import OP_METHODS, OP_UNITS, OPS, STRUCTURE_REPLAY, ApplyContext
 from .depth import present_sublayers
 

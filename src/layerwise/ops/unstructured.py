@@ -1,4 +1,4 @@
-"""Unstructured sparsity backends (``op: sparsify``), one registered method each."""
+"""Unstructured sparsity ops (``op: sparsify``), one registered method each."""
 
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ def magnitude(model: nn.Module, actions: list[SparsifyAction], context: ApplyCon
 def wanda(model: nn.Module, actions: list[SparsifyAction], context: ApplyContext) -> None:
     """Wanda as its paper and code do it: block by block, each block's input norms measured on the outputs
     of the blocks already pruned; score |W_ij|·‖X_j‖₂ and prune the lowest per output row."""
-    from ..profile.stats import InputStats, attach_input_stats
+    from ..calibration.stats import InputStats, attach_input_stats
 
     def attach(linears: dict[str, nn.Linear]) -> tuple[dict[str, InputStats], list]:
         statistics: dict[str, InputStats] = {}

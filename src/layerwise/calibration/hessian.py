@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .memo import per_input_memo
+from .shared_input import per_input_memo
 
 
 class HessianAccumulator:

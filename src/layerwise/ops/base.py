@@ -11,14 +11,14 @@ from torch import nn
 
 from ..errors import PlanError
 from ..models.discovery import decoder_linears
-from ..models.restructure import STRUCTURE_REPLAY  # noqa: F401  (re-exported for the backends)
+from ..models.restructure import STRUCTURE_REPLAY  # noqa: F401  (re-exported for the ops)
 from ..plan import Action, Plan
 from ..registry import Registry
 
 
 @dataclass
 class ApplyContext:
-    """What a backend may need besides weights: a CalibrationSource (windows and Profile, built lazily)."""
+    """What an op may need besides weights: a CalibrationSource (windows and Profile, built lazily)."""
 
     calibration: Any = None
 
@@ -61,7 +61,7 @@ def check_plan_fits(model: nn.Module, plan: Plan) -> None:
     units: dict[str, set[str]] = {}
     for action in plan.actions:
         if action.op not in OPS:
-            raise PlanError(f"The plan uses operation '{action.op}', which no backend implements.")
+            raise PlanError(f"The plan uses operation '{action.op}', which no op implements.")
         valid, noun = OP_UNITS.get(action.op)
         if action.op not in units:
             units[action.op] = valid(model)
@@ -101,7 +101,7 @@ def sequential_pass(model: nn.Module, actions: list[Action], context: ApplyConte
     linear's inputs in the block, run it, call ``update(linear, action, statistic)`` for each, then run the
     updated block so the next block sees compressed outputs (Wanda's, SparseGPT's and GPTQ's sequential
     calibration)."""
-    from ..profile import BlockwiseRunner, block_linears
+    from ..calibration import BlockwiseRunner, block_linears
 
     source = context.require_calibration()
     targets = {a.unit: a for a in actions}
@@ -124,7 +124,7 @@ def sequential_pass(model: nn.Module, actions: list[Action], context: ApplyConte
 def sequential_hessian_pass(model: nn.Module, actions: list[Action], context: ApplyContext, description: str,
                             update: Callable[[nn.Module, Action, torch.Tensor], None]) -> None:
     """``sequential_pass`` with each target linear's input Hessian (SparseGPT, GPTQ)."""
-    from ..profile import attach_hessians
+    from ..calibration import attach_hessians
 
     sequential_pass(model, actions, context, description, attach_hessians,
                     lambda linear, action, accumulator: update(linear, action, accumulator.hessian))

