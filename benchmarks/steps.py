@@ -95,7 +95,8 @@ class Steps:
         if any(diff is None for diff in diffs):
             code = "how the library code differs between them is unknown (a commit is not in this repository)"
         elif changed:
-            code = f"the library code differs between them in {', '.join(changed)}"
+            named = ", ".join(changed[:6]) + (f" and {len(changed) - 6} more files" if len(changed) > 6 else "")
+            code = f"the library code differs between them in {named}"
         else:
             code = "the library code (src/) is the same at each"
         return f"Steps were measured at commits {listed}; {code}."
