@@ -87,3 +87,24 @@ def test_the_layers_once_tied_by_function_level_imports_are_apart():
 def test_the_cycle_finder_finds_a_cycle():
     assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert _cycle({"a": {"b"}, "b": set()}) is None
+
+
+def test_the_layers_of_the_design_hold(capsys):
+    """import-linter's layers contract in pyproject.toml (shared/DESIGN.md's layering): every import, those inside
+    functions included, goes to the module's own layer or below, apart from the debt the contract names."""
+    from importlinter.cli import lint_imports
+
+    assert lint_imports(config_filename=str(SOURCE.parent / "pyproject.toml"), no_cache=True, no_logo=True) == 0, \
+        capsys.readouterr().out
+
+
+def test_the_layers_contract_catches_an_import_that_climbs(tmp_path):
+    """The contract fails when a module imports a layer above its own: the engines moved to the bottom layer
+    still import the measure and cost modules that are then above them."""
+    from importlinter.cli import lint_imports
+
+    climbing = tmp_path / "pyproject.toml"
+    text = (SOURCE.parent / "pyproject.toml").read_text(encoding="utf-8")
+    climbing.write_text(text.replace('"layerwise.config : ', '"layerwise.engines : layerwise.config : ').replace(
+        '"layerwise.ops : layerwise.engines : ', '"layerwise.ops : '), encoding="utf-8")
+    assert lint_imports(config_filename=str(climbing), no_cache=True, no_logo=True) == 1

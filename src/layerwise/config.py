@@ -7,6 +7,11 @@ from typing import Optional
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from .errors import BudgetError
+from .registry import Registry
+
+# the evaluation engines (engines/ registers each when the package is imported); a setting names one, and the name
+# is checked and made canonical here, where the settings are made
+ENGINES: Registry = Registry("engine")
 
 
 class Budget(BaseModel):
@@ -231,8 +236,6 @@ class RunSettings(BaseModel):
     @field_validator("engine", "latency_engine")
     @classmethod
     def _known_engine(cls, engine: str | None) -> str | None:
-        from .engines import ENGINES
-
         return None if engine is None else ENGINES.canonical(engine)
 
     @field_validator("tasks")

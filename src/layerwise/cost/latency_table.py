@@ -55,9 +55,8 @@ PAIRED_LATENCY.add("pytorch", lambda reference, model, setting, outtype="f16", e
 
 
 def latency_engine(name: str) -> str:
-    """The registered name of the engine ``name`` times in (with the engines' timings registered)."""
-    from .. import engines  # noqa: F401  (registers the engines' paired timings)
-
+    """The registered name of the engine ``name`` times in (the engines register theirs when the package is
+    imported)."""
     return PAIRED_LATENCY.canonical(name)
 
 

@@ -1,13 +1,13 @@
-"""The engine registry and what an engine returns; the engines register themselves in ``ENGINES``."""
+"""What an engine returns; the engines register themselves in ``ENGINES`` (declared with the settings that name
+them)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from ..config import RunSettings
+from ..config import ENGINES, RunSettings
 from ..measure import Timings
-from ..registry import Registry
 
 
 @dataclass
@@ -21,4 +21,4 @@ class Evaluation:
 
 
 Evaluator = Callable[[str, RunSettings, Timings], Evaluation]
-ENGINES: Registry[Evaluator] = Registry("engine")
+__all__ = ["ENGINES", "Evaluation", "Evaluator"]

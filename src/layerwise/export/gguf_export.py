@@ -34,6 +34,7 @@ from ..cache import atomic_path
 from ..errors import ExportError, OutputExistsError, UnsupportedArchitectureError
 from ..gguf import GGUFType, gguf_type, stored_type
 from ..gguf.quantize import quantize_matrix
+from ..gguf.tokenizer import HF_TOKENIZER_KEY
 from ..models.adapter import ModelAdapter, get_adapter
 from ..models.loading import LoadedModel
 from .families import GGUFFamily, gguf_family, rope_dimensions, rotary_rows, tensor_name_map
@@ -42,8 +43,6 @@ LINEAR_NAMES = {("attention", "q"): "attn_q", ("attention", "k"): "attn_k", ("at
                 ("attention", "o"): "attn_output", ("mlp", "gate"): "ffn_gate", ("mlp", "up"): "ffn_up",
                 ("mlp", "down"): "ffn_down"}
 FLOAT_TYPES = ("f32", "f16", "bf16")
-# metadata key holding the Hugging Face tokenizer.json where GGUF's own keys cannot describe it exactly
-HF_TOKENIZER_KEY = "layerwise.tokenizer.huggingface_json"
 
 
 class ExportReport(BaseModel):

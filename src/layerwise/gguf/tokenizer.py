@@ -12,19 +12,19 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from ..errors import ModelNotFoundError
 
+# metadata key holding the Hugging Face tokenizer.json where GGUF's own keys cannot describe it exactly (layerwise's
+# exports write it; this module reads it)
+HF_TOKENIZER_KEY = "layerwise.tokenizer.huggingface_json"
+
 
 def carries_hf_tokenizer(path: str | Path) -> bool:
     """Whether the GGUF file holds a Hugging Face tokenizer definition beside its ``tokenizer.ggml.*`` keys (as
     layerwise's exports do)."""
-    from ..export.gguf_export import HF_TOKENIZER_KEY
-
     return HF_TOKENIZER_KEY in GGUFReader(Path(path)).fields
 
 
 def tokenizer_from_gguf(path: str | Path) -> PreTrainedTokenizerBase:
     """The tokenizer stored in the GGUF file at ``path`` (its tensors are never read)."""
-    from ..export.gguf_export import HF_TOKENIZER_KEY
-
     source = Path(path)
     reader = GGUFReader(source)
     if HF_TOKENIZER_KEY in reader.fields:  # written by layerwise beside a tokenizer GGUF cannot express

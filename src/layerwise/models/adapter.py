@@ -20,7 +20,7 @@ from ..errors import UnsupportedArchitectureError
 from ..registry import Registry
 from .discovery import find_blocks, is_linear_like
 from .swaps import SwapLog, set_head_counts
-from .width import Slot, UnitLayout
+from .width import Slot, UnitLayout, keep_units
 
 ADAPTERS: Registry[type["ModelAdapter"]] = Registry("model family")
 
@@ -292,6 +292,18 @@ class ModelAdapter:
 
     def layout(self, sublayer: Sublayer) -> UnitLayout:
         return self.attention_layout(sublayer.block) if sublayer.kind == "attention" else self.mlp_layout(sublayer.block)
+
+    @torch.no_grad()
+    def order_units(self, groups: dict[int, list[int]], channels: dict[int, list[int]]) -> None:
+        """Permute each listed block's KV groups and FFN channels into the given order, in place (``keep_units``
+        with every unit): the function is unchanged, though sums over a permuted inner dimension may round
+        differently in the last bit. The runtime's profiles and the joint search's level bank keep prefixes."""
+        for block, order in groups.items():
+            if order != sorted(order):  # already in order: keep the very tensors
+                keep_units(self.attention(block).module, self.attention_layout(block), order)
+        for block, order in channels.items():
+            if order != sorted(order):
+                keep_units(self.mlp(block).module, self.mlp_layout(block), order)
 
     def fit_heads(self, index: int) -> None:
         """After block ``index``'s attention changed width: give its module the head counts it now has (a copy

@@ -35,7 +35,7 @@ from torch import nn
 from ..errors import LayerwiseError
 from ..models.adapter import ModelAdapter, get_adapter
 from ..models.swaps import SwapLog
-from ..models.width import UnitMask, keep_units, prefix_modules
+from ..models.width import UnitMask, prefix_modules
 from ..registry import Registry
 
 PROFILE_KINDS = ("none", "kv_cache", "attention_heads", "ffn_neurons", "transformer_layers")
@@ -149,16 +149,9 @@ class Importance:
 
 @torch.no_grad()
 def order_by_importance(model: nn.Module, importance: Importance) -> None:
-    """Permute every block's KV groups and FFN channels into importance order, in place (the shared width
-    layer's ``keep_units`` with every unit). The function is unchanged (sums over a permuted inner dimension
-    may round differently in the last bit)."""
-    adapter = get_adapter(model)
-    for block, order in importance.groups.items():
-        if order != sorted(order):  # already in order: keep the very tensors
-            keep_units(adapter.attention(block).module, adapter.attention_layout(block), order)
-    for block, order in importance.channels.items():
-        if order != sorted(order):
-            keep_units(adapter.mlp(block).module, adapter.mlp_layout(block), order)
+    """Permute every block's KV groups and FFN channels into importance order, in place (``order_units``);
+    ``importance`` then lists each block's units as 0, 1, 2, ..."""
+    get_adapter(model).order_units(importance.groups, importance.channels)
     importance.groups = {b: list(range(len(o))) for b, o in importance.groups.items()}
     importance.channels = {b: list(range(len(o))) for b, o in importance.channels.items()}
 

@@ -2,7 +2,7 @@
 forward pass (EvoPress's database of compressed levels, here over widths, removal and GGUF types at once).
 
 The bank's private copy of the model is reordered so that each block's KV groups and FFN channels lie in
-importance order (a function-preserving permutation, the runtime profiles' ``order_by_importance``); a width
+importance order (a function-preserving permutation, the adapter's ``order_units``); a width
 level then keeps a *prefix*, and its linears are views of one quantized copy of the unit per GGUF type (rows
 are quantized independently, and FFN widths are multiples of the type's block, so a prefix of a quantized
 ``down_proj`` row is the quantization of the prefix). Where a prefix is not exact (an ``o_proj`` whose narrower
@@ -20,7 +20,6 @@ from ...gguf.quantize import round_trip
 from ...models import get_adapter
 from ...models.swaps import SwapLog
 from ...models.width import prefix_modules
-from ...runtime.profiles import Importance, order_by_importance
 from .space import Genome, JointSpace, Level
 
 
@@ -33,8 +32,8 @@ class LevelBank:
         self.originals = [source.sublayer(unit.name).module for unit in space.units]  # the caller's, unordered
         self.model = copy.deepcopy(model).eval()
         self.space = space
-        order_by_importance(self.model, Importance(dict(groups), dict(channels), []))
         self.adapter = get_adapter(self.model)
+        self.adapter.order_units(groups, channels)
         self.sublayers = [self.adapter.sublayer(unit.name) for unit in space.units]
         self.templates: dict[tuple[int, str, bool], nn.Module] = {}
         self.exact: dict[tuple[int, str, int], dict[str, nn.Module]] = {}
