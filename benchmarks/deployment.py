@@ -68,16 +68,18 @@ def main() -> None:
     step("dense_f16", lambda: bench.export_and_measure("f16"))  # first: every other file's KLD reference
     step("dense_f32", lambda: bench.export_and_measure("f32"))
     step("packaged_q4_1", bench.packaged)
-    for recipe in RECIPES:
-        for imatrix in (False, True):
-            step(f"recipe {recipe}{' imatrix' if imatrix else ''}", lambda r=recipe, i=imatrix: bench.recipe(r, i))
+    # the goals' rows first (a run spread over sessions decides them soonest), then the rest of the table
     for target in TARGETS:
+        step(f"recipe {target} imatrix", lambda t=target: bench.recipe(t, True))
         step(f"asymmetric {target} imatrix", lambda t=target: bench.asymmetric(steps[f"recipe {t} imatrix"], t))
     for target in TARGETS:
         reference = steps[f"recipe {target} imatrix"]
         for allocator in OURS:
             step(f"{allocator} @ {target}", lambda a=allocator, r=reference, t=target: bench.ours(a, r, t))
     step("greedy fast @ Q4_K_M", lambda: bench.ours("greedy", steps["recipe Q4_K_M imatrix"], "Q4_K_M", FAST_LEVELS))
+    for recipe in RECIPES:  # those measured above are finished steps
+        for imatrix in (False, True):
+            step(f"recipe {recipe}{' imatrix' if imatrix else ''}", lambda r=recipe, i=imatrix: bench.recipe(r, i))
     step("width", bench.width)
     step("sprint", bench.sprint)
     step("mlp_removed_under_attention", bench.mlp_removed)
