@@ -19,7 +19,7 @@
 Run: `.venv/bin/python benchmarks/deployment.py --out DIR` alone on the machine (speed is measured); writes the
 `deployment` section of benchmarks/RESULTS.md and results/deployment.json. The run takes about four hours on a
 2-core AVX2 machine, longer than a working session, so its finished steps are also kept in
-results/deployment.partial.json (committed while the run spans sessions; see steps.py): `--resume` continues from
+results/deployment.carried.json (committed while the run spans sessions; see steps.py): `--resume` continues from
 DIR, or from that file on a machine like the one that measured it, making again the files a lost DIR held. The
 dense f16 export's logits are kept in DIR/reference-logits (14 GB on all 140 windows) so that it runs once for
 every file's KLD, not once per file.

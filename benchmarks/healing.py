@@ -7,7 +7,7 @@ Every pruned model is one `compress` run directory; every healed row is `layerwi
 unhealed and healed rows share the exact pruned weights. Rows are evaluated on the full wiki split (140 windows)
 and on zero-shot subsets. `--resume` skips finished rows and continues a row's healing from its checkpoint, so
 the grid (tens of CPU hours on 2 cores) runs over several sessions; finished rows are also kept in
-results/healing.partial.json, so a run whose DIR was lost with its machine resumes on a like machine without
+results/healing.carried.json, so a run whose DIR was lost with its machine resumes on a like machine without
 measuring them again (see steps.py; a lost base is pruned again where a healed row needs its weights).
 
 Run: `.venv/bin/python benchmarks/healing.py --out DIR [--resume]` alone on the machine (training speed is

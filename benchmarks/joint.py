@@ -7,7 +7,7 @@ Run: `.venv/bin/python benchmarks/joint.py --out DIR [--resume]` on an otherwise
 measured). Every row is a real `compress` run saved under DIR, evaluated on the full wiki split (140 windows);
 byte-budget plans are also exported to GGUF and their tensor bytes read back from the file. Writes the `joint`
 section of benchmarks/RESULTS.md and results/joint.json. A finished row's result is also kept in
-results/joint.partial.json while the run spans sessions: `--resume` continues from DIR or, on a like machine, from
+results/joint.carried.json while the run spans sessions: `--resume` continues from DIR or, on a like machine, from
 that file (see steps.py)."""
 
 from __future__ import annotations

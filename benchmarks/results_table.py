@@ -74,7 +74,7 @@ def backfill_provenance() -> list[str]:
     text = RESULTS_MD.read_text()
     filled = []
     for path in sorted((HERE / "results").glob("*.json")):
-        if path.name.endswith(".partial.json"):  # a run in progress: its steps carry their own
+        if path.name.endswith((".partial.json", ".carried.json")):  # runs in progress
             continue
         stored = json.loads(path.read_text())
         if isinstance(stored, dict) and set(stored) == {"provenance", "results"}:

@@ -2,7 +2,7 @@
 
 A benchmark longer than a working session is run as named steps. Each finished step is written, with where it was
 measured (commit, tree state, machine, versions), to DIR/state.json and, when the run is carried, to
-results/NAME.partial.json, which is committed while the run spans sessions. `--resume` continues from DIR, or from
+results/NAME.carried.json, which is committed while the run spans sessions. `--resume` continues from DIR, or from
 the carried file when DIR was lost with its machine; a carried step is taken only if it was measured on a machine
 like this one (same CPU model, core count, instruction sets, torch and llama.cpp), since its timings are compared
 with this machine's. Writing the finished section removes the carried file.
@@ -34,7 +34,7 @@ class Steps:
 
     def __init__(self, name: str, out: Path, resume: bool, carry: bool = True) -> None:
         self.out = out
-        self.carried = HERE / "results" / f"{name}.partial.json" if carry else None
+        self.carried = HERE / "results" / f"{name}.carried.json" if carry else None
         self.here = provenance()
         self.state: dict[str, Any] = {}
         local = out / "state.json"

@@ -121,7 +121,7 @@ def test_every_speed_rows_guard_reads_the_same_way():
 
 
 def test_a_long_benchmarks_steps_carry_to_another_session_only_from_a_like_machine(tmp_path, monkeypatch):
-    """A step runs once and is stamped; a run whose DIR was lost resumes from the committed partial file, but not
+    """A step runs once and is stamped; a run whose DIR was lost resumes from the committed carried file, but not
     steps measured on another CPU (their timings could not share a table) and not without --resume."""
     from benchmark_scripts import benchmark_module
 
@@ -133,7 +133,7 @@ def test_a_long_benchmarks_steps_carry_to_another_session_only_from_a_like_machi
     assert first.run("one", lambda: calls.append(2) or {"ppl": 0.0})["ppl"] == 25.7 and calls == [1]
     assert record["measured"]["commit"] == first.here["commit"] and record["bench_s"] >= 0
     assert first.provenance_remark() == ""  # one commit: the section's own provenance line names it
-    carried = tmp_path / "results" / "demo.partial.json"
+    carried = tmp_path / "results" / "demo.carried.json"
     assert json.loads(carried.read_text())["steps"]["one"]["ppl"] == 25.7
 
     again = steps.Steps("demo", tmp_path / "session-2", resume=True)  # a new machine: DIR is gone
@@ -218,7 +218,7 @@ def test_sections_measured_before_provenance_say_what_git_knows(tmp_path, monkey
     monkeypatch.setattr(table, "RESULTS_MD", tmp_path / "RESULTS.md")
     table.write_section("healing", "## Healing\n\nrows\n", {"rows": {}})
     (tmp_path / "results" / "width.json").write_text('{"rows": [1, 2]}')
-    (tmp_path / "results" / "joint.partial.json").write_text('{"steps": {}}')
+    (tmp_path / "results" / "joint.carried.json").write_text('{"steps": {}}')
     markdown = (tmp_path / "RESULTS.md").read_text()
     (tmp_path / "RESULTS.md").write_text(markdown + "\n<!-- section:width -->\n## Width\n<!-- /section:width -->\n")
     answers = {("log", "-1", "--format=%H"): "a" * 40, ("log", "-1", "--format=%cs"): "2026-11-30",
@@ -232,5 +232,5 @@ def test_sections_measured_before_provenance_say_what_git_knows(tmp_path, monkey
     assert ("## Width\n\nProvenance was not recorded when this was measured: the results were committed at "
             "aaaaaaaaaa (2026-11-30); the machine and versions are unknown, and the library code (src/) has changed "
             "in 52 commits since, so the numbers may not reproduce at HEAD.\n<!-- /section:width -->") in text
-    assert json.loads((tmp_path / "results" / "joint.partial.json").read_text()) == {"steps": {}}
+    assert json.loads((tmp_path / "results" / "joint.carried.json").read_text()) == {"steps": {}}
     assert table.backfill_provenance() == []  # once
