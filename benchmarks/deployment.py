@@ -17,7 +17,7 @@
 - the goals, each reported as met or not.
 
 Run: `.venv/bin/python benchmarks/deployment.py --out DIR` alone on the machine (speed is measured); writes the
-`deployment` section of benchmarks/RESULTS.md and results/deployment.json. The run takes about four hours on a
+`deployment` section of benchmarks/RESULTS.md and results/deployment.json. The run takes 6-8 hours on a
 2-core AVX2 machine, longer than a working session, so its finished steps are also kept in
 results/deployment.carried.json (committed while the run spans sessions; see steps.py): `--resume` continues from
 DIR, or from that file on a machine like the one that measured it, making again the files a lost DIR held. The
@@ -403,7 +403,7 @@ def write_results(state: dict, args: argparse.Namespace, measured_at: str = "") 
         + "\n\n**Goals**\n\n" + "\n".join(f"- {g}" for g in goals)
         + "\n\n**Reading**\n\n" + "\n".join(f"- {r}" for r in _reading(state)) + "\n"
     )
-    write_section("deployment", markdown, state, " ".join(filter(None, [measured_at, args.remark])))
+    write_section("deployment", markdown, state, args.remark, measured_at)
     print(markdown)
 
 

@@ -216,8 +216,7 @@ def write_results(entries: dict[str, dict], args: argparse.Namespace, planned: l
                           "time (min)", "peak RSS (GiB)"], table)
         + "\n" + "\n".join(goal_lines(entries)) + "\n\n" + deploy_markdown(found, dense, figure)
     )
-    write_section("healing", markdown, {"rows": entries, "deployment": deployed},
-                  " ".join(filter(None, [measured_at, args.remark])))
+    write_section("healing", markdown, {"rows": entries, "deployment": deployed}, args.remark, measured_at)
     print(markdown)
 
 

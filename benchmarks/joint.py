@@ -297,7 +297,7 @@ def write_results(records: dict, max_bytes: int, args: argparse.Namespace, measu
         + markdown_table(["budget", "plan", "wiki PPL", "GGUF tensor bytes", "speedup pred. / meas.",
                           "candidates", "calib. KL", "plan (s)"], rows)
         + "\n\n" + "\n".join(findings) + "\n")
-    write_section("joint", markdown, data, " ".join(filter(None, [measured_at, args.remark])))
+    write_section("joint", markdown, data, args.remark, measured_at)
 
 
 if __name__ == "__main__":

@@ -95,12 +95,14 @@ def read_results(name: str) -> Any:
     return stored["results"] if isinstance(stored, dict) and set(stored) == {"provenance", "results"} else stored
 
 
-def write_section(name: str, markdown: str, data: object, remark: str = "") -> None:
+def write_section(name: str, markdown: str, data: object, remark: str = "", measured_at: str = "") -> None:
     """Replace (or add, in the fixed section order) the section ``name`` and write ``results/name.json``, both
     with this run's provenance.
 
-    ``remark`` is a sentence about this particular run (e.g. other load on the machine), printed last.
+    ``remark`` is a sentence about this particular run (e.g. other load on the machine), printed last, after
+    ``measured_at`` (a carried run's commits, ``Steps.provenance_remark``).
     """
+    remark = " ".join(filter(None, [measured_at, remark]))
     facts = provenance()
     markdown = markdown.rstrip() + f"\n\n{provenance_line(facts)}\n"
     if remark:
