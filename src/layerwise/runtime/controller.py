@@ -26,7 +26,7 @@ from torch import nn
 from ..errors import LayerwiseError
 
 
-FORMAT = "layerwise.controller/4"  # 4: prefill and decoding slowdowns in the state
+FORMAT = "layerwise.controller/5"  # 5: one head layout, no spaCy tags in the state
 
 
 @dataclass
@@ -94,14 +94,11 @@ def q_network(inputs: int, actions: int, hidden: int) -> nn.Module:
 
 @dataclass(frozen=True)
 class Head:
-    """One reward term's Q-head: the state features it sees (None: all), and whether its action values are
-    ``factored`` as ``V(s) + R(s)·F_a`` — one scale per action shared by every state, times how much the
-    actions differ in this state. Speed fits that form (load slows every profile alike; a profile's speed-up
-    is its own), and it lets every request teach every action's speed instead of each action's alone."""
+    """One reward term's Q-head: the state features it sees (None: all), and optionally one state feature per
+    action that only that action's value reads (``PerActionQNetwork``)."""
 
     inputs: tuple[int, ...] | None = None
-    factored: bool = False
-    per_action: tuple[int, ...] | None = None  # one state feature per action, read by that action only
+    per_action: tuple[int, ...] | None = None
 
 
 class PerActionQNetwork(nn.Module):
@@ -125,19 +122,6 @@ class PerActionQNetwork(nn.Module):
         return self.body(torch.cat([shared, own, which], dim=2)).squeeze(2)
 
 
-class FactoredQNetwork(nn.Module):
-    """``Q(s, a) = V(s) + R(s) · F_a``: a state network giving V and R, and one learned F per action."""
-
-    def __init__(self, inputs: int, actions: int, hidden: int) -> None:
-        super().__init__()
-        self.body = q_network(inputs, 2, hidden)
-        self.factors = nn.Parameter(0.1 * torch.randn(actions))
-
-    def forward(self, states: torch.Tensor) -> torch.Tensor:
-        value, spread = self.body(states).unbind(dim=1)
-        return value[:, None] + spread[:, None] * self.factors[None, :]
-
-
 class DecomposedQ(nn.Module):
     """One Q-network per reward term, each on its slice of the state; ``forward`` gives the heads' values
     ``[batch, heads, actions]`` in standardised units, ``total`` their sum in reward units (``scales``)."""
@@ -152,8 +136,8 @@ class DecomposedQ(nn.Module):
             if head.per_action is not None and len(head.per_action) != actions:
                 raise ValueError(f"A per-action head needs one feature per action ({actions}), "
                                  f"got {len(head.per_action)}.")
-        self.heads = nn.ModuleList(_head_network(head)(len(chosen), actions, hidden)
-                                   for head, chosen in zip(heads, self.inputs))
+        self.heads = nn.ModuleList((PerActionQNetwork if head.per_action is not None else q_network)(
+            len(chosen), actions, hidden) for head, chosen in zip(heads, self.inputs))
         self.register_buffer("scales", torch.ones(len(self.inputs)))
 
     def forward(self, states: torch.Tensor) -> torch.Tensor:
@@ -161,12 +145,6 @@ class DecomposedQ(nn.Module):
 
     def total(self, states: torch.Tensor) -> torch.Tensor:
         return (self(states) * self.scales[None, :, None]).sum(dim=1)
-
-
-def _head_network(head: Head):
-    if head.per_action is not None:
-        return PerActionQNetwork
-    return FactoredQNetwork if head.factored else q_network
 
 
 def double_dqn_targets(online: nn.Module, target: nn.Module, rewards: torch.Tensor, next_states: torch.Tensor,

@@ -27,9 +27,8 @@ from pydantic import BaseModel, Field
 
 from ..errors import LayerwiseError
 from .controller import Controller
-from .generate import TokenStream
 from .prompts import Prompt
-from .session import RuntimeEnvironment
+from .session import RuntimeEnvironment, Serving
 
 MAX_NEW_TOKENS = 512
 MAX_WAITING = 8  # requests queued behind the one running; more are refused with 503 rather than piling up
@@ -178,8 +177,6 @@ def create_app(env: RuntimeEnvironment, controller: Controller | None, default_o
 
     if controller is not None and controller.actions != env.profiles.names:
         raise LayerwiseError("The checkpoint's profiles differ from this model's profiles.")
-    if controller is not None:
-        env.featurize_for(controller)
     app = FastAPI(title="layerwise runtime server")
 
     @app.exception_handler(HTTPException)
@@ -232,15 +229,16 @@ def create_app(env: RuntimeEnvironment, controller: Controller | None, default_o
                 record = Served(profile, state, 1000 * (time.perf_counter() - start), objective_ms,
                                 request.prompt_tokens, waited)
                 served.append(record)
-                start = time.perf_counter()
-                env.profiles.activate(profile)
-                record.switch_ms = 1000 * (time.perf_counter() - start)
-                stream = TokenStream(env.loaded.model, request.ids, request.new_tokens, env.profiles.kv_eviction(),
-                                     eos_token_id=tokenizer.eos_token_id)
-                for token in stream:
-                    record.tokens.append(token)
-                    yield token
-                result = stream.result
+                serving = Serving(env, profile, request.ids, request.new_tokens, eos_token_id=tokenizer.eos_token_id)
+                tokens = iter(serving)
+                try:
+                    for token in tokens:
+                        record.tokens.append(token)
+                        yield token
+                finally:
+                    tokens.close()  # a client gone mid-stream: back to dense now, not when collected
+                result = serving.generation
+                record.switch_ms = serving.switch_ms
                 record.prefill_ms, record.decode_ms = 1000 * result.prefill_s, 1000 * result.decode_s
                 record.latency_ms = result.latency_ms
                 record.finished = bool(record.tokens) and record.tokens[-1] == tokenizer.eos_token_id
@@ -248,10 +246,8 @@ def create_app(env: RuntimeEnvironment, controller: Controller | None, default_o
                 metrics.errors += 1
                 raise
             finally:
-                env.profiles.restore()
                 with queue_lock:
                     queue["waiting"] -= 1
-            env.speeds.observe(profile, request.ids.shape[1], len(record.tokens), record.prefill_ms, record.decode_ms)
             metrics.record(record)
 
     def run(text: str, new_tokens: int, objective: Objective) -> Served:

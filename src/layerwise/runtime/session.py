@@ -20,9 +20,9 @@ from __future__ import annotations
 
 import random
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 from tqdm.auto import tqdm
@@ -32,8 +32,8 @@ from ..models import LoadedModel
 from ..registry import Registry
 from .controller import Controller, DqnSettings, Head, Transition
 from .features import PromptFeaturizer
-from .heads import HEAD_LAYOUTS, StateLayout
-from .generate import Generation, generate
+from .heads import StateLayout, reward_heads
+from .generate import Generation, TokenStream, generate
 from .load import LoadCondition, MachineLoad
 from .objectives import ObjectiveRange, SpeedCalibration, calibrate_speeds
 from .profiles import Importance, ProfileSet, ProfileSpec, default_specs
@@ -162,19 +162,9 @@ class RuntimeEnvironment:
     def state_size(self) -> int:
         return self.layout.size
 
-    def reward_heads(self, mode: str = "linear", layout: str = "prompt") -> dict[str, Head]:
-        """The controller's heads, one per term of the reward (``RewardSettings.terms``), reading the parts of the
-        state that ``layout`` (a ``HEAD_LAYOUTS`` name) gives them."""
-        return HEAD_LAYOUTS.get(layout)(self.layout, mode)
-
-    def featurize_for(self, controller: Controller) -> None:
-        """Run spaCy only for a controller that reads its features: when no head reads the tags (POS shares, noun
-        chunks, depth), they read 0 with ``parsed`` 0, as without spaCy, and the decision saves its ~2 ms parse
-        (the controller may take 1% of a request)."""
-        read = set().union(*(head.inputs if head.inputs is not None else range(self.state_size)
-                             for head in controller.heads.values()))
-        if not read & set(self.layout.tags) and self.featurizer.backend != "fallback":
-            self.featurizer = PromptFeaturizer(self.loaded.tokenizer, use_spacy=False)
+    def reward_heads(self, mode: str = "linear") -> dict[str, Head]:
+        """The controller's heads, one per term of the reward (``RewardSettings.terms``)."""
+        return reward_heads(self.layout, mode)
 
     def observe(self, prompt: Prompt, objective_ms: float | None = None, new_tokens: int | None = None,
                 prompt_tokens: int | None = None) -> list[float]:
@@ -205,28 +195,53 @@ class RuntimeEnvironment:
             self.references[prompt.text] = generate(self.loaded.model, self.ids(prompt), self.max_new_tokens).new_tokens
         return self.references[prompt.text]
 
-    def serve_observed(self, prompt: Prompt, profile: str) -> tuple[Generation, float]:
-        """``serve``, then fold the measured prefill and decoding times into the running slowdowns."""
-        generation, switch_ms = self.serve(prompt, profile)
-        self.speeds.observe(profile, generation.prompt_length, len(generation.new_tokens),
-                            1000 * generation.prefill_s, 1000 * generation.decode_s)
-        return generation, switch_ms
-
-    def serve(self, prompt: Prompt, profile: str) -> tuple[Generation, float]:
+    def serve(self, prompt: Prompt, profile: str, observe: bool = False) -> tuple[Generation, float]:
         """Decode under ``profile`` teacher-forced on the reference; (generation, switching time in ms: into the
-        profile and back to dense)."""
+        profile and back to dense). ``observe``: fold the measured times into the running speed estimates."""
         forced = self.reference(prompt)
+        serving = Serving(self, profile, self.ids(prompt), self.max_new_tokens, forced=forced, observe=observe).run()
+        return serving.generation, serving.switch_ms
+
+    def serve_observed(self, prompt: Prompt, profile: str) -> tuple[Generation, float]:
+        return self.serve(prompt, profile, observe=True)
+
+
+class Serving:
+    """One request under one profile, the path the test harness and the server share: switch in, decode
+    (iterate for the tokens as they are chosen), switch back to dense whatever happens, then fold the measured
+    prefill and decoding times into the speed estimates (``observe``). ``generation`` and ``switch_ms`` (into the
+    profile and back) are there once the iteration has finished."""
+
+    def __init__(self, env: RuntimeEnvironment, profile: str, ids: torch.Tensor, new_tokens: int,
+                 forced: list[int] | None = None, eos_token_id: int | None = None, observe: bool = True) -> None:
+        self.env, self.profile, self.ids, self.new_tokens = env, profile, ids, new_tokens
+        self.forced, self.eos_token_id, self.observe = forced, eos_token_id, observe
+        self.switch_ms = 0.0
+        self.generation: Generation | None = None
+
+    def __iter__(self) -> Iterator[int]:
+        env = self.env
         start = time.perf_counter()
-        self.profiles.activate(profile)
-        switch_ms = 1000 * (time.perf_counter() - start)
+        env.profiles.activate(self.profile)
+        self.switch_ms = 1000 * (time.perf_counter() - start)
+        stream = TokenStream(env.loaded.model, self.ids, self.new_tokens, env.profiles.kv_eviction(),
+                             eos_token_id=self.eos_token_id, forced=self.forced)
         try:
-            generation = generate(self.loaded.model, self.ids(prompt), self.max_new_tokens,
-                                  self.profiles.kv_eviction(), forced=forced)
+            yield from stream
         finally:
             start = time.perf_counter()
-            self.profiles.restore()
-            switch_ms += 1000 * (time.perf_counter() - start)
-        return generation, switch_ms
+            env.profiles.restore()
+            self.switch_ms += 1000 * (time.perf_counter() - start)
+        self.generation = generation = stream.result
+        if self.observe:
+            env.speeds.observe(self.profile, generation.prompt_length, len(generation.new_tokens),
+                               1000 * generation.prefill_s, 1000 * generation.decode_s)
+
+    def run(self) -> "Serving":
+        """Decode to the end."""
+        for _ in self:
+            pass
+        return self
 
 
 Policy = Callable[[list[float]], int]
@@ -307,7 +322,6 @@ class TrainSettings:
     steps_per_episode: int = 10
     conditions: list[LoadCondition] = field(default_factory=list)
     settle_s: float = 1.0  # wait after starting a load so the telemetry sees it
-    heads: str = "prompt"  # which state features each reward term's head reads (a HEAD_LAYOUTS name)
     objectives: ObjectiveRange | None = None  # latency objectives drawn per request (needed by the slo reward)
     # serve every training request under every profile too, each outcome one transition from the same state:
     # a request's state does not depend on which profile served the one before, so each is a true sample of
@@ -328,13 +342,12 @@ def train(env: RuntimeEnvironment, prompts: list[Prompt], settings: TrainSetting
         reward = RewardSettings(**extra["reward"])
     else:
         controller = Controller(env.state_size, env.profiles.names, dqn or DqnSettings(),
-                                env.reward_heads(reward.mode, settings.heads))
+                                env.reward_heads(reward.mode))
         calibrate_speed(env, prompts, reward)
     if resume and checkpoint.is_file():
         check_checkpoint_model(extra, env.loaded, checkpoint)
     if controller.actions != env.profiles.names:
         raise LayerwiseError("The checkpoint's profiles differ from this model's profiles.")
-    env.featurize_for(controller)
     require_objectives(reward, settings.objectives)
     total = settings.episodes * settings.steps_per_episode
     objectives = draw_objectives(env, settings.objectives, [prompts[i % len(prompts)] for i in range(total + 1)],
@@ -436,15 +449,61 @@ def compare(env: RuntimeEnvironment, policies: dict[str, Policy], prompts: list[
     return records
 
 
-def test(env: RuntimeEnvironment, controller: Controller, prompts: list[Prompt], conditions: list[LoadCondition],
-         reward: RewardSettings, fixed: list[str] | None = None, settle_s: float = 1.0,
-         objectives: ObjectiveRange | None = None, seed: int = 0) -> list[dict]:
-    """Serve every test prompt under every load condition with the learned controller (greedy) and with each
-    fixed profile in ``fixed`` (default: all)."""
-    env.featurize_for(controller)
-    policies: dict[str, Policy] = {"controller": lambda state: controller.act(state, explore=False)}
+def profile_quality(env: RuntimeEnvironment, prompts: list[Prompt]) -> dict[str, float]:
+    """Each profile's mean NLL of the dense model's greedy continuation of ``prompts`` (teacher-forced, as the
+    reward scores it): the quality ranking a rule needs, measured once at start-up, idle."""
+    totals = {name: 0.0 for name in env.profiles.names}
+    for prompt in tqdm(prompts, desc="profile quality", unit="prompt", disable=None):
+        for name in env.profiles.names:
+            totals[name] += env.serve(prompt, name)[0].nll
+    return {name: total / max(1, len(prompts)) for name, total in totals.items()}
+
+
+def predicted_rule(env: RuntimeEnvironment, quality: dict[str, float]) -> Policy:
+    """The no-learning baseline: the best-quality profile (lowest ``quality`` NLL) whose ``SpeedEstimates``
+    prediction in the state meets the request's objective, else the one predicted fastest. It reads only the
+    state's predicted-latency ratios (log predicted / objective), which the controller sees as well."""
+    predicted = env.layout.predicted
+    by_quality = sorted(range(len(env.profiles.names)), key=lambda index: quality[env.profiles.names[index]])
+
+    def decide(state: list[float]) -> int:
+        ratios = [state[i] for i in predicted]
+        meeting = [index for index in by_quality if ratios[index] <= 0.0]
+        return meeting[0] if meeting else min(range(len(ratios)), key=ratios.__getitem__)
+
+    return decide
+
+
+def test(env: RuntimeEnvironment, controllers: dict[str, Controller], prompts: list[Prompt],
+         conditions: list[LoadCondition], reward: RewardSettings, fixed: list[str] | None = None,
+         settle_s: float = 1.0, objectives: ObjectiveRange | None = None, seed: int = 0,
+         quality: dict[str, float] | None = None) -> list[dict]:
+    """Serve every test prompt under every load condition with each learned controller (greedy, named by its
+    key), the ``no-learning`` rule when ``quality`` ranks the profiles, and each fixed profile in ``fixed``
+    (default: all)."""
+    policies: dict[str, Policy] = {name: (lambda state, c=controller: c.act(state, explore=False))
+                                   for name, controller in controllers.items()}
+    if quality is not None:
+        policies["no-learning"] = predicted_rule(env, quality)
     policies.update(fixed_policies(env, fixed))
     return compare(env, policies, prompts, conditions, reward, objectives, seed, settle_s)
+
+
+def retrain(source: Path, checkpoint: Path, seed: int, gamma: float) -> Controller:
+    """A new controller (its ``seed`` and discount ``gamma``, the source's other settings) trained on the transitions ``source``'s controller observed,
+    in the order it observed them: with ``--counterfactual`` every training request was served under every
+    profile, so the log holds the same data whatever the controller chose, and training seeds and discounts
+    compare on one set of served requests. The source's records and settings are kept with it."""
+    trained, extra = Controller.load(source)
+    if trained.steps != len(trained.buffer):
+        raise LayerwiseError(f"{source} kept {len(trained.buffer)} of the {trained.steps} transitions it observed "
+                             "(its replay buffer is smaller): it cannot be retrained from its log.")
+    settings = replace(trained.settings, seed=seed, gamma=gamma)
+    controller = Controller(trained.state_size, trained.actions, settings, trained.heads)
+    for transition in tqdm(list(trained.buffer.items), desc="runtime retrain", unit="transition", disable=None):
+        controller.observe(transition)
+    controller.save(checkpoint, {**extra, "retrained_from": str(source)})
+    return controller
 
 
 def oracle_table(records: list[dict]) -> list[dict]:

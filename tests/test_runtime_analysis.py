@@ -1,9 +1,10 @@
-"""The runtime benchmark's state-dependent reference rule, on records whose latencies follow known lines."""
+"""Reading a runtime test: the state-dependent reference choices, latency estimates and dominance, on records
+whose latencies follow known lines."""
 
 from __future__ import annotations
 
 import pytest
-from benchmark_scripts import benchmark_module
+from layerwise.runtime import analysis as module
 
 
 def test_latency_rule_serves_the_best_profile_predicted_to_meet_the_objective():
@@ -11,7 +12,6 @@ def test_latency_rule_serves_the_best_profile_predicted_to_meet_the_objective():
     one half of the prompts and, on the other, serves slow where the objective allows it, fast where only fast
     fits, and where neither does, the smaller predicted NLL + penalty. The lines are exact, so each choice is
     the better outcome of the two, and its reward is the served profile's own."""
-    module = benchmark_module("runtime")
     records = []
     for prompt in range(40):
         tokens = 10 * prompt
@@ -40,7 +40,6 @@ def test_estimate_errors_read_the_controllers_prediction_back_from_the_state_and
 
     from layerwise.runtime.heads import StateLayout
 
-    module = benchmark_module("runtime")
     layout, actions = StateLayout(2), ["none", "fast"]
     records = []
     for prompt in range(40):
@@ -77,7 +76,6 @@ def test_learned_policy_picks_by_state_where_no_fixed_profile_can(learner):
     serves'. A reference whose choice is only as good as the best fixed profile does not beat it."""
     import random
 
-    module = benchmark_module("runtime")
     rng = random.Random(0)
     records = []
     for prompt in range(64):
@@ -99,7 +97,6 @@ def test_learned_policy_picks_by_state_where_no_fixed_profile_can(learner):
 
 
 def test_a_fixed_profile_dominates_only_when_better_or_equal_on_both_counts():
-    module = benchmark_module("runtime")
     ours = {"attainment": 0.5, "nll": 2.0}
     assert module.dominates({"attainment": 0.6, "nll": 2.0}, ours)
     assert module.dominates({"attainment": 0.5, "nll": 1.9}, ours)
