@@ -5,7 +5,9 @@ measured (commit, tree state, machine, versions), to DIR/state.json and, when th
 results/NAME.carried.json, which is committed while the run spans sessions. `--resume` continues from DIR, or from
 the carried file when DIR was lost with its machine; a carried step is taken only if it was measured on a machine
 like this one (same CPU model, core count, instruction sets, torch and llama.cpp), since its timings are compared
-with this machine's. Writing the finished section removes the carried file.
+with this machine's. Each step also records the share of the CPUs other processes used while it ran
+(``other_cpu_share``): a step timed on a shared machine is measured again on resume. Writing the finished section
+removes the carried file.
 """
 
 from __future__ import annotations
@@ -17,10 +19,18 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Callable
 
+from layerwise.runtime.telemetry import Telemetry
 from results_table import HERE, provenance
 
 COMPARABLE_MACHINE = ("cpu_model", "cpu_count", "cpu_features")
+# a step during which other processes used more than this share of the CPUs timed a shared machine: measured again
+BUSY_SHARE = 0.1
 COMPARABLE_VERSIONS = ("torch", "llama_cpp_python")
+
+
+def busy(record: dict[str, Any]) -> bool:
+    """Whether other processes used more than ``BUSY_SHARE`` of the CPUs while the step ran (unrecorded: no)."""
+    return record.get("measured", {}).get("other_cpu_share", 0.0) > BUSY_SHARE
 
 
 def comparable(measured: dict[str, Any], here: dict[str, Any]) -> bool:
@@ -51,6 +61,11 @@ class Steps:
                     print(f"{key}: measured on another machine ({record['measured']['machine'].get('cpu_model')}), "
                           "measured again", flush=True)
 
+        for key in [key for key, record in self.state.items() if busy(record)]:
+            share = self.state.pop(key)["measured"]["other_cpu_share"]
+            print(f"{key}: other processes used {100 * share:.0f}% of the CPUs while it ran, measured again",
+                  flush=True)
+
     def __getitem__(self, key: str) -> dict[str, Any]:
         return self.state[key]
 
@@ -60,10 +75,15 @@ class Steps:
     def run(self, key: str, compute: Callable[[], dict[str, Any]]) -> dict[str, Any]:
         """The step's record: computed now (timed, stamped and saved) unless it already finished."""
         if key not in self.state:
-            started = time.perf_counter()
+            started, telemetry = time.perf_counter(), Telemetry(children_are_own=True)
             record = compute()
             record["bench_s"] = round(time.perf_counter() - started, 1)
-            record["measured"] = {**self.here, "finished": time.strftime("%Y-%m-%d %H:%M")}
+            record["measured"] = {**self.here, "finished": time.strftime("%Y-%m-%d %H:%M"),
+                                  "other_cpu_share": round(telemetry.external_cpu(), 3)}
+            if busy(record):
+                print(f"{key}: other processes used {100 * record['measured']['other_cpu_share']:.0f}% of the "
+                      "CPUs while it ran: its timings are not this machine's alone; --resume measures it again",
+                      flush=True)
             self.state[key] = record
             self._save()
             print(f"{key}: done in {record['bench_s']} s", flush=True)

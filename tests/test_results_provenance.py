@@ -156,6 +156,27 @@ def test_a_long_benchmarks_steps_carry_to_another_session_only_from_a_like_machi
     assert not carried.exists()
 
 
+def test_a_step_timed_beside_other_work_is_measured_again_on_resume(tmp_path, monkeypatch):
+    """Each step records the share of the CPUs other processes used while it ran; a step timed on a shared
+    machine (over ``BUSY_SHARE``) is dropped on resume, from DIR and from the carried file alike."""
+    from benchmark_scripts import benchmark_module
+
+    steps = benchmark_module("steps")
+    monkeypatch.setattr(steps, "HERE", tmp_path)
+    first = steps.Steps("demo", tmp_path / "run", resume=False)
+    for key in ("quiet", "shared"):
+        first.run(key, lambda: {"decode_tokens_per_s": 60.0})
+    assert all(0.0 <= first[key]["measured"]["other_cpu_share"] <= 1.0 for key in ("quiet", "shared"))
+    stored = json.loads((tmp_path / "run" / "state.json").read_text())
+    stored["quiet"]["measured"]["other_cpu_share"] = 0.02
+    stored["shared"]["measured"]["other_cpu_share"] = 0.48  # a test suite ran beside it
+    (tmp_path / "run" / "state.json").write_text(json.dumps(stored))
+    (tmp_path / "results" / "demo.carried.json").write_text(json.dumps({"steps": stored}))
+    for directory in ("run", "lost"):  # DIR kept, or lost and resumed from the carried file
+        resumed = steps.Steps("demo", tmp_path / directory, resume=True)
+        assert "quiet" in resumed and "shared" not in resumed
+
+
 def test_a_resumed_deployment_run_makes_again_the_files_its_lost_directory_held(tmp_path):
     """Carried steps name files a lost DIR held: the dense exports are exported again and a recipe's file is
     quantized again, and a file that would not be the one measured (other tensor bytes) stops the run."""

@@ -203,6 +203,13 @@ def test_telemetry_cpu_counts_other_processes_not_our_own_work():
     assert spun > 0.5, f"the load worker ran {spun:.2f} s of the 1 s window"
     # one more core spinning than during our own busy loop (other work on the machine shows in both)
     assert loaded - own >= 0.3 / psutil.cpu_count()
+    # a benchmark's subprocesses are its own work when it says so: the same worker reads as load only otherwise
+    mine, others = Telemetry(children_are_own=True), Telemetry()
+    with MachineLoad(LoadCondition("busy", cpu_workers=1, duty=1.0)):
+        mine.external_cpu(), others.external_cpu()
+        time.sleep(1.0)
+        as_own, as_other = mine.external_cpu(), others.external_cpu()
+    assert as_other - as_own >= 0.3 / psutil.cpu_count()
 
 
 def test_machine_load_workers_run_and_always_stop():

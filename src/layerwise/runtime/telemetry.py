@@ -10,6 +10,7 @@ a GPU exists, else 0; battery charge and "on battery" when a battery exists, els
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from functools import lru_cache
@@ -51,17 +52,27 @@ def _gpu() -> tuple[float, float, float]:
 class Telemetry:
     """Reads ``TELEMETRY_FEATURES``; CPU utilisation is measured between consecutive reads (non-blocking)."""
 
-    def __init__(self) -> None:
+    def __init__(self, children_are_own: bool = False) -> None:
+        """``children_are_own``: count this process's children as its own work (a benchmark's subprocesses), not
+        as other processes' (the runtime's load workers, which are children too, must read as load)."""
         self.process = psutil.Process(os.getpid())
         self.cpus = psutil.cpu_count() or 1
+        self.children_are_own = children_are_own
         self.last = self._clocks()  # starts the utilisation window
 
     def _clocks(self) -> tuple[float, float, float]:
-        """(wall, busy CPU seconds of the machine, CPU seconds of this process)."""
+        """(wall, busy CPU seconds of the machine, CPU seconds of this process and, if own, its children)."""
         times = psutil.cpu_times()
         busy = sum(times) - times.idle - getattr(times, "iowait", 0.0)
         own = self.process.cpu_times()
-        return time.monotonic(), busy, own.user + own.system
+        seconds = own.user + own.system
+        if self.children_are_own:
+            seconds += own.children_user + own.children_system  # those already waited for
+            for child in self.process.children(recursive=True):
+                with contextlib.suppress(psutil.Error):  # gone since listed: counted once waited for
+                    times = child.cpu_times()
+                    seconds += times.user + times.system
+        return time.monotonic(), busy, seconds
 
     def external_cpu(self) -> float:
         """Share of all CPUs used by other processes since the previous call, in [0, 1]."""
