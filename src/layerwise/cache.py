@@ -15,7 +15,7 @@ from typing import Any, Callable, Iterator, TypeVar
 import platformdirs
 from pydantic import BaseModel
 
-from .errors import OutputWriteError
+from .errors import OutputExistsError, OutputWriteError
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -71,6 +71,13 @@ def writable_or_raise(path: Path) -> None:
         folder = folder.parent
     if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
         raise OutputWriteError(f"Cannot write {path}: {folder} is not a folder this user may write into.")
+
+
+def ensure_output_free(out: str | Path, overwrite: bool, what: str = "Output directory") -> None:
+    """Fail before any work when the output (a directory, or a file named by ``what``) may not be replaced."""
+    if Path(out).exists() and not overwrite:
+        raise OutputExistsError(f"{what} {out} already exists; pass --overwrite to replace it.")
+    writable_or_raise(Path(out))
 
 
 def atomic_write_text(path: Path, text: str) -> None:

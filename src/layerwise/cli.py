@@ -407,7 +407,7 @@ def export_command(
     sublayers become llama.cpp's deci architecture, GGUF-quantized linears are copied byte for byte."""
     from .export import export_gguf
     from .models import load
-    from .pipeline import ensure_output_free
+    from .cache import ensure_output_free
 
     if fmt != "gguf":
         raise SettingsError(f"Unknown export format '{fmt}'; the supported one is gguf.")
@@ -470,7 +470,8 @@ def plan(
 ) -> None:
     """Compute a plan and write it as JSON, without touching any weights. Takes every planning option
     `compress` takes (or a --recipe); the plan records its calibration, so `apply` rebuilds `compress`'s model."""
-    from .pipeline import ensure_output_free, plan_to_file
+    from .cache import ensure_output_free
+    from .pipeline import plan_to_file
 
     if isinstance(options, StagedRecipe):
         raise SettingsError(f"{options.source} has stages, which run end to end with `layerwise compress --recipe`; "

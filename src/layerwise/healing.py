@@ -11,7 +11,7 @@ from typing import Any, Optional
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from .cache import atomic_write_json, staged_directory
+from .cache import atomic_write_json, ensure_output_free, staged_directory
 from .config import HealSetting, RunSettings
 from .cost import measure_size
 from .data import window_bos
@@ -67,8 +67,6 @@ def heal_run(run_dir: str | Path, out: str | Path, setting: HealSetting, overrid
     """Heal the model saved in ``run_dir`` (a ``compress``/``apply`` output) toward the dense model it was
     compressed from, evaluate it under the run's own evaluation settings (``overrides`` replace some), and write
     a run directory at ``out``: the healed model and result.json with the healing record."""
-    from .pipeline import ensure_output_free
-
     ensure_output_free(out, overwrite)
     source = read_result(run_dir)
     if source["command"] == "eval":

@@ -13,7 +13,7 @@ import torch
 from .version import __version__
 from .adapt_accel import AdaptAccel
 from .ops import ApplyContext, apply_plan, architecture_signature
-from .cache import atomic_write_json, staged_directory, writable_or_raise
+from .cache import atomic_write_json, ensure_output_free, staged_directory
 from .config import Budget, LatencySetting, RunSettings
 from .cost import measure_paired_latency, measure_size
 from .cost.analytic import model_costs
@@ -22,7 +22,7 @@ from .deploy_controls import measure_controls
 from .export import check_exportable
 from .environment import machine, versions
 from .healing import heal_measured
-from .errors import OutputExistsError, PlanError, UnsupportedArchitectureError
+from .errors import PlanError, UnsupportedArchitectureError
 from .measure import Timings, measure_model, measured_speedup, timed
 from .models import LoadedModel, decoder_linears, load, model_fingerprint, save
 from .models.adapter import adapter_class
@@ -32,13 +32,6 @@ from .structures import STRUCTURES
 from .calibration import CalibrationSource
 from .result import Result
 from .stages import StagedRecipe
-
-
-def ensure_output_free(out: str | Path, overwrite: bool, what: str = "Output directory") -> None:
-    """Fail before any work when the output (a directory, or a file named by ``what``) may not be replaced."""
-    if Path(out).exists() and not overwrite:
-        raise OutputExistsError(f"{what} {out} already exists; pass --overwrite to replace it.")
-    writable_or_raise(Path(out))
 
 
 def _record(command: str, model: dict[str, Any], settings: RunSettings, timings: Timings, **fields: Any) -> dict:
