@@ -78,7 +78,7 @@ def test_space_levels_and_uniform_start(tiny):
 
 def test_level_latency_table_times_every_narrower_level(tiny):
     from layerwise.config import LatencySetting
-    from layerwise.cost.latency_table import measure_level_latency_table
+    from layerwise.structures.latency_probes import measure_level_latency_table
 
     setting = LatencySetting(prompt_length=16, generation_length=2, repeats=1)
     table = measure_level_latency_table(tiny, {"attention": [1], "mlp": [96, 64]}, setting)
@@ -329,7 +329,7 @@ def test_least_damaging_repair_takes_the_cheap_steps_before_the_harmful_ones(tin
 def test_typed_latency_table_prices_each_width_and_type(tiny, memory_bound_llamacpp):
     """The llama.cpp decode table: a level is (kept, GGUF type) or removal; the dense level saves nothing; a
     narrower type saves what its bytes save on a bytes-bound machine; types the rows cannot hold fall back."""
-    from layerwise.cost.typed_latency import measure_typed_level_latency_table, typed_copy
+    from layerwise.structures.latency_probes import measure_typed_level_latency_table, typed_copy
 
     levels = {"attention": [(2, "f16"), (2, "q8_0"), (1, "f16"), (0, "f16")], "mlp": [(160, "f16"), (64, "q4_0")]}
     table = measure_typed_level_latency_table(tiny, levels, "f16", "q8_0")

@@ -89,7 +89,8 @@ def test_paired_latency_sees_a_model_that_is_slower_by_a_known_amount(tiny):
 def test_a_latency_table_never_saves_more_than_the_sublayers_take(tiny):
     """Removing every sublayer cannot save more than the model takes less its embedding, norms and head (the
     floor, timed with every sublayer gone); noisy timings that claim more are scaled down and say so."""
-    from layerwise.cost.latency_table import consistent_scale, measure_latency_table
+    from layerwise.cost.latency_table import consistent_scale
+    from layerwise.structures.latency_probes import measure_latency_table
     from layerwise.models import get_adapter
 
     assert consistent_scale(30.0, 60.0) == 1.0 and consistent_scale(0.0, 10.0) == 1.0
@@ -113,7 +114,7 @@ def test_latency_tables_time_each_probe_in_pairs_so_drift_cancels(tiny, monkeypa
     from layerwise.ops.depth import remove_sublayers
     from layerwise.cost import latency_table
     from layerwise.cost.latency import paired_report
-    from layerwise.cost.latency_table import measure_latency_table, measure_level_latency_table
+    from layerwise.structures.latency_probes import measure_latency_table, measure_level_latency_table
     from layerwise.models import get_adapter
 
     clock = itertools.count()

@@ -7,7 +7,6 @@ from typing import TYPE_CHECKING, Any, Optional
 
 from ..allocate import DEPTH_ALLOCATORS, DepthContext
 from ..config import Budget, LatencySetting
-from ..cost import measure_latency_table
 from ..errors import BudgetError, LayerwiseError
 from ..formatting import fmt
 from ..measure import measured_speedup
@@ -16,6 +15,7 @@ from ..models import LoadedModel, get_adapter
 from ..plan import Plan, RemoveAction, TuneSpec
 from .base import PlanRequest, Structure, StructureOptions, check_params, option, register
 from .speed_guard import guard_speed, speedup_of
+from .latency_probes import measure_latency_table
 
 if TYPE_CHECKING:
     from ..options import PlanOptions

@@ -19,12 +19,14 @@ from ..errors import BudgetError, LayerwiseError
 from ..formatting import fmt, fmt_bytes
 from ..models import LoadedModel, decoder_linears, get_adapter
 from ..cost.latency_table import latency_engine
-from ..cost.typed_latency import TYPE_DEPENDENT_ENGINES
+from ..cost.typed_latency import TYPE_DEPENDENT_ENGINES, typed_paired_latency
 from ..plan import Plan, QuantizeAction, RemoveAction, SliceAction
 from .base import PlanRequest, Structure, StructureOptions, check_params, option, register
 from .depth import DepthOptions
 from .speed_guard import guard_speed, speedup_of
 from .quant import QuantOptions
+from .latency_probes import (measure_latency_table, measure_level_latency_table, measure_typed_level_latency_table,
+                             typed_copy)
 
 if TYPE_CHECKING:
     from ..options import PlanOptions
@@ -251,7 +253,6 @@ def typed_speedup(request: PlanRequest, space: JointSpace, actions: Callable[[Ge
     with each kept linear at its planned type (empty GGUF linears: speed does not depend on the values),
     exported and timed the way the table was."""
     from ..ops import ApplyContext, apply_plan
-    from ..cost.typed_latency import typed_copy, typed_paired_latency
 
     reference = space.typed_latency.reference_type
     dense = typed_copy(request.loaded, lambda model: None, lambda name: reference)
@@ -274,9 +275,6 @@ def _attach_latency_tables(loaded: LoadedModel, setting: LatencySetting, space: 
     """The tables the speed budget predicts with: in an engine whose speed depends on the GGUF types
     (llama.cpp's decode), one typed table over every (width, type) level and removal; in PyTorch, the removal
     table (SPRINT's) and the per-level width table."""
-    from ..cost import measure_latency_table
-    from ..cost.latency_table import measure_level_latency_table
-    from ..cost.typed_latency import measure_typed_level_latency_table
 
     if engine in TYPE_DEPENDENT_ENGINES:
         levels = {kind: sorted({(level.kept, level.kind) for unit in space.units if unit.kind == kind

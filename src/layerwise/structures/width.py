@@ -15,6 +15,7 @@ from ..plan import Plan, SliceAction
 from ..calibration import CalibrationSource
 from ..calibration.width import WIDTH_SCORERS
 from .base import PlanRequest, Structure, StructureOptions, check_params, option, register
+from .latency_probes import measure_width_latency_table
 
 if TYPE_CHECKING:
     from ..options import PlanOptions
@@ -117,8 +118,6 @@ class Width(Structure):
                       "removed_parameters": removed, "target_removed": space.target_removed,
                       "eligible_parameters": space.eligible_parameters, "rounding_unit": space.rounding_unit}
         if calibration.settings.latency_engine is not None:  # a measured latency table, where the model will run
-            from ..cost.latency_table import measure_width_latency_table
-
             table = measure_width_latency_table(request.loaded, setting, calibration.settings.latency_engine)
             removed_groups = sum(space.groups[b] - kept for b, kept in widths.groups.items())
             removed_channels = sum(space.channels[b] - kept for b, kept in widths.channels.items())
