@@ -72,12 +72,12 @@ def main() -> None:
     parser.add_argument("--remark", default="")
     args = parser.parse_args()
 
-    if len(controllers(args)) > 1 and not args.counterfactual:
+    learned = controllers(args)
+    if len(learned) > 1 and not args.counterfactual:
         parser.error("several seeds or discounts need --counterfactual: the other controllers are retrained on the "
                      "online controller's log, which only holds every profile's outcome with it (and `runtime "
                      "train --seed` would also draw another prompt split, whose training prompts could be the test's)")
     skip = set(filter(None, args.skip.split(",")))
-    learned = controllers(args)
     online = next(iter(learned.values()))
     shared = ["--model", args.model, "--max-new-tokens", str(args.max_new_tokens),
               "--train-samples", str(args.train_samples), "--load-profile", args.load_profile]
@@ -234,10 +234,10 @@ def write_results(args: argparse.Namespace) -> None:
         rows = []
         for policy in sorted(policies, key=lambda p: -groups[(condition, p)]["reward"]):
             row = groups[(condition, policy)]
-            gap = "" if policy == best else "{:+.3f} ± {:.3f} ({:.1f} SE)".format(
-                *paired(tests, condition, policy, best)[:2], in_se(*paired(tests, condition, policy, best)[:2]))
+            gap, se, _ = paired(tests, condition, policy, best)
+            versus = "" if policy == best else f"{gap:+.3f} ± {se:.3f} ({in_se(gap, se):.1f} SE)"
             rows.append([shown[policy], f"{row['reward']:.3f}", pct(row["attainment"]), f"{row['nll']:.3f}",
-                         f"{row['decode_ms']:.0f}", f"{row['seed_reward']:.2f}", gap])
+                         f"{row['decode_ms']:.0f}", f"{row['seed_reward']:.2f}", versus])
         for policy in [*names.values(), *([rule] if rule else [])]:
             ours = groups[(condition, policy)]
             margins = {p: paired(tests, condition, policy, p) for p in fixed}

@@ -33,6 +33,10 @@ def busy(record: dict[str, Any]) -> bool:
     return record.get("measured", {}).get("other_cpu_share", 0.0) > BUSY_SHARE
 
 
+def _shared_machine(record: dict[str, Any]) -> str:
+    return f"other processes used {100 * record['measured']['other_cpu_share']:.0f}% of the CPUs while it ran"
+
+
 def comparable(measured: dict[str, Any], here: dict[str, Any]) -> bool:
     """Whether a step measured with provenance ``measured`` may sit in one table with steps measured ``here``."""
     return (all(measured["machine"].get(k) == here["machine"].get(k) for k in COMPARABLE_MACHINE)
@@ -62,9 +66,7 @@ class Steps:
                           "measured again", flush=True)
 
         for key in [key for key, record in self.state.items() if busy(record)]:
-            share = self.state.pop(key)["measured"]["other_cpu_share"]
-            print(f"{key}: other processes used {100 * share:.0f}% of the CPUs while it ran, measured again",
-                  flush=True)
+            print(f"{key}: {_shared_machine(self.state.pop(key))}, measured again", flush=True)
 
     def __getitem__(self, key: str) -> dict[str, Any]:
         return self.state[key]
@@ -81,9 +83,8 @@ class Steps:
             record["measured"] = {**self.here, "finished": time.strftime("%Y-%m-%d %H:%M"),
                                   "other_cpu_share": round(telemetry.external_cpu(), 3)}
             if busy(record):
-                print(f"{key}: other processes used {100 * record['measured']['other_cpu_share']:.0f}% of the "
-                      "CPUs while it ran: its timings are not this machine's alone; --resume measures it again",
-                      flush=True)
+                print(f"{key}: {_shared_machine(record)}: its timings are not this machine's alone; --resume "
+                      "measures it again", flush=True)
             self.state[key] = record
             self._save()
             print(f"{key}: done in {record['bench_s']} s", flush=True)

@@ -157,15 +157,16 @@ def test(
         conditions = parse_load_profile(load_profile)
         if lm_eval:
             parse_tasks(tasks)  # an unknown task fails now, not after the test
-        loaded = {name: Controller.load(path) for name, path in controller_names(checkpoint).items()}
+        paths = controller_names(checkpoint)
+        loaded = {name: Controller.load(path) for name, path in paths.items()}
         (first, extra), *others = loaded.values()
         if any(other.actions != first.actions or other_extra["reward"] != extra["reward"]
                for other, other_extra in others):
             raise typer.BadParameter("Controllers tested together need the same profiles and reward.")
         training, prompts = split_prompts(train_samples, ppl_samples, seed)
         env = _environment(model, nsamples, seed, max_new_tokens, mechanism, importance, first.actions)
-        for path, (_, controller_extra) in zip(controller_names(checkpoint).values(), loaded.values()):
-            check_checkpoint_model(controller_extra, env.loaded, path)
+        for name, path in paths.items():
+            check_checkpoint_model(loaded[name][1], env.loaded, path)
         objectives = _objectives(slo_ms or extra.get("objectives"))
         quality = profile_quality(env, training[:quality_prompts]) if quality_prompts else None
         records = run_test(env, {name: controller for name, (controller, _) in loaded.items()}, prompts, conditions,

@@ -202,9 +202,6 @@ class RuntimeEnvironment:
         serving = Serving(self, profile, self.ids(prompt), self.max_new_tokens, forced=forced, observe=observe).run()
         return serving.generation, serving.switch_ms
 
-    def serve_observed(self, prompt: Prompt, profile: str) -> tuple[Generation, float]:
-        return self.serve(prompt, profile, observe=True)
-
 
 class Serving:
     """One request under one profile, the path the test harness and the server share: switch in, decode
@@ -255,7 +252,7 @@ def run_request(env: RuntimeEnvironment, prompt: Prompt, state: list[float], dec
     action = decide(state)
     decide_ms = observe_ms + 1000 * (time.perf_counter() - start)
     profile = env.profiles.names[action]
-    generation, switch_ms = env.serve_observed(prompt, profile)
+    generation, switch_ms = env.serve(prompt, profile, observe=True)
     latency_ms = generation.latency_ms
     outcome = Outcome(generation.tokens_per_s, generation.perplexity, generation.nll, latency_ms, objective_ms)
     terms = reward.terms(outcome)
@@ -306,7 +303,7 @@ WARM_REQUESTS = 3
 def warm_speeds(env: RuntimeEnvironment, prompt: Prompt, requests: int = WARM_REQUESTS) -> None:
     """Serve ``prompt`` densely ``requests`` times, unrecorded, to move the running slowdowns to the load now."""
     for _ in range(requests):
-        env.serve_observed(prompt, env.profiles.names[0])
+        env.serve(prompt, env.profiles.names[0], observe=True)
 
 
 def calibrate_speed(env: RuntimeEnvironment, prompts: list[Prompt], reward: RewardSettings) -> None:
@@ -490,10 +487,11 @@ def test(env: RuntimeEnvironment, controllers: dict[str, Controller], prompts: l
 
 
 def retrain(source: Path, checkpoint: Path, seed: int, gamma: float) -> Controller:
-    """A new controller (its ``seed`` and discount ``gamma``, the source's other settings) trained on the transitions ``source``'s controller observed,
-    in the order it observed them: with ``--counterfactual`` every training request was served under every
-    profile, so the log holds the same data whatever the controller chose, and training seeds and discounts
-    compare on one set of served requests. The source's records and settings are kept with it."""
+    """A new controller (its ``seed`` and discount ``gamma``, the source's other settings) trained on the
+    transitions ``source``'s controller observed, in the order it observed them: with ``--counterfactual`` every
+    training request was served under every profile, so the log holds the same data whatever the controller
+    chose, and training seeds and discounts compare on one set of served requests. The source's records and
+    settings are kept with it."""
     trained, extra = Controller.load(source)
     if trained.steps != len(trained.buffer):
         raise LayerwiseError(f"{source} kept {len(trained.buffer)} of the {trained.steps} transitions it observed "

@@ -70,8 +70,8 @@ class Telemetry:
             seconds += own.children_user + own.children_system  # those already waited for
             for child in self.process.children(recursive=True):
                 with contextlib.suppress(psutil.Error):  # gone since listed: counted once waited for
-                    times = child.cpu_times()
-                    seconds += times.user + times.system
+                    used = child.cpu_times()
+                    seconds += used.user + used.system
         return time.monotonic(), busy, seconds
 
     def external_cpu(self) -> float:
