@@ -126,9 +126,10 @@ def test_existing_output_needs_overwrite(tmp_path):
 
 def test_failure_after_work_leaves_no_partial_directory(tmp_path, monkeypatch):
     import layerwise.pipeline as pipeline
+    from layerwise.errors import OutputExistsError
 
     def broken_save(*args, **kwargs):
-        raise pipeline.OutputExistsError("simulated failure while saving.")
+        raise OutputExistsError("simulated failure while saving.")
 
     monkeypatch.setattr(pipeline, "save", broken_save)
     out = tmp_path / "out"
