@@ -29,12 +29,12 @@ def main() -> None:
     os.environ["LAYERWISE_CACHE"] = str(args.out / "cache")  # before layerwise reads it: every step runs cold
 
     import torch
+    from results_table import markdown_table, write_section
 
     import layerwise
-    from layerwise.pipeline import compress
     from layerwise.calibration import CalibrationSource
     from layerwise.calibration.profile import compute_profile
-    from results_table import markdown_table, write_section
+    from layerwise.pipeline import compress
 
     loaded = layerwise.load(args.model)
     settings = layerwise.RunSettings(nsamples=args.nsamples, max_windows=1, latency=None)

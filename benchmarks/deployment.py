@@ -34,9 +34,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from layerwise.deploy_controls import CONTROL_RECIPES  # noqa: E402
 from results_table import goal_verdict, markdown_table, with_spread, write_section  # noqa: E402
 from steps import Steps  # noqa: E402
+
+from layerwise.deploy_controls import CONTROL_RECIPES  # noqa: E402
 
 RECIPES = list(CONTROL_RECIPES)  # the recipes `compress --deploy-controls recipe` chooses among
 LEVELS = "f16,q8_0,q6_k,q5_k,q5_0,q4_k,q4_0,q3_k,q2_k"
@@ -176,8 +177,8 @@ class Bench:
 
     def imatrix(self) -> dict:
         """The importance matrix of our calibration profile, computed once per run of this script."""
-        from layerwise.export.gguf_export import profile_imatrix
         from layerwise.calibration import CalibrationSource
+        from layerwise.export.gguf_export import profile_imatrix
 
         if self._imatrix is None:
             self._imatrix = profile_imatrix(self.loaded.model, CalibrationSource(self.loaded, self.settings).profile())
@@ -286,8 +287,8 @@ class Bench:
 
     def rounded_ppl(self, loaded) -> float:
         """PyTorch perplexity with llama.cpp's activation rounding simulated."""
-        from layerwise.ops.gguf_quant import llamacpp_activations
         from layerwise.evaluate import perplexity
+        from layerwise.ops.gguf_quant import llamacpp_activations
 
         with llamacpp_activations(loaded.model):
             return perplexity(loaded.model, loaded.tokenizer, self.corpus(), 512, self.args.windows).ppl
@@ -309,8 +310,8 @@ class Bench:
         """An export whose layers keep attention without an MLP (the deci FFN-length-0 case)."""
         import torch
 
-        from layerwise.ops import remove_sublayers
         from layerwise.export import export_gguf
+        from layerwise.ops import remove_sublayers
 
         loaded = self.layerwise.load(self.args.model)
         removed = ["model.layers.10.mlp", "model.layers.20.mlp"]

@@ -17,6 +17,8 @@ from typing import Any, Callable, Optional
 from deployment import FAST_LEVELS, Bench
 from steps import Steps
 
+from layerwise.report.canvas import subplots
+
 DENSE_RECIPES = ("Q8_0", "Q4_K_M", "Q4_0")
 BASELINE = "Q4_0"  # llama.cpp's fastest recipe on this model (the deployment table), the speed goal's reference
 SPEEDUP_GOAL = 1.2
@@ -109,12 +111,7 @@ def goal_line(found: list[dict[str, Any]], dense_ppl: Optional[float]) -> str:
 
 def plot(found: list[dict[str, Any]], path: Path) -> Path:
     """Wiki PPL (log scale) against llama.cpp decode tokens/s, one marker per group."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axes = plt.subplots(figsize=(7, 4.5))
+    figure, axes = subplots(figsize=(7, 4.5))
     for group in dict.fromkeys(p["group"] for p in found):
         chosen = [p for p in found if p["group"] == group]
         axes.scatter([p["decode_tokens_per_s"] for p in chosen], [p["ppl"] for p in chosen], label=group)
@@ -129,7 +126,6 @@ def plot(found: list[dict[str, Any]], path: Path) -> Path:
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=110)
-    plt.close(figure)
     return path
 
 

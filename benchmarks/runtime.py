@@ -195,8 +195,19 @@ def load_test(args: argparse.Namespace, checkpoint: Path) -> None:
 def write_results(args: argparse.Namespace) -> None:
     import torch
 
-    from layerwise.runtime.analysis import (PASSAGE_TOKENS, dominates, estimate_errors, fixed_outcomes, in_se, latency_rule,
-                                            learned_policy, mean, paired, reference_margins, _reward_models)
+    from layerwise.runtime.analysis import (
+        PASSAGE_TOKENS,
+        _reward_models,
+        dominates,
+        estimate_errors,
+        fixed_outcomes,
+        in_se,
+        latency_rule,
+        learned_policy,
+        mean,
+        paired,
+        reference_margins,
+    )
     from layerwise.runtime.cli import controller_names
     from layerwise.runtime.heads import reward_heads
     from layerwise.runtime.objectives import ObjectiveRange

@@ -19,8 +19,9 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Callable
 
-from layerwise.runtime.telemetry import Telemetry
 from results_table import HERE, provenance
+
+from layerwise.runtime.telemetry import Telemetry
 
 COMPARABLE_MACHINE = ("cpu_model", "cpu_count", "cpu_features")
 # a step during which other processes used more than this share of the CPUs timed a shared machine: measured again

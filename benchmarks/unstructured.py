@@ -50,9 +50,9 @@ def main() -> None:
     import torch
 
     import layerwise
+    from layerwise.calibration import CalibrationSource
     from layerwise.data import load_corpus
     from layerwise.evaluate import perplexity
-    from layerwise.calibration import CalibrationSource
 
     state = json.loads(PARTIAL.read_text()) if args.resume and PARTIAL.exists() else {"runs": {}}
     settings = layerwise.RunSettings(nsamples=args.nsamples, max_windows=args.windows)

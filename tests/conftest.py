@@ -31,11 +31,10 @@ def memory_bound_llamacpp(monkeypatch):
     """llama.cpp on a memory-bound machine: a decode step takes the stored bytes of the decoder's GGUF linears
     (every linear of a typed probe is one) in microseconds, the same in every run, so a typed table measures
     exactly what it predicts; the paired timing is the library's own report of those runs."""
-    from layerwise.ops.gguf_quant import GGUFLinear
+    import layerwise.engines  # noqa: F401  (registers the real engine first, so the patch replaces it)
     from layerwise.cost import latency_table
     from layerwise.cost.latency import paired_report
-
-    import layerwise.engines  # noqa: F401  (registers the real engine first, so the patch replaces it)
+    from layerwise.ops.gguf_quant import GGUFLinear
 
     def decode_seconds(loaded) -> float:
         return sum(m.qdata.numel() for m in loaded.model.modules() if isinstance(m, GGUFLinear)) / 1e6

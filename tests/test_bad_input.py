@@ -75,8 +75,9 @@ def _bare_gguf(tmp_path: Path, architecture: str | None) -> list[str]:
 
 def _unadapted_family(tmp_path: Path, structure: list[str]) -> list[str]:
     """A tiny OPT directory (a family without a structural adapter), with the tiny model's tokenizer."""
-    import layerwise
     from transformers import OPTConfig, OPTForCausalLM
+
+    import layerwise
 
     path = tmp_path / "opt"
     config = OPTConfig(vocab_size=258, hidden_size=32, num_hidden_layers=2, ffn_dim=64, num_attention_heads=2,

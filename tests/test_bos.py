@@ -7,9 +7,9 @@ from tokenizers import processors
 from transformers import PreTrainedTokenizerFast
 
 import layerwise
+from layerwise.calibration import CalibrationSource
 from layerwise.data import evaluation_windows, load_corpus, tokenize_documents, window_bos
 from layerwise.models.tiny import byte_tokenizer
-from layerwise.calibration import CalibrationSource
 
 BOS = 256  # <|endoftext|> of the byte tokenizer, used as BOS here
 

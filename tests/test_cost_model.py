@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from layerwise.ops.structured import slice_attention, slice_mlp
 from layerwise.cost.analytic import ModelDims, estimate_costs, model_costs, predicted_speedups
 from layerwise.models import get_adapter
+from layerwise.ops.structured import slice_attention, slice_mlp
 
 BLOCK_WEIGHTS = 64 * 64 * 2 + 64 * 32 * 2 + 3 * 64 * 160  # q,o + k,v + gate,up,down = 43008
 OTHER = 258 * 64 + 4 * 2 * 64 + 64  # embedding (tied head), two norms per block, final norm

@@ -110,6 +110,7 @@ def test_llamacpp_files_are_timed_in_pairs_with_the_dense_export(tmp_path, monke
     import itertools
 
     from layerwise.config import LatencySetting
+    from layerwise.cost import measure_paired_latency
     from layerwise.engines import llamacpp
 
     dense = Path(export_gguf(layerwise.load("tiny-llama"), tmp_path / "dense.gguf", "f16").path)
@@ -124,7 +125,9 @@ def test_llamacpp_files_are_timed_in_pairs_with_the_dense_export(tmp_path, monke
             yield 0.25 * work * slow, 0.75 * work * slow
 
     monkeypatch.setattr(llamacpp.LlamaCppModel, "timed_runs", drifting_runs)
-    pair = llamacpp.llamacpp_paired_latency(dense, half, LatencySetting(warmup=1, repeats=4, generation_length=2))
+    setting = LatencySetting(warmup=1, repeats=4, generation_length=2)
+    with llamacpp.LlamaCppModel.for_latency(dense, setting) as a, llamacpp.LlamaCppModel.for_latency(half, setting) as b:
+        pair = measure_paired_latency(a, b, setting)
     assert pair.speedup == {"total": 2.0, "prefill": 2.0, "decode": 2.0}
     assert "".join(order) == "ABBAABBAAB" and pair.reference.device == "llama.cpp (cpu)"
 
@@ -145,6 +148,7 @@ def test_a_kept_reference_runs_the_dense_export_once_and_gives_the_same_kld(cont
     """DeploySetting.reference_logits (what the deployment benchmark keeps for its ~20 files): the dense export's
     windows are evaluated once for the plan's file and its control together, later runs read them back, and the
     KL divergences are those of a run that recomputes the reference per file."""
+    from layerwise import deploy
     from layerwise.config import Budget, DeploySetting, RunSettings
     from layerwise.engines import reference
     from layerwise.pipeline import compress
@@ -160,7 +164,8 @@ def test_a_kept_reference_runs_the_dense_export_once_and_gives_the_same_kld(cont
             return logits(batch)
         return window
 
-    monkeypatch.setattr(reference, "llamacpp_logits", counted)
+    monkeypatch.setattr(reference, "llamacpp_logits", counted)  # the dense reference
+    monkeypatch.setattr(deploy, "llamacpp_logits", counted)  # each deployed file
     store = tmp_path / "reference"
     settings = RunSettings(seqlen=64, max_windows=2, latency=None,
                            deploy=DeploySetting(controls=["recipe"], reference_logits=str(store)))

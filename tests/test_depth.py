@@ -14,17 +14,23 @@ from typer.testing import CliRunner
 import layerwise
 from layerwise.allocate import DEPTH_ALLOCATORS, DepthContext
 from layerwise.allocate.sprint import sensitivity
-from layerwise.ops import remove_sublayers, temporarily_removed
-from layerwise.ops.tuning import (ProjectionStats, measurement_end, projection_error, refit,
-                                       swapped_slice, tune_for_removal)
+from layerwise.calibration import CalibrationSource
+from layerwise.calibration.distance import mean_distance
+from layerwise.calibration.sublayers import SublayerStream, checkpoint_positions
 from layerwise.cli import app
 from layerwise.config import Budget, LatencySetting, RunSettings
 from layerwise.cost import LatencyTable
 from layerwise.errors import BudgetError
 from layerwise.models import get_adapter
-from layerwise.calibration import CalibrationSource
-from layerwise.calibration.distance import mean_distance
-from layerwise.calibration.sublayers import SublayerStream, checkpoint_positions
+from layerwise.ops import remove_sublayers, temporarily_removed
+from layerwise.ops.tuning import (
+    ProjectionStats,
+    measurement_end,
+    projection_error,
+    refit,
+    swapped_slice,
+    tune_for_removal,
+)
 
 QUICK = ["--seqlen", "64", "--max-windows", "2", "--nsamples", "8", "--generation-length", "4"]
 
@@ -46,7 +52,8 @@ def _context(tiny, source, table=None) -> DepthContext:
 
 def test_removed_sublayers_leave_the_model_and_reload_with_identical_logits(tiny, tokens, tmp_path):
     from layerwise.ops import architecture_signature
-    from layerwise.plan import Plan, RemoveAction
+    from layerwise.ops.depth import RemoveAction
+    from layerwise.plan import Plan
 
     dense_params = sum(p.numel() for p in tiny.model.parameters())
     names = ["model.layers.0.self_attn", "model.layers.2.mlp", "model.layers.3.self_attn", "model.layers.3.mlp"]
@@ -205,7 +212,7 @@ def test_full_out_channel_refit_is_the_least_squares_optimum_and_damping_pulls_b
 
 
 def test_plans_written_before_the_reference_defaults_replay_as_they_were_searched():
-    from layerwise.plan import TuneSpec
+    from layerwise.ops.depth import TuneSpec
 
     old = TuneSpec.model_validate({"unit": "model.layers.2.mlp.down_proj", "ratio": 0.1, "damping": 0.01})
     assert (old.direction, old.damping_relative) == ("in_channel", True)

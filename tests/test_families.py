@@ -12,12 +12,14 @@ from families import FAMILIES, family_model, save_family
 from typer.testing import CliRunner
 
 import layerwise
-from layerwise.ops import apply_plan, architecture_signature
-from layerwise.ops.structured import record_layer_dims, slice_attention, slice_mlp
 from layerwise.cli import app
 from layerwise.models import get_adapter
 from layerwise.models.width import UnitMask
-from layerwise.plan import Plan, QuantizeAction, RemoveAction, SliceAction
+from layerwise.ops import apply_plan, architecture_signature
+from layerwise.ops.depth import RemoveAction
+from layerwise.ops.quantize import QuantizeAction
+from layerwise.ops.structured import SliceAction, record_layer_dims, slice_attention, slice_mlp
+from layerwise.plan import Plan
 
 runner = CliRunner()
 IDS = torch.randint(0, 256, (2, 20), generator=torch.Generator().manual_seed(3))

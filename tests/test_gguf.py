@@ -10,14 +10,15 @@ import torch
 from typer.testing import CliRunner
 
 import layerwise
-from layerwise.ops import apply_plan, architecture_signature
 from layerwise.cli import app
 from layerwise.errors import ExportError, ModelNotFoundError
 from layerwise.export import export_gguf
 from layerwise.gguf import GGUF_TYPES, gguf_type, stored_type
 from layerwise.gguf.quantize import _ggml_quantize, dequantize_matrix, quantize_matrix
 from layerwise.models import decoder_linears
-from layerwise.plan import Plan, QuantizeAction
+from layerwise.ops import apply_plan, architecture_signature
+from layerwise.ops.quantize import QuantizeAction
+from layerwise.plan import Plan
 
 runner = CliRunner()
 
@@ -181,9 +182,9 @@ def test_llama_cpp_quantizer_with_our_overrides_writes_our_bytes(tmp_path):
 
 
 def _shrink(loaded: layerwise.LoadedModel, removals: list[str], keep: dict[str, int] | None = None) -> None:
+    from layerwise.models import get_adapter
     from layerwise.ops import remove_sublayers
     from layerwise.ops.structured import record_layer_dims, slice_attention, slice_mlp
-    from layerwise.models import get_adapter
 
     adapter = get_adapter(loaded.model)
     for unit, count in (keep or {}).items():
@@ -366,8 +367,8 @@ def test_compress_export_refuses_what_gguf_cannot_express_before_writing(tmp_pat
 def test_activation_rounding_is_llama_cpps_q8_0_and_brings_pytorch_to_llama_cpp(ids, tmp_path):
     from gguf import GGMLQuantizationType, quants
 
-    from layerwise.ops.gguf_quant import llamacpp_activations
     from layerwise.gguf.activations import round_activations
+    from layerwise.ops.gguf_quant import llamacpp_activations
 
     x = torch.randn(6, 256, generator=torch.Generator().manual_seed(0))
     reference = quants.dequantize(quants.quantize(x.numpy(), GGMLQuantizationType.Q8_0), GGMLQuantizationType.Q8_0)

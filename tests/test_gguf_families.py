@@ -15,14 +15,15 @@ from gguf import GGUFReader
 
 import layerwise
 from layerwise.allocate.joint.space import Budgets
-from layerwise.ops import apply_plan, architecture_signature
-from layerwise.ops.structured import record_layer_dims, slice_attention, slice_mlp
 from layerwise.config import Budget
 from layerwise.engines.llamacpp import LlamaCppModel
 from layerwise.errors import ExportError
 from layerwise.export import export_gguf
 from layerwise.models import decoder_linears, get_adapter
-from layerwise.plan import Plan, QuantizeAction
+from layerwise.ops import apply_plan, architecture_signature
+from layerwise.ops.quantize import QuantizeAction
+from layerwise.ops.structured import record_layer_dims, slice_attention, slice_mlp
+from layerwise.plan import Plan
 from layerwise.structures.joint import _space
 
 # llama.cpp's architecture for each family (Mistral runs as llama, as llama.cpp's converter writes it)
@@ -147,9 +148,9 @@ def test_refusals_that_follow_from_the_family_come_before_any_calibration(tmp_pa
     family llama.cpp runs with one width per layer: one sentence, exit 2, in seconds, with nothing calibrated."""
     import time
 
+    from families import save_family
     from typer.testing import CliRunner
 
-    from families import save_family
     from layerwise.cli import app
 
     _no_calibration(monkeypatch)

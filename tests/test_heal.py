@@ -4,9 +4,9 @@ guarantee, and the `heal` / `compress --heal` commands on the tiny model."""
 from __future__ import annotations
 
 import copy
-from pathlib import Path
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -281,7 +281,8 @@ def test_stage_budgets_reach_the_target_together():
 
 
 def test_composed_width_slices_name_units_of_the_original_model():
-    from layerwise.plan import Plan, SliceAction
+    from layerwise.ops.structured import SliceAction
+    from layerwise.plan import Plan
     from layerwise.structures import STRUCTURES
 
     def plan(actions, widths):

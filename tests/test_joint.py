@@ -17,10 +17,10 @@ from layerwise import Budget, RunSettings
 from layerwise.allocate.joint import JOINT_SEARCHERS, Budgets, ScoringSetup, SerialEvaluator, build_space
 from layerwise.allocate.joint.bank import LevelBank
 from layerwise.allocate.joint.scoring import dense_logprobs
-from layerwise.ops import architecture_signature
 from layerwise.cli import app
 from layerwise.errors import BudgetError
 from layerwise.export.gguf_export import export_gguf, non_linear_bytes
+from layerwise.ops import architecture_signature
 from layerwise.structures.joint import DEFAULT_TYPES, _actions
 
 TYPES = DEFAULT_TYPES.split(",")

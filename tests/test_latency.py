@@ -90,8 +90,8 @@ def test_a_latency_table_never_saves_more_than_the_sublayers_take(tiny):
     """Removing every sublayer cannot save more than the model takes less its embedding, norms and head (the
     floor, timed with every sublayer gone); noisy timings that claim more are scaled down and say so."""
     from layerwise.cost.latency_table import consistent_scale
-    from layerwise.structures.latency_probes import measure_latency_table
     from layerwise.models import get_adapter
+    from layerwise.structures.latency_probes import measure_latency_table
 
     assert consistent_scale(30.0, 60.0) == 1.0 and consistent_scale(0.0, 10.0) == 1.0
     assert consistent_scale(120.0, 90.0) == pytest.approx(0.75) and consistent_scale(50.0, -5.0) == 0.0
@@ -111,11 +111,11 @@ def test_latency_tables_time_each_probe_in_pairs_so_drift_cancels(tiny, monkeypa
     import copy
     import itertools
 
-    from layerwise.ops.depth import remove_sublayers
     from layerwise.cost import latency_table
     from layerwise.cost.latency import paired_report
-    from layerwise.structures.latency_probes import measure_latency_table, measure_level_latency_table
     from layerwise.models import get_adapter
+    from layerwise.ops.depth import remove_sublayers
+    from layerwise.structures.latency_probes import measure_latency_table, measure_level_latency_table
 
     clock = itertools.count()
 

@@ -8,12 +8,12 @@ import shlex
 
 import pytest
 import typer
+from benchmark_scripts import benchmark_module
 from typer.testing import CliRunner
 
 from layerwise.cli import app
 from layerwise.cli_heal import heal_flag
 from layerwise.config import HealSetting
-from benchmark_scripts import benchmark_module
 from layerwise.options import PlanOptions, collect, flag_of
 
 # compress options that evaluate, recover or export the compressed model; they do not change the plan

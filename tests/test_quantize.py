@@ -9,13 +9,20 @@ import pytest
 import torch
 
 import layerwise
-from layerwise.ops import architecture_signature
-from layerwise.ops.packing import pack, packed_bytes, unpack
-from layerwise.ops.quantize import QuantizedLinear, group_bounds, gptq_quantize, quantized_storage, rtn_quantize
+from layerwise.calibration.hessian import HessianAccumulator
 from layerwise.config import Budget
 from layerwise.cost import measure_size
-from layerwise.plan import Plan, QuantizeAction
-from layerwise.calibration.hessian import HessianAccumulator
+from layerwise.ops import architecture_signature
+from layerwise.ops.packing import pack, packed_bytes, unpack
+from layerwise.ops.quantize import (
+    QuantizeAction,
+    QuantizedLinear,
+    gptq_quantize,
+    group_bounds,
+    quantized_storage,
+    rtn_quantize,
+)
+from layerwise.plan import Plan
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 5, 8])
@@ -170,8 +177,8 @@ def test_sensitivities_measure_what_they_claim(tiny, calibration):
     import math
 
     from layerwise.allocate.bits import sensitivities
-    from layerwise.ops.quantize import rtn_round_trip
     from layerwise.evaluate.perplexity import token_set_perplexity
+    from layerwise.ops.quantize import rtn_round_trip
 
     context = _bit_context(tiny, calibration, [3, 4, 8])
     errors = sensitivities(context, "error")
@@ -348,8 +355,8 @@ def test_awq_clip_search_shrinks_outlier_rows_and_lowers_the_output_error():
 
 def test_awq_then_rtn_beats_plain_rtn_on_held_out_tokens(tiny, calibration):
     """AWQ's searches choose on calibration tokens; this checks they pay on other text, which they need not."""
-    from layerwise.ops.quantize import apply_quantize
     from layerwise.ops.base import ApplyContext
+    from layerwise.ops.quantize import apply_quantize
 
     held_out = torch.randint(0, 256, (4, 64), generator=torch.Generator().manual_seed(7))
     with torch.no_grad():

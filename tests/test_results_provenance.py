@@ -33,9 +33,8 @@ def test_an_unexpected_skip_fails_make_test_by_default(monkeypatch):
     """By default a skip fails the session unless it is a missing-browser skip; CI allows none; 0 allows all."""
     from types import SimpleNamespace
 
-    import pytest
-
     import conftest
+    import pytest
 
     def finish(reason: str, mode: str | None) -> object:
         if mode is None:
@@ -183,9 +182,8 @@ def test_a_resumed_deployment_run_makes_again_the_files_its_lost_directory_held(
     import argparse
 
     import pytest
-    from gguf import GGUFReader
-
     from benchmark_scripts import benchmark_module
+    from gguf import GGUFReader
 
     deployment = benchmark_module("deployment")
     bench = deployment.Bench(argparse.Namespace(model="tiny-llama", out=tmp_path / "new", windows=1, nsamples=2,

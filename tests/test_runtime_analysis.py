@@ -4,6 +4,7 @@ whose latencies follow known lines."""
 from __future__ import annotations
 
 import pytest
+
 from layerwise.runtime import analysis as module
 
 

@@ -131,11 +131,11 @@ def test_profile_factors_learn_what_start_up_timing_got_wrong_and_leave_load_cha
     assert steady.predict("fast", 100, 8) / (3.0 * 1.15 * lines["fast"].predict(100, 8)) > 0.94
 
 
-def test_idle_lines_time_the_profiles_round_by_round_and_keep_each_points_fastest_run(monkeypatch):
+def test_idle_lines_time_the_profiles_round_by_round_and_keep_each_points_median_run(monkeypatch):
     """A drift during start-up must not land on whichever profile happened to be timed then."""
     import contextlib
 
-    from layerwise.runtime import generate as generate_module
+    from layerwise.runtime import objectives
     from layerwise.runtime.generate import Generation
     from layerwise.runtime.objectives import calibrate_speeds
 
@@ -162,17 +162,17 @@ def test_idle_lines_time_the_profiles_round_by_round_and_keep_each_points_fastes
         return Generation(length, list(range(new_tokens)), interrupted * speed * (0.010 + 0.001 * length),
                           interrupted * speed * 0.002 * (new_tokens - 1), length + new_tokens)
 
-    monkeypatch.setattr(generate_module, "generate", fake_generate)
+    monkeypatch.setattr(objectives, "generate", fake_generate)
     calibration = SpeedCalibration(short=10, long=110, new_tokens=4, repeats=3)
     estimates = calibrate_speeds(profiles, None, 100, 1000, calibration)
     warm_ups, runs = timed[:4], [(name, length) for name, length, _ in timed[4:]]
     assert all(new_tokens == 2 for *_, new_tokens in warm_ups) and len(runs) == 12
     assert runs == [(name, length) for _ in range(3) for name in ("none", "fast") for length in (10, 110)]
-    # the preempted run (the 3rd timed: fast at 10 tokens) is not the point's time; the fastest of 3 is
+    # the preempted run (the 3rd timed: fast at 10 tokens) is not the point's time; the median of 3 is
     assert estimates.lines["fast"].prefill(10) == pytest.approx(0.5 * (10 + 1 * 10))
     assert estimates.lines["none"].prefill_ms_per_token == pytest.approx(1.0)
     assert estimates.lines["fast"].step_ms == pytest.approx(1.0) and estimates.lines["none"].step_ms == pytest.approx(2.0)
-    # a context of 20 tokens leaves both points at 10 tokens: a flat line through their fastest times
+    # a context of 20 tokens leaves both points at 10 tokens: a flat line through their median times
     flat = calibrate_speeds(profiles, None, 100, 20, calibration).lines["fast"]
     assert flat.prefill_ms_per_token == 0 and flat.prefill(10) == pytest.approx(0.5 * (10 + 1 * 10))
 

@@ -6,8 +6,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from layerwise.runtime.profiles import (DEFAULT_INTENSITIES, Importance, KvEviction, ProfileError, ProfileSet,
-                                        ProfileSpec, default_specs)
+from layerwise.runtime.profiles import (
+    DEFAULT_INTENSITIES,
+    Importance,
+    KvEviction,
+    ProfileError,
+    ProfileSet,
+    ProfileSpec,
+    default_specs,
+)
 
 
 @pytest.fixture

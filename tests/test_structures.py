@@ -15,7 +15,8 @@ from layerwise.cli import app
 from layerwise.config import Budget
 from layerwise.errors import BudgetError
 from layerwise.models import LoadedModel, get_adapter
-from layerwise.plan import Plan, SliceAction
+from layerwise.ops.structured import SliceAction
+from layerwise.plan import Plan
 from layerwise.structures import STRUCTURES, PlanRequest, Structure, register
 
 

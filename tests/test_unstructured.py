@@ -6,9 +6,9 @@ import pytest
 import torch
 
 import layerwise
+from layerwise.models import decoder_linears
 from layerwise.ops.masks import prune_lowest_per_row
 from layerwise.ops.sparsegpt import sparsegpt_prune
-from layerwise.models import decoder_linears
 
 
 def _plan(tiny, calibration, method, allocator="uniform", sparsity=0.5, **kw):

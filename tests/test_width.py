@@ -13,17 +13,18 @@ from gymnasium.utils.env_checker import check_env
 from typer.testing import CliRunner
 
 import layerwise
-from layerwise.allocate import WIDTH_ALLOCATORS, WidthContext, WidthSpace, Widths, fit_budget
+from layerwise.allocate import WIDTH_ALLOCATORS, WidthContext, Widths, WidthSpace, fit_budget
 from layerwise.allocate.rl_allocator import WidthAllocationEnv
 from layerwise.allocate.rl_refine import WidthRefineEnv
 from layerwise.allocate.rl_training import SearchLog, search_objective
 from layerwise.allocate.width_objective import RewardWeights, WidthProxy
-from layerwise.ops import architecture_signature
 from layerwise.cli import app
 from layerwise.config import Budget
 from layerwise.errors import BudgetError, PlanError
 from layerwise.models import get_adapter
-from layerwise.plan import Plan, SliceAction
+from layerwise.ops import architecture_signature
+from layerwise.ops.structured import SliceAction
+from layerwise.plan import Plan
 
 QUICK = ["--seqlen", "64", "--max-windows", "2", "--nsamples", "8", "--generation-length", "4"]
 

@@ -4,10 +4,11 @@ Public API: ``load``, ``plan``, ``apply``, ``evaluate``, ``zeroshot``, ``measure
 ``compress`` (all of them).
 """
 
-from .version import __version__  # noqa: E402,F401
-
-from .config import DEFAULT_TASK_LIMIT, Budget, LatencySetting, RunSettings  # noqa: E402
-from .errors import (  # noqa: E402
+from .calibration import CalibrationSource, Profile
+from .config import DEFAULT_TASK_LIMIT, Budget, LatencySetting, RunSettings
+from .cost import measure_latency
+from .data import load_corpus
+from .errors import (
     BudgetError,
     DataError,
     LayerwiseError,
@@ -16,16 +17,15 @@ from .errors import (  # noqa: E402
     PlanError,
     UnsupportedArchitectureError,
 )
-from .models import LoadedModel, get_adapter, load, save  # noqa: E402
-from .plan import Plan, SparsifyAction  # noqa: E402
-from .ops import ApplyContext, apply_plan  # noqa: E402
-from .data import load_corpus  # noqa: E402
-from .cost import measure_latency  # noqa: E402
-from .evaluate import ZeroShotResult, perplexity  # noqa: E402
-from .evaluate import zeroshot as _zeroshot  # noqa: E402
-from .pipeline import compress  # noqa: E402
-from .planning import make_plan as plan  # noqa: E402
-from .calibration import CalibrationSource, Profile  # noqa: E402
+from .evaluate import ZeroShotResult, perplexity
+from .evaluate import zeroshot as _zeroshot
+from .models import LoadedModel, get_adapter, load, save
+from .ops import ApplyContext, apply_plan
+from .ops.unstructured import SparsifyAction
+from .pipeline import compress
+from .plan import Plan
+from .planning import make_plan as plan
+from .version import __version__  # noqa: F401
 
 
 def calibration(loaded: LoadedModel, settings: RunSettings | None = None) -> CalibrationSource:

@@ -13,16 +13,16 @@ from typing import Any, Optional
 from torch import nn
 from tqdm.auto import tqdm
 
-from .ops import ApplyContext, apply_plan
+from .calibration import CalibrationSource
 from .config import Budget, RunSettings
 from .errors import SettingsError
 from .heal import Schedule, heal
 from .healing import checkpoint_dir, stream_for
 from .measure import Timings
 from .models import LoadedModel
+from .ops import ApplyContext, apply_plan
 from .plan import Plan
 from .planning import make_plan
-from .calibration import CalibrationSource
 from .structures import STRUCTURES
 
 

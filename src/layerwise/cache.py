@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, TypeVar
 
 import platformdirs
+import torch
 from pydantic import BaseModel
 
 from .errors import OutputExistsError, OutputWriteError
@@ -120,7 +121,6 @@ def atomic_write_json(path: Path, obj: Any) -> None:
 
 def atomic_torch_save(obj: Any, path: Path) -> None:
     """``torch.save`` to a temporary file beside ``path``, then rename it into place."""
-    import torch
 
     with write_errors(path):
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -134,7 +134,6 @@ def atomic_torch_save(obj: Any, path: Path) -> None:
 
 def torch_load_or_none(path: Path) -> Any | None:
     """What ``atomic_torch_save`` stored at ``path``; None (and the entry removed) when missing or unreadable."""
-    import torch
 
     if not path.is_file():
         return None

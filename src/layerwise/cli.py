@@ -12,13 +12,23 @@ import typer
 from pydantic import ValidationError
 from rich.table import Table
 
-from .cache import atomic_write_text
-from .config import RunSettings
+from .cache import atomic_write_text, ensure_output_free
 from .cli_common import cli_errors, console
 from .cli_heal import gather_heal, heal_parameters
+from .config import RunSettings
+from .deploy_controls import CONTROLS
 from .errors import SettingsError
+from .evaluate.zeroshot import headline_metric
+from .export import export_gguf
 from .formatting import fmt, fmt_bytes
+from .gguf import gguf_type
+from .healing import heal_run
+from .models import load
 from .options import PlanOptions, cli_parameters, collect, option_parameters
+from .pipeline import apply_plan_file, compress_staged, evaluate_model, plan_to_file
+from .pipeline import compress as run_compress
+from .report import write_report
+from .runtime.cli import runtime_app, serve
 from .stages import StagedRecipe
 from .structures import STRUCTURES
 
@@ -181,7 +191,6 @@ def _speedups(text: Optional[str]) -> list[float]:
 
 def _measured_rows(metrics: dict) -> list[tuple[str, str]]:
     """Table rows for perplexity, zero-shot scores and latency, each only when measured."""
-    from .evaluate.zeroshot import headline_metric
 
     rows = []
     if metrics.get("ppl") is not None:
@@ -303,7 +312,6 @@ def compress(
 ) -> None:
     """Load, plan, apply, [heal,] evaluate and save; print dense vs compressed metrics. Planning options (the
     same as `plan`'s) may come from --recipe."""
-    from .pipeline import compress as run_compress, compress_staged
 
     if isinstance(options, StagedRecipe):
         if healing is not None:
@@ -345,7 +353,6 @@ def heal_command(
 ) -> None:
     """Train a compressed run toward the dense model it came from (logit distillation by default), evaluate it
     under the run's own evaluation settings and save it as a new run directory."""
-    from .healing import heal_run
 
     given = {"max_windows": max_windows, "device": device, "tasks": None if tasks is None else tasks.split(","),
              "task_limit": None if limit is None else limit or None, "deploy": _deploy(export, export_type, None)}
@@ -373,7 +380,6 @@ def eval_command(
 ) -> None:
     """Perplexity, zero-shot accuracy, size and latency of a model (named, a path, a layerwise directory, or a
     .gguf file run by llama.cpp with --engine llama.cpp)."""
-    from .pipeline import evaluate_model
 
     settings = _settings(**evaluation, perplexity=perplexity, engine=engine, threads=threads)
     record = evaluate_model(model, settings, out, overwrite)
@@ -405,9 +411,6 @@ def export_command(
 ) -> None:
     """Write a model (compressed or not) as a GGUF file that llama.cpp runs; per-layer widths and removed
     sublayers become llama.cpp's deci architecture, GGUF-quantized linears are copied byte for byte."""
-    from .export import export_gguf
-    from .models import load
-    from .cache import ensure_output_free
 
     if fmt != "gguf":
         raise SettingsError(f"Unknown export format '{fmt}'; the supported one is gguf.")
@@ -433,12 +436,10 @@ def _deploy(export: Optional[str], export_type: str, embedding_type: Optional[st
         return None
     if export != "gguf":
         raise SettingsError(f"Unknown --export format '{export}'; the supported one is gguf.")
-    from .gguf import gguf_type
 
     gguf_type(export_type)
     if embedding_type is not None:
         gguf_type(embedding_type)
-    from .deploy_controls import CONTROLS
 
     chosen = [name.strip() for name in (controls or "").split(",") if name.strip()]
     for name in chosen:
@@ -470,8 +471,6 @@ def plan(
 ) -> None:
     """Compute a plan and write it as JSON, without touching any weights. Takes every planning option
     `compress` takes (or a --recipe); the plan records its calibration, so `apply` rebuilds `compress`'s model."""
-    from .cache import ensure_output_free
-    from .pipeline import plan_to_file
 
     if isinstance(options, StagedRecipe):
         raise SettingsError(f"{options.source} has stages, which run end to end with `layerwise compress --recipe`; "
@@ -508,7 +507,6 @@ def apply(
     windows it was computed on and is applied on exactly those (so the weights equal `compress`'s); --corpus
     and --seed then choose the evaluation only, and calibration options must agree with the plan's. A plan also
     records the weights it was computed on; other weights are refused unless --other-weights."""
-    from .pipeline import apply_plan_file
 
     settings = _settings(**evaluation, **calibration.calibration())
     record = apply_plan_file(model, plan_file, settings, out, overwrite,
@@ -525,13 +523,11 @@ def report(
     fmt: Annotated[Optional[str], typer.Option("--format", "-f", help="html (default), md, or png (one run's allocation).")] = None,
 ) -> None:
     """Compare runs: an HTML page (table, Pareto plots, per-layer allocations), a markdown table or a PNG."""
-    from .report import write_report
 
     path = write_report(run_dirs, out, fmt)
     console.print(f"wrote {path}")
 
 
-from .runtime.cli import runtime_app, serve  # noqa: E402
 
 app.add_typer(runtime_app, name="runtime")
 app.command()(serve)

@@ -6,6 +6,7 @@ from typing import Optional
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from .data.zeroshot_tasks import parse_tasks
 from .errors import BudgetError
 from .registry import Registry
 
@@ -242,6 +243,5 @@ class RunSettings(BaseModel):
     @classmethod
     def _known_tasks(cls, tasks: list[str]) -> list[str]:
         """Canonical task names, so an unknown one fails before any model loads."""
-        from .data.zeroshot_tasks import parse_tasks
 
         return parse_tasks(tasks) if tasks else []

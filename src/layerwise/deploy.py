@@ -14,7 +14,10 @@ from typing import Any, Iterator, Optional
 
 from .cache import atomic_write_json, cache_dir, read_json, stable_hash
 from .config import RunSettings
-from .data import load_corpus
+from .engines.llamacpp import LlamaCppModel
+from .engines.llamacpp_eval import measure_gguf as measure_file
+from .engines.reference import llamacpp_logits
+from .evaluate.kld import stored_logits
 from .export import export_gguf
 from .measure import Timings, timed
 from .models import LoadedModel
@@ -25,38 +28,20 @@ GGUF_FILE = "model.gguf"
 
 def measure_gguf(path: Path, loaded: LoadedModel, settings: RunSettings, reference: Path | None = None,
                  reference_store: Path | None = None) -> dict[str, Any]:
-    """Perplexity (the model's own tokenizer makes the protocol's ids) and latency of a GGUF file in llama.cpp,
-    each when ``settings`` asks for it; with a ``reference`` GGUF file also the KL divergence to it on the same
-    windows (as ``llama-perplexity --kl-divergence``; that pass yields the perplexity too) and, under paired
-    latency, the latency timed in alternating runs with the reference's (``speedup``: reference time / this)."""
-    from .engines.llamacpp import LlamaCppModel, llamacpp_latency, llamacpp_paired_latency
-    from .engines.llamacpp_eval import gguf_perplexity, gguf_size
-    from .engines.reference import llamacpp_logits
-    from .evaluate.kld import settings_kld, stored_logits
-
-    measured: dict[str, Any] = {**gguf_size(path), "ppl": None, "protocol": None, "latency": None, "kld": None}
-    if settings.perplexity and reference is not None and settings.kld:
-        with LlamaCppModel(path, settings.seqlen, settings.threads) as model, \
-                LlamaCppModel(reference, settings.seqlen, settings.threads) as dense:
+    """A deployed GGUF file in llama.cpp (``engines.llamacpp_eval.measure_gguf``; the model's own tokenizer makes
+    the protocol's ids) beside the ``reference`` GGUF file: the KL divergence to it (its logits kept in
+    ``reference_store``, or the deploy setting's, when given) and the latency timed in alternating runs with it."""
+    with contextlib.ExitStack() as stack:
+        reference_logits = None
+        if reference is not None and settings.perplexity and settings.kld:
+            dense = stack.enter_context(LlamaCppModel(reference, settings.seqlen, settings.threads))
             reference_logits = llamacpp_logits(dense)
             if reference_store is None and settings.deploy is not None and settings.deploy.reference_logits:
                 reference_store = Path(settings.deploy.reference_logits)  # the run's own kept reference
             if reference_store is not None:
                 reference_logits = stored_logits(reference_logits, reference_store / _sha256(reference)[:16])
-            kld = settings_kld(llamacpp_logits(model), reference_logits, loaded.tokenizer, settings,
-                               f"dense export ({reference.name})", "gguf", "llama.cpp")
-        measured.update(ppl=kld.ppl, protocol=kld.protocol.model_dump(), kld=kld.model_dump(exclude={"protocol"}))
-    elif settings.perplexity:
-        corpus = load_corpus(settings.corpus, settings.eval_text, settings.calib_text)
-        result = gguf_perplexity(path, loaded.tokenizer, corpus, settings)
-        measured.update(ppl=result.ppl, protocol=result.protocol.model_dump())
-    if settings.latency and reference is not None and settings.latency.paired:
-        pair = llamacpp_paired_latency(reference, path, settings.latency, settings.threads)
-        measured.update(latency=pair.model.model_dump(), reference_latency=pair.reference.model_dump(),
-                        speedup=pair.speedup)
-    elif settings.latency:
-        measured["latency"] = llamacpp_latency(path, settings.latency, settings.threads).model_dump()
-    return measured
+        return measure_file(path, loaded.tokenizer, settings, reference_logits,
+                            f"dense export ({reference.name})" if reference else "", reference)
 
 
 @dataclass

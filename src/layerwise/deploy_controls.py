@@ -11,9 +11,9 @@ from typing import Any, Callable, Optional
 
 from .config import RunSettings
 from .deploy import DenseDeployment, measure_gguf
+from .engines.llamacpp_eval import gguf_size
 from .export.gguf_export import source_gguf
 from .export.llama_quantize import llama_quantize
-from .engines.llamacpp_eval import gguf_size
 from .measure import Timings, timed
 from .models import LoadedModel
 from .registry import Registry

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import os
 import platform
-from pathlib import Path
 import sys
 from importlib import metadata
+from pathlib import Path
 
 import torch
 

@@ -8,11 +8,14 @@ from pathlib import Path
 from typing import Annotated, Any, Iterable, Optional, get_args
 
 import typer
+import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError, create_model
 
 from .config import Budget, RunSettings
 from .errors import SettingsError
-from .structures.base import option
+from .structures import STRUCTURES
+from .structures.base import PARAMETER_FLAGS, option
+from .structures.unstructured import METHOD_ALIASES
 
 RECIPE_FORMAT = "layerwise.recipe/1"
 
@@ -52,13 +55,11 @@ class CommonOptions(BaseModel):
 
     def budget(self) -> Budget:
         """The budget of the chosen structure from its budget options (each validated with one sentence)."""
-        from .structures import STRUCTURES
 
         return STRUCTURES.get(self.chosen_structure).budget(self)
 
     def calibration(self) -> dict[str, Any]:
         """RunSettings' calibration fields: as given, else the structure's defaults (else RunSettings')."""
-        from .structures import STRUCTURES
 
         structure = self.chosen_structure
         defaults = STRUCTURES.get(structure).calibration_defaults if structure in STRUCTURES else {}
@@ -72,8 +73,6 @@ class CommonOptions(BaseModel):
 
     def allocator_params(self) -> dict[str, Any]:
         """The structure's and allocator's options the user set, under their parameter names."""
-        from .structures import STRUCTURES
-        from .structures.unstructured import METHOD_ALIASES
 
         allocator = METHOD_ALIASES[self.method][1] if self.method in METHOD_ALIASES else self.chosen_allocator
         structure = STRUCTURES.get(self.chosen_structure)
@@ -125,7 +124,6 @@ class CommonOptions(BaseModel):
 
     def to_recipe(self) -> str:
         """The options set, as a recipe file's text."""
-        import yaml
 
         return yaml.safe_dump({"format": RECIPE_FORMAT, **self.model_dump(mode="json", exclude_none=True)},
                               sort_keys=False)
@@ -133,7 +131,6 @@ class CommonOptions(BaseModel):
 
 def read_recipe_file(path: str | Path) -> tuple[Path, Any]:
     """A recipe file's path and its parsed YAML ({} when empty), or one sentence on why it cannot be read."""
-    import yaml
 
     file = Path(path).expanduser()
     if not file.is_file():
@@ -159,7 +156,6 @@ def _assemble() -> type[CommonOptions]:
     """PlanOptions: the common options, every registered structure's (``Structure.options``) and every option its
     allocators declare, one flat model, so a new structure's or allocator's options reach the CLI and recipes
     from its own module."""
-    from .structures import STRUCTURES
 
     fields: dict[str, Any] = {}
     for structure in STRUCTURES:
@@ -202,7 +198,6 @@ def flag_of(name: str) -> str:
 def _register_flags() -> None:
     """Tell the structures which flag sets each renamed parameter, for their error messages (a parameter that
     two flags set, such as ``metric``, keeps its own name)."""
-    from .structures.base import PARAMETER_FLAGS
 
     renamed: dict[str, list[str]] = {}
     for name in PlanOptions.model_fields:

@@ -4,34 +4,39 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import json
 import time
 from pathlib import Path
 from typing import Any, Optional, Protocol
 
 import torch
 
-from .version import __version__
 from .adapt_accel import AdaptAccel
-from .ops import ApplyContext, apply_plan, architecture_signature
 from .cache import atomic_write_json, ensure_output_free, staged_directory
+from .calibration import CalibrationSource
 from .config import Budget, LatencySetting, RunSettings
 from .cost import measure_paired_latency, measure_size
 from .cost.analytic import model_costs
-from .deploy import deploy_run, dense_deployment
+from .deploy import dense_deployment, deploy_run
 from .deploy_controls import measure_controls
-from .export import check_exportable
+from .engines import ENGINES
+from .engines.pytorch import pytorch_kld
 from .environment import machine, versions
-from .healing import heal_measured
 from .errors import PlanError, UnsupportedArchitectureError
+from .export import check_exportable
+from .export.gguf_export import profile_imatrix
+from .healing import heal_measured
 from .measure import Timings, measure_model, measured_speedup, timed
 from .models import LoadedModel, decoder_linears, load, model_fingerprint, save
 from .models.adapter import adapter_class
+from .ops import ApplyContext, apply_plan, architecture_signature
 from .plan import CalibrationRecord, Plan
 from .planning import make_plan, validate_request
-from .structures import STRUCTURES
-from .calibration import CalibrationSource
+from .recovery import recover_with_lora
 from .result import Result
 from .stages import StagedRecipe
+from .structures import STRUCTURES
+from .version import __version__
 
 
 def _record(command: str, model: dict[str, Any], settings: RunSettings, timings: Timings, **fields: Any) -> dict:
@@ -166,28 +171,18 @@ def _control_imatrix(loaded: LoadedModel, settings: RunSettings, calibration: Ca
     model; None when no recipe control is asked for)."""
     if "recipe" not in settings.deploy.controls or not settings.deploy.measure:
         return None
-    from .export.gguf_export import profile_imatrix
 
     return profile_imatrix(loaded.model, calibration.profile())
 
 
 def _kld(loaded: LoadedModel, dense: Optional[torch.nn.Module], settings: RunSettings, timings: Timings) -> dict:
     """KL divergence of the compressed model to ``settings.reference``, or to the dense model it came from."""
-    from .engines.reference import reference_logits
-    from .evaluate.kld import pytorch_logits, settings_kld
-
-    with timed(timings, "kld_s"), contextlib.ExitStack() as stack:
-        if settings.reference:
-            reference, name = stack.enter_context(reference_logits(settings.reference, settings)), settings.reference
-        else:
-            reference, name = pytorch_logits(dense), "dense"
-        return settings_kld(pytorch_logits(loaded.model), reference, loaded.tokenizer, settings, name,
-                            settings.dtype).model_dump()
+    with timed(timings, "kld_s"):
+        return pytorch_kld(loaded, settings, dense)
 
 
 def _recover(loaded: LoadedModel, settings: RunSettings, calibration: CalibrationSource, timings: Timings) -> dict:
     """Perplexity of the pruned model, then a short LoRA fine-tune on the calibration windows (merged)."""
-    from .recovery import recover_with_lora
 
     before = measure_model(loaded, settings.model_copy(update={"tasks": [], "latency": None}), timings,
                       "pre_recovery_", cached=False)
@@ -281,7 +276,6 @@ def compress(
 def check_adaptable(spec: str) -> None:
     """Before any weights load: a model directory whose config.json names a family without a structural
     adapter is refused now (named models and GGUF files are checked once loaded)."""
-    import json
 
     config = Path(spec) / "config.json"
     try:
@@ -416,7 +410,6 @@ def evaluate_model(
     settings = settings or RunSettings()
     if out is not None:
         ensure_output_free(out, overwrite)
-    from .engines import ENGINES
 
     timings: Timings = {}
     evaluation = ENGINES.get(settings.engine)(model, settings, timings)

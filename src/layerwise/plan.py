@@ -4,114 +4,31 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Any, ClassVar, Literal, Optional, Union
+from typing import Any, ClassVar, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, field_validator
 
 from .cache import atomic_write_text
 from .config import Budget
 from .errors import PlanError
+from .registry import Registry
 
 PLAN_FORMAT = "layerwise.plan/1"
 
 
-class SparsifyAction(BaseModel):
-    """Zero ``ratio`` of one linear's weights, chosen by ``method`` (magnitude, ...)."""
+class Action(BaseModel):
+    """One step of a plan on one unit. Each op module defines its own kind (fields, checks), registers it in
+    ``ACTIONS`` under its ``op`` and owns applying it, its valid units and its replay on load: a new kind of
+    action is one file."""
 
     model_config = ConfigDict(extra="forbid")
+    # changes modules or shapes: replayed on load before the saved weights are read
+    structural: ClassVar[bool] = False
     unit: str
-    op: Literal["sparsify"] = "sparsify"
-    ratio: float = Field(ge=0.0, lt=1.0)
-    method: str = "magnitude"
-    pattern: Optional[str] = Field(None, pattern=r"^\d+:\d+$", description="N:M semi-structured, e.g. 2:4")
-
-    def nm(self) -> tuple[int, int] | None:
-        """(N, M) of an N:M pattern: N of every M consecutive input weights are zeroed."""
-        if self.pattern is None:
-            return None
-        n, m = (int(x) for x in self.pattern.split(":"))
-        return n, m
+    op: str
 
 
-class TuneSpec(BaseModel):
-    """In-compression tuning done with a removal: refit ``ratio`` of ``unit``'s input columns (``in_channel``)
-    or output rows (``out_channel``, SPRINT's reference) by least squares on the calibration data, damped
-    relative to the mean diagonal of XᵀX or, with ``damping_relative`` false, absolutely as the reference.
-    The defaults are what plans written before these fields existed did."""
-
-    model_config = ConfigDict(extra="forbid")
-    unit: str
-    ratio: float = Field(gt=0.0, le=1.0)
-    damping: float = Field(0.01, ge=0.0)
-    direction: Literal["out_channel", "in_channel"] = "in_channel"
-    damping_relative: bool = True
-
-
-class RemoveAction(BaseModel):
-    """Delete one attention or MLP sublayer (``model.layers.7.self_attn``); the residual path stays.
-    Removals apply in plan order, so a ``tune`` step sees the model as the search saw it."""
-
-    model_config = ConfigDict(extra="forbid")
-    unit: str
-    op: Literal["remove"] = "remove"
-    tune: Optional[TuneSpec] = None
-
-
-class SliceAction(BaseModel):
-    """Keep ``keep`` width units of one sublayer: query heads of an attention sublayer (whole KV groups, so a
-    multiple of the group size), or channels of an MLP. ``kept`` lists which (KV-group indices, or channel
-    indices), as the planner's ``method`` (taylor or act) ranked them; plans without it rank again on the
-    calibration data when applied. The rest are sliced away for real."""
-
-    model_config = ConfigDict(extra="forbid")
-    unit: str
-    op: Literal["slice"] = "slice"
-    keep: int = Field(ge=1)
-    method: str = "taylor"
-    seq_len: Optional[int] = Field(None, ge=2, description="taylor: calibration sequence length")
-    kept: Optional[list[int]] = Field(None, description="indices of the KV groups (attention) or channels (MLP) kept")
-
-    @model_validator(mode="after")
-    def _kept_are_distinct(self) -> "SliceAction":
-        if self.kept is not None and (len(set(self.kept)) != len(self.kept) or min(self.kept, default=0) < 0):
-            raise ValueError("kept lists distinct non-negative unit indices")
-        return self
-
-
-class QuantizeAction(BaseModel):
-    """Store one linear's weight at ``bits`` bits, per output channel (``group_size`` None) or in groups of
-    ``group_size`` inputs (a shorter last group when it does not divide the input width); or, with
-    ``format``, as that GGUF type (method ``gguf``: llama.cpp's own grid and quantizer, ``bits`` nominal)."""
-
-    model_config = ConfigDict(extra="forbid")
-    unit: str
-    op: Literal["quantize"] = "quantize"
-    bits: int = Field(ge=2, le=16, description="2-8 on layerwise's own grid; a GGUF type's nominal width")
-    group_size: Optional[int] = Field(128, ge=1)
-    symmetric: bool = False
-    method: str = "rtn"
-    awq: bool = Field(False, description="AWQ first: fold activation-aware input scales in and clip weights, "
-                                          "both searched on calibration outputs")
-    act_order: bool = Field(False, description="gptq: columns in order of decreasing Hessian diagonal, static groups")
-    format: Optional[str] = Field(None, description="GGUF type (q4_k, q8_0, ...); needs method gguf")
-    imatrix: bool = Field(False, description="gguf: weight the quantizer by the calibration's mean squared inputs")
-
-    @model_validator(mode="after")
-    def _format_needs_gguf_method(self) -> "QuantizeAction":
-        if (self.format is None) != (self.method != "gguf"):
-            raise ValueError("a GGUF format goes with method 'gguf', and method 'gguf' needs a format")
-        if self.format is None and self.bits > 8:
-            raise ValueError(f"layerwise's own grid stores 2 to 8 bits, not {self.bits}")
-        if self.format is not None:
-            from .gguf import GGUF_TYPES
-
-            if self.format not in GGUF_TYPES:
-                raise ValueError(f"unknown GGUF type '{self.format}' (known: {', '.join(GGUF_TYPES)})")
-        return self
-
-
-Action = Annotated[Union[SparsifyAction, RemoveAction, SliceAction, QuantizeAction], Field(discriminator="op")]
-STRUCTURAL_OPS = ("remove", "slice", "quantize")  # ops that change modules, replayed before saved weights load
+ACTIONS: Registry[type[Action]] = Registry("plan operation")
 
 
 class CalibrationRecord(BaseModel):
@@ -147,14 +64,38 @@ class Plan(BaseModel):
     method: str
     allocator_params: dict[str, Any] = Field(default_factory=dict)
     seed: int = 0
-    actions: list[Action]
+    actions: list[SerializeAsAny[Action]]
     calibration: Optional[CalibrationRecord] = None
     prediction: dict[str, Any] = Field(default_factory=dict)
     details: dict[str, Any] = Field(default_factory=dict)
 
+    @field_validator("actions", mode="before")
+    @classmethod
+    def _actions_of_their_kind(cls, actions: Any) -> Any:
+        """Each action read as the kind its ``op`` registered (a plan names its kinds in the data)."""
+        if not isinstance(actions, list):
+            return actions
+        typed = []
+        for index, action in enumerate(actions):
+            if isinstance(action, dict):
+                op = action.get("op")
+                if op not in ACTIONS:
+                    raise ValidationError.from_exception_data("Action", [{
+                        "type": "union_tag_invalid", "loc": (index,), "input": action,
+                        "ctx": {"discriminator": "'op'", "tag": str(op),
+                                "expected_tags": ", ".join(f"'{name}'" for name in ACTIONS.names())}}])
+                try:
+                    action = ACTIONS.get(op).model_validate(action)
+                except ValidationError as exc:  # located as a tagged union locates them: actions.<index>.<op>.<field>
+                    raise ValidationError.from_exception_data("Action", [
+                        {key: error[key] for key in ("type", "input", "ctx") if key in error}
+                        | {"loc": (index, op, *error["loc"])} for error in exc.errors()]) from None
+            typed.append(action)
+        return typed
+
     def structural_actions(self) -> list[Action]:
         """Actions that change shapes or modules: a saved model needs them replayed to load its weights."""
-        return [action for action in self.actions if action.op in STRUCTURAL_OPS]
+        return [action for action in self.actions if action.structural]
 
     def to_json(self) -> str:
         return self.model_dump_json(indent=2, exclude_none=True) + "\n"

@@ -7,10 +7,10 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
+from .calibration import CalibrationSource
 from .config import Budget
 from .models import LoadedModel
 from .plan import Plan
-from .calibration import CalibrationSource
 from .structures import STRUCTURES, PlanRequest
 
 

@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
 from .cache import atomic_write_json
 from .errors import DataError
+from .plan import Plan
 
 RESULT_FORMAT = "layerwise.result/2"
 LEGACY_FORMAT = "layerwise.result/1"  # files without a format field
@@ -62,7 +63,6 @@ class Result(BaseModel):
     def _plan_is_a_plan(cls, plan: Optional[dict[str, Any]]) -> Optional[dict[str, Any]]:
         """The plan as written (unset fields left out), checked against the Plan model."""
         if plan is not None:
-            from .plan import Plan
 
             Plan.model_validate(plan)
         return plan

@@ -13,16 +13,17 @@ from typing import Any, Optional
 
 from torch import nn
 
-from .ops import ApplyContext, apply_plan
+from .calibration import CalibrationSource
 from .config import Budget, HealSetting, RunSettings
 from .errors import SettingsError
 from .healing import heal_measured
 from .measure import Timings
 from .models import LoadedModel
+from .ops import ApplyContext, apply_plan
+from .ops.quantize import QuantizeAction
 from .options import RECIPE_FORMAT, PlanOptions, read_recipe_file
-from .plan import Plan, QuantizeAction
+from .plan import Plan
 from .planning import make_plan, validate_request
-from .calibration import CalibrationSource
 
 PRUNE_STRUCTURES = ("width", "depth", "joint", "unstructured")
 STAGE_KINDS = ("prune", "heal", "quantize")

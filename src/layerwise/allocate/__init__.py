@@ -1,9 +1,9 @@
 """Allocators: one file each, registered in ``ALLOCATORS``; all compared on the same budget."""
 
 from . import adapt, alpha, automp, bits, drop_last, owl, rl_allocator, rl_refine, shortgpt, sleb, sprint, uniform  # noqa: F401
-from .width import WIDTH_ALLOCATORS, WidthAllocation, WidthContext, WidthSpace, Widths, fit_budget
 from .base import ALLOCATORS, Allocation, AllocationContext, exact_counts
 from .depth import DEPTH_ALLOCATORS, DepthAllocation, DepthContext, DepthStep
+from .width import WIDTH_ALLOCATORS, WidthAllocation, WidthContext, Widths, WidthSpace, fit_budget
 
 __all__ = [
     "ALLOCATORS",

@@ -7,8 +7,8 @@ from __future__ import annotations
 from typing import Optional
 
 from ..calibration.width import block_similarity
-from .width import WIDTH_ALLOCATORS, WidthAllocation, WidthContext, fit_budget, timed_allocation
 from ..component_options import ComponentOptions, declares, option
+from .width import WIDTH_ALLOCATORS, WidthAllocation, WidthContext, fit_budget, timed_allocation
 
 
 def adapt_keep_fractions(context: WidthContext, adapt_amplitude: float) -> tuple[dict[int, float], dict[int, float]]:

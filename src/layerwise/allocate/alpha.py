@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
-
 from typing import Optional
 
-from ..config import Budget
 from ..calibration.esd import spectral_metrics
-from .base import ALLOCATORS, Allocation, AllocationContext, check_budget, linear_map, per_block_to_units
 from ..component_options import ComponentOptions, declares, option
+from ..config import Budget
+from .base import ALLOCATORS, Allocation, AllocationContext, check_budget, linear_map, per_block_to_units
 
 
 class AlphaOptions(ComponentOptions):

@@ -12,21 +12,31 @@ answer is recorded for the report's box plot.
 
 from __future__ import annotations
 
-from typing import Optional
-
 import math
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..errors import BudgetError
-from ..models.swaps import SwapLog
-from ..evaluate.perplexity import token_set_perplexity
 from ..component_options import declares, option
-from .bits import (ACTIVATION_STATISTICS, BIT_ALLOCATORS, BitAllocation, BitContext, SensitivityOptions, budget_bits,
-                   check_bit_budget, fit_bits, linear_statistics, sensitivities)
+from ..errors import BudgetError
+from ..evaluate.perplexity import token_set_perplexity
+from ..models.discovery import block_index, find_blocks
+from ..models.swaps import SwapLog
+from .bits import (
+    ACTIVATION_STATISTICS,
+    BIT_ALLOCATORS,
+    BitAllocation,
+    BitContext,
+    SensitivityOptions,
+    budget_bits,
+    check_bit_budget,
+    fit_bits,
+    linear_statistics,
+    sensitivities,
+)
 
 ROLES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -38,7 +48,6 @@ def automp_reward(ppl: float, base_ppl: float, avg: float, alpha: float, beta: f
 
 def linear_states(context: BitContext) -> torch.Tensor:
     """One row per linear: log-scaled, standardised activation statistics, relative depth, role one-hot."""
-    from ..models.discovery import block_index, find_blocks
 
     statistics = linear_statistics(context)
     prefix, blocks = find_blocks(context.model)

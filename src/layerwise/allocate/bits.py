@@ -23,12 +23,16 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..errors import BudgetError
-from ..models.discovery import find_blocks
-from ..registry import Registry
-from ..gguf.activations import round_activations
-from .levels import GGUFLevels, Level, LevelSet, parse_levels
+from ..cache import atomic_write_json, cache_dir, read_json, stable_hash
+from ..calibration.sublayers import SublayerStream
 from ..component_options import ComponentOptions, declares, option
+from ..errors import BudgetError
+from ..evaluate.perplexity import next_token_nll
+from ..gguf.activations import round_activations
+from ..models.discovery import find_blocks
+from ..models.fingerprint import model_fingerprint
+from ..registry import Registry
+from .levels import GGUFLevels, Level, LevelSet, parse_levels
 
 
 @dataclass
@@ -226,7 +230,6 @@ class _NllIncrease:
 
     @staticmethod
     def nll(logits: list[torch.Tensor], batches: list[torch.Tensor]) -> float:
-        from ..evaluate.perplexity import next_token_nll
 
         pairs = [next_token_nll(chunk, ids) for chunk, ids in zip(logits, batches)]
         return sum(n for n, _ in pairs) / sum(c for _, c in pairs)
@@ -240,8 +243,6 @@ def _measured_sensitivity(context: BitContext, metric: str) -> dict[str, dict[Le
     tokens. Each candidate reruns only the sublayers from its own on (stored states before it); lossless levels
     (own 8-bit, GGUF f16) are taken as 0 rather than measured. Cached on disk per model, tokens and
     quantization settings, every level measured so far kept."""
-    from ..cache import atomic_write_json, cache_dir, read_json, stable_hash
-    from ..models.fingerprint import model_fingerprint
 
     tokens = context.calibration.tokens()[:SENSITIVITY_SAMPLES, :SENSITIVITY_SEQLEN]
     key = stable_hash({"model": model_fingerprint(context.model), "tokens": tokens.tolist(), "metric": metric,
@@ -266,7 +267,6 @@ def _measured_sensitivity(context: BitContext, metric: str) -> dict[str, dict[Le
 @torch.no_grad()
 def _measure(context: BitContext, tokens: torch.Tensor, missing: dict[str, list[Level]], metric: str,
              result: dict[str, dict[Level, float]]) -> None:
-    from ..calibration.sublayers import SublayerStream
 
     batch_size = context.calibration.settings.calib_batch_size
     stream = SublayerStream(context.model, tokens, batch_size, num_checkpoints=2 * len(find_blocks(context.model)[1]))

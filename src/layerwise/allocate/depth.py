@@ -17,12 +17,13 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..component_options import ComponentOptions, option
 from ..config import Budget
 from ..cost.latency_table import LatencyTable
 from ..errors import BudgetError
 from ..models.adapter import get_adapter
+from ..ops.depth import temporarily_removed
 from ..registry import Registry
-from ..component_options import ComponentOptions, option
 
 
 @dataclass
@@ -137,7 +138,6 @@ class RemovalSearch:
 
     def record(self, names: list[str], score: float | None = None) -> None:
         """Note a step whose sublayers the caller has already (reversibly) removed."""
-        from ..ops.depth import temporarily_removed
 
         self.enter(temporarily_removed(self.context.model, names))
         self.removed.extend(names)

@@ -14,7 +14,9 @@ import torch
 from torch import nn
 
 from ..errors import BudgetError
-from ..plan import QuantizeAction
+from ..gguf import GGUF_TYPES, gguf_type, stored_type
+from ..gguf.quantize import round_trip
+from ..ops.quantize import QuantizeAction, rtn_round_trip
 
 Level = Any  # int (own grid: bits) or str (GGUF type name)
 
@@ -72,7 +74,6 @@ class GridLevels(LevelSet):
         return float(level)
 
     def round_trip(self, linear: nn.Linear, level: Level, importance: np.ndarray | None = None) -> torch.Tensor:
-        from ..ops.quantize import rtn_round_trip
 
         weight = linear.weight.data
         return rtn_round_trip(weight, int(level), self.group_size, self.symmetric).to(weight.dtype)
@@ -97,7 +98,6 @@ class GGUFLevels(LevelSet):
     scales); ``imatrix`` weights the quantizer by the calibration's mean squared inputs."""
 
     def __init__(self, choices: Sequence[str], imatrix: bool = False) -> None:
-        from ..gguf import gguf_type
 
         kinds = [gguf_type(c) for c in choices]
         if any(k.name == "f32" for k in kinds):
@@ -106,18 +106,14 @@ class GGUFLevels(LevelSet):
         self.imatrix = imatrix
 
     def stored(self, linear: nn.Linear, level: Level) -> Level:
-        from ..gguf import stored_type
 
         return stored_type(level, linear.in_features).name
 
     def bits(self, linear: nn.Linear, level: Level) -> float:
-        from ..gguf import stored_type
 
         return stored_type(level, linear.in_features).bits_per_weight
 
     def round_trip(self, linear: nn.Linear, level: Level, importance: np.ndarray | None = None) -> torch.Tensor:
-        from ..gguf import stored_type
-        from ..gguf.quantize import round_trip
 
         return round_trip(linear.weight.data, stored_type(level, linear.in_features),
                           importance if self.imatrix else None)
@@ -141,7 +137,6 @@ def nominal_bits(kind: str) -> int:
 def parse_levels(text: str | int | Sequence, group_size: int | None = 128, symmetric: bool = False,
                  imatrix: bool = False) -> LevelSet:
     """``4``, ``3,4,8`` (own grid, 2-8 bits) or ``q4_k,q6_k,q8_0`` (GGUF types) as a level set."""
-    from ..gguf import GGUF_TYPES
 
     items = text if isinstance(text, (list, tuple)) else str(text).split(",")
     parts = [str(p).strip().lower() for p in items if str(p).strip()]

@@ -6,9 +6,9 @@ from typing import Optional
 
 import torch
 
+from ..component_options import ComponentOptions, declares, option
 from ..config import Budget
 from .base import ALLOCATORS, Allocation, AllocationContext, check_budget, linear_map, per_block_to_units
-from ..component_options import ComponentOptions, declares, option
 
 
 @torch.no_grad()

@@ -11,12 +11,11 @@ from typing import Any
 import gymnasium as gym
 import numpy as np
 
+from ..component_options import declares
 from ..errors import BudgetError
+from .rl_training import RlOptions, SearchLog, search_objective, train_policy, unit_importance
 from .width import WIDTH_ALLOCATORS, WidthAllocation, WidthContext, WidthSpace, fit_budget, timed_allocation
 from .width_objective import RewardWeights
-from .rl_training import SearchLog, search_objective, train_policy, unit_importance
-from ..component_options import declares
-from .rl_training import RlOptions
 
 OBSERVATION = ("position", "depth", "attention_eligible", "mlp_eligible", "head_importance", "ffn_importance",
                "budget_left", "capacity_after", "previous_head_keep", "previous_ffn_keep")

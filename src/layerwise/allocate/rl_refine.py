@@ -10,14 +10,12 @@ from typing import Optional
 import gymnasium as gym
 import numpy as np
 
+from ..component_options import declares, option
 from ..errors import BudgetError
-from .adapt import adapt_keep_fractions
-from .rl_training import SearchLog, search_objective, train_policy
+from .adapt import AdaptOptions, adapt_keep_fractions
+from .rl_training import RlOptions, SearchLog, search_objective, train_policy
 from .width import WIDTH_ALLOCATORS, WidthAllocation, WidthContext, Widths, WidthSpace, fit_budget, timed_allocation
 from .width_objective import RewardWeights
-from ..component_options import declares, option
-from .adapt import AdaptOptions
-from .rl_training import RlOptions
 
 KINDS = ("groups", "channels")
 INVALID_MOVE_PENALTY = 1e-3  # a move that is impossible (same layer, empty source, full target) changes nothing

@@ -4,17 +4,18 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
-from typing import Iterator, Optional
-
-import torch
-from typing import Any, Callable
+from typing import Any, Callable, Iterator, Optional
 
 import gymnasium as gym
+import torch
+from stable_baselines3 import A2C, PPO
+from stable_baselines3.common.callbacks import BaseCallback
+from stable_baselines3.common.logger import Logger
 from tqdm.auto import tqdm
 
 from ..component_options import ComponentOptions, option
-from ..registry import Registry
 from ..cost.analytic import ModelDims
+from ..registry import Registry
 from .width import WidthContext, Widths
 from .width_objective import Objective, RewardWeights, WidthProxy
 
@@ -55,14 +56,12 @@ class SearchLog:
 
 
 def _ppo(env: gym.Env, seed: int, episode_length: int) -> Any:
-    from stable_baselines3 import PPO
 
     return PPO("MlpPolicy", env, n_steps=4 * episode_length, batch_size=episode_length, n_epochs=4,
                gamma=0.99, learning_rate=3e-4, seed=seed, device="cpu", verbose=0)
 
 
 def _a2c(env: gym.Env, seed: int, episode_length: int) -> Any:
-    from stable_baselines3 import A2C
 
     return A2C("MlpPolicy", env, n_steps=episode_length, gamma=0.99, learning_rate=7e-4, seed=seed,
                device="cpu", verbose=0)
@@ -75,7 +74,6 @@ RL_ALGORITHMS.add("a2c", _a2c)
 
 def train_policy(env: gym.Env, algorithm: str, steps: int, seed: int, episode_length: int, log: SearchLog) -> None:
     """Train a seeded policy on ``env`` for ``steps`` environment steps (the searches read ``log``)."""
-    from stable_baselines3.common.callbacks import BaseCallback
 
     class Progress(BaseCallback):
         def _on_training_start(self) -> None:
@@ -90,7 +88,6 @@ def train_policy(env: gym.Env, algorithm: str, steps: int, seed: int, episode_le
         def _on_training_end(self) -> None:
             self.bar.close()
 
-    from stable_baselines3.common.logger import Logger
 
     model = RL_ALGORITHMS.get(algorithm)(env, seed, episode_length)
     # a logger with no outputs: SB3's default one creates an empty SB3-<time> directory in /tmp on every run

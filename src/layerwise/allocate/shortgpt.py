@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import torch
 
-from ..config import Budget
 from ..calibration.blockwise import BlockwiseRunner
+from ..config import Budget
 from .depth import DEPTH_ALLOCATORS, DepthAllocation, DepthContext, RemovalSearch, remove_blocks_in_order
 
 

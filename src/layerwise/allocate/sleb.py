@@ -7,11 +7,10 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
-from ..config import Budget
 from ..calibration.sublayers import SublayerStream
-from .depth import DEPTH_ALLOCATORS, DepthAllocation, DepthContext, RemovalSearch
 from ..component_options import declares
-from .depth import CheckpointOptions
+from ..config import Budget
+from .depth import DEPTH_ALLOCATORS, CheckpointOptions, DepthAllocation, DepthContext, RemovalSearch
 
 
 def _perplexity_without(stream: SublayerStream, tokens: list[torch.Tensor], block: int) -> float:

@@ -11,21 +11,19 @@ removal can have changed them, sweeping once from the nearest activation checkpo
 
 from __future__ import annotations
 
-from typing import Optional
-
 import contextlib
+from typing import Optional
 
 import torch
 from tqdm.auto import tqdm
 
-from ..ops.tuning import DIRECTIONS, measurement_end, swapped_slice, tune_for_removal
-from ..config import Budget
-from ..errors import BudgetError
 from ..calibration.distance import DISTANCES, mean_distance
 from ..calibration.sublayers import States, SublayerStream
-from .depth import DEPTH_ALLOCATORS, DepthAllocation, DepthContext, RemovalSearch
 from ..component_options import declares, option
-from .depth import CheckpointOptions
+from ..config import Budget
+from ..errors import BudgetError
+from ..ops.tuning import DIRECTIONS, measurement_end, swapped_slice, tune_for_removal
+from .depth import DEPTH_ALLOCATORS, CheckpointOptions, DepthAllocation, DepthContext, RemovalSearch
 
 
 def sensitivity(stream: SublayerStream, states: States, position: int, metric: str, normalize: bool,

@@ -15,11 +15,11 @@ import torch
 from pydantic import BaseModel, Field
 from torch import nn
 
+from ..calibration.width import WidthScores
 from ..cost.analytic import PROXIES, ModelDims, estimate_costs
 from ..evaluate.perplexity import token_set_perplexity
 from ..models.adapter import get_adapter
 from ..models.width import UnitMask
-from ..calibration.width import WidthScores
 from .width import Widths, WidthSpace
 
 

@@ -8,15 +8,16 @@ from typing import Any
 
 import torch
 
+from ..cache import stable_hash
 from ..config import RunSettings
 from ..data import bos_convention, load_corpus, sample_calibration, tokenize_documents, window_bos
 from ..data.tokens import tokenizer_fingerprint
-from ..cache import stable_hash
 from ..errors import PlanError
-from ..plan import CalibrationRecord
 from ..models.fingerprint import model_fingerprint
 from ..models.loading import LoadedModel
+from ..plan import CalibrationRecord
 from .profile import Profile, load_or_compute_profile
+from .width import WIDTH_SCORERS
 
 
 class CalibrationSource:
@@ -94,7 +95,6 @@ class CalibrationSource:
     def width_scores(self, method: str, **options: Any) -> Any:
         """Importance of every KV group and FFN channel by ``method`` (``WIDTH_SCORERS``), computed on the
         model as first asked and shared by the allocator and the backend of a run."""
-        from .width import WIDTH_SCORERS
 
         key = (WIDTH_SCORERS.canonical(method), tuple(sorted(options.items())))
         if key not in self._width_scores:

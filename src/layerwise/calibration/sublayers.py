@@ -9,12 +9,12 @@ from the nearest checkpoint at or before ``p``, never from the start.
 from __future__ import annotations
 
 import math
-
 from typing import Iterable
 
 import torch
 from torch import nn
 
+from ..evaluate.perplexity import next_token_nll
 from ..models.adapter import Sublayer, get_adapter
 from .blockwise import BlockwiseRunner
 
@@ -82,7 +82,6 @@ class SublayerStream:
 
     def perplexity_from(self, position: int, batches: list[torch.Tensor], skip: Iterable[int] = ()) -> float:
         """Perplexity on ``batches`` (the stream's token batches) of ``logits_from(position, skip)``."""
-        from ..evaluate.perplexity import next_token_nll
 
         nll, count = 0.0, 0
         for logits, ids in zip(self.logits_from(position, skip), batches):

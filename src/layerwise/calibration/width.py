@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from ..models.adapter import ModelAdapter, Sublayer, get_adapter
 from ..registry import Registry
+from .blockwise import BlockwiseRunner
 
 
 @dataclass
@@ -126,7 +127,6 @@ def _score_all(adapter: ModelAdapter, per_weight: Callable[[nn.Linear], torch.Te
 @torch.no_grad()
 def block_similarity(model: nn.Module, calibration: torch.Tensor, batch_size: int = 8) -> dict[int, float]:
     """Mean cosine similarity between each block's input and output hidden states over calibration tokens."""
-    from .blockwise import BlockwiseRunner
 
     runner = BlockwiseRunner(model, calibration, batch_size)
     similarity = {}

@@ -3,16 +3,20 @@ whole model and (optionally) each attention/MLP sublayer; warm-up first, then th
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 import time
 from collections import defaultdict
-from typing import Iterator, Optional
+from typing import Iterator, Optional, Protocol
 
 import torch
 from pydantic import BaseModel
 
 from ..config import LatencySetting
+from ..errors import EngineError
 from ..models.adapter import get_adapter
+
+Run = tuple[float, float]  # (prefill seconds, decode seconds) of one timed run
 
 
 class SublayerLatency(BaseModel):
@@ -107,39 +111,78 @@ def _runs(model: torch.nn.Module, setting: LatencySetting, device: torch.device)
         yield prefill, time.perf_counter() - start
 
 
-@torch.no_grad()
-def measure_latency(
-    model: torch.nn.Module, setting: LatencySetting | None = None, per_sublayer: bool = False
-) -> LatencyReport:
-    """Median prefill latency and per-token decode latency of ``model`` as it is now (its dtype, device).
+class Timed(Protocol):
+    """What latency is measured on, in any engine: a prepared model's runs of a setting, and where it ran."""
 
-    With ``per_sublayer`` each attention and MLP sublayer is timed by hooks in the same runs; the hooks'
-    synchronisation adds a little to the whole-model figures, so time without them for headline numbers.
+    device: str
+    threads: int
+
+    def timed_runs(self, setting: LatencySetting) -> Iterator[Run]: ...
+
+
+class TorchTimed:
+    """A PyTorch module as ``Timed``: runs from a fresh KV cache on the module's own device and dtype."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.model = model
+        self._device = next(model.parameters()).device
+        self.device = str(self._device)
+        self.threads = torch.get_num_threads()
+
+    def timed_runs(self, setting: LatencySetting) -> Iterator[Run]:
+        return _runs(self.model, setting, self._device)
+
+
+def _timed(model: torch.nn.Module | Timed) -> Timed:
+    return TorchTimed(model) if isinstance(model, torch.nn.Module) else model
+
+
+@contextlib.contextmanager
+def _evaluating(*models: object) -> Iterator[None]:
+    """PyTorch modules in eval mode and without autograd while they are timed, their modes restored after."""
+    modes = [(m, m.training) for m in models if isinstance(m, torch.nn.Module)]
+    try:
+        for module, _ in modes:
+            module.eval()
+        with torch.no_grad():
+            yield
+    finally:
+        for module, mode in modes:
+            module.train(mode)
+
+
+def measure_latency(model: torch.nn.Module | Timed, setting: LatencySetting | None = None,
+                    per_sublayer: bool = False) -> LatencyReport:
+    """Median prefill latency and per-token decode latency of ``model`` as it is now: a PyTorch module (its dtype,
+    device) or any engine's ``Timed`` model (a GGUF file in llama.cpp), ``setting.warmup`` runs untimed.
+
+    With ``per_sublayer`` each attention and MLP sublayer of a PyTorch module is timed by hooks in the same runs;
+    the hooks' synchronisation adds a little to the whole-model figures, so time without them for headline numbers.
     """
     setting = setting or LatencySetting()
-    device = next(model.parameters()).device
-    clock = _SublayerClock(model, device) if per_sublayer else None
-    was_training = model.training
-    model.eval()
+    timed = _timed(model)
+    if per_sublayer and not isinstance(timed, TorchTimed):
+        raise EngineError(f"Sublayers are timed by PyTorch hooks; {timed.device} times the whole model only.")
+    clock = _SublayerClock(model, timed._device) if per_sublayer else None
     prefill, decode = [], []
     per_run: list[dict[tuple[str, str], float]] = []
     try:
-        runs = _runs(model, setting, device)
-        for index in range(setting.warmup + setting.repeats):
-            if clock is not None:
-                clock.reset()
-            prefill_s, decode_s = next(runs)
-            if index >= setting.warmup:
-                prefill.append(prefill_s)
-                decode.append(decode_s)
+        with _evaluating(model):
+            runs = timed.timed_runs(setting)
+            for index in range(setting.warmup + setting.repeats):
                 if clock is not None:
-                    per_run.append(dict(clock.totals))
+                    clock.reset()
+                prefill_s, decode_s = next(runs)
+                if index >= setting.warmup:
+                    prefill.append(prefill_s)
+                    decode.append(decode_s)
+                    if clock is not None:
+                        per_run.append(dict(clock.totals))
     finally:
         if clock is not None:
             clock.remove()
-        model.train(was_training)
     sublayers = _sublayer_medians(per_run, setting.decode_steps) if clock is not None else None
-    return latency_report(setting, prefill, decode, str(device), torch.get_num_threads(), sublayers)
+    return latency_report(setting, prefill, decode, timed.device, timed.threads, sublayers)
 
 
 class PairedLatency(BaseModel):
@@ -152,29 +195,18 @@ class PairedLatency(BaseModel):
     saved_ms: dict[str, Optional[float]] = {}
 
 
-@torch.no_grad()
-def measure_paired_latency(
-    reference: torch.nn.Module, model: torch.nn.Module, setting: LatencySetting | None = None
-) -> PairedLatency:
-    """Time ``reference`` and ``model`` in alternating runs (AB, BA, AB, ...) and report the speedup as the median
-    of each pair's ratio. The machine drifts between two separate measurements (other load, clocks), and a pair's
-    two runs drift alike: on the 2-core CI machine one plan measured 1.50-1.73x in four separate before/after
-    measurements and 1.575-1.587x in three paired ones, so only paired timing can check a speed budget to 5%."""
+def measure_paired_latency(reference: torch.nn.Module | Timed, model: torch.nn.Module | Timed,
+                           setting: LatencySetting | None = None) -> PairedLatency:
+    """Time ``reference`` and ``model`` (PyTorch modules or one engine's ``Timed`` models) in alternating runs (AB, BA,
+    AB, ...) and report the speedup as the median of each pair's ratio. The machine drifts between two separate
+    measurements (other load, clocks), and a pair's two runs drift alike: on the 2-core CI machine one plan measured
+    1.50-1.73x in four separate before/after measurements and 1.575-1.587x in three paired ones, so only paired
+    timing can check a speed budget to 5%."""
     setting = setting or LatencySetting()
-    device = next(model.parameters()).device
-    models = (reference, model)
-    modes = [m.training for m in models]
-    try:
-        for m in models:
-            m.eval()
-        timed = alternate((_runs(reference, setting, device), _runs(model, setting, device)), setting)
-    finally:
-        for m, mode in zip(models, modes):
-            m.train(mode)
-    return paired_report(setting, timed, str(device), torch.get_num_threads())
-
-
-Run = tuple[float, float]  # (prefill seconds, decode seconds) of one timed run
+    pair = _timed(reference), _timed(model)
+    with _evaluating(reference, model):
+        timed = alternate((pair[0].timed_runs(setting), pair[1].timed_runs(setting)), setting)
+    return paired_report(setting, timed, pair[1].device, pair[1].threads)
 
 
 def alternate(runs: tuple[Iterator[Run], Iterator[Run]], setting: LatencySetting) -> tuple[list[Run], list[Run]]:

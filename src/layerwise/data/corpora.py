@@ -10,6 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from gensim.corpora.wikicorpus import extract_pages, filter_wiki
+
 from ..cache import atomic_write_json, cache_dir, read_json, stable_hash
 from ..errors import DataError
 from ..registry import Registry
@@ -99,7 +101,6 @@ def wiki_corpus() -> Corpus:
 
 
 def _extract_wiki_articles(path: Path) -> list[str]:
-    from gensim.corpora.wikicorpus import extract_pages, filter_wiki
 
     articles = []
     with bz2.open(path, "rb") as handle:

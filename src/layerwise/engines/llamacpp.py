@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import tempfile
 import time
 from pathlib import Path
 from typing import Iterator
@@ -14,9 +15,10 @@ import numpy as np
 import torch
 
 from ..config import LatencySetting
-from ..cost.latency import (LatencyReport, PairedLatency, alternate, latency_prompt, latency_report,
-                            paired_report)
+from ..cost.latency import PairedLatency, latency_prompt, measure_paired_latency
+from ..cost.latency_table import PAIRED_LATENCY
 from ..errors import EngineError
+from ..export import export_gguf
 from ..gguf.files import check_gguf_file
 from ..gguf.native import llama_cpp
 
@@ -44,6 +46,13 @@ class LlamaCppModel:
         except (ValueError, RuntimeError) as exc:
             raise EngineError(f"llama.cpp could not load {self.path}: {exc}") from None
         self.n_vocab = self.llm.n_vocab()
+        self.device = "llama.cpp (cpu)"
+
+    @classmethod
+    def for_latency(cls, path: str | Path, setting: LatencySetting, threads: int | None = None) -> "LlamaCppModel":
+        """The file loaded to time ``setting``: a context of the prompt and its decoded tokens, no logits kept."""
+        return cls(path, setting.prompt_length + setting.decode_steps + 1, threads, logits_all=False,
+                   batch=setting.prompt_length)
 
     def logits(self, ids: list[int] | torch.Tensor) -> torch.Tensor:
         """Next-token logits [len(ids), vocab] of one sequence from an empty KV cache."""
@@ -93,32 +102,6 @@ class LlamaCppModel:
             yield prefill, time.perf_counter() - start
 
 
-def llamacpp_latency(path: str | Path, setting: LatencySetting | None = None, threads: int | None = None
-                     ) -> LatencyReport:
-    """Median prefill and per-token decode latency of a GGUF file in llama.cpp, after ``setting.warmup`` runs."""
-    setting = setting or LatencySetting()
-    with LlamaCppModel(path, setting.prompt_length + setting.decode_steps + 1, threads, logits_all=False,
-                       batch=setting.prompt_length) as model:
-        runs = model.timed_runs(setting)
-        for _ in range(setting.warmup):
-            next(runs)
-        timed = [next(runs) for _ in range(setting.repeats)]
-        return latency_report(setting, [p for p, _ in timed], [d for _, d in timed], "llama.cpp (cpu)",
-                              model.threads)
-
-
-def llamacpp_paired_latency(reference: str | Path, path: str | Path, setting: LatencySetting | None = None,
-                            threads: int | None = None) -> PairedLatency:
-    """Two GGUF files timed in alternating runs in llama.cpp (both loaded at once), as PyTorch models are: the
-    machine drifts between separate measurements, a pair's two runs drift alike."""
-    setting = setting or LatencySetting()
-    context = setting.prompt_length + setting.decode_steps + 1
-    with LlamaCppModel(reference, context, threads, logits_all=False, batch=setting.prompt_length) as dense, \
-            LlamaCppModel(path, context, threads, logits_all=False, batch=setting.prompt_length) as model:
-        timed = alternate((dense.timed_runs(setting), model.timed_runs(setting)), setting)
-        return paired_report(setting, timed, "llama.cpp (cpu)", model.threads)
-
-
 @contextlib.contextmanager
 def _quiet_stderr() -> Iterator[None]:
     """Silence what llama.cpp prints on C stderr while loading (its errors surface as exceptions)."""
@@ -144,21 +127,12 @@ def exported_paired_latency(reference, model, setting: LatencySetting, outtype: 
                             embedding_type: str | None = None) -> PairedLatency:
     """Two loaded models as llama.cpp runs them: each exported to a temporary GGUF, then timed in alternating runs
     (at least ``TABLE_REPEATS`` pairs: latency tables subtract such numbers, so noise matters)."""
-    import tempfile
-
-    from ..export import export_gguf
-
     setting = setting.model_copy(update={"repeats": max(setting.repeats, TABLE_REPEATS)})
     with tempfile.TemporaryDirectory() as directory:
         paths = [export_gguf(loaded, Path(directory) / f"{name}.gguf", outtype, embedding_type).path
                  for name, loaded in (("reference", reference), ("model", model))]
-        return llamacpp_paired_latency(*paths, setting)
+        with LlamaCppModel.for_latency(paths[0], setting) as dense, LlamaCppModel.for_latency(paths[1], setting) as probe:
+            return measure_paired_latency(dense, probe, setting)
 
 
-def _register() -> None:
-    from ..cost.latency_table import PAIRED_LATENCY
-
-    PAIRED_LATENCY.add("llama.cpp", exported_paired_latency, "llamacpp")
-
-
-_register()
+PAIRED_LATENCY.add("llama.cpp", exported_paired_latency, "llamacpp")

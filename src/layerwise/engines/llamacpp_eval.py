@@ -3,22 +3,26 @@ llama.cpp computes the logits) and its prefill/decode latency, with the file's s
 
 from __future__ import annotations
 
+import contextlib
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import torch
 from gguf import GGUFReader
 
 from ..config import RunSettings
+from ..cost.latency import measure_latency, measure_paired_latency
 from ..data import load_corpus
 from ..errors import SettingsError
+from ..evaluate.kld import WindowLogits, settings_kld
 from ..evaluate.perplexity import next_token_nll, protocol_perplexity
+from ..gguf.files import check_gguf_file
+from ..gguf.tokenizer import tokenizer_from_gguf
 from ..measure import Timings, timed
 from .base import ENGINES, Evaluation
-from ..gguf.files import check_gguf_file
-from .llamacpp import LlamaCppModel, llamacpp_latency
+from .llamacpp import LlamaCppModel
 from .reference import llamacpp_logits, reference_logits
-from ..evaluate.kld import settings_kld
 
 
 def gguf_size(path: Path) -> dict:
@@ -34,28 +38,49 @@ def gguf_size(path: Path) -> dict:
 
 @ENGINES.register("llama.cpp", "llamacpp")
 def evaluate_llamacpp(spec: str, settings: RunSettings, timings: Timings) -> Evaluation:
-    from ..gguf.tokenizer import tokenizer_from_gguf
-
     if settings.tasks:
         raise SettingsError("Zero-shot tasks run in the PyTorch engine only; drop --tasks or use --engine pytorch.")
     path = check_gguf_file(spec)
-    metrics: dict = {**gguf_size(path), "ppl": None, "latency": None, "zeroshot": None, "kld": None}
-    protocol = None
-    if settings.perplexity:
+    tokenizer = tokenizer_from_gguf(path) if settings.perplexity else None
+    with contextlib.ExitStack() as stack:
+        reference = stack.enter_context(reference_logits(settings.reference, settings)) \
+            if settings.perplexity and settings.kld and settings.reference else None
+        measured = measure_gguf(path, tokenizer, settings, reference, settings.reference, timings=timings)
+    protocol = measured.pop("protocol")
+    return Evaluation({"spec": str(spec), "source": f"GGUF file {path.resolve()} (llama.cpp)"},
+                      {**measured, "zeroshot": None}, protocol)
+
+
+def measure_gguf(path: Path, tokenizer, settings: RunSettings, reference: WindowLogits | None = None,
+                 reference_name: str = "", timed_beside: Path | None = None, timings: Timings | None = None
+                 ) -> dict[str, Any]:
+    """A GGUF file in llama.cpp, each part when ``settings`` asks for it: size by tensor type; perplexity under the
+    protocol (``tokenizer`` makes the ids), from the KL-divergence pass when there is a ``reference`` (one pass,
+    as ``llama-perplexity --kl-divergence``); latency, timed in alternating runs with the file ``timed_beside``
+    under paired latency (``speedup``: its time / this file's). Every path that measures a GGUF file runs this."""
+    timings = {} if timings is None else timings
+    measured: dict[str, Any] = {**gguf_size(path), "ppl": None, "protocol": None, "latency": None, "kld": None}
+    if settings.perplexity and settings.kld and reference is not None:
+        with timed(timings, "eval_s"), LlamaCppModel(path, settings.seqlen, settings.threads) as model:
+            kld = settings_kld(llamacpp_logits(model), reference, tokenizer, settings, reference_name, "gguf",
+                               "llama.cpp")
+        measured.update(ppl=kld.ppl, protocol=kld.protocol.model_dump(), kld=kld.model_dump(exclude={"protocol"}))
+    elif settings.perplexity:
         with timed(timings, "eval_s"):
-            tokenizer = tokenizer_from_gguf(path)
             corpus = load_corpus(settings.corpus, settings.eval_text, settings.calib_text)
             result = gguf_perplexity(path, tokenizer, corpus, settings)
-        metrics["ppl"], protocol = result.ppl, result.protocol.model_dump()
-        if settings.kld and settings.reference:
-            with timed(timings, "kld_s"), LlamaCppModel(path, settings.seqlen, settings.threads) as model, \
-                    reference_logits(settings.reference, settings) as reference:
-                metrics["kld"] = settings_kld(llamacpp_logits(model), reference, tokenizer, settings,
-                                              settings.reference, "gguf", "llama.cpp").model_dump()
-    if settings.latency:
-        with timed(timings, "latency_s"):
-            metrics["latency"] = llamacpp_latency(path, settings.latency, settings.threads).model_dump()
-    return Evaluation({"spec": str(spec), "source": f"GGUF file {path.resolve()} (llama.cpp)"}, metrics, protocol)
+        measured.update(ppl=result.ppl, protocol=result.protocol.model_dump())
+    with timed(timings, "latency_s"):
+        if settings.latency and timed_beside is not None and settings.latency.paired:
+            with LlamaCppModel.for_latency(timed_beside, settings.latency, settings.threads) as dense, \
+                    LlamaCppModel.for_latency(path, settings.latency, settings.threads) as model:
+                pair = measure_paired_latency(dense, model, settings.latency)
+            measured.update(latency=pair.model.model_dump(), reference_latency=pair.reference.model_dump(),
+                            speedup=pair.speedup)
+        elif settings.latency:
+            with LlamaCppModel.for_latency(path, settings.latency, settings.threads) as model:
+                measured["latency"] = measure_latency(model, settings.latency).model_dump()
+    return measured
 
 
 def gguf_perplexity(path: str | Path, tokenizer, corpus, settings: RunSettings):

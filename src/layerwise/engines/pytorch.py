@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+
+from torch import nn
+
 from ..config import RunSettings
 from ..cost import measure_size
-from ..measure import Timings, measure_model, timed
-from ..models import load
 from ..evaluate.kld import pytorch_logits, settings_kld
+from ..measure import Timings, measure_model, timed
+from ..models import LoadedModel, load
 from .base import ENGINES, Evaluation
 from .reference import reference_logits
 
@@ -19,8 +23,19 @@ def evaluate_pytorch(spec: str, settings: RunSettings, timings: Timings) -> Eval
     metrics = {"ppl": measured.get("ppl"), **measure_size(loaded.model).as_dict(), "zeroshot": measured["zeroshot"],
                "latency": measured["latency"], "kld": None}
     if settings.kld and settings.perplexity and settings.reference:
-        with timed(timings, "kld_s"), reference_logits(settings.reference, settings) as reference:
-            metrics["kld"] = settings_kld(pytorch_logits(loaded.model), reference, loaded.tokenizer, settings,
-                                          settings.reference, settings.dtype).model_dump()
+        with timed(timings, "kld_s"):
+            metrics["kld"] = pytorch_kld(loaded, settings)
     return Evaluation({"spec": loaded.spec, "source": loaded.source}, metrics, measured.get("protocol"),
                       {"saved_plan": loaded.meta.get("has_plan", False)})
+
+
+def pytorch_kld(loaded: LoadedModel, settings: RunSettings, dense: nn.Module | None = None) -> dict:
+    """KL divergence of a PyTorch model to ``settings.reference`` (a .gguf file runs in llama.cpp) or, without
+    one, to the ``dense`` model it was compressed from, on the protocol's windows."""
+    with contextlib.ExitStack() as stack:
+        if settings.reference:
+            reference, name = stack.enter_context(reference_logits(settings.reference, settings)), settings.reference
+        else:
+            reference, name = pytorch_logits(dense), "dense"
+        return settings_kld(pytorch_logits(loaded.model), reference, loaded.tokenizer, settings, name,
+                            settings.dtype).model_dump()

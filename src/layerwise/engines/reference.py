@@ -11,6 +11,8 @@ import torch
 
 from ..config import RunSettings
 from ..evaluate.kld import WindowLogits, pytorch_logits
+from ..models import load
+from .llamacpp import LlamaCppModel
 
 
 def llamacpp_logits(model) -> WindowLogits:
@@ -25,12 +27,10 @@ def llamacpp_logits(model) -> WindowLogits:
 def reference_logits(spec: str, settings: RunSettings) -> Iterator[WindowLogits]:
     """The reference ``spec``'s logits function while the block runs (the llama.cpp model is closed after)."""
     if Path(spec).suffix.lower() == ".gguf":
-        from .llamacpp import LlamaCppModel
 
         with LlamaCppModel(spec, settings.seqlen, settings.threads) as model:
             yield llamacpp_logits(model)
         return
-    from ..models import load
 
     loaded = load(spec, dtype=settings.dtype, device=settings.device)
     with torch.no_grad():

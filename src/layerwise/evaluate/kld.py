@@ -19,7 +19,8 @@ from pydantic import BaseModel
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from ..data import Corpus, bos_convention, evaluation_windows, tokenize_documents, window_bos
+from ..cache import atomic_path
+from ..data import Corpus, bos_convention, evaluation_windows, load_corpus, tokenize_documents, window_bos
 from .perplexity import PerplexityProtocol
 
 # logits [n, seqlen, vocab] of a batch of windows [n, seqlen] under some engine's model
@@ -100,7 +101,6 @@ def stored_logits(logits: WindowLogits, directory: Path) -> WindowLogits:
     """``logits`` kept on disk window by window (float32, keyed by the window's ids), so a reference that many
     files are compared with runs once (as ``llama-perplexity --kl-divergence-base`` saves it); at 512 tokens and
     SmolLM2's 49,152-token vocabulary a window takes 100 MB."""
-    from ..cache import atomic_path
 
     def cached(batch: torch.Tensor) -> torch.Tensor:
         rows = []
@@ -122,7 +122,6 @@ def stored_logits(logits: WindowLogits, directory: Path) -> WindowLogits:
 def settings_kld(model: WindowLogits, reference: WindowLogits, tokenizer: PreTrainedTokenizerBase, settings,
                  reference_name: str, dtype: str, engine: str = "pytorch") -> KLDivergence:
     """``protocol_kld`` under a run's settings (corpus, windows, batch)."""
-    from ..data import load_corpus
 
     corpus = load_corpus(settings.corpus, settings.eval_text, settings.calib_text)
     return protocol_kld(model, reference, tokenizer, corpus, settings.seqlen, settings.max_windows,

@@ -21,8 +21,16 @@ from pydantic import BaseModel
 from transformers import PreTrainedTokenizerBase
 
 from ..cache import cache_dir
-from ..data.zeroshot_tasks import FORMAT_VERSION, TASKS, BenchmarkTask, chance_accuracy, load_items, parse_tasks, task_file
 from ..data.tokens import window_bos
+from ..data.zeroshot_tasks import (
+    FORMAT_VERSION,
+    TASKS,
+    BenchmarkTask,
+    chance_accuracy,
+    load_items,
+    parse_tasks,
+    task_file,
+)
 from ..registry import Registry
 from .memo import memoised
 

@@ -8,6 +8,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
+import gguf
 import numpy as np
 from gguf import GGUFWriter
 
@@ -134,7 +135,6 @@ def gguf_family(config) -> GGUFFamily:
 
 def tensor_name_map(family: GGUFFamily, blocks: int):
     """gguf-py's map from Hugging Face module names to the tensor names llama.cpp loads for ``family``."""
-    import gguf
 
     arch = next(arch for arch, name in gguf.MODEL_ARCH_NAMES.items() if name == family.architecture)
     return gguf.TensorNameMap(arch, blocks)

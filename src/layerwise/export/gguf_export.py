@@ -25,18 +25,20 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from gguf import GGUFReader, GGUFValueType, GGUFWriter, LlamaFileType
+from gguf import GGUFReader, GGUFValueType, GGUFWriter, LlamaFileType, RopeScalingType
+from gguf.vocab import BpeVocab, LlamaHfVocab, SpecialVocab
 from pydantic import BaseModel
 from torch import nn
 
-from ..ops.gguf_quant import GGUFLinear
 from ..cache import atomic_path
 from ..errors import ExportError, OutputExistsError, UnsupportedArchitectureError
 from ..gguf import GGUFType, gguf_type, stored_type
 from ..gguf.quantize import quantize_matrix
 from ..gguf.tokenizer import HF_TOKENIZER_KEY
+from ..models import decoder_linears
 from ..models.adapter import ModelAdapter, get_adapter
-from ..models.loading import LoadedModel
+from ..models.loading import NAMED_GGUF, LoadedModel
+from ..ops.gguf_quant import GGUFLinear
 from .families import GGUFFamily, gguf_family, rope_dimensions, rotary_rows, tensor_name_map
 
 LINEAR_NAMES = {("attention", "q"): "attn_q", ("attention", "k"): "attn_k", ("attention", "v"): "attn_v",
@@ -223,7 +225,6 @@ def _uniform(shapes: list[BlockShape]) -> bool:
 
 def source_gguf(loaded: LoadedModel) -> Path | None:
     """The GGUF file this model was loaded from, directly or through a layerwise run directory."""
-    from ..models.loading import NAMED_GGUF
 
     for spec in (loaded.spec, loaded.meta.get("source")):
         if not spec:
@@ -282,7 +283,6 @@ def _write_metadata(writer: GGUFWriter, model: nn.Module, adapter: ModelAdapter,
     writer.add_vocab_size(int(model.get_input_embeddings().num_embeddings))
     rope = _rope_scaling(config)
     if rope and rope.get("rope_type", rope.get("type")) == "linear":
-        from gguf import RopeScalingType
 
         writer.add_rope_scaling_type(RopeScalingType.LINEAR)
         writer.add_rope_scaling_factor(float(rope["factor"]))
@@ -305,7 +305,6 @@ def _write_tokenizer(writer: GGUFWriter, loaded: LoadedModel, source: Path | Non
 
 
 def _write_hf_tokenizer(writer: GGUFWriter, loaded: LoadedModel, vocab_size: int) -> str:
-    from gguf.vocab import BpeVocab, LlamaHfVocab, SpecialVocab
 
     with tempfile.TemporaryDirectory() as directory:
         loaded.tokenizer.save_pretrained(directory)
@@ -543,7 +542,6 @@ def embedding_bytes(model: nn.Module, embedding_type: str = "q8_0") -> int:
 def gguf_tensor_names(model: nn.Module) -> dict[str, str]:
     """Decoder-linear unit name -> its tensor's name in a GGUF export (``model.layers.3.mlp.down_proj`` ->
     ``blk.3.ffn_down.weight``), for every linear still present."""
-    from ..models import decoder_linears
 
     names = tensor_name_map(gguf_family(model.config), get_adapter(model).num_blocks)
     return {unit: f"{names.get_name(unit)}.weight" for unit in decoder_linears(model)}

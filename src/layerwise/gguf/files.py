@@ -5,13 +5,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from gguf import GGUFReader
+
 from ..errors import ModelNotFoundError
 
 
 def check_gguf_file(path: str | Path) -> Path:
     """``path`` as a readable GGUF file whose tensors all lie inside it, or one clear error: llama.cpp itself
     may abort the process on some malformed files, so they are caught here first."""
-    from gguf import GGUFReader
 
     file = Path(path).expanduser()
     if not file.is_file():

@@ -8,7 +8,8 @@ import tempfile
 from pathlib import Path
 
 from gguf import GGUFReader, GGUFValueType, GGUFWriter
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
+from tokenizers import Tokenizer
+from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from ..errors import ModelNotFoundError
 
@@ -28,7 +29,6 @@ def tokenizer_from_gguf(path: str | Path) -> PreTrainedTokenizerBase:
     source = Path(path)
     reader = GGUFReader(source)
     if HF_TOKENIZER_KEY in reader.fields:  # written by layerwise beside a tokenizer GGUF cannot express
-        from tokenizers import Tokenizer
 
         return _fast_tokenizer(Tokenizer.from_str(reader.fields[HF_TOKENIZER_KEY].contents()), reader)
     if "tokenizer.ggml.tokens" not in reader.fields:
@@ -57,7 +57,6 @@ def tokenizer_from_gguf(path: str | Path) -> PreTrainedTokenizerBase:
 
 def _fast_tokenizer(tokenizer, reader: GGUFReader) -> PreTrainedTokenizerBase:
     """A transformers tokenizer around ``tokenizer`` with the file's special tokens."""
-    from transformers import PreTrainedTokenizerFast
 
     tokens = reader.fields["tokenizer.ggml.tokens"]
     special = {}

@@ -1,8 +1,8 @@
 """Healing: train a compressed model toward the dense one (logit distillation, next-token loss or LoRA) within
 a token budget, and Adapt-Accel's interleaving of pruning steps with healing."""
 
-from .losses import LOSSES, hidden_mse, logit_kl
 from .lora import lora_adapters, lora_targets
+from .losses import LOSSES, hidden_mse, logit_kl
 from .schedule import Schedule
 from .trainer import CHECKPOINT_FILE, HealReport, heal, heldout_losses
 

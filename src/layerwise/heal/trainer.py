@@ -20,8 +20,8 @@ from ..config import HealSetting
 from ..data.training import TrainingStream
 from ..environment import native_bf16
 from ..errors import HealInterrupted, SettingsError
-from .losses import LOSSES, NEEDS_TEACHER, Outputs, forward, logit_kl
 from .lora import lora_adapters
+from .losses import LOSSES, NEEDS_TEACHER, Outputs, forward, logit_kl
 from .schedule import Schedule
 
 CHECKPOINT_FILE = "heal-checkpoint.pt"

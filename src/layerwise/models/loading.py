@@ -17,7 +17,11 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 from ..cache import cache_dir, stable_hash, staged_directory
 from ..data.tokens import encode
 from ..errors import LayerwiseError, ModelNotFoundError, TokenizerError, first_line
+from ..gguf.files import check_gguf_file
+from ..gguf.tokenizer import carries_hf_tokenizer, tokenizer_from_gguf
+from ..plan import Plan
 from ..registry import Registry
+from .restructure import load_restructured
 from .tiny import tiny_llama
 
 LAYERWISE_META = "layerwise.json"
@@ -98,7 +102,6 @@ def _load_layerwise_dir(spec: str) -> tuple[PreTrainedModel, PreTrainedTokenizer
     if not structural:
         model, tokenizer = _from_pretrained_dir(path)
         return model, tokenizer, f"layerwise directory {path}", meta
-    from .restructure import load_restructured
 
     tokenizer = load_tokenizer(path)
     model = load_restructured(path, structural)
@@ -107,7 +110,6 @@ def _load_layerwise_dir(spec: str) -> tuple[PreTrainedModel, PreTrainedTokenizer
 
 def _structural_actions(path: Path) -> list:
     """The saved plan's actions that changed the model's modules (none when there is no plan)."""
-    from ..plan import Plan
 
     plan_file = path / "plan.json"
     return Plan.load(plan_file).structural_actions() if plan_file.is_file() else []
@@ -120,7 +122,6 @@ def _load_hf_dir(spec: str) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, s
 
 
 def _load_gguf_path(spec: str) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, str, dict]:
-    from ..gguf.files import check_gguf_file
 
     path = check_gguf_file(Path(spec).expanduser().resolve())
     return (*load_gguf_cached(path), f"GGUF file {path} (dequantized, cached as safetensors)", {})
@@ -166,7 +167,6 @@ def load_gguf_cached(path: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBa
 
 
 def _convert_gguf(path: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    from ..gguf.tokenizer import carries_hf_tokenizer, tokenizer_from_gguf
 
     try:
         # a file layerwise wrote carries its source tokenizer whole: read that, not transformers' conversion

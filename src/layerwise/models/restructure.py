@@ -10,6 +10,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
+from transformers.initialization import no_init_weights
 
 from ..errors import ModelNotFoundError
 from ..registry import Registry
@@ -24,7 +25,6 @@ STRUCTURE_REPLAY: Registry[Callable[[torch.nn.Module, list["Action"]], None]] = 
 
 def load_restructured(path: Path, actions: list["Action"]) -> PreTrainedModel:
     """The model saved at ``path`` after ``actions`` (structural plan actions) changed its modules."""
-    from transformers.initialization import no_init_weights
 
     config = AutoConfig.from_pretrained(path)
     with no_init_weights():

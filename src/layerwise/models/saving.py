@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..version import __version__
 from ..cache import atomic_write_json
+from ..version import __version__
 from .loading import LAYERWISE_META, LoadedModel, drop_quantization_config
 
 if TYPE_CHECKING:

@@ -11,7 +11,6 @@ from typing import Any, Callable
 from torch import nn
 
 
-
 def set_head_counts(module: nn.Module, heads: int, kv_heads: int) -> dict[str, Any]:
     """Set an attention module's own head counts (attributes and a private config copy); returns what was
     there before (attribute -> value), which ``SwapLog.head_counts`` puts back on undo."""

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..calibration import BlockwiseRunner
 from ..errors import UnsupportedArchitectureError
 from ..models.adapter import get_adapter
 from ..plan import Action
@@ -167,7 +168,6 @@ def apply_awq(model: nn.Module, actions: list[Action], context: ApplyContext, cl
     """Search and fold AWQ scales, then (with ``clip``) search and apply clipping, block by block, for every
     linear with an ``awq`` action; returns the searches' output errors with and without their choice, per group
     (``scales``) and per clipped linear (``clip``)."""
-    from ..calibration import BlockwiseRunner
 
     by_unit = {a.unit: a for a in actions if a.awq}
     adapter = get_adapter(model)

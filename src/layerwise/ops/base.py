@@ -9,6 +9,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from ..calibration import BlockwiseRunner, attach_hessians, block_linears
 from ..errors import PlanError
 from ..models.discovery import decoder_linears
 from ..models.restructure import STRUCTURE_REPLAY  # noqa: F401  (re-exported for the ops)
@@ -101,7 +102,6 @@ def sequential_pass(model: nn.Module, actions: list[Action], context: ApplyConte
     linear's inputs in the block, run it, call ``update(linear, action, statistic)`` for each, then run the
     updated block so the next block sees compressed outputs (Wanda's, SparseGPT's and GPTQ's sequential
     calibration)."""
-    from ..calibration import BlockwiseRunner, block_linears
 
     source = context.require_calibration()
     targets = {a.unit: a for a in actions}
@@ -124,7 +124,6 @@ def sequential_pass(model: nn.Module, actions: list[Action], context: ApplyConte
 def sequential_hessian_pass(model: nn.Module, actions: list[Action], context: ApplyContext, description: str,
                             update: Callable[[nn.Module, Action, torch.Tensor], None]) -> None:
     """``sequential_pass`` with each target linear's input Hessian (SparseGPT, GPTQ)."""
-    from ..calibration import attach_hessians
 
     sequential_pass(model, actions, context, description, attach_hessians,
                     lambda linear, action, accumulator: update(linear, action, accumulator.hessian))

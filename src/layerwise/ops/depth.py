@@ -8,14 +8,43 @@ reversibly, for latency tables and sensitivity searches that try removals withou
 from __future__ import annotations
 
 import contextlib
-from typing import Iterable, Iterator
+from typing import ClassVar, Iterable, Iterator, Literal, Optional
 
+from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
+from ..calibration.sublayers import SublayerStream
 from ..errors import PlanError
 from ..models.adapter import get_adapter
-from ..plan import Action
+from ..plan import ACTIONS, Action
 from .base import OP_UNITS, OPS, STRUCTURE_REPLAY, ApplyContext
+from .tuning import tune_for_removal
+
+
+class TuneSpec(BaseModel):
+    """In-compression tuning done with a removal: refit ``ratio`` of ``unit``'s input columns (``in_channel``)
+    or output rows (``out_channel``, SPRINT's reference) by least squares on the calibration data, damped
+    relative to the mean diagonal of XᵀX or, with ``damping_relative`` false, absolutely as the reference.
+    The defaults are what plans written before these fields existed did."""
+
+    model_config = ConfigDict(extra="forbid")
+    unit: str
+    ratio: float = Field(gt=0.0, le=1.0)
+    damping: float = Field(0.01, ge=0.0)
+    direction: Literal["out_channel", "in_channel"] = "in_channel"
+    damping_relative: bool = True
+
+
+class RemoveAction(Action):
+    """Delete one attention or MLP sublayer (``model.layers.7.self_attn``); the residual path stays.
+    Removals apply in plan order, so a ``tune`` step sees the model as the search saw it."""
+
+    structural: ClassVar[bool] = True
+    op: Literal["remove"] = "remove"
+    tune: Optional[TuneSpec] = None
+
+
+ACTIONS.add("remove", RemoveAction)
 
 
 def present_sublayers(model: nn.Module) -> set[str]:
@@ -32,8 +61,6 @@ def remove_sublayers_op(model: nn.Module, actions: list[Action], context: ApplyC
     if not any(action.tune for action in actions):
         remove_sublayers(model, [action.unit for action in actions])
         return
-    from ..calibration.sublayers import SublayerStream
-    from .tuning import tune_for_removal
 
     calibration = context.require_calibration()
     settings = calibration.settings

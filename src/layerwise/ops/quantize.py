@@ -9,20 +9,54 @@ Hessian of the calibration inputs, sequential over blocks like SparseGPT).
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, ClassVar, Literal, Optional
 
 import torch
+from pydantic import Field, model_validator
 from torch import nn
 
+from ..gguf import GGUF_TYPES
 from ..models.discovery import LINEAR_LIKE, QUANTIZED_LINEARS, decoder_linears
-from ..plan import Action
+from ..plan import ACTIONS, Action
 from ..registry import Registry
-from .base import (OP_METHODS, OP_UNITS, OPS, STRUCTURE_REPLAY, ApplyContext, dispatch_by_method,
-                   sequential_hessian_pass)
 from .awq import apply_awq
-from .grid import (dequantize, dequantize_codes, group_bounds, quant_params, quantize_codes,  # noqa: F401
-                   rtn_quantize, rtn_round_trip)
+from .base import OP_METHODS, OP_UNITS, OPS, STRUCTURE_REPLAY, ApplyContext, dispatch_by_method, sequential_hessian_pass
+from .grid import dequantize, dequantize_codes, group_bounds, quant_params, quantize_codes, rtn_quantize, rtn_round_trip  # noqa: F401
 from .packing import pack, packed_bytes, unpack
+from .sparsegpt import inverse_hessian_factor
+
+
+class QuantizeAction(Action):
+    """Store one linear's weight at ``bits`` bits, per output channel (``group_size`` None) or in groups of
+    ``group_size`` inputs (a shorter last group when it does not divide the input width); or, with
+    ``format``, as that GGUF type (method ``gguf``: llama.cpp's own grid and quantizer, ``bits`` nominal)."""
+
+    structural: ClassVar[bool] = True
+    op: Literal["quantize"] = "quantize"
+    bits: int = Field(ge=2, le=16, description="2-8 on layerwise's own grid; a GGUF type's nominal width")
+    group_size: Optional[int] = Field(128, ge=1)
+    symmetric: bool = False
+    method: str = "rtn"
+    awq: bool = Field(False, description="AWQ first: fold activation-aware input scales in and clip weights, "
+                                          "both searched on calibration outputs")
+    act_order: bool = Field(False, description="gptq: columns in order of decreasing Hessian diagonal, static groups")
+    format: Optional[str] = Field(None, description="GGUF type (q4_k, q8_0, ...); needs method gguf")
+    imatrix: bool = Field(False, description="gguf: weight the quantizer by the calibration's mean squared inputs")
+
+    @model_validator(mode="after")
+    def _format_needs_gguf_method(self) -> "QuantizeAction":
+        if (self.format is None) != (self.method != "gguf"):
+            raise ValueError("a GGUF format goes with method 'gguf', and method 'gguf' needs a format")
+        if self.format is None and self.bits > 8:
+            raise ValueError(f"layerwise's own grid stores 2 to 8 bits, not {self.bits}")
+        if self.format is not None:
+
+            if self.format not in GGUF_TYPES:
+                raise ValueError(f"unknown GGUF type '{self.format}' (known: {', '.join(GGUF_TYPES)})")
+        return self
+
+
+ACTIONS.add("quantize", QuantizeAction)
 
 
 class QuantizedLinear(nn.Module):
@@ -81,7 +115,6 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_
     through the inverse Hessian's upper Cholesky factor. Group parameters are set when a group begins, or,
     with ``act_order``, from the unupdated weight up front (static groups) while columns go in order of
     decreasing Hessian diagonal, so the stored groups stay contiguous."""
-    from .sparsegpt import inverse_hessian_factor
 
     w = weight.float().clone()
     columns = w.shape[1]

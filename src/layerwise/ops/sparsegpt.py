@@ -6,10 +6,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..plan import SparsifyAction
 from .base import ApplyContext, sequential_hessian_pass
 from .masks import check_nm, count_for
-from .unstructured import SPARSIFIERS
+from .unstructured import SPARSIFIERS, SparsifyAction
 
 BLOCK_SIZE = 128
 DAMPENING = 0.01

@@ -4,15 +4,42 @@ each block keeps its own head count and FFN width. The per-layer widths are writ
 
 from __future__ import annotations
 
+from typing import ClassVar, Literal, Optional
+
+from pydantic import Field, model_validator
 from torch import nn
 
+from ..calibration.width import WIDTH_SCORERS
 from ..errors import PlanError
 from ..models.adapter import ModelAdapter, Sublayer, get_adapter
 from ..models.width import keep_units
-from ..plan import Action
-from ..calibration.width import WIDTH_SCORERS
+from ..plan import ACTIONS, Action
 from .base import OP_METHODS, OP_UNITS, OPS, STRUCTURE_REPLAY, ApplyContext
 from .depth import present_sublayers
+
+
+class SliceAction(Action):
+    """Keep ``keep`` width units of one sublayer: query heads of an attention sublayer (whole KV groups, so a
+    multiple of the group size), or channels of an MLP. ``kept`` lists which (KV-group indices, or channel
+    indices), as the planner's ``method`` (taylor or act) ranked them; plans without it rank again on the
+    calibration data when applied. The rest are sliced away for real."""
+
+    structural: ClassVar[bool] = True
+    op: Literal["slice"] = "slice"
+    keep: int = Field(ge=1)
+    method: str = "taylor"
+    seq_len: Optional[int] = Field(None, ge=2, description="taylor: calibration sequence length")
+    kept: Optional[list[int]] = Field(None, description="indices of the KV groups (attention) or channels (MLP) kept")
+
+    @model_validator(mode="after")
+    def _kept_are_distinct(self) -> "SliceAction":
+        if self.kept is not None and (len(set(self.kept)) != len(self.kept) or min(self.kept, default=0) < 0):
+            raise ValueError("kept lists distinct non-negative unit indices")
+        return self
+
+
+ACTIONS.add("slice", SliceAction)
+
 
 OP_UNITS.add("slice", (present_sublayers, "an attention or MLP sublayer present in"))
 OP_METHODS["slice"] = WIDTH_SCORERS

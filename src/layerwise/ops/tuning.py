@@ -26,9 +26,9 @@ from typing import Callable, Iterator
 import torch
 from torch import nn
 
+from ..calibration.sublayers import States, SublayerStream
 from ..errors import UnsupportedArchitectureError
 from ..models.swaps import SwapLog
-from ..calibration.sublayers import States, SublayerStream
 
 
 @dataclass

@@ -2,15 +2,37 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Literal, Optional
 
 import torch
+from pydantic import Field
 from torch import nn
 
-from ..plan import SparsifyAction
+from ..calibration.stats import InputStats, attach_input_stats
+from ..plan import ACTIONS, Action
 from ..registry import Registry
 from .base import OP_METHODS, OPS, ApplyContext, dispatch_by_method, sequential_pass
 from .masks import check_nm, count_for, prune_lowest, prune_lowest_per_row, prune_nm
+
+
+class SparsifyAction(Action):
+    """Zero ``ratio`` of one linear's weights, chosen by ``method`` (magnitude, ...)."""
+
+    op: Literal["sparsify"] = "sparsify"
+    ratio: float = Field(ge=0.0, lt=1.0)
+    method: str = "magnitude"
+    pattern: Optional[str] = Field(None, pattern=r"^\d+:\d+$", description="N:M semi-structured, e.g. 2:4")
+
+    def nm(self) -> tuple[int, int] | None:
+        """(N, M) of an N:M pattern: N of every M consecutive input weights are zeroed."""
+        if self.pattern is None:
+            return None
+        n, m = (int(x) for x in self.pattern.split(":"))
+        return n, m
+
+
+ACTIONS.add("sparsify", SparsifyAction)
+
 
 Sparsifier = Callable[[nn.Module, list[SparsifyAction], ApplyContext], None]
 SPARSIFIERS: Registry[Sparsifier] = Registry("sparsity method")
@@ -36,7 +58,6 @@ def magnitude(model: nn.Module, actions: list[SparsifyAction], context: ApplyCon
 def wanda(model: nn.Module, actions: list[SparsifyAction], context: ApplyContext) -> None:
     """Wanda as its paper and code do it: block by block, each block's input norms measured on the outputs
     of the blocks already pruned; score |W_ij|·‖X_j‖₂ and prune the lowest per output row."""
-    from ..calibration.stats import InputStats, attach_input_stats
 
     def attach(linears: dict[str, nn.Linear]) -> tuple[dict[str, InputStats], list]:
         statistics: dict[str, InputStats] = {}

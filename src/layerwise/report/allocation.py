@@ -5,11 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import DataError
+from ..result import Result
+from .canvas import subplots
 
 
 def read_result(run_dir: str | Path) -> dict:
     """The ``result.json`` of a run directory (any version, checked against ``Result``), or a clear error."""
-    from ..result import Result
 
     path = Path(run_dir) / "result.json"
     if not path.is_file():
@@ -33,16 +34,11 @@ def _block_of(unit: str) -> int:
 
 def plot_allocation(record: dict, out: str | Path) -> Path:
     """Bars of per-block sparsity, and of the allocator's metric (alpha / outlier ratio) when it has one."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     details = record["plan"].get("details", {})
     metric = details.get("block_metric")
     sparsity = block_sparsity(record)
     rows = 2 if metric else 1
-    fig, axes = plt.subplots(rows, 1, figsize=(10, 3.2 * rows), squeeze=False)
+    fig, axes = subplots(rows, 1, figsize=(10, 3.2 * rows), squeeze=False)
     blocks = list(sparsity)
     axes[0][0].bar(blocks, [100 * sparsity[b] for b in blocks], color="tab:blue")
     axes[0][0].axhline(100 * record["plan"]["budget"]["sparsity"], color="black", linestyle="--", label="budget")
@@ -59,5 +55,4 @@ def plot_allocation(record: dict, out: str | Path) -> Path:
     path = Path(out)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return path

@@ -2,28 +2,15 @@
 
 from __future__ import annotations
 
-import io
 from dataclasses import dataclass
 from typing import Callable, Optional
 
+import numpy as np
+
+from ..gguf import GGUF_TYPES
 from ..registry import Registry
+from .canvas import png_bytes, subplots
 from .tables import RunSummary
-
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _png(fig) -> bytes:
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=100)
-    _pyplot().close(fig)
-    return buffer.getvalue()
 
 
 def pareto_front(points: list[tuple[float, float]]) -> list[int]:
@@ -52,8 +39,7 @@ def pareto_plot(runs: list[RunSummary]) -> Optional[bytes]:
         return None
     # an axis no run measured (latency after --no-latency runs) is left out rather than drawn empty
     axes_shown = [(label, cost) for label, cost in PARETO_AXES if any(cost(run) is not None for run in measured)]
-    plt = _pyplot()
-    fig, axes = plt.subplots(1, len(axes_shown), figsize=(5.2 * len(axes_shown), 4.2), squeeze=False)
+    fig, axes = subplots(1, len(axes_shown), figsize=(5.2 * len(axes_shown), 4.2), squeeze=False)
     for ax, (label, cost) in zip(axes[0], axes_shown):
         shown = [run for run in measured if cost(run) is not None]
         points = [(cost(run), run.ppl) for run in shown]
@@ -71,7 +57,7 @@ def pareto_plot(runs: list[RunSummary]) -> Optional[bytes]:
         ax.grid(alpha=0.3)
     fig.suptitle("perplexity vs cost (lower left is better)")
     fig.tight_layout()
-    return _png(fig)
+    return png_bytes(fig)
 
 
 @dataclass(frozen=True)
@@ -140,7 +126,6 @@ def width_map(record: dict) -> Optional[LayerMap]:
 
 def _bits_per_weight(level: str | int) -> float:
     """A plan's level as stored bits per weight: an own-grid width, or a GGUF type's (q4_k -> 4.5)."""
-    from ..gguf import GGUF_TYPES
 
     return GGUF_TYPES[level].bits_per_weight if level in GGUF_TYPES else float(level)
 
@@ -164,8 +149,7 @@ def bits_search_plot(runs: list[RunSummary]) -> Optional[bytes]:
     traced = [run for run in runs if run.record["metrics"].get("bits_curve")]
     if not traced:
         return None
-    plt = _pyplot()
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.0))
+    fig, axes = subplots(1, 3, figsize=(15, 4.0))
     for key, ax, label in (("ppl", axes[0], "proxy perplexity"), ("memory_saving", axes[1], "memory saving vs 16-bit"),
                            ("reward", axes[2], "reward")):
         for run in traced:
@@ -177,7 +161,7 @@ def bits_search_plot(runs: list[RunSummary]) -> Optional[bytes]:
     axes[0].legend(fontsize=8)
     fig.suptitle("bit-allocation search per episode")
     fig.tight_layout()
-    return _png(fig)
+    return png_bytes(fig)
 
 
 STATISTIC_PANELS = (("mean_abs", "input mean |x|", False), ("max_abs", "input max |x|", True),
@@ -196,8 +180,7 @@ def quant_statistics_plot(runs: list[RunSummary]) -> Optional[bytes]:
     for unit, values in statistics.items():
         block, role = _split_unit(unit)
         by_role.setdefault(role, {})[block] = values
-    plt = _pyplot()
-    fig, axes = plt.subplots(2, 3, figsize=(15, 7.5))
+    fig, axes = subplots(2, 3, figsize=(15, 7.5))
     for ax, (key, label, log) in zip(axes.flat, STATISTIC_PANELS):
         for role, blocks in by_role.items():
             order = sorted(blocks)
@@ -210,7 +193,7 @@ def quant_statistics_plot(runs: list[RunSummary]) -> Optional[bytes]:
     axes.flat[0].legend(fontsize=7)
     fig.suptitle(f"per-layer input and weight statistics ({run.name}, calibration profile)")
     fig.tight_layout()
-    return _png(fig)
+    return png_bytes(fig)
 
 
 def _seed_groups(runs: list[RunSummary]) -> dict[str, list[float]]:
@@ -238,8 +221,7 @@ def seeds_box_plot(runs: list[RunSummary]) -> Optional[bytes]:
     groups = _seed_groups(runs)
     if not groups:
         return None
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(max(5.0, 2.2 * len(groups)), 4.2))
+    fig, ax = subplots(figsize=(max(5.0, 2.2 * len(groups)), 4.2))
     ax.boxplot(list(groups.values()), showmeans=True)
     for index, values in enumerate(groups.values(), start=1):
         ax.scatter([index] * len(values), values, s=12, color="k", zorder=3)
@@ -248,7 +230,7 @@ def seeds_box_plot(runs: list[RunSummary]) -> Optional[bytes]:
     ax.set_title("final perplexity across seeds")
     ax.grid(alpha=0.3, axis="y")
     fig.tight_layout()
-    return _png(fig)
+    return png_bytes(fig)
 
 
 def rl_curve_plot(runs: list[RunSummary]) -> Optional[bytes]:
@@ -256,8 +238,7 @@ def rl_curve_plot(runs: list[RunSummary]) -> Optional[bytes]:
     traced = [run for run in runs if run.record["metrics"].get("rl_curve")]
     if not traced:
         return None
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    fig, ax = subplots(figsize=(6.5, 4.2))
     for index, run in enumerate(traced):
         curve = run.record["metrics"]["rl_curve"]
         color = f"C{index % 10}"
@@ -273,8 +254,7 @@ def healing_plot(runs: list[RunSummary]) -> Optional[bytes]:
     traced = [run for run in runs if run.record["metrics"].get("healing")]
     if not traced:
         return None
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    fig, ax = subplots(figsize=(6.5, 4.2))
     for index, run in enumerate(traced):
         healing = run.record["metrics"]["healing"]
         color = f"C{index % 10}"
@@ -292,8 +272,7 @@ def trajectory_plot(runs: list[RunSummary]) -> Optional[bytes]:
     traced = [run for run in runs if run.record["metrics"].get("milestones") is not None]
     if not traced:
         return None
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    fig, ax = subplots(figsize=(6.5, 4.2))
     for run in traced:
         metrics = run.record["metrics"]
         points = [((m.get("speedup") or {}).get("total"), m.get("ppl"), m.get("predicted_speedup"))
@@ -315,7 +294,7 @@ def _finish(fig, ax, xlabel: str, ylabel: str, title: str) -> bytes:
     ax.legend(fontsize=8)
     ax.set_title(title)
     fig.tight_layout()
-    return _png(fig)
+    return png_bytes(fig)
 
 
 def allocation_maps(record: dict) -> list[LayerMap]:
@@ -331,12 +310,10 @@ def value_range(maps: list[LayerMap]) -> tuple[float, float]:
 
 def layer_map_plot(run: RunSummary, layer_map: LayerMap, scale: tuple[float, float] | None = None) -> bytes:
     """A heatmap of one run's allocation, blocks along x, on a shared colour ``scale`` when given."""
-    import numpy as np
 
-    plt = _pyplot()
     grid = np.array([[np.nan if v is None else v for v in row] for row in layer_map.values], dtype=float)
     width = max(6.0, 0.28 * len(layer_map.blocks) + 3)
-    fig, ax = plt.subplots(figsize=(width, 0.35 * len(layer_map.rows) + 1.6))
+    fig, ax = subplots(figsize=(width, 0.35 * len(layer_map.rows) + 1.6))
     vmin, vmax = scale or (None, None)
     image = ax.imshow(grid, aspect="auto", cmap="viridis", interpolation="nearest", vmin=vmin, vmax=vmax)
     ax.set_yticks(range(len(layer_map.rows)), layer_map.rows, fontsize=8)
@@ -345,4 +322,4 @@ def layer_map_plot(run: RunSummary, layer_map: LayerMap, scale: tuple[float, flo
     ax.set_title(f"{run.name}: {layer_map.title}", fontsize=10)
     fig.colorbar(image, ax=ax, label=layer_map.quantity)
     fig.tight_layout()
-    return _png(fig)
+    return png_bytes(fig)

@@ -12,9 +12,18 @@ from ..cache import atomic_write_text
 from ..errors import DataError
 from ..registry import Registry
 from .allocation import plot_allocation
-from .figures import (allocation_maps, bits_search_plot, healing_plot, layer_map_plot, pareto_plot,
-                      quant_statistics_plot,
-                      rl_curve_plot, seeds_box_plot, trajectory_plot, value_range)
+from .figures import (
+    allocation_maps,
+    bits_search_plot,
+    healing_plot,
+    layer_map_plot,
+    pareto_plot,
+    quant_statistics_plot,
+    rl_curve_plot,
+    seeds_box_plot,
+    trajectory_plot,
+    value_range,
+)
 from .tables import RunSummary, comparison_table, markdown_table, summarize
 
 STYLE = """

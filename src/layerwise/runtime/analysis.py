@@ -7,6 +7,8 @@ import math
 import random
 import statistics
 
+import numpy as np
+
 from .heads import StateLayout
 from .objectives import RATIO_CLIP
 
@@ -107,7 +109,6 @@ def learned_policy(records: list[dict], condition: str, fixed: list[str], learne
     on the other folds of the prompts under this load; the profile predicted best is served. Averaged over
     ``repeats`` random fold splits. Like ``latency_rule`` it learns the load from the test (never seen by a
     controller): if it cannot beat the best fixed profile, no choice made from this state is shown to."""
-    import numpy as np
 
     served = fixed_outcomes(records, condition, fixed)
     state = {r["prompt"]: r["state"] for r in records

@@ -24,9 +24,21 @@ from .profiles import parse_profiles
 from .prompts import split_prompts
 from .report import text_report, training_plots
 from .server import create_app
-from .session import (REWARD_MODES, RewardSettings, RuntimeEnvironment, TrainSettings, check_checkpoint_model,
-                      compare, fixed_policies, oracle_table, profile_quality, require_objectives, retrain as run_retrain,
-                      test as run_test, train as run_train)
+from .session import (
+    REWARD_MODES,
+    RewardSettings,
+    RuntimeEnvironment,
+    TrainSettings,
+    check_checkpoint_model,
+    compare,
+    fixed_policies,
+    oracle_table,
+    profile_quality,
+    require_objectives,
+)
+from .session import retrain as run_retrain
+from .session import test as run_test
+from .session import train as run_train
 
 runtime_app = typer.Typer(no_args_is_help=True, help="Runtime-adaptive pruning: a Double DQN picks a profile per request.")
 

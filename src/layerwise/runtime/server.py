@@ -23,6 +23,8 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Literal
 
+from fastapi import FastAPI, HTTPException
+from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, Field
 
 from ..errors import LayerwiseError
@@ -172,8 +174,6 @@ def create_app(env: RuntimeEnvironment, controller: Controller | None, default_o
                model_name: str | None = None) -> Any:
     """The FastAPI app over ``env``; without a controller every request is served dense. Requests that state no
     objective get ``default_objective_ms`` (None: none)."""
-    from fastapi import FastAPI, HTTPException
-    from fastapi.responses import JSONResponse, StreamingResponse
 
     if controller is not None and controller.actions != env.profiles.names:
         raise LayerwiseError("The checkpoint's profiles differ from this model's profiles.")

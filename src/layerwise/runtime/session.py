@@ -29,11 +29,12 @@ from tqdm.auto import tqdm
 
 from ..errors import LayerwiseError
 from ..models import LoadedModel
+from ..ops import architecture_signature
 from ..registry import Registry
 from .controller import Controller, DqnSettings, Head, Transition
 from .features import PromptFeaturizer
-from .heads import StateLayout, reward_heads
 from .generate import Generation, TokenStream, generate
+from .heads import StateLayout, reward_heads
 from .load import LoadCondition, MachineLoad
 from .objectives import ObjectiveRange, SpeedCalibration, calibrate_speeds
 from .profiles import Importance, ProfileSet, ProfileSpec, default_specs
@@ -393,7 +394,6 @@ def _other_profiles(env: RuntimeEnvironment, prompt: Prompt, state: list[float],
 
 def model_identity(loaded) -> dict:
     """What a checkpoint records of the model it was trained on."""
-    from ..ops import architecture_signature
 
     return {"spec": loaded.spec, "architecture": architecture_signature(loaded.model)}
 

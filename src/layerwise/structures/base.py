@@ -11,13 +11,13 @@ import inspect
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
-from ..ops import architecture_signature
+from ..calibration import CalibrationSource
 from ..component_options import ComponentOptions, option  # noqa: F401  (option: for the structures)
 from ..config import Budget
 from ..errors import BudgetError, LayerwiseError
 from ..models import LoadedModel, model_fingerprint
+from ..ops import architecture_signature
 from ..plan import Plan
-from ..calibration import CalibrationSource
 from ..registry import Registry
 
 if TYPE_CHECKING:

@@ -8,14 +8,17 @@ from typing import TYPE_CHECKING, Any, Optional
 from ..allocate import DEPTH_ALLOCATORS, DepthContext
 from ..config import Budget, LatencySetting
 from ..errors import BudgetError, LayerwiseError
+from ..export import check_structure_exportable
 from ..formatting import fmt
 from ..measure import measured_speedup
-from ..ops import remove_sublayers
 from ..models import LoadedModel, get_adapter
-from ..plan import Plan, RemoveAction, TuneSpec
+from ..ops import remove_sublayers
+from ..ops.depth import RemoveAction, TuneSpec
+from ..ops.tuning import check_tunable
+from ..plan import Plan
 from .base import PlanRequest, Structure, StructureOptions, check_params, option, register
-from .speed_guard import guard_speed, speedup_of
 from .latency_probes import measure_latency_table
+from .speed_guard import guard_speed, speedup_of
 
 if TYPE_CHECKING:
     from ..options import PlanOptions
@@ -48,8 +51,6 @@ class Depth(Structure):
         return Budget.for_depth(options.target_speedup, options.num_remove_sublayers)
 
     def check_model(self, model: Any, allocator: str, budget: Budget, params: dict[str, Any], deploy: bool) -> None:
-        from ..ops.tuning import check_tunable
-        from ..export import check_structure_exportable
 
         if allocator == "sprint" and (params.get("num_candidate_sublayers") is None
                                       or params["num_candidate_sublayers"] > 0):

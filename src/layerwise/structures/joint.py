@@ -11,22 +11,35 @@ from typing import TYPE_CHECKING, Any, Callable, Optional
 import torch
 from torch import nn
 
-from ..allocate.joint import JOINT_SEARCHERS
+from ..allocate.joint import JOINT_SEARCHERS, ModelBySpec, ScoringSetup, build_space, dense_logprobs, make_evaluator
 from ..allocate.joint.searchers import least_damaging_repair
 from ..allocate.joint.space import Budgets, Genome, JointSpace
+from ..allocate.levels import GGUFLevels
+from ..calibration.width import WIDTH_SCORERS
 from ..config import Budget, LatencySetting
-from ..errors import BudgetError, LayerwiseError
-from ..formatting import fmt, fmt_bytes
-from ..models import LoadedModel, decoder_linears, get_adapter
 from ..cost.latency_table import latency_engine
 from ..cost.typed_latency import TYPE_DEPENDENT_ENGINES, typed_paired_latency
-from ..plan import Plan, QuantizeAction, RemoveAction, SliceAction
+from ..errors import BudgetError, LayerwiseError
+from ..export import check_structure_exportable
+from ..export.gguf_export import embedding_bytes
+from ..formatting import fmt, fmt_bytes
+from ..gguf import gguf_type
+from ..models import LoadedModel, decoder_linears, get_adapter
+from ..ops import ApplyContext, apply_plan
+from ..ops.depth import RemoveAction
+from ..ops.quantize import QuantizeAction
+from ..ops.structured import SliceAction
+from ..plan import Plan
 from .base import PlanRequest, Structure, StructureOptions, check_params, option, register
 from .depth import DepthOptions
-from .speed_guard import guard_speed, speedup_of
+from .latency_probes import (
+    measure_latency_table,
+    measure_level_latency_table,
+    measure_typed_level_latency_table,
+    typed_copy,
+)
 from .quant import QuantOptions
-from .latency_probes import (measure_latency_table, measure_level_latency_table, measure_typed_level_latency_table,
-                             typed_copy)
+from .speed_guard import guard_speed, speedup_of
 
 if TYPE_CHECKING:
     from ..options import PlanOptions
@@ -64,8 +77,6 @@ class JointOptions(StructureOptions):
 
 def _space(model: nn.Module, options: dict[str, Any], budgets: Budgets, typed: bool):
     """The search space the options describe, under ``budgets`` (no latency tables yet)."""
-    from ..allocate.joint import build_space
-    from ..export.gguf_export import embedding_bytes
 
     fixed = embedding_bytes(model, options.get("embedding_type") or "q8_0") + 4 * int(model.config.hidden_size)
     return build_space(model, (options.get("joint_types") or DEFAULT_TYPES).split(","),
@@ -87,7 +98,6 @@ class Joint(Structure):
         return Budget.for_joint(options.max_bytes, options.target_speedup)
 
     def check_model(self, model: Any, allocator: str, budget: Budget, params: dict[str, Any], deploy: bool) -> None:
-        from ..export import check_structure_exportable
 
         if budget.max_bytes is not None:  # a byte budget no level reaches fails now, saying the smallest that does
             _space(model, self.own(params)[0], Budgets(budget.max_bytes, None), False).uniform()
@@ -101,9 +111,6 @@ class Joint(Structure):
 
     def validate(self, method: str | None, allocator: str, budget: Budget, nm: str | None,
                  params: dict[str, Any]) -> tuple[str, str, str | None]:
-        from ..allocate.levels import GGUFLevels
-        from ..gguf import gguf_type
-        from ..calibration.width import WIDTH_SCORERS
 
         if allocator == "uniform":  # the CLI's default allocator means "not chosen"
             raise LayerwiseError("The joint search needs a searcher: --allocator evo, rl or greedy.")
@@ -129,7 +136,6 @@ class Joint(Structure):
     def plan(self, request: PlanRequest) -> Plan:
         """Build the space and its cost tables, score the dense model once, search, and write the genome as
         removals, slices (kept units in importance order) and one GGUF type per kept linear."""
-        from ..allocate.joint import ModelBySpec, ScoringSetup, dense_logprobs, make_evaluator
 
         if request.calibration is None:
             raise LayerwiseError("The joint search scores candidates on calibration windows; give it some.")
@@ -230,7 +236,6 @@ def paired_speedup(request: PlanRequest, actions: Callable[[Genome], list], sett
                    ) -> Callable[[Genome], float]:
     """PyTorch: the genome's removals and slices applied to a copy of the model, timed in alternating runs with the
     dense model, the way the result is measured (types do not change its speed)."""
-    from ..ops import ApplyContext, apply_plan
 
     def measure(genome: Genome) -> float:
         structure = [a for a in actions(genome) if isinstance(a, (RemoveAction, SliceAction))]
@@ -252,7 +257,6 @@ def typed_speedup(request: PlanRequest, space: JointSpace, actions: Callable[[Ge
     """llama.cpp decode: the dense model at the table's reference type against the genome's removals and slices
     with each kept linear at its planned type (empty GGUF linears: speed does not depend on the values),
     exported and timed the way the table was."""
-    from ..ops import ApplyContext, apply_plan
 
     reference = space.typed_latency.reference_type
     dense = typed_copy(request.loaded, lambda model: None, lambda name: reference)
@@ -291,7 +295,6 @@ def _attach_latency_tables(loaded: LoadedModel, setting: LatencySetting, space: 
 
 
 def _actions(model, space, genome, groups, channels, method, seq_len) -> list:
-    from ..allocate.levels import GGUFLevels
 
     stored = GGUFLevels(space.kinds)
     adapter = get_adapter(model)

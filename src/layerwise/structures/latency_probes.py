@@ -12,8 +12,16 @@ from torch import nn
 
 from ..config import LatencySetting
 from ..cost.latency import PairedLatency
-from ..cost.latency_table import (KINDS, LatencyTable, LevelLatencyTable, WidthLatencyTable, changed_copy,
-                                  consistent_scale, latency_engine, paired_latency)
+from ..cost.latency_table import (
+    KINDS,
+    LatencyTable,
+    LevelLatencyTable,
+    WidthLatencyTable,
+    changed_copy,
+    consistent_scale,
+    latency_engine,
+    paired_latency,
+)
 from ..cost.typed_latency import TypedLevelLatencyTable, typed_paired_latency
 from ..errors import LayerwiseError
 from ..models import LoadedModel, decoder_linears, get_adapter

@@ -4,10 +4,15 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Optional
 
-from ..allocate.bits import BIT_ALLOCATORS
+from ..allocate.bits import BIT_ALLOCATORS, BitContext, check_bit_budget, linear_statistics
+from ..allocate.levels import GGUFLevels, parse_levels
 from ..config import Budget
 from ..errors import BudgetError
-from ..models import LoadedModel, decoder_linears
+from ..export.gguf_export import non_linear_bytes
+from ..gguf import gguf_type
+from ..models import LoadedModel, decoder_linears, get_adapter
+from ..ops.awq import check_awq_layout
+from ..ops.quantize import QUANTIZERS, group_bounds, quantized_storage
 from ..plan import Plan
 from .base import PlanRequest, Structure, StructureOptions, check_params, option, register
 
@@ -42,15 +47,12 @@ class QuantOptions(StructureOptions):
 def check_floors(context, budget: Budget, embedding_type: str) -> int | None:
     """Refuse a budget below what every linear at its narrowest level reaches, naming that smallest value; the
     bytes outside the linears when the budget is in bytes (None otherwise)."""
-    from ..allocate.bits import check_bit_budget
-    from ..allocate.levels import GGUFLevels
 
     check_bit_budget(context, budget.avg_bits)
     if budget.max_bytes is None:
         return None
     if not isinstance(context.levels, GGUFLevels):
         raise BudgetError("--max-bytes counts bytes as llama.cpp stores them; use GGUF types in --bits.")
-    from ..export.gguf_export import non_linear_bytes
 
     fixed_bytes = non_linear_bytes(context.model, embedding_type)
     smallest = fixed_bytes + context.total_bits({name: context.options(name)[0] for name in context.linears}) / 8
@@ -72,8 +74,6 @@ class Quant(Structure):
 
     def validate(self, method: str | None, allocator: str, budget: Budget, nm: str | None,
                  params: dict[str, Any]) -> tuple[str, str, str | None]:
-        from ..allocate.levels import GGUFLevels, parse_levels
-        from ..ops.quantize import QUANTIZERS
 
         levels = parse_levels(params.get("bits", "4"), imatrix=bool(params.get("imatrix", False)))
         gguf = isinstance(levels, GGUFLevels)
@@ -96,19 +96,15 @@ class Quant(Structure):
         if gguf and params.get("awq"):
             raise BudgetError("--awq applies to layerwise's own grid, not to GGUF types.")
         if "embedding_type" in params:
-            from ..gguf import gguf_type
 
             gguf_type(params["embedding_type"])
         check_params(BIT_ALLOCATORS.get(allocator), allocator, self.own(params)[1])
         return method, allocator, None
 
     def check_model(self, model: Any, allocator: str, budget: Budget, params: dict[str, Any], deploy: bool) -> None:
-        from ..allocate.bits import BitContext
 
         options = self.own(params)[0]
         if options.get("awq"):  # its layout needs are the family's, known before any calibration
-            from ..ops.awq import check_awq_layout
-            from ..models import get_adapter
 
             check_awq_layout(get_adapter(model))
         if budget.max_bytes is not None or budget.avg_bits is not None:  # the floors follow from shapes and types
@@ -118,9 +114,6 @@ class Quant(Structure):
 
     def plan(self, request: PlanRequest) -> Plan:
         """Let the bit allocator pick each decoder linear's level; one quantize action per linear."""
-        from ..allocate.bits import BitContext, linear_statistics
-        from ..allocate.levels import GGUFLevels
-        from ..ops.quantize import group_bounds
 
         options, params = self.own(request.params)
         group_size = options.get("group_size", 128) or None
@@ -152,7 +145,6 @@ class Quant(Structure):
         prediction = {"avg_bits": round(achieved, 6), "memory_saving_vs_16bit": round(1 - achieved / 16, 6),
                       "linear_bytes": int(round(linear_bytes))}
         if gguf:
-            from ..export.gguf_export import non_linear_bytes
 
             embedding_type = options.get("embedding_type", "q8_0")
             prediction["gguf_tensor_bytes"] = int(round(linear_bytes)) + non_linear_bytes(request.loaded.model,
@@ -172,7 +164,6 @@ class Quant(Structure):
                 extra: dict[str, Any]) -> dict[str, Any]:
         """The average bit width, the quantized linears' measured bytes and their reduction against 16-bit
         storage, and, for searches, the per-episode curve."""
-        from ..ops.quantize import quantized_storage
 
         if not any(action.op == "quantize" for action in plan.actions):
             return {}

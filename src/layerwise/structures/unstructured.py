@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-
 from typing import TYPE_CHECKING, Any, Optional
 
 from ..allocate import ALLOCATORS, AllocationContext
-from ..ops import SPARSIFIERS
 from ..config import Budget
 from ..errors import BudgetError, LayerwiseError
 from ..models import decoder_linears
-from ..plan import Plan, SparsifyAction
+from ..ops import SPARSIFIERS
+from ..ops.unstructured import SparsifyAction
+from ..plan import Plan
 from .base import PlanRequest, Structure, StructureOptions, check_params, option, register
 
 if TYPE_CHECKING:

@@ -6,14 +6,17 @@ import re
 from typing import TYPE_CHECKING, Any, Optional
 
 from ..allocate import WIDTH_ALLOCATORS, WidthContext, WidthSpace
+from ..allocate.rl_training import RL_ALGORITHMS
+from ..calibration import CalibrationSource
+from ..calibration.width import WIDTH_SCORERS
 from ..config import Budget, LatencySetting, RunSettings
 from ..cost.analytic import CostReport, ModelDims, estimate_costs, predicted_speedups
 from ..errors import BudgetError
+from ..export import check_structure_exportable
 from ..formatting import fmt, fmt_bytes
 from ..models import LoadedModel, get_adapter
-from ..plan import Plan, SliceAction
-from ..calibration import CalibrationSource
-from ..calibration.width import WIDTH_SCORERS
+from ..ops.structured import SliceAction
+from ..plan import Plan
 from .base import PlanRequest, Structure, StructureOptions, check_params, option, register
 from .latency_probes import measure_width_latency_table
 
@@ -55,7 +58,6 @@ class Width(Structure):
         return Budget.for_width(options.pruning_ratio)
 
     def check_model(self, model: Any, allocator: str, budget: Budget, params: dict[str, Any], deploy: bool) -> None:
-        from ..export import check_structure_exportable
 
         if deploy:
             blocks = get_adapter(model).num_blocks
@@ -75,7 +77,6 @@ class Width(Structure):
             if name in params and not LAYER_RANGE.match(str(params[name])):
                 raise BudgetError(f"--{name.replace('_', '-')} must look like 0:30 (got '{params[name]}').")
         if "rl_algo" in params:
-            from ..allocate.rl_training import RL_ALGORITHMS
 
             RL_ALGORITHMS.canonical(params["rl_algo"])
         check_params(WIDTH_ALLOCATORS.get(allocator), allocator, self.own(params)[1])

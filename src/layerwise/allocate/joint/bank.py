@@ -12,6 +12,7 @@ rows change the stored type), that variant is quantized on its own, once.
 from __future__ import annotations
 
 import copy
+
 import torch
 from torch import nn
 

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from ...errors import LayerwiseError
+from ...models import load
 from .bank import LevelBank
 from .space import Genome, JointSpace
 
@@ -56,7 +57,6 @@ class Scorer:
         if setup.threads:
             torch.set_num_threads(setup.threads)
         if isinstance(model, ModelBySpec):
-            from ...models import load
 
             model = load(model.spec, model.dtype, model.device).model
         self.setup = setup

@@ -17,8 +17,8 @@ from ...cost.typed_latency import TypedLevelLatencyTable
 from ...errors import BudgetError
 from ...export.gguf_export import BlockShape
 from ...gguf import gguf_type, stored_type
-from ..levels import GGUFLevels
 from ...models import get_adapter
+from ..levels import GGUFLevels
 
 Genome = tuple[int, ...]
 
