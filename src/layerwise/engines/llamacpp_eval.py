@@ -70,16 +70,16 @@ def measure_gguf(path: Path, tokenizer, settings: RunSettings, reference: Window
             corpus = load_corpus(settings.corpus, settings.eval_text, settings.calib_text)
             result = gguf_perplexity(path, tokenizer, corpus, settings)
         measured.update(ppl=result.ppl, protocol=result.protocol.model_dump())
-    with timed(timings, "latency_s"):
-        if settings.latency and timed_beside is not None and settings.latency.paired:
-            with LlamaCppModel.for_latency(timed_beside, settings.latency, settings.threads) as dense, \
-                    LlamaCppModel.for_latency(path, settings.latency, settings.threads) as model:
-                pair = measure_paired_latency(dense, model, settings.latency)
-            measured.update(latency=pair.model.model_dump(), reference_latency=pair.reference.model_dump(),
-                            speedup=pair.speedup)
-        elif settings.latency:
-            with LlamaCppModel.for_latency(path, settings.latency, settings.threads) as model:
-                measured["latency"] = measure_latency(model, settings.latency).model_dump()
+    if settings.latency and timed_beside is not None and settings.latency.paired:
+        with timed(timings, "latency_s"), \
+                LlamaCppModel.for_latency(timed_beside, settings.latency, settings.threads) as dense, \
+                LlamaCppModel.for_latency(path, settings.latency, settings.threads) as model:
+            pair = measure_paired_latency(dense, model, settings.latency)
+        measured.update(latency=pair.model.model_dump(), reference_latency=pair.reference.model_dump(),
+                        speedup=pair.speedup)
+    elif settings.latency:
+        with timed(timings, "latency_s"), LlamaCppModel.for_latency(path, settings.latency, settings.threads) as model:
+            measured["latency"] = measure_latency(model, settings.latency).model_dump()
     return measured
 
 
