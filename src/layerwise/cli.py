@@ -30,6 +30,7 @@ from .pipeline import compress as run_compress
 from .report import write_report
 from .runtime.cli import runtime_app, serve
 from .stages import StagedRecipe
+from .run_options import EvaluationOptions
 from .structures import STRUCTURES
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Find, apply and measure per-layer compression plans for language models.")
@@ -37,46 +38,15 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, help="Find, apply 
 ModelOpt = Annotated[str, typer.Option("--model", "-m", help="smollm2-135m, tiny-llama, a model directory or a .gguf file.")]
 OutDir = Annotated[Path, typer.Option("--out", "-o", help="Output directory (must not exist unless --overwrite).")]
 Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace an existing output directory.")]
-Corpus = Annotated[str, typer.Option(help="Evaluation/calibration corpus: wiki or ptb.")]
-EvalText = Annotated[Optional[Path], typer.Option("--eval-text", help="Evaluate on this text file instead.")]
-Seqlen = Annotated[int, typer.Option(help="Evaluation window length in tokens.")]
-MaxWindows = Annotated[Optional[int], typer.Option("--max-windows", help="Evaluate at most N windows (quick runs).")]
-BatchSize = Annotated[int, typer.Option("--batch-size", help="Windows per forward pass.")]
-Dtype = Annotated[str, typer.Option(help="float32 (default), bfloat16 or float16.")]
-Device = Annotated[str, typer.Option(help="cpu, cuda, cuda:1, ...")]
-Seed = Annotated[int, typer.Option(help="Seed for calibration sampling and searches.")]
 EvalSpeedups = Annotated[Optional[str], typer.Option("--eval-speedups", help="depth: also evaluate the search state at these predicted speedups, e.g. 1.2,1.4.")]
-Generation = Annotated[bool, typer.Option("--generation/--no-generation", help="Latency objective: prompt + generated tokens (default), or prefill only.")]
-SpeedupBatch = Annotated[int, typer.Option("--speedup-batch-size", help="Latency: batch size.")]
-SpeedupIterations = Annotated[int, typer.Option("--speedup-iterations", help="Latency: timed repeats (median reported).")]
-PairedLatency = Annotated[bool, typer.Option("--paired-latency/--separate-latency", help="Latency of compress and apply: time the dense and the compressed model in alternating runs (default; keeps a copy of the dense model in memory), or each alone before and after (eval times one model).")]
-Tasks = Annotated[Optional[str], typer.Option(help="Zero-shot tasks through lm-eval, e.g. arc_easy,piqa ('default': the standard set).")]
-Limit = Annotated[Optional[int], typer.Option(help="Zero-shot items per task, a seeded random subset (default 500; 0 = all).")]
-PromptLength = Annotated[int, typer.Option("--prompt-length", help="Latency: prompt tokens for prefill.")]
-GenerationLength = Annotated[int, typer.Option("--generation-length", help="Latency: decoded tokens.")]
 RecoverSteps = Annotated[int, typer.Option("--recover-steps", help="LoRA (peft) fine-tune steps on the calibration windows after pruning (0 = none).")]
 RecoverLr = Annotated[float, typer.Option("--recover-lr", help="Learning rate of the LoRA recovery.")]
-Latency = Annotated[bool, typer.Option("--latency/--no-latency", help="Measure prefill/decode latency.")]
-Kld = Annotated[bool, typer.Option("--kld/--no-kld", help="KL divergence to the reference on the perplexity windows: mean, median, 99% and 99.9% KLD and the same-top-token rate (compress/apply: against the dense model; eval: needs --reference).")]
-Reference = Annotated[Optional[str], typer.Option("--reference", help="The KL divergence's reference model: a name, a directory, or a .gguf file (run in llama.cpp); default for compress/apply: the dense model the run started from.")]
 EmbeddingType = Annotated[Optional[str], typer.Option("--embedding-type", help="GGUF type of the token embedding in the export and in --max-bytes (default q8_0 for quantized plans).")]
 Export = Annotated[Optional[str], typer.Option("--export", help="Also write the compressed model for deployment: gguf (RUN/model.gguf, measured in llama.cpp beside the dense model).")]
 DeployControls = Annotated[Optional[str], typer.Option("--deploy-controls", help="With --export: also measure, beside the plan's file and on the same windows, recipe (llama.cpp's own recipe nearest in size, same importance matrix) and/or source (the GGUF file the model was loaded from, as distributed), comma-separated.")]
 ExportType = Annotated[str, typer.Option("--export-type", help="GGUF type of linears that stay float in the export: f32, f16 (default) or bf16.")]
 Engine = Annotated[str, typer.Option("--engine", help="pytorch (any model) or llama.cpp (a .gguf file).")]
 Threads = Annotated[Optional[int], typer.Option("--threads", help="llama.cpp threads (default: as many as PyTorch uses).")]
-
-
-def _measurement(tasks: Optional[str], limit: Optional[int], prompt_length: int, generation_length: int,
-                 latency: bool, generation: bool = True, batch: int = 1, iterations: int = 5,
-                 paired: bool = True) -> dict[str, Any]:
-    """RunSettings fields for zero-shot scoring and latency measurement."""
-    setting = {"prompt_length": prompt_length, "generation_length": generation_length, "generation": generation,
-               "batch_size": batch, "repeats": iterations, "paired": paired} if latency else None
-    measurement = {"tasks": tasks.split(",") if tasks else [], "latency": setting}
-    if limit is not None:
-        measurement["task_limit"] = limit or None  # 0: every item
-    return measurement
 
 
 def option_group(parameters: list[inspect.Parameter], gather: Callable[[dict[str, Any]], Any],
@@ -121,34 +91,18 @@ def _planning(values: dict[str, Any]) -> "PlanOptions | StagedRecipe":
 planning_command = option_group(cli_parameters(), _planning, "options")
 
 
-def _keyword(name: str, annotation: Any, default: Any) -> inspect.Parameter:
-    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation)
+def _evaluation(values: dict[str, Any]) -> dict[str, Any]:
+    """RunSettings fields of the evaluation group's values (taken out of ``values``)."""
+    return EvaluationOptions.run_settings({name: values.pop(name) for name in EvaluationOptions.model_fields
+                                           if name in values})
 
 
 # the evaluation protocol and deployment setting of compress, apply and eval, as RunSettings fields
-EVALUATION_PARAMETERS = [
-    _keyword("corpus", Corpus, "wiki"), _keyword("eval_text", EvalText, None), _keyword("seqlen", Seqlen, 512),
-    _keyword("max_windows", MaxWindows, None), _keyword("batch_size", BatchSize, 4),
-    _keyword("dtype", Dtype, "float32"), _keyword("device", Device, "cpu"), _keyword("seed", Seed, 0),
-    _keyword("tasks", Tasks, None), _keyword("limit", Limit, None), _keyword("prompt_length", PromptLength, 128),
-    _keyword("generation_length", GenerationLength, 32), _keyword("latency", Latency, True),
-    _keyword("generation", Generation, True), _keyword("speedup_batch_size", SpeedupBatch, 1),
-    _keyword("speedup_iterations", SpeedupIterations, 5), _keyword("paired_latency", PairedLatency, True),
-    _keyword("kld", Kld, True), _keyword("reference", Reference, None),
-]
-
-
-def _evaluation(values: dict[str, Any]) -> dict[str, Any]:
-    """RunSettings fields of the evaluation group's values (taken out of ``values``)."""
-    given = {p.name: values.pop(p.name) for p in EVALUATION_PARAMETERS}
-    measurement = _measurement(given.pop("tasks"), given.pop("limit"), given.pop("prompt_length"),
-                               given.pop("generation_length"), given.pop("latency"), given.pop("generation"),
-                               given.pop("speedup_batch_size"), given.pop("speedup_iterations"),
-                               given.pop("paired_latency"))
-    return {**given, **measurement}
-
-
-evaluation_command = option_group(EVALUATION_PARAMETERS, _evaluation, "evaluation")
+evaluation_command = option_group(EvaluationOptions.parameters(), _evaluation, "evaluation")
+# plan times the searches' latency tables in the deployment setting; it evaluates nothing
+PLAN_EVALUATION = ("corpus", "seqlen", "dtype", "device", "seed", "prompt_length", "generation_length", "generation",
+                   "speedup_batch_size", "speedup_iterations")
+plan_evaluation_command = option_group(EvaluationOptions.parameters(PLAN_EVALUATION), _evaluation, "evaluation")
 
 # healing's options (HealSetting's fields): compress heals when --heal is given; `heal` always does
 healing_command = option_group(heal_parameters(), lambda values: gather_heal(values, required=False), "healing")
@@ -164,10 +118,8 @@ calibration_command = option_group(
 
 
 # RunSettings fields whose option name is not the field name with dashes
-OPTION_NAMES = {"task_limit": "--limit", "latency.prompt_length": "--prompt-length",
-                "latency.generation_length": "--generation-length", "latency.repeats": "--speedup-iterations",
-                "latency.batch_size": "--speedup-batch-size",
-                "latency.paired": "--paired-latency"}
+OPTION_NAMES = {EvaluationOptions.setting_of(name): EvaluationOptions.flag_of(name)
+                for name in EvaluationOptions.model_fields if EvaluationOptions.setting_of(name) != name}
 
 
 def _settings(**values: Any) -> RunSettings:
@@ -341,9 +293,9 @@ def heal_command(
     out: OutDir,
     overwrite: Overwrite = False,
     resume: Resume = False,
-    max_windows: MaxWindows = None,
-    tasks: Tasks = None,
-    limit: Limit = None,
+    max_windows: EvaluationOptions.annotation("max_windows") = None,
+    tasks: EvaluationOptions.annotation("tasks") = None,
+    limit: EvaluationOptions.annotation("limit") = None,
     latency: Annotated[Optional[bool], typer.Option("--latency/--no-latency", help="Measure latency (default: as the run did).")] = None,
     device: Annotated[Optional[str], typer.Option(help="cpu, cuda, ... (default: the run's).")] = None,
     export: Export = None,
@@ -450,24 +402,16 @@ def _deploy(export: Optional[str], export_type: str, embedding_type: Optional[st
 @app.command()
 @cli_errors
 @planning_command
+@plan_evaluation_command
 def plan(
     out: Annotated[Path, typer.Option("--out", "-o", help="Plan JSON file to write.")],
     model: ModelOpt = "smollm2-135m",
     overwrite: Overwrite = False,
-    corpus: Corpus = "wiki",
-    seqlen: Seqlen = 512,
-    dtype: Dtype = "float32",
-    device: Device = "cpu",
-    seed: Seed = 0,
-    prompt_length: PromptLength = 128,
-    generation_length: GenerationLength = 32,
-    generation: Generation = True,
-    speedup_batch_size: SpeedupBatch = 1,
-    speedup_iterations: SpeedupIterations = 5,
     threads: Threads = None,
     recipe_out: Annotated[Optional[Path], typer.Option("--recipe-out", help="Also write the planning options as a recipe file.")] = None,
     *,
     options: PlanOptions,
+    evaluation: dict[str, Any],
 ) -> None:
     """Compute a plan and write it as JSON, without touching any weights. Takes every planning option
     `compress` takes (or a --recipe); the plan records its calibration, so `apply` rebuilds `compress`'s model."""
@@ -477,10 +421,7 @@ def plan(
                             "`plan` computes one stage's plan.")
     if recipe_out is not None:
         ensure_output_free(recipe_out, overwrite, "Recipe file")
-    settings = _settings(corpus=corpus, seqlen=seqlen, dtype=dtype, device=device, seed=seed, threads=threads,
-                         **options.calibration(),
-                         **_measurement(None, None, prompt_length, generation_length, True, generation,
-                                        speedup_batch_size, speedup_iterations))
+    settings = _settings(**evaluation, threads=threads, **options.calibration())
     the_plan = plan_to_file(model, options.budget(), out, options.method, options.chosen_allocator, settings, overwrite,
                             options.nm, options.chosen_structure, **options.allocator_params())
     if recipe_out is not None:
