@@ -153,3 +153,17 @@ def test_the_layers_contract_catches_an_import_that_climbs(tmp_path):
     climbing.write_text(text.replace('"layerwise.config : ', '"layerwise.engines : layerwise.config : ').replace(
         '"layerwise.ops : layerwise.engines : ', '"layerwise.ops : '), encoding="utf-8")
     assert lint_imports(config_filename=str(climbing), no_cache=True, no_logo=True) == 1
+
+
+def test_every_module_of_the_package_has_a_layer():
+    """A module the layers contract does not name is checked by nothing: each top-level module and package is in
+    one layer of pyproject.toml's contract."""
+    import tomllib
+
+    config = tomllib.loads((SOURCE.parent / "pyproject.toml").read_text(encoding="utf-8"))
+    layers = config["tool"]["importlinter"]["contracts"][0]["layers"]
+    named = {name.strip().removeprefix("layerwise.") for layer in layers for name in layer.split(":")}
+    package = SOURCE / "layerwise"
+    present = {path.stem for path in package.glob("*.py") if path.stem != "__init__"} | {
+        path.name for path in package.iterdir() if (path / "__init__.py").is_file()}
+    assert present - named == set()
