@@ -150,7 +150,7 @@ def test_a_kept_reference_runs_the_dense_export_once_and_gives_the_same_kld(cont
     KL divergences are those of a run that recomputes the reference per file."""
     from layerwise import deploy
     from layerwise.config import Budget, DeploySetting, RunSettings
-    from layerwise.engines import reference
+    from layerwise.engines import llamacpp_eval, reference
     from layerwise.pipeline import compress
 
     evaluated: list[str] = []
@@ -164,8 +164,8 @@ def test_a_kept_reference_runs_the_dense_export_once_and_gives_the_same_kld(cont
             return logits(batch)
         return window
 
-    monkeypatch.setattr(reference, "llamacpp_logits", counted)  # the dense reference
-    monkeypatch.setattr(deploy, "llamacpp_logits", counted)  # each deployed file
+    for module in (reference, deploy, llamacpp_eval):  # every module that runs a GGUF file's logits
+        monkeypatch.setattr(module, "llamacpp_logits", counted)
     store = tmp_path / "reference"
     settings = RunSettings(seqlen=64, max_windows=2, latency=None,
                            deploy=DeploySetting(controls=["recipe"], reference_logits=str(store)))
