@@ -14,7 +14,7 @@ from torch import nn
 from ..config import LatencySetting
 from ..models.loading import LoadedModel
 from ..registry import Registry
-from .latency import PairedLatency, measure_paired_latency
+from .latency import PairedLatency
 
 KINDS = ("attention", "mlp")
 
@@ -46,9 +46,7 @@ class LatencyTable(BaseModel):
 # measurements do not); an engine that runs files exports both with float linears at ``outtype`` and the token
 # embedding at ``embedding_type`` (GGUF linears keep their own types)
 PairedTiming = Callable[[LoadedModel, LoadedModel, LatencySetting, str, Optional[str]], PairedLatency]
-PAIRED_LATENCY: Registry[PairedTiming] = Registry("latency engine")
-PAIRED_LATENCY.add("pytorch", lambda reference, model, setting, outtype="f16", embedding_type=None:
-                   measure_paired_latency(reference.model, model.model, setting), "torch")
+PAIRED_LATENCY: Registry[PairedTiming] = Registry("latency engine")  # each engine's module registers its own
 
 
 def latency_engine(name: str) -> str:

@@ -6,7 +6,9 @@ import contextlib
 
 from torch import nn
 
-from ..config import RunSettings
+from ..config import LatencySetting, RunSettings
+from ..cost.latency import PairedLatency, measure_paired_latency
+from ..cost.latency_table import PAIRED_LATENCY
 from ..cost import measure_size
 from ..evaluate.kld import pytorch_logits, settings_kld
 from ..measure import Timings, measure_model, timed
@@ -39,3 +41,13 @@ def pytorch_kld(loaded: LoadedModel, settings: RunSettings, dense: nn.Module | N
             reference, name = pytorch_logits(dense), "dense"
         return settings_kld(pytorch_logits(loaded.model), reference, loaded.tokenizer, settings, name,
                             settings.dtype).model_dump()
+
+
+def paired_pytorch_latency(reference: LoadedModel, model: LoadedModel, setting: LatencySetting, outtype: str = "f16",
+                           embedding_type: str | None = None) -> PairedLatency:
+    """Two loaded models timed in alternating runs in PyTorch, as they are (their dtype and device; the GGUF types
+    only a file engine stores do not apply)."""
+    return measure_paired_latency(reference.model, model.model, setting)
+
+
+PAIRED_LATENCY.add("pytorch", paired_pytorch_latency, "torch")
