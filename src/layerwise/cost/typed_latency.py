@@ -16,8 +16,9 @@ from ..models import LoadedModel
 from .latency import PairedLatency
 from .latency_table import paired_latency
 
-# the engines whose speed depends on how weights are stored: their speed budgets keep GGUF types in the space
-TYPE_DEPENDENT_ENGINES = ("llama.cpp",)
+# the engines whose speed depends on how weights are stored (each engine's module adds itself): their speed
+# budgets keep GGUF types in the space
+TYPE_DEPENDENT_ENGINES: set[str] = set()
 
 
 class TypedLevelLatencyTable(BaseModel):

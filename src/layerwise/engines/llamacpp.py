@@ -17,6 +17,7 @@ import torch
 from ..config import LatencySetting
 from ..cost.latency import PairedLatency, latency_prompt, measure_paired_latency
 from ..cost.latency_table import PAIRED_LATENCY
+from ..cost.typed_latency import TYPE_DEPENDENT_ENGINES
 from ..errors import EngineError
 from ..export import export_gguf
 from ..gguf.files import check_gguf_file
@@ -136,3 +137,4 @@ def exported_paired_latency(reference, model, setting: LatencySetting, outtype: 
 
 
 PAIRED_LATENCY.add("llama.cpp", exported_paired_latency, "llamacpp")
+TYPE_DEPENDENT_ENGINES.add("llama.cpp")  # each GGUF type has its own kernels
