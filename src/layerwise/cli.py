@@ -19,6 +19,7 @@ from .config import RunSettings
 from .deploy_controls import CONTROLS
 from .errors import SettingsError
 from .evaluate.zeroshot import headline_metric
+from .engines import ENGINES
 from .export import export_gguf
 from .formatting import fmt, fmt_bytes
 from .gguf import gguf_type
@@ -45,7 +46,7 @@ EmbeddingType = Annotated[Optional[str], typer.Option("--embedding-type", help="
 Export = Annotated[Optional[str], typer.Option("--export", help="Also write the compressed model for deployment: gguf (RUN/model.gguf, measured in llama.cpp beside the dense model).")]
 DeployControls = Annotated[Optional[str], typer.Option("--deploy-controls", help="With --export: also measure, beside the plan's file and on the same windows, recipe (llama.cpp's own recipe nearest in size, same importance matrix) and/or source (the GGUF file the model was loaded from, as distributed), comma-separated.")]
 ExportType = Annotated[str, typer.Option("--export-type", help="GGUF type of linears that stay float in the export: f32, f16 (default) or bf16.")]
-Engine = Annotated[str, typer.Option("--engine", help="pytorch (any model) or llama.cpp (a .gguf file).")]
+Engine = Annotated[str, typer.Option("--engine", help=f"Engine that measures: {', '.join(ENGINES.names())} (pytorch: any model; llama.cpp: a .gguf file).")]
 Threads = Annotated[Optional[int], typer.Option("--threads", help="llama.cpp threads (default: as many as PyTorch uses).")]
 
 
