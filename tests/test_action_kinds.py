@@ -41,7 +41,7 @@ def relu_kind(monkeypatch):
 
     monkeypatch.setitem(ACTIONS._items, "relu", ReluAction)
     monkeypatch.setitem(OPS._items, "relu", lambda model, actions, context: _swap(model, actions))
-    monkeypatch.setitem(OP_UNITS._items, "relu", (mlp_names, "an MLP of"))
+    monkeypatch.setitem(OP_UNITS._items, "relu", (mlp_names, "an MLP"))
     monkeypatch.setitem(STRUCTURE_REPLAY._items, "relu", _swap)
 
 
@@ -74,7 +74,7 @@ def test_a_new_action_kind_is_one_module_and_its_registrations(relu_kind, tmp_pa
     plan_file.write_text(json.dumps(record))
     refused = CliRunner().invoke(app, ["apply", "--plan", str(plan_file), "--model", "tiny-llama",
                                        "--out", str(tmp_path / "refused"), "--no-latency"])
-    assert refused.exit_code == 2 and "not an MLP of this model" in " ".join(refused.stderr.split())
+    assert refused.exit_code == 2 and "not an MLP in this model" in " ".join(refused.stderr.split())
 
 
 def test_an_unregistered_kind_is_refused_by_name():

@@ -54,7 +54,8 @@ def test_a_new_engine_is_one_module_and_its_registrations(bf16_engine, tmp_path)
 
     plan_file = tmp_path / "plan.json"
     planned = CliRunner().invoke(app, ["plan", "--model", "tiny-llama", "--structure", "depth", "--target-speedup",
-                                       "1.2", "--latency-engine", "torch-bf16", "--prompt-length", "8",
+                                       "1.2", "--allocator", "drop-last", "--latency-engine", "torch-bf16",
+                                       "--prompt-length", "8",
                                        "--generation-length", "2", "--out", str(plan_file)])
     assert planned.exit_code == 0, planned.output
     table = json.loads(plan_file.read_text())["prediction"]["latency_table"]

@@ -67,7 +67,7 @@ def check_plan_fits(model: nn.Module, plan: Plan) -> None:
         if action.op not in units:
             units[action.op] = valid(model)
         if action.unit not in units[action.op]:
-            raise PlanError(f"The plan names unit '{action.unit}', which is not {noun} of this model.")
+            raise PlanError(f"The plan names unit '{action.unit}', which is not {noun} in this model.")
         methods = OP_METHODS.get(action.op)
         if methods is not None and action.method not in methods:
             raise PlanError(

@@ -51,7 +51,7 @@ def present_sublayers(model: nn.Module) -> set[str]:
     return {sublayer.name for sublayer in get_adapter(model).all_sublayers()}
 
 
-OP_UNITS.add("remove", (present_sublayers, "an attention or MLP sublayer still present in"))
+OP_UNITS.add("remove", (present_sublayers, "an attention or MLP sublayer still present"))
 
 
 @OPS.register("remove")

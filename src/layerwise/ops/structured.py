@@ -41,7 +41,7 @@ class SliceAction(Action):
 ACTIONS.add("slice", SliceAction)
 
 
-OP_UNITS.add("slice", (present_sublayers, "an attention or MLP sublayer present in"))
+OP_UNITS.add("slice", (present_sublayers, "an attention or MLP sublayer"))
 OP_METHODS["slice"] = WIDTH_SCORERS
 
 
