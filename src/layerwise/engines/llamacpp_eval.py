@@ -47,6 +47,8 @@ def evaluate_llamacpp(spec: str, settings: RunSettings, timings: Timings) -> Eva
             if settings.perplexity and settings.kld and settings.reference else None
         measured = measure_gguf(path, tokenizer, settings, reference, settings.reference, timings=timings)
     protocol = measured.pop("protocol")
+    if measured["kld"] is not None:  # eval's KLD record carries its protocol, as the PyTorch engine's does
+        measured["kld"]["protocol"] = protocol
     return Evaluation({"spec": str(spec), "source": f"GGUF file {path.resolve()} (llama.cpp)"},
                       {**measured, "zeroshot": None}, protocol)
 
